@@ -1,0 +1,123 @@
+"""The whole KLong pipeline on a 2-core CPU box: `make demo` and `launch/local.py` read this.
+
+  python -m klong_jax.demo --workdir=runs/demo [--config=configs/demo.py:seed=1]
+  python launch/local.py --config=configs/demo.py --workdir=runs/demo_rl [--dry_run]
+
+Sections: tasks, tokenizer, distill (scripted teacher), sft, eval (held-out), rl (progressive
+stages; trainer + server + workers as separate processes), server, workers, export, budgets_s
+(expected seconds per phase, for the ETA line). Arg string: `seed=N`, `runlocal` (CI-sized:
+a few tasks, a few steps, local sandbox backend), `backend=docker|local`.
+
+Measured (2 shared cores, docker sandboxes): a teacher trajectory is ~570 tokens (~360 of them
+the fixed prefix) with the domain tokenizer; phases ~2-3.5 min distill, ~4-7 min SFT (250
+steps), ~1.5 min per held-out eval, ~3.5 min RL (16 steps), ~1 min export: 14-16 min in all.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The demo experiment; see the module docstring for the arg string."""
+  args = common.parse_arg(arg, seed=0, runlocal=False, backend="docker")
+  c = ml_collections.ConfigDict()
+  c.name = "klong-demo"
+  c.seed = args.seed
+  c.python = ""                     # Interpreter for role processes; "" = this one.
+  c.backend = args.backend          # Sandbox backend for distill, eval and RL workers.
+  # Fake CPU devices for every JAX process of the demo: 1 keeps the tiny batches unsharded
+  # (8, as `make test` uses, would force batch sizes that are multiples of 8 on 2 cores).
+  c.xla_flags = "--xla_force_host_platform_device_count=1"
+  c.stop_after = ""                 # "" = every phase; "sft" = stop after split-SFT.
+
+  c.tasks = ml_collections.ConfigDict()
+  c.tasks.root = ""                 # "" = the bundled mini-paper suite.
+  c.tasks.max_train = 0             # 0 = every train-split task.
+  c.tasks.max_heldout = 0           # 0 = every held-out task.
+
+  c.tokenizer = ml_collections.ConfigDict()
+  # Domain-adapted (bundled corpus + train papers, system prompt, tool schemas, teacher
+  # scripts; pieces up to 64 chars): the held-out prompt prefix drops from ~2.2k tokens (generic,
+  # vocab 512) to ~360, so a whole teacher trajectory fits one 1024-token row.
+  c.tokenizer.vocab_size = 2048
+  c.tokenizer.domain = True
+  c.tokenizer.repeat = 20           # Copies of each fixed string in the tokenizer corpus.
+  c.tokenizer.max_piece_length = 64
+  # "k=v,..." applied to every JAX role (SFT, RL trainer, servers, export): the model must
+  # match the tokenizer's vocab.
+  c.model_overrides = "model.vocab_size=2048"
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.teacher_skill = 0.8     # < 1: the teacher makes task-relevant mistakes.
+  c.distill.episodes_per_task = 3
+  c.distill.threshold = 0.5         # Keep trajectories the grader scores at least this.
+  c.distill.time_limit_s = 60.0
+  c.distill.max_steps = 4           # The teacher needs 2-3 (read/solve, submit).
+
+  c.sft = ml_collections.ConfigDict()
+  c.sft.config = "configs/sft_tiny.py"
+  c.sft.arg = "steps=250"            # ~2 s/step: long enough that held-out outputs parse.
+  # "k=v,..." -> --config.k=v for the SFT trainer (data.shards/tokenizer are set by the demo).
+  # With the domain tokenizer a teacher trajectory is ~0.5k tokens: one chunk, unsplit.
+  c.sft.overrides = ("data.max_len=1024,data.row_len=1024,data.overlap=128,data.batch_size=4,"
+                     "optim.warmup_steps=5,checkpoint.every=50")
+
+  c.server = ml_collections.ConfigDict()
+  c.server.config = "configs/serve_tiny.py"
+  c.server.arg = "max_batch=8,max_len=2048"
+  c.server.model_name = "klong-demo"  # Served name; workers and the chat request use it.
+  c.server.port = 0                 # 0 = pick a free port at launch.
+  c.server.ready_timeout_s = 300.0
+
+  c.workers = ml_collections.ConfigDict()
+  c.workers.num = 2                 # Worker processes (>= 2 for the demo).
+  c.workers.group_size = 4          # Rollouts per task per group (the RL group).
+  c.workers.rounds = 1000           # Passes over the task list; the launcher stops them.
+  c.workers.max_steps = 4
+  c.workers.time_limit_s = 60.0     # Used before the trainer writes control.json.
+  c.workers.reproduce_timeout_s = 30.0
+  c.workers.context_tokens = 2048   # = server max_len.
+  c.workers.max_completion_tokens = 256  # A teacher turn is < 120 tokens.
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.episodes_per_task = 2      # Rollouts per held-out task per evaluation.
+  c.eval.time_limit_s = 60.0
+  c.eval.max_steps = 4
+  c.eval.timeout_s = 900.0
+
+  c.rl = ml_collections.ConfigDict()
+  c.rl.config = "configs/rl_tiny.py"
+  c.rl.arg = "steps=16,stage_steps=8"  # 2 stages of 8 steps (stage time limits 20 s, 40 s).
+  c.rl.mode = "async"               # async | sync (the baseline).
+  # "k=v,..." -> --config.k=v for the RL trainer (its own config owns stages and steps).
+  c.rl.overrides = "data.max_len=1024,data.row_len=1024"
+  c.rl.timeout_s = 900.0            # Wall-clock cap on the whole RL phase.
+
+  c.export = ml_collections.ConfigDict()
+  c.export.bf16 = False
+  c.export.prompt = "Write reproduce.sh for a paper whose solution is solution.py."
+
+  c.budgets_s = ml_collections.ConfigDict(dict(
+      tokenizer=2, distill=150, sft=270, eval_sft=90, rl=210, eval_rl=100, export=50,
+      summary=5))
+
+  if args.runlocal:
+    c.backend = "local" if args.backend == "docker" else args.backend
+    c.tasks.max_train = 2
+    c.tasks.max_heldout = 1
+    c.distill.episodes_per_task = 1
+    c.distill.teacher_skill = 1.0
+    c.sft.arg = "steps=4"
+    c.sft.overrides = ("optim.warmup_steps=1,checkpoint.every=2,data.max_len=1024,"
+                       "data.row_len=1024,data.batch_size=1")
+    c.server.arg = "max_batch=2,max_len=2048"
+    c.workers.max_completion_tokens = 64
+    c.workers.group_size = 2
+    c.workers.max_steps = 2
+    c.eval.episodes_per_task = 1
+    c.eval.max_steps = 2
+    c.rl.arg = "runlocal,steps=6,stage_steps=3"
+    c.budgets_s = ml_collections.ConfigDict(dict(
+        tokenizer=1, distill=10, sft=30, eval_sft=20, rl=40, eval_rl=20, export=15, summary=2))
+  return c

@@ -1,0 +1,19 @@
+"""GLM-4.5-Air (106B total / 12B active), HF Glm4MoeForCausalLM shapes.
+
+Usage: python -m klong_jax.<entry> --config=configs/glm45_air.py --config.model.num_experts=16
+(arg: "scan=0,remat=full,dtype=bfloat16" overrides the run-time switches).
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  """Returns the ConfigDict with `model` and `mesh` sections for the glm45_air preset."""
+  args = common.parse_arg(arg, scan=True, remat="none", dtype="", moe_impl="auto")
+  config = common.base_config("glm45_air", fsdp=-1, expert=8)
+  config.model.scan_layers = args.scan
+  config.model.remat_policy = args.remat
+  config.model.moe_impl = args.moe_impl
+  if args.dtype:
+    config.model.dtype = args.dtype
+  return config

@@ -1,0 +1,90 @@
+"""Progressive RL of the tiny MoE on the bundled tasks (CPU demo size).
+
+  python -m klong_jax.train.rl --config=configs/rl_tiny.py --workdir=runs/rl --stream=runs/stream \\
+      --init_checkpoint=runs/sft_tiny [--mode=async|sync]
+
+Arg string (comma-separated key=value, all optional): `steps=40`, `batch=2`, `row_len=512`,
+`groups=1` (groups per step), `staleness=1`, `publish=2`, `mode=async`, `runlocal` (tests: a few
+steps, checkpoint every step, two short stages). Sections: model + mesh (configs/tiny.py), data,
+rl, curriculum, optim, train, checkpoint.
+"""
+
+import ml_collections
+
+from configs import common, tiny
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The tiny progressive-RL experiment; see the module docstring for the arg string."""
+  args = common.parse_arg(arg, steps=40, batch=2, row_len=512, groups=1, staleness=1, publish=2,
+                          mode="async", stage_steps=20, runlocal=False)
+  config = tiny.get_config()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.max_len = args.row_len  # Chunk length cap (same splitting as SFT).
+  config.data.overlap = 32           # Context tokens shared by consecutive windows (no loss).
+  config.data.truncate_prefix = True
+  config.data.train_overlap = False
+  config.data.row_len = args.row_len  # Packed row length.
+  config.data.batch_size = args.batch  # Rows per train step (global).
+
+  config.rl = ml_collections.ConfigDict()
+  config.rl.mode = args.mode          # "async" (overlap) or "sync" (generate -> train baseline).
+  config.rl.groups_per_step = args.groups  # Group shards packed into one element (>= 1 step).
+  config.rl.max_staleness = args.staleness  # Async: drop trajectories > this many versions old.
+  config.rl.publish_every = args.publish  # Async: publish a policy version every K steps.
+  config.rl.normalize_std = False     # Advantage = reward - group mean (KLong: no std division).
+  config.rl.clip_low = 0.2
+  config.rl.clip_high = 0.28
+  config.rl.kl_coef = 0.01            # KL(pi || pi_ref), pi_ref = params at the stage start.
+  config.rl.kl_estimator = "k3"
+  config.rl.ratio_cap = 4.0           # Dual-clip cap on stale tokens' ratio (0 = off).
+  config.rl.normalization = "token"   # or "sequence" (the paper's 1/(n*K) over chunks).
+  config.rl.prev_stage = "drain"      # Older stages' unread shards: "drain" (train) or "drop".
+  config.rl.poll_s = 0.2
+  config.rl.wait_timeout_s = 900.0
+
+  config.curriculum = ml_collections.ConfigDict()
+  config.curriculum.window = 4        # Elements averaged by a promotion rule.
+  config.curriculum.stages = [
+      dict(time_limit_s=20.0, steps=args.stage_steps),
+      dict(time_limit_s=40.0, steps=args.stage_steps),
+      dict(time_limit_s=60.0),
+  ]
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 3e-4
+  config.optim.warmup_steps = 2
+  config.optim.total_steps = args.steps
+  config.optim.final_lr_ratio = 0.5
+  config.optim.clip_norm = 1.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 0.0
+  config.optim.grad_accum = 1
+  config.optim.compute_dtype = "float32"
+  config.optim.lb_coef = config.model.get("lb_loss_coef", 1e-3)
+  config.optim.z_coef = config.model.get("z_loss_coef", 1e-4)
+  config.optim.expert_bias_rate = 1e-3
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = args.steps
+  config.train.log_every = 5
+  config.train.stop_after = -1       # >= 0: stop cleanly (checkpointed) after this step.
+  config.train.crash_after = -1      # >= 0: raise before the save of this step (restart tests).
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 10
+  config.checkpoint.max_to_keep = 2
+  config.checkpoint.async_save = True
+
+  if args.runlocal:
+    config.train.log_every = 1
+    config.checkpoint.every = 1
+    config.checkpoint.async_save = False
+    config.curriculum.stages = [dict(time_limit_s=5.0, steps=args.stage_steps),
+                                dict(time_limit_s=10.0)]
+    config.rl.wait_timeout_s = 60.0
+  return config

@@ -1,0 +1,85 @@
+"""Split-SFT of the tiny MoE on the bundled synthetic trajectories (CPU, about a minute).
+
+  python -m klong_jax.train.sft --config=configs/sft_tiny.py --workdir=runs/sft_tiny [--resume]
+
+Arg string (comma-separated key=value, all optional): `steps=200`, `runlocal` (a few steps, for
+smoke tests). Sections: model + mesh (from configs/tiny.py), data, optim, train, checkpoint.
+"""
+
+import ml_collections
+
+from configs import tiny
+
+
+def _parse(arg: str | None) -> dict[str, str]:
+  out = {}
+  for part in (arg or "").split(","):
+    if part.strip():
+      key, _, value = part.partition("=")
+      out[key.strip()] = value.strip() or "1"
+  return out
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The tiny split-SFT experiment; see the module docstring for the arg string."""
+  args = _parse(arg)
+  config = tiny.get_config()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.shards = ""            # Glob/dir of ArrayRecord trajectory shards; "" = synthetic.
+  config.data.synthetic_count = 256  # Written to <workdir>/data when no shards are given.
+  config.data.tokenizer_cache = ""   # "" = <workdir>/tokenizer.
+  config.data.tokenizer = ""         # "" = the bundled tiny SentencePiece model.
+  config.data.max_len = 512          # Chunk length cap (trajectory splitting).
+  config.data.overlap = 32           # Context tokens shared by consecutive windows (no loss).
+  config.data.truncate_prefix = True  # Prefix too long: cut the paper-reading part (logged).
+  config.data.max_prefix_frac = 0.75  # Truncated prefix keeps at most this share of max_len.
+  config.data.train_overlap = False  # True: the paper's variant (overlap tokens trained again).
+  config.data.row_len = 512          # Packed row length.
+  config.data.batch_size = 8         # Rows per step (global).
+  config.data.shuffle_seed = 0
+  config.data.num_epochs = 1000      # Effectively repeat; the step count ends training.
+  config.data.worker_count = 0       # Grain worker processes (0 = in-process).
+  config.data.strict = False         # True: a malformed record stops training.
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 3e-3
+  config.optim.warmup_steps = 10
+  config.optim.total_steps = 150     # Optimizer updates (train.steps / grad_accum).
+  config.optim.final_lr_ratio = 0.1
+  config.optim.clip_norm = 1.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 0.01
+  config.optim.grad_accum = 1
+  config.optim.compute_dtype = "float32"  # "bfloat16": bf16 forward on fp32 master params.
+  config.optim.lb_coef = config.model.get("lb_loss_coef", 1e-3)
+  config.optim.z_coef = config.model.get("z_loss_coef", 1e-4)
+  config.optim.expert_bias_rate = 1e-3   # Aux-loss-free balancing of the router bias; 0 = off.
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = 150           # Train steps (batches); = total_steps * grad_accum.
+  config.train.log_every = 10
+  config.train.stop_after = -1       # >= 0: stop (as if killed) after this step; for tests.
+  config.train.compilation_cache_dir = ""  # Persistent XLA cache dir ("" = off).
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 50
+  config.checkpoint.max_to_keep = 3
+  config.checkpoint.async_save = True
+  config.checkpoint.best_metric = ""  # e.g. "loss" to keep the best instead of the newest.
+  config.checkpoint.best_mode = "min"
+
+  if "steps" in args:
+    config.train.steps = int(args["steps"])
+    config.optim.total_steps = int(args["steps"])
+  if "runlocal" in args:
+    config.data.synthetic_count = 32
+    config.train.steps = 6
+    config.optim.total_steps = 6
+    config.optim.warmup_steps = 2
+    config.train.log_every = 2
+    config.checkpoint.every = 3
+  return config

@@ -1,0 +1,19 @@
+"""Tiny CPU MoE (3 layers, 8 experts top-2, vocab 512): seconds per step on 2 cores.
+
+Usage: python -m klong_jax.<entry> --config=configs/tiny.py --config.model.num_experts=16
+(arg: "scan=0,remat=full,dtype=bfloat16" overrides the run-time switches).
+"""
+
+from configs import common
+
+
+def get_config(arg: str | None = None):
+  """Returns the ConfigDict with `model` and `mesh` sections for the tiny preset."""
+  args = common.parse_arg(arg, scan=True, remat="none", dtype="", moe_impl="auto")
+  config = common.base_config("tiny")
+  config.model.scan_layers = args.scan
+  config.model.remat_policy = args.remat
+  config.model.moe_impl = args.moe_impl
+  if args.dtype:
+    config.model.dtype = args.dtype
+  return config

@@ -1,0 +1,232 @@
+"""The agent loop (PaperBench basic agent + KLong fixes) against any OpenAI-compatible endpoint.
+
+Fixed prefix = system + task + paper-reading messages (kept in every model call); the rest of the
+history is trimmed oldest-first when the context would overflow, while the FULL message log is
+kept for the trajectory. Time reminders every N steps; step/token/wall budgets; malformed tool
+calls are answered with an error; "no early end": an early submit is refused (KLong) until a
+configurable share of the time budget is used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from klong_jax.agent import client as client_lib
+from klong_jax.agent.tools import TOOLS, execute_tool
+from klong_jax.rollout.sandbox import SUBMISSION, Sandbox
+
+SYSTEM_PROMPT = (
+    "You are a research agent reproducing a machine-learning paper in a sandbox. Use the tools to "
+    "read the paper, write code and run experiments. Your submission is the git repository in "
+    f"{SUBMISSION}; it must contain reproduce.sh, which is re-run in a fresh container to grade "
+    "you. You have no internet access. Work until the time limit; do not stop early.")
+CONTINUE_MESSAGE = (
+    "Please continue working on the task with your best judgement. If you believe you are done, "
+    "double-check and refine your work, and make sure reproduce.sh runs end to end.")
+
+
+@dataclasses.dataclass
+class AgentConfig:
+  """Budgets and knobs of one episode."""
+
+  model: str = "policy"
+  max_steps: int = 100
+  max_total_tokens: int = 1 << 30      # Completion tokens over the episode.
+  time_limit_s: float = 3600.0         # Agent budget (excludes API retry time, as PaperBench).
+  reminder_every: int = 5
+  context_tokens: int = 32768          # Model context; history is trimmed to fit.
+  max_completion_tokens: int = 2048
+  tool_timeout_s: float = 600.0
+  temperature: float = 1.0
+  no_early_end: bool = True
+  min_submit_fraction: float = 0.0     # Share of time_limit_s before submit is accepted.
+  max_submit_refusals: int = 1
+  request_retries: int = 3
+  retry_backoff_s: float = 1.0
+  chars_per_token: float = 3.5         # Token estimate when the server sends no usage.
+
+
+@dataclasses.dataclass
+class EpisodeResult:
+  """What the agent did: full message log, prefix length, status, and counters."""
+
+  messages: list[dict[str, Any]]
+  prefix_messages: int
+  status: str                  # completed | agent_timeout | wall_timeout (infra errors raise)
+  end_reason: str              # submitted | max_steps | max_tokens | time_limit | wall_timeout
+  steps: int
+  completion_tokens: int
+  wall_s: float
+  retry_s: float
+  trims: int
+  malformed_calls: int
+
+
+def format_progress_time(seconds: float) -> str:
+  """h:mm:ss with space-padded hours, like PaperBench's reminders."""
+  m, s = divmod(int(seconds), 60)
+  h, m = divmod(m, 60)
+  return f"{h:2d}:{m:02d}:{s:02d}"
+
+
+def initial_messages(task_prompt: str, paper_md: str, addendum_md: str = "",
+                     time_limit_s: float = 3600.0) -> list[dict[str, Any]]:
+  """The fixed prefix: system, task instructions, and the paper (mandatory reading, KLong)."""
+  task = (f"{task_prompt.strip()}\n\nYou have {time_limit_s / 3600:.3f} hours. The paper is at "
+          "/workspace/paper/paper.md (addendum: /workspace/paper/addendum.md). Put your code in "
+          f"{SUBMISSION} with a reproduce.sh.")
+  paper = f"Read the paper first.\n\n<paper>\n{paper_md}\n</paper>"
+  if addendum_md.strip():
+    paper += f"\n\n<addendum>\n{addendum_md}\n</addendum>"
+  return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task},
+          {"role": "user", "content": paper}]
+
+
+def estimate_tokens(messages: list[dict[str, Any]], chars_per_token: float) -> int:
+  """A cheap token estimate of a message list (JSON length / chars_per_token)."""
+  n = 0
+  for m in messages:
+    ids = (m.get("klong") or {}).get("token_ids")
+    if ids:
+      n += len(ids) + 8
+    else:
+      body = {k: v for k, v in m.items() if k != "klong"}
+      n += int(len(json.dumps(body, ensure_ascii=False)) / chars_per_token) + 8
+  return n
+
+
+def _units(history: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+  """Groups history into droppable units: an assistant turn with its tool results, or one msg."""
+  units: list[list[dict[str, Any]]] = []
+  for m in history:
+    if m.get("role") == "tool" and units and units[-1][0].get("role") == "assistant":
+      units[-1].append(m)
+    else:
+      units.append([m])
+  return units
+
+
+def trim_context(messages: list[dict[str, Any]], prefix: int, budget: int,
+                 chars_per_token: float, drop_fraction: float = 0.0) -> tuple[list, int]:
+  """Drops the oldest history units (never the prefix, never the last unit) to fit `budget`.
+
+  With drop_fraction > 0 at least that share of the units is dropped (server said too long).
+  Returns (messages, number of units dropped). Tool results never lose their assistant call.
+  """
+  head, units = messages[:prefix], _units(messages[prefix:])
+  dropped = 0
+  must = int(len(units) * drop_fraction)
+  while len(units) > 1 and (dropped < must or estimate_tokens(
+      head + [m for u in units for m in u], chars_per_token) > budget):
+    units.pop(0)
+    dropped += 1
+  return head + [m for u in units for m in u], dropped
+
+
+def _strip(m: dict[str, Any]) -> dict[str, Any]:
+  """The message as sent to the server (our bookkeeping keys removed)."""
+  return {k: v for k, v in m.items() if k not in ("klong", "meta")}
+
+
+def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg: AgentConfig,
+                tools: list[dict[str, Any]] | None = None,
+                clock: Callable[[], float] = time.monotonic,
+                workdir: str = SUBMISSION,
+                should_stop: Callable[[], bool] | None = None,
+                state: dict[str, Any] | None = None) -> EpisodeResult:
+  """Runs the agent until submit or a budget runs out; server failures raise InfraError.
+
+  `should_stop` (the worker's outer wall guard) ends the episode as "wall_timeout"; `state`
+  receives a live reference to the message log (kept if the episode raises).
+  """
+  tools = TOOLS if tools is None else tools
+  messages = [dict(m) for m in prefix]
+  if state is not None:
+    state["messages"] = messages
+  n_prefix = len(messages)
+  context = list(messages)
+  start = clock()
+  retry_s = 0.0
+  steps = tokens = trims = malformed = refusals = 0
+  end_reason = ""
+
+  def elapsed() -> float:
+    return clock() - start - retry_s
+
+  def add(m: dict[str, Any]) -> None:
+    messages.append(m)
+    context.append(m)
+
+  while True:
+    if should_stop is not None and should_stop():
+      end_reason = "wall_timeout"
+    elif steps >= cfg.max_steps:
+      end_reason = "max_steps"
+    elif tokens >= cfg.max_total_tokens:
+      end_reason = "max_tokens"
+    elif elapsed() >= cfg.time_limit_s:
+      end_reason = "time_limit"
+    if end_reason:
+      break
+    steps += 1
+    if cfg.reminder_every and steps % cfg.reminder_every == 0:
+      add({"role": "user", "content": (
+          f"Info: {format_progress_time(elapsed())} time elapsed out of "
+          f"{format_progress_time(cfg.time_limit_s)}. The task only ends at the time limit; keep "
+          "improving your submission and commit your work with git regularly.")})
+    budget = cfg.context_tokens - cfg.max_completion_tokens
+    context, dropped = trim_context(context, n_prefix, budget, cfg.chars_per_token)
+    trims += dropped
+    for attempt in range(3):
+      t0 = clock()
+      try:
+        reply, info = client_lib.chat(
+            client, cfg.model, [_strip(m) for m in context], tools, cfg.max_completion_tokens,
+            cfg.temperature, retries=cfg.request_retries, backoff_s=cfg.retry_backoff_s)
+        retry_s += max(0.0, (clock() - t0) - info["latency_s"])
+        break
+      except client_lib.ContextLengthError:
+        if attempt == 2:
+          raise client_lib.InfraError("context still too long after trimming") from None
+        context, dropped = trim_context(context, n_prefix, budget, cfg.chars_per_token, 0.3)
+        trims += dropped
+    usage = info.get("usage") or {}
+    tokens += int(usage.get("completion_tokens") or len((reply.get("klong") or {}).get(
+        "token_ids") or []) or estimate_tokens([reply], cfg.chars_per_token))
+    reply["meta"] = {"step": steps, "t": round(elapsed(), 3),
+                     "finish_reason": info.get("finish_reason")}
+    add(reply)
+    calls = reply.get("tool_calls") or []
+    if not calls:
+      add({"role": "user", "content": CONTINUE_MESSAGE})
+      continue
+    submitted = False
+    for call in calls:
+      fn = call.get("function") or {}
+      name = fn.get("name") or ""
+      out = execute_tool(sandbox, name, fn.get("arguments"), cfg.tool_timeout_s, workdir=workdir)
+      content = out.content
+      malformed += int(out.error)
+      if out.submitted:
+        early = elapsed() < cfg.min_submit_fraction * cfg.time_limit_s
+        if cfg.no_early_end and early and refusals < cfg.max_submit_refusals:
+          refusals += 1
+          left = cfg.time_limit_s - elapsed()
+          content = (f"Submission refused: {format_progress_time(left)} of your time budget is "
+                     "left. Keep improving and verifying your work; submit again later.")
+        else:
+          submitted = True
+      add({"role": "tool", "tool_call_id": call.get("id", ""), "name": name, "content": content})
+    if submitted:
+      end_reason = "submitted"
+      break
+  status = {"submitted": "completed", "wall_timeout": "wall_timeout"}.get(end_reason,
+                                                                          "agent_timeout")
+  return EpisodeResult(messages=messages, prefix_messages=n_prefix, status=status,
+                       end_reason=end_reason, steps=steps, completion_tokens=tokens,
+                       wall_s=clock() - start, retry_s=retry_s, trims=trims,
+                       malformed_calls=malformed)

@@ -1,0 +1,176 @@
+"""Agent tools after PaperBench's basic agent: bash, python, read_file_chunk, search_file, submit.
+
+`TOOLS` holds the OpenAI function schemas; `execute_tool` runs one call in a sandbox and always
+returns text for the model (bad arguments become an error message, never an exception), except
+sandbox infrastructure failures, which propagate as SandboxError for the worker to retry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shlex
+import uuid
+from typing import Any
+
+from klong_jax.rollout.sandbox import Sandbox
+
+
+def _fn(name: str, desc: str, props: dict[str, Any], required: list[str]) -> dict[str, Any]:
+  return {"type": "function", "function": {
+      "name": name, "description": desc,
+      "parameters": {"type": "object", "properties": props, "required": required,
+                     "additionalProperties": False}}}
+
+
+TOOLS: list[dict[str, Any]] = [
+    _fn("bash", "Run a bash command in the sandbox; returns its combined stdout/stderr.",
+        {"cmd": {"type": "string", "description": "The bash command to run."}}, ["cmd"]),
+    _fn("python", "Run a Python 3 program in the sandbox; returns its output.",
+        {"code": {"type": "string", "description": "The Python code to run."}}, ["code"]),
+    _fn("read_file_chunk", "Read up to 50 lines of a file, numbered, starting at start_line.",
+        {"file": {"type": "string"}, "start_line": {"type": "integer", "default": 1},
+         "max_lines": {"type": "integer", "default": 50}}, ["file"]),
+    _fn("search_file", "Case-insensitive search of a file; matches with context, paginated.",
+        {"file": {"type": "string"}, "query": {"type": "string"},
+         "context_lines": {"type": "integer", "default": 2},
+         "max_matches": {"type": "integer", "default": 5},
+         "page": {"type": "integer", "default": 1}}, ["file", "query"]),
+    _fn("submit", "End the task; your submission is the repository in the submission folder.",
+        {"end_message": {"type": "string", "description": "A final summary of your work."}},
+        ["end_message"]),
+]
+TOOL_NAMES = tuple(t["function"]["name"] for t in TOOLS)
+OFFLINE_TOOLS = ("web_search", "web_browser", "browse", "web_search_preview")
+
+
+@dataclasses.dataclass
+class ToolOutcome:
+  """The text returned to the model, and whether the call ended the episode or was malformed."""
+
+  content: str
+  submitted: bool = False
+  error: bool = False
+  timed_out: bool = False
+
+
+_READ_CHUNK = r"""
+import sys
+path, start, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
+if start > len(lines) and lines:
+    sys.exit(f"start_line {start} is past the end of the file ({len(lines)} lines)")
+end = min(start + n - 1, len(lines))
+print(f"File has {len(lines)} total lines. Showing lines {start} to {end}.\n")
+for i in range(start, end + 1):
+    print(f"{i}: {lines[i - 1]}")
+"""
+
+_SEARCH = r"""
+import sys
+path, query, ctx, per, page = sys.argv[1], sys.argv[2].lower(), *map(int, sys.argv[3:6])
+lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
+hits = [i for i, ln in enumerate(lines) if query in ln.lower()]
+if not hits:
+    print(f"No matches for {sys.argv[2]!r} in {path}.")
+    sys.exit(0)
+pages = (len(hits) + per - 1) // per
+if page > pages:
+    sys.exit(f"page {page} does not exist: {len(hits)} matches make {pages} page(s)")
+first = (page - 1) * per
+for k, i in enumerate(hits[first:first + per], start=first + 1):
+    print(f"[Match {k} of {len(hits)}]")
+    for j in range(max(0, i - ctx), min(len(lines), i + ctx + 1)):
+        print((">>> " if j == i else "    ") + f"{j + 1}: {lines[j]}")
+    print()
+print(f"Page {page} of {pages}.")
+"""
+
+
+def _int_arg(args: dict[str, Any], key: str, default: int, lo: int, hi: int) -> int:
+  val = args.get(key, default)
+  if isinstance(val, bool) or not isinstance(val, (int, float, str)):
+    raise ValueError(f"argument {key!r} must be an integer, got {val!r}")
+  try:
+    val = int(val)
+  except ValueError:
+    raise ValueError(f"argument {key!r} must be an integer, got {val!r}") from None
+  return max(lo, min(hi, val))
+
+
+def _str_arg(args: dict[str, Any], key: str) -> str:
+  if key not in args:
+    raise ValueError(f"missing required argument {key!r}")
+  if not isinstance(args[key], str):
+    raise ValueError(f"argument {key!r} must be a string, got {type(args[key]).__name__}")
+  return args[key]
+
+
+def parse_arguments(raw: Any) -> dict[str, Any]:
+  """Parses a tool call's JSON arguments; raises ValueError with a message for the model."""
+  if isinstance(raw, dict):
+    return raw
+  if raw is None or raw == "":
+    return {}
+  try:
+    val = json.loads(raw)
+  except (TypeError, json.JSONDecodeError) as e:
+    raise ValueError(f"arguments are not valid JSON ({e}); send a JSON object") from None
+  if not isinstance(val, dict):
+    raise ValueError(f"arguments must be a JSON object, got {type(val).__name__}")
+  return val
+
+
+def _format(res) -> str:
+  text = res.output.rstrip("\n")
+  notes = []
+  if res.timed_out:
+    notes.append(f"[command timed out after {res.duration_s:.0f}s and was killed]")
+  elif res.exit_code != 0:
+    notes.append(f"[exit code {res.exit_code}]")
+  return "\n".join([text, *notes]).strip() or "(no output)"
+
+
+def execute_tool(sandbox: Sandbox, name: str, raw_args: Any, timeout_s: float,
+                 workdir: str = "/workspace") -> ToolOutcome:
+  """Runs one tool call; malformed calls come back as error text for the model."""
+  try:
+    args = parse_arguments(raw_args)
+    if name == "bash":
+      res = sandbox.exec(_str_arg(args, "cmd"), timeout_s=timeout_s, workdir=workdir)
+      return ToolOutcome(_format(res), timed_out=res.timed_out)
+    if name in ("python", "python-tool"):
+      code = _str_arg(args, "code")
+      delim = "KLONG_PY_" + uuid.uuid4().hex
+      cmd = (f"d=$(mktemp -d) && cat > \"$d/code.py\" <<'{delim}'\n{code}\n{delim}\n"
+             "python3 \"$d/code.py\"; rc=$?; rm -rf \"$d\"; exit $rc")
+      res = sandbox.exec(cmd, timeout_s=timeout_s, workdir=workdir)
+      return ToolOutcome(_format(res), timed_out=res.timed_out)
+    if name == "read_file_chunk":
+      path = _str_arg(args, "file")
+      start = _int_arg(args, "start_line", 1, 1, 1 << 30)
+      n = _int_arg(args, "max_lines", 50, 1, 50)
+      cmd = " ".join(["python3", "-c", shlex.quote(_READ_CHUNK), shlex.quote(path), str(start),
+                      str(n)])
+      res = sandbox.exec(cmd, timeout_s=min(timeout_s, 60), workdir=workdir)
+      return ToolOutcome(_format(res), error=res.exit_code != 0)
+    if name == "search_file":
+      path, query = _str_arg(args, "file"), _str_arg(args, "query")
+      if not query:
+        raise ValueError("argument 'query' must not be empty")
+      ctx = _int_arg(args, "context_lines", 2, 0, 20)
+      per = _int_arg(args, "max_matches", 5, 1, 50)
+      page = _int_arg(args, "page", 1, 1, 1 << 20)
+      cmd = " ".join(["python3", "-c", shlex.quote(_SEARCH), shlex.quote(path), shlex.quote(query),
+                      str(ctx), str(per), str(page)])
+      res = sandbox.exec(cmd, timeout_s=min(timeout_s, 60), workdir=workdir)
+      return ToolOutcome(_format(res), error=res.exit_code != 0)
+    if name in ("submit", "end_task"):
+      msg = args.get("end_message", "")
+      return ToolOutcome(f"Submitted. {msg}".strip(), submitted=True)
+    if name in OFFLINE_TOOLS:
+      return ToolOutcome("Error: web browsing is not available in this offline sandbox.",
+                         error=True)
+    raise ValueError(f"unknown tool {name!r}; available tools: {', '.join(TOOL_NAMES)}")
+  except ValueError as e:
+    return ToolOutcome(f"Error executing tool {name!r}: {e}", error=True)

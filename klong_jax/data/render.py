@@ -1,0 +1,76 @@
+"""Messages -> Trajectory fields, using the sampler's exact token ids where the turn carries them.
+
+An assistant message may hold `"klong": {"token_ids", "logprobs", "policy_version"}`, the ids the
+sampler generated for that turn; they are used verbatim (never re-tokenized, DESIGN.md 4). Without
+it (teacher data) the text is tokenized, with logprob 0 and policy version -1. No JAX imports.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from klong_jax.data.chat import ChatFormat
+
+
+def _sampled(message: Mapping[str, Any], index: int) -> tuple[list[int], list[float], list[int]]:
+  """The validated (ids, logprobs, versions) of a sampled assistant turn."""
+  k = message["klong"]
+  if not isinstance(k, Mapping) or "token_ids" not in k:
+    raise ValueError(f"message {index}: 'klong' must be a dict with 'token_ids'")
+  ids = [int(t) for t in k["token_ids"]]
+  n = len(ids)
+  lps = k.get("logprobs")
+  lps = [0.0] * n if lps is None else [float(x) for x in lps]
+  pv = k.get("policy_version", -1)
+  pv = [int(pv)] * n if isinstance(pv, (int, np.integer)) else [int(v) for v in pv]
+  if len(lps) != n or len(pv) != n:
+    raise ValueError(f"message {index}: 'klong' has {n} token_ids but {len(lps)} logprobs and "
+                     f"{len(pv)} policy versions; they must match one per token")
+  return ids, lps, pv
+
+
+def render_trajectory(messages: Sequence[Mapping[str, Any]], fmt: ChatFormat,
+                      tools: Sequence[Mapping[str, Any]] | None = None,
+                      prefix_messages: int = 0) -> dict[str, Any]:
+  """Renders messages into Trajectory fields; the first `prefix_messages` form the fixed prefix.
+
+  Returns tokens, loss_mask, logprobs, policy_version (numpy arrays), prefix_end (token index of
+  message `prefix_messages`, or the length if all messages are prefix) and turn_starts.
+  """
+  if not 0 <= prefix_messages <= len(messages):
+    raise ValueError(f"prefix_messages={prefix_messages} must be in [0, {len(messages)}]")
+  ids: list[int] = []
+  mask: list[int] = []
+  lps: list[float] = []
+  pvs: list[int] = []
+
+  def add(new_ids, m, lp=None, pv=None):
+    ids.extend(new_ids)
+    mask.extend([m] * len(new_ids) if isinstance(m, int) else m)
+    lps.extend([0.0] * len(new_ids) if lp is None else lp)
+    pvs.extend([-1] * len(new_ids) if pv is None else pv)
+
+  add(fmt.tools_block(tools), 0)
+  starts = []
+  for i, msg in enumerate(messages):
+    starts.append(len(ids))
+    add(fmt.header(msg, i), 0)
+    if msg["role"] == "assistant" and msg.get("klong") is not None:
+      s_ids, s_lps, s_pvs = _sampled(msg, i)
+      add(s_ids, 1, s_lps, s_pvs)
+      if not s_ids or s_ids[-1] != fmt.end_id:
+        add([fmt.end_id], 0)  # the turn ended without the stop token (length cut): close it
+    else:
+      add(fmt.body(msg) + [fmt.end_id], int(msg["role"] == "assistant"))
+  prefix_end = starts[prefix_messages] if prefix_messages < len(messages) else len(ids)
+  return {
+      "tokens": np.asarray(ids, np.int32),
+      "loss_mask": np.asarray(mask, np.int32),
+      "logprobs": np.asarray(lps, np.float32),
+      "policy_version": np.asarray(pvs, np.int32),
+      "prefix_end": int(prefix_end),
+      "turn_starts": starts,
+  }

@@ -1,0 +1,111 @@
+"""Distill: run a teacher endpoint through the real agent scaffold + sandbox on tasks, grade,
+keep trajectories scoring >= a threshold, and write SFT shards (one ArrayRecord shard per task).
+
+Resumable and idempotent: `distill_state.json` (atomic) records finished tasks; a task's shard is
+published atomically before it is marked, and a re-run rewrites it under the same name, so no
+trajectory is lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from absl import logging
+
+from klong_jax.grading.rubric import atomic_write_text
+
+STATE_FILE = "distill_state.json"
+SFT_SUBDIR = "sft"
+
+
+@dataclasses.dataclass
+class DistillConfig:
+  """Where tasks, teacher and outputs are, and how many episodes to keep."""
+
+  tasks: str
+  server: str
+  out: str
+  tokenizer: str
+  episodes_per_task: int = 2
+  threshold: float = 0.5
+  split: str | None = "train"
+  backend: str = "local"
+  model: str = "teacher"
+  time_limit_s: float = 120.0
+  max_steps: int = 12
+  reproduce_timeout_s: float = 60.0
+  max_tasks: int = 0
+
+
+def score_histogram(scores: list[float], bins: int = 10) -> list[int]:
+  """Counts of scores in [0, 1] over `bins` equal bins (1.0 falls in the last)."""
+  counts = [0] * bins
+  for s in scores:
+    counts[min(bins - 1, max(0, int(s * bins)))] += 1
+  return counts
+
+
+def format_histogram(scores: list[float], bins: int = 10, width: int = 40) -> str:
+  counts = score_histogram(scores, bins)
+  top = max(counts) or 1
+  lines = [f"score histogram (n={len(scores)}, mean={sum(scores) / max(1, len(scores)):.3f})"]
+  for i, c in enumerate(counts):
+    lines.append(f"  [{i / bins:.1f}, {(i + 1) / bins:.1f}{']' if i == bins - 1 else ')'} "
+                 f"{'#' * round(width * c / top):<{width}} {c}")
+  return "\n".join(lines)
+
+
+def _load_state(path: str) -> dict[str, Any]:
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  return {"tasks": {}}
+
+
+def distill(cfg: DistillConfig) -> dict[str, Any]:
+  """Runs the stage; returns {"scores", "kept", "shards", "histogram"} over all finished tasks."""
+  from klong_jax.data.shards import ShardWriter  # noqa: PLC0415
+  from klong_jax.rollout.worker import Worker, WorkerConfig  # noqa: PLC0415
+  from klong_jax.tasks import list_tasks, load_task  # noqa: PLC0415
+
+  os.makedirs(cfg.out, exist_ok=True)
+  state_path = os.path.join(cfg.out, STATE_FILE)
+  state = _load_state(state_path)
+  worker = Worker(WorkerConfig(
+      server=cfg.server, tasks=cfg.tasks, stream=os.path.join(cfg.out, ".stream"),
+      tokenizer=cfg.tokenizer, worker="distill", backend=cfg.backend, model=cfg.model,
+      max_steps=cfg.max_steps, time_limit_s=cfg.time_limit_s,
+      reproduce_timeout_s=cfg.reproduce_timeout_s))
+  dirs = list_tasks(cfg.tasks, cfg.split)
+  if cfg.max_tasks:
+    dirs = dirs[:cfg.max_tasks]
+  for d in dirs:
+    task = load_task(d)
+    if task.id in state["tasks"]:
+      continue
+    records, scores, statuses = [], [], []
+    for i in range(cfg.episodes_per_task):
+      r = worker.rollout_with_retries(task, 0, cfg.time_limit_s)
+      statuses.append(r["status"])
+      if r["reward"] is None:
+        continue
+      scores.append(float(r["reward"]))
+      if r["reward"] >= cfg.threshold:
+        records.append(worker.to_record(r, task.id, f"distill-{task.id}", 0, i, 0))
+    shard = None
+    if records:
+      shard = os.path.join(cfg.out, SFT_SUBDIR, f"{task.id}.array_record")
+      with ShardWriter(shard) as w:
+        for rec in records:
+          w.write(rec)
+    state["tasks"][task.id] = {"scores": scores, "statuses": statuses, "kept": len(records),
+                               "shard": shard}
+    atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
+    logging.info("distill %s: scores %s, kept %d", task.id, scores, len(records))
+  all_scores = [s for t in state["tasks"].values() for s in t["scores"]]
+  return {"scores": all_scores, "kept": sum(t["kept"] for t in state["tasks"].values()),
+          "shards": sorted(t["shard"] for t in state["tasks"].values() if t["shard"]),
+          "histogram": score_histogram(all_scores)}

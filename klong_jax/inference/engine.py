@@ -1,0 +1,320 @@
+"""Request scheduler over a Sampler: continuous (or static) batching, stops, streaming, hot swaps.
+
+Each `step()` (1) applies a pending weight swap, (2) admits waiting requests into free cache rows
+and prefills them, (3) runs one decode step for every running request, (4) retires finished ones.
+With schedule="continuous" a request joins as soon as a row is free, so one long generation never
+blocks short ones; schedule="static" admits only into an empty batch (the baseline the benchmark
+compares against). A background thread (`start()`) drives steps for the server; `generate()`
+drives them in the caller's thread for direct use. Every token carries the policy version of the
+weights that produced it; a swap between steps leaves in-flight requests running on the new
+weights (their earlier tokens keep the old version).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from klong_jax.inference.detok import IncrementalDetokenizer, StopMatcher
+from klong_jax.inference.sampler import RowSettings, Sampler, SamplingParams
+from klong_jax.inference.sampling import LOGPROB_MODES
+
+log = logging.getLogger(__name__)
+SCHEDULES = ("continuous", "static")
+
+
+class ContextLengthError(ValueError):
+  """The prompt (plus max_tokens) does not fit the served context."""
+
+
+@dataclasses.dataclass
+class TokenEvent:
+  """One generated token, as streamed: id, logprob, weights version, and newly final text."""
+
+  token_id: int
+  logprob: float
+  policy_version: int
+  text: str
+
+
+@dataclasses.dataclass
+class Completion:
+  """A finished request. finish_reason: "stop" | "length" | "cancelled" | "error"."""
+
+  prompt_ids: list[int]
+  token_ids: list[int]
+  logprobs: list[float]
+  policy_versions: list[int]
+  text: str
+  finish_reason: str
+  error: str | None = None
+
+
+class Request:
+  """A submitted generation; `wait()` blocks until it is done and returns its Completion."""
+
+  def __init__(self, rid: int, prompt_ids: list[int], params: SamplingParams, seed: int,
+               stop_ids: frozenset[int], on_event: Callable[[Any], None] | None,
+               decode: Callable[[Sequence[int]], str] | None):
+    self.id, self.prompt_ids, self.params, self.seed = rid, prompt_ids, params, seed
+    self.stop_ids = stop_ids
+    self.on_event = on_event
+    self.token_ids: list[int] = []
+    self.logprobs: list[float] = []
+    self.versions: list[int] = []
+    self.detok = IncrementalDetokenizer(decode) if decode else None
+    self.matcher = StopMatcher(params.stop)
+    self.row = -1
+    self.cancelled = False
+    self.submitted = time.monotonic()
+    self.completion: Completion | None = None
+    self._done = threading.Event()
+
+  def wait(self, timeout: float | None = None) -> Completion:
+    if not self._done.wait(timeout):
+      raise TimeoutError(f"request {self.id} not done after {timeout}s")
+    assert self.completion is not None
+    return self.completion
+
+  @property
+  def done(self) -> bool:
+    return self._done.is_set()
+
+
+class Engine:
+  """Schedules requests over one Sampler's cache rows; thread-safe `submit`."""
+
+  def __init__(self, sampler: Sampler, tokenizer: Any = None, *, schedule: str = "continuous",
+               stop_token_ids: Sequence[int] = (), seed: int = 0):
+    if schedule not in SCHEDULES:
+      raise ValueError(f"schedule {schedule!r} not in {SCHEDULES}")
+    self.sampler, self.tokenizer, self.schedule = sampler, tokenizer, schedule
+    self.default_stop_ids = frozenset(int(t) for t in stop_token_ids)
+    self._rng = np.random.default_rng(seed)
+    self._ids = itertools.count()
+    self._lock = threading.Condition()
+    self._waiting: collections.deque[Request] = collections.deque()
+    self._rows: list[Request | None] = [None] * sampler.max_batch
+    self._settings = RowSettings.empty(sampler.max_batch)
+    self._pending_params: tuple[Any, int] | None = None
+    self._thread: threading.Thread | None = None
+    self._stop = False
+    self.stats = collections.Counter()
+
+  # ---- submission ----------------------------------------------------------------------------
+
+  def check_fits(self, prompt_len: int, max_tokens: int | None) -> None:
+    """Raises ContextLengthError when the prompt (+ max_tokens) exceeds the context."""
+    limit = self.sampler.max_len
+    if prompt_len < 1:
+      raise ContextLengthError("the prompt is empty; send at least one token")
+    if prompt_len + max(1, max_tokens or 0) > limit:
+      raise ContextLengthError(
+          f"this model's maximum context length is {limit} tokens; the request has "
+          f"{prompt_len} prompt tokens and max_tokens={max_tokens}: shorten the prompt or lower "
+          f"max_tokens")
+
+  def submit(self, prompt_ids: Sequence[int], params: SamplingParams,
+             on_event: Callable[[Any], None] | None = None) -> Request:
+    """Queues a request. `on_event` (called from the engine thread) gets each TokenEvent and
+    finally the Completion."""
+    params.validate()
+    prompt = [int(t) for t in prompt_ids]
+    self.check_fits(len(prompt), params.max_tokens)
+    seed = params.seed if params.seed is not None else int(self._rng.integers(2**31))
+    decode = self.tokenizer.decode if self.tokenizer is not None else None
+    if params.stop and decode is None:
+      raise ValueError("stop strings need a tokenizer; pass stop_token_ids instead")
+    req = Request(next(self._ids), prompt, params, seed,
+                  self.default_stop_ids | frozenset(params.stop_token_ids), on_event, decode)
+    with self._lock:
+      self._waiting.append(req)
+      self.stats["requests_total"] += 1
+      self._lock.notify_all()
+    return req
+
+  def cancel(self, req: Request) -> None:
+    """Marks a request cancelled; its row is freed at the next step."""
+    req.cancelled = True
+    with self._lock:
+      self._lock.notify_all()
+
+  def set_params(self, params: Any, version: int) -> None:
+    """Schedules a weight swap, applied between two steps (in-flight requests continue)."""
+    with self._lock:
+      self._pending_params = (params, int(version))
+      self._lock.notify_all()
+
+  @property
+  def policy_version(self) -> int:
+    return self.sampler.policy_version
+
+  def num_running(self) -> int:
+    return sum(r is not None for r in self._rows)
+
+  def num_waiting(self) -> int:
+    return len(self._waiting)
+
+  def has_work(self) -> bool:
+    return bool(self._waiting) or self.num_running() > 0 or self._pending_params is not None
+
+  # ---- scheduling ----------------------------------------------------------------------------
+
+  def step(self) -> None:
+    """One scheduling iteration: swap weights, admit + prefill, decode, retire."""
+    with self._lock:
+      pending, self._pending_params = self._pending_params, None
+    if pending is not None:
+      self.sampler.load_params(*pending)
+      self.stats["reloads_total"] += 1
+      log.info("serving policy version %d", pending[1])
+    self._retire_cancelled()
+    self._admit()
+    self._decode()
+
+  def _retire_cancelled(self) -> None:
+    for req in [r for r in self._rows if r is not None and r.cancelled]:
+      self._finish(req, "cancelled")
+    with self._lock:
+      dropped = [r for r in self._waiting if r.cancelled]
+      self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+    for req in dropped:
+      self._finish(req, "cancelled")
+
+  def _admit(self) -> None:
+    free = [i for i, r in enumerate(self._rows) if r is None]
+    if self.schedule == "static" and len(free) < len(self._rows):
+      return
+    admitted: list[Request] = []
+    with self._lock:
+      while free and self._waiting:
+        req = self._waiting.popleft()
+        if req.params.max_tokens == 0:
+          admitted.append(req)  # Nothing to generate: finishes without a row.
+          continue
+        req.row = free.pop(0)
+        self._rows[req.row] = req
+        self._settings.set(req.row, req.params, req.seed)
+        admitted.append(req)
+    for req in [r for r in admitted if r.row < 0]:
+      self._finish(req, "length")
+    groups: dict[int, list[Request]] = collections.defaultdict(list)
+    for req in (r for r in admitted if r.row >= 0):
+      groups[max(self.sampler.min_prefill_bucket, 1 << (len(req.prompt_ids) - 1).bit_length())
+             ].append(req)
+    for reqs in groups.values():
+      version = self.sampler.policy_version
+      toks, lps = self.sampler.prefill([r.row for r in reqs], [r.prompt_ids for r in reqs],
+                                       self._settings.take([r.row for r in reqs]))
+      self.stats["prefill_tokens_total"] += sum(len(r.prompt_ids) for r in reqs)
+      for j, req in enumerate(reqs):
+        self._append(req, int(toks[j]), lps[:, j], version)
+
+  def _decode(self) -> None:
+    running = [r for r in self._rows if r is not None]
+    if not running:
+      return
+    b = self.sampler.max_batch
+    tokens = np.zeros(b, np.int32)
+    positions = np.full(b, self.sampler.max_len - 1, np.int32)
+    counters = np.zeros(b, np.int32)
+    for req in running:
+      tokens[req.row] = req.token_ids[-1]
+      positions[req.row] = len(req.prompt_ids) + len(req.token_ids) - 1
+      counters[req.row] = len(req.token_ids)
+    version = self.sampler.policy_version
+    toks, lps = self.sampler.decode(tokens, positions, self._settings, counters)
+    self.stats["decode_steps_total"] += 1
+    for req in running:
+      self._append(req, int(toks[req.row]), lps[:, req.row], version)
+
+  def _append(self, req: Request, token: int, lps: np.ndarray, version: int) -> None:
+    """Records one sampled token, emits it, and finishes the request on a stop or a limit."""
+    logprob = float(lps[LOGPROB_MODES.index(req.params.logprob_mode)])
+    req.token_ids.append(token)
+    req.logprobs.append(logprob)
+    req.versions.append(version)
+    self.stats["generated_tokens_total"] += 1
+    is_stop_id = token in req.stop_ids
+    text = ""
+    if req.detok is not None and not is_stop_id:
+      text = req.matcher.feed(req.detok.push(token))
+    if req.on_event is not None:
+      req.on_event(TokenEvent(token, logprob, version, text))
+    if is_stop_id or req.matcher.stopped:
+      self._finish(req, "stop")
+    elif req.params.max_tokens is not None and len(req.token_ids) >= req.params.max_tokens:
+      self._finish(req, "length")
+    elif len(req.prompt_ids) + len(req.token_ids) >= self.sampler.max_len:
+      self._finish(req, "length")
+
+  def _finish(self, req: Request, reason: str, error: str | None = None) -> None:
+    if req.row >= 0:
+      self._rows[req.row] = None
+      req.row = -1
+    if req.done:
+      return
+    tail = req.matcher.flush()
+    if tail and req.on_event is not None:
+      req.on_event(TokenEvent(-1, 0.0, self.sampler.policy_version, tail))
+    req.completion = Completion(req.prompt_ids, req.token_ids, req.logprobs, req.versions,
+                                req.matcher.text, reason, error)
+    self.stats[f"finished_{reason}_total"] += 1
+    req._done.set()
+    if req.on_event is not None:
+      req.on_event(req.completion)
+
+  def _fail_all(self, error: str) -> None:
+    for req in [r for r in self._rows if r is not None]:
+      self._finish(req, "error", error)
+
+  # ---- drivers -------------------------------------------------------------------------------
+
+  def generate(self, prompts: Sequence[Sequence[int]],
+               params: SamplingParams | Sequence[SamplingParams]) -> list[Completion]:
+    """Runs `prompts` to completion (in this thread unless the background loop is running)."""
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    reqs = [self.submit(p, sp) for p, sp in zip(prompts, plist, strict=True)]
+    if self._thread is None:
+      while not all(r.done for r in reqs):
+        self.step()
+    return [r.wait() for r in reqs]
+
+  def start(self) -> None:
+    """Starts the background scheduling thread (idempotent)."""
+    if self._thread is not None:
+      return
+    self._stop = False
+    self._thread = threading.Thread(target=self._loop, name="klong-engine", daemon=True)
+    self._thread.start()
+
+  def stop(self) -> None:
+    if self._thread is None:
+      return
+    with self._lock:
+      self._stop = True
+      self._lock.notify_all()
+    self._thread.join()
+    self._thread = None
+
+  def _loop(self) -> None:
+    while True:
+      with self._lock:
+        while not self._stop and not self.has_work():
+          self._lock.wait()
+        if self._stop:
+          return
+      try:
+        self.step()
+      except Exception as e:  # Keep serving: fail the running batch, not the server.
+        log.exception("engine step failed")
+        self.stats["step_errors_total"] += 1
+        self._fail_all(f"{type(e).__name__}: {e}")

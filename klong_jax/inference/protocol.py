@@ -1,0 +1,119 @@
+"""OpenAI-compatible request/response models (pydantic) for the inference server.
+
+Requests accept the OpenAI fields we act on and ignore unknown ones (clients send many). Responses
+follow the OpenAI shapes; each choice also carries `token_ids` (the exact generated ids, including
+the stop token when generation stopped on one) and `policy_version` (an int when one weights
+version produced every token, else a per-token list), which the rollout scaffold reads.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+import pydantic
+
+
+class _Lenient(pydantic.BaseModel):
+  """Base for requests: unknown fields are ignored, as OpenAI-compatible servers usually do."""
+
+  model_config = pydantic.ConfigDict(extra="ignore")
+
+
+class SamplingFields(_Lenient):
+  """Sampling fields shared by chat and text completions (OpenAI names plus top_k, logprob_mode)."""
+
+  model: str
+  max_tokens: int | None = pydantic.Field(default=None, ge=0)
+  temperature: float = pydantic.Field(default=1.0, ge=0.0, le=100.0)
+  top_p: float = pydantic.Field(default=1.0, gt=0.0, le=1.0)
+  top_k: int = pydantic.Field(default=0, ge=0)
+  n: int = pydantic.Field(default=1, ge=1, le=64)
+  stop: str | list[str] | None = None
+  stream: bool = False
+  stream_options: dict[str, Any] | None = None
+  seed: int | None = None
+  logprob_mode: Literal["tempered", "raw", "processed"] = "tempered"
+  user: str | None = None
+
+  def stop_strings(self) -> tuple[str, ...]:
+    """The stop strings as a tuple (OpenAI allows a string or a list)."""
+    if self.stop is None:
+      return ()
+    return (self.stop,) if isinstance(self.stop, str) else tuple(s for s in self.stop if s)
+
+
+class ChatCompletionRequest(SamplingFields):
+  """POST /v1/chat/completions body."""
+
+  messages: list[dict[str, Any]] = pydantic.Field(min_length=1)
+  tools: list[dict[str, Any]] | None = None
+  tool_choice: Any = None
+  logprobs: bool = False
+  top_logprobs: int | None = pydantic.Field(default=None, ge=0, le=20)
+  max_completion_tokens: int | None = pydantic.Field(default=None, ge=0)
+
+  def token_limit(self) -> int | None:
+    """max_completion_tokens (new name) wins over max_tokens (deprecated name)."""
+    return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class CompletionRequest(SamplingFields):
+  """POST /v1/completions body; `prompt` is text or a list of token ids (one prompt)."""
+
+  prompt: str | list[int] | list[str] | list[list[int]]
+  logprobs: int | None = pydantic.Field(default=None, ge=0, le=20)
+  echo: bool = False
+  max_tokens: int | None = pydantic.Field(default=16, ge=0)
+
+  def token_limit(self) -> int | None:
+    return self.max_tokens
+
+
+def new_id(prefix: str) -> str:
+  """A fresh OpenAI-style object id, e.g. chatcmpl-1a2b..."""
+  return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+def now() -> int:
+  return int(time.time())
+
+
+def error_body(message: str, type_: str, code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+  """OpenAI-style error JSON: {"error": {"message", "type", "param", "code"}}."""
+  return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def chat_logprobs(token_texts: list[str], logprobs: list[float]) -> dict[str, Any]:
+  """Chat-shaped logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}."""
+  return {"content": [
+      {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
+      for t, lp in zip(token_texts, logprobs, strict=True)]}
+
+
+def completion_logprobs(token_texts: list[str], logprobs: list[float],
+                        offset0: int = 0) -> dict[str, Any]:
+  """Legacy completions-shaped logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
+  offsets, pos = [], offset0
+  for t in token_texts:
+    offsets.append(pos)
+    pos += len(t)
+  return {"tokens": token_texts, "token_logprobs": logprobs,
+          "top_logprobs": [{} for _ in token_texts], "text_offset": offsets}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+          "total_tokens": prompt_tokens + completion_tokens}
+
+
+def version_field(versions: list[int], current: int) -> int | list[int]:
+  """policy_version of a choice: an int if one version made every token, else per-token list.
+
+  With no tokens generated it is `current`, the version being served.
+  """
+  if not versions:
+    return current
+  return versions[0] if len(set(versions)) == 1 else list(versions)

@@ -1,0 +1,160 @@
+"""Serving policy checkpoints: params-only Orbax saves at `<run>/policy/<version>`, hot reload.
+
+Format: `<root>/<version>/params` is an Orbax StandardCheckpointer directory holding the model's
+variables (nnx Params and the MoE router's ExpertBias; everything but RNG state) as a pure nested
+dict (`nnx.state(model, nnx.Not(nnx.RngState)).to_pure_dict()`); a Params-only tree also loads
+(the other variables then keep their served values). It is written to
+a hidden temp dir and renamed into place, so a directory named by an integer is always complete.
+`PolicyWatcher` polls the root and hands the newest version to the engine, which swaps it in
+between decode steps (no restart, no dropped requests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import re
+import shutil
+import threading
+import uuid
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+log = logging.getLogger(__name__)
+_VERSION_RE = re.compile(r"^\d+$")
+
+
+def policy_root(run_dir: str | os.PathLike) -> pathlib.Path:
+  """`<run>/policy` (the directory the trainer publishes to)."""
+  return pathlib.Path(run_dir) / "policy"
+
+
+def params_dict(params: Any) -> dict:
+  """A pure nested dict of arrays from an nnx module (all non-RNG variables), State, or dict."""
+  if isinstance(params, nnx.Module):
+    params = nnx.state(params, nnx.Not(nnx.RngState))
+  if isinstance(params, nnx.State):
+    params = params.to_pure_dict()
+  return params
+
+
+def save_policy(root: str | os.PathLike, version: int, params: Any,
+                dtype: Any = None) -> pathlib.Path:
+  """Writes params (module, State or pure dict) as `<root>/<version>` atomically; returns the path.
+
+  `dtype` (e.g. jnp.bfloat16) casts floating-point arrays before saving.
+  """
+  if int(version) < 0:
+    raise ValueError(f"policy version must be >= 0, got {version}")
+  root = pathlib.Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  final = root / str(int(version))
+  if final.exists():
+    raise FileExistsError(f"policy version {version} already exists at {final}; versions are "
+                          "immutable, publish a new version number")
+  tree = params_dict(params)
+  if dtype is not None:
+    tree = jax.tree.map(
+        lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
+        tree)
+  tmp = root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(tmp.absolute() / "params", tree)
+    ckptr.wait_until_finished()
+  os.replace(tmp, final)
+  return final
+
+
+def list_versions(root: str | os.PathLike) -> list[int]:
+  """Complete published versions under `root`, ascending (temp dirs are ignored)."""
+  root = pathlib.Path(root)
+  if not root.is_dir():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.is_dir() and _VERSION_RE.match(p.name))
+
+
+def latest_version(root: str | os.PathLike) -> int | None:
+  versions = list_versions(root)
+  return versions[-1] if versions else None
+
+
+def load_policy(path: str | os.PathLike, like: Any) -> dict:
+  """Restores a policy dir as a pure dict shaped, typed and sharded like `like` (module/State/dict).
+
+  Saved dtypes are cast to the target's (a bf16 bundle loads into an fp32 model and back).
+  """
+  path = pathlib.Path(path)
+  if not (path / "params").is_dir():
+    raise FileNotFoundError(f"{path} is not a policy checkpoint (no params/ inside); expected "
+                            "a directory written by reload.save_policy")
+  if isinstance(like, nnx.Module):
+    like = nnx.state(like, nnx.Not(nnx.RngState))
+  targets = [params_dict(like)]
+  if isinstance(like, nnx.State):  # A Params-only checkpoint (e.g. from a trainer) also loads.
+    targets.append(like.filter(nnx.Param).to_pure_dict())
+  with ocp.StandardCheckpointer() as ckptr:
+    for i, target in enumerate(targets):
+      abstract = jax.tree.map(
+          lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+          target)
+      try:
+        return ckptr.restore(path.absolute() / "params", abstract)
+      except (ValueError, KeyError):
+        if i == len(targets) - 1:
+          raise
+  raise AssertionError("unreachable")
+
+
+def remove_version(root: str | os.PathLike, version: int) -> None:
+  """Deletes a published version (e.g. retention); readers never see a partial directory."""
+  path = pathlib.Path(root) / str(int(version))
+  tmp = path.with_name(f".del-{version}-{uuid.uuid4().hex[:8]}")
+  os.replace(path, tmp)
+  shutil.rmtree(tmp)
+
+
+class PolicyWatcher:
+  """Polls `root` and swaps the newest version into an engine (`engine.set_params`)."""
+
+  def __init__(self, engine: Any, root: str | os.PathLike, interval_s: float = 2.0):
+    self.engine, self.root, self.interval_s = engine, pathlib.Path(root), interval_s
+    self._stop = threading.Event()
+    self._thread: threading.Thread | None = None
+    self._lock = threading.Lock()
+    self.loaded = -1
+
+  def check(self) -> int | None:
+    """Loads the newest version if it is newer than the one served; returns it (or None)."""
+    with self._lock:
+      newest = latest_version(self.root)
+      if newest is None or newest <= max(self.engine.policy_version, self.loaded):
+        return None
+      return self.load(newest)
+
+  def load(self, version: int) -> int:
+    """Loads `version` from the root and schedules it on the engine."""
+    params = load_policy(self.root / str(version), self.engine.sampler.params)
+    self.engine.set_params(params, version)
+    self.loaded = version
+    log.info("loaded policy version %d from %s", version, self.root)
+    return version
+
+  def start(self) -> None:
+    self._thread = threading.Thread(target=self._loop, name="klong-policy-watcher", daemon=True)
+    self._thread.start()
+
+  def stop(self) -> None:
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+
+  def _loop(self) -> None:
+    while not self._stop.wait(self.interval_s):
+      try:
+        self.check()
+      except Exception:  # A bad checkpoint must not kill serving; log and retry later.
+        log.exception("policy reload from %s failed", self.root)

@@ -1,0 +1,570 @@
+"""OpenAI-compatible HTTP server (FastAPI + uvicorn) over the batching engine.
+
+Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream` SSE, `logprobs`,
+tools/tool_calls for chat), GET /v1/models, GET /health, GET /metrics (Prometheus text), POST
+/admin/load_policy (load a version from the policy dir now). Each choice carries `token_ids` and
+`policy_version` besides the OpenAI fields. Bad requests get 4xx with an OpenAI error body.
+
+Run: `python -m klong_jax.inference.server --bundle=DIR` or `--config=configs/serve_tiny.py
+--policy_dir=RUN/policy`. FastAPI/uvicorn: the well-kept async stack with pydantic models, SSE via
+StreamingResponse, and a loopback server we can start in-process for tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import fastapi
+import prometheus_client
+import pydantic
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from klong_jax.inference import protocol
+from klong_jax.inference.engine import Completion, ContextLengthError, Engine, TokenEvent
+from klong_jax.inference.sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class ApiError(Exception):
+  """An error answered with an OpenAI-style body and an HTTP status."""
+
+  def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+               code: str | None = None, param: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.type = status, message, type_
+    self.code, self.param = code, param
+
+
+class _EngineCollector:
+  """Exposes the engine's counters and gauges to Prometheus."""
+
+  def __init__(self, engine: Engine):
+    self.engine = engine
+
+  def collect(self):
+    for name, value in sorted(self.engine.stats.items()):
+      c = CounterMetricFamily(f"klong_engine_{name.removesuffix('_total')}", f"engine {name}")
+      c.add_metric([], value)
+      yield c
+    for name, value in (("running_requests", self.engine.num_running()),
+                        ("waiting_requests", self.engine.num_waiting()),
+                        ("policy_version", self.engine.policy_version),
+                        ("max_batch", self.engine.sampler.max_batch)):
+      g = GaugeMetricFamily(f"klong_engine_{name}", name.replace("_", " "))
+      g.add_metric([], value)
+      yield g
+
+
+class Server:
+  """Request handling state: engine, tokenizer, chat format, names and limits."""
+
+  def __init__(self, engine: Engine, tokenizer: Any, chat_format: Any, *, model_name: str,
+               max_body_bytes: int = 4 << 20, watcher: Any = None):
+    self.engine, self.tokenizer, self.chat = engine, tokenizer, chat_format
+    self.model_name, self.max_body_bytes, self.watcher = model_name, max_body_bytes, watcher
+    self.created = protocol.now()
+    self.registry = prometheus_client.CollectorRegistry()
+    self.registry.register(_EngineCollector(engine))
+    self.http_requests = prometheus_client.Counter(
+        "klong_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"],
+        registry=self.registry)
+    self.latency = prometheus_client.Histogram(
+        "klong_request_latency_seconds", "Completion latency", ["endpoint"],
+        registry=self.registry)
+
+  # ---- request parsing -----------------------------------------------------------------------
+
+  async def parse(self, request: fastapi.Request, model: type[pydantic.BaseModel]) -> Any:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+      raise ApiError(413, f"request body of {length} bytes exceeds the limit of "
+                     f"{self.max_body_bytes} bytes", code="request_too_large")
+    body = b""
+    async for chunk in request.stream():
+      body += chunk
+      if len(body) > self.max_body_bytes:
+        raise ApiError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes",
+                       code="request_too_large")
+    try:
+      data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from e
+    try:
+      req = model.model_validate(data)
+    except pydantic.ValidationError as e:
+      first = e.errors()[0]
+      param = ".".join(str(p) for p in first.get("loc", ()))
+      raise ApiError(400, f"invalid request: {param}: {first.get('msg')}", param=param or None,
+                     code="invalid_value") from e
+    if req.model != self.model_name:
+      raise ApiError(404, f"the model {req.model!r} does not exist; this server serves "
+                     f"{self.model_name!r} (see GET /v1/models)", code="model_not_found",
+                     param="model")
+    return req
+
+  def sampling(self, req: protocol.SamplingFields, index: int) -> SamplingParams:
+    seed = None if req.seed is None else req.seed + index
+    return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                          max_tokens=req.token_limit(), stop=req.stop_strings(), seed=seed,
+                          logprob_mode=req.logprob_mode)
+
+  def submit(self, prompt: list[int], sp: SamplingParams) -> tuple[Any, asyncio.Queue]:
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    try:
+      handle = self.engine.submit(prompt, sp,
+                                  lambda ev: loop.call_soon_threadsafe(queue.put_nowait, ev))
+    except ContextLengthError as e:
+      raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from e
+    except ValueError as e:
+      raise ApiError(400, str(e), code="invalid_value") from e
+    return handle, queue
+
+  async def wait_all(self, prompt: list[int], req: protocol.SamplingFields) -> list[Completion]:
+    handles = [self.submit(prompt, self.sampling(req, i)) for i in range(req.n)]
+    try:
+      out = []
+      for _, queue in handles:
+        while not isinstance(ev := await queue.get(), Completion):
+          pass
+        if ev.finish_reason == "error":
+          raise ApiError(500, f"generation failed: {ev.error}", type_="server_error")
+        out.append(ev)
+      return out
+    finally:
+      for handle, _ in handles:
+        if not handle.done:
+          self.engine.cancel(handle)
+
+  def token_texts(self, ids: list[int]) -> list[str]:
+    return [self.tokenizer.decode([t]) for t in ids]
+
+  def extra(self, c: Completion) -> dict[str, Any]:
+    return {"token_ids": c.token_ids,
+            "policy_version": protocol.version_field(c.policy_versions, self.engine.policy_version)}
+
+  # ---- chat ----------------------------------------------------------------------------------
+
+  def chat_prompt(self, req: protocol.ChatCompletionRequest) -> list[int]:
+    try:
+      return self.chat.render_prompt(req.messages, req.tools)
+    except (ValueError, KeyError, TypeError) as e:
+      raise ApiError(400, f"cannot render messages: {e}", param="messages") from e
+
+  def chat_choice(self, i: int, c: Completion, logprobs: bool) -> dict[str, Any]:
+    parsed = self.chat.parse_assistant(c.text)
+    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+    reason = c.finish_reason
+    if parsed.tool_calls:
+      message["tool_calls"] = parsed.tool_calls
+      message["content"] = parsed.content or None
+      reason = "tool_calls" if reason == "stop" else reason
+    choice = {"index": i, "message": message, "finish_reason": reason,
+              "logprobs": (protocol.chat_logprobs(self.token_texts(c.token_ids), c.logprobs)
+                           if logprobs else None)}
+    choice.update(self.extra(c))
+    return choice
+
+  async def chat_completions(self, request: fastapi.Request) -> Any:
+    req = await self.parse(request, protocol.ChatCompletionRequest)
+    prompt = self.chat_prompt(req)
+    if req.stream:
+      return self.stream(req, prompt, chat=True)
+    comps = await self.wait_all(prompt, req)
+    return {"id": protocol.new_id("chatcmpl"), "object": "chat.completion",
+            "created": protocol.now(), "model": self.model_name,
+            "choices": [self.chat_choice(i, c, req.logprobs) for i, c in enumerate(comps)],
+            "usage": protocol.usage(len(prompt), sum(len(c.token_ids) for c in comps))}
+
+  # ---- text completions ----------------------------------------------------------------------
+
+  def text_prompt(self, req: protocol.CompletionRequest) -> list[int]:
+    p = req.prompt
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+      p = p[0]
+    if isinstance(p, str):
+      return self.tokenizer.encode(p)
+    if isinstance(p, list) and all(isinstance(t, int) for t in p):
+      if any(t < 0 or t >= self.engine.sampler.vocab_size for t in p):
+        raise ApiError(400, f"prompt token ids must be in [0, {self.engine.sampler.vocab_size})",
+                       param="prompt")
+      return list(p)
+    raise ApiError(400, "prompt must be a string or a list of token ids (one prompt per request)",
+                   param="prompt")
+
+  async def completions(self, request: fastapi.Request) -> Any:
+    req = await self.parse(request, protocol.CompletionRequest)
+    prompt = self.text_prompt(req)
+    if req.stream:
+      return self.stream(req, prompt, chat=False)
+    comps = await self.wait_all(prompt, req)
+    prefix = self.tokenizer.decode(prompt) if req.echo else ""
+    choices = []
+    for i, c in enumerate(comps):
+      choice = {"index": i, "text": prefix + c.text, "finish_reason": c.finish_reason,
+                "logprobs": (protocol.completion_logprobs(self.token_texts(c.token_ids),
+                                                          c.logprobs, len(prefix))
+                             if req.logprobs is not None else None)}
+      choice.update(self.extra(c))
+      choices.append(choice)
+    return {"id": protocol.new_id("cmpl"), "object": "text_completion",
+            "created": protocol.now(), "model": self.model_name, "choices": choices,
+            "usage": protocol.usage(len(prompt), sum(len(c.token_ids) for c in comps))}
+
+  # ---- streaming -----------------------------------------------------------------------------
+
+  def stream(self, req: Any, prompt: list[int], chat: bool) -> StreamingResponse:
+    """SSE: one chunk per token (text delta, logprob, token id, version), then [DONE].
+
+    Chat requests with `tools` buffer the content and send content + tool_calls in the final
+    chunk, since tool-call markup can only be parsed once complete.
+    """
+    handles = [self.submit(prompt, self.sampling(req, i)) for i in range(req.n)]
+    rid = protocol.new_id("chatcmpl" if chat else "cmpl")
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    buffered = chat and bool(req.tools)
+    want_lp = bool(req.logprobs) if chat else req.logprobs is not None
+
+    def chunk(choice: dict[str, Any], usage: dict | None = None) -> str:
+      body = {"id": rid, "object": obj, "created": protocol.now(), "model": self.model_name,
+              "choices": [choice] if choice else []}
+      if usage is not None:
+        body["usage"] = usage
+      return f"data: {json.dumps(body)}\n\n"
+
+    def token_choice(i: int, ev: TokenEvent) -> dict[str, Any]:
+      has_tok = ev.token_id >= 0
+      ids = [ev.token_id] if has_tok else []
+      text = "" if buffered else ev.text
+      if chat:
+        choice = {"index": i, "delta": {"content": text}, "finish_reason": None}
+        if want_lp and has_tok:
+          choice["logprobs"] = protocol.chat_logprobs(self.token_texts(ids), [ev.logprob])
+      else:
+        choice = {"index": i, "text": text, "finish_reason": None}
+        if want_lp and has_tok:
+          choice["logprobs"] = protocol.completion_logprobs(self.token_texts(ids), [ev.logprob])
+      choice["token_ids"] = ids
+      choice["policy_version"] = ev.policy_version
+      return choice
+
+    def final_choice(i: int, c: Completion) -> dict[str, Any]:
+      reason = c.finish_reason
+      if chat:
+        delta: dict[str, Any] = {}
+        if buffered:
+          parsed = self.chat.parse_assistant(c.text)
+          delta["content"] = parsed.content or None
+          if parsed.tool_calls:
+            delta["tool_calls"] = [dict(tc, index=k) for k, tc in enumerate(parsed.tool_calls)]
+            reason = "tool_calls" if reason == "stop" else reason
+        choice = {"index": i, "delta": delta, "finish_reason": reason}
+      else:
+        choice = {"index": i, "text": "", "finish_reason": reason}
+      choice.update(self.extra(c))
+      choice.pop("token_ids")  # Already streamed one by one.
+      return choice
+
+    async def events() -> AsyncIterator[str]:
+      try:
+        if chat:
+          for i in range(len(handles)):
+            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""},
+                         "finish_reason": None})
+        done: list[Completion] = []
+        for i, (_, queue) in enumerate(handles):
+          while True:
+            ev = await queue.get()
+            if isinstance(ev, Completion):
+              if ev.finish_reason == "error":
+                err = protocol.error_body(f"generation failed: {ev.error}", "server_error")
+                yield f"data: {json.dumps(err)}\n\n"
+                return
+              done.append(ev)
+              yield chunk(final_choice(i, ev))
+              break
+            yield chunk(token_choice(i, ev))
+        if (req.stream_options or {}).get("include_usage"):
+          yield chunk({}, protocol.usage(len(prompt), sum(len(c.token_ids) for c in done)))
+        yield "data: [DONE]\n\n"
+      finally:
+        for handle, _ in handles:
+          if not handle.done:
+            self.engine.cancel(handle)
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+  # ---- misc ----------------------------------------------------------------------------------
+
+  def models(self) -> dict[str, Any]:
+    return {"object": "list", "data": [{
+        "id": self.model_name, "object": "model", "created": self.created,
+        "owned_by": "klong-jax", "max_model_len": self.engine.sampler.max_len,
+        "policy_version": self.engine.policy_version}]}
+
+  def health(self) -> dict[str, Any]:
+    return {"status": "ok", "model": self.model_name,
+            "policy_version": self.engine.policy_version,
+            "running": self.engine.num_running(), "waiting": self.engine.num_waiting()}
+
+  async def load_policy(self, request: fastapi.Request) -> dict[str, Any]:
+    if self.watcher is None:
+      raise ApiError(400, "this server has no policy directory; start it with --policy_dir",
+                     code="no_policy_dir")
+    body = await request.body()
+    try:
+      data = json.loads(body) if body.strip() else {}
+    except json.JSONDecodeError as e:
+      raise ApiError(400, f"invalid JSON body: {e}", code="invalid_json") from e
+    version = data.get("version") if isinstance(data, dict) else None
+    try:
+      if version is None:
+        loaded = await asyncio.to_thread(self.watcher.check)
+      else:
+        loaded = await asyncio.to_thread(self.watcher.load, int(version))
+    except (FileNotFoundError, ValueError) as e:
+      raise ApiError(404, f"cannot load policy version {version}: {e}",
+                     code="policy_not_found") from e
+    return {"loaded": loaded, "policy_version": self.engine.policy_version}
+
+
+def create_app(server: Server) -> fastapi.FastAPI:
+  """The FastAPI app routing to `server`; errors become OpenAI-style bodies."""
+  app = fastapi.FastAPI(title="klong-jax inference", docs_url=None, redoc_url=None)
+  app.state.server = server
+
+  @app.exception_handler(ApiError)
+  async def _api_error(request: fastapi.Request, e: ApiError) -> JSONResponse:
+    return JSONResponse(protocol.error_body(e.message, e.type, e.code, e.param),
+                        status_code=e.status)
+
+  @app.exception_handler(Exception)
+  async def _internal(request: fastapi.Request, e: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s", request.url.path)
+    return JSONResponse(protocol.error_body(f"internal error: {type(e).__name__}: {e}",
+                                            "server_error"), status_code=500)
+
+  @app.middleware("http")
+  async def _count(request: fastapi.Request, call_next):
+    start = time.monotonic()
+    response = await call_next(request)
+    path = request.url.path
+    if path.startswith("/v1/") and request.method == "POST":
+      server.latency.labels(path).observe(time.monotonic() - start)
+    server.http_requests.labels(path if path in _ROUTES else "other",
+                                str(response.status_code)).inc()
+    return response
+
+  app.add_api_route("/v1/chat/completions", server.chat_completions, methods=["POST"])
+  app.add_api_route("/v1/completions", server.completions, methods=["POST"])
+  app.add_api_route("/v1/models", server.models, methods=["GET"])
+  app.add_api_route("/health", server.health, methods=["GET"])
+  app.add_api_route("/admin/load_policy", server.load_policy, methods=["POST"])
+
+  @app.get("/metrics")
+  def _metrics() -> PlainTextResponse:
+    return PlainTextResponse(prometheus_client.generate_latest(server.registry).decode(),
+                             media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+  @app.exception_handler(404)
+  async def _not_found(request: fastapi.Request, e: Exception) -> JSONResponse:
+    return JSONResponse(protocol.error_body(f"no route {request.method} {request.url.path}",
+                                            "invalid_request_error", "not_found"), 404)
+
+  @app.exception_handler(405)
+  async def _bad_method(request: fastapi.Request, e: Exception) -> JSONResponse:
+    return JSONResponse(protocol.error_body(
+        f"method {request.method} not allowed on {request.url.path}", "invalid_request_error",
+        "method_not_allowed"), 405)
+
+  return app
+
+
+_ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/health",
+                     "/metrics", "/admin/load_policy"})
+
+
+# ---- building and running ------------------------------------------------------------------
+
+def serve_defaults() -> Any:
+  """The `serve` section defaults (configs/serve_tiny.py documents each field)."""
+  import ml_collections
+  return ml_collections.ConfigDict(dict(
+      model_name="klong-model", host="127.0.0.1", port=8000, max_batch=8, max_len=512,
+      cache_dtype="float32", schedule="continuous", min_prefill_bucket=16, min_prefill_rows=1,
+      max_body_bytes=4 << 20, reload_interval_s=2.0, seed=0, tokenizer="",
+      tokenizer_cache="/tmp/klong_tokenizer"))
+
+
+def build(config: Any = None, *, bundle: str | None = None,
+          policy_dir: str | None = None) -> Server:
+  """Builds model, sampler, engine, tokenizer, chat format and policy watcher from a bundle or a
+  config (`model`, `mesh`, `serve` sections); loads the newest policy version if there is one."""
+  import jax.numpy as jnp
+  import ml_collections
+
+  from klong_jax.data import tokenizer as tokenizer_lib
+  from klong_jax.data.chat import ChatFormat
+  from klong_jax.inference import export, reload
+  from klong_jax.inference.sampler import Sampler
+  from klong_jax.model.config import from_config_dict
+  from klong_jax.parallel.mesh import make_mesh
+  from klong_jax.parallel.rules import LOGICAL_RULES, create_sharded_model
+
+  serve = serve_defaults()
+  if config is not None and "serve" in config:
+    serve.update(config.serve)
+  mesh_cfg = config.mesh if config is not None and "mesh" in config else \
+      ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
+  if bundle:
+    b = export.load_bundle(bundle)
+    cfg, tok_path, name = b.model_config, str(b.tokenizer_path), b.model_name
+    root = policy_dir or str(b.policy_root)
+  else:
+    if config is None:
+      raise ValueError("pass a bundle (--bundle) or a config with a `model` section (--config)")
+    cfg, name, root = from_config_dict(config.model), serve.model_name, policy_dir
+    tok_path = serve.tokenizer or tokenizer_lib.default_tokenizer(
+        serve.tokenizer_cache, vocab_size=cfg.vocab_size).path
+  tok = tokenizer_lib.load(tok_path)
+  if tok.vocab_size > cfg.vocab_size:
+    raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model only "
+                     f"{cfg.vocab_size}; export the matching tokenizer")
+  chat = ChatFormat(tok)
+  mesh = make_mesh(mesh_cfg)
+  log.info("building %s on mesh %s", name, dict(mesh.shape))
+  model = create_sharded_model(cfg, mesh, seed=serve.seed)
+  sampler = Sampler(model, max_batch=serve.max_batch, max_len=serve.max_len, mesh=mesh,
+                    rules=LOGICAL_RULES, cache_dtype=jnp.dtype(serve.cache_dtype),
+                    min_prefill_bucket=serve.min_prefill_bucket,
+                    min_prefill_rows=serve.min_prefill_rows)
+  engine = Engine(sampler, tok, schedule=serve.schedule, stop_token_ids=chat.stop_token_ids)
+  watcher = None
+  if root:
+    watcher = reload.PolicyWatcher(engine, root, serve.reload_interval_s)
+    latest = reload.latest_version(root)
+    if latest is not None:
+      sampler.load_params(reload.load_policy(f"{root}/{latest}", sampler.params), latest)
+      watcher.loaded = latest
+      log.info("serving policy version %d from %s", latest, root)
+    else:
+      log.warning("no policy under %s yet: serving freshly initialised weights as version 0",
+                  root)
+  return Server(engine, tok, chat, model_name=name, max_body_bytes=serve.max_body_bytes,
+                watcher=watcher)
+
+
+class Running:
+  """A server running in a background thread (`url`, `stop()`)."""
+
+  def __init__(self, server: Server, host: str = "127.0.0.1", port: int = 0,
+               reload_interval_s: float = 0.0):
+    import socket
+    import threading
+
+    import uvicorn
+
+    self.server = server
+    self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    self.sock.bind((host, port))
+    self.port = self.sock.getsockname()[1]
+    self.url = f"http://{host}:{self.port}"
+    self._uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning",
+                                             timeout_graceful_shutdown=5))
+    server.engine.start()
+    if server.watcher is not None and reload_interval_s > 0:
+      server.watcher.start()
+    self._thread = threading.Thread(target=self._uv.run, kwargs={"sockets": [self.sock]},
+                                    name="klong-http", daemon=True)
+    self._thread.start()
+    deadline = time.monotonic() + 30
+    while not self._uv.started:
+      if time.monotonic() > deadline or not self._thread.is_alive():
+        raise RuntimeError("the HTTP server did not start")
+      time.sleep(0.02)
+
+  def stop(self) -> None:
+    self._uv.should_exit = True
+    self._thread.join(timeout=10)
+    if self.server.watcher is not None:
+      self.server.watcher.stop()
+    self.server.engine.stop()
+    self.sock.close()
+
+
+def run(config: Any, bundle: str | None = None, policy_dir: str | None = None) -> None:
+  """Builds the server and serves until interrupted (SIGINT/SIGTERM)."""
+  import uvicorn
+
+  server = build(config, bundle=bundle, policy_dir=policy_dir)
+  serve = serve_defaults()
+  if config is not None and "serve" in config:
+    serve.update(config.serve)
+  server.engine.start()
+  if server.watcher is not None and serve.reload_interval_s > 0:
+    server.watcher.interval_s = serve.reload_interval_s
+    server.watcher.start()
+  log.info("serving %s on http://%s:%d", server.model_name, serve.host, serve.port)
+  try:
+    uvicorn.run(create_app(server), host=serve.host, port=serve.port, log_level="info")
+  finally:
+    if server.watcher is not None:
+      server.watcher.stop()
+    server.engine.stop()
+
+
+def main(argv: list[str]) -> None:
+  from absl import flags
+  del argv
+  f = flags.FLAGS
+  config = f.config
+  if config is None:
+    import ml_collections
+    config = ml_collections.ConfigDict({"serve": serve_defaults()})
+  with config.unlocked():
+    if "serve" not in config:
+      config.serve = serve_defaults()
+    for name in ("host", "port", "max_batch", "max_len", "min_prefill_bucket",
+                 "min_prefill_rows"):
+      if f[name].present:
+        config.serve[name] = f[name].value
+  if not f.bundle and "model" not in config:
+    raise ValueError("pass --bundle=DIR or --config=configs/serve_tiny.py")
+  run(config, bundle=f.bundle, policy_dir=f.policy_dir)
+
+
+def _define_flags() -> None:
+  from absl import flags
+  from ml_collections import config_flags
+  if "bundle" in flags.FLAGS:
+    return
+  config_flags.DEFINE_config_file("config", None, "Config with model/mesh/serve sections.")
+  flags.DEFINE_string("bundle", None, "Serving bundle dir (from klong_jax.inference.export).")
+  flags.DEFINE_string("policy_dir", None, "Policy root <run>/policy to serve and hot-reload.")
+  flags.DEFINE_string("host", "127.0.0.1", "Bind address (overrides serve.host).")
+  flags.DEFINE_integer("port", 8000, "Port (overrides serve.port).")
+  flags.DEFINE_integer("max_batch", 8, "KV-cache rows (overrides serve.max_batch).")
+  flags.DEFINE_integer("max_len", 512, "Context length (overrides serve.max_len).")
+  flags.DEFINE_integer("min_prefill_bucket", 16, "Shortest padded prefill length (fewer "
+                       "compiled shapes when larger).")
+  flags.DEFINE_integer("min_prefill_rows", 1, "Fewest padded prefill rows (max_batch = one "
+                       "compiled prefill shape).")
+
+
+def entry() -> None:
+  """Console script `klong-serve`."""
+  from absl import app
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry()

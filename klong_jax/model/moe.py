@@ -1,0 +1,158 @@
+"""MoE block: router + routed experts (dropless or capacity; expert-parallel) + shared expert.
+
+Expert parallelism (the choice, and why): experts are sharded over the mesh axis that the logical
+name `expert` maps to, and tokens (batch) are sharded over `act_batch` (data, fsdp, expert). Inside
+a `shard_map`, each device all-gathers the token shards of its expert group, runs the tokens routed
+to *its* experts through the dropless local compute (`moe_dispatch`), and a reduce-scatter
+(`psum_scatter`) over the expert axis returns each token's summed output to its owner (plus a psum
+over the tensor axis that shards the expert hidden dim). This all-gather / reduce-scatter dispatch
+is exactly dropless with static shapes and needs no capacity factor; a dropless all-to-all would
+need worst-case (every token to one device) padded buffers or `ragged_all_to_all`, which the CPU
+backend lacks. Cost: activations cross the expert axis twice per layer (like the all-to-all pair)
+but at full size rather than k/E of it; with ragged_dot on GPU/TPU the compute stays ~k/E.
+The router (and its aux losses) runs outside the shard_map on globally sharded arrays.
+
+`moe_impl="capacity"` swaps the dropless local compute for the fixed-capacity token-dropping one
+(`moe_dispatch.capacity_ffn`). Capacity is per dispatch group, GShard-style: the tokens one device
+sees after the all-gather (all tokens without a mesh, or when tokens are sharded only over the
+expert axes; one data/fsdp shard's tokens otherwise), with C = ceil(factor * group * k / E).
+Dropped copies are counted per device and summed over the expert and token axes into a global
+drop rate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from klong_jax.model import moe_dispatch, moe_router
+from klong_jax.model.config import ModelConfig
+from klong_jax.model.layers import MLP, constrain, dtype_of, mesh_axes, param
+
+
+class ExpertBias(nnx.Variable):
+  """GLM `e_score_correction_bias`: selection-only bias, updated outside the gradient."""
+
+
+def _axes_spec(axes: tuple[str, ...]) -> str | tuple[str, ...] | None:
+  return None if not axes else axes[0] if len(axes) == 1 else axes
+
+
+def _axes_size(axes: tuple[str, ...]) -> int:
+  mesh = jax.sharding.get_abstract_mesh()
+  return math.prod(mesh.shape[a] for a in axes)
+
+
+def _expert_compute(impl: str, x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array,
+                    wu: jax.Array, wd: jax.Array, offset: jax.Array | int, block_size: int,
+                    capacity_factor: float, num_experts: int) -> tuple[jax.Array, jax.Array]:
+  """One device's expert output and its dropped-copy count (0 on the dropless paths)."""
+  if impl == "capacity":
+    capacity = moe_dispatch.expert_capacity(x.shape[0], idx.shape[1], num_experts,
+                                            capacity_factor)
+    return moe_dispatch.capacity_ffn(x, idx, w, wg, wu, wd, offset, capacity=capacity)
+  y = moe_dispatch.local_experts(impl, x, idx, w, wg, wu, wd, offset, block_size)
+  return y, jnp.zeros((), jnp.float32)
+
+
+def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu: jax.Array,
+                   wd: jax.Array, impl: str = "auto", block_size: int = 64,
+                   capacity_factor: float = 1.25) -> tuple[jax.Array, jax.Array]:
+  """Routed-expert output [N,D] for tokens x [N,D] and the fraction of the N*k copies dropped.
+
+  Expert-parallel under a mesh. The drop rate is 0 except for impl "capacity".
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  num_experts, total = wg.shape[0], idx.size
+  if mesh.empty:
+    y, dropped = _expert_compute(impl, x, idx, w, wg, wu, wd, 0, block_size, capacity_factor,
+                                 num_experts)
+    return y, dropped / total
+  exp_axes = mesh_axes("expert")
+  mlp_axes = mesh_axes("expert_mlp")
+  tok_axes = mesh_axes("act_batch")
+  n = x.shape[0]
+  if num_experts % _axes_size(exp_axes):
+    raise ValueError(f"num_experts={num_experts} is not divisible by the expert mesh axes "
+                     f"{exp_axes} (size {_axes_size(exp_axes)}); change mesh.expert")
+  if n % _axes_size(tok_axes):
+    tok_axes = ()  # Too few tokens to shard (e.g. batch-1 decode): replicate them.
+  gather = tuple(a for a in tok_axes if a in exp_axes)
+  num_local = num_experts // _axes_size(exp_axes)
+  tok = jax.sharding.PartitionSpec(_axes_spec(tok_axes))
+  w_in = jax.sharding.PartitionSpec(_axes_spec(exp_axes), None, _axes_spec(mlp_axes))
+  w_out = jax.sharding.PartitionSpec(_axes_spec(exp_axes), _axes_spec(mlp_axes), None)
+
+  def local(x, idx, w, wg, wu, wd):
+    if gather:
+      x, idx, w = (jax.lax.all_gather(a, gather, axis=0, tiled=True) for a in (x, idx, w))
+    offset = 0
+    for axis in exp_axes:  # Row-major index of this device's expert shard.
+      offset = offset * jax.lax.axis_size(axis) + jax.lax.axis_index(axis)
+    y, dropped = _expert_compute(impl, x, idx, w, wg, wu, wd, offset * num_local, block_size,
+                                 capacity_factor, num_experts)
+    # Each device counted its experts' drops in its token group: sum over experts and groups.
+    count_axes = exp_axes + tuple(a for a in tok_axes if a not in exp_axes)
+    if count_axes:
+      dropped = jax.lax.psum(dropped, count_axes)
+    if mlp_axes:
+      y = jax.lax.psum(y, mlp_axes)
+    rest = tuple(a for a in exp_axes if a not in gather)
+    if rest:
+      y = jax.lax.psum(y, rest)
+    if gather:
+      y = jax.lax.psum_scatter(y, gather, scatter_dimension=0, tiled=True)
+    return y, dropped / total
+
+  return jax.shard_map(local, in_specs=(tok, tok, tok, w_in, w_in, w_out),
+                       out_specs=(tok, jax.sharding.PartitionSpec()),
+                       check_vma=False)(x, idx, w, wg, wu, wd)
+
+
+class MoE(nnx.Module):
+  """Router + routed experts (HF `mlp.gate`, `mlp.experts.*`) + shared experts MLP."""
+
+  def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    d, e, f = cfg.hidden_size, cfg.num_experts, cfg.moe_intermediate_size
+    self.cfg = cfg
+    self.dtype = dtype_of(cfg.dtype)
+    self.router_de = param(rngs, (d, e), ("embed", None), cfg)
+    if cfg.router_bias:
+      self.expert_bias_e = ExpertBias(jnp.zeros((e,), jnp.float32), out_sharding=(None,),
+                                        eager_sharding=False)
+    self.gate_edf = param(rngs, (e, d, f), ("expert", "expert_embed", "expert_mlp"), cfg)
+    self.up_edf = param(rngs, (e, d, f), ("expert", "expert_embed", "expert_mlp"), cfg)
+    self.down_efd = param(rngs, (e, f, d), ("expert", "expert_mlp", "expert_embed"), cfg)
+    if cfg.num_shared_experts:
+      self.shared = MLP(cfg, f * cfg.num_shared_experts, rngs=rngs)
+
+  def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Router on flat tokens [N,D] -> (idx [N,k], weights [N,k], aux losses + load)."""
+    cfg = self.cfg
+    logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32),
+                        self.router_de[...].astype(jnp.float32))
+    scores = moe_router.router_scores(logits, cfg.router_score)
+    bias = self.expert_bias_e[...] if cfg.router_bias else None
+    idx, w = moe_router.select_experts(scores, bias, cfg.num_experts_per_tok,
+                                       cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    aux = {"moe_lb_loss": moe_router.load_balancing_loss(scores, idx),
+           "router_z_loss": moe_router.router_z_loss(logits),
+           "moe_expert_load": moe_router.expert_load(idx, cfg.num_experts)}
+    return idx, w, aux
+
+  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    b, t, d = x.shape
+    flat = x.reshape(b * t, d)
+    idx, w, aux = self.route(flat)
+    dt = self.dtype
+    y, aux["moe_drop_rate"] = routed_experts(
+        flat, idx, w, self.gate_edf[...].astype(dt), self.up_edf[...].astype(dt),
+        self.down_efd[...].astype(dt), self.cfg.moe_impl, self.cfg.moe_block_size,
+        self.cfg.capacity_factor)
+    y = y.reshape(b, t, d)
+    if self.cfg.num_shared_experts:
+      y = y + self.shared(x)
+    return constrain(y, ("act_batch", "act_seq", "act_embed")), aux

@@ -1,0 +1,53 @@
+"""MoE router as pure functions: scores, biased top-k selection, combine weights, aux losses.
+
+GLM-4.5 scores experts with a sigmoid and adds a learned-outside-the-gradient correction bias
+(`e_score_correction_bias`) for *selection only*; the combine weights use the unbiased scores.
+Qwen3-MoE uses a softmax and no bias. Both optionally renormalise the top-k weights and scale them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def router_scores(logits: jax.Array, score: str) -> jax.Array:
+  """Per-expert scores in fp32 from router logits [N, E]."""
+  logits = logits.astype(jnp.float32)
+  if score == "sigmoid":
+    return jax.nn.sigmoid(logits)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+def select_experts(scores: jax.Array, bias: jax.Array | None, top_k: int, norm_topk_prob: bool,
+                   scaling: float) -> tuple[jax.Array, jax.Array]:
+  """Top-k experts by (scores + bias); returns (indices [N,k] int32, weights [N,k] fp32)."""
+  choice = scores if bias is None else scores + bias.astype(jnp.float32)[None, :]
+  _, idx = jax.lax.top_k(choice, top_k)
+  weights = jnp.take_along_axis(scores, idx, axis=-1)
+  if norm_topk_prob:
+    weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+  return idx.astype(jnp.int32), weights * scaling
+
+
+def expert_load(idx: jax.Array, num_experts: int) -> jax.Array:
+  """Fraction of the N*k routed slots that went to each expert, [E] (sums to 1)."""
+  counts = jnp.zeros((num_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0)
+  return counts / idx.size
+
+
+def load_balancing_loss(scores: jax.Array, idx: jax.Array) -> jax.Array:
+  """Switch-style E * sum_e f_e * P_e; P uses per-token-normalised scores. 1.0 when balanced."""
+  num_experts = scores.shape[-1]
+  probs = scores / (jnp.sum(scores, axis=-1, keepdims=True) + 1e-20)
+  return num_experts * jnp.sum(expert_load(idx, num_experts) * jnp.mean(probs, axis=0))
+
+
+def router_z_loss(logits: jax.Array) -> jax.Array:
+  """Mean squared logsumexp of router logits (ST-MoE), keeps logits small."""
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+
+
+def update_expert_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
+  """Aux-loss-free balancing step (DeepSeek-V3): raise under-loaded experts' bias, lower others."""
+  return bias + rate * jnp.sign(jnp.mean(load, axis=-1, keepdims=True) - load)

@@ -1,0 +1,101 @@
+"""The one logical-axis rules table, and helpers that apply it to params and inputs.
+
+Modules name every weight and activation dim logically (`embed`, `mlp`, `expert`, `act_batch`);
+this table alone maps those names to the mesh axes ("data", "fsdp", "expert", "tensor"). Weights
+and activations (`act_*`) are kept apart so each can be resharded on its own. A config may pass
+its own table to `create_sharded_model`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+from flax import nnx
+
+Rules = tuple[tuple[str, Any], ...]
+
+LOGICAL_RULES: Rules = (
+    # Vocabulary / embedding.
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    # Attention.
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    # Dense MLP.
+    ("mlp", "tensor"),
+    # MoE: experts over `expert`; their hidden dim over `tensor`; their model dim FSDP-sharded.
+    ("expert", "expert"),
+    ("expert_embed", "fsdp"),
+    ("expert_mlp", "tensor"),
+    # Stacked layers and norms stay replicated along those dims.
+    ("layers", None),
+    ("norm", None),
+    # Activations.
+    ("act_batch", ("data", "fsdp", "expert")),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_kv_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def _lookup(rules: Rules, name: str) -> tuple[str, ...]:
+  value = dict(rules).get(name)
+  return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_RULES
+                   ) -> jax.sharding.NamedSharding:
+  """NamedSharding for [B, T] model inputs (batch over the `act_batch` mesh axes)."""
+  axes = tuple(a for a in _lookup(rules, "act_batch") if a in mesh.axis_names)
+  return jax.sharding.NamedSharding(mesh, jax.P(axes or None, None))
+
+
+def activation_sharding(mesh: jax.sharding.Mesh, names: tuple[str | None, ...],
+                        rules: Rules = LOGICAL_RULES) -> jax.sharding.NamedSharding:
+  """NamedSharding for an activation with logical dim `names` (e.g. act_batch, act_seq)."""
+  parts = []
+  for name in names:
+    axes = tuple(a for a in _lookup(rules, name) if a in mesh.axis_names) if name else ()
+    parts.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+  return jax.sharding.NamedSharding(mesh, jax.P(*parts))
+
+
+def check_divisible(cfg: Any, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_RULES) -> None:
+  """Raises ValueError naming the mesh axis and model field when a sharded dim does not divide."""
+  dims = {"vocab": ("vocab_size", cfg.vocab_size), "embed": ("hidden_size", cfg.hidden_size),
+          "heads": ("num_heads", cfg.num_heads), "kv_heads": ("num_kv_heads", cfg.num_kv_heads),
+          "mlp": ("intermediate_size", cfg.intermediate_size),
+          "expert": ("num_experts", cfg.num_experts),
+          "expert_mlp": ("moe_intermediate_size", cfg.moe_intermediate_size)}
+  for logical, (field, size) in dims.items():
+    axes = tuple(a for a in _lookup(rules, logical) if a in mesh.axis_names)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if size % n:
+      raise ValueError(f"mesh axes {axes} (size {n}) do not divide model.{field}={size} "
+                       f"(logical axis {logical!r}); change the mesh or the model config")
+
+
+def create_sharded_model(cfg: Any, mesh: jax.sharding.Mesh, seed: int = 0,
+                         rules: Rules = LOGICAL_RULES) -> Any:
+  """A Transformer whose params are born sharded per `rules` on `mesh` (jit-initialised)."""
+  from klong_jax.model.transformer import Transformer  # Local: keeps this table import-light.
+
+  check_divisible(cfg, mesh, rules)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
+    shardings = nnx.get_named_sharding(nnx.state(abstract), mesh)
+
+    @jax.jit
+    def init() -> Any:
+      state = nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
+      return jax.lax.with_sharding_constraint(state, shardings)
+
+    state = init()
+    graphdef = nnx.graphdef(abstract)
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,101 @@
+"""The jitted RL train step: PPO-style clipped surrogate vs the sampler + KL to a reference policy.
+
+Same TrainState, shardings, optimizer and MoE bias update as the SFT step (train/step.py); the
+loss is `train.losses.ppo_loss` on packed rows that carry the behaviour logprobs and the rollout
+advantages. The reference policy (params at the start of the current curriculum stage) is a
+separate, non-donated params tree with the params' shardings; its forward runs only if kl_coef > 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from klong_jax.train import losses, optim
+from klong_jax.train import step as step_lib
+
+RL_BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "logprobs", "advantages")
+
+
+def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_params: nnx.State,
+            batch: Mapping[str, jax.Array], *, compute_dtype: Any,
+            rl: ml_collections.ConfigDict, lb_coef: float, z_coef: float
+            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """PPO clipped loss (+ kl_coef * KL to `ref_params`) + MoE load-balance and z losses."""
+  model = nnx.merge(graphdef, optim.cast_for_compute(params, compute_dtype), rest)
+  logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+  targets, weights = losses.shift_targets(batch["tokens"], batch["segment_ids"],
+                                          batch["loss_mask"])
+  logp = losses.token_logprobs(logits, targets)
+  kl_coef = float(rl.get("kl_coef", 0.0))
+  ref_logp = None
+  if kl_coef:
+    ref = jax.lax.stop_gradient(optim.cast_for_compute(ref_params, compute_dtype))
+    ref_logits, _ = nnx.merge(graphdef, ref, rest)(batch["tokens"], batch["positions"],
+                                                   batch["segment_ids"])
+    ref_logp = jax.lax.stop_gradient(losses.token_logprobs(ref_logits, targets))
+  ratio_cap = float(rl.get("ratio_cap", 0.0)) or None
+  pg, m = losses.ppo_loss(
+      logp, losses.shift_aligned(batch["logprobs"]), losses.shift_aligned(batch["advantages"]),
+      weights, batch["segment_ids"], ref_logp=ref_logp, clip_low=float(rl.clip_low),
+      clip_high=float(rl.clip_high), kl_coef=kl_coef, kl_estimator=rl.get("kl_estimator", "k3"),
+      ratio_cap=ratio_cap, normalization=rl.get("normalization", "token"))
+  lb = jnp.asarray(aux.get("moe_lb_loss", 0.0), jnp.float32)
+  z = jnp.asarray(aux.get("router_z_loss", 0.0), jnp.float32)
+  loss = pg + lb_coef * lb + z_coef * z
+  m = dict(m, loss=loss, pg_loss=pg, moe_lb_loss=lb, router_z_loss=z,
+           moe_drop_rate=jnp.asarray(aux.get("moe_drop_rate", 0.0), jnp.float32),
+           tokens=(batch["segment_ids"] > 0).sum().astype(jnp.float32),
+           moe_expert_load=aux.get("moe_expert_load", jnp.zeros((0, 0), jnp.float32)))
+  m.setdefault("kl", jnp.zeros((), jnp.float32))
+  return loss, m
+
+
+def make_rl_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                 optim_cfg: ml_collections.ConfigDict, rl_cfg: ml_collections.ConfigDict,
+                 shardings: step_lib.TrainState, batch_sharding: NamedSharding,
+                 rules: Sequence[tuple[str, Any]]
+                 ) -> Callable[[step_lib.TrainState, nnx.State, Mapping[str, Any]],
+                               tuple[step_lib.TrainState, dict[str, jax.Array]]]:
+  """Returns the jitted `step(state, ref_params, batch) -> (state, metrics)`; state is donated."""
+  compute_dtype = optim.resolve_dtype(optim_cfg.get("compute_dtype", "float32"))
+  lb_coef, z_coef = float(optim_cfg.get("lb_coef", 0.0)), float(optim_cfg.get("z_coef", 0.0))
+  bias_rate = float(optim_cfg.get("expert_bias_rate", 0.0))
+
+  def step(state: step_lib.TrainState, ref_params: nnx.State, batch: Mapping[str, jax.Array]):
+    grad_fn = jax.value_and_grad(rl_loss, argnums=1, has_aux=True)
+    (_, metrics), grads = grad_fn(graphdef, state.params, state.rest, ref_params, batch,
+                                  compute_dtype=compute_dtype, rl=rl_cfg, lb_coef=lb_coef,
+                                  z_coef=z_coef)
+    load = metrics.pop("moe_expert_load")
+    new_rest = step_lib.update_expert_bias(state.rest, load, bias_rate)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return step_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               rest=new_rest), metrics
+
+  mesh = batch_sharding.mesh
+  batch_sh = {k: batch_sharding for k in RL_BATCH_KEYS}
+  jitted = jax.jit(step, in_shardings=(shardings, shardings.params, batch_sh),
+                   out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+  def run(state: step_lib.TrainState, ref_params: nnx.State, batch: Mapping[str, Any]):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      return jitted(state, ref_params, {k: batch[k] for k in RL_BATCH_KEYS})
+  run.jitted = jitted
+  return run
+
+
+def copy_params(params: nnx.State, shardings: nnx.State) -> nnx.State:
+  """A fresh copy of `params` on the same shardings (the reference policy; safe from donation)."""
+  return jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(shardings,),
+                 out_shardings=shardings)(params)

@@ -1,0 +1,302 @@
+"""The RL trainer's data source: a Grain IterDataset that follows the rollout stream directory.
+
+Each element is one train-step batch. The iterator takes the next `groups_per_step` published group
+shards (`<stream>/<stage>/*.array_record`, oldest first), computes group advantages
+(rl/advantage.py), drops trajectories whose policy lag exceeds `max_staleness` versions, splits
+them with the SFT splitter (every chunk keeps its rollout's advantage), packs the chunks into rows
+(data/packing.py) and yields them `batch_size` rows at a time. We pack whole groups ourselves
+instead of using Grain's FirstFitPack: that packer needs one chunk of lookahead, which would block a
+synchronous generate -> train loop, and it would split a group across versions.
+
+The iterator state (JSON, saved by `grain.checkpoint.CheckpointSave` inside the Orbax checkpoint)
+holds the consumed shards, the current element (its shards, the records kept) and the next batch
+in it, so a restarted trainer neither repeats nor skips a trajectory. It waits (polling, with a
+log line and a timeout) only when too few fresh shards exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+
+import grain
+import numpy as np
+from absl import logging
+
+from klong_jax.data import packing, schema, shards
+from klong_jax.data.splitting import SplitConfig, SplitError, split_trajectory
+from klong_jax.rl import advantage as adv_lib
+
+PrevStageRule = Literal["drain", "drop"]
+COUNTERS = ("groups", "trajectories_used", "dropped_stale", "dropped_stage", "dropped_infra",
+            "dropped_invalid", "zero_groups", "chunks", "wait_s")
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+  """How the trainer reads the stream (see the module docstring)."""
+
+  stream: str
+  batch_size: int
+  row_len: int
+  split: SplitConfig
+  groups_per_step: int = 1         # Group shards per element (one element = >= 1 train batches).
+  max_staleness: int = 1           # Drop a trajectory if current_version - its version > this.
+  normalize_std: bool = False      # Divide advantages by the group std (the paper does not).
+  vocab_size: int | None = None
+  prev_stage: PrevStageRule = "drain"  # Older stages' unread shards: train on them, or drop.
+  poll_s: float = 0.5
+  wait_timeout_s: float = 600.0    # Raise if no fresh data arrives for this long.
+  log_wait_every_s: float = 15.0
+
+  def __post_init__(self):
+    if self.split.max_len > self.row_len:
+      raise ValueError(f"split max_len {self.split.max_len} exceeds row_len {self.row_len}")
+    if self.groups_per_step < 1 or self.batch_size < 1:
+      raise ValueError(f"groups_per_step and batch_size must be >= 1: {self}")
+    if self.max_staleness < 0:
+      raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
+    if self.prev_stage not in ("drain", "drop"):
+      raise ValueError(f"prev_stage must be 'drain' or 'drop', got {self.prev_stage!r}")
+
+
+def trajectory_version(traj: schema.Trajectory) -> int:
+  """The oldest policy version that sampled any of the trajectory's tokens (-1: none sampled)."""
+  pv = traj.policy_version[traj.policy_version >= 0]
+  return int(pv.min()) if pv.size else -1
+
+
+def _stage_of(rel: str) -> int:
+  head = rel.split(os.sep, 1)[0]
+  return int(head) if head.isdigit() else -1
+
+
+class StreamIterator(grain.DatasetIterator):
+  """Checkpointable iterator of packed RL batches over a growing stream directory."""
+
+  def __init__(self, cfg: StreamConfig):
+    super().__init__()
+    self.cfg = cfg
+    self.root = os.path.abspath(cfg.stream)
+    self.stage = 0
+    self.version = 0
+    self._consumed: set[str] = set()
+    self._element: dict[str, Any] | None = None  # {"shards": [{"path", "keep"}], "next": k}
+    self._batches: list[dict[str, np.ndarray]] | None = None
+    self.counters = {k: 0.0 for k in COUNTERS}
+    self.last_info: dict[str, Any] = {}
+    self._cleared_stage: int | None = None
+    self.on_element: Callable[[StreamIterator], None] | None = None
+
+  # -- control from the trainer -----------------------------------------------------------------
+
+  def set_policy_version(self, version: int) -> None:
+    """The version the trainer's params now have (staleness is measured against it)."""
+    self.version = int(version)
+
+  def set_stage(self, stage: int) -> None:
+    """Switches to `stage`; with prev_stage='drop' older stages' unread shards are dropped."""
+    self.stage = int(stage)
+
+  # -- listing ----------------------------------------------------------------------------------
+
+  def _fresh(self) -> list[str]:
+    """Unconsumed published shards to read, oldest first (relative paths)."""
+    if not os.path.isdir(self.root):
+      return []
+    out = []
+    for name in os.listdir(self.root):
+      if not name.isdigit():
+        continue
+      st = int(name)
+      if st > self.stage:
+        continue
+      if st < self.stage and self.cfg.prev_stage == "drop":
+        self._drop_old(st)
+        continue
+      d = os.path.join(self.root, name)
+      for p in shards.list_shards(d, "*" + shards.SUFFIX):
+        rel = os.path.relpath(p, self.root)
+        if rel not in self._consumed:
+          out.append(rel)
+    def key(rel: str) -> tuple[int, int, str]:
+      try:
+        mtime = os.stat(os.path.join(self.root, rel)).st_mtime_ns
+      except FileNotFoundError:
+        mtime = 0
+      return (_stage_of(rel), mtime, rel)  # older stages first (drain), then publish order
+    return sorted(out, key=key)
+
+  def _drop_old(self, st: int) -> None:
+    """Marks every unread shard of an older stage consumed, counting its trajectories dropped."""
+    d = os.path.join(self.root, str(st))
+    for p in shards.list_shards(d, "*" + shards.SUFFIX):
+      rel = os.path.relpath(p, self.root)
+      if rel not in self._consumed:
+        self._consumed.add(rel)
+        n = shards.num_records(p)
+        self.counters["dropped_stage"] += n
+        logging.info("stream: dropped %s (%d trajectories) from stage %d < current stage %d",
+                     rel, n, st, self.stage)
+
+  # -- reading one group ------------------------------------------------------------------------
+
+  def _read_group(self, rel: str) -> tuple[list[schema.Trajectory | None], np.ndarray]:
+    """The group's trajectories (None where malformed) and their advantages."""
+    trajs: list[schema.Trajectory | None] = []
+    for raw in shards.read_shard(os.path.join(self.root, rel)):
+      try:
+        trajs.append(schema.from_bytes(raw, self.cfg.vocab_size))
+      except schema.TrajectoryError as e:
+        logging.warning("stream: %s: rejected record: %s", rel, e)
+        trajs.append(None)
+    ok = [t for t in trajs if t is not None]
+    adv = np.zeros((len(trajs),), np.float32)
+    if ok:
+      a, _, _ = adv_lib.group_advantages([t.reward for t in ok], [t.group_id for t in ok],
+                                         normalize_std=self.cfg.normalize_std)
+      adv[[i for i, t in enumerate(trajs) if t is not None]] = a
+    return trajs, adv
+
+  def _select(self, rel: str) -> list[int]:
+    """Reads a fresh shard, counts it, and returns the indices of the trajectories to train on."""
+    trajs, _ = self._read_group(rel)
+    ok = [t for t in trajs if t is not None]
+    self.counters["dropped_invalid"] += len(trajs) - len(ok)
+    _, _, stats = adv_lib.group_advantages([t.reward for t in ok], [t.group_id for t in ok])
+    self.counters["zero_groups"] += stats.num_zero_groups
+    keep = []
+    for i, t in enumerate(trajs):
+      if t is None:
+        continue
+      if t.status == "infra_error" or t.reward is None:
+        self.counters["dropped_infra"] += 1
+        continue
+      v = trajectory_version(t)
+      if v >= 0 and self.version - v > self.cfg.max_staleness:
+        self.counters["dropped_stale"] += 1
+        continue
+      try:
+        split_trajectory(t, self.cfg.split)
+      except SplitError as e:
+        logging.warning("stream: %s: cannot split: %s", rel, e)
+        self.counters["dropped_invalid"] += 1
+        continue
+      keep.append(i)
+    return keep
+
+  def _wait_for_shard(self) -> str:
+    """The oldest fresh shard; polls while none exists, raising after `wait_timeout_s`."""
+    t0 = time.monotonic()
+    last_log = t0
+    while True:
+      fresh = self._fresh()
+      if fresh:
+        self.counters["wait_s"] += time.monotonic() - t0
+        return fresh[0]
+      now = time.monotonic()
+      if now - t0 > self.cfg.wait_timeout_s:
+        raise TimeoutError(
+            f"no fresh trajectory shards in {self.root}/{self.stage} for "
+            f"{self.cfg.wait_timeout_s:.0f} s (policy version {self.version}); are rollout "
+            "workers running against a server that serves this run's policy?")
+      if now - last_log >= self.cfg.log_wait_every_s:
+        logging.info("stream: waiting for fresh data in %s/%d (%.0f s so far)", self.root,
+                     self.stage, now - t0)
+        last_log = now
+      time.sleep(self.cfg.poll_s)
+
+  # -- elements ---------------------------------------------------------------------------------
+
+  def _new_element(self) -> dict[str, Any]:
+    """Consumes shards until `groups_per_step` groups with trainable trajectories are taken."""
+    taken: list[dict[str, Any]] = []
+    while len(taken) < self.cfg.groups_per_step:
+      rel = self._wait_for_shard()
+      keep = self._select(rel)
+      self._consumed.add(rel)
+      if keep:
+        taken.append({"path": rel, "keep": keep})
+    self.counters["groups"] += len(taken)
+    self.counters["trajectories_used"] += sum(len(s["keep"]) for s in taken)
+    return {"shards": taken, "next": 0}
+
+  def _build_batches(self, element: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]],
+                                                             dict[str, Any]]:
+    """Deterministically splits + packs an element's kept trajectories into batches."""
+    chunks, ids, rewards, versions = [], [], [], []
+    for s in element["shards"]:
+      trajs, adv = self._read_group(s["path"])
+      for i in s["keep"]:
+        t = trajs[i]
+        if t is None:
+          raise ValueError(f"stream shard {s['path']} record {i} no longer parses; shards must "
+                           "be immutable once published")
+        chunks.extend(c for c in split_trajectory(t, self.cfg.split, float(adv[i]))
+                      if c.loss_mask.any())
+        ids.append(t.id)
+        rewards.append(float(t.reward))
+        versions.append(trajectory_version(t))
+    rows = packing.pack_chunks(chunks, self.cfg.row_len)
+    n = rows["tokens"].shape[0]
+    b = self.cfg.batch_size
+    nb = max(1, -(-n // b))
+    pad = packing.empty_rows(nb * b - n, self.cfg.row_len)
+    full = {k: np.concatenate([rows[k], pad[k]]) for k in rows}
+    batches = [{k: v[j * b:(j + 1) * b] for k, v in full.items()} for j in range(nb)]
+    info = {"ids": ids, "rewards": rewards, "versions": versions, "chunks": len(chunks),
+            "num_batches": nb}
+    return batches, info
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._element is not None and self._batches is None:  # restored from a checkpoint
+      self._batches, self._info = self._build_batches(self._element)
+    if self._element is None or self._element["next"] >= len(self._batches):
+      self._element = self._new_element()
+      self._batches, self._info = self._build_batches(self._element)
+      self.counters["chunks"] += self._info["chunks"]
+      if self.on_element is not None:
+        self.on_element(self)
+    k = self._element["next"]
+    self._element["next"] = k + 1
+    info = self._info
+    self.last_info = {
+        "ids": info["ids"] if k == 0 else [], "rewards": info["rewards"] if k == 0 else [],
+        "element_first": k == 0, "element_last": k + 1 == info["num_batches"],
+        "min_version": min(info["versions"]) if info["versions"] else -1, "stage": self.stage}
+    return self._batches[k]
+
+  # -- checkpointing ----------------------------------------------------------------------------
+
+  def get_state(self) -> dict[str, Any]:
+    return {"stage": self.stage, "version": self.version, "consumed": sorted(self._consumed),
+            "element": self._element, "counters": dict(self.counters)}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self.stage = int(state["stage"])
+    self.version = int(state["version"])
+    self._consumed = set(state["consumed"])
+    self._element = state["element"]
+    self._batches = None
+    self.counters = {k: float(state["counters"].get(k, 0.0)) for k in COUNTERS}
+
+  def stats(self) -> dict[str, float]:
+    """Cumulative counters, for metrics (prefixed `stream/`)."""
+    return {f"stream/{k}": float(v) for k, v in self.counters.items()}
+
+
+class StreamDataset(grain.IterDataset):
+  """`iter(StreamDataset(cfg))` -> a `StreamIterator` (Grain IterDataset, checkpointable)."""
+
+  def __init__(self, cfg: StreamConfig):
+    super().__init__()
+    self.cfg = cfg
+
+  def __iter__(self) -> StreamIterator:
+    return StreamIterator(self.cfg)
+
+  def __str__(self) -> str:
+    return f"StreamDataset({self.cfg.stream})"

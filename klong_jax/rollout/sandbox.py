@@ -1,0 +1,243 @@
+"""Backend-neutral sandbox interface: run bounded commands, move files in and out, reproduce.
+
+Callers (agent tools, graders, the worker) use `make_sandbox(backend, **limits)` and the `Sandbox`
+protocol only; `docker_backend` isolates, `local_backend` does not (it says so loudly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+WORKSPACE = "/workspace"
+SUBMISSION = "/workspace/submission"
+TRAILER = "__KLONG_RUNNER_EXIT__"  # Must match sandbox/runner.py.
+
+
+class SandboxError(RuntimeError):
+  """An infrastructure failure (engine down, container died); callers retry, then infra_error."""
+
+
+@dataclasses.dataclass
+class ExecResult:
+  """What one command did: exit code, bounded output, and whether a limit was hit."""
+
+  exit_code: int
+  output: str
+  timed_out: bool
+  truncated: bool
+  duration_s: float
+
+  @property
+  def ok(self) -> bool:
+    return self.exit_code == 0 and not self.timed_out
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """Resource limits of one sandbox (every backend reads what it can enforce)."""
+
+  image: str = ""                        # docker: empty = the current content tag.
+  mem_bytes: int = 1 << 30               # RAM (+swap) of the container.
+  cpus: float = 1.0                      # docker nano_cpus = cpus * 1e9.
+  pids: int = 256                        # Max processes/threads (fork bombs stop here).
+  workspace_bytes: int = 512 << 20       # Size of the writable /workspace.
+  tmp_bytes: int = 64 << 20              # Size of /tmp and $HOME.
+  max_output: int = 64 * 1024            # Bytes of output kept per exec (head + tail).
+  network: str = "none"                  # "none", or a docker network name (allow-list mode).
+  kill_grace_s: float = 2.0              # SIGTERM -> SIGKILL grace at a timeout.
+  max_get_bytes: int = 256 << 20         # Cap on bytes copied out by get_dir.
+
+  @classmethod
+  def from_kwargs(cls, **kw: Any) -> Limits:
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(kw) - names)
+    if bad:
+      raise ValueError(f"unknown sandbox limit(s) {bad}; known: {sorted(names)}")
+    return cls(**kw)
+
+
+class Sandbox(Protocol):
+  """One isolated workspace for one episode."""
+
+  def exec(self, cmd: str, timeout_s: float, workdir: str = WORKSPACE,
+           env: dict[str, str] | None = None) -> ExecResult: ...
+
+  def put_files(self, files: dict[str, bytes], dest: str = WORKSPACE) -> None: ...
+
+  def get_dir(self, src: str, host_dest: str) -> None: ...
+
+  def close(self) -> None: ...
+
+  def __enter__(self) -> Sandbox: ...
+
+  def __exit__(self, *exc: object) -> None: ...
+
+
+def make_sandbox(backend: str = "docker", **limits: Any) -> Sandbox:
+  """Creates a sandbox: "docker" (isolating, the default) or "local" (NOT isolating)."""
+  lim = Limits.from_kwargs(**limits)
+  if backend == "docker":
+    from klong_jax.rollout.docker_backend import DockerSandbox
+    return DockerSandbox(lim)
+  if backend == "local":
+    from klong_jax.rollout.local_backend import LocalSandbox
+    return LocalSandbox(lim)
+  raise ValueError(f"unknown sandbox backend {backend!r}; use 'docker' or 'local'")
+
+
+def parse_runner_output(raw: bytes, fallback_exit: int | None = None) -> tuple[str, dict]:
+  """Splits runner output into (text, status); without a trailer the runner died (e.g. OOM)."""
+  idx = raw.rfind(("\n" + TRAILER + " ").encode())
+  if idx >= 0:
+    try:
+      status = json.loads(raw[idx + len(TRAILER) + 2:].decode())
+      return raw[:idx].decode("utf-8", "replace"), status
+    except (json.JSONDecodeError, UnicodeDecodeError):
+      pass
+  code = 137 if fallback_exit is None else fallback_exit
+  text = raw.decode("utf-8", "replace") + f"\n[runner ended without status; exit {code}]"
+  return text, {"exit_code": code, "timed_out": False, "truncated": False}
+
+
+def files_from_dir(root: str, skip: tuple[str, ...] = ()) -> dict[str, bytes]:
+  """Reads every regular file under `root` into {relative path: bytes} (symlinks skipped)."""
+  out = {}
+  base = Path(root)
+  for p in sorted(base.rglob("*")):
+    rel = p.relative_to(base).as_posix()
+    if p.is_symlink() or not p.is_file() or any(rel.split("/")[0] == s for s in skip):
+      continue
+    out[rel] = p.read_bytes()
+  return out
+
+
+def tar_files(files: dict[str, bytes], uid: int = 1000, gid: int = 1000) -> bytes:
+  """An in-memory tar of `files` (relative paths) owned by uid/gid, for put_archive."""
+  buf = io.BytesIO()
+  now = time.time()
+  with tarfile.open(fileobj=buf, mode="w") as tar:
+    dirs: set[str] = set()
+    for rel, data in sorted(files.items()):
+      rel = _safe_rel(rel)
+      parts = rel.split("/")
+      for i in range(1, len(parts)):
+        d = "/".join(parts[:i])
+        if d not in dirs:
+          dirs.add(d)
+          info = tarfile.TarInfo(d)
+          info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, now
+          info.uid, info.gid = uid, gid
+          tar.addfile(info)
+      info = tarfile.TarInfo(rel)
+      info.size, info.mode, info.uid, info.gid, info.mtime = len(data), 0o755 if rel.endswith(
+          ".sh") else 0o644, uid, gid, now
+      tar.addfile(info, io.BytesIO(data))
+  return buf.getvalue()
+
+
+def _safe_rel(rel: str) -> str:
+  rel = rel.replace("\\", "/")
+  while rel.startswith("./"):
+    rel = rel[2:]
+  if rel.startswith("/") or ".." in rel.split("/") or not rel:
+    raise ValueError(f"file path {rel!r} must be relative and stay inside the destination")
+  return rel
+
+
+def extract_tar_stream(chunks, host_dest: str, max_bytes: int, strip: int = 1) -> int:
+  """Safely extracts a tar stream (from get_archive) into host_dest; returns bytes written.
+
+  Strips `strip` leading path components, refuses absolute/parent paths and links, and stops
+  with SandboxError past `max_bytes` (a hostile sandbox cannot fill the host disk).
+  """
+
+  class _Stream(io.RawIOBase):
+    def __init__(self, it):
+      self._it, self._buf, self.total = iter(it), b"", 0
+
+    def readable(self) -> bool:
+      return True
+
+    def readinto(self, b) -> int:
+      while not self._buf:
+        try:
+          self._buf = next(self._it)
+        except StopIteration:
+          return 0
+      n = min(len(b), len(self._buf))
+      b[:n], self._buf = self._buf[:n], self._buf[n:]
+      self.total += n
+      if self.total > max_bytes + (1 << 20):
+        raise SandboxError(f"get_dir: archive exceeds max_get_bytes={max_bytes}")
+      return n
+
+  dest = Path(host_dest)
+  dest.mkdir(parents=True, exist_ok=True)
+  written = 0
+  with tarfile.open(fileobj=io.BufferedReader(_Stream(chunks)), mode="r|") as tar:
+    for m in tar:
+      parts = [p for p in m.name.split("/") if p not in ("", ".")][strip:]
+      if not parts or ".." in parts or m.name.startswith("/"):
+        continue
+      target = dest.joinpath(*parts)
+      if m.isdir():
+        target.mkdir(parents=True, exist_ok=True)
+      elif m.isfile():
+        written += m.size
+        if written > max_bytes:
+          raise SandboxError(f"get_dir: files exceed max_get_bytes={max_bytes}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        src = tar.extractfile(m)
+        with open(target, "wb") as f:
+          while True:
+            block = src.read(1 << 20)
+            if not block:
+              break
+            f.write(block)
+        os.chmod(target, 0o755 if m.mode & 0o100 else 0o644)
+  return written
+
+
+@dataclasses.dataclass
+class ReproduceResult:
+  """The PaperBench-style final check: reproduce.sh run in a fresh sandbox."""
+
+  result: ExecResult
+  log: str
+  output_dir: str          # Host copy of the submission after reproduce.sh (with reproduce.log).
+  started_at: float = 0.0  # Unix time reproduce.sh started (judges compare file mtimes to it).
+
+
+def run_reproduce_in(sandbox: Sandbox, files: dict[str, bytes], timeout_s: float,
+                     dest: str = SUBMISSION) -> tuple[ExecResult, float]:
+  """Puts submission files into `sandbox` at dest and runs reproduce.sh there (log tee'd to
+  reproduce.log); returns (result, unix start time). The sandbox stays open for grading checks."""
+  # The files go in first even without reproduce.sh: grading checks still inspect them.
+  sandbox.put_files(files, dest=dest)
+  if "reproduce.sh" not in files:
+    return ExecResult(127, "reproduce.sh not found in submission", False, False, 0.0), time.time()
+  started = time.time()
+  res = sandbox.exec("bash reproduce.sh 2>&1 | tee reproduce.log; exit ${PIPESTATUS[0]}",
+                     timeout_s=timeout_s, workdir=dest)
+  return res, started
+
+
+def reproduce(submission_dir: str, timeout_s: float, output_dir: str, backend: str = "docker",
+              **limits: Any) -> ReproduceResult:
+  """Copies a submission into a FRESH sandbox, runs its reproduce.sh, copies the result out."""
+  files = files_from_dir(submission_dir)
+  Path(output_dir).mkdir(parents=True, exist_ok=True)
+  with make_sandbox(backend, **limits) as sb:
+    res, started = run_reproduce_in(sb, files, timeout_s)
+    sb.get_dir(SUBMISSION, output_dir)
+  log_path = Path(output_dir) / "reproduce.log"
+  if not log_path.exists():
+    log_path.write_text(res.output)
+  return ReproduceResult(res, res.output, output_dir, started)

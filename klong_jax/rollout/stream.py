@@ -1,0 +1,167 @@
+"""The trajectory stream directory: control file, work claims, done-ledger, atomic shards.
+
+Layout under `<stream>`:
+  control.json                       {"stage", "time_limit_s", "policy_min_version"} (trainer)
+  <stage>/<worker>-<seq>.array_record one shard per finished group (temp name + rename)
+  ledger/claims/<group_id>.json      who runs a group and which shard path it will publish
+  ledger/done/<group_id>.json        written after the shard is published
+Exactly-once: a group's shard path is fixed when it is first claimed; a restarted worker that
+finds the shard already published only writes the done entry, otherwise it re-runs the group
+and publishes to the same path. Claims are taken with an atomic hard link (local filesystems).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import uuid
+from pathlib import Path
+from typing import Any
+
+from klong_jax.data.shards import ShardWriter
+
+
+@dataclasses.dataclass(frozen=True)
+class Control:
+  """Trainer-set rollout instructions (progressive RL stage and its time limit)."""
+
+  stage: int = 0
+  time_limit_s: float | None = None
+  policy_min_version: int = -1
+  tasks: tuple[str, ...] = ()  # Task-id globs of the stage's task mix (empty: every task).
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  """Writes JSON to a temp file in the same dir and renames it into place."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+  with open(tmp, "w") as f:
+    json.dump(obj, f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def read_control(stream: str) -> Control:
+  """Reads `<stream>/control.json` (defaults when missing); bad content raises ValueError."""
+  p = Path(stream) / "control.json"
+  if not p.exists():
+    return Control()
+  try:
+    d = json.loads(p.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{p} is not valid JSON ({e}); write it atomically (temp + rename)") from None
+  unknown = set(d) - {f.name for f in dataclasses.fields(Control)}
+  if unknown:
+    raise ValueError(f"{p}: unknown keys {sorted(unknown)}; allowed: stage, time_limit_s, "
+                     "policy_min_version, tasks")
+  tl = d.get("time_limit_s")
+  return Control(stage=int(d.get("stage", 0)), time_limit_s=None if tl is None else float(tl),
+                 policy_min_version=int(d.get("policy_min_version", -1)),
+                 tasks=tuple(str(t) for t in d.get("tasks") or ()))
+
+
+def pid_alive(pid: int) -> bool:
+  """Whether a process with this pid exists on this host (owners of claims and containers)."""
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+class Stream:
+  """One worker's view of the stream dir: claim groups, publish shards, mark them done."""
+
+  def __init__(self, root: str, worker: str):
+    if not worker or "/" in worker:
+      raise ValueError(f"worker name {worker!r} must be non-empty without '/'")
+    self.root = Path(root)
+    self.worker = worker
+    self.claims = self.root / "ledger" / "claims"
+    self.done = self.root / "ledger" / "done"
+    self.claims.mkdir(parents=True, exist_ok=True)
+    self.done.mkdir(parents=True, exist_ok=True)
+    self.host = socket.gethostname()
+    self._seq = self._next_seq()
+
+  def _next_seq(self) -> int:
+    seqs = [-1]
+    for p in self.claims.glob("*.json"):
+      try:
+        c = json.loads(p.read_text())
+      except (OSError, json.JSONDecodeError):
+        continue
+      name = Path(c.get("shard", "")).name
+      prefix = f"{self.worker}-"
+      if name.startswith(prefix) and name[len(prefix):].split(".")[0].isdigit():
+        seqs.append(int(name[len(prefix):].split(".")[0]))
+    return max(seqs) + 1
+
+  def is_done(self, group_id: str) -> bool:
+    return (self.done / f"{group_id}.json").exists()
+
+  def _stale(self, claim: dict[str, Any]) -> bool:
+    """A claim by a dead process on this host, or by this same worker name (we restarted)."""
+    if claim.get("worker") == self.worker and claim.get("pid") != os.getpid():
+      return True
+    return claim.get("host") == self.host and not pid_alive(int(claim.get("pid", -1)))
+
+  def claim(self, group_id: str, stage: int) -> str | None:
+    """Claims a group; returns its shard path, or None if done or held by a live worker."""
+    if self.is_done(group_id):
+      return None
+    path = self.claims / f"{group_id}.json"
+    shard = None
+    if path.exists():
+      try:
+        old = json.loads(path.read_text())
+      except (OSError, json.JSONDecodeError):
+        return None
+      if not self._stale(old):
+        return None
+      shard = old.get("shard")
+      grave = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex[:8]}")
+      try:
+        os.rename(path, grave)  # Only one reclaimer wins the rename.
+      except FileNotFoundError:
+        return None
+      grave.unlink(missing_ok=True)
+    if shard is None:
+      shard = str(self.root / str(stage) / f"{self.worker}-{self._seq:06d}.array_record")
+      self._seq += 1
+    rec = {"group_id": group_id, "worker": self.worker, "host": self.host, "pid": os.getpid(),
+           "shard": shard, "stage": stage}
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(rec))
+    try:
+      os.link(tmp, path)  # Atomic create-if-absent.
+    except FileExistsError:
+      return None
+    finally:
+      tmp.unlink(missing_ok=True)
+    return shard
+
+  def published(self, shard: str) -> bool:
+    return Path(shard).exists()
+
+  def publish(self, group_id: str, shard: str, records: list[bytes],
+              pause_before_publish_s: float = 0.0) -> None:
+    """Writes the group's records to its shard atomically, then marks the group done."""
+    if not self.published(shard):
+      with ShardWriter(shard) as w:
+        for r in records:
+          w.write(r)
+        if pause_before_publish_s:  # Test hook: a window to SIGKILL a worker mid-write.
+          import time
+          time.sleep(pause_before_publish_s)
+    self.mark_done(group_id, shard, len(records))
+
+  def mark_done(self, group_id: str, shard: str, n: int) -> None:
+    write_json_atomic(self.done / f"{group_id}.json",
+                      {"group_id": group_id, "shard": shard, "records": n, "worker": self.worker})

@@ -1,0 +1,327 @@
+"""Rollout worker: tasks -> G agent rollouts per task -> graded Trajectories -> ArrayRecord shards.
+
+  python -m klong_jax.rollout.worker --server=http://127.0.0.1:8000/v1 --tasks=DIR \\
+      --stream=DIR --group_size=4 --num_workers=2 --tokenizer=PATH.model
+
+Each group (task x round) is claimed in the stream ledger, rolled out, graded, rendered and
+published as one shard (see stream.py for the exactly-once rules). Status rules: agent budget out
+-> agent_timeout (graded); the outer wall guard -> wall_timeout (graded); sandbox or server
+failures are retried with backoff, then the rollout is written as infra_error with reward None.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import multiprocessing
+import os
+import socket
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from absl import app, flags, logging
+
+from klong_jax.agent import client as client_lib
+from klong_jax.agent import scaffold
+from klong_jax.agent.tools import TOOLS
+from klong_jax.data.schema import Trajectory
+from klong_jax.rollout import episode
+from klong_jax.rollout import sandbox as sandbox_lib
+from klong_jax.rollout.stream import Stream, read_control
+
+
+@dataclasses.dataclass
+class WorkerConfig:
+  """Everything one worker process needs (picklable, for spawned workers)."""
+
+  server: str
+  tasks: str
+  stream: str
+  tokenizer: str
+  group_size: int = 4
+  rounds: int = 1
+  worker: str = ""
+  backend: str = "docker"
+  model: str = "policy"
+  max_steps: int = 50
+  time_limit_s: float = 600.0          # Used when control.json sets none.
+  wall_factor: float = 1.5             # Outer guard = time_limit_s * wall_factor + wall_slack_s.
+  wall_slack_s: float = 60.0
+  tool_timeout_s: float = 120.0
+  reproduce_timeout_s: float = 300.0
+  context_tokens: int = 32768
+  max_completion_tokens: int = 2048
+  infra_retries: int = 2
+  infra_backoff_s: float = 2.0
+  request_retries: int = 3
+  limits: dict = dataclasses.field(default_factory=dict)
+  pause_before_publish_s: float = 0.0  # Test hook (SIGKILL window).
+  version_poll_s: float = 0.5          # Sync-mode gate: how often to ask the server its version.
+
+
+def _grade(task: Any, sb: Any, host_sub: str, repro: sandbox_lib.ExecResult,
+           commands: list[str]) -> tuple[float | None, dict[str, Any]]:
+  """Grades with klong_jax.grading when present; returns (reward, details)."""
+  try:
+    from klong_jax.grading.grade import grade_submission
+  except ImportError:
+    logging.warning("klong_jax.grading not available: reward None (grading hook missing)")
+    return None, {"grading": "unavailable"}
+  res = grade_submission(task, sb, sandbox_lib.SUBMISSION, repro, commands=commands,
+                         host_submission_dir=host_sub)
+  return float(res.score), {"category_scores": res.category_scores,
+                            "judge_failures": res.judge_failures,
+                            "disqualified": res.disqualified, "reproduce": res.reproduce}
+
+
+class Worker:
+  """One rollout process."""
+
+  def __init__(self, cfg: WorkerConfig):
+    from klong_jax.data.chat import ChatFormat
+    from klong_jax.data.tokenizer import load as load_tokenizer
+    self.cfg = cfg
+    self.name = cfg.worker or f"{socket.gethostname()}.{os.getpid()}"
+    self.stream = Stream(cfg.stream, self.name)
+    self.fmt = ChatFormat(load_tokenizer(cfg.tokenizer))
+    self.client = client_lib.make_client(cfg.server)
+
+  # -- one rollout ------------------------------------------------------------------------------
+
+  def rollout(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:
+    """One episode + grading; returns fields for the Trajectory (raises on infra failure)."""
+    cfg = self.cfg
+    acfg = scaffold.AgentConfig(
+        model=cfg.model, max_steps=cfg.max_steps, time_limit_s=time_limit_s,
+        tool_timeout_s=min(cfg.tool_timeout_s, time_limit_s),
+        context_tokens=cfg.context_tokens, max_completion_tokens=cfg.max_completion_tokens,
+        request_retries=cfg.request_retries)
+    prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
+                                       task.paper_md, task.addendum_md, time_limit_s)
+    state: dict[str, Any] = {}
+    t0 = time.time()
+    tmp = tempfile.TemporaryDirectory(prefix="klong-sub-")
+    with sandbox_lib.make_sandbox(cfg.backend, **cfg.limits) as sb:
+      episode.prepare_sandbox(sb, task)
+      ep = episode.run_guarded(self.client, sb, prefix, acfg,
+                               time_limit_s * cfg.wall_factor + cfg.wall_slack_s, state=state)
+      host_sub = tmp.name
+      sb.get_dir(sandbox_lib.SUBMISSION, host_sub)
+    agent_s = time.time() - t0
+    files = sandbox_lib.files_from_dir(host_sub)
+    with sandbox_lib.make_sandbox(cfg.backend, **cfg.limits) as fresh:
+      repro, _ = sandbox_lib.run_reproduce_in(fresh, files, cfg.reproduce_timeout_s)
+      commands = episode.agent_commands(ep.messages)
+      reward, details = _grade(task, fresh, host_sub, repro, commands)
+    tmp.cleanup()
+    return {"messages": ep.messages, "prefix": ep.prefix_messages, "status": ep.status,
+            "reward": reward,
+            "timings": {"agent_s": agent_s, "total_s": time.time() - t0, "retry_s": ep.retry_s},
+            "metadata": {"end_reason": ep.end_reason, "steps": ep.steps, "trims": ep.trims,
+                         "malformed_calls": ep.malformed_calls, "grade": details,
+                         "reproduce_exit": repro.exit_code},
+            "sandbox": {"backend": cfg.backend}}
+
+  def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:
+    """Retries infra failures with backoff; after the last one returns an infra_error record."""
+    err: Exception | None = None
+    for attempt in range(self.cfg.infra_retries + 1):
+      try:
+        return self.rollout(task, stage, time_limit_s)
+      except (sandbox_lib.SandboxError, client_lib.InfraError, OSError) as e:
+        err = e
+        logging.warning("%s: infra failure on %s (attempt %d): %s", self.name, task.id,
+                        attempt + 1, e)
+        time.sleep(self.cfg.infra_backoff_s * (2 ** attempt))
+    prefix = scaffold.initial_messages("Reproduce the paper.", task.paper_md, task.addendum_md,
+                                       time_limit_s)
+    return {"messages": prefix, "prefix": len(prefix), "status": "infra_error", "reward": None,
+            "timings": {}, "metadata": {"error": str(err)[:2000]},
+            "sandbox": {"backend": self.cfg.backend}}
+
+  def to_record(self, r: dict[str, Any], task_id: str, group_id: str, stage: int,
+                index: int, min_version: int) -> bytes:
+    from klong_jax.data.render import render_trajectory
+    rendered = render_trajectory(r["messages"], self.fmt, tools=TOOLS,
+                                 prefix_messages=r["prefix"])
+    pv = rendered["policy_version"]
+    sampled = pv[pv >= 0]
+    meta = dict(r["metadata"])
+    meta["stale"] = bool(sampled.size and int(sampled.min()) < min_version)
+    traj = Trajectory(
+        id=f"{group_id}-{index}", task_id=task_id, group_id=group_id, stage=stage,
+        status=r["status"], reward=r["reward"], messages=r["messages"], timings=r["timings"],
+        sandbox=r["sandbox"], metadata=meta, **rendered)
+    return traj.to_bytes()
+
+  # -- sync-mode gate ---------------------------------------------------------------------------
+
+  def served_version(self) -> int | None:
+    """The policy version the server reports on GET /v1/models (None if it reports none)."""
+    import httpx
+    base = self.cfg.server.rstrip("/")
+    url = (base if base.endswith("/v1") else base + "/v1") + "/models"
+    try:
+      data = httpx.get(url, timeout=10.0).json().get("data") or [{}]
+    except (httpx.HTTPError, ValueError) as e:
+      logging.warning("%s: cannot read the policy version from %s: %s", self.name, url, e)
+      return -1
+    v = data[0].get("policy_version")
+    return None if v is None else int(v)
+
+  def wait_for_policy(self) -> Any:
+    """Blocks until the server serves >= control.policy_min_version; returns the fresh control.
+
+    The synchronous RL baseline sets policy_min_version (>= 0) so no group starts on old
+    weights; in that mode a worker also makes at most one group per served version (so the
+    trainer's `rl.groups_per_step` must not exceed the number of workers). A server that reports
+    no version (a teacher, vLLM) cannot be gated: warn once and go on.
+    """
+    ctl = read_control(self.cfg.stream)
+    logged = 0.0
+    while ctl.policy_min_version >= 0:
+      v = self.served_version()
+      if v is None:
+        if not getattr(self, "_warned_version", False):
+          logging.warning("%s: the server reports no policy_version; the sync gate is off",
+                          self.name)
+          self._warned_version = True
+        break
+      need = max(ctl.policy_min_version, getattr(self, "_sync_version", -1) + 1)
+      if v >= need:
+        self._sync_version = v
+        break
+      if time.monotonic() - logged > 30:
+        logging.info("%s: waiting for policy version >= %d (server has %d)", self.name, need, v)
+        logged = time.monotonic()
+      time.sleep(self.cfg.version_poll_s)
+      ctl = read_control(self.cfg.stream)
+    return ctl
+
+  # -- the loop ---------------------------------------------------------------------------------
+
+  def run(self, task_dirs: list[str]) -> int:
+    """Runs every unclaimed group; returns the number of groups this process published."""
+    from klong_jax.tasks import load_task
+    if self.cfg.backend == "docker":
+      from klong_jax.rollout.docker_backend import gc_leaked
+      n = gc_leaked()
+      if n:
+        logging.info("%s: removed %d leaked sandbox objects", self.name, n)
+    published = 0
+    for rnd in range(self.cfg.rounds):
+      for d in task_dirs:
+        task = load_task(d)
+        ctl = self.wait_for_policy()
+        if ctl.tasks and not any(fnmatch.fnmatchcase(task.id, pat) for pat in ctl.tasks):
+          continue  # Not in this stage's task mix.
+        group_id = f"{task.id}-s{ctl.stage}-r{rnd}"
+        shard = self.stream.claim(group_id, ctl.stage)
+        if shard is None:
+          continue
+        if self.stream.published(shard):
+          self.stream.mark_done(group_id, shard, -1)
+          continue
+        limit = ctl.time_limit_s or self.cfg.time_limit_s
+        logging.info("%s: group %s (G=%d, limit %.0fs)", self.name, group_id,
+                     self.cfg.group_size, limit)
+        records = []
+        for i in range(self.cfg.group_size):
+          r = self.rollout_with_retries(task, ctl.stage, limit)
+          records.append(self.to_record(r, task.id, group_id, ctl.stage, i,
+                                        ctl.policy_min_version))
+        self.stream.publish(group_id, shard, records, self.cfg.pause_before_publish_s)
+        published += 1
+    return published
+
+
+def run_worker(cfg: WorkerConfig) -> int:
+  """Entry for one (possibly spawned) worker process."""
+  from klong_jax.tasks import list_tasks
+  return Worker(cfg).run(list_tasks(cfg.tasks))
+
+
+def run_fleet(cfg: WorkerConfig, num_workers: int) -> None:
+  """Runs `num_workers` worker processes on this host (distinct names, shared stream)."""
+  base = cfg.worker or f"{socket.gethostname()}"
+  if num_workers == 1:
+    run_worker(dataclasses.replace(cfg, worker=f"{base}.w0"))
+    return
+  ctx = multiprocessing.get_context("spawn")
+  procs = [ctx.Process(target=run_worker, args=(dataclasses.replace(cfg, worker=f"{base}.w{i}"),))
+           for i in range(num_workers)]
+  for p in procs:
+    p.start()
+  for p in procs:
+    p.join()
+  bad = [p.exitcode for p in procs if p.exitcode]
+  if bad:
+    raise SystemExit(f"{len(bad)} worker(s) failed with exit codes {bad}")
+
+
+_SERVER: Any = None
+_TASKS: Any = None
+_STREAM: Any = None
+_TOKENIZER: Any = None
+_GROUP: Any = None
+_WORKERS: Any = None
+_ROUNDS: Any = None
+_NAME: Any = None
+_BACKEND: Any = None
+_MODEL: Any = None
+_STEPS: Any = None
+_TIME: Any = None
+_REPRO: Any = None
+_PAUSE: Any = None
+_CONTEXT: Any = None
+_COMPLETION: Any = None
+
+
+def _define_flags() -> None:
+  """Defines the command-line flags (only when run as a program, so that importing this
+  module next to other entry points never clashes on flag names)."""
+  global _SERVER, _TASKS, _STREAM, _TOKENIZER, _GROUP, _WORKERS, _ROUNDS, _NAME
+  global _BACKEND, _MODEL, _STEPS, _TIME, _REPRO, _PAUSE, _CONTEXT, _COMPLETION
+  _SERVER = flags.DEFINE_string("server", None, "OpenAI-compatible base URL (…/v1).")
+  _TASKS = flags.DEFINE_string("tasks", None, "Directory of task dirs.")
+  _STREAM = flags.DEFINE_string("stream", None, "Stream directory (shards + ledger + control).")
+  _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model or tokenizer.json.")
+  _GROUP = flags.DEFINE_integer("group_size", 4, "Rollouts per task (the RL group).")
+  _WORKERS = flags.DEFINE_integer("num_workers", 1, "Worker processes on this host.")
+  _ROUNDS = flags.DEFINE_integer("rounds", 1, "Passes over the task list.")
+  _NAME = flags.DEFINE_string("worker", "", "Worker name prefix (default: hostname).")
+  _BACKEND = flags.DEFINE_enum("backend", "docker", ["docker", "local"], "Sandbox backend.")
+  _MODEL = flags.DEFINE_string("model", "policy", "Model name sent to the server.")
+  _STEPS = flags.DEFINE_integer("max_steps", 50, "Agent step budget.")
+  _TIME = flags.DEFINE_float("time_limit_s", 600.0, "Agent time budget when control.json has none.")
+  _REPRO = flags.DEFINE_float("reproduce_timeout_s", 300.0, "reproduce.sh time limit.")
+  _PAUSE = flags.DEFINE_float("pause_before_publish_s", 0.0, "Test hook: sleep before publishing.")
+  _CONTEXT = flags.DEFINE_integer("context_tokens", 32768, "Model context (history is trimmed).")
+  _COMPLETION = flags.DEFINE_integer("max_completion_tokens", 2048, "Completion tokens per call.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  for f in (_SERVER, _TASKS, _STREAM, _TOKENIZER):
+    if not f.value:
+      raise app.UsageError(f"--{f.name} is required")
+  cfg = WorkerConfig(server=_SERVER.value, tasks=_TASKS.value, stream=_STREAM.value,
+                     tokenizer=_TOKENIZER.value, group_size=_GROUP.value, rounds=_ROUNDS.value,
+                     worker=_NAME.value or f"{socket.gethostname()}-{uuid.uuid4().hex[:4]}",
+                     backend=_BACKEND.value, model=_MODEL.value, max_steps=_STEPS.value,
+                     time_limit_s=_TIME.value, reproduce_timeout_s=_REPRO.value,
+                     pause_before_publish_s=_PAUSE.value, context_tokens=_CONTEXT.value,
+                     max_completion_tokens=_COMPLETION.value)
+  run_fleet(cfg, _WORKERS.value)
+
+
+def entry() -> None:
+  """Console-script entry point (klong-worker)."""
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry()

@@ -1,0 +1,129 @@
+"""Generates the bundled mini-paper suite (klong_jax/tasks/data/) from `families.FAMILIES`.
+
+Run `python -m klong_jax.tasks.build_suite [--out=DIR]`; the output is deterministic, and a test
+checks the checked-in data equals a fresh build. Per family, the last parameter set is held out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+import yaml
+
+from klong_jax.grading.rubric import atomic_write_text, rubric_from_dict
+from klong_jax.tasks.families import (
+    FAMILIES,
+    METRICS_FILE,
+    SOLUTION_FILE,
+    Family,
+    format_params,
+    reference_metrics,
+)
+
+BLACKLIST_HOST = "https://github.com/klong-mini-papers"
+
+
+def _paper(family: Family, params: dict, tid: str) -> str:
+  plist = "\n".join(f"- `{k}` = {v!r}" for k, v in params.items())
+  keys = " and ".join(f"`{m}`" for m in family.metrics)
+  return (
+      f"# {family.title}\n\n## Abstract\n\nWe revisit a classic small computation and report "
+      f"two numbers that characterise it ({keys}).\n\n## Method\n\n{family.method}\n\n"
+      f"## Experimental setup\n\nOur experiment uses exactly these parameters:\n\n{plist}\n\n"
+      f"## Reproduction\n\nImplement `{family.fn}({', '.join(params)})` in `{SOLUTION_FILE}`; it "
+      f"returns a dict with keys {keys}. Running `{SOLUTION_FILE}` calls it with the parameters "
+      f"above and writes the dict as JSON to `{METRICS_FILE}`. Provide `reproduce.sh` that runs "
+      f"`python3 {SOLUTION_FILE}`.\n\nTask id: `{tid}`.\n")
+
+
+def _addendum(family: Family, params: dict) -> str:
+  return (f"# Addendum\n\n- Call exactly `{family.fn}({format_params(params)})`.\n"
+          f"- Metrics are plain JSON numbers; they are checked to an absolute tolerance of "
+          f"{family.atol:g}.\n- Create the `results/` directory if it does not exist.\n"
+          f"- Standard-library Python only; no network access is needed.\n")
+
+
+def _leaf(nid: str, req: str, weight: int, cat: str, check: dict) -> dict:
+  return {"id": nid, "requirements": req, "weight": weight, "sub_tasks": [],
+          "task_category": cat, "finegrained_task_category": None, "check": check}
+
+
+def _node(nid: str, req: str, weight: int, subs: list) -> dict:
+  return {"id": nid, "requirements": req, "weight": weight, "sub_tasks": subs,
+          "task_category": None, "finegrained_task_category": None}
+
+
+def build_rubric(family: Family, params: dict, tid: str) -> dict:
+  """Seven programmatic leaves over all three categories with varied weights (partial credit)."""
+  expected = reference_metrics(family, params)
+  m1, m2 = family.metrics
+  cd, ce, ra = "Code Development", "Code Execution", "Result Analysis"
+  return _node(f"{tid}/root", f"The results of '{family.title}' have been reproduced.", 1, [
+      _node(f"{tid}/impl", "The method is implemented.", 2, [
+          _leaf(f"{tid}/impl/file", f"{SOLUTION_FILE} exists.", 1, cd,
+                {"type": "file_exists", "path": SOLUTION_FILE}),
+          _leaf(f"{tid}/impl/fn", f"{SOLUTION_FILE} defines `{family.fn}`.", 2, cd,
+                {"type": "regex", "file": SOLUTION_FILE, "pattern": rf"def {family.fn}\("}),
+          _leaf(f"{tid}/impl/repro", f"reproduce.sh runs {SOLUTION_FILE}.", 1, cd,
+                {"type": "regex", "file": "reproduce.sh",
+                 "pattern": rf"python3? {SOLUTION_FILE}"}),
+      ]),
+      _node(f"{tid}/exec", "The reproduction runs.", 1, [
+          _leaf(f"{tid}/exec/ok", "reproduce.sh exits successfully.", 2, ce,
+                {"type": "reproduce_ok"}),
+          _leaf(f"{tid}/exec/metrics", f"Running reproduce.sh writes {METRICS_FILE}.", 1, ce,
+                {"type": "file_exists", "path": METRICS_FILE}),
+      ]),
+      _node(f"{tid}/results", "The reported numbers are reproduced.", 3, [
+          _leaf(f"{tid}/results/{m1}", f"`{m1}` matches the paper's value.", 2, ra,
+                {"type": "numeric", "file": METRICS_FILE, "key": m1,
+                 "expected": expected[m1], "atol": family.atol}),
+          _leaf(f"{tid}/results/{m2}", f"`{m2}` matches the paper's value.", 1, ra,
+                {"type": "numeric", "file": METRICS_FILE, "key": m2,
+                 "expected": expected[m2], "atol": family.atol}),
+      ]),
+  ])
+
+
+def task_ids() -> list[tuple[Family, int, str]]:
+  return [(f, i, f"{f.name}-{i + 1}") for f in FAMILIES for i in range(len(f.params))]
+
+
+def build(out_dir: str) -> list[str]:
+  """Writes every task dir under `out_dir` (replacing old ones); returns the task ids."""
+  os.makedirs(out_dir, exist_ok=True)
+  ids = []
+  for family, i, tid in task_ids():
+    params = family.params[i]
+    d = os.path.join(out_dir, tid)
+    if os.path.isdir(d):
+      shutil.rmtree(d)
+    os.makedirs(d)
+    rubric = build_rubric(family, params, tid)
+    rubric_from_dict(rubric)  # validate before writing
+    split = "heldout" if i == len(family.params) - 1 else "train"
+    cfg = {"id": tid, "title": family.title, "split": split, "family": family.name,
+           "reproduce_timeout_s": 60}
+    atomic_write_text(os.path.join(d, "paper.md"), _paper(family, params, tid))
+    atomic_write_text(os.path.join(d, "addendum.md"), _addendum(family, params))
+    atomic_write_text(os.path.join(d, "blacklist.txt"), f"{BLACKLIST_HOST}/{tid}\n")
+    atomic_write_text(os.path.join(d, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(os.path.join(d, "rubric.json"), json.dumps(rubric, indent=2) + "\n")
+    ids.append(tid)
+  return ids
+
+
+def main(argv: list[str]) -> None:
+  out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+  for a in argv[1:]:
+    if a.startswith("--out="):
+      out = a.split("=", 1)[1]
+  ids = build(out)
+  print(f"wrote {len(ids)} tasks to {out}")
+
+
+if __name__ == "__main__":
+  main(sys.argv)

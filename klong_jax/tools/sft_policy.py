@@ -1,0 +1,63 @@
+"""Publish a trained SFT checkpoint as a params-only policy version (what servers load).
+
+The SFT trainer saves the whole TrainState (params, optimizer, step, router statistics); the
+inference server hot-reloads `<root>/<version>` written by `inference.reload.save_policy`. This
+rebuilds the state structure from the SFT config, restores the newest checkpoint into it and
+saves the model (params + router bias state) as one policy version.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import pathlib
+
+import ml_collections
+
+
+def load_config(path: str, arg: str = "", overrides: str = "") -> ml_collections.ConfigDict:
+  """`get_config(arg)` of a config file plus "k=v,..." overrides (as `--config.k=v` would)."""
+  spec = importlib.util.spec_from_file_location(f"_cfg_{abs(hash(path))}", path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"config file {path} cannot be loaded; check the path")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  config = mod.get_config(arg or None)
+  for item in filter(None, (x.strip() for x in overrides.split(","))):
+    key, _, value = item.partition("=")
+    *path, leaf = key.split(".")
+    node = config
+    for p in path:
+      node = node[p]
+    old = node[leaf]
+    node[leaf] = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
+  return config
+
+
+def publish_sft_policy(config: ml_collections.ConfigDict, checkpoint_dir: str, policy_root: str,
+                       version: int = 0) -> pathlib.Path:
+  """Restores the newest SFT checkpoint in `checkpoint_dir`; writes `<policy_root>/<version>`."""
+  from flax import nnx  # noqa: PLC0415 - JAX only on this path
+
+  from klong_jax.inference import reload  # noqa: PLC0415
+  from klong_jax.model.config import from_config_dict  # noqa: PLC0415
+  from klong_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
+  from klong_jax.parallel import rules as rules_lib  # noqa: PLC0415
+  from klong_jax.train import checkpoint, optim  # noqa: PLC0415
+  from klong_jax.train import step as step_lib  # noqa: PLC0415
+
+  if not os.path.isdir(checkpoint_dir):
+    raise FileNotFoundError(f"SFT checkpoint dir {checkpoint_dir} does not exist; run SFT first")
+  rules = tuple(config.get("rules", None) or rules_lib.LOGICAL_RULES)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  model = rules_lib.create_sharded_model(from_config_dict(config.model), mesh,
+                                         seed=config.seed, rules=rules)
+  graphdef, params, rest = step_lib.split_model(model)
+  tx = optim.make_optimizer(config.optim)
+  state_sh = step_lib.state_shardings(params, rest, tx, mesh, rules)
+  state = step_lib.init_state(params, rest, tx, state_sh)
+  with checkpoint.Checkpointer(checkpoint_dir, async_save=False) as ckpt:
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir}; did SFT finish?")
+    state, _ = ckpt.restore(state)
+  return reload.save_policy(policy_root, version, nnx.merge(graphdef, state.params, state.rest))

@@ -1,0 +1,82 @@
+"""Optimizer construction: AdamW + warmup/cosine + global-norm clipping (+ optional accumulation).
+
+Pure builders from the `optim` config section, so the SFT and RL trainers share one recipe.
+Mixed precision keeps fp32 master weights in the train state and the optimizer; the forward pass
+runs on a `compute_dtype` copy (see `cast_for_compute`), so updates never round through bf16.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str | Any) -> Any:
+  """Maps a config dtype name ('float32', 'bfloat16') to a jnp dtype; raises on unknown names."""
+  if not isinstance(name, str):
+    return name
+  if name not in _DTYPES:
+    raise ValueError(f"unknown dtype {name!r} in config; use one of {sorted(_DTYPES)}")
+  return _DTYPES[name]
+
+
+def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then cosine decay to `lr * final_lr_ratio` at `total_steps`.
+
+  Steps count optimizer updates (after gradient accumulation), matching `optax.MultiSteps`.
+  """
+  if cfg.total_steps <= cfg.warmup_steps:
+    raise ValueError(f"optim.total_steps ({cfg.total_steps}) must exceed optim.warmup_steps "
+                     f"({cfg.warmup_steps}); raise total_steps or lower warmup_steps")
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+      decay_steps=cfg.total_steps, end_value=cfg.lr * cfg.get("final_lr_ratio", 0.1))
+
+
+def _decay_mask(params: Any) -> Any:
+  """Weight decay on matrices only (ndim >= 2): norms' scales and biases are not decayed."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW(schedule), wrapped in `optax.MultiSteps` if `grad_accum > 1`.
+
+  With accumulation, one optimizer update happens every `grad_accum` calls; the gradients of the
+  micro-batches are averaged (each micro-batch loss is already normalised per loss token, so this
+  is a mean of per-token means, equal to the global per-token mean when micro-batches hold equal
+  numbers of loss tokens).
+  """
+  chain = []
+  if cfg.get("clip_norm", 0.0) and cfg.clip_norm > 0:
+    chain.append(optax.clip_by_global_norm(cfg.clip_norm))
+  chain.append(optax.adamw(
+      make_schedule(cfg), b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95), eps=cfg.get("eps", 1e-8),
+      weight_decay=cfg.get("weight_decay", 0.0), mask=_decay_mask))
+  tx = optax.chain(*chain)
+  accum = int(cfg.get("grad_accum", 1))
+  if accum < 1:
+    raise ValueError(f"optim.grad_accum must be >= 1, got {accum}")
+  if accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=accum)
+  return tx
+
+
+def cast_for_compute(params: Any, dtype: Any) -> Any:
+  """Casts floating leaves to the compute dtype (bf16 forward on fp32 master weights).
+
+  Differentiating through the cast returns fp32 gradients for the fp32 masters.
+  """
+  dtype = resolve_dtype(dtype)
+  return jax.tree.map(
+      lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+
+
+def learning_rate(cfg: ml_collections.ConfigDict, step: int) -> float:
+  """The scheduled learning rate at optimizer step `step` (for logging)."""
+  return float(make_schedule(cfg)(step))

@@ -1,0 +1,1 @@
+"""Launchers: `local.py` runs every role of an experiment on one machine."""

@@ -1,0 +1,407 @@
+"""Plan a pod run: multi-host RL trainer on a TPU slice, servers on their own slices, k8s fleet.
+
+  python launch/tpu.py --config=configs/glm45_air.py --tpu=v5p-256 --workdir=gs://BUCKET/runs/r1 \\
+      --init_checkpoint=gs://BUCKET/ckpt/glm45_air_sft --dry_run [--sweep=rl.kl_coef=0.02 ...]
+
+`--config` is a model preset (model + mesh sections); the trainer's other sections come from
+`--trainer_config` (default configs/rl_tiny.py), and every field where the merged config differs
+from the trainer config is passed as `--config.k=v`. The mesh is resolved against the slice's
+chip count here, so a bad mesh fails before anything is created. One trainer process runs per
+TPU host with KLONG_COORDINATOR / KLONG_NUM_PROCESSES / KLONG_PROCESS_ID set
+(klong_jax.parallel.mesh.maybe_initialize_distributed). Each inference server replica gets its own
+single-host slice (`--server_tpu`); the CPU rollout fleet is Kubernetes Deployments (launch/k8s.py).
+All run state lives in one GCS bucket, mounted with gcsfuse at /gcs on TPU hosts and pods.
+
+Nothing is called: `--dry_run` prints the plan; otherwise the plan is written to `--out`
+(launch.sh with the gcloud/kubectl commands, fleet.yaml, plan.txt) for a person to run.
+Sweeps as in xmanager: each `--sweep=k=v,k=v` is one work unit (its own slices and run dir).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import re
+import shlex
+import sys
+from typing import Any
+
+if __package__ in (None, ""):  # `python launch/tpu.py`: make the repo root importable.
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import ml_collections  # noqa: E402
+from absl import app, flags  # noqa: E402
+from etils import epath  # noqa: E402
+
+from klong_jax.tools import experiment as xp  # noqa: E402
+from launch import k8s, local  # noqa: E402  (local: --config/--workdir/--dry_run/--sweep flags)
+
+FLAGS = flags.FLAGS
+_TPU = flags.DEFINE_string("tpu", "v5p-256", "Trainer slice accelerator type (e.g. v5p-256).")
+_SERVER_TPU = flags.DEFINE_string("server_tpu", "v5p-8", "Single-host slice per server replica.")
+_SERVERS = flags.DEFINE_integer("servers", 2, "Inference server replicas (one slice each).")
+_SERVER_ARG = flags.DEFINE_string("server_arg", "max_batch=64,max_len=32768",
+                                  "Arg string for configs/serve_tiny.py (preset is added).")
+_TRAINER_CONFIG = flags.DEFINE_string("trainer_config", "configs/rl_tiny.py:steps=200",
+                                      "RL config giving every section but model and mesh.")
+_FLEET = flags.DEFINE_integer("fleet", 64, "Rollout worker pods in total.")
+_RUNTIME = flags.DEFINE_enum("sandbox_runtime", "sysbox", sorted(k8s.RUNTIMES),
+                             "How worker pods run task sandboxes (see launch/k8s.py).")
+_IMAGE = flags.DEFINE_string("image", "us-docker.pkg.dev/PROJECT/klong/fleet:latest",
+                             "Fleet image (klong-jax[fleet] + the sandbox image preloaded).")
+_ZONE = flags.DEFINE_string("zone", "us-east5-a", "TPU zone.")
+_RUNTIME_VERSION = flags.DEFINE_string("tpu_runtime", "v2-alpha-tpuv5", "TPU VM software version.")
+_REPO = flags.DEFINE_string("repo_dir", "~/klong-jax", "Checkout on every TPU host.")
+_OUT = flags.DEFINE_string("out", "", "Where to write the plan files (default runs/launch).")
+
+COORDINATOR_PORT = 8476
+SERVER_PORT = 8000
+
+# version -> (TensorCores per chip in the accelerator name, chips per host).
+TPU_VERSIONS = {"v4": (2, 4), "v5p": (2, 4), "v5litepod": (1, 4), "v5e": (1, 4), "v6e": (1, 4)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Slice:
+  """A TPU slice shape: accelerator type, chips, hosts (one JAX process each)."""
+
+  accelerator: str
+  chips: int
+  hosts: int
+
+  @property
+  def chips_per_host(self) -> int:
+    return self.chips // self.hosts
+
+
+def parse_slice(accelerator: str) -> Slice:
+  """'v5p-256' -> 128 chips on 32 hosts (v4/v5p names count TensorCores, 2 per chip)."""
+  m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", accelerator)
+  if not m or m.group(1) not in TPU_VERSIONS:
+    raise ValueError(f"TPU type {accelerator!r} not understood; use e.g. v5p-256, v4-128, v6e-64 "
+                     f"(versions {sorted(TPU_VERSIONS)})")
+  cores_per_chip, per_host = TPU_VERSIONS[m.group(1)]
+  count = int(m.group(2))
+  if count % cores_per_chip:
+    raise ValueError(f"{accelerator}: {count} is not a whole number of chips")
+  chips = count // cores_per_chip
+  if chips <= 8 and cores_per_chip == 1:
+    return Slice(accelerator, chips, 1)  # v5e/v6e up to 8 chips: one host.
+  if chips % per_host:
+    raise ValueError(f"{accelerator}: {chips} chips do not fill whole hosts of {per_host}")
+  return Slice(accelerator, chips, max(1, chips // per_host))
+
+
+def resolve_mesh(mesh: Any, chips: int) -> dict[str, int]:
+  """Axis sizes (-1 resolved) checked against the slice; errors name the axis and the fix."""
+  from klong_jax.parallel.mesh import MESH_AXES, mesh_shape  # noqa: PLC0415  (imports jax)
+
+  sizes = mesh.to_dict() if hasattr(mesh, "to_dict") else dict(mesh)
+  return dict(zip(MESH_AXES, mesh_shape(sizes, chips), strict=True))
+
+
+def check_model_fits_mesh(model: Any, mesh: dict[str, int]) -> None:
+  """Expert and head counts must divide over the expert / tensor axes."""
+  if model.get("num_experts", 0) and model.num_experts % mesh["expert"]:
+    raise ValueError(f"model.num_experts={model.num_experts} does not divide over mesh "
+                     f"expert={mesh['expert']}; pick an expert axis that divides it")
+  for field in ("num_heads", "num_kv_heads"):
+    if model.get(field, 0) and model[field] % mesh["tensor"] and mesh["tensor"] % model[field]:
+      raise ValueError(f"model.{field}={model[field]} and mesh tensor={mesh['tensor']}: neither "
+                       "divides the other; change the tensor axis")
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """'configs/x.py[:arg]' -> get_config(arg), like absl's --config=file:arg."""
+  path, _, arg = spec.partition(":")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"config file {path!r} not found (run from the repo root)")
+  mod_spec = importlib.util.spec_from_file_location(f"_klong_cfg_{abs(hash(path))}", path)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module.get_config(arg or None)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_diff(base: ml_collections.ConfigDict, merged: ml_collections.ConfigDict
+                ) -> dict[str, Any]:
+  """Leaves of `merged` that differ from `base`, as {'config.a.b': value} override flags."""
+  b, m = _flat(base.to_dict()), _flat(merged.to_dict())
+  missing = sorted(set(b) - set(m))
+  if missing:
+    raise ValueError(f"merged config lost fields {missing[:5]}; overrides cannot remove fields")
+  return {f"config.{k}": v for k, v in m.items() if k not in b or b[k] != v}
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+  """Where the plan runs: TPU zone and software version, checkout dir, fleet sandbox runtime."""
+
+  zone: str = "us-east5-a"
+  tpu_runtime: str = "v2-alpha-tpuv5"
+  repo_dir: str = "~/klong-jax"
+  sandbox_runtime: str = "sysbox"
+
+
+@dataclasses.dataclass
+class PodPlan:
+  """One work unit on a pod: slices, per-host trainer commands, servers, fleet manifests."""
+
+  name: str
+  workdir: str
+  trainer_slice: Slice
+  mesh: dict[str, int]
+  trainer: xp.Job
+  servers: list[xp.Job]
+  server_slice: Slice
+  fleet: list[dict[str, Any]]
+  bucket: str
+  site: Site = Site()
+  overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  notes: list[str] = dataclasses.field(default_factory=list)
+
+  def host_env(self, host: int) -> dict[str, str]:
+    """The multi-host env contract for trainer process `host` ($COORDINATOR is worker 0's IP)."""
+    return {"KLONG_COORDINATOR": f"${{COORDINATOR}}:{COORDINATOR_PORT}",
+            "KLONG_NUM_PROCESSES": str(self.trainer_slice.hosts), "KLONG_PROCESS_ID": str(host)}
+
+  def host_command(self, host: int) -> str:
+    env = " ".join(f"{k}={v}" for k, v in self.host_env(host).items())
+    return f"cd {self.site.repo_dir} && {env} {shlex.join(self.trainer.executable.argv('python3'))}"
+
+  def launch_script(self) -> str:
+    """Every gcloud / kubectl command, in order (written as launch.sh)."""
+    t, z = self.trainer_slice, self.site.zone
+    tname = f"{self.name}-trainer"
+    mount = (f"mkdir -p {k8s.STREAM_MOUNT} && gcsfuse --implicit-dirs {self.bucket} "
+             f"{k8s.STREAM_MOUNT}")
+    lines = ["#!/bin/bash", f"# klong-jax pod run {self.name}: generated by launch/tpu.py",
+             "set -euo pipefail", "",
+             f"# 1. Trainer slice {t.accelerator}: {t.chips} chips on {t.hosts} hosts, "
+             f"mesh {self.mesh}.",
+             f"gcloud compute tpus tpu-vm create {tname} --zone={z} "
+             f"--accelerator-type={t.accelerator} --version={self.site.tpu_runtime}",
+             f"gcloud compute tpus tpu-vm ssh {tname} --zone={z} --worker=all --command="
+             + shlex.quote(f"cd {self.site.repo_dir} && pip install -e '.[tpu]' && {mount}"),
+             f"COORDINATOR=$(gcloud compute tpus tpu-vm describe {tname} --zone={z} "
+             "--format='value(networkEndpoints[0].ipAddress)')", "",
+             f"# 2. One trainer process per host (KLONG_PROCESS_ID 0..{t.hosts - 1}; every "
+             "command in trainer_hosts.txt).",
+             f"TRAINER_CMD={shlex.quote(shlex.join(self.trainer.executable.argv('python3')))}",
+             f"for i in $(seq 0 {t.hosts - 1}); do",
+             f"  gcloud compute tpus tpu-vm ssh {tname} --zone={z} --worker=$i --command=\"cd "
+             f"{self.site.repo_dir} && KLONG_COORDINATOR=$COORDINATOR:{COORDINATOR_PORT} "
+             f"KLONG_NUM_PROCESSES={t.hosts} KLONG_PROCESS_ID=$i $TRAINER_CMD > /tmp/trainer.log "
+             "2>&1\" &", "done", "",
+             f"# 3. {len(self.servers)} inference server(s), one "
+             f"{self.server_slice.accelerator} slice each, hot-reloading the trainer's policy dir."]
+    for i, s in enumerate(self.servers):
+      sname = f"{self.name}-{s.name}"
+      cmd = f"cd {self.site.repo_dir} && {shlex.join(s.executable.argv('python3'))}"
+      lines += [f"gcloud compute tpus tpu-vm create {sname} --zone={z} "
+                f"--accelerator-type={self.server_slice.accelerator} "
+                f"--version={self.site.tpu_runtime}",
+                f"gcloud compute tpus tpu-vm ssh {sname} --zone={z} --worker=all --command="
+                + shlex.quote(f"cd {self.site.repo_dir} && pip install -e '.[tpu]' && {mount}"),
+                f"export KLONG_SERVER_{i}=$(gcloud compute tpus tpu-vm describe {sname} --zone={z} "
+                "--format='value(networkEndpoints[0].ipAddress)')",
+                f"gcloud compute tpus tpu-vm ssh {sname} --zone={z} --worker=all --command="
+                f"\"{cmd} > /tmp/server.log 2>&1\" &"]
+    lines += ["", "# 4. CPU rollout fleet (server IPs substituted into the manifests).",
+              'envsubst < "$(dirname "$0")/fleet.yaml" | kubectl apply -f -', "", "wait", ""]
+    return "\n".join(lines)
+
+  def describe(self) -> str:
+    """The dry-run text: slices, mesh, per-host commands, servers, fleet summary."""
+    t = self.trainer_slice
+    out = [f"work unit {self.name}: workdir {self.workdir}"]
+    if self.overrides:
+      out.append(f"  overrides: {self.overrides}")
+    out += [f"  note: {n}" for n in self.notes]
+    out += [f"  trainer slice {t.accelerator}: {t.chips} chips, {t.hosts} hosts x "
+            f"{t.chips_per_host} chips; mesh {self.mesh} (product {t.chips})",
+            "  per-host trainer commands (jax.distributed.initialize from the KLONG_* env):"]
+    shown = range(t.hosts) if t.hosts <= 4 else [0, 1, t.hosts - 1]
+    for h in shown:
+      out.append(f"    [host {h}] {self.host_command(h)}")
+      if t.hosts > 4 and h == 1:
+        out.append(f"    ... hosts 2..{t.hosts - 2} identical but KLONG_PROCESS_ID ...")
+    out.append(f"  servers: {len(self.servers)} x {self.server_slice.accelerator} "
+               f"({self.server_slice.chips} chips each)")
+    for s in self.servers:
+      out.append(f"    [{s.name}] {shlex.join(s.executable.argv('python3'))}")
+    deps = [o for o in self.fleet if o["kind"] == "Deployment"]
+    pod = deps[0]["spec"]["template"]["spec"]
+    out.append(f"  rollout fleet: {sum(d['spec']['replicas'] for d in deps)} worker pods in "
+               f"{len(deps)} Deployment(s), runtime {self.site.sandbox_runtime} "
+               f"(runtimeClassName {pod.get('runtimeClassName', 'default')}), image "
+               f"{pod['containers'][0]['image']}")
+    out.append(f"    worker pod command: {pod['containers'][0]['command'][-1]}")
+    return "\n".join(out)
+
+  def files(self) -> dict[str, str]:
+    """File name -> text, as written by `write_plan`."""
+    hosts = "\n".join(self.host_command(h) for h in range(self.trainer_slice.hosts))
+    return {"plan.txt": self.describe() + "\n", "launch.sh": self.launch_script(),
+            "trainer_hosts.txt": hosts + "\n", "fleet.yaml": k8s.to_yaml(self.fleet)}
+
+
+def gcs_bucket(workdir: str) -> tuple[str, str]:
+  """'gs://b/runs/x' -> ('b', '/gcs/runs/x'): the bucket and the path every host sees."""
+  m = re.fullmatch(r"gs://([a-z0-9][a-z0-9._-]*)(/.*)?", workdir.rstrip("/"))
+  if not m:
+    raise ValueError(f"--workdir={workdir!r}: a pod run keeps its state in GCS; use gs://BUCKET/path")
+  return m.group(1), k8s.STREAM_MOUNT + (m.group(2) or "")
+
+
+def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: str, *,
+               tpu: str, server_tpu: str, servers: int, server_arg: str, fleet: int,
+               image: str, site: Site = Site(), init_checkpoint: str = "", tokenizer: str = "",
+               tasks: str = "", overrides: dict[str, Any] | None = None, name: str = ""
+               ) -> PodPlan:
+  """The whole pod plan for one work unit (pure: reads config files, calls nothing)."""
+  bucket, root = gcs_bucket(workdir)
+  trainer_slice = parse_slice(tpu)
+  server_slice = parse_slice(server_tpu)
+  if server_slice.hosts != 1:
+    raise ValueError(f"--server_tpu={server_tpu} spans {server_slice.hosts} hosts; the server is "
+                     "one process: use a single-host slice (e.g. v5p-8) and more --servers")
+  base = load_config(trainer_spec)
+  merged = ml_collections.ConfigDict(base.to_dict())
+  merged.model = ml_collections.ConfigDict(preset.model.to_dict())
+  merged.mesh = ml_collections.ConfigDict(preset.mesh.to_dict())
+  merged = local.apply_overrides(merged, overrides or {})
+  mesh = resolve_mesh(merged.mesh, trainer_slice.chips)
+  check_model_fits_mesh(merged.model, mesh)
+  notes = []
+  if merged.data.batch_size % trainer_slice.hosts:
+    old = merged.data.batch_size
+    merged.data.batch_size = trainer_slice.hosts * max(1, old // trainer_slice.hosts)
+    notes.append(f"data.batch_size {old} -> {merged.data.batch_size}: each of the "
+                 f"{trainer_slice.hosts} hosts loads an equal share of the global batch")
+  name = name or f"klong-{re.sub(r'[^a-z0-9-]', '-', preset.model.get('name', 'run').lower())}"
+  stream, policy = f"{root}/stream", f"{root}/policy"
+  tok = tokenizer or f"{root}/tokenizer.model"
+  task_dir = tasks or f"{root}/tasks/train"
+  model_name = name
+  cfg_path, _, cfg_arg = trainer_spec.partition(":")
+  trainer = xp.Job("trainer", xp.Executable("klong_jax.train.rl", {
+      "config": trainer_spec, "workdir": root, "stream": stream,
+      "init_checkpoint": init_checkpoint or None, **config_diff(base, merged)}), primary=True)
+  preset_name = _preset_name(merged.model)
+  server_jobs = [xp.Job(f"server{i}", xp.Executable("klong_jax.inference.server", {
+      "config": f"configs/serve_tiny.py:preset={preset_name},{server_arg}".rstrip(","),
+      "policy_dir": policy, "host": "0.0.0.0", "port": SERVER_PORT,
+      "config.serve.host": "0.0.0.0", "config.serve.port": SERVER_PORT,
+      "config.serve.tokenizer": tok, "config.serve.model_name": model_name}),
+      ready=f"http://$KLONG_SERVER_{i}:{SERVER_PORT}/health") for i in range(servers)]
+  runtime = site.sandbox_runtime
+  spec = k8s.FleetSpec(name=name, image=image, replicas=fleet, bucket=bucket, runtime=runtime)
+  objs: list[dict[str, Any]] = [k8s.namespace(spec), k8s.service_account(spec)]
+  ctx = merged.get("workers", {})
+  for i, n in enumerate(k8s.split_replicas(fleet, servers)):
+    if n == 0:
+      continue
+    args = xp.Executable("klong_jax.rollout.worker", {
+        "server": f"http://${{KLONG_SERVER_{i}}}:{SERVER_PORT}/v1", "tasks": task_dir,
+        "stream": stream, "tokenizer": tok, "model": model_name, "backend": k8s.backend(runtime),
+        "group_size": ctx.get("group_size", 8), "rounds": 1_000_000, "num_workers": 1,
+        "max_steps": ctx.get("max_steps", 1000),
+        "time_limit_s": ctx.get("time_limit_s", 7200.0)}).argv("python3")
+    objs.append(k8s.worker_deployment(spec, f"{name}-workers-s{i}", n, args))
+  return PodPlan(name=name, workdir=workdir, trainer_slice=trainer_slice, mesh=mesh,
+                 trainer=trainer, servers=server_jobs, server_slice=server_slice, fleet=objs,
+                 bucket=bucket, site=site, overrides=dict(overrides or {}), notes=notes)
+
+
+def _preset_name(model: ml_collections.ConfigDict) -> str:
+  """The configs/common.py preset whose shape fields match `model` (for the server config)."""
+  from configs import common  # noqa: PLC0415
+
+  for name, fields in common.MODEL_PRESETS.items():
+    if all(model.get(k) == v for k, v in fields.items() if k != "dtype"):
+      return name
+  raise ValueError("model matches no preset in configs/common.py MODEL_PRESETS; the server "
+                   "config is built from a preset name")
+
+
+def sweep_plans(preset: ml_collections.ConfigDict, workdir: str, sweep: list[str],
+                **kw: Any) -> list[PodPlan]:
+  """One PodPlan per `--sweep` override set (xmanager work units), each in `<workdir>/wu<i>`."""
+  sets = [local.parse_overrides(s) for s in sweep] or [{}]
+  plans = []
+  for i, ov in enumerate(sets):
+    wd = f"{workdir.rstrip('/')}/wu{i}" if sweep else workdir
+    base = f"klong-{_preset_name(preset.model).replace('_', '-')}"
+    plans.append(build_plan(preset, workdir=wd, overrides=ov,
+                            name=f"{base}-wu{i}" if sweep else base, **kw))
+  return plans
+
+
+def write_plan(plan: PodPlan, out_dir: str) -> list[str]:
+  """Writes the plan files (each to a temp name, then renamed); returns their paths."""
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  written = []
+  for fname, text in plan.files().items():
+    tmp = out / f".{fname}.tmp"
+    tmp.write_text(text)
+    tmp.rename(out / fname)
+    if fname.endswith(".sh"):
+      os.chmod(out / fname, 0o755) if not str(out).startswith("gs://") else None
+    written.append(str(out / fname))
+  return written
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if FLAGS.config is None or not FLAGS.workdir:
+    raise app.UsageError("--config (a model preset, e.g. configs/glm45_air.py) and "
+                         "--workdir=gs://BUCKET/path are required")
+  try:
+    plans = _plans()
+  except (ValueError, KeyError, FileNotFoundError) as e:
+    raise app.UsageError(str(e)) from None
+  _emit(plans)
+
+
+def _plans() -> list[PodPlan]:
+  return sweep_plans(
+      FLAGS.config, FLAGS.workdir, FLAGS.sweep, trainer_spec=_TRAINER_CONFIG.value,
+      tpu=_TPU.value, server_tpu=_SERVER_TPU.value, servers=_SERVERS.value,
+      server_arg=_SERVER_ARG.value, fleet=_FLEET.value, image=_IMAGE.value,
+      site=Site(zone=_ZONE.value, tpu_runtime=_RUNTIME_VERSION.value, repo_dir=_REPO.value,
+                sandbox_runtime=_RUNTIME.value),
+      init_checkpoint=FLAGS.init_checkpoint, tokenizer=FLAGS.tokenizer, tasks=FLAGS.tasks)
+
+
+def _emit(plans: list[PodPlan]) -> None:
+  """Prints (dry run) or writes each work unit's plan."""
+  for i, plan in enumerate(plans):
+    print(f"=== work unit {i + 1}/{len(plans)} ===")
+    if FLAGS.dry_run:
+      print(plan.describe())
+      print("--- launch.sh ---")
+      print(plan.launch_script())
+      print("--- fleet.yaml ---")
+      print(k8s.to_yaml(plan.fleet), flush=True)
+      continue
+    out = _OUT.value or os.path.join("runs", "launch")
+    out = os.path.join(out, f"wu{i}") if len(plans) > 1 else out
+    for path in write_plan(plan, out):
+      print(f"wrote {path}")
+    print(f"run it: bash {os.path.join(out, 'launch.sh')}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,142 @@
+"""launch/tpu.py + launch/k8s.py: slice shapes, mesh checks, per-host env, manifests, sweeps."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from launch import k8s, tpu
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+GLM = os.path.join(ROOT, "configs", "glm45_air.py")
+TRAINER = os.path.join(ROOT, "configs", "rl_tiny.py") + ":steps=200"
+
+
+def _plan(**kw):
+  args = dict(trainer_spec=TRAINER, tpu="v5p-256", server_tpu="v5p-8", servers=2,
+              server_arg="max_batch=64,max_len=32768", fleet=5, image="img:1")
+  args.update(kw)
+  preset = args.pop("preset", None) or tpu.load_config(GLM)
+  return tpu.build_plan(preset, workdir=args.pop("workdir", "gs://bkt/runs/r1"), **args)
+
+
+@pytest.mark.parametrize("name,chips,hosts", [
+    ("v5p-256", 128, 32), ("v5p-8", 4, 1), ("v4-128", 64, 16), ("v6e-64", 64, 16),
+    ("v5litepod-8", 8, 1), ("v6e-4", 4, 1)])
+def test_parse_slice(name, chips, hosts):
+  s = tpu.parse_slice(name)
+  assert (s.chips, s.hosts) == (chips, hosts)
+
+
+@pytest.mark.parametrize("bad", ["v9-8", "v5p", "tpu-256", "v5p-3"])
+def test_parse_slice_rejects(bad):
+  with pytest.raises(ValueError, match="v5p"):
+    tpu.parse_slice(bad)
+
+
+def test_glm_on_v5p_256_plan():
+  plan = _plan()
+  assert plan.mesh == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1}
+  assert plan.trainer_slice.hosts == 32
+  # One process per host, each with the env contract maybe_initialize_distributed reads.
+  envs = [plan.host_env(h) for h in range(32)]
+  assert [e["KLONG_PROCESS_ID"] for e in envs] == [str(h) for h in range(32)]
+  assert {e["KLONG_NUM_PROCESSES"] for e in envs} == {"32"}
+  assert {e["KLONG_COORDINATOR"] for e in envs} == {"${COORDINATOR}:8476"}
+  argv = plan.trainer.executable.argv("python3")
+  assert argv[:3] == ["python3", "-m", "klong_jax.train.rl"]
+  # The preset's model/mesh reach the RL trainer as config overrides; global batch splits by host.
+  assert "--config.model.num_experts=128" in argv and "--config.mesh.expert=8" in argv
+  assert "--config.data.batch_size=32" in argv and plan.notes
+  assert "--workdir=/gcs/runs/r1" in argv and "--stream=/gcs/runs/r1/stream" in argv
+  files = plan.files()
+  assert len(files["trainer_hosts.txt"].splitlines()) == 32
+  assert "KLONG_PROCESS_ID=31 " in files["trainer_hosts.txt"]
+  script = files["launch.sh"]
+  for needle in ("--accelerator-type=v5p-256", "--worker=all", "for i in $(seq 0 31)",
+                 "--accelerator-type=v5p-8", "KLONG_SERVER_1=", "kubectl apply"):
+    assert needle in script, needle
+  r = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+  assert r.returncode == 0, r.stderr
+
+
+def test_fleet_manifests():
+  plan = _plan(fleet=5, site=tpu.Site(sandbox_runtime="docker-socket"))
+  docs = list(yaml.safe_load_all(k8s.to_yaml(plan.fleet)))
+  assert [d["kind"] for d in docs] == ["Namespace", "ServiceAccount", "Deployment", "Deployment"]
+  deps = docs[2:]
+  assert [d["spec"]["replicas"] for d in deps] == [3, 2]  # 5 pods over 2 servers
+  for i, d in enumerate(deps):
+    pod = d["spec"]["template"]["spec"]
+    assert "runtimeClassName" not in pod
+    assert {v["name"] for v in pod["volumes"]} == {"gcs", "docker-sock"}
+    assert pod["volumes"][0]["csi"]["volumeAttributes"]["bucketName"] == "bkt"
+    cmd = pod["containers"][0]["command"][-1]
+    assert f"--server=http://${{KLONG_SERVER_{i}}}:8000/v1" in cmd
+    assert "--backend=docker" in cmd and "klong_jax.rollout.image --ensure" in cmd
+    assert d["spec"]["selector"]["matchLabels"] == d["spec"]["template"]["metadata"]["labels"]
+
+
+@pytest.mark.parametrize("runtime,klass,backend", [("sysbox", "sysbox-runc", "docker"),
+                                                   ("gvisor", "gvisor", "local")])
+def test_sandbox_runtimes(runtime, klass, backend):
+  plan = _plan(fleet=2, servers=1, site=tpu.Site(sandbox_runtime=runtime))
+  dep = [o for o in plan.fleet if o["kind"] == "Deployment"][0]
+  pod = dep["spec"]["template"]["spec"]
+  assert pod["runtimeClassName"] == klass
+  assert all(v["name"] != "docker-sock" for v in pod["volumes"])
+  assert f"--backend={backend}" in pod["containers"][0]["command"][-1]
+
+
+def test_bad_inputs_name_the_fix():
+  with pytest.raises(ValueError, match="gs://BUCKET"):
+    _plan(workdir="/local/dir")
+  with pytest.raises(ValueError, match="single-host slice"):
+    _plan(server_tpu="v5p-32")
+  with pytest.raises(ValueError, match="do not divide 128 devices"):
+    _plan(overrides={"mesh.expert": 3})  # 3 does not divide 128 chips
+  with pytest.raises(ValueError, match="num_experts"):
+    _plan(tpu="v5p-512", overrides={"mesh.expert": 256})  # 256 experts-axis > 128 experts
+  with pytest.raises(KeyError, match="no field"):
+    _plan(overrides={"rl.not_a_field": 1})
+  with pytest.raises(ValueError, match="runtime"):
+    k8s.FleetSpec(name="x", image="i", replicas=1, bucket="b", runtime="kata")
+
+
+def test_sweep_work_units():
+  preset = tpu.load_config(GLM)
+  plans = tpu.sweep_plans(preset, "gs://bkt/sweep", ["rl.kl_coef=0.02", "mesh.expert=16"],
+                          trainer_spec=TRAINER, tpu="v5p-256", server_tpu="v5p-8", servers=1,
+                          server_arg="", fleet=2, image="img")
+  assert [p.name for p in plans] == ["klong-glm45-air-wu0", "klong-glm45-air-wu1"]
+  assert [p.workdir for p in plans] == ["gs://bkt/sweep/wu0", "gs://bkt/sweep/wu1"]
+  a0, a1 = (p.trainer.executable.argv() for p in plans)
+  assert "--config.rl.kl_coef=0.02" in a0 and "--config.rl.kl_coef=0.02" not in a1
+  assert plans[1].mesh["expert"] == 16 and plans[1].mesh["fsdp"] == 8
+  assert plans[0].mesh["expert"] == 8
+
+
+def test_write_plan(tmp_path):
+  plan = _plan(fleet=1, servers=1)
+  paths = tpu.write_plan(plan, str(tmp_path / "out"))
+  names = sorted(os.listdir(tmp_path / "out"))
+  assert names == ["fleet.yaml", "launch.sh", "plan.txt", "trainer_hosts.txt"]  # no temp files
+  assert len(paths) == 4 and os.access(tmp_path / "out" / "launch.sh", os.X_OK)
+  assert list(yaml.safe_load_all((tmp_path / "out" / "fleet.yaml").read_text()))[-1]["kind"] == \
+      "Deployment"
+
+
+def test_cli_dry_run():
+  r = subprocess.run(
+      [sys.executable, "launch/tpu.py", "--config=configs/glm45_air.py", "--tpu=v5p-256",
+       "--workdir=gs://bkt/runs/r1", "--dry_run", "--sweep=rl.kl_coef=0.02",
+       "--sweep=rl.kl_coef=0.05"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  out = r.stdout
+  assert out.count("=== work unit") == 2
+  assert "mesh {'data': 1, 'fsdp': 16, 'expert': 8, 'tensor': 1}" in out
+  assert "32 hosts x 4 chips" in out and "kind: Deployment" in out
+  assert "wrote " not in out  # dry run writes nothing

@@ -1,0 +1,92 @@
+"""Stream exactly-once: claims, control file, and a worker SIGKILLed mid-write then restarted."""
+
+import glob
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from klong_jax.data.schema import from_bytes
+from klong_jax.data.shards import list_shards, read_shard
+from klong_jax.rollout.stream import Stream, read_control, write_json_atomic
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def test_claim_is_exclusive_and_restart_reuses_shard(tmp_path):
+  a, b = Stream(str(tmp_path), "a"), Stream(str(tmp_path), "b")
+  shard = a.claim("g1", 0)
+  assert shard and shard.endswith("/0/a-000000.array_record")
+  assert b.claim("g1", 0) is None  # Held by a live process (this one).
+  a2 = Stream(str(tmp_path), "a")  # "a" restarted: its old claim is stale; same shard path.
+  a2_pid = os.getpid()
+  claim = json.loads((tmp_path / "ledger/claims/g1.json").read_text())
+  claim["pid"] = a2_pid + 10_000_000  # A pid that cannot be alive.
+  (tmp_path / "ledger/claims/g1.json").write_text(json.dumps(claim))
+  assert a2.claim("g1", 0) == shard
+  a2.publish("g1", shard, [b"r1", b"r2"])
+  assert a2.is_done("g1") and b.claim("g1", 0) is None
+  assert list(read_shard(shard)) == [b"r1", b"r2"]
+  assert Stream(str(tmp_path), "a")._seq == 1
+
+
+def test_control_file(tmp_path):
+  assert read_control(str(tmp_path)).stage == 0
+  write_json_atomic(tmp_path / "control.json", {"stage": 2, "time_limit_s": 30})
+  c = read_control(str(tmp_path))
+  assert (c.stage, c.time_limit_s, c.policy_min_version) == (2, 30.0, -1)
+  (tmp_path / "control.json").write_text('{"stag": 1}')
+  with pytest.raises(ValueError, match="unknown keys"):
+    read_control(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def teacher_url():
+  from klong_jax.agent.policy_server import serve_in_thread
+  from klong_jax.factory.teacher import ScriptedTeacher
+  url, stop = serve_in_thread(ScriptedTeacher(skill=1.0, seed=0))
+  yield url
+  stop()
+
+
+def test_sigkill_mid_write_then_restart(tmp_path, teacher_url):
+  from klong_jax.data.tokenizer import default_tokenizer
+  from klong_jax.tasks import bundled_tasks_dir
+  default_tokenizer(tmp_path / "tok")
+  tok = glob.glob(str(tmp_path / "tok" / "*.model"))[0]
+  tasks = tmp_path / "tasks"
+  for t in sorted(os.listdir(bundled_tasks_dir()))[:2]:
+    shutil.copytree(os.path.join(bundled_tasks_dir(), t), tasks / t)
+  stream = tmp_path / "stream"
+  write_json_atomic(stream / "control.json", {"stage": 1, "time_limit_s": 60})
+  base = [sys.executable, "-m", "klong_jax.rollout.worker", f"--server={teacher_url}",
+          f"--tasks={tasks}", f"--stream={stream}", f"--tokenizer={tok}", "--group_size=1",
+          "--backend=local", "--worker=w", "--max_steps=6"]
+  env = {**os.environ, "PYTHONPATH": REPO}
+  proc = subprocess.Popen(base + ["--pause_before_publish_s=30"], env=env, cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 90
+  while not glob.glob(str(stream / "1" / ".*tmp-*")):  # A shard is being written.
+    assert time.time() < deadline and proc.poll() is None, "worker never started a shard"
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert list_shards(str(stream)) == []  # Nothing partial is visible to readers.
+  subprocess.run(base, env=env, cwd=REPO, check=True, timeout=120,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  shards = list_shards(str(stream))
+  recs = [from_bytes(r) for s in shards for r in read_shard(s)]
+  assert len(shards) == 2 and len(recs) == 2
+  assert sorted(r.id for r in recs) == sorted({r.id for r in recs})  # No duplicates.
+  assert {r.group_id for r in recs} == {f"{t}-s1-r0" for t in os.listdir(tasks)}
+  assert all(r.stage == 1 and r.status == "completed" and r.reward == 1.0 for r in recs)
+  assert all(r.prefix_end > 0 and r.num_loss_tokens > 0 for r in recs)
+  # A third run finds everything done and writes nothing.
+  subprocess.run(base, env=env, cwd=REPO, check=True, timeout=60,
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  assert list_shards(str(stream)) == shards

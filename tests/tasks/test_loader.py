@@ -1,0 +1,89 @@
+"""Task loading: PaperBench layout quirks, the bundled suite, its split and its generator."""
+
+import filecmp
+import glob
+import os
+
+import pytest
+
+from klong_jax.grading.rubric import CATEGORIES
+from klong_jax.tasks import (
+  TaskError,
+  build_suite,
+  bundled_tasks_dir,
+  list_tasks,
+  load_task,
+  parse_blacklist,
+)
+from klong_jax.tasks.families import FAMILIES
+
+PB = "/work/shared/paperbench/papers"
+
+
+def test_parse_blacklist():
+  assert parse_blacklist("none") == []
+  assert parse_blacklist("\n# c\nhttps://a/b\n\nhttps://c/d") == ["https://a/b", "https://c/d"]
+
+
+@pytest.mark.skipif(not os.path.isdir(PB), reason="PaperBench reference files not present")
+@pytest.mark.parametrize("d", sorted(glob.glob(f"{PB}/*")))
+def test_paperbench_layout_loads(d):
+  t = load_task(d, require_rubric=False)
+  name = os.path.basename(d)
+  assert t.id == {"stochastic-interpolants": "stochastic-interpolant"}.get(name, name)
+  assert t.title
+  if name == "semantic-self-consistency":
+    assert t.blacklist == []
+  else:
+    assert len(t.blacklist) == 1 and t.blacklist[0].startswith("https://github.com/")
+  if name == "lbcs":
+    assert t.rubric is None and len(t.addendum_md) > 1000
+    with pytest.raises(TaskError, match="no rubric.json"):
+      load_task(d)
+  else:
+    assert sum(1 for _ in t.rubric.leaves()) > 50
+
+
+def test_bundled_suite_shape():
+  dirs = list_tasks(bundled_tasks_dir())
+  assert len(dirs) >= 20
+  train = list_tasks(bundled_tasks_dir(), split="train")
+  held = list_tasks(bundled_tasks_dir(), split="heldout")
+  assert len(train) + len(held) == len(dirs) and len(held) >= 5
+  fam_train = {load_task(d).config["family"] for d in train}
+  fam_held = {load_task(d).config["family"] for d in held}
+  assert fam_held <= fam_train == {f.name for f in FAMILIES}
+  ids = set()
+  for d in dirs:
+    t = load_task(d)
+    ids.add(t.id)
+    leaves = list(t.rubric.leaves())
+    assert all(lf.check is not None for lf in leaves)
+    assert {lf.task_category for lf in leaves} == set(CATEGORIES)
+    assert len({lf.weight for lf in leaves}) > 1
+    assert t.blacklist and t.paper_md.startswith("# ") and t.addendum_md
+  assert len(ids) == len(dirs)
+
+
+def test_bundled_suite_matches_generator(tmp_path):
+  build_suite.build(str(tmp_path))
+  ours = bundled_tasks_dir()
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      n for n in os.listdir(ours) if os.path.isdir(os.path.join(ours, n)))
+  for name in os.listdir(tmp_path):
+    for f in os.listdir(tmp_path / name):
+      assert filecmp.cmp(tmp_path / name / f, os.path.join(ours, name, f), shallow=False), (
+          f"{name}/{f} is stale: run python -m klong_jax.tasks.build_suite")
+
+
+def test_bad_task_dirs(tmp_path):
+  with pytest.raises(TaskError, match="does not exist"):
+    load_task(str(tmp_path / "nope"))
+  (tmp_path / "config.yaml").write_text("split: validation\n")
+  with pytest.raises(TaskError, match="split"):
+    load_task(str(tmp_path))
+  (tmp_path / "config.yaml").write_text("id: x\n")
+  (tmp_path / "files").mkdir()
+  (tmp_path / "files" / "data.csv").write_text("1,2\n")
+  t = load_task(str(tmp_path), require_rubric=False)
+  assert t.id == "x" and t.files == {"data.csv": b"1,2\n"} and t.split == "train"

@@ -1,0 +1,71 @@
+"""Checkpointer: state + Grain iterator + JSON round trip, keep-N, best-by-metric, resharding."""
+
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from klong_jax.train import checkpoint
+
+
+def _mesh():
+  return jax.make_mesh((4, 2), ("data", "fsdp"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+
+def _state(mesh, spec, seed=0):
+  w = jax.random.normal(jax.random.key(seed), (8, 4))
+  return {"params": {"w": jax.device_put(w, NamedSharding(mesh, spec))},
+          "step": jnp.int32(seed)}
+
+
+def test_roundtrip_with_data_iterator_extra_and_resharding(tmp_path):
+  mesh = _mesh()
+  ds = grain.MapDataset.range(50).shuffle(seed=3).to_iter_dataset()
+  it = iter(ds)
+  for _ in range(7):
+    next(it)
+  state = _state(mesh, P("fsdp", None), seed=5)
+  with checkpoint.Checkpointer(str(tmp_path), save_every=1) as ck:
+    assert ck.save(7, state, data_iter=it, extra={"cursor": {"shard": "a", "record": 3}})
+  expected_next = [next(it) for _ in range(3)]
+  # Restore into a different layout: rows over data, cols over fsdp.
+  target = _state(mesh, P("data", "fsdp"), seed=0)
+  it2 = iter(ds)
+  with checkpoint.Checkpointer(str(tmp_path)) as ck:
+    assert ck.latest_step() == 7
+    got, extra = ck.restore(target, data_iter=it2)
+  np.testing.assert_array_equal(got["params"]["w"], state["params"]["w"])
+  assert got["params"]["w"].sharding.spec == P("data", "fsdp")
+  assert int(got["step"]) == 5 and extra == {"cursor": {"shard": "a", "record": 3}}
+  assert [next(it2) for _ in range(3)] == expected_next
+
+
+def test_keep_n_and_save_interval(tmp_path):
+  mesh = _mesh()
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=2, save_every=2) as ck:
+    started = [ck.save(s, _state(mesh, P(), s)) for s in range(1, 7)]
+    ck.wait()
+    assert started == [False, True, False, True, False, True]
+    assert ck.all_steps() == [4, 6]
+
+
+def test_best_by_metric_keeps_lowest_loss(tmp_path):
+  mesh = _mesh()
+  losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 5.0}
+  with checkpoint.Checkpointer(str(tmp_path), max_to_keep=2, save_every=1,
+                               best_metric="loss", best_mode="min") as ck:
+    for s, v in losses.items():
+      ck.save(s, _state(mesh, P(), s), metrics={"loss": v})
+    ck.wait()
+    assert ck.all_steps() == [2, 3] and ck.best_step() == 2
+    with pytest.raises(ValueError, match="best_metric"):
+      ck.save(9, _state(mesh, P(), 9), metrics={"acc": 1.0})
+
+
+def test_restore_without_checkpoint_is_a_clear_error(tmp_path):
+  with checkpoint.Checkpointer(str(tmp_path)) as ck:
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+      ck.restore({"x": jnp.zeros(2)})
