@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: demo test lint bench image clean-venv
+.PHONY: demo test lint bench image clean-venv install host-tools
 
 # Idempotent install: re-runs only when setup.py changes.
 $(STAMP): setup.py
@@ -16,13 +16,25 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# Host tools the tests use when present: headless Chromium renders the eval report (one test).
+# Installed with apt-get as root; elsewhere the command is printed and that test skips.
+host-tools:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (headless report rendering test)"; \
+	    apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -qq >/dev/null 2>&1 && \
+	      apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1; } || \
+	    echo "warning: apt-get install chromium failed; the report rendering test will skip"; \
+	  else echo "optional: run 'sudo apt-get install chromium' for the report rendering test"; fi
+
 image: $(STAMP)
 	$(VPY) -m klong_jax.rollout.image --ensure
 
 demo: $(STAMP) image
 	$(VPY) -m klong_jax.demo --workdir=runs/demo
 
-test: $(STAMP)
+test: $(STAMP) host-tools
 	$(VPY) -m ruff check klong_jax tests configs launch benchmarks sandbox
 	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
 

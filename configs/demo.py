@@ -79,12 +79,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.workers.reproduce_timeout_s = 30.0
   c.workers.context_tokens = 2048   # = server max_len.
   c.workers.max_completion_tokens = 256  # A teacher turn is < 120 tokens.
+  # Sampling temperature of the RL rollouts; the trainer's rl.temperature is set to it.
+  c.workers.temperature = 1.0
 
   c.eval = ml_collections.ConfigDict()
   c.eval.episodes_per_task = 2      # Rollouts per held-out task per evaluation.
   c.eval.time_limit_s = 60.0
   c.eval.max_steps = 4
   c.eval.timeout_s = 900.0
+  c.eval.temperature = 1.0          # Held-out sampling temperature (same for SFT and RL).
 
   c.rl = ml_collections.ConfigDict()
   c.rl.config = "configs/rl_tiny.py"

@@ -37,6 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl.normalize_std = False     # Advantage = reward - group mean (KLong: no std division).
   config.rl.clip_low = 0.2
   config.rl.clip_high = 0.28
+  config.rl.temperature = 1.0         # = the workers' sampling temperature (logprobs use it).
   config.rl.kl_coef = 0.01            # KL(pi || pi_ref), pi_ref = params at the stage start.
   config.rl.kl_estimator = "k3"
   config.rl.ratio_cap = 4.0           # Dual-clip cap on stale tokens' ratio (0 = off).

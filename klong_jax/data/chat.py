@@ -113,7 +113,7 @@ class ChatFormat:
     """The `<|tools|>` block for tool specs (empty when there are none)."""
     if not tools:
       return []
-    return [self.tools_id] + self.tok.encode(json.dumps(list(tools))) + [self.end_id]
+    return [self.tools_id] + self.tok.encode_untrusted(json.dumps(list(tools))) + [self.end_id]
 
   def header(self, message: Mapping[str, Any], index: int = 0) -> list[int]:
     role = message.get("role") if isinstance(message, Mapping) else None
@@ -126,7 +126,8 @@ class ChatFormat:
     """Token ids of a message body (without header and end token)."""
     if message["role"] == "assistant":
       return self.tok.encode(assistant_text(message))
-    return self.tok.encode(message_text(message.get("content")))
+    # System, user and tool text comes from outside the model: never as special tokens.
+    return self.tok.encode_untrusted(message_text(message.get("content")))
 
   def render(self, messages: Sequence[Mapping[str, Any]],
              tools: Sequence[Mapping[str, Any]] | None = None) -> Rendered:

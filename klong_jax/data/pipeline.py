@@ -67,14 +67,18 @@ class ParseAndSplit(grain_exp.FlatMapTransform):
 
   def __init__(self, split: SplitConfig, vocab_size: int | None, strict: bool,
                drop_no_loss: bool, advantage_fn: Callable[[schema.Trajectory], float],
-               max_fan_out: int = 4096):
+               max_fan_out: int = 4096, max_consecutive_rejects: int | None = None):
     self.split = split
     self.vocab_size = vocab_size
     self.strict = strict
     self.drop_no_loss = drop_no_loss
     self.advantage_fn = advantage_fn
     self.max_fan_out = max_fan_out
+    # A repeating pipeline over shards whose every record is rejected would spin forever:
+    # after this many rejects in a row (one pass over the data) it raises instead.
+    self.max_consecutive_rejects = max_consecutive_rejects
     self._pending_rejects = 0
+    self._rejects_in_a_row = 0
 
   def flat_map(self, element: bytes) -> list[dict[str, np.ndarray]]:
     try:
@@ -87,6 +91,7 @@ class ParseAndSplit(grain_exp.FlatMapTransform):
         raise
       self._pending_rejects += 1
       logging.warning("rejected record: %s", e)
+      self._check_spin(str(e))
       return []
     feats = [packing.chunk_features(c) for c in chunks
              if not self.drop_no_loss or c.loss_mask.any()]
@@ -95,7 +100,18 @@ class ParseAndSplit(grain_exp.FlatMapTransform):
     if feats:
       feats[0]["rejects"][0] = self._pending_rejects
       self._pending_rejects = 0
+      self._rejects_in_a_row = 0
+    else:  # nothing to train on (no loss token): counts towards the spin guard too
+      self._check_spin(f"record {traj.id} has no loss token")
     return feats
+
+  def _check_spin(self, latest: str) -> None:
+    self._rejects_in_a_row += 1
+    if self.max_consecutive_rejects and self._rejects_in_a_row >= self.max_consecutive_rejects:
+      raise ValueError(
+          f"the last {self._rejects_in_a_row} records all yielded nothing to train on (latest: "
+          f"{latest}); a repeating pipeline would never produce a batch. Check that the shards "
+          "match the tokenizer/vocab and the split config (max_len vs the fixed prefix)")
 
 
 def _stack_padded(rows: Sequence[dict[str, np.ndarray]], batch_size: int
@@ -144,13 +160,15 @@ def make_sft_dataset(paths: Sequence[str], cfg: PipelineConfig,
   ds = grain.MapDataset.source(NamedShardSource(paths))
   if cfg.process_count > 1:
     ds = ds[cfg.process_index::cfg.process_count]
+  guard = len(ds) if cfg.num_epochs != 1 else None  # repeating: fail after a pass of nothing
   if cfg.shuffle:
     ds = ds.shuffle(seed=cfg.seed)
   if cfg.num_epochs != 1:
     ds = ds.repeat(cfg.num_epochs)
   it = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads, prefetch_buffer_size=16))
   it = grain_exp.FlatMapIterDataset(
-      it, ParseAndSplit(cfg.split, cfg.vocab_size, cfg.strict, cfg.drop_no_loss, advantage_fn))
+      it, ParseAndSplit(cfg.split, cfg.vocab_size, cfg.strict, cfg.drop_no_loss, advantage_fn,
+                        max_consecutive_rejects=guard))
   lengths = {k: cfg.row_len for k in (*packing.CHUNK_FEATURES, "rejects")}
   it = grain_exp.FirstFitPackIterDataset(it, length_struct=lengths,
                                          num_packing_bins=cfg.batch_size, shuffle_bins=False)

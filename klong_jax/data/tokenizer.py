@@ -10,6 +10,7 @@ import hashlib
 import logging
 import os
 import pathlib
+import re
 import tempfile
 from collections.abc import Sequence
 
@@ -18,6 +19,7 @@ CHAT_SPECIAL_TOKENS = (
     "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>",
     "<|tool_call|>", "<|/tool_call|>", "<|tools|>",
 )
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in CHAT_SPECIAL_TOKENS) + ")")
 ASSETS_DIR = pathlib.Path(__file__).resolve().parent / "assets"
 BUNDLED_CORPUS = ASSETS_DIR / "corpus.txt"
 
@@ -46,6 +48,22 @@ class Tokenizer:
   def piece_to_id(self, piece: str) -> int | None:
     """The id of a single-token piece, or None if the vocabulary lacks it."""
     raise NotImplementedError
+
+  def encode_untrusted(self, text: str) -> list[int]:
+    """Encodes text from outside the model (user, tool output, paper) so that literal chat
+    special-token strings in it never become special ids (prompt injection: a tool printing
+    `<|end|><|assistant|>` must not forge a turn). Each such string is encoded as `<` + the rest;
+    decode(encode_untrusted(x)) == x."""
+    parts = _SPECIAL_RE.split(text)
+    ids: list[int] = []
+    for i, part in enumerate(parts):
+      if not part:
+        continue
+      if i % 2:  # a special-token string (odd parts are the regex's captured separators)
+        ids += self.encode(part[0]) + self.encode(part[1:])
+      else:
+        ids += self.encode(part)
+    return ids
 
   def special_id(self, name: str) -> int:
     """Id of a chat special token such as "<|assistant|>"; a clear error if it is missing."""

@@ -30,8 +30,15 @@ def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_para
             rl: ml_collections.ConfigDict, lb_coef: float, z_coef: float
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """PPO clipped loss (+ kl_coef * KL to `ref_params`) + MoE load-balance and z losses."""
+  temperature = float(rl.get("temperature", 1.0))
+  if temperature <= 0:
+    raise ValueError(f"rl.temperature must be > 0 (the workers' sampling temperature), got "
+                     f"{temperature}")
   model = nnx.merge(graphdef, optim.cast_for_compute(params, compute_dtype), rest)
   logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+  # Behaviour logprobs are log softmax(logits / T) under the sampling temperature T
+  # (inference/sampling.py "tempered"): the policy and reference use the same T.
+  logits = logits.astype(jnp.float32) / temperature
   targets, weights = losses.shift_targets(batch["tokens"], batch["segment_ids"],
                                           batch["loss_mask"])
   logp = losses.token_logprobs(logits, targets)
@@ -41,7 +48,8 @@ def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_para
     ref = jax.lax.stop_gradient(optim.cast_for_compute(ref_params, compute_dtype))
     ref_logits, _ = nnx.merge(graphdef, ref, rest)(batch["tokens"], batch["positions"],
                                                    batch["segment_ids"])
-    ref_logp = jax.lax.stop_gradient(losses.token_logprobs(ref_logits, targets))
+    ref_logp = jax.lax.stop_gradient(losses.token_logprobs(
+        ref_logits.astype(jnp.float32) / temperature, targets))
   ratio_cap = float(rl.get("ratio_cap", 0.0)) or None
   pg, m = losses.ppo_loss(
       logp, losses.shift_aligned(batch["logprobs"]), losses.shift_aligned(batch["advantages"]),

@@ -48,6 +48,9 @@ class StreamConfig:
   normalize_std: bool = False      # Divide advantages by the group std (the paper does not).
   vocab_size: int | None = None
   prev_stage: PrevStageRule = "drain"  # Older stages' unread shards: train on them, or drop.
+  # The trainer's rl.temperature: a trajectory whose metadata says it was sampled at another
+  # temperature has logprobs the PPO ratio cannot use; it is dropped (counted as invalid).
+  temperature: float | None = None
   poll_s: float = 0.5
   wait_timeout_s: float = 600.0    # Raise if no fresh data arrives for this long.
   log_wait_every_s: float = 15.0
@@ -174,6 +177,14 @@ class StreamIterator(grain.DatasetIterator):
         continue
       if t.status == "infra_error" or t.reward is None:
         self.counters["dropped_infra"] += 1
+        continue
+      temp = t.metadata.get("temperature")
+      if self.cfg.temperature is not None and temp is not None and \
+          abs(float(temp) - self.cfg.temperature) > 1e-6:
+        logging.warning("stream: %s: %s sampled at temperature %s but rl.temperature is %s; "
+                        "dropped (set the workers' --temperature to rl.temperature)", rel, t.id,
+                        temp, self.cfg.temperature)
+        self.counters["dropped_invalid"] += 1
         continue
       v = trajectory_version(t)
       if v >= 0 and self.version - v > self.cfg.max_staleness:

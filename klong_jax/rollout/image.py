@@ -10,6 +10,7 @@ definition in `sandbox/`, so `--ensure` is a no-op when nothing changed.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import os
@@ -184,9 +185,16 @@ def ensure_image() -> str:
   tag = image_tag()
   if image_exists(tag):
     return tag
-  t0 = time.time()
-  build_image(client)
-  logging.info("built %s in %.1fs", tag, time.time() - t0)
+  # One build per host: concurrent callers (pytest-xdist workers, demo + tests) wait on a lock
+  # and then find the image built.
+  lock_path = os.path.join(tempfile.gettempdir(), "klong-sandbox-build.lock")
+  with open(lock_path, "a+") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if image_exists(tag):
+      return tag
+    t0 = time.time()
+    build_image(client)
+    logging.info("built %s in %.1fs", tag, time.time() - t0)
   return tag
 
 

@@ -53,6 +53,9 @@ class WorkerConfig:
   reproduce_timeout_s: float = 300.0
   context_tokens: int = 32768
   max_completion_tokens: int = 2048
+  # Sampling temperature; the RL trainer must use the same one (rl.temperature), since the
+  # recorded logprobs are log softmax(logits / T) (inference/sampling.py, "tempered").
+  temperature: float = 1.0
   infra_retries: int = 2
   infra_backoff_s: float = 2.0
   request_retries: int = 3
@@ -97,7 +100,7 @@ class Worker:
         model=cfg.model, max_steps=cfg.max_steps, time_limit_s=time_limit_s,
         tool_timeout_s=min(cfg.tool_timeout_s, time_limit_s),
         context_tokens=cfg.context_tokens, max_completion_tokens=cfg.max_completion_tokens,
-        request_retries=cfg.request_retries)
+        request_retries=cfg.request_retries, temperature=cfg.temperature)
     prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
                                        task.paper_md, task.addendum_md, time_limit_s)
     state: dict[str, Any] = {}
@@ -121,7 +124,7 @@ class Worker:
             "timings": {"agent_s": agent_s, "total_s": time.time() - t0, "retry_s": ep.retry_s},
             "metadata": {"end_reason": ep.end_reason, "steps": ep.steps, "trims": ep.trims,
                          "malformed_calls": ep.malformed_calls, "grade": details,
-                         "reproduce_exit": repro.exit_code},
+                         "reproduce_exit": repro.exit_code, "temperature": cfg.temperature},
             "sandbox": {"backend": cfg.backend}}
 
   def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:
@@ -283,7 +286,7 @@ def _define_flags() -> None:
   """Defines the command-line flags (only when run as a program, so that importing this
   module next to other entry points never clashes on flag names)."""
   global _SERVER, _TASKS, _STREAM, _TOKENIZER, _GROUP, _WORKERS, _ROUNDS, _NAME
-  global _BACKEND, _MODEL, _STEPS, _TIME, _REPRO, _PAUSE, _CONTEXT, _COMPLETION
+  global _BACKEND, _MODEL, _STEPS, _TIME, _REPRO, _PAUSE, _CONTEXT, _COMPLETION, _TEMP
   _SERVER = flags.DEFINE_string("server", None, "OpenAI-compatible base URL (…/v1).")
   _TASKS = flags.DEFINE_string("tasks", None, "Directory of task dirs.")
   _STREAM = flags.DEFINE_string("stream", None, "Stream directory (shards + ledger + control).")
@@ -300,6 +303,8 @@ def _define_flags() -> None:
   _PAUSE = flags.DEFINE_float("pause_before_publish_s", 0.0, "Test hook: sleep before publishing.")
   _CONTEXT = flags.DEFINE_integer("context_tokens", 32768, "Model context (history is trimmed).")
   _COMPLETION = flags.DEFINE_integer("max_completion_tokens", 2048, "Completion tokens per call.")
+  _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (= the RL trainer's "
+                             "rl.temperature; recorded in each trajectory's metadata).")
 
 
 def main(argv: list[str]) -> None:
@@ -313,7 +318,7 @@ def main(argv: list[str]) -> None:
                      backend=_BACKEND.value, model=_MODEL.value, max_steps=_STEPS.value,
                      time_limit_s=_TIME.value, reproduce_timeout_s=_REPRO.value,
                      pause_before_publish_s=_PAUSE.value, context_tokens=_CONTEXT.value,
-                     max_completion_tokens=_COMPLETION.value)
+                     max_completion_tokens=_COMPLETION.value, temperature=_TEMP.value)
   run_fleet(cfg, _WORKERS.value)
 
 

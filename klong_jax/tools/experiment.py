@@ -196,7 +196,7 @@ def server_job(c: Any, name: str, policy_dir: str, tokenizer: str, port: int) ->
 
 def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, tokenizer: str,
                 group_size: int, rounds: int, max_steps: int, time_limit_s: float,
-                primary: bool = False) -> list[Job]:
+                primary: bool = False, temperature: float = 1.0) -> list[Job]:
   """`c.workers.num` rollout worker processes sharing one stream (distinct names)."""
   return [Job(f"{prefix}{i}", Executable("klong_jax.rollout.worker", {
       "server": server, "tasks": tasks, "stream": stream, "tokenizer": tokenizer,
@@ -205,7 +205,8 @@ def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, token
       "backend": c.backend, "max_steps": max_steps, "time_limit_s": time_limit_s,
       "reproduce_timeout_s": c.workers.reproduce_timeout_s,
       "context_tokens": c.workers.get("context_tokens", None),
-      "max_completion_tokens": c.workers.get("max_completion_tokens", None)}), primary=primary)
+      "max_completion_tokens": c.workers.get("max_completion_tokens", None),
+      "temperature": temperature}), primary=primary)
       for i in range(c.workers.num)]
 
 
@@ -220,13 +221,15 @@ def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str,
   exp.add(Job("trainer", Executable("klong_jax.train.rl", {
       "config": _config_flag(c.rl.config, c.rl.arg), "workdir": workdir, "stream": stream,
       "init_checkpoint": init_checkpoint, "mode": c.rl.mode, "config.seed": c.seed,
+      # The trainer's logprobs must use the workers' sampling temperature (exact PPO ratios).
+      "config.rl.temperature": c.workers.get("temperature", 1.0),
       **config_overrides(c.get("model_overrides", "")), **config_overrides(c.rl.overrides)}),
       ready=f"file:{os.path.join(policy, '0')}", ready_timeout_s=c.server.ready_timeout_s,
       primary=True))
   exp.add(server_job(c, "server", policy, tokenizer, port))
   for j in worker_jobs(c, "worker", f"http://127.0.0.1:{port}/v1", tasks, stream, tokenizer,
                        c.workers.group_size, c.workers.rounds, c.workers.max_steps,
-                       c.workers.time_limit_s):
+                       c.workers.time_limit_s, temperature=c.workers.get("temperature", 1.0)):
     exp.add(j)
   return exp
 
@@ -240,6 +243,7 @@ def eval_experiment(c: Any, workdir: str, *, policy_dir: str, tokenizer: str, ta
   exp.add(server_job(c, "server", policy_dir, tokenizer, port))
   for j in worker_jobs(c, "eval", f"http://127.0.0.1:{port}/v1", tasks,
                        os.path.join(workdir, "stream"), tokenizer, c.eval.episodes_per_task, 1,
-                       c.eval.max_steps, c.eval.time_limit_s, primary=True):
+                       c.eval.max_steps, c.eval.time_limit_s, primary=True,
+                       temperature=c.eval.get("temperature", 1.0)):
     exp.add(j)
   return exp

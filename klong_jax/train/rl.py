@@ -45,17 +45,23 @@ _INIT: Any = None
 _MODE: Any = None
 
 
-def load_init_params(path: str, params: Any) -> Any:
-  """Params from an SFT checkpoint (run dir or its checkpoints/), or a params-only policy dir.
+def load_init_params(path: str, params: Any, rest: Any) -> tuple[Any, Any]:
+  """(params, rest) from an SFT checkpoint (run dir or its checkpoints/), or a policy dir.
 
-  Restored onto `params`' shapes and shardings; the SFT optimizer state is not read.
+  `rest` holds the router's selection bias (updated outside the gradient during SFT): it is part
+  of the policy, so it is restored too (a params-only policy dir keeps `rest` as given). Restored
+  onto the targets' shapes and shardings; the SFT optimizer state is not read.
   """
+  from flax import nnx  # noqa: PLC0415
+
   path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "params")):  # one policy version
-    return _from_pure(reload.load_policy(path, params), params)
+  policy = path if os.path.isdir(os.path.join(path, "params")) else None
   latest = reload.latest_version(path)
-  if latest is not None and os.path.isdir(os.path.join(path, str(latest), "params")):
-    return _from_pure(reload.load_policy(os.path.join(path, str(latest)), params), params)
+  if policy is None and latest is not None and \
+      os.path.isdir(os.path.join(path, str(latest), "params")):
+    policy = os.path.join(path, str(latest))
+  if policy is not None:  # one policy version: params (+ router bias when it was saved)
+    return _from_pure(reload.load_policy(policy, nnx.merge_state(params, rest)), params, rest)
   ckdir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) \
       else path
   mgr = ocp.CheckpointManager(ckdir)
@@ -63,20 +69,33 @@ def load_init_params(path: str, params: Any) -> Any:
   if step is None:
     raise FileNotFoundError(f"--init_checkpoint={path} holds no SFT checkpoint (checkpoints/<step>)"
                             " nor a policy dir (<version>/params); pass the SFT run directory")
-  target = {"params": checkpoint.abstract_like(params)}
+  target = {"params": checkpoint.abstract_like(params), "rest": checkpoint.abstract_like(rest)}
   out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True)))
   mgr.close()
-  logging.info("init: params from SFT checkpoint %s step %d", ckdir, step)
-  return out["state"]["params"]
+  logging.info("init: params + router bias from SFT checkpoint %s step %d", ckdir, step)
+  return out["state"]["params"], out["state"]["rest"]
 
 
-def _from_pure(pure: dict, params: Any) -> Any:
-  from flax import nnx
-  new = jax.tree.map(lambda x: x, params)
-  nnx.replace_by_pure_dict(new, pure)
-  return new
+def _from_pure(pure: dict, params: Any, rest: Any) -> tuple[Any, Any]:
+  """Copies of (params, rest) with the leaves found in the pure dict `pure` replaced."""
+  from flax import nnx  # noqa: PLC0415
+  new_p, new_r = jax.tree.map(lambda x: x, params), jax.tree.map(lambda x: x, rest)
+  flat = dict(nnx.traversals.flatten_mapping(pure))
+  for state in (new_p, new_r):
+    keys = {k for k, _ in nnx.traversals.flatten_mapping(state.to_pure_dict()).items()}
+    part = nnx.traversals.unflatten_mapping({k: v for k, v in flat.items() if k in keys})
+    if part:
+      nnx.replace_by_pure_dict(state, part)
+  return new_p, new_r
+
+
+def policy_tree(params: Any, rest: Any) -> dict:
+  """What a policy version holds: params + router bias state, as one pure dict (what servers
+  load with `reload.load_policy`), so sampler and trainer route tokens identically."""
+  from flax import nnx  # noqa: PLC0415
+  return nnx.merge_state(params, rest).to_pure_dict()
 
 
 def stream_config(config: ml_collections.ConfigDict, stream: str, sync: bool) -> StreamConfig:
@@ -88,7 +107,8 @@ def stream_config(config: ml_collections.ConfigDict, stream: str, sync: bool) ->
                         train_overlap=d.get("train_overlap", False)),
       groups_per_step=r.groups_per_step, max_staleness=0 if sync else r.max_staleness,
       normalize_std=r.normalize_std, vocab_size=config.model.vocab_size,
-      prev_stage=r.prev_stage, poll_s=r.poll_s, wait_timeout_s=r.wait_timeout_s)
+      prev_stage=r.prev_stage, poll_s=r.poll_s, wait_timeout_s=r.wait_timeout_s,
+      temperature=float(r.get("temperature", 1.0)))
 
 
 class Publisher:
@@ -100,9 +120,9 @@ class Publisher:
     self.stream, self.curriculum, self.sync = stream, curriculum, sync
     self.version = -1
 
-  def publish(self, params: Any) -> int:
+  def publish(self, params: Any, rest: Any) -> int:
     self.version = max(self.version, reload.latest_version(self.root) or -1) + 1
-    reload.save_policy(self.root, self.version, params)
+    reload.save_policy(self.root, self.version, policy_tree(params, rest))
     logging.info("published policy version %d", self.version)
     return self.version
 
@@ -146,7 +166,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   resuming = resume and ckpt.latest_step() is not None
   if init_checkpoint and not resuming:
     logging.info("[4/7] init params from %s", init_checkpoint)
-    params = load_init_params(init_checkpoint, params)
+    params, rest = load_init_params(init_checkpoint, params, rest)
   else:
     logging.info("[4/7] init params: %s", "from the RL checkpoint" if resuming else
                  "random (no --init_checkpoint)")
@@ -174,7 +194,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
                             "checkpoint; use a fresh --workdir")
     logging.info("[6/7] fresh start")
     totals = {}
-  pub.publish(state.params)  # version 0 (fresh) or the restored params as a new version
+  pub.publish(state.params, state.rest)  # version 0 (fresh) or the restored params as a new version
   data_iter.set_policy_version(pub.version)
   data_iter.set_stage(cur.index)
   pub.write_control()
@@ -229,7 +249,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
       history.append(writer.write(step, m))
 
       if (info["element_last"] if sync else step % every == 0):
-        pub.publish(state.params)
+        pub.publish(state.params, state.rest)
         data_iter.set_policy_version(pub.version)
         pub.write_control()
       if cur.observe(step, reward):

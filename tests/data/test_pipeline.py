@@ -110,6 +110,17 @@ def test_malformed_records_counted_or_strict(data, tmp_path, tok):
                                                        shuffle=False)))
 
 
+def test_repeating_pipeline_over_only_rejects_fails_instead_of_spinning(data, tmp_path, tok):
+  _, trajs = data
+  too_big = trajs[0].to_json() | {"id": "too-big"}
+  too_big["tokens"] = [tok.vocab_size + 5] + too_big["tokens"][1:]
+  shards.write_shard(tmp_path / "bad.array_record",
+                     [b"{not json", json.dumps(too_big).encode()])
+  it = pipeline.make_sft_iterator(str(tmp_path), cfg(vocab_size=tok.vocab_size, num_epochs=None))
+  with pytest.raises(ValueError, match="all yielded nothing to train on.*too-big|not valid"):
+    next(it)
+
+
 def test_corrupt_shard_named_at_pipeline_start(tmp_path):
   p = tmp_path / "broken.array_record"
   p.write_bytes(b"x" * 100)

@@ -4,9 +4,13 @@ per-paper table, tree links, category and time charts, warnings, and a two-run c
 import json
 import os
 import re
+import shutil
+import subprocess
 import types
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from klong_jax.eval import report, runner
 
@@ -87,3 +91,28 @@ def test_report_only_a_single_seed_shows_na_standard_error(tmp_path):
   assert "**40.0** %" in md  # no "± …" with one seed
   page = report.html_report(str(tmp_path), s)
   assert "<svg" in page and "Title of p1" in page
+
+
+def _chromium() -> str | None:
+  for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
+    if path := shutil.which(name):
+      return path
+  return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (make test installs it "
+                    "with apt-get where it can: `apt-get install chromium`)")
+def test_html_renders_in_headless_chromium(two_runs, tmp_path):
+  """The self-contained page renders offline: a screenshot with the charts' colours in it."""
+  a, _, b, _ = two_runs
+  _, html_path = report.write_reports(str(b), compare_dir=str(a))
+  png = tmp_path / "report.png"
+  cmd = [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}",
+         "--window-size=1200,1400", f"--screenshot={png}", f"file://{html_path}"]
+  subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+  img = np.asarray(Image.open(png).convert("RGB"))
+  assert img.shape[:2] == (1400, 1200)
+  colours = {tuple(c) for c in img.reshape(-1, 3)[::37]}
+  assert len(colours) > 20, "blank page: the report did not render"
+  assert (img.std(axis=(0, 1)) > 10).all()

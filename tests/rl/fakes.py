@@ -8,7 +8,8 @@ from klong_jax.data import schema, shards
 
 
 def make_trajectory(tid: str, group_id: str, reward: float | None, version: int, n: int = 100,
-                    prefix: int = 20, stage: int = 0, seed: int = 0) -> schema.Trajectory:
+                    prefix: int = 20, stage: int = 0, seed: int = 0,
+                    metadata: dict | None = None) -> schema.Trajectory:
   """A rollout of `n` tokens: a `prefix`-token prompt, then alternating tool / policy turns."""
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, 500, size=n).astype(np.int32)
@@ -23,14 +24,16 @@ def make_trajectory(tid: str, group_id: str, reward: float | None, version: int,
   return schema.Trajectory(id=tid, task_id=group_id.split("-")[0], tokens=tokens,
                            loss_mask=mask, logprobs=logprobs, policy_version=pv,
                            prefix_end=prefix, group_id=group_id, stage=stage, status=status,
-                           reward=reward, turn_starts=sorted(set(turn_starts)))
+                           reward=reward, turn_starts=sorted(set(turn_starts)),
+                           metadata=dict(metadata or {}))
 
 
 def write_group(stream: str, stage: int, name: str, rewards: list[float | None], version: int,
-                n: int = 100, seed: int = 0) -> str:
+                n: int = 100, seed: int = 0, metadata: dict | None = None) -> str:
   """Publishes one group shard `<stream>/<stage>/<name>.array_record`; returns its path."""
   gid = f"t{name}-s{stage}"
-  trajs = [make_trajectory(f"{gid}-{i}", gid, r, version, n=n, stage=stage, seed=seed + i)
+  trajs = [make_trajectory(f"{gid}-{i}", gid, r, version, n=n, stage=stage, seed=seed + i,
+                           metadata=metadata)
            for i, r in enumerate(rewards)]
   path = os.path.join(stream, str(stage), f"{name}.array_record")
   shards.write_shard(path, [t.to_bytes() for t in trajs])

@@ -44,6 +44,14 @@ def test_publish_curriculum_crash_and_resume(tmp_path):
   assert out["start"] == 2 and out["step"] == 6 and out["stage"] == 1
   # Versions: restored params re-published as 2, then after steps 4 and 6.
   assert reload.list_versions(os.path.join(work, "policy")) == [0, 1, 2, 3, 4]
+  # The newest version is the final policy, router selection bias included (the bias moves during
+  # RL too: a params-only version would route tokens differently on the servers).
+  import jax
+  final = rl.policy_tree(out["state"].params, out["state"].rest)
+  got = reload.load_policy(os.path.join(work, "policy", "4"), final)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(final), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert any(np.abs(np.asarray(x)).max() > 0 for x in jax.tree.leaves(out["state"].rest))
   ctl = read_control(stream)
   assert ctl.stage == 1 and ctl.time_limit_s == 10.0 and ctl.policy_min_version == -1
 
@@ -80,16 +88,72 @@ def test_init_from_sft_checkpoint_and_policy_dir(tmp_path):
     m = rules_lib.create_sharded_model(from_config_dict(c.model), mesh, seed=seed)
     return step_lib.split_model(m)
   _, p1, r1 = params(1)
+  # SFT moved the router's selection bias (outside the gradient): it is part of the policy.
+  r1 = jax.tree.map(lambda x: x + 0.25 if np.issubdtype(x.dtype, np.floating) else x, r1)
+  assert jax.tree.leaves(r1), "the tiny model must carry router bias state"
   tx = optim.make_optimizer(c.optim)
   state = step_lib.init_state(p1, r1, tx, step_lib.state_shardings(p1, r1, tx, mesh,
                                                                    rules_lib.LOGICAL_RULES))
   with checkpoint.Checkpointer(str(tmp_path / "sft" / "checkpoints"), async_save=False) as ck:
     ck.save(7, state, force=True)
-  reload.save_policy(tmp_path / "pol", 3, p1)
-  _, p0, _ = params(0)
-  for src in (tmp_path / "sft", tmp_path / "pol", tmp_path / "pol" / "3"):
-    got = rl.load_init_params(str(src), p0)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(p1), strict=True):
+  reload.save_policy(tmp_path / "pol", 3, rl.policy_tree(p1, r1))
+  reload.save_policy(tmp_path / "params_only", 0, p1)
+  _, p0, r0 = params(0)
+  def same(x, y):
+    for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for src in (tmp_path / "sft", tmp_path / "pol", tmp_path / "pol" / "3"):
+    got_p, got_r = rl.load_init_params(str(src), p0, r0)
+    same(got_p, p1)
+    same(got_r, r1)
+  got_p, got_r = rl.load_init_params(str(tmp_path / "params_only"), p0, r0)
+  same(got_p, p1)
+  same(got_r, r0)  # A params-only policy keeps the given router state.
   with pytest.raises(FileNotFoundError, match="no SFT checkpoint"):
-    rl.load_init_params(str(tmp_path), p0)
+    rl.load_init_params(str(tmp_path), p0, r0)
+
+
+@pytest.mark.slow
+def test_sigkilled_trainer_process_resumes_exactly_once(tmp_path):
+  """The trainer as a separate process, SIGKILLed mid-run (no cleanup, maybe mid-save), then
+  restarted on the same workdir: every trajectory is trained in exactly one step."""
+  import signal
+  import subprocess
+  import sys
+  import time
+
+  stream, work = str(tmp_path / "stream"), str(tmp_path / "run")
+  for i in range(4):
+    write_group(stream, 0, f"a{i}", [1.0, 0.0, 0.5], version=0, seed=10 * i)
+    write_group(stream, 1, f"b{i}", [0.0, 1.0, 1.0], version=0, seed=10 * i + 5)
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  argv = [sys.executable, "-m", "klong_jax.train.rl",
+          "--config=configs/rl_tiny.py:runlocal,steps=6,stage_steps=4,batch=8,row_len=128,"
+          "staleness=100", "--config.optim.lr=0.01", f"--workdir={work}", f"--stream={stream}"]
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+             JAX_PLATFORMS="cpu")
+  log = os.path.join(work, "consumed.jsonl")
+  proc = subprocess.Popen(argv, cwd=repo, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+  try:
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+      if os.path.exists(log) and sum(1 for _ in open(log)) >= 3:
+        break
+      time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+  finally:
+    proc.wait(timeout=60)
+  first = [json.loads(x) for x in open(log) if x.strip()]
+  assert 3 <= max(r["step"] for r in first) < 6
+
+  res = subprocess.run(argv, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+  assert res.returncode == 0, res.stderr[-3000:]
+  per_step = {}
+  for r in (json.loads(x) for x in open(log) if x.strip()):
+    per_step[r["step"]] = r["ids"]  # a step replayed after the kill replaces the killed one
+  for r in first:  # a replayed step consumed exactly what the killed process consumed
+    assert per_step[r["step"]] == r["ids"]
+  ids = [i for s in sorted(per_step) for i in per_step[s]]
+  assert sorted(per_step) == [1, 2, 3, 4, 5, 6] and len(ids) == len(set(ids)) == 18

@@ -98,3 +98,12 @@ def test_previous_stage_rule(tmp_path, rule):
   else:
     assert it.counters["dropped_stage"] == 0
     assert it.last_info["ids"][0].startswith("tw-000-s0")  # older stage drained first
+
+
+def test_trajectories_sampled_at_another_temperature_are_dropped(tmp_path):
+  write_group(str(tmp_path), 0, "hot", [1.0, 0.0, 0.5], 0, seed=1, metadata={"temperature": 1.0})
+  write_group(str(tmp_path), 0, "ok", [1.0, 0.0, 0.5], 0, seed=2, metadata={"temperature": 0.7})
+  it = iter(StreamDataset(_cfg(tmp_path, groups_per_step=1, temperature=0.7)))
+  next(it)
+  assert it.counters["dropped_invalid"] == 3 and it.counters["trajectories_used"] == 3
+  assert all(i.startswith("tok-") for i in it.last_info["ids"])
