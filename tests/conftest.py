@@ -17,3 +17,23 @@ def skip_or_fail(reason: str) -> None:
   if docker_required():
     pytest.fail(f"{reason} (KLONG_REQUIRE_DOCKER=1: sandbox tests must not skip)")
   pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def image():
+  """The sandbox image tag (built once per host if missing); fails under KLONG_REQUIRE_DOCKER."""
+  try:
+    from klong_jax.rollout import image as image_lib
+    return image_lib.ensure_image()
+  except Exception as e:  # noqa: BLE001 - no engine / no build possible.
+    skip_or_fail(f"docker sandbox image unavailable: {e}")
+
+
+@pytest.fixture(scope="module")
+def teacher_url():
+  """A perfect scripted teacher served on the OpenAI API in a thread."""
+  from klong_jax.agent.policy_server import serve_in_thread
+  from klong_jax.factory.teacher import ScriptedTeacher
+  url, stop = serve_in_thread(ScriptedTeacher(skill=1.0, seed=0))
+  yield url
+  stop()

@@ -40,21 +40,16 @@ def publish_sft_policy(config: ml_collections.ConfigDict, checkpoint_dir: str, p
   from flax import nnx  # noqa: PLC0415 - JAX only on this path
 
   from klong_jax.inference import reload  # noqa: PLC0415
-  from klong_jax.model.config import from_config_dict  # noqa: PLC0415
   from klong_jax.parallel import mesh as mesh_lib  # noqa: PLC0415
   from klong_jax.parallel import rules as rules_lib  # noqa: PLC0415
-  from klong_jax.train import checkpoint, optim  # noqa: PLC0415
+  from klong_jax.train import checkpoint  # noqa: PLC0415
   from klong_jax.train import step as step_lib  # noqa: PLC0415
 
   if not os.path.isdir(checkpoint_dir):
     raise FileNotFoundError(f"SFT checkpoint dir {checkpoint_dir} does not exist; run SFT first")
   rules = tuple(config.get("rules", None) or rules_lib.LOGICAL_RULES)
   mesh = mesh_lib.make_mesh(config.mesh)
-  model = rules_lib.create_sharded_model(from_config_dict(config.model), mesh,
-                                         seed=config.seed, rules=rules)
-  graphdef, params, rest = step_lib.split_model(model)
-  tx = optim.make_optimizer(config.optim)
-  state_sh = step_lib.state_shardings(params, rest, tx, mesh, rules)
+  _, graphdef, params, rest, tx, state_sh = step_lib.build_trainer_parts(config, mesh, rules)
   state = step_lib.init_state(params, rest, tx, state_sh)
   with checkpoint.Checkpointer(checkpoint_dir, async_save=False) as ckpt:
     if ckpt.latest_step() is None:

@@ -27,7 +27,6 @@ from ml_collections import config_flags
 
 from klong_jax.data.splitting import SplitConfig
 from klong_jax.inference import reload
-from klong_jax.model.config import from_config_dict
 from klong_jax.parallel import mesh as mesh_lib
 from klong_jax.parallel import rules as rules_lib
 from klong_jax.rl import curriculum as curriculum_lib
@@ -151,15 +150,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   mesh = mesh_lib.make_mesh(config.mesh)
   batch_sh = rules_lib.batch_sharding(mesh, rules)
 
-  logging.info("[2/7] model")
-  model_cfg = from_config_dict(config.model)
-  model = rules_lib.create_sharded_model(model_cfg, mesh, seed=config.seed, rules=rules)
-  graphdef, params, rest = step_lib.split_model(model)
-  del model
+  logging.info("[2/7] model, optimizer, shardings")
+  model_cfg, graphdef, params, rest, tx, state_sh = step_lib.build_trainer_parts(config, mesh,
+                                                                                  rules)
 
-  logging.info("[3/7] optimizer + shardings")
-  tx = optim.make_optimizer(config.optim)
-  state_sh = step_lib.state_shardings(params, rest, tx, mesh, rules)
+  logging.info("[3/7] checkpoints")
   ckpt = checkpoint.Checkpointer(
       os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
       save_every=config.checkpoint.every, async_save=config.checkpoint.async_save)

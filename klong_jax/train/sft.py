@@ -20,7 +20,6 @@ from ml_collections import config_flags
 
 from klong_jax.data import chat, pipeline, shards, synthetic, tokenizer
 from klong_jax.data.splitting import SplitConfig
-from klong_jax.model.config import from_config_dict
 from klong_jax.parallel import mesh as mesh_lib
 from klong_jax.parallel import rules as rules_lib
 from klong_jax.tools import devices, flops
@@ -121,14 +120,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, resume: bool = False
                config.data.batch_size)
 
   logging.info("[3/6] model")
-  model_cfg = from_config_dict(config.model)
-  model = rules_lib.create_sharded_model(model_cfg, mesh, seed=config.seed, rules=rules)
-  graphdef, params, rest = step_lib.split_model(model)
-  del model
+  model_cfg, graphdef, params, rest, tx, state_sh = step_lib.build_trainer_parts(config, mesh,
+                                                                                  rules)
 
   logging.info("[4/6] optimizer + shardings")
-  tx = optim.make_optimizer(config.optim)
-  state_sh = step_lib.state_shardings(params, rest, tx, mesh, rules)
   state = step_lib.init_state(params, rest, tx, state_sh)
   del params, rest
   train_step = step_lib.make_sft_step(graphdef, tx, config.optim, state_sh, batch_sh, rules)

@@ -10,7 +10,7 @@ statistics) is carried in `rest` and updated by the forward pass.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 import jax
@@ -41,6 +41,31 @@ class TrainState:
 def split_model(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, params, rest): trainable `nnx.Param`s apart from every other variable."""
   return nnx.split(model, nnx.Param, ...)
+
+
+class TrainerParts(NamedTuple):
+  """What every trainer (SFT, RL, policy export) builds first from its config."""
+
+  model_cfg: Any
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  rest: nnx.State
+  tx: optax.GradientTransformation
+  shardings: TrainState
+
+
+def build_trainer_parts(config: ml_collections.ConfigDict, mesh: Mesh,
+                        rules: Sequence[tuple[str, Any]]) -> TrainerParts:
+  """The sharded model (config.model, seed config.seed) split into params / rest, the optimizer
+  (config.optim) and the TrainState shardings."""
+  from klong_jax.model.config import from_config_dict  # noqa: PLC0415
+  from klong_jax.parallel import rules as rules_lib  # noqa: PLC0415
+  model_cfg = from_config_dict(config.model)
+  model = rules_lib.create_sharded_model(model_cfg, mesh, seed=config.seed, rules=rules)
+  graphdef, params, rest = split_model(model)
+  tx = optim.make_optimizer(config.optim)
+  return TrainerParts(model_cfg, graphdef, params, rest, tx,
+                      state_shardings(params, rest, tx, mesh, rules))
 
 
 def state_shardings(params: nnx.State, rest: nnx.State, tx: optax.GradientTransformation,

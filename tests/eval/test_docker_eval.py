@@ -8,28 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import skip_or_fail
-
 pytestmark = pytest.mark.docker
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-@pytest.fixture(scope="module")
-def image():
-  try:
-    from klong_jax.rollout import image as image_lib
-    return image_lib.ensure_image()
-  except Exception as e:  # noqa: BLE001 - no engine / no build possible.
-    skip_or_fail(f"docker sandbox image unavailable: {e}")
-
-
-@pytest.fixture(scope="module")
-def teacher_url():
-  from klong_jax.agent.policy_server import serve_in_thread
-  from klong_jax.factory.teacher import ScriptedTeacher
-  url, stop = serve_in_thread(ScriptedTeacher(skill=1.0, seed=0))
-  yield url
-  stop()
 
 
 def test_eval_tiny_in_docker_produces_report(image, teacher_url, tmp_path):

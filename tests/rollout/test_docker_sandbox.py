@@ -5,21 +5,10 @@ import time
 
 import pytest
 
-from tests.conftest import skip_or_fail
-
 pytestmark = pytest.mark.docker
 
 SMALL = dict(mem_bytes=256 << 20, pids=64, workspace_bytes=32 << 20, tmp_bytes=16 << 20,
              max_output=8192, kill_grace_s=0.5)
-
-
-@pytest.fixture(scope="module")
-def image():
-  try:
-    from klong_jax.rollout import image as image_lib
-    return image_lib.ensure_image()
-  except Exception as e:  # noqa: BLE001 - no engine / no build possible.
-    skip_or_fail(f"docker sandbox image unavailable: {e}")
 
 
 @pytest.fixture(scope="module")

@@ -45,15 +45,6 @@ def test_control_file(tmp_path):
     read_control(str(tmp_path))
 
 
-@pytest.fixture(scope="module")
-def teacher_url():
-  from klong_jax.agent.policy_server import serve_in_thread
-  from klong_jax.factory.teacher import ScriptedTeacher
-  url, stop = serve_in_thread(ScriptedTeacher(skill=1.0, seed=0))
-  yield url
-  stop()
-
-
 def test_sigkill_mid_write_then_restart(tmp_path, teacher_url):
   from klong_jax.data.tokenizer import default_tokenizer
   from klong_jax.tasks import bundled_tasks_dir
