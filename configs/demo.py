@@ -83,6 +83,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # the tiny policy garbles long code (held-out reward 0.11 after SFT, seed 0); at 0.6 it is
   # 0.31 and RL groups have reward spread to learn from.
   c.workers.temperature = 0.6
+  # Judge endpoint for rubric leaves without a programmatic check ("" = none; the bundled tasks
+  # are fully programmatic). Key from $KLONG_JUDGE_API_KEY.
+  c.workers.judge_url = ""
+  c.workers.judge_model = "judge"
 
   c.eval = ml_collections.ConfigDict()
   c.eval.episodes_per_task = 3      # Rollouts per held-out task per evaluation.

@@ -56,6 +56,11 @@ class WorkerConfig:
   # Sampling temperature; the RL trainer must use the same one (rl.temperature), since the
   # recorded logprobs are log softmax(logits / T) (inference/sampling.py, "tempered").
   temperature: float = 1.0
+  # LLM judge for rubric leaves without a programmatic `check` (PaperBench SimpleJudge); the
+  # API key is read from $KLONG_JUDGE_API_KEY so it never appears on a command line.
+  judge_url: str = ""
+  judge_model: str = "judge"
+  judge_concurrency: int = 4
   infra_retries: int = 2
   infra_backoff_s: float = 2.0
   request_retries: int = 3
@@ -64,15 +69,20 @@ class WorkerConfig:
   version_poll_s: float = 0.5          # Sync-mode gate: how often to ask the server its version.
 
 
+def judge_leaves(task: Any) -> int:
+  """Rubric leaves of `task` that need an LLM judge (no programmatic `check`)."""
+  return sum(1 for leaf in task.rubric.leaves() if leaf.check is None)
+
+
 def _grade(task: Any, sb: Any, host_sub: str, repro: sandbox_lib.ExecResult,
-           commands: list[str]) -> tuple[float | None, dict[str, Any]]:
+           commands: list[str], judge: Any = None) -> tuple[float | None, dict[str, Any]]:
   """Grades with klong_jax.grading when present; returns (reward, details)."""
   try:
     from klong_jax.grading.grade import grade_submission
   except ImportError:
     logging.warning("klong_jax.grading not available: reward None (grading hook missing)")
     return None, {"grading": "unavailable"}
-  res = grade_submission(task, sb, sandbox_lib.SUBMISSION, repro, commands=commands,
+  res = grade_submission(task, sb, sandbox_lib.SUBMISSION, repro, judge, commands=commands,
                          host_submission_dir=host_sub)
   return float(res.score), {"category_scores": res.category_scores,
                             "judge_failures": res.judge_failures,
@@ -90,6 +100,12 @@ class Worker:
     self.stream = Stream(cfg.stream, self.name)
     self.fmt = ChatFormat(load_tokenizer(cfg.tokenizer))
     self.client = client_lib.make_client(cfg.server)
+    self.judge = None
+    if cfg.judge_url:
+      from klong_jax.grading.judge import LLMJudge
+      self.judge = LLMJudge(base_url=cfg.judge_url, model=cfg.judge_model,
+                            api_key=os.environ.get("KLONG_JUDGE_API_KEY", "EMPTY"),
+                            max_concurrency=cfg.judge_concurrency)
 
   # -- one rollout ------------------------------------------------------------------------------
 
@@ -117,9 +133,16 @@ class Worker:
     with sandbox_lib.make_sandbox(cfg.backend, **cfg.limits) as fresh:
       repro, _ = sandbox_lib.run_reproduce_in(fresh, files, cfg.reproduce_timeout_s)
       commands = episode.agent_commands(ep.messages)
-      reward, details = _grade(task, fresh, host_sub, repro, commands)
+      reward, details = _grade(task, fresh, host_sub, repro, commands, self.judge)
     tmp.cleanup()
-    return {"messages": ep.messages, "prefix": ep.prefix_messages, "status": ep.status,
+    status = ep.status
+    if details.get("judge_failures"):
+      # A leaf the judge could not grade would count 0 (PaperBench's rule): as an RL reward
+      # that is noise, so the rollout is an infra error (masked, excluded from group means).
+      logging.warning("%s: %s: %d judge failure(s); rollout marked infra_error", self.name,
+                      task.id, details["judge_failures"])
+      status, reward = "infra_error", None
+    return {"messages": ep.messages, "prefix": ep.prefix_messages, "status": status,
             "reward": reward,
             "timings": {"agent_s": agent_s, "total_s": time.time() - t0, "retry_s": ep.retry_s},
             "metadata": {"end_reason": ep.end_reason, "steps": ep.steps, "trims": ep.trims,
@@ -213,6 +236,13 @@ class Worker:
       n = gc_leaked()
       if n:
         logging.info("%s: removed %d leaked sandbox objects", self.name, n)
+    if self.judge is None:
+      for d in task_dirs:
+        n = judge_leaves(load_task(d))
+        if n:
+          raise ValueError(f"task {d} has {n} rubric leaves without a programmatic check; they "
+                           "need an LLM judge: pass --judge_url (and --judge_model, "
+                           "$KLONG_JUDGE_API_KEY)")
     published = 0
     for rnd in range(self.cfg.rounds):
       for d in task_dirs:
@@ -280,6 +310,9 @@ _REPRO: Any = None
 _PAUSE: Any = None
 _CONTEXT: Any = None
 _COMPLETION: Any = None
+_TEMP: Any = None
+_JUDGE_URL: Any = None
+_JUDGE_MODEL: Any = None
 
 
 def _define_flags() -> None:
@@ -287,6 +320,7 @@ def _define_flags() -> None:
   module next to other entry points never clashes on flag names)."""
   global _SERVER, _TASKS, _STREAM, _TOKENIZER, _GROUP, _WORKERS, _ROUNDS, _NAME
   global _BACKEND, _MODEL, _STEPS, _TIME, _REPRO, _PAUSE, _CONTEXT, _COMPLETION, _TEMP
+  global _JUDGE_URL, _JUDGE_MODEL
   _SERVER = flags.DEFINE_string("server", None, "OpenAI-compatible base URL (…/v1).")
   _TASKS = flags.DEFINE_string("tasks", None, "Directory of task dirs.")
   _STREAM = flags.DEFINE_string("stream", None, "Stream directory (shards + ledger + control).")
@@ -305,6 +339,9 @@ def _define_flags() -> None:
   _COMPLETION = flags.DEFINE_integer("max_completion_tokens", 2048, "Completion tokens per call.")
   _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (= the RL trainer's "
                              "rl.temperature; recorded in each trajectory's metadata).")
+  _JUDGE_URL = flags.DEFINE_string("judge_url", "", "OpenAI-compatible judge endpoint for "
+                                   "rubric leaves without a programmatic check.")
+  _JUDGE_MODEL = flags.DEFINE_string("judge_model", "judge", "Judge model name.")
 
 
 def main(argv: list[str]) -> None:
@@ -318,7 +355,8 @@ def main(argv: list[str]) -> None:
                      backend=_BACKEND.value, model=_MODEL.value, max_steps=_STEPS.value,
                      time_limit_s=_TIME.value, reproduce_timeout_s=_REPRO.value,
                      pause_before_publish_s=_PAUSE.value, context_tokens=_CONTEXT.value,
-                     max_completion_tokens=_COMPLETION.value, temperature=_TEMP.value)
+                     max_completion_tokens=_COMPLETION.value, temperature=_TEMP.value,
+                     judge_url=_JUDGE_URL.value, judge_model=_JUDGE_MODEL.value)
   run_fleet(cfg, _WORKERS.value)
 
 

@@ -206,7 +206,10 @@ def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, token
       "reproduce_timeout_s": c.workers.reproduce_timeout_s,
       "context_tokens": c.workers.get("context_tokens", None),
       "max_completion_tokens": c.workers.get("max_completion_tokens", None),
-      "temperature": temperature}), primary=primary)
+      "temperature": temperature,
+      # Rubrics with LLM-graded leaves: the judge endpoint (key from $KLONG_JUDGE_API_KEY).
+      **({"judge_url": c.workers.judge_url, "judge_model": c.workers.get("judge_model", "judge")}
+         if c.workers.get("judge_url", "") else {})}), primary=primary)
       for i in range(c.workers.num)]
 
 
