@@ -84,3 +84,16 @@ def base_config(preset: str, **mesh: int) -> ml_collections.ConfigDict:
   config.mesh = mesh_config(**mesh)
   config.seed = 0
   return config
+
+
+def preset_config(preset: str, arg: str | None, **mesh: int) -> ml_collections.ConfigDict:
+  """A model preset's ConfigDict with the run-time switches of its arg string applied:
+  `scan=0|1`, `remat=none|full|save_dots|offload`, `dtype=bfloat16`, `moe_impl=auto|...`."""
+  args = parse_arg(arg, scan=True, remat="none", dtype="", moe_impl="auto")
+  config = base_config(preset, **mesh)
+  config.model.scan_layers = args.scan
+  config.model.remat_policy = args.remat
+  config.model.moe_impl = args.moe_impl
+  if args.dtype:
+    config.model.dtype = args.dtype
+  return config

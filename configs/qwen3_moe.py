@@ -9,11 +9,4 @@ from configs import common
 
 def get_config(arg: str | None = None):
   """Returns the ConfigDict with `model` and `mesh` sections for the qwen3_moe preset."""
-  args = common.parse_arg(arg, scan=True, remat="none", dtype="", moe_impl="auto")
-  config = common.base_config("qwen3_moe", fsdp=-1, expert=8)
-  config.model.scan_layers = args.scan
-  config.model.remat_policy = args.remat
-  config.model.moe_impl = args.moe_impl
-  if args.dtype:
-    config.model.dtype = args.dtype
-  return config
+  return common.preset_config("qwen3_moe", arg, fsdp=-1, expert=8)
