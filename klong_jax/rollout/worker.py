@@ -57,7 +57,8 @@ class WorkerConfig:
   # recorded logprobs are log softmax(logits / T) (inference/sampling.py, "tempered").
   temperature: float = 1.0
   # LLM judge for rubric leaves without a programmatic `check` (PaperBench SimpleJudge); the
-  # API key is read from $KLONG_JUDGE_API_KEY so it never appears on a command line.
+  # API key is read from $KLONG_JUDGE_API_KEY (else $OPENAI_API_KEY, as klong_jax.eval does) so
+  # it never appears on a command line.
   judge_url: str = ""
   judge_model: str = "judge"
   judge_concurrency: int = 4
@@ -104,7 +105,8 @@ class Worker:
     if cfg.judge_url:
       from klong_jax.grading.judge import LLMJudge
       self.judge = LLMJudge(base_url=cfg.judge_url, model=cfg.judge_model,
-                            api_key=os.environ.get("KLONG_JUDGE_API_KEY", "EMPTY"),
+                            api_key=os.environ.get("KLONG_JUDGE_API_KEY")
+                            or os.environ.get("OPENAI_API_KEY", "EMPTY"),
                             max_concurrency=cfg.judge_concurrency)
 
   # -- one rollout ------------------------------------------------------------------------------
