@@ -36,20 +36,22 @@ def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_para
                      f"{temperature}")
   model = nnx.merge(graphdef, optim.cast_for_compute(params, compute_dtype), rest)
   logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-  # Behaviour logprobs are log softmax(logits / T) under the sampling temperature T
-  # (inference/sampling.py "tempered"): the policy and reference use the same T.
-  logits = logits.astype(jnp.float32) / temperature
   targets, weights = losses.shift_targets(batch["tokens"], batch["segment_ids"],
                                           batch["loss_mask"])
-  logp = losses.token_logprobs(logits, targets)
+
+  def tempered_logprobs(logits: jax.Array) -> jax.Array:
+    # Behaviour logprobs are log softmax(logits / T) under the sampling temperature T
+    # (inference/sampling.py "tempered"): the policy and the reference use the same T.
+    return losses.token_logprobs(logits.astype(jnp.float32) / temperature, targets)
+
+  logp = tempered_logprobs(logits)
   kl_coef = float(rl.get("kl_coef", 0.0))
   ref_logp = None
   if kl_coef:
     ref = jax.lax.stop_gradient(optim.cast_for_compute(ref_params, compute_dtype))
     ref_logits, _ = nnx.merge(graphdef, ref, rest)(batch["tokens"], batch["positions"],
                                                    batch["segment_ids"])
-    ref_logp = jax.lax.stop_gradient(losses.token_logprobs(
-        ref_logits.astype(jnp.float32) / temperature, targets))
+    ref_logp = jax.lax.stop_gradient(tempered_logprobs(ref_logits))
   ratio_cap = float(rl.get("ratio_cap", 0.0)) or None
   pg, m = losses.ppo_loss(
       logp, losses.shift_aligned(batch["logprobs"]), losses.shift_aligned(batch["advantages"]),

@@ -238,17 +238,17 @@ class Worker:
       n = gc_leaked()
       if n:
         logging.info("%s: removed %d leaked sandbox objects", self.name, n)
+    tasks = [(d, load_task(d)) for d in task_dirs]  # read once, for the check and every round
     if self.judge is None:
-      for d in task_dirs:
-        n = judge_leaves(load_task(d))
+      for d, task in tasks:
+        n = judge_leaves(task)
         if n:
           raise ValueError(f"task {d} has {n} rubric leaves without a programmatic check; they "
                            "need an LLM judge: pass --judge_url (and --judge_model, "
                            "$KLONG_JUDGE_API_KEY)")
     published = 0
     for rnd in range(self.cfg.rounds):
-      for d in task_dirs:
-        task = load_task(d)
+      for _, task in tasks:
         ctl = self.wait_for_policy()
         if ctl.tasks and not any(fnmatch.fnmatchcase(task.id, pat) for pat in ctl.tasks):
           continue  # Not in this stage's task mix.

@@ -221,18 +221,19 @@ def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str,
   stream = os.path.join(workdir, "stream")
   policy = os.path.join(workdir, "policy")
   exp = Experiment(f"{c.name}-rl", workdir, python=c.python)
+  temperature = c.workers.get("temperature", 1.0)
   exp.add(Job("trainer", Executable("klong_jax.train.rl", {
       "config": _config_flag(c.rl.config, c.rl.arg), "workdir": workdir, "stream": stream,
       "init_checkpoint": init_checkpoint, "mode": c.rl.mode, "config.seed": c.seed,
       # The trainer's logprobs must use the workers' sampling temperature (exact PPO ratios).
-      "config.rl.temperature": c.workers.get("temperature", 1.0),
+      "config.rl.temperature": temperature,
       **config_overrides(c.get("model_overrides", "")), **config_overrides(c.rl.overrides)}),
       ready=f"file:{os.path.join(policy, '0')}", ready_timeout_s=c.server.ready_timeout_s,
       primary=True))
   exp.add(server_job(c, "server", policy, tokenizer, port))
   for j in worker_jobs(c, "worker", f"http://127.0.0.1:{port}/v1", tasks, stream, tokenizer,
                        c.workers.group_size, c.workers.rounds, c.workers.max_steps,
-                       c.workers.time_limit_s, temperature=c.workers.get("temperature", 1.0)):
+                       c.workers.time_limit_s, temperature=temperature):
     exp.add(j)
   return exp
 

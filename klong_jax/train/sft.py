@@ -119,11 +119,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, resume: bool = False
   logging.info("data: %d shard(s), row_len %d, global batch %d", len(paths), config.data.row_len,
                config.data.batch_size)
 
-  logging.info("[3/6] model")
+  logging.info("[3/6] model, optimizer, shardings")
   model_cfg, graphdef, params, rest, tx, state_sh = step_lib.build_trainer_parts(config, mesh,
                                                                                   rules)
 
-  logging.info("[4/6] optimizer + shardings")
+  logging.info("[4/6] train state")
   state = step_lib.init_state(params, rest, tx, state_sh)
   del params, rest
   train_step = step_lib.make_sft_step(graphdef, tx, config.optim, state_sh, batch_sh, rules)
