@@ -4,8 +4,10 @@
       --init_checkpoint=runs/sft_tiny [--mode=async|sync]
 
 Arg string (comma-separated key=value, all optional): `steps=40`, `batch=2`, `row_len=512`,
-`groups=1` (groups per step), `staleness=1`, `publish=2`, `mode=async`, `runlocal` (tests: a few
-steps, checkpoint every step, two short stages). Sections: model + mesh (configs/tiny.py), data,
+`groups=1` (groups per step = one element), `epochs=1` and `minibatches=1` (an element is
+trained in epochs x ceil(loss rows / (batch / minibatches)) optimizer updates), `staleness=1`,
+`publish=2`, `mode=async`, `runlocal` (tests: a few steps, checkpoint every step, two short
+stages). Sections: model + mesh (configs/tiny.py), data,
 rl, curriculum, optim, train, checkpoint.
 """
 
@@ -17,7 +19,8 @@ from configs import common, tiny
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The tiny progressive-RL experiment; see the module docstring for the arg string."""
   args = common.parse_arg(arg, steps=40, batch=2, row_len=512, groups=1, staleness=1, publish=2,
-                          mode="async", stage_steps=20, runlocal=False)
+                          mode="async", stage_steps=20, epochs=1, minibatches=1,
+                          runlocal=False)
   config = tiny.get_config()
   config.seed = 0
 
@@ -27,13 +30,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.truncate_prefix = True
   config.data.train_overlap = False
   config.data.row_len = args.row_len  # Packed row length.
-  config.data.batch_size = args.batch  # Rows per train step (global).
+  # Packed rows per batch (global); an element overflowing it spans several batches, and one
+  # optimizer update trains batch_size / rl.minibatches rows.
+  config.data.batch_size = args.batch
 
   config.rl = ml_collections.ConfigDict()
   config.rl.mode = args.mode          # "async" (overlap) or "sync" (generate -> train baseline).
   config.rl.groups_per_step = args.groups  # Group shards packed into one element (>= 1 step).
   config.rl.max_staleness = args.staleness  # Async: drop trajectories > this many versions old.
   config.rl.publish_every = args.publish  # Async: publish a policy version every K steps.
+  # PPO epochs x minibatches per element (verl's ppo_epochs / mini-batches): each epoch
+  # reshuffles the rows; optim step counts below are in elements, stretched by the trainer.
+  config.rl.ppo_epochs = args.epochs
+  config.rl.minibatches = args.minibatches
   config.rl.normalize_std = False     # Advantage = reward - group mean (KLong: no std division).
   config.rl.clip_low = 0.2
   config.rl.clip_high = 0.28

@@ -108,12 +108,15 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train = xp.link_tasks(root, "train", os.path.join(workdir, "tasks", "train"), c.tasks.max_train)
   heldout = xp.link_tasks(root, "heldout", os.path.join(workdir, "tasks", "heldout"),
                           c.tasks.max_heldout)
+  rl_tasks = xp.link_tasks(root, c.tasks.rl_split, os.path.join(workdir, "tasks", "rl"),
+                           c.tasks.max_rl)
   tok_dir = os.path.join(workdir, "tokenizer")
   # Domain: bundled corpus + TRAIN papers, system prompt, tool schemas, teacher scripts.
   tokenizer = domain_tokenizer.from_config(c, root, tok_dir)
   tok = str(tokenizer.path)
   out["prefix_tokens"] = _prefix_tokens(tokenizer, heldout)
-  prog.end(f"{len(os.listdir(train))} train / {len(os.listdir(heldout))} held-out tasks; "
+  prog.end(f"{len(os.listdir(train))} train / {len(os.listdir(rl_tasks))} RL / "
+           f"{len(os.listdir(heldout))} held-out tasks; "
            f"held-out prompt prefix {out['prefix_tokens']} tokens")
 
   distill_dir = os.path.join(workdir, "distill")
@@ -157,7 +160,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   rl_dir = os.path.join(workdir, "rl")
   prog.start("rl", f"progressive RL: trainer + server + {c.workers.num} workers")
   if not os.path.exists(os.path.join(rl_dir, "done")):
-    exp = xp.rl_experiment(c, rl_dir, init_checkpoint=ckpt_dir, tokenizer=tok, tasks=train)
+    exp = xp.rl_experiment(c, rl_dir, init_checkpoint=ckpt_dir, tokenizer=tok, tasks=rl_tasks)
     print(exp.describe(), flush=True)
 
     def tick(group: procs.ProcessGroup) -> None:

@@ -30,7 +30,8 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (logs, stream, po
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print what would be launched; start nothing.")
 _INIT = flags.DEFINE_string("init_checkpoint", "", "SFT checkpoint the trainer starts from.")
 _TOKENIZER = flags.DEFINE_string("tokenizer", "", "Tokenizer file; '' = the bundled one.")
-_TASKS = flags.DEFINE_string("tasks", "", "Dir of RL task dirs; '' = bundled train split.")
+_TASKS = flags.DEFINE_string("tasks", "", "Dir of RL task dirs; '' = the bundled suite's "
+                             "config.tasks.rl_split tasks.")
 _SWEEP = flags.DEFINE_multi_string("sweep", [], "Override set 'k=v,k=v' (one work unit each).")
 _TIMEOUT = flags.DEFINE_float("timeout_s", 0.0, "Stop the roles after this long (0 = config).")
 
@@ -78,7 +79,7 @@ def work_units(config: ml_collections.ConfigDict, workdir: str, sweep: list[str]
     c = apply_overrides(config, ov)
     wd = os.path.abspath(os.path.join(workdir, f"wu{i}") if sweep else workdir)
     tok = tokenizer or _default_tokenizer(c, wd, dry_run)
-    task_dir = tasks or _train_tasks(c, wd, dry_run)
+    task_dir = tasks or _rl_tasks(c, wd, dry_run)
     exp = xp.rl_experiment(c, wd, init_checkpoint=init_checkpoint or None, tokenizer=tok,
                            tasks=task_dir)
     if ov:
@@ -96,12 +97,14 @@ def _default_tokenizer(c: ml_collections.ConfigDict, wd: str, dry_run: bool) -> 
   return str(domain_tokenizer.from_config(c, c.tasks.root or bundled_tasks_dir(), cache).path)
 
 
-def _train_tasks(c: ml_collections.ConfigDict, wd: str, dry_run: bool) -> str:
+def _rl_tasks(c: ml_collections.ConfigDict, wd: str, dry_run: bool) -> str:
   from klong_jax.tasks import bundled_tasks_dir  # noqa: PLC0415
-  out = os.path.join(wd, "tasks", "train")
+  split = c.tasks.get("rl_split", "train")
+  out = os.path.join(wd, "tasks", split)
   if dry_run:
     return out
-  return xp.link_tasks(c.tasks.root or bundled_tasks_dir(), "train", out, c.tasks.max_train)
+  limit = c.tasks.get("max_rl", 0) if split != "train" else c.tasks.max_train
+  return xp.link_tasks(c.tasks.root or bundled_tasks_dir(), split, out, limit)
 
 
 def main(argv: list[str]) -> None:

@@ -66,7 +66,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("seeds", 3, "Independent runs per task.")
   flags.DEFINE_enum("variant", "full", list(runner.VARIANTS), "Rubric variant.")
   flags.DEFINE_list("task_ids", [], "Only these task ids (config id or folder name).")
-  flags.DEFINE_string("split", "", "Only tasks of this split (train|heldout); empty = all.")
+  flags.DEFINE_string("split", "", "Only tasks of this split (train|rl|heldout); empty = all.")
   flags.DEFINE_integer("max_tasks", 0, "Only the first N selected tasks; 0 = all.")
   flags.DEFINE_integer("workers", 1, "(task, seed) pairs run in parallel.")
   flags.DEFINE_enum("backend", "docker", ["docker", "local"], "Sandbox backend.")

@@ -51,7 +51,7 @@ class EvalConfig:
   seeds: int = 3
   variant: str = "full"
   task_ids: tuple[str, ...] = ()
-  split: str = ""                      # "" = every split; else train | heldout.
+  split: str = ""                      # "" = every split; else train | rl | heldout.
   max_tasks: int = 0                   # First N selected task dirs; 0 = all.
   workers: int = 1
   backend: str = "docker"

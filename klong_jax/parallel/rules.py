@@ -56,6 +56,13 @@ def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_RULES
   return jax.sharding.NamedSharding(mesh, jax.P(axes or None, None))
 
 
+def data_parallel_size(sharding: jax.sharding.NamedSharding) -> int:
+  """Devices the batch dim of a `batch_sharding` is split over (rows must divide by it)."""
+  first = sharding.spec[0] if len(sharding.spec) else None
+  axes = () if first is None else (first,) if isinstance(first, str) else tuple(first)
+  return int(math.prod(sharding.mesh.shape[a] for a in axes))
+
+
 def activation_sharding(mesh: jax.sharding.Mesh, names: tuple[str | None, ...],
                         rules: Rules = LOGICAL_RULES) -> jax.sharding.NamedSharding:
   """NamedSharding for an activation with logical dim `names` (e.g. act_batch, act_seq)."""

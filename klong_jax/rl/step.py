@@ -4,6 +4,8 @@ Same TrainState, shardings, optimizer and MoE bias update as the SFT step (train
 loss is `train.losses.ppo_loss` on packed rows that carry the behaviour logprobs and the rollout
 advantages. The reference policy (params at the start of the current curriculum stage) is a
 separate, non-donated params tree with the params' shardings; its forward runs only if kl_coef > 0.
+`update_plan` cuts one element into PPO epochs x minibatches optimizer updates (verl's
+`ppo_epochs` / mini-batches): more policy movement per rollout, with the clip bounding it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -109,3 +112,68 @@ def copy_params(params: nnx.State, shardings: nnx.State) -> nnx.State:
   """A fresh copy of `params` on the same shardings (the reference policy; safe from donation)."""
   return jax.jit(lambda p: jax.tree.map(jnp.copy, p), in_shardings=(shardings,),
                  out_shardings=shardings)(params)
+
+
+def minibatch_rows(rl_cfg: ml_collections.ConfigDict, rows: int, data_parallel: int) -> int:
+  """Rows per optimizer update (data.batch_size / rl.minibatches), checked: every minibatch must
+  split evenly over the data-parallel devices (raises ValueError naming the fields to change)."""
+  epochs, mbs = int(rl_cfg.get("ppo_epochs", 1)), int(rl_cfg.get("minibatches", 1))
+  if epochs < 1 or mbs < 1:
+    raise ValueError(f"rl.ppo_epochs ({epochs}) and rl.minibatches ({mbs}) must be >= 1")
+  if rows % mbs or (rows // mbs) % data_parallel:
+    raise ValueError(f"data.batch_size ({rows}) must split into rl.minibatches ({mbs}) equal "
+                     f"minibatches whose rows divide over the {data_parallel} data-parallel "
+                     "devices; change rl.minibatches or data.batch_size")
+  return rows // mbs
+
+
+def num_minibatches(loss_mask: np.ndarray, mb_rows: int) -> int:
+  """Minibatches one epoch over an element needs: ceil(rows with loss tokens / mb_rows), >= 1."""
+  real = int((np.asarray(loss_mask).reshape(loss_mask.shape[0], -1).sum(axis=1) > 0).sum())
+  return max(1, -(-real // mb_rows))
+
+
+def update_plan(loss_mask: np.ndarray, *, mb_rows: int, epochs: int, seed: int, step: int,
+                minibatches: int | None = None) -> list[np.ndarray]:
+  """Row indices of each optimizer update for one element ([rows, L] loss mask, rows a multiple
+  of `mb_rows`: the element's packed batches concatenated).
+
+  Each epoch shuffles the rows that carry loss tokens (seeded by (seed, step, epoch), so a
+  resumed run replays the same updates), deals them round-robin into `minibatches` updates
+  (default `num_minibatches`; multi-host callers pass the max over hosts) and fills each to
+  `mb_rows` with padding rows. An element whose chunks overflow one batch is thus trained in
+  evenly filled updates, never in a near-empty one (whose full-size Adam step would be mostly
+  noise); one minibatch of one batch is the rows in order (a plain PPO step).
+  """
+  rows = loss_mask.shape[0]
+  if rows % mb_rows:
+    raise ValueError(f"element rows ({rows}) must be a multiple of the minibatch rows ({mb_rows})")
+  has_loss = np.asarray(loss_mask).reshape(rows, -1).sum(axis=1) > 0
+  real, pad = np.flatnonzero(has_loss), np.flatnonzero(~has_loss)
+  n = minibatches or num_minibatches(loss_mask, mb_rows)
+  if n * mb_rows > rows:
+    raise ValueError(f"{n} minibatches of {mb_rows} rows need more than the element's {rows} rows")
+  plan = []
+  for epoch in range(epochs):
+    perm = real[np.random.default_rng([seed, step, epoch]).permutation(real.size)]
+    fill = iter(pad)
+    for j in range(n):
+      part = list(perm[j::n])
+      part += [next(fill) for _ in range(mb_rows - len(part))]
+      plan.append(np.sort(np.asarray(part, np.int64)))
+  return plan
+
+
+def combine_update_metrics(ms: Sequence[Mapping[str, Any]], epochs: int = 1) -> dict[str, Any]:
+  """One metrics row for an element trained in several updates: processed `tokens` summed, loss
+  tokens counted once per epoch pass, everything else averaged; `ppo/*` keeps the first update
+  (on-policy: ratio ~1) and the last (how far the epochs moved the policy)."""
+  if len(ms) == 1:
+    return dict(ms[0])
+  out = {k: float(np.mean([float(m[k]) for m in ms])) for k in ms[0]}
+  out["tokens"] = float(sum(float(m["tokens"]) for m in ms))
+  out["loss_tokens"] = float(sum(float(m["loss_tokens"]) for m in ms)) / epochs
+  out["ppo/updates"] = float(len(ms))
+  for k in ("ratio_mean", "clip_frac", "kl"):
+    out[f"ppo/{k}_first"], out[f"ppo/{k}_last"] = float(ms[0][k]), float(ms[-1][k])
+  return out

@@ -1,7 +1,10 @@
 """Generates the bundled mini-paper suite (klong_jax/tasks/data/) from `families.FAMILIES`.
 
 Run `python -m klong_jax.tasks.build_suite [--out=DIR]`; the output is deterministic, and a test
-checks the checked-in data equals a fresh build. Per family, the last parameter set is held out.
+checks the checked-in data equals a fresh build. Per family, the last parameter set is held out,
+the others are the `train` split (teacher distillation for SFT), and `RL_SETS` freshly drawn sets
+form the `rl` split: RL tasks the SFT data never showed, so a policy that copied the train tasks'
+constants from memory is rewarded only for reading them from the paper (what held-out needs).
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ from klong_jax.grading.rubric import atomic_write_text, rubric_from_dict
 from klong_jax.tasks.families import (
     FAMILIES,
     METRICS_FILE,
+    RL_SETS,
     SOLUTION_FILE,
     Family,
     format_params,
+    fresh_params,
     reference_metrics,
 )
 
@@ -88,23 +93,28 @@ def build_rubric(family: Family, params: dict, tid: str) -> dict:
   ])
 
 
-def task_ids() -> list[tuple[Family, int, str]]:
-  return [(f, i, f"{f.name}-{i + 1}") for f in FAMILIES for i in range(len(f.params))]
+def task_ids() -> list[tuple[Family, dict, str, str]]:
+  """(family, params, task id, split) of every bundled task."""
+  out = []
+  for f in FAMILIES:
+    for i, p in enumerate(f.params):
+      out.append((f, p, f"{f.name}-{i + 1}", "heldout" if i == len(f.params) - 1 else "train"))
+    for i, p in enumerate(fresh_params(f, RL_SETS)):
+      out.append((f, p, f"{f.name}-rl{i + 1}", "rl"))
+  return out
 
 
 def build(out_dir: str) -> list[str]:
   """Writes every task dir under `out_dir` (replacing old ones); returns the task ids."""
   os.makedirs(out_dir, exist_ok=True)
   ids = []
-  for family, i, tid in task_ids():
-    params = family.params[i]
+  for family, params, tid, split in task_ids():
     d = os.path.join(out_dir, tid)
     if os.path.isdir(d):
       shutil.rmtree(d)
     os.makedirs(d)
     rubric = build_rubric(family, params, tid)
     rubric_from_dict(rubric)  # validate before writing
-    split = "heldout" if i == len(family.params) - 1 else "train"
     cfg = {"id": tid, "title": family.title, "split": split, "family": family.name,
            "reproduce_timeout_s": 60}
     atomic_write_text(os.path.join(d, "paper.md"), _paper(family, params, tid))

@@ -122,6 +122,52 @@ FAMILIES: tuple[Family, ...] = (
          dict(xs=[-2, 0, 1, 3], ys=[5, 2, 2, -1]))),
 )
 FAMILY_BY_FN = {f.fn: f for f in FAMILIES}
+RL_SETS = 3  # Fresh parameter sets per family for the RL split (none seen in SFT or held out).
+
+
+def fresh_params(family: Family, count: int, seed: int = 0) -> list[dict[str, Any]]:
+  """`count` new parameter sets for `family`, drawn inside the ranges its own sets span.
+
+  Ints uniform in [min, max] of the family's values for that key, floats likewise (2 decimals),
+  lists with the length range of the family's lists (all lists of a set share one length) and
+  elements in their value range. A draw is kept only if the reference implementation returns
+  finite metrics and it equals no existing or earlier set; deterministic in (family, seed).
+  """
+  import math  # noqa: PLC0415
+  import random  # noqa: PLC0415
+
+  rng = random.Random(f"{family.name}:{seed}")
+  seen = [dict(p) for p in family.params]
+  out: list[dict[str, Any]] = []
+  for _ in range(1000 * count):
+    if len(out) == count:
+      break
+    lens = [len(v) for p in family.params for v in p.values() if isinstance(v, list)]
+    n = rng.randint(min(lens), max(lens)) if lens else 0
+    new: dict[str, Any] = {}
+    for k, v0 in family.params[0].items():
+      vals = [p[k] for p in family.params]
+      if isinstance(v0, list):
+        flat = [x for v in vals for x in v]
+        new[k] = [rng.randint(min(flat), max(flat)) for _ in range(n)]
+      elif isinstance(v0, int):
+        new[k] = rng.randint(min(vals), max(vals))
+      else:
+        new[k] = round(rng.uniform(min(vals), max(vals)), 2)
+    if "w" in new and lens:  # window must fit the values
+      new["w"] = min(new["w"], n)
+    if new in seen:
+      continue
+    try:
+      metrics = reference_metrics(family, new)
+    except (ArithmeticError, ValueError, IndexError):
+      continue
+    if all(math.isfinite(x) for x in metrics.values()):
+      out.append(new)
+      seen.append(new)
+  if len(out) < count:
+    raise RuntimeError(f"family {family.name}: could not draw {count} valid fresh parameter sets")
+  return out
 SOLUTION_FILE = "solution.py"
 METRICS_FILE = "results/metrics.json"
 

@@ -15,7 +15,7 @@ import yaml
 
 from klong_jax.grading.rubric import RubricNode, load_rubric
 
-SPLITS = ("train", "heldout")
+SPLITS = ("train", "rl", "heldout")
 
 
 class TaskError(ValueError):

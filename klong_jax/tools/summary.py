@@ -92,11 +92,14 @@ class Progress:
   """Prints one line per phase: `[k/N] name ... done in 12.3s (total 1m02s, ETA 3m10s)`.
 
   `budgets` are the expected seconds per phase (from config); the ETA is the sum of the budgets
-  of the phases still to run, scaled by how far over/under budget the finished phases ran.
+  of the phases still to run, scaled by how far over/under budget the finished phases ran. The
+  scale starts from `prior_s` seconds of exactly-on-budget work, so a 1 s phase finishing in half
+  its budget does not halve the ETA of a 20 min run.
   """
 
-  def __init__(self, budgets: Mapping[str, float], printer=print):
+  def __init__(self, budgets: Mapping[str, float], printer=print, prior_s: float = 60.0):
     self.names = list(budgets)
+    self.prior_s = prior_s
     self.budgets = dict(budgets)
     self.printer = printer
     self.t0 = time.monotonic()
@@ -109,9 +112,9 @@ class Progress:
 
   def eta(self) -> float:
     left = [n for n in self.names if n not in self.done]
-    spent = sum(self.done.values())
-    planned = sum(self.budgets[n] for n in self.done) or 1.0
-    scale = spent / planned if self.done else 1.0
+    spent = sum(self.done.values()) + self.prior_s
+    planned = sum(self.budgets[n] for n in self.done) + self.prior_s
+    scale = spent / planned if planned > 0 else 1.0
     return scale * sum(self.budgets[n] for n in left)
 
   def start(self, name: str, note: str = "") -> None:

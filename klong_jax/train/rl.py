@@ -2,10 +2,11 @@
 --stream=DIR [--init_checkpoint=SFT_CKPT] [--mode=async|sync]`.
 
 `run(...)` reads top to bottom: mesh, model, init params (SFT checkpoint or policy dir), optimizer,
-stream source, resume, publish version 0, loop. Each step: next batch from the stream (waits only
-when fresh data is short), the jitted PPO+KL step, metrics, policy publishing every K steps (sync:
-after every element), curriculum promotion (reference <- params, new control.json), checkpoint
-(params, optimizer, reference, stream cursor, version, curriculum). A killed trainer restarted on
+stream source, resume, publish version 0, loop. Each step trains one element (`groups_per_step`
+groups; waits only when fresh data is short) in `rl.ppo_epochs` x minibatches jitted PPO+KL updates
+(rl/step.py `update_plan`), then metrics, policy publishing every K steps (sync: every step),
+curriculum promotion (reference <- params, new control.json), checkpoint (params, optimizer,
+reference, stream cursor, version, curriculum). A killed trainer restarted on
 the same workdir resumes from its newest checkpoint with no trajectory trained twice or skipped.
 Sync mode is the baseline: the trainer gates the fleet with control.json `policy_min_version` and
 trains only on trajectories of its current version (generate -> train -> generate).
@@ -151,6 +152,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   batch_sh = rules_lib.batch_sharding(mesh, rules)
 
   logging.info("[2/7] model, optimizer, shardings")
+  mb_rows = rl_step.minibatch_rows(config.rl, config.data.batch_size,
+                                   rules_lib.data_parallel_size(batch_sh))
+  epochs = int(config.rl.get("ppo_epochs", 1))
+  updates = epochs * (config.data.batch_size // mb_rows)
+  if updates > 1:  # optim step counts are in elements; the schedule counts optimizer updates
+    config = ml_collections.ConfigDict(config.to_dict())  # (nominal: an element that fits).
+    config.optim.total_steps *= updates
+    config.optim.warmup_steps *= updates
   model_cfg, graphdef, params, rest, tx, state_sh = step_lib.build_trainer_parts(config, mesh,
                                                                                   rules)
 
@@ -196,7 +205,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   if sync:  # Element assembled: stop the fleet from starting groups on this version.
     data_iter.on_element = lambda it: pub.write_control(pub.version + 1)
 
-  start = int(state.step)
+  start = ckpt.latest_step() if resuming else 0  # elements trained (state.step counts updates)
   total = config.train.steps
   stop_after = config.train.get("stop_after", -1)
   every = config.rl.publish_every
@@ -218,15 +227,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   try:
     while step < total:
       t0 = time.perf_counter()
-      batch = next(data_iter)
+      batch, info = _next_element(data_iter)
       t1 = time.perf_counter()
-      state, m = train_step(state, ref, _global_batch(batch, batch_sh))
-      m = jax.device_get(m)
+      ms = []
+      n_mb = _max_over_hosts(rl_step.num_minibatches(batch["loss_mask"], mb_rows))
+      for rows in rl_step.update_plan(batch["loss_mask"], mb_rows=mb_rows, epochs=epochs,
+                                      seed=config.seed, step=step + 1, minibatches=n_mb):
+        mb = {k: batch[k][rows] for k in rl_step.RL_BATCH_KEYS}
+        state, m_i = train_step(state, ref, _global_batch(mb, batch_sh))
+        ms.append(m_i)
+      m = rl_step.combine_update_metrics(jax.device_get(ms), epochs)
       t2 = time.perf_counter()
       step += 1
       wait_s += t1 - t0
       train_s += t2 - t1
-      info = data_iter.last_info
       if info["ids"]:
         consumed_log.write(json.dumps({"step": step, "ids": info["ids"]}) + "\n")
         consumed_log.flush()
@@ -234,7 +248,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
       elapsed = time.perf_counter() - t_start
       m = dict(m, **data_iter.stats(), policy_version=pub.version, stage=cur.index,
                lag=pub.version - info["min_version"], lr=optim.learning_rate(
-                   config.optim, (step - 1) // int(config.optim.get("grad_accum", 1))),
+                   config.optim, (int(state.step) - 1) // int(config.optim.get("grad_accum", 1))),
                utilisation=train_s / max(train_s + wait_s, 1e-9), step_s=t2 - t1,
                wait_step_s=t1 - t0, wall_s=elapsed,
                trajectories_per_hour=data_iter.counters["trajectories_used"] * 3600 / elapsed)
@@ -243,7 +257,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
         m[f"reward/stage_{cur.index}"] = reward
       history.append(writer.write(step, m))
 
-      if (info["element_last"] if sync else step % every == 0):
+      if sync or step % every == 0:  # sync: every step is one whole element
         pub.publish(state.params, state.rest)
         data_iter.set_policy_version(pub.version)
         pub.write_control()
@@ -281,6 +295,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   logging.info("done: step %d, version %d, stage %d, utilisation %.2f, counters %s", step,
                pub.version, cur.index, summary["utilisation"], summary["counters"])
   return dict(summary, state=state, graphdef=graphdef)
+
+
+def _next_element(data_iter: StreamIterator) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The next element's packed batches concatenated along rows (one trainer step trains a whole
+  element), and the stream's info for it (ids, rewards, versions: from its first batch)."""
+  batches = [next(data_iter)]
+  info = dict(data_iter.last_info)
+  while not data_iter.last_info["element_last"]:
+    batches.append(next(data_iter))
+  return {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}, info
+
+
+def _max_over_hosts(n: int) -> int:
+  """Max of a host-local count over all processes (hosts must run the same number of updates)."""
+  if jax.process_count() == 1:
+    return n
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int32))))
 
 
 def _global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding

@@ -129,3 +129,43 @@ def test_rl_step_learns_a_two_armed_bandit():
     state = update(state, ys, adv, logp)
   end = np.exp(policy(state.params))[arm_a]
   assert end > 0.9 and end > start + 0.3, (start, end)
+
+
+def test_update_plan_partitions_rows_each_epoch_and_balances_loss_rows():
+  mask = np.zeros((8, 4), np.int32)
+  mask[[0, 1, 2], 1:] = 1  # 3 rows with loss tokens, 5 padding rows
+  assert [p.tolist() for p in rl_step.update_plan(mask, mb_rows=8, epochs=1, seed=0,
+                                                  step=1)] == [list(range(8))]
+  plan = rl_step.update_plan(mask, mb_rows=2, epochs=3, seed=0, step=1)
+  assert len(plan) == 6  # ceil(3 loss rows / 2) minibatches per epoch, never an all-pad one
+  for e in range(3):
+    parts = plan[2 * e:2 * e + 2]
+    assert all(len(p) == 2 and len(set(p.tolist())) == 2 for p in parts)
+    real = sorted(int(r) for p in parts for r in p if mask[r].any())
+    assert real == [0, 1, 2]  # every loss row exactly once per epoch
+    assert all(mask[p].any(axis=1).sum() >= 1 for p in parts)
+  again = rl_step.update_plan(mask, mb_rows=2, epochs=3, seed=0, step=1)
+  assert all(np.array_equal(a, b) for a, b in zip(plan, again, strict=True))  # replayable
+  other = rl_step.update_plan(mask, mb_rows=2, epochs=3, seed=0, step=2)
+  assert not all(np.array_equal(a, b) for a, b in zip(plan, other, strict=True))
+
+
+def test_overflowing_element_is_trained_in_evenly_filled_updates():
+  # 2 packed batches of 4 rows; the second holds one overflow row: 5 loss rows -> 2 updates
+  # of 3 + 2 loss rows (not 4 + a near-empty 1).
+  mask = np.zeros((8, 4), np.int32)
+  mask[[0, 1, 2, 3, 4], 1:] = 1
+  plan = rl_step.update_plan(mask, mb_rows=4, epochs=1, seed=0, step=1)
+  assert sorted(int(mask[p].any(axis=1).sum()) for p in plan) == [2, 3]
+  with pytest.raises(ValueError, match="multiple of the minibatch rows"):
+    rl_step.update_plan(mask[:7], mb_rows=4, epochs=1, seed=0, step=1)
+
+
+def test_combine_update_metrics():
+  ms = [dict(tokens=10.0, loss_tokens=4.0, ratio_mean=1.0, clip_frac=0.0, kl=0.0, loss=1.0),
+        dict(tokens=10.0, loss_tokens=4.0, ratio_mean=1.2, clip_frac=0.5, kl=0.1, loss=3.0)]
+  m = rl_step.combine_update_metrics(ms + ms, epochs=2)
+  assert m["tokens"] == 40.0 and m["loss_tokens"] == 8.0 and m["loss"] == 2.0
+  assert m["ppo/updates"] == 4 and m["ppo/ratio_mean_first"] == 1.0
+  assert m["ppo/clip_frac_last"] == 0.5
+  assert rl_step.combine_update_metrics(ms[:1]) == ms[0]

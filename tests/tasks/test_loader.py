@@ -15,7 +15,7 @@ from klong_jax.tasks import (
   load_task,
   parse_blacklist,
 )
-from klong_jax.tasks.families import FAMILIES
+from klong_jax.tasks.families import FAMILIES, RL_SETS, fresh_params
 
 PB = "/work/shared/paperbench/papers"
 
@@ -49,10 +49,19 @@ def test_bundled_suite_shape():
   assert len(dirs) >= 20
   train = list_tasks(bundled_tasks_dir(), split="train")
   held = list_tasks(bundled_tasks_dir(), split="heldout")
-  assert len(train) + len(held) == len(dirs) and len(held) >= 5
+  rl = list_tasks(bundled_tasks_dir(), split="rl")
+  assert len(train) + len(rl) + len(held) == len(dirs) and len(held) >= 5
+  assert len(rl) == RL_SETS * len(FAMILIES)
   fam_train = {load_task(d).config["family"] for d in train}
   fam_held = {load_task(d).config["family"] for d in held}
   assert fam_held <= fam_train == {f.name for f in FAMILIES}
+  # RL tasks are new parameter sets of the train families: no paper equals a train/held-out one
+  # up to its task id, so a policy can only earn their results by reading the paper.
+  def setup(d):
+    return load_task(d).paper_md.split("## Experimental setup")[1].split("## Reproduction")[0]
+  seen = {setup(d) for d in train + held}
+  rl_setups = [setup(d) for d in rl]
+  assert len(set(rl_setups)) == len(rl_setups) and not seen & set(rl_setups)
   ids = set()
   for d in dirs:
     t = load_task(d)
@@ -87,3 +96,11 @@ def test_bad_task_dirs(tmp_path):
   (tmp_path / "files" / "data.csv").write_text("1,2\n")
   t = load_task(str(tmp_path), require_rubric=False)
   assert t.id == "x" and t.files == {"data.csv": b"1,2\n"} and t.split == "train"
+
+
+def test_fresh_params_are_valid_new_and_deterministic():
+  for f in FAMILIES:
+    sets = fresh_params(f, 4, seed=1)
+    assert sets == fresh_params(f, 4, seed=1) and sets != fresh_params(f, 4, seed=2)
+    assert all(p not in f.params for p in sets) and len({repr(p) for p in sets}) == 4
+    assert all(set(p) == set(f.params[0]) for p in sets)

@@ -35,7 +35,7 @@ def test_plot_rewards_writes_png(tmp_path):
 def test_progress_lines_and_eta():
   lines = []
   clock = [0.0]
-  p = summary.Progress({"a": 10.0, "b": 30.0}, printer=lines.append)
+  p = summary.Progress({"a": 10.0, "b": 30.0}, printer=lines.append, prior_s=0.0)
   p.t0 = 0.0
   import klong_jax.tools.summary as mod
   real = mod.time.monotonic
@@ -55,3 +55,11 @@ def test_progress_lines_and_eta():
   assert lines[0].startswith("[1/2] a") and "ETA 40s" in lines[0]
   assert lines[1].startswith("[1/2] a done in 20s -- done") and "ETA 1m00s" in lines[1]
   assert lines[2].startswith("[2/2] b")
+
+
+def test_progress_eta_not_swung_by_a_tiny_phase():
+  p = summary.Progress({"tok": 2.0, "train": 1200.0}, printer=lambda s: None)
+  p.done["tok"] = 0.5  # 4x faster than budgeted, but only 1.5 s of evidence.
+  assert 1150.0 < p.eta() < 1200.0
+  p.done["tok"] = 2.0
+  assert p.eta() == 1200.0
