@@ -194,7 +194,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   prog.end(f"reply: {reply[:80]!r}")
 
   prog.start("summary")
-  out.update(_summarize(workdir, rl_dir, teacher, ev_sft, ev_rl, rl_stream))
+  out.update(_summarize(workdir, rl_dir, teacher, ev_sft, ev_rl, rl_stream, c.tasks.rl_split))
   prog.end()
   return _finish(workdir, out, prog)
 
@@ -215,7 +215,7 @@ def _rl_metrics(rl_dir: str) -> list[dict[str, Any]]:
 
 def _summarize(workdir: str, rl_dir: str, teacher: rewards.RewardStats,
                ev_sft: rewards.RewardStats, ev_rl: rewards.RewardStats,
-               rl_stream: rewards.RewardStats) -> dict[str, Any]:
+               rl_stream: rewards.RewardStats, rl_split: str = "train") -> dict[str, Any]:
   """Prints the summary table and draws the reward plot; returns the numbers."""
   # Train-step records only (the trainer also logs stage-change events with a text "stage").
   hist = [h for h in _rl_metrics(rl_dir) if "loss" in h]
@@ -225,7 +225,7 @@ def _summarize(workdir: str, rl_dir: str, teacher: rewards.RewardStats,
       {"phase": "teacher (kept, train)", "mean reward": teacher.mean, "n": len(teacher.rewards)},
       {"phase": "after SFT (held-out)", "mean reward": ev_sft.mean, "n": len(ev_sft.rewards),
        "infra errors": ev_sft.infra_errors},
-      {"phase": "RL rollouts (train)", "mean reward": rl_stream.mean, "n": len(rl_stream.rewards),
+      {"phase": f"RL rollouts ({rl_split} tasks)", "mean reward": rl_stream.mean, "n": len(rl_stream.rewards),
        "infra errors": rl_stream.infra_errors},
       {"phase": "after RL (held-out)", "mean reward": ev_rl.mean, "n": len(ev_rl.rewards),
        "infra errors": ev_rl.infra_errors},
