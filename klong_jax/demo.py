@@ -108,8 +108,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   train = xp.link_tasks(root, "train", os.path.join(workdir, "tasks", "train"), c.tasks.max_train)
   heldout = xp.link_tasks(root, "heldout", os.path.join(workdir, "tasks", "heldout"),
                           c.tasks.max_heldout)
-  rl_tasks = xp.link_tasks(root, c.tasks.rl_split, os.path.join(workdir, "tasks", "rl"),
-                           c.tasks.max_rl)
+  rl_tasks = xp.link_rl_tasks(c, root, workdir)
   tok_dir = os.path.join(workdir, "tokenizer")
   # Domain: bundled corpus + TRAIN papers, system prompt, tool schemas, teacher scripts.
   tokenizer = domain_tokenizer.from_config(c, root, tok_dir)
@@ -215,7 +214,7 @@ def _rl_metrics(rl_dir: str) -> list[dict[str, Any]]:
 
 def _summarize(workdir: str, rl_dir: str, teacher: rewards.RewardStats,
                ev_sft: rewards.RewardStats, ev_rl: rewards.RewardStats,
-               rl_stream: rewards.RewardStats, rl_split: str = "train") -> dict[str, Any]:
+               rl_stream: rewards.RewardStats, rl_split: str) -> dict[str, Any]:
   """Prints the summary table and draws the reward plot; returns the numbers."""
   # Train-step records only (the trainer also logs stage-change events with a text "stage").
   hist = [h for h in _rl_metrics(rl_dir) if "loss" in h]

@@ -99,12 +99,9 @@ def _default_tokenizer(c: ml_collections.ConfigDict, wd: str, dry_run: bool) -> 
 
 def _rl_tasks(c: ml_collections.ConfigDict, wd: str, dry_run: bool) -> str:
   from klong_jax.tasks import bundled_tasks_dir  # noqa: PLC0415
-  split = c.tasks.get("rl_split", "train")
-  out = os.path.join(wd, "tasks", split)
   if dry_run:
-    return out
-  limit = c.tasks.get("max_rl", 0) if split != "train" else c.tasks.max_train
-  return xp.link_tasks(c.tasks.root or bundled_tasks_dir(), split, out, limit)
+    return xp.rl_tasks_dir(wd)
+  return xp.link_rl_tasks(c, c.tasks.root or bundled_tasks_dir(), wd)
 
 
 def main(argv: list[str]) -> None:

@@ -127,10 +127,15 @@ def minibatch_rows(rl_cfg: ml_collections.ConfigDict, rows: int, data_parallel: 
   return rows // mbs
 
 
+def _loss_rows(loss_mask: np.ndarray) -> np.ndarray:
+  """bool [rows]: which packed rows carry at least one loss token."""
+  mask = np.asarray(loss_mask)
+  return mask.reshape(mask.shape[0], -1).any(axis=1)
+
+
 def num_minibatches(loss_mask: np.ndarray, mb_rows: int) -> int:
   """Minibatches one epoch over an element needs: ceil(rows with loss tokens / mb_rows), >= 1."""
-  real = int((np.asarray(loss_mask).reshape(loss_mask.shape[0], -1).sum(axis=1) > 0).sum())
-  return max(1, -(-real // mb_rows))
+  return max(1, -(-int(_loss_rows(loss_mask).sum()) // mb_rows))
 
 
 def update_plan(loss_mask: np.ndarray, *, mb_rows: int, epochs: int, seed: int, step: int,
@@ -148,7 +153,7 @@ def update_plan(loss_mask: np.ndarray, *, mb_rows: int, epochs: int, seed: int, 
   rows = loss_mask.shape[0]
   if rows % mb_rows:
     raise ValueError(f"element rows ({rows}) must be a multiple of the minibatch rows ({mb_rows})")
-  has_loss = np.asarray(loss_mask).reshape(rows, -1).sum(axis=1) > 0
+  has_loss = _loss_rows(loss_mask)
   real, pad = np.flatnonzero(has_loss), np.flatnonzero(~has_loss)
   n = minibatches or num_minibatches(loss_mask, mb_rows)
   if n * mb_rows > rows:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import random
 from typing import Any
 
 
@@ -122,7 +124,28 @@ FAMILIES: tuple[Family, ...] = (
          dict(xs=[-2, 0, 1, 3], ys=[5, 2, 2, -1]))),
 )
 FAMILY_BY_FN = {f.fn: f for f in FAMILIES}
+SOLUTION_FILE = "solution.py"
+METRICS_FILE = "results/metrics.json"
 RL_SETS = 3  # Fresh parameter sets per family for the RL split (none seen in SFT or held out).
+
+
+def format_params(params: dict[str, Any]) -> str:
+  """`a=3, d=2` -- the literal argument list the paper states and the solution passes."""
+  return ", ".join(f"{k}={v!r}" for k, v in params.items())
+
+
+def solution_source(family: Family, params: dict[str, Any]) -> str:
+  """The full solution.py: the family's function, then a run writing results/metrics.json."""
+  return (f"import json, os\n{family.code}\nos.makedirs('results', exist_ok=True)\n"
+          f"json.dump({family.fn}({format_params(params)}), open('{METRICS_FILE}', 'w'))\n")
+
+
+def reference_metrics(family: Family, params: dict[str, Any]) -> dict[str, float]:
+  """Runs the reference implementation in-process (build time only) to get expected metrics."""
+  scope: dict[str, Any] = {}
+  exec(family.code, scope)  # noqa: S102 - our own bundled template code
+  out = scope[family.fn](**params)
+  return {k: float(out[k]) for k in family.metrics}
 
 
 def fresh_params(family: Family, count: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -133,16 +156,13 @@ def fresh_params(family: Family, count: int, seed: int = 0) -> list[dict[str, An
   elements in their value range. A draw is kept only if the reference implementation returns
   finite metrics and it equals no existing or earlier set; deterministic in (family, seed).
   """
-  import math  # noqa: PLC0415
-  import random  # noqa: PLC0415
-
   rng = random.Random(f"{family.name}:{seed}")
-  seen = [dict(p) for p in family.params]
+  seen = list(family.params)
+  lens = [len(v) for p in family.params for v in p.values() if isinstance(v, list)]
   out: list[dict[str, Any]] = []
   for _ in range(1000 * count):
     if len(out) == count:
       break
-    lens = [len(v) for p in family.params for v in p.values() if isinstance(v, list)]
     n = rng.randint(min(lens), max(lens)) if lens else 0
     new: dict[str, Any] = {}
     for k, v0 in family.params[0].items():
@@ -168,27 +188,6 @@ def fresh_params(family: Family, count: int, seed: int = 0) -> list[dict[str, An
   if len(out) < count:
     raise RuntimeError(f"family {family.name}: could not draw {count} valid fresh parameter sets")
   return out
-SOLUTION_FILE = "solution.py"
-METRICS_FILE = "results/metrics.json"
-
-
-def format_params(params: dict[str, Any]) -> str:
-  """`a=3, d=2` -- the literal argument list the paper states and the solution passes."""
-  return ", ".join(f"{k}={v!r}" for k, v in params.items())
-
-
-def solution_source(family: Family, params: dict[str, Any]) -> str:
-  """The full solution.py: the family's function, then a run writing results/metrics.json."""
-  return (f"import json, os\n{family.code}\nos.makedirs('results', exist_ok=True)\n"
-          f"json.dump({family.fn}({format_params(params)}), open('{METRICS_FILE}', 'w'))\n")
-
-
-def reference_metrics(family: Family, params: dict[str, Any]) -> dict[str, float]:
-  """Runs the reference implementation in-process (build time only) to get expected metrics."""
-  scope: dict[str, Any] = {}
-  exec(family.code, scope)  # noqa: S102 - our own bundled template code
-  out = scope[family.fn](**params)
-  return {k: float(out[k]) for k in family.metrics}
 
 
 def params_json(params: dict[str, Any]) -> str:

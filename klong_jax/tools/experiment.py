@@ -169,6 +169,17 @@ def link_tasks(root: str, split: str, out: str, limit: int = 0) -> str:
   return out
 
 
+def rl_tasks_dir(workdir: str) -> str:
+  """Where a run links its RL tasks (`link_rl_tasks`)."""
+  return os.path.join(workdir, "tasks", "rl")
+
+
+def link_rl_tasks(c: Any, root: str, workdir: str) -> str:
+  """Links the RL tasks of a demo-shaped config (`tasks.rl_split`, at most `tasks.max_rl`)."""
+  return link_tasks(root, c.tasks.get("rl_split", "train"), rl_tasks_dir(workdir),
+                    c.tasks.get("max_rl", 0))
+
+
 def config_overrides(text: str) -> dict[str, str]:
   """'a.b=1,c=x' -> {'config.a.b': '1', 'config.c': 'x'}: absl config_flags override flags."""
   out = {}

@@ -155,7 +155,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   mb_rows = rl_step.minibatch_rows(config.rl, config.data.batch_size,
                                    rules_lib.data_parallel_size(batch_sh))
   epochs = int(config.rl.get("ppo_epochs", 1))
-  updates = epochs * (config.data.batch_size // mb_rows)
+  updates = epochs * int(config.rl.get("minibatches", 1))
   if updates > 1:  # optim step counts are in elements; the schedule counts optimizer updates
     config = ml_collections.ConfigDict(config.to_dict())  # (nominal: an element that fits).
     config.optim.total_steps *= updates
