@@ -56,7 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.distill = ml_collections.ConfigDict()
   c.distill.teacher_skill = 0.8     # < 1: the teacher makes task-relevant mistakes.
-  c.distill.episodes_per_task = 3
+  # 1 episode on each of the 60 train tasks (6 parameter sets per family): parameter variety,
+  # not repeats, is what teaches the model to copy constants from the paper.
+  c.distill.episodes_per_task = 1
   c.distill.threshold = 0.5         # Keep trajectories the grader scores at least this.
   c.distill.time_limit_s = 60.0
   c.distill.max_steps = 4           # The teacher needs 2-3 (read/solve, submit).

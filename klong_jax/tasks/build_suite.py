@@ -2,7 +2,8 @@
 
 Run `python -m klong_jax.tasks.build_suite [--out=DIR]`; the output is deterministic, and a test
 checks the checked-in data equals a fresh build. Per family, the last parameter set is held out,
-the others are the `train` split (teacher distillation for SFT), and `RL_SETS` freshly drawn sets
+the others plus `TRAIN_SETS` freshly drawn ones are the `train` split (teacher distillation for
+SFT: with many sets the model must copy constants from the paper), and `RL_SETS` other fresh sets
 form the `rl` split: RL tasks the SFT data never showed, so a policy that copied the train tasks'
 constants from memory is rewarded only for reading them from the paper (what held-out needs).
 """
@@ -22,6 +23,7 @@ from klong_jax.tasks.families import (
     METRICS_FILE,
     RL_SETS,
     SOLUTION_FILE,
+    TRAIN_SETS,
     Family,
     format_params,
     fresh_params,
@@ -99,8 +101,12 @@ def task_ids() -> list[tuple[Family, dict, str, str]]:
   for f in FAMILIES:
     for i, p in enumerate(f.params):
       out.append((f, p, f"{f.name}-{i + 1}", "heldout" if i == len(f.params) - 1 else "train"))
-    for i, p in enumerate(fresh_params(f, RL_SETS)):
+    # One draw so the rl sets stay the first RL_SETS whatever TRAIN_SETS is.
+    fresh = fresh_params(f, RL_SETS + TRAIN_SETS)
+    for i, p in enumerate(fresh[:RL_SETS]):
       out.append((f, p, f"{f.name}-rl{i + 1}", "rl"))
+    for i, p in enumerate(fresh[RL_SETS:]):
+      out.append((f, p, f"{f.name}-t{i + 1}", "train"))
   return out
 
 

@@ -127,6 +127,9 @@ FAMILY_BY_FN = {f.fn: f for f in FAMILIES}
 SOLUTION_FILE = "solution.py"
 METRICS_FILE = "results/metrics.json"
 RL_SETS = 3  # Fresh parameter sets per family for the RL split (none seen in SFT or held out).
+# Extra fresh sets per family in the train split: with only the 2 hand-written sets the tiny
+# model memorises their constants instead of copying the paper's (what held-out tasks need).
+TRAIN_SETS = 4
 
 
 def format_params(params: dict[str, Any]) -> str:

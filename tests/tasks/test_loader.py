@@ -15,7 +15,7 @@ from klong_jax.tasks import (
   load_task,
   parse_blacklist,
 )
-from klong_jax.tasks.families import FAMILIES, RL_SETS, fresh_params
+from klong_jax.tasks.families import FAMILIES, RL_SETS, TRAIN_SETS, fresh_params
 
 PB = "/work/shared/paperbench/papers"
 
@@ -52,6 +52,7 @@ def test_bundled_suite_shape():
   rl = list_tasks(bundled_tasks_dir(), split="rl")
   assert len(train) + len(rl) + len(held) == len(dirs) and len(held) >= 5
   assert len(rl) == RL_SETS * len(FAMILIES)
+  assert len(train) == (len(FAMILIES[0].params) - 1 + TRAIN_SETS) * len(FAMILIES)
   fam_train = {load_task(d).config["family"] for d in train}
   fam_held = {load_task(d).config["family"] for d in held}
   assert fam_held <= fam_train == {f.name for f in FAMILIES}
@@ -59,9 +60,9 @@ def test_bundled_suite_shape():
   # up to its task id, so a policy can only earn their results by reading the paper.
   def setup(d):
     return load_task(d).paper_md.split("## Experimental setup")[1].split("## Reproduction")[0]
-  seen = {setup(d) for d in train + held}
-  rl_setups = [setup(d) for d in rl]
-  assert len(set(rl_setups)) == len(rl_setups) and not seen & set(rl_setups)
+  # Every setup is distinct across all splits: no train paper repeats a held-out or RL one.
+  setups = [setup(d) for d in train + held + rl]
+  assert len(set(setups)) == len(setups)
   ids = set()
   for d in dirs:
     t = load_task(d)

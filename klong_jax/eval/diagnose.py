@@ -1,0 +1,126 @@
+"""Why a policy scores what it scores on the bundled suite: per-rollout failure classes.
+
+  python -m klong_jax.eval.diagnose runs/demo/eval_sft/stream [runs/demo/eval_rl/stream ...]
+
+Reads trajectory shards (any stream or eval dir), classifies each bundled-suite rollout by the
+first thing that went wrong -- the solution call's constants not the paper's (`wrong_args`), code
+that does not run (`exec_error`), a teacher mistake pattern (`renamed_fn`: `def f_impl(`), no
+solution written -- and prints the reward histogram and class rates per directory. The reward
+band tells RL's head-room: without the paper's constants a bundled task scores at most 0.5.
+JAX-free.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from klong_jax.data import schema, shards
+from klong_jax.tasks.families import FAMILY_BY_FN, format_params
+
+_CALL = re.compile(r"json\.dump\((\w+)\((.*?)\), open\(")
+_EXEC_ERROR = re.compile(r"Traceback|SyntaxError|Error:|\[exit code [1-9]")
+
+
+def _calls_and_outputs(messages: Sequence[Mapping[str, Any]]) -> tuple[str, str]:
+  """(text of every tool-call argument the agent sent, text of every tool result)."""
+  sent, seen = [], []
+  for m in messages:
+    if m.get("role") == "assistant":
+      for c in m.get("tool_calls") or []:
+        args = c.get("function", {}).get("arguments", "")
+        try:
+          args = " ".join(str(v) for v in json.loads(args).values())
+        except (ValueError, AttributeError):
+          pass
+        sent.append(args)
+    elif m.get("role") == "tool":
+      content = m.get("content")
+      seen.append(content if isinstance(content, str) else json.dumps(content))
+  return "\n".join(sent), "\n".join(seen)
+
+
+def classify(traj: schema.Trajectory, params: Mapping[str, Any] | None) -> dict[str, Any]:
+  """Failure tags of one rollout; `params` are the task's parameters (None: unknown task)."""
+  sent, seen = _calls_and_outputs(traj.messages)
+  calls = _CALL.findall(sent)
+  tags = []
+  if not calls:
+    tags.append("no_solution_call")
+  elif params is not None and not any(
+      FAMILY_BY_FN.get(fn) is not None and args == format_params(params) for fn, args in calls):
+    tags.append("wrong_args")
+  if re.search(r"def \w+_impl\(", sent):
+    tags.append("renamed_fn")
+  if _EXEC_ERROR.search(seen):
+    tags.append("exec_error")
+  return {"task": traj.task_id, "reward": traj.reward, "status": traj.status, "tags": tags,
+          "calls": [f"{fn}({args})" for fn, args in calls]}
+
+
+def task_params(task_id: str) -> Mapping[str, Any] | None:
+  """Parameters of a bundled task id (`arith-3`, `fib-rl2`, `gd-t1`), None for other tasks."""
+  from klong_jax.tasks.build_suite import task_ids  # noqa: PLC0415 - builds the id table once
+
+  global _PARAMS
+  if _PARAMS is None:
+    _PARAMS = {tid: p for _, p, tid, _ in task_ids()}
+  return _PARAMS.get(task_id)
+
+
+_PARAMS: dict[str, Mapping[str, Any]] | None = None
+
+
+def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+  """Mean reward, reward histogram (2 decimals), tag rates and the mean reward of each tag."""
+  rows = list(rows)
+  n = len(rows)
+  rewards = [r["reward"] or 0.0 for r in rows]
+  tags = collections.Counter(t for r in rows for t in r["tags"])
+  clean = [r["reward"] or 0.0 for r in rows if not r["tags"]]
+  return {
+      "n": n,
+      "mean_reward": sum(rewards) / n if n else None,
+      "histogram": dict(sorted(collections.Counter(round(x, 2) for x in rewards).items())),
+      "tag_rate": {t: c / n for t, c in sorted(tags.items())},
+      "tag_mean_reward": {t: sum(r["reward"] or 0.0 for r in rows if t in r["tags"]) / c
+                          for t, c in sorted(tags.items())},
+      "clean_rate": len(clean) / n if n else None,
+      "clean_mean_reward": sum(clean) / len(clean) if clean else None,
+  }
+
+
+def diagnose_dir(path: str) -> dict[str, Any]:
+  """Classifies every trajectory under `path` (shards found recursively)."""
+  rows = []
+  for shard in shards.list_shards(path):
+    for raw in shards.read_shard(shard):
+      t = schema.from_bytes(raw)
+      rows.append(classify(t, task_params(t.task_id)))
+  return {"path": path, **summarize(rows), "rollouts": rows}
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) < 2:
+    raise SystemExit("usage: python -m klong_jax.eval.diagnose STREAM_DIR [STREAM_DIR ...]")
+  for path in argv[1:]:
+    d = diagnose_dir(path)
+    if not d["n"]:
+      print(f"{path}: no trajectories (expected *.array_record shards under it)")
+      continue
+    print(f"{path}: {d['n']} rollouts, mean reward {d['mean_reward']:.3f}")
+    print("  reward histogram: " + ", ".join(f"{k:.2f}x{v}" for k, v in d["histogram"].items()))
+    for t, rate in d["tag_rate"].items():
+      print(f"  {t:17s} {rate:6.1%}  mean reward {d['tag_mean_reward'][t]:.3f}")
+    if d["clean_rate"] is not None:
+      cm = d["clean_mean_reward"]
+      print(f"  {'no failure tag':17s} {d['clean_rate']:6.1%}  mean reward "
+            f"{'-' if cm is None else f'{cm:.3f}'}")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
