@@ -13,6 +13,7 @@ JAX-free.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import re
 import sys
@@ -62,17 +63,16 @@ def classify(traj: schema.Trajectory, params: Mapping[str, Any] | None) -> dict[
           "calls": [f"{fn}({args})" for fn, args in calls]}
 
 
+@functools.lru_cache(maxsize=1)
+def _bundled_params() -> dict[str, Mapping[str, Any]]:
+  from klong_jax.tasks.build_suite import task_ids  # noqa: PLC0415 - generator, read once
+
+  return {tid: p for _, p, tid, _ in task_ids()}
+
+
 def task_params(task_id: str) -> Mapping[str, Any] | None:
   """Parameters of a bundled task id (`arith-3`, `fib-rl2`, `gd-t1`), None for other tasks."""
-  from klong_jax.tasks.build_suite import task_ids  # noqa: PLC0415 - builds the id table once
-
-  global _PARAMS
-  if _PARAMS is None:
-    _PARAMS = {tid: p for _, p, tid, _ in task_ids()}
-  return _PARAMS.get(task_id)
-
-
-_PARAMS: dict[str, Mapping[str, Any]] | None = None
+  return _bundled_params().get(task_id)
 
 
 def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
