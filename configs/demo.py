@@ -54,9 +54,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "k=v,..." applied to every JAX role (SFT, RL trainer, servers, export): the model must
   # match the tokenizer's vocab.
   c.model_overrides = "model.vocab_size=2048"
-  if args.wide:  # Copies single constants from the paper (the tiny one does not); 1.6x slower.
-    c.model_overrides += (",model.hidden_size=128,model.num_layers=4,model.head_dim=32,"
-                          "model.intermediate_size=256,model.moe_intermediate_size=64")
 
   c.distill = ml_collections.ConfigDict()
   c.distill.teacher_skill = 0.8     # < 1: the teacher makes task-relevant mistakes.
@@ -70,8 +67,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.sft = ml_collections.ConfigDict()
   c.sft.config = "configs/sft_tiny.py"
   c.sft.arg = "steps=250"            # ~2 s/step: long enough that held-out outputs parse.
-  if args.wide:
-    c.sft.arg = "steps=200"          # Loss 0.09 at 200 (tiny: 0.21 at 250).
   # "k=v,..." -> --config.k=v for the SFT trainer (data.shards/tokenizer are set by the demo).
   # With the domain tokenizer a teacher trajectory is ~0.5k tokens: one chunk, unsplit.
   c.sft.overrides = ("data.max_len=1024,data.row_len=1024,data.overlap=128,data.batch_size=4,"
@@ -128,7 +123,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.budgets_s = ml_collections.ConfigDict(dict(
       tokenizer=2, distill=110, sft=330, eval_sft=90, rl=330, eval_rl=90, export=30,
       summary=5))
-  if args.wide:
+
+  if args.wide:  # Copies single constants from the paper (the tiny one does not); 1.6x slower.
+    c.model_overrides += (",model.hidden_size=128,model.num_layers=4,model.head_dim=32,"
+                          "model.intermediate_size=256,model.moe_intermediate_size=64")
+    c.sft.arg = "steps=200"          # Loss 0.09 at 200 (tiny: 0.21 at 250).
     c.budgets_s.update(dict(sft=380, eval_sft=180, rl=590, eval_rl=190))
 
   if args.runlocal:

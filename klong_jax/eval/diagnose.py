@@ -21,7 +21,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from klong_jax.data import schema, shards
-from klong_jax.tasks.families import FAMILY_BY_FN, format_params
+from klong_jax.data.chat import message_text
+from klong_jax.tasks.families import Family, format_params
 
 _CALL = re.compile(r"json\.dump\((\w+)\((.*?)\), open\(")
 _EXEC_ERROR = re.compile(r"Traceback|SyntaxError|Error:|\[exit code [1-9]")
@@ -40,39 +41,38 @@ def _calls_and_outputs(messages: Sequence[Mapping[str, Any]]) -> tuple[str, str]
           pass
         sent.append(args)
     elif m.get("role") == "tool":
-      content = m.get("content")
-      seen.append(content if isinstance(content, str) else json.dumps(content))
+      seen.append(message_text(m.get("content")))
   return "\n".join(sent), "\n".join(seen)
 
 
-def classify(traj: schema.Trajectory, params: Mapping[str, Any] | None) -> dict[str, Any]:
-  """Failure tags of one rollout; `params` are the task's parameters (None: unknown task)."""
+def classify(traj: schema.Trajectory, task: tuple[Family, Mapping[str, Any]] | None
+             ) -> dict[str, Any]:
+  """Failure tags of one rollout; `task` is its (family, parameters), None for an unknown task."""
   sent, seen = _calls_and_outputs(traj.messages)
-  calls = _CALL.findall(sent)
+  calls = [f"{fn}({args})" for fn, args in _CALL.findall(sent)]
   tags = []
   if not calls:
     tags.append("no_solution_call")
-  elif params is not None and not any(
-      FAMILY_BY_FN.get(fn) is not None and args == format_params(params) for fn, args in calls):
+  elif task is not None and f"{task[0].fn}({format_params(task[1])})" not in calls:
     tags.append("wrong_args")
   if re.search(r"def \w+_impl\(", sent):
     tags.append("renamed_fn")
   if _EXEC_ERROR.search(seen):
     tags.append("exec_error")
   return {"task": traj.task_id, "reward": traj.reward, "status": traj.status, "tags": tags,
-          "calls": [f"{fn}({args})" for fn, args in calls]}
+          "calls": calls}
 
 
 @functools.lru_cache(maxsize=1)
-def _bundled_params() -> dict[str, Mapping[str, Any]]:
+def _bundled_tasks() -> dict[str, tuple[Family, Mapping[str, Any]]]:
   from klong_jax.tasks.build_suite import task_ids  # noqa: PLC0415 - generator, read once
 
-  return {tid: p for _, p, tid, _ in task_ids()}
+  return {tid: (f, p) for f, p, tid, _ in task_ids()}
 
 
-def task_params(task_id: str) -> Mapping[str, Any] | None:
-  """Parameters of a bundled task id (`arith-3`, `fib-rl2`, `gd-t1`), None for other tasks."""
-  return _bundled_params().get(task_id)
+def bundled_task(task_id: str) -> tuple[Family, Mapping[str, Any]] | None:
+  """(family, parameters) of a bundled task id (`arith-3`, `fib-rl2`, `gd-t1`), else None."""
+  return _bundled_tasks().get(task_id)
 
 
 def summarize(rows: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
@@ -100,7 +100,7 @@ def diagnose_dir(path: str) -> dict[str, Any]:
   for shard in shards.list_shards(path):
     for raw in shards.read_shard(shard):
       t = schema.from_bytes(raw)
-      rows.append(classify(t, task_params(t.task_id)))
+      rows.append(classify(t, bundled_task(t.task_id)))
   return {"path": path, **summarize(rows), "rollouts": rows}
 
 
@@ -116,10 +116,9 @@ def main(argv: list[str]) -> None:
     print("  reward histogram: " + ", ".join(f"{k:.2f}x{v}" for k, v in d["histogram"].items()))
     for t, rate in d["tag_rate"].items():
       print(f"  {t:17s} {rate:6.1%}  mean reward {d['tag_mean_reward'][t]:.3f}")
-    if d["clean_rate"] is not None:
-      cm = d["clean_mean_reward"]
-      print(f"  {'no failure tag':17s} {d['clean_rate']:6.1%}  mean reward "
-            f"{'-' if cm is None else f'{cm:.3f}'}")
+    cm = d["clean_mean_reward"]
+    print(f"  {'no failure tag':17s} {d['clean_rate']:6.1%}  mean reward "
+          f"{'-' if cm is None else f'{cm:.3f}'}")
 
 
 if __name__ == "__main__":

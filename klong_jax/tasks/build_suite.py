@@ -3,7 +3,7 @@
 Run `python -m klong_jax.tasks.build_suite [--out=DIR]`; the output is deterministic, and a test
 checks the checked-in data equals a fresh build. Per family, the last parameter set is held out,
 the others plus `TRAIN_SETS` freshly drawn ones are the `train` split (teacher distillation for
-SFT: with many sets the model must copy constants from the paper), and `RL_SETS` other fresh sets
+SFT: no single set of constants per family to memorise), and `RL_SETS` other fresh sets
 form the `rl` split: RL tasks the SFT data never showed, so a policy that copied the train tasks'
 constants from memory is rewarded only for reading them from the paper (what held-out needs).
 """

@@ -23,9 +23,10 @@ def _rollout(tid, reward, script, tool_output):
 
 
 def test_classifies_teacher_mistakes_and_summarises(tmp_path):
-  family = FAMILY_BY_FN["arith_series"]
-  params = diagnose.task_params("arith-3")
-  assert params == dict(a=7, d=-3, n=12) and diagnose.task_params("not-bundled") is None
+  task = diagnose.bundled_task("arith-3")
+  assert task is not None and diagnose.bundled_task("not-bundled") is None
+  family, params = task
+  assert family is FAMILY_BY_FN["arith_series"] and params == dict(a=7, d=-3, n=12)
   teacher = ScriptedTeacher(skill=1.0)
   good = teacher.solution_script(family, params, "/workspace/submission")
   renamed = teacher.solution_script(family, params, "/workspace/submission", {"wrong_fn"})
@@ -37,7 +38,7 @@ def test_classifies_teacher_mistakes_and_summarises(tmp_path):
       _rollout("arith-3", 1 / 3, crash, "SyntaxError: '(' was never closed\n[exit code 1]"),
       _rollout("arith-3", 0.5, other, '{"total": 120, "last": 21}'),
   ]
-  tags = [diagnose.classify(t, params)["tags"] for t in rows]
+  tags = [diagnose.classify(t, task)["tags"] for t in rows]
   assert tags == [[], ["renamed_fn"], ["exec_error"], ["wrong_args"]]
   path = os.path.join(tmp_path, "stream", "0", "w.array_record")
   shards.write_shard(path, [t.to_bytes() for t in rows])

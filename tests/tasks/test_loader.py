@@ -52,7 +52,7 @@ def test_bundled_suite_shape():
   rl = list_tasks(bundled_tasks_dir(), split="rl")
   assert len(train) + len(rl) + len(held) == len(dirs) and len(held) >= 5
   assert len(rl) == RL_SETS * len(FAMILIES)
-  assert len(train) == (len(FAMILIES[0].params) - 1 + TRAIN_SETS) * len(FAMILIES)
+  assert len(train) == sum(len(f.params) - 1 + TRAIN_SETS for f in FAMILIES)
   fam_train = {load_task(d).config["family"] for d in train}
   fam_held = {load_task(d).config["family"] for d in held}
   assert fam_held <= fam_train == {f.name for f in FAMILIES}
