@@ -3,10 +3,11 @@
   python -m klong_jax.eval.diagnose runs/demo/eval_sft/stream [runs/demo/eval_rl/stream ...]
 
 Reads trajectory shards (any stream or eval dir), classifies each bundled-suite rollout by the
-first thing that went wrong -- the solution call's constants not the paper's (`wrong_args`), code
+first thing that went wrong -- a solution call that neither loads the task's `params.json` nor
+passes the paper's constants (`wrong_args`), code
 that does not run (`exec_error`), a teacher mistake pattern (`renamed_fn`: `def f_impl(`), no
 solution written -- and prints the reward histogram and class rates per directory. The reward
-band tells RL's head-room: without the paper's constants a bundled task scores at most 0.5.
+band tells RL's head-room: a run with the wrong parameters scores at most 0.5.
 JAX-free.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 from klong_jax.data import schema, shards
 from klong_jax.data.chat import message_text
-from klong_jax.tasks.families import Family, format_params
+from klong_jax.tasks.families import Family, format_params, solution_call
 
 _CALL = re.compile(r"json\.dump\((\w+)\((.*?)\), open\(")
 _EXEC_ERROR = re.compile(r"Traceback|SyntaxError|Error:|\[exit code [1-9]")
@@ -53,7 +54,8 @@ def classify(traj: schema.Trajectory, task: tuple[Family, Mapping[str, Any]] | N
   tags = []
   if not calls:
     tags.append("no_solution_call")
-  elif task is not None and f"{task[0].fn}({format_params(task[1])})" not in calls:
+  elif task is not None and not {solution_call(task[0]),
+                                 f"{task[0].fn}({format_params(task[1])})"} & set(calls):
     tags.append("wrong_args")
   if re.search(r"def \w+_impl\(", sent):
     tags.append("renamed_fn")

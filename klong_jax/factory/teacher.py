@@ -19,7 +19,14 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from klong_jax.tasks.families import FAMILY_BY_FN, METRICS_FILE, SOLUTION_FILE, Family
+from klong_jax.tasks.families import (
+    FAMILY_BY_FN,
+    METRICS_FILE,
+    SOLUTION_FILE,
+    Family,
+    format_params,
+    solution_call,
+)
 
 MISTAKES = ("wrong_param", "wrong_fn", "no_reproduce", "wrong_key", "crash")
 DEFAULT_SUBMISSION_DIR = "/workspace/submission"
@@ -133,8 +140,6 @@ class ScriptedTeacher:
   def solution_script(self, family: Family, params: dict[str, Any], submission_dir: str,
                       mistakes: set[str] = frozenset()) -> str:
     """The bash script that writes and runs the solution (with the given mistakes)."""
-    with self._lock:
-      p = _perturb(params, self._rng) if "wrong_param" in mistakes else params
     code = family.code
     if "wrong_fn" in mistakes:
       code = code.replace(f"def {family.fn}(", f"def {family.fn}_impl(", 1)
@@ -142,10 +147,13 @@ class ScriptedTeacher:
     if "wrong_key" in mistakes:
       k = family.metrics[0]
       code = code.replace(f"'{k}':", f"'{k.upper()}':", 1)
-    args = ", ".join(f"{k}={v!r}" for k, v in p.items())
-    run = f"json.dump({family.fn}({args}), open('{METRICS_FILE}', 'w'))"
+    call = solution_call(family)
+    if "wrong_param" in mistakes:  # Retypes the paper's constants instead, one of them wrong.
+      with self._lock:
+        call = f"{family.fn}({format_params(_perturb(params, self._rng))})"
+    run = f"json.dump({call}, open('{METRICS_FILE}', 'w'))"
     if "crash" in mistakes:
-      run = f"json.dump({family.fn}({args}), open('{METRICS_FILE}', 'w')"
+      run = run[:-1]
     src = f"import json, os\n{code}\nos.makedirs('results', exist_ok=True)\n{run}\n"
     lines = [f"mkdir -p {shlex.quote(submission_dir)} && cd {shlex.quote(submission_dir)}",
              f"cat > {SOLUTION_FILE} <<'EOF'\n{src}EOF"]

@@ -60,7 +60,8 @@ def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_para
       logp, losses.shift_aligned(batch["logprobs"]), losses.shift_aligned(batch["advantages"]),
       weights, batch["segment_ids"], ref_logp=ref_logp, clip_low=float(rl.clip_low),
       clip_high=float(rl.clip_high), kl_coef=kl_coef, kl_estimator=rl.get("kl_estimator", "k3"),
-      ratio_cap=ratio_cap, normalization=rl.get("normalization", "token"))
+      kl_clamp=float(rl.get("kl_clamp", 0.0)) or None, ratio_cap=ratio_cap,
+      normalization=rl.get("normalization", "token"))
   lb = jnp.asarray(aux.get("moe_lb_loss", 0.0), jnp.float32)
   z = jnp.asarray(aux.get("router_z_loss", 0.0), jnp.float32)
   loss = pg + lb_coef * lb + z_coef * z
@@ -171,14 +172,16 @@ def update_plan(loss_mask: np.ndarray, *, mb_rows: int, epochs: int, seed: int, 
 
 def combine_update_metrics(ms: Sequence[Mapping[str, Any]], epochs: int = 1) -> dict[str, Any]:
   """One metrics row for an element trained in several updates: processed `tokens` summed, loss
-  tokens counted once per epoch pass, everything else averaged; `ppo/*` keeps the first update
-  (on-policy: ratio ~1) and the last (how far the epochs moved the policy)."""
+  tokens counted once per epoch pass, `kl_max` the max, everything else averaged; `ppo/*` keeps
+  the first update (on-policy: ratio ~1) and the last (how far the epochs moved the policy)."""
   if len(ms) == 1:
     return dict(ms[0])
   out = {k: float(np.mean([float(m[k]) for m in ms])) for k in ms[0]}
   out["tokens"] = float(sum(float(m["tokens"]) for m in ms))
   out["loss_tokens"] = float(sum(float(m["loss_tokens"]) for m in ms)) / epochs
   out["ppo/updates"] = float(len(ms))
+  if "kl_max" in ms[0]:
+    out["kl_max"] = max(float(m["kl_max"]) for m in ms)
   for k in ("ratio_mean", "clip_frac", "kl"):
     out[f"ppo/{k}_first"], out[f"ppo/{k}_last"] = float(ms[0][k]), float(ms[-1][k])
   return out

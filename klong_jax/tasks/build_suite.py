@@ -3,9 +3,10 @@
 Run `python -m klong_jax.tasks.build_suite [--out=DIR]`; the output is deterministic, and a test
 checks the checked-in data equals a fresh build. Per family, the last parameter set is held out,
 the others plus `TRAIN_SETS` freshly drawn ones are the `train` split (teacher distillation for
-SFT: no single set of constants per family to memorise), and `RL_SETS` other fresh sets
-form the `rl` split: RL tasks the SFT data never showed, so a policy that copied the train tasks'
-constants from memory is rewarded only for reading them from the paper (what held-out needs).
+SFT), and `RL_SETS` other fresh sets form the `rl` split: RL tasks the SFT data never showed.
+Every task ships its parameters as the starter file `submission/params.json` (a task's `files/`
+dir), which the solution loads, so the results leaves reward code that runs correctly rather
+than retyping constants (which the tiny model never learned).
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from klong_jax.grading.rubric import atomic_write_text, rubric_from_dict
 from klong_jax.tasks.families import (
     FAMILIES,
     METRICS_FILE,
+    PARAMS_FILE,
     RL_SETS,
     SOLUTION_FILE,
     TRAIN_SETS,
     Family,
-    format_params,
     fresh_params,
     reference_metrics,
+    solution_call,
 )
 
 BLACKLIST_HOST = "https://github.com/klong-mini-papers"
@@ -39,15 +41,17 @@ def _paper(family: Family, params: dict, tid: str) -> str:
   return (
       f"# {family.title}\n\n## Abstract\n\nWe revisit a classic small computation and report "
       f"two numbers that characterise it ({keys}).\n\n## Method\n\n{family.method}\n\n"
-      f"## Experimental setup\n\nOur experiment uses exactly these parameters:\n\n{plist}\n\n"
+      f"## Experimental setup\n\nOur experiment uses exactly these parameters (released with "
+      f"the paper as `{PARAMS_FILE}`):\n\n{plist}\n\n"
       f"## Reproduction\n\nImplement `{family.fn}({', '.join(params)})` in `{SOLUTION_FILE}`; it "
       f"returns a dict with keys {keys}. Running `{SOLUTION_FILE}` calls it with the parameters "
       f"above and writes the dict as JSON to `{METRICS_FILE}`. Provide `reproduce.sh` that runs "
       f"`python3 {SOLUTION_FILE}`.\n\nTask id: `{tid}`.\n")
 
 
-def _addendum(family: Family, params: dict) -> str:
-  return (f"# Addendum\n\n- Call exactly `{family.fn}({format_params(params)})`.\n"
+def _addendum(family: Family) -> str:
+  return (f"# Addendum\n\n- `{PARAMS_FILE}` (already in the submission directory) holds exactly "
+          f"these parameters; call `{solution_call(family)}`.\n"
           f"- Metrics are plain JSON numbers; they are checked to an absolute tolerance of "
           f"{family.atol:g}.\n- Create the `results/` directory if it does not exist.\n"
           f"- Standard-library Python only; no network access is needed.\n")
@@ -124,7 +128,9 @@ def build(out_dir: str) -> list[str]:
     cfg = {"id": tid, "title": family.title, "split": split, "family": family.name,
            "reproduce_timeout_s": 60}
     atomic_write_text(os.path.join(d, "paper.md"), _paper(family, params, tid))
-    atomic_write_text(os.path.join(d, "addendum.md"), _addendum(family, params))
+    atomic_write_text(os.path.join(d, "addendum.md"), _addendum(family))
+    atomic_write_text(os.path.join(d, "files", "submission", PARAMS_FILE),
+                      json.dumps(params) + "\n")
     atomic_write_text(os.path.join(d, "blacklist.txt"), f"{BLACKLIST_HOST}/{tid}\n")
     atomic_write_text(os.path.join(d, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
     atomic_write_text(os.path.join(d, "rubric.json"), json.dumps(rubric, indent=2) + "\n")

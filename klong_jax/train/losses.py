@@ -107,6 +107,7 @@ def ppo_loss(
     clip_high: float = 0.2,
     kl_coef: float = 0.0,
     kl_estimator: KLEstimator = "k3",
+    kl_clamp: float | None = None,
     ratio_cap: float | None = None,
     normalization: Normalization = "token",
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -117,7 +118,10 @@ def ppo_loss(
     l = -min(r_c * A, clip(r, 1 - clip_low, 1 + clip_high) * A) + kl_coef * KL(logp, ref_logp)
   `ratio_cap` (> 1 + clip_high) bounds the weight of stale tokens whose ratio exploded: for A < 0
   it is dual-clip PPO (loss floor at -ratio_cap * A, zero gradient beyond); for A > 0 the clip
-  already bounds it. Normalisation 'token': sum over loss tokens / number of loss tokens in the
+  already bounds it. `kl_clamp` bounds each token's KL estimate to [-kl_clamp, kl_clamp] (verl's
+  low_var_kl uses 10): k3 is exp(-d) for a token the policy made far less likely than the
+  reference, and one such token (an MoE routing flip) can swamp a clipped update. Normalisation
+  'token': sum over loss tokens / number of loss tokens in the
   batch (long chunks weigh more). 'sequence': mean per chunk (segment), then mean over chunks
   (the paper's 1/(n*K) over sub-trajectories; every chunk weighs the same).
   """
@@ -137,6 +141,9 @@ def ppo_loss(
     if ref_logp is None:
       raise ValueError("kl_coef > 0 needs ref_logp (log-probs of the reference policy)")
     kl = kl_penalty(logp, jnp.where(live, ref_logp, logp), kl_estimator)
+    if kl_clamp is not None:
+      metrics["kl_max"] = jnp.where(live, kl, 0.0).max()
+      kl = jnp.clip(kl, -kl_clamp, kl_clamp)
     per_token = per_token + kl_coef * kl
     metrics["kl"] = (kl * weights).sum() / jnp.maximum(weights.sum(), 1.0)
   loss = _normalize(per_token, weights, segment_ids, normalization)

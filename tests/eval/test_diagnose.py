@@ -31,7 +31,7 @@ def test_classifies_teacher_mistakes_and_summarises(tmp_path):
   good = teacher.solution_script(family, params, "/workspace/submission")
   renamed = teacher.solution_script(family, params, "/workspace/submission", {"wrong_fn"})
   crash = teacher.solution_script(family, params, "/workspace/submission", {"crash"})
-  other = teacher.solution_script(family, dict(a=3, d=2, n=10), "/workspace/submission")
+  other = teacher.solution_script(family, params, "/workspace/submission", {"wrong_param"})
   rows = [
       _rollout("arith-3", 1.0, good, '{"total": -114, "last": -26}'),
       _rollout("arith-3", 5 / 6, renamed, '{"total": -114, "last": -26}'),
@@ -47,4 +47,7 @@ def test_classifies_teacher_mistakes_and_summarises(tmp_path):
   assert d["histogram"] == {0.33: 1, 0.5: 1, 0.83: 1, 1.0: 1}
   assert d["tag_rate"]["wrong_args"] == 0.25 and d["tag_mean_reward"]["wrong_args"] == 0.5
   assert d["clean_rate"] == 0.25 and d["clean_mean_reward"] == 1.0
-  assert d["rollouts"][0]["calls"] == ["arith_series(a=7, d=-3, n=12)"]
+  assert d["rollouts"][0]["calls"] == ["arith_series(**json.load(open('params.json')))"]
+  literal = _rollout("arith-3", 1.0, good.replace(d["rollouts"][0]["calls"][0],
+                                                  "arith_series(a=7, d=-3, n=12)"), "{}")
+  assert diagnose.classify(literal, task)["tags"] == []  # Retyping the constants right is fine.

@@ -6,6 +6,7 @@ import pytest
 
 from klong_jax.factory.teacher import MISTAKES, ScriptedTeacher, find_paper
 from klong_jax.grading.grade import grade_submission
+from klong_jax.rollout.episode import task_files
 from klong_jax.rollout.sandbox import make_sandbox
 from klong_jax.tasks import bundled_tasks_dir, list_tasks, load_task
 
@@ -18,7 +19,7 @@ SUB = "/workspace/submission"
 def run_episode(teacher, task, paper_in_prompt=True):
   """A minimal tool loop (the real scaffold is tested elsewhere); returns (messages, grade)."""
   with make_sandbox("local") as sb:
-    sb.put_files({"paper.md": task.paper_md.encode()}, dest="/workspace/paper")
+    sb.put_files(task_files(task))  # paper/ and the starter submission/params.json
     user = "Reproduce the paper at /workspace/paper/paper.md; put code in " + SUB
     if paper_in_prompt:
       user += "\n\n" + task.paper_md

@@ -162,10 +162,13 @@ def test_overflowing_element_is_trained_in_evenly_filled_updates():
 
 
 def test_combine_update_metrics():
-  ms = [dict(tokens=10.0, loss_tokens=4.0, ratio_mean=1.0, clip_frac=0.0, kl=0.0, loss=1.0),
-        dict(tokens=10.0, loss_tokens=4.0, ratio_mean=1.2, clip_frac=0.5, kl=0.1, loss=3.0)]
+  ms = [dict(tokens=10.0, loss_tokens=4.0, ratio_mean=1.0, clip_frac=0.0, kl=0.0, loss=1.0,
+             kl_max=9.0),
+        dict(tokens=10.0, loss_tokens=4.0, ratio_mean=1.2, clip_frac=0.5, kl=0.1, loss=3.0,
+             kl_max=0.5)]
   m = rl_step.combine_update_metrics(ms + ms, epochs=2)
   assert m["tokens"] == 40.0 and m["loss_tokens"] == 8.0 and m["loss"] == 2.0
+  assert m["kl_max"] == 9.0
   assert m["ppo/updates"] == 4 and m["ppo/ratio_mean_first"] == 1.0
   assert m["ppo/clip_frac_last"] == 0.5
   assert rl_step.combine_update_metrics(ms[:1]) == ms[0]

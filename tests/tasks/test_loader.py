@@ -2,6 +2,7 @@
 
 import filecmp
 import glob
+import json
 import os
 
 import pytest
@@ -80,10 +81,13 @@ def test_bundled_suite_matches_generator(tmp_path):
   ours = bundled_tasks_dir()
   assert sorted(os.listdir(tmp_path)) == sorted(
       n for n in os.listdir(ours) if os.path.isdir(os.path.join(ours, n)))
-  for name in os.listdir(tmp_path):
-    for f in os.listdir(tmp_path / name):
-      assert filecmp.cmp(tmp_path / name / f, os.path.join(ours, name, f), shallow=False), (
-          f"{name}/{f} is stale: run python -m klong_jax.tasks.build_suite")
+  for dirpath, _, names in os.walk(tmp_path):
+    for f in names:
+      rel = os.path.relpath(os.path.join(dirpath, f), tmp_path)
+      assert filecmp.cmp(tmp_path / rel, os.path.join(ours, rel), shallow=False), (
+          f"{rel} is stale: run python -m klong_jax.tasks.build_suite")
+  t = load_task(os.path.join(ours, "arith-3"))  # The parameters ship as a starter file.
+  assert json.loads(t.files["submission/params.json"]) == {"a": 7, "d": -3, "n": 12}
 
 
 def test_bad_task_dirs(tmp_path):

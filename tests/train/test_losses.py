@@ -115,6 +115,23 @@ def test_kl_term_added_with_coefficient_and_needs_ref():
     losses.ppo_loss(*args, kl_coef=0.1, **kw)
 
 
+def test_kl_clamp_bounds_an_exploded_token_and_leaves_the_rest():
+  lp = jnp.array([[-20.0, -1.0]])   # token 0: the policy made it e^-20 times less likely
+  ref = jnp.array([[0.0, -1.5]])
+  w = jnp.ones((1, 2))
+  args = (jnp.zeros((1, 2)), w, jnp.ones((1, 2), jnp.int32))
+  f = lambda lp, c: losses.ppo_loss(lp, lp, *args, ref_logp=ref, kl_coef=1.0, kl_clamp=c)
+  k3 = lambda d: np.exp(-d) - 1 + d
+  loss, m = f(lp, 10.0)
+  np.testing.assert_allclose(loss, (10.0 + k3(0.5)) / 2, rtol=1e-5)
+  np.testing.assert_allclose(m["kl_max"], k3(-20.0), rtol=1e-4)  # reported before the clamp
+  g = jax.grad(lambda lp: f(lp, 10.0)[0])(lp)
+  assert float(g[0, 0]) == 0.0  # beyond the bound: no gradient, as verl's clamp
+  np.testing.assert_allclose(g[0, 1], (1 - np.exp(-0.5)) / 2, rtol=1e-5)
+  unclamped, _ = f(lp, None)
+  np.testing.assert_allclose(unclamped, (k3(-20.0) + k3(0.5)) / 2, rtol=1e-4)
+
+
 def test_ppo_masking_ignores_garbage_and_gives_zero_gradient():
   logp = jnp.array([[-1.0, -50.0, -0.5]])
   behaviour = jnp.array([[-1.2, 0.0, -0.5]])  # masked middle token: ratio would be e^-50
