@@ -7,12 +7,12 @@ Sections: tasks, tokenizer, distill (scripted teacher), sft, eval (held-out), rl
 stages; trainer + server + workers as separate processes), server, workers, export, budgets_s
 (expected seconds per phase, for the ETA line). Arg string: `seed=N`, `runlocal` (CI-sized:
 a few tasks, a few steps, local sandbox backend), `backend=docker|local`, `wide` (hidden 128, 4
-layers: better SFT, ~24 min instead of ~16).
+layers: better SFT on the earlier suite, 1.6x slower SFT; not re-measured since params.json).
 
-Measured (2 shared cores, docker sandboxes): a teacher trajectory is ~650 tokens (~480 of them
-the fixed prefix) with the domain tokenizer; phases ~1.7 min distill, ~4-7 min SFT (250
-steps), ~1.5-2.5 min per held-out eval (30 rollouts), ~5-7 min RL (96 rollouts), ~0.5 min
-export. Held-out reward after SFT vs after RL: see README "Where the demo stands".
+Measured (2 shared cores, docker sandboxes): a teacher trajectory is ~650 tokens (~470 of them
+the fixed prefix) with the domain tokenizer; phases ~2.1-2.5 min distill, ~4.5 min SFT (250
+steps), ~2-3.5 min per held-out eval (60 rollouts), ~6-9 min RL (144 rollouts), ~0.3 min
+export: 18-23 min. Held-out reward after SFT vs after RL: see README "Where the demo stands".
 """
 
 import ml_collections
@@ -36,9 +36,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tasks = ml_collections.ConfigDict()
   c.tasks.root = ""                 # "" = the bundled mini-paper suite.
   c.tasks.max_train = 0             # 0 = every train-split task.
-  # RL tasks: "rl" = fresh parameter sets of the train families (never in the SFT data; RL on
-  # the memorised train tasks only rewards recalling their constants, which held-out punishes),
-  # "train" = RL on the distilled tasks.
+  # RL tasks: "rl" = fresh parameter sets of the train families (papers the SFT data never
+  # showed, like held-out), "train" = RL on the distilled tasks.
   c.tasks.rl_split = "rl"
   c.tasks.max_rl = 0                # 0 = every task of rl_split.
   c.tasks.max_heldout = 0           # 0 = every held-out task.
@@ -57,8 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.distill = ml_collections.ConfigDict()
   c.distill.teacher_skill = 0.8     # < 1: the teacher makes task-relevant mistakes.
-  # 1 episode on each of the 60 train tasks (6 parameter sets per family): the same number of
-  # trajectories as 3 episodes on 2 sets, but no constant to memorise per family; ~1m45s.
+  # 1 episode on each of the 60 train tasks (6 papers per family); 45-53 kept, ~2-2.5 min.
   c.distill.episodes_per_task = 1
   c.distill.threshold = 0.5         # Keep trajectories the grader scores at least this.
   c.distill.time_limit_s = 60.0
@@ -127,7 +125,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       tokenizer=2, distill=125, sft=290, eval_sft=170, rl=420, eval_rl=170, export=30,
       summary=5))
 
-  if args.wide:  # Copies single constants from the paper (the tiny one does not); 1.6x slower.
+  if args.wide:  # Earlier suite: SFT 0.342 vs 0.286 (seed 0), 24 min; 1.6x slower SFT steps.
     c.model_overrides += (",model.hidden_size=128,model.num_layers=4,model.head_dim=32,"
                           "model.intermediate_size=256,model.moe_intermediate_size=64")
     c.sft.arg = "steps=200"          # Loss 0.09 at 200 (tiny: 0.21 at 250).
