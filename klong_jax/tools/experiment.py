@@ -151,7 +151,11 @@ def free_port() -> int:
 
 
 def link_tasks(root: str, split: str, out: str, limit: int = 0) -> str:
-  """A dir of symlinks to `root`'s tasks of one split (workers roll out every task in a dir)."""
+  """A dir of symlinks to `root`'s tasks of one split (workers roll out every task in a dir).
+
+  Links left from an earlier call with another split or limit are removed (a re-run with a new
+  `tasks.rl_split` must not roll out the old split too); other entries are left alone.
+  """
   from klong_jax.tasks import list_tasks  # noqa: PLC0415
   dirs = list_tasks(root, split)
   if limit:
@@ -159,6 +163,10 @@ def link_tasks(root: str, split: str, out: str, limit: int = 0) -> str:
   if not dirs:
     raise ValueError(f"no {split!r} tasks under {root}; check the tasks root and split names")
   os.makedirs(out, exist_ok=True)
+  keep = {os.path.basename(d) for d in dirs}
+  for name in os.listdir(out):
+    if name not in keep and os.path.islink(os.path.join(out, name)):
+      os.remove(os.path.join(out, name))
   for d in dirs:
     link = os.path.join(out, os.path.basename(d))
     if os.path.islink(link) and os.readlink(link) == d:

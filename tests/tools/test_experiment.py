@@ -1,0 +1,17 @@
+"""Task linking for runs: one split per dir, re-linking with another split drops the old links."""
+
+import os
+
+from klong_jax.tasks import bundled_tasks_dir, list_tasks
+from klong_jax.tools import experiment
+
+
+def test_link_tasks_replaces_an_earlier_split(tmp_path):
+  root, out = bundled_tasks_dir(), str(tmp_path / "rl")
+  experiment.link_tasks(root, "rl", out)
+  assert sorted(os.listdir(out)) == sorted(os.path.basename(d) for d in list_tasks(root, "rl"))
+  open(os.path.join(out, "notes.txt"), "w").close()  # not a link: left alone
+  experiment.link_tasks(root, "train", out, limit=3)
+  train = [os.path.basename(d) for d in list_tasks(root, "train")[:3]]
+  assert sorted(os.listdir(out)) == sorted(train + ["notes.txt"])
+  assert all(os.readlink(os.path.join(out, n)) == os.path.join(root, n) for n in train)
