@@ -15,6 +15,7 @@ import dataclasses
 import fnmatch
 import multiprocessing
 import os
+import random
 import socket
 import tempfile
 import time
@@ -42,6 +43,10 @@ class WorkerConfig:
   tokenizer: str
   group_size: int = 4
   rounds: int = 1
+  # >= 0: each round visits the tasks in an order shuffled by (seed, round), the same on every
+  # worker (verl/Tunix shuffle their prompt sets per epoch); -1: directory order. Matters when a
+  # run's budget is shorter than a round: in order, it only ever sees the first families.
+  shuffle_seed: int = -1
   worker: str = ""
   backend: str = "docker"
   model: str = "policy"
@@ -248,7 +253,7 @@ class Worker:
                            "$KLONG_JUDGE_API_KEY)")
     published = 0
     for rnd in range(self.cfg.rounds):
-      for _, task in tasks:
+      for _, task in round_order(tasks, self.cfg.shuffle_seed, rnd):
         ctl = self.wait_for_policy()
         if ctl.tasks and not any(fnmatch.fnmatchcase(task.id, pat) for pat in ctl.tasks):
           continue  # Not in this stage's task mix.
@@ -270,6 +275,15 @@ class Worker:
         self.stream.publish(group_id, shard, records, self.cfg.pause_before_publish_s)
         published += 1
     return published
+
+
+def round_order(tasks: list[Any], seed: int, rnd: int) -> list[Any]:
+  """The task order of round `rnd`: as given for seed < 0, else shuffled by (seed, rnd)."""
+  if seed < 0:
+    return list(tasks)
+  out = list(tasks)
+  random.Random(f"{seed}:{rnd}").shuffle(out)
+  return out
 
 
 def run_worker(cfg: WorkerConfig) -> int:
@@ -315,6 +329,7 @@ _COMPLETION: Any = None
 _TEMP: Any = None
 _JUDGE_URL: Any = None
 _JUDGE_MODEL: Any = None
+_SHUFFLE: Any = None
 
 
 def _define_flags() -> None:
@@ -322,7 +337,7 @@ def _define_flags() -> None:
   module next to other entry points never clashes on flag names)."""
   global _SERVER, _TASKS, _STREAM, _TOKENIZER, _GROUP, _WORKERS, _ROUNDS, _NAME
   global _BACKEND, _MODEL, _STEPS, _TIME, _REPRO, _PAUSE, _CONTEXT, _COMPLETION, _TEMP
-  global _JUDGE_URL, _JUDGE_MODEL
+  global _JUDGE_URL, _JUDGE_MODEL, _SHUFFLE
   _SERVER = flags.DEFINE_string("server", None, "OpenAI-compatible base URL (…/v1).")
   _TASKS = flags.DEFINE_string("tasks", None, "Directory of task dirs.")
   _STREAM = flags.DEFINE_string("stream", None, "Stream directory (shards + ledger + control).")
@@ -330,6 +345,7 @@ def _define_flags() -> None:
   _GROUP = flags.DEFINE_integer("group_size", 4, "Rollouts per task (the RL group).")
   _WORKERS = flags.DEFINE_integer("num_workers", 1, "Worker processes on this host.")
   _ROUNDS = flags.DEFINE_integer("rounds", 1, "Passes over the task list.")
+  _SHUFFLE = flags.DEFINE_integer("shuffle_seed", -1, "Per-round task order seed (-1: in order).")
   _NAME = flags.DEFINE_string("worker", "", "Worker name prefix (default: hostname).")
   _BACKEND = flags.DEFINE_enum("backend", "docker", ["docker", "local"], "Sandbox backend.")
   _MODEL = flags.DEFINE_string("model", "policy", "Model name sent to the server.")
@@ -353,6 +369,7 @@ def main(argv: list[str]) -> None:
       raise app.UsageError(f"--{f.name} is required")
   cfg = WorkerConfig(server=_SERVER.value, tasks=_TASKS.value, stream=_STREAM.value,
                      tokenizer=_TOKENIZER.value, group_size=_GROUP.value, rounds=_ROUNDS.value,
+                     shuffle_seed=_SHUFFLE.value,
                      worker=_NAME.value or f"{socket.gethostname()}-{uuid.uuid4().hex[:4]}",
                      backend=_BACKEND.value, model=_MODEL.value, max_steps=_STEPS.value,
                      time_limit_s=_TIME.value, reproduce_timeout_s=_REPRO.value,

@@ -221,6 +221,7 @@ def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, token
       "server": server, "tasks": tasks, "stream": stream, "tokenizer": tokenizer,
       "model": c.server.model_name,
       "group_size": group_size, "rounds": rounds, "num_workers": 1, "worker": f"{prefix}{i}",
+      "shuffle_seed": c.workers.get("shuffle_seed", -1),
       "backend": c.backend, "max_steps": max_steps, "time_limit_s": time_limit_s,
       "reproduce_timeout_s": c.workers.reproduce_timeout_s,
       "context_tokens": c.workers.get("context_tokens", None),

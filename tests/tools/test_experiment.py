@@ -15,3 +15,13 @@ def test_link_tasks_replaces_an_earlier_split(tmp_path):
   train = [os.path.basename(d) for d in list_tasks(root, "train")[:3]]
   assert sorted(os.listdir(out)) == sorted(train + ["notes.txt"])
   assert all(os.readlink(os.path.join(out, n)) == os.path.join(root, n) for n in train)
+
+
+def test_round_order_shuffles_per_round_and_agrees_across_workers():
+  from klong_jax.rollout.worker import round_order  # noqa: PLC0415
+  tasks = [f"t{i}" for i in range(20)]
+  assert round_order(tasks, -1, 3) == tasks
+  r0, r1 = round_order(tasks, 0, 0), round_order(tasks, 0, 1)
+  assert sorted(r0) == sorted(tasks) and r0 != tasks and r0 != r1
+  assert round_order(tasks, 0, 0) == r0  # every worker computes the same order
+  assert round_order(tasks, 1, 0) != r0
