@@ -4,10 +4,9 @@
 
 Reads trajectory shards (any stream or eval dir), classifies each bundled-suite rollout by the
 first thing that went wrong -- a solution call that neither loads the task's `params.json` nor
-passes the paper's constants (`wrong_args`), code
-that does not run (`exec_error`), a teacher mistake pattern (`renamed_fn`: `def f_impl(`), no
-solution written -- and prints the reward histogram and class rates per directory. The reward
-band tells RL's head-room: a run with the wrong parameters scores at most 0.5.
+passes the paper's constants (`wrong_args`), code that does not run (`exec_error`), a teacher
+mistake pattern (`renamed_fn`: `def f_impl(`), no solution written -- and prints the reward
+histogram and class rates per directory. A run with the wrong parameters scores at most 0.5.
 JAX-free.
 """
 
