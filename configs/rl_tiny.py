@@ -50,7 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl.kl_coef = 0.01            # KL(pi || pi_ref), pi_ref = params at the stage start.
   config.rl.kl_estimator = "k3"
   # Per-token KL bound (verl's low_var_kl: 10; 0 = off): an unclamped k3 token at 15000 once
-  # made a demo step's mean KL 7.6 and its clipped gradient all KL.
+  # made a demo step's mean KL 7.6 and its clipped gradient mostly KL.
   config.rl.kl_clamp = 10.0
   config.rl.ratio_cap = 4.0           # Dual-clip cap on stale tokens' ratio (0 = off).
   config.rl.normalization = "token"   # or "sequence" (the paper's 1/(n*K) over chunks).

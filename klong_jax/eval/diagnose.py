@@ -22,7 +22,7 @@ from typing import Any
 
 from klong_jax.data import schema, shards
 from klong_jax.data.chat import message_text
-from klong_jax.tasks.families import Family, format_params, solution_call
+from klong_jax.tasks.families import Family, literal_call, solution_call
 
 _CALL = re.compile(r"json\.dump\((\w+)\((.*?)\), open\(")
 _EXEC_ERROR = re.compile(r"Traceback|SyntaxError|Error:|\[exit code [1-9]")
@@ -53,8 +53,7 @@ def classify(traj: schema.Trajectory, task: tuple[Family, Mapping[str, Any]] | N
   tags = []
   if not calls:
     tags.append("no_solution_call")
-  elif task is not None and not {solution_call(task[0]),
-                                 f"{task[0].fn}({format_params(task[1])})"} & set(calls):
+  elif task is not None and not {solution_call(task[0]), literal_call(*task)} & set(calls):
     tags.append("wrong_args")
   if re.search(r"def \w+_impl\(", sent):
     tags.append("renamed_fn")

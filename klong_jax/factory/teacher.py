@@ -24,7 +24,7 @@ from klong_jax.tasks.families import (
     METRICS_FILE,
     SOLUTION_FILE,
     Family,
-    format_params,
+    literal_call,
     solution_call,
 )
 
@@ -150,7 +150,7 @@ class ScriptedTeacher:
     call = solution_call(family)
     if "wrong_param" in mistakes:  # Retypes the paper's constants instead, one of them wrong.
       with self._lock:
-        call = f"{family.fn}({format_params(_perturb(params, self._rng))})"
+        call = literal_call(family, _perturb(params, self._rng))
     run = f"json.dump({call}, open('{METRICS_FILE}', 'w'))"
     if "crash" in mistakes:
       run = run[:-1]

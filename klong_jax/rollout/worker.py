@@ -279,10 +279,9 @@ class Worker:
 
 def round_order(tasks: list[Any], seed: int, rnd: int) -> list[Any]:
   """The task order of round `rnd`: as given for seed < 0, else shuffled by (seed, rnd)."""
-  if seed < 0:
-    return list(tasks)
   out = list(tasks)
-  random.Random(f"{seed}:{rnd}").shuffle(out)
+  if seed >= 0:
+    random.Random(f"{seed}:{rnd}").shuffle(out)
   return out
 
 

@@ -141,6 +141,11 @@ def format_params(params: dict[str, Any]) -> str:
   return ", ".join(f"{k}={v!r}" for k, v in params.items())
 
 
+def literal_call(family: Family, params: dict[str, Any]) -> str:
+  """`arith_series(a=3, d=2, n=10)` -- the call with the constants retyped from the paper."""
+  return f"{family.fn}({format_params(params)})"
+
+
 def solution_call(family: Family) -> str:
   """The solution's call: the family's function on the parameters loaded from `PARAMS_FILE`."""
   return f"{family.fn}(**json.load(open('{PARAMS_FILE}')))"

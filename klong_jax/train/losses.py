@@ -120,9 +120,9 @@ def ppo_loss(
   it is dual-clip PPO (loss floor at -ratio_cap * A, zero gradient beyond); for A > 0 the clip
   already bounds it. `kl_clamp` bounds each token's KL estimate to [-kl_clamp, kl_clamp] (verl's
   low_var_kl uses 10): k3 is exp(-d) for a token the policy made far less likely than the
-  reference, and one such token (an MoE routing flip) can swamp a clipped update. Normalisation
-  'token': sum over loss tokens / number of loss tokens in the
-  batch (long chunks weigh more). 'sequence': mean per chunk (segment), then mean over chunks
+  reference, and one such token (likely an MoE routing flip) can swamp a clipped update.
+  Normalisation 'token': sum over loss tokens / number of loss tokens in the batch (long chunks
+  weigh more). 'sequence': mean per chunk (segment), then mean over chunks
   (the paper's 1/(n*K) over sub-trajectories; every chunk weighs the same).
   """
   if ratio_cap is not None and ratio_cap <= 1.0 + clip_high:
