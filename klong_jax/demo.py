@@ -122,7 +122,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   prog.start("distill", f"scripted teacher (skill {c.distill.teacher_skill}) on train tasks")
   _run_role(c, workdir, "distill", "klong_jax.factory", {
       "tasks": train, "out": distill_dir, "tokenizer": tok, "split": "train",
-      "teacher_skill": c.distill.teacher_skill, "seed": c.seed,
+      "teacher_skill": c.distill.teacher_skill,
+      "teacher_mistakes": c.distill.get("teacher_mistakes", ""), "seed": c.seed,
       "episodes_per_task": c.distill.episodes_per_task, "threshold": c.distill.threshold,
       "backend": c.backend, "time_limit_s": c.distill.time_limit_s,
       "max_steps": c.distill.max_steps}, positional=("distill",))

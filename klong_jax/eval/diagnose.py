@@ -5,7 +5,8 @@
 Reads trajectory shards (any stream or eval dir), classifies each bundled-suite rollout by the
 first thing that went wrong -- a solution call that neither loads the task's `params.json` nor
 passes the paper's constants (`wrong_args`), code that does not run (`exec_error`), a teacher
-mistake pattern (`renamed_fn`: `def f_impl(`), no solution written -- and prints the reward
+mistake pattern (`renamed_fn`: `def f_impl(`; `wrong_key`: the first metric's key upper-cased),
+no solution written -- and prints the reward
 histogram and class rates per directory. A run with the wrong parameters scores at most 0.5.
 JAX-free.
 """
@@ -57,6 +58,8 @@ def classify(traj: schema.Trajectory, task: tuple[Family, Mapping[str, Any]] | N
     tags.append("wrong_args")
   if re.search(r"def \w+_impl\(", sent):
     tags.append("renamed_fn")
+  if task is not None and f"'{task[0].metrics[0].upper()}':" in sent:
+    tags.append("wrong_key")
   if _EXEC_ERROR.search(seen):
     tags.append("exec_error")
   return {"task": traj.task_id, "reward": traj.reward, "status": traj.status, "tags": tags,

@@ -35,6 +35,8 @@ _define("multi_string", "eval_set", [], "build: evaluation task roots to dedup a
 _define("bool", "force", False, "Redo stages that already finished.")
 _define("string", "server", None, "distill: teacher URL; unset = scripted teacher.")
 _define("float", "teacher_skill", 0.9, "distill: scripted teacher skill when --server is unset.")
+_define("string", "teacher_mistakes", "",
+        "distill: per-kind mistake rates of the scripted teacher, e.g. 'wrong_fn=0.3'.")
 _define("integer", "seed", 0, "distill: scripted teacher seed.")
 _define("string", "tokenizer", None, "distill: tokenizer model path (for rendering).")
 _define("integer", "episodes_per_task", 2, "distill: teacher episodes per task.")
@@ -86,9 +88,10 @@ def run_distill() -> None:
   server = FLAGS.server
   if not server:
     from klong_jax.agent.policy_server import serve_in_thread
-    from klong_jax.factory.teacher import ScriptedTeacher
-    server, stop = serve_in_thread(ScriptedTeacher(FLAGS.teacher_skill, FLAGS.seed),
-                                   model_name="teacher")
+    from klong_jax.factory.teacher import ScriptedTeacher, parse_rates
+    teacher = ScriptedTeacher(FLAGS.teacher_skill, FLAGS.seed,
+                              parse_rates(FLAGS.teacher_mistakes))
+    server, stop = serve_in_thread(teacher, model_name="teacher")
   try:
     res = distill(DistillConfig(
         tasks=_need("tasks"), server=server, out=_need("out"), tokenizer=_need("tokenizer"),

@@ -4,7 +4,9 @@
 with tool_calls) that reads the paper (from the conversation, or by calling a read tool first),
 writes `solution.py` + `reproduce.sh` from the family template with the paper's parameters, runs
 it, and submits. With skill < 1 it makes task-relevant mistakes (wrong parameter, wrong function
-name, missing reproduce.sh, wrong metric key, crashing code), so graded scores spread out.
+name, missing reproduce.sh, wrong metric key, crashing code), so graded scores spread out;
+`mistake_rates` sets the rate of chosen kinds (the demo raises the partial-credit ones that
+distillation keeps, so SFT imitates them and RL has something to unlearn).
 Serve it with `klong_jax.agent.policy_server.serve_in_thread(teacher)`.
 """
 
@@ -16,7 +18,7 @@ import random
 import re
 import shlex
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from klong_jax.tasks.families import (
@@ -63,6 +65,21 @@ def find_paper(messages: Sequence[dict[str, Any]]) -> tuple[Family, dict[str, An
   return None
 
 
+def parse_rates(text: str) -> dict[str, float]:
+  """'wrong_fn=0.3,wrong_key=0.3' -> {kind: rate}; '' -> {} (kinds checked by the teacher)."""
+  out = {}
+  for part in filter(None, (p.strip() for p in (text or "").split(","))):
+    kind, sep, value = part.partition("=")
+    try:
+      out[kind.strip()] = float(value)
+    except ValueError:
+      sep = ""
+    if not sep:
+      raise ValueError(f"teacher mistake rates {text!r}: {part!r} is not KIND=RATE "
+                       f"(e.g. 'wrong_fn=0.3,wrong_key=0.3')")
+  return out
+
+
 def _tool(tools: Sequence[dict[str, Any]] | None, *names: str) -> tuple[str, str] | None:
   """(tool name, first required parameter) of the first tool whose name is in `names`."""
   for want in names:
@@ -104,12 +121,24 @@ class _PythonShell(tuple):
 
 
 class ScriptedTeacher:
-  """Rule-based policy for the bundled suite; `skill` in [0, 1] sets the mistake rate."""
+  """Rule-based policy for the bundled suite; `skill` in [0, 1] sets the mistake rate.
 
-  def __init__(self, skill: float = 1.0, seed: int = 0):
+  Each kind in MISTAKES fires with probability (1 - skill) / 2 per episode unless
+  `mistake_rates` names it (e.g. {"wrong_fn": 0.3}).
+  """
+
+  def __init__(self, skill: float = 1.0, seed: int = 0,
+               mistake_rates: Mapping[str, float] | None = None):
     if not 0.0 <= skill <= 1.0:
       raise ValueError(f"skill must be in [0, 1], got {skill}")
     self.skill = skill
+    self.rates = {m: (1.0 - skill) / 2 for m in MISTAKES}
+    for kind, rate in (mistake_rates or {}).items():
+      if kind not in self.rates:
+        raise ValueError(f"unknown teacher mistake {kind!r}; choose from {', '.join(MISTAKES)}")
+      if not 0.0 <= rate <= 1.0:
+        raise ValueError(f"mistake rate of {kind!r} must be in [0, 1], got {rate}")
+      self.rates[kind] = float(rate)
     self._rng = random.Random(seed)
     self._lock = threading.Lock()
     self._n = 0
@@ -133,9 +162,9 @@ class ScriptedTeacher:
     return msg
 
   def mistakes(self) -> set[str]:
-    """Draws this episode's mistakes: each fires with probability (1 - skill) / 2."""
+    """Draws this episode's mistakes: each kind fires independently at its rate."""
     with self._lock:
-      return {m for m in MISTAKES if self._rng.random() < (1.0 - self.skill) / 2}
+      return {m for m in MISTAKES if self._rng.random() < self.rates[m]}
 
   def solution_script(self, family: Family, params: dict[str, Any], submission_dir: str,
                       mistakes: set[str] = frozenset()) -> str:

@@ -32,6 +32,7 @@ def test_classifies_teacher_mistakes_and_summarises(tmp_path):
   renamed = teacher.solution_script(family, params, "/workspace/submission", {"wrong_fn"})
   crash = teacher.solution_script(family, params, "/workspace/submission", {"crash"})
   other = teacher.solution_script(family, params, "/workspace/submission", {"wrong_param"})
+  key = teacher.solution_script(family, params, "/workspace/submission", {"wrong_key"})
   rows = [
       _rollout("arith-3", 1.0, good, '{"total": -114, "last": -26}'),
       _rollout("arith-3", 5 / 6, renamed, '{"total": -114, "last": -26}'),
@@ -40,6 +41,8 @@ def test_classifies_teacher_mistakes_and_summarises(tmp_path):
   ]
   tags = [diagnose.classify(t, task)["tags"] for t in rows]
   assert tags == [[], ["renamed_fn"], ["exec_error"], ["wrong_args"]]
+  assert diagnose.classify(_rollout("arith-3", 2 / 3, key, '{"TOTAL": -114, "last": -26}'),
+                           task)["tags"] == ["wrong_key"]
   path = os.path.join(tmp_path, "stream", "0", "w.array_record")
   shards.write_shard(path, [t.to_bytes() for t in rows])
   d = diagnose.diagnose_dir(str(tmp_path / "stream"))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from klong_jax.factory.teacher import MISTAKES, ScriptedTeacher, find_paper
+from klong_jax.factory.teacher import MISTAKES, ScriptedTeacher, find_paper, parse_rates
 from klong_jax.grading.grade import grade_submission
 from klong_jax.rollout.episode import task_files
 from klong_jax.rollout.sandbox import make_sandbox
@@ -75,6 +75,26 @@ def test_low_skill_is_worse_on_average():
   assert sum(scores) / len(scores) < 0.95
   with pytest.raises(ValueError, match="skill"):
     ScriptedTeacher(1.5)
+
+
+def test_mistake_rates_override_chosen_kinds():
+  t = ScriptedTeacher(1.0, seed=5, mistake_rates=parse_rates("wrong_fn=1, wrong_key=0.5"))
+  draws = [t.mistakes() for _ in range(400)]
+  assert all("wrong_fn" in d for d in draws)
+  assert 150 < sum("wrong_key" in d for d in draws) < 250
+  assert not any(d - {"wrong_fn", "wrong_key"} for d in draws)  # others keep skill 1.0's rate 0
+  # Without overrides the draws are those of the skill alone (same rng sequence as before).
+  a, b = ScriptedTeacher(0.6, seed=2), ScriptedTeacher(0.6, seed=2, mistake_rates={})
+  assert [a.mistakes() for _ in range(50)] == [b.mistakes() for _ in range(50)]
+  assert parse_rates("") == {}
+  with pytest.raises(ValueError, match="unknown teacher mistake 'wrong_fm'.*wrong_fn"):
+    ScriptedTeacher(1.0, mistake_rates={"wrong_fm": 0.3})
+  with pytest.raises(ValueError, match="'crash' must be in"):
+    ScriptedTeacher(1.0, mistake_rates={"crash": 1.5})
+  with pytest.raises(ValueError, match="'wrong_fn' is not KIND=RATE"):
+    parse_rates("wrong_fn")
+  with pytest.raises(ValueError, match="not KIND=RATE"):
+    parse_rates("wrong_fn=high")
 
 
 def test_python_tool_only_and_no_tools():
