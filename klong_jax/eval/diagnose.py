@@ -6,9 +6,8 @@ Reads trajectory shards (any stream or eval dir), classifies each bundled-suite 
 first thing that went wrong -- a solution call that neither loads the task's `params.json` nor
 passes the paper's constants (`wrong_args`), code that does not run (`exec_error`), a teacher
 mistake pattern (`renamed_fn`: `def f_impl(`; `wrong_key`: the first metric's key upper-cased),
-no solution written -- and prints the reward
-histogram and class rates per directory. A run with the wrong parameters scores at most 0.5.
-JAX-free.
+no solution written -- and prints the reward histogram and class rates per directory. A run
+with the wrong parameters scores at most 0.5. JAX-free.
 """
 
 from __future__ import annotations

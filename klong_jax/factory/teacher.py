@@ -5,8 +5,8 @@ with tool_calls) that reads the paper (from the conversation, or by calling a re
 writes `solution.py` + `reproduce.sh` from the family template with the paper's parameters, runs
 it, and submits. With skill < 1 it makes task-relevant mistakes (wrong parameter, wrong function
 name, missing reproduce.sh, wrong metric key, crashing code), so graded scores spread out;
-`mistake_rates` sets the rate of chosen kinds (the demo raises the partial-credit ones that
-distillation keeps, so SFT imitates them and RL has something to unlearn).
+`mistake_rates` sets the rate of chosen kinds (e.g. raise the partial-credit ones that
+distillation keeps, so SFT imitates them and RL has something to unlearn; off in the demo).
 Serve it with `klong_jax.agent.policy_server.serve_in_thread(teacher)`.
 """
 
@@ -69,14 +69,12 @@ def parse_rates(text: str) -> dict[str, float]:
   """'wrong_fn=0.3,wrong_key=0.3' -> {kind: rate}; '' -> {} (kinds checked by the teacher)."""
   out = {}
   for part in filter(None, (p.strip() for p in (text or "").split(","))):
-    kind, sep, value = part.partition("=")
-    try:
+    kind, _, value = part.partition("=")
+    try:  # float("") also rejects a bare KIND.
       out[kind.strip()] = float(value)
     except ValueError:
-      sep = ""
-    if not sep:
       raise ValueError(f"teacher mistake rates {text!r}: {part!r} is not KIND=RATE "
-                       f"(e.g. 'wrong_fn=0.3,wrong_key=0.3')")
+                       f"(e.g. 'wrong_fn=0.3,wrong_key=0.3')") from None
   return out
 
 
