@@ -2,12 +2,13 @@
 
   python -m klong_jax.eval.diagnose runs/demo/eval_sft/stream [runs/demo/eval_rl/stream ...]
 
-Reads trajectory shards (any stream or eval dir), classifies each bundled-suite rollout by the
-first thing that went wrong -- a solution call that neither loads the task's `params.json` nor
-passes the paper's constants (`wrong_args`), code that does not run (`exec_error`), a teacher
-mistake pattern (`renamed_fn`: `def f_impl(`; `wrong_key`: the first metric's key upper-cased),
-no solution written -- and prints the reward histogram and class rates per directory. A run
-with the wrong parameters scores at most 0.5. JAX-free.
+Reads trajectory shards (any stream or eval dir), classifies each bundled-suite rollout by what
+went wrong -- a solution call that neither loads the task's `params.json` nor passes the paper's
+constants (`wrong_args`), code that does not run (`exec_error`), a teacher mistake pattern
+(`renamed_fn`: `def f_impl(`; `wrong_key`: the first metric's key upper-cased; `no_reproduce`:
+a solution run but no reproduce.sh written), no solution written -- and prints the reward
+histogram and class rates per directory. A run with the wrong parameters scores at most 0.5,
+one without a working reproduce.sh 0.33. JAX-free.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from klong_jax.data.chat import message_text
 from klong_jax.tasks.families import Family, literal_call, solution_call
 
 _CALL = re.compile(r"json\.dump\((\w+)\((.*?)\), open\(")
+_WRITES_REPRODUCE = re.compile(r">\s*reproduce\.sh")
 _EXEC_ERROR = re.compile(r"Traceback|SyntaxError|Error:|\[exit code [1-9]")
 
 
@@ -59,6 +61,8 @@ def classify(traj: schema.Trajectory, task: tuple[Family, Mapping[str, Any]] | N
     tags.append("renamed_fn")
   if task is not None and f"'{task[0].metrics[0].upper()}':" in sent:
     tags.append("wrong_key")
+  if calls and not _WRITES_REPRODUCE.search(sent):
+    tags.append("no_reproduce")
   if _EXEC_ERROR.search(seen):
     tags.append("exec_error")
   return {"task": traj.task_id, "reward": traj.reward, "status": traj.status, "tags": tags,

@@ -9,6 +9,11 @@ A leaf's `check` is one of:
   {"type": "reproduce_ok"}   (reproduce.sh exited 0 within its time limit)
 Paths and commands are relative to the submission dir. The sandbox is anything with
 `exec(cmd, timeout_s) -> ExecResult(exit_code, output, timed_out, truncated, duration_s)`.
+A check that reads a file may set `"fresh": true`: the file must have been written by the
+reproduce run (PaperBench's Result Analysis rule: only files whose mtime is at or after the
+reproduce time count; grade.py makes it the default for Result Analysis leaves). Reproduce runs
+stamp the submission's files `2 * FRESH_SLACK_S` before their start (`stamp_command`), so the
+test is robust to coarse file-system clocks.
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from typing import Any
 
 CHECK_TYPES = ("file_exists", "command", "regex", "numeric", "reproduce_ok")
 DEFAULT_TIMEOUT_S = 60.0
+FRESH_SLACK_S = 1.0
+_STALE_EXIT = 3  # Exit code of a fresh-guarded command whose file predates the reproduce run.
 
 
 class CheckError(ValueError):
@@ -51,19 +58,46 @@ def validate_check(check: Mapping[str, Any]) -> None:
       raise CheckError(f"{t} check pattern {check['pattern']!r} is not a regex ({e})") from None
 
 
+def stamp_command(started_at: float) -> str:
+  """Shell that dates every file under the cwd before `started_at` (run just before reproduce.sh),
+  so the files reproduce.sh writes are the only ones `fresh` checks accept."""
+  return (f"find . -exec touch -h -d @{started_at - 2 * FRESH_SLACK_S:.3f} {{}} + "
+          "2>/dev/null;")
+
+
+def _guard(path: str, fresh_since: float | None) -> str:
+  """Shell prefix: exit 1 if `path` is missing, exit _STALE_EXIT if it predates fresh_since
+  ("" when fresh_since is None: no freshness test)."""
+  if fresh_since is None:
+    return ""
+  q = shlex.quote(path if path.startswith("/") else "./" + path)
+  since = f"@{fresh_since - FRESH_SLACK_S:.3f}"
+  return (f"test -e {q} || exit 1; "
+          f"test -n \"$(find {q} -maxdepth 0 -newermt {since})\" || exit {_STALE_EXIT}; ")
+
+
 def _exec(sandbox: Any, submission_dir: str, cmd: str, timeout_s: float) -> Any:
   return sandbox.exec(f"cd {shlex.quote(submission_dir)} && {cmd}", timeout_s)
 
 
+def _stale(path: str) -> str:
+  return f"{path} was not written by the reproduce run (its mtime predates reproduce.sh)"
+
+
 def _text(check: Mapping[str, Any], sandbox: Any, submission_dir: str,
-          reproduce_log: str | None, timeout_s: float) -> tuple[str | None, str]:
+          reproduce_log: str | None, timeout_s: float, fresh_since: float | None
+          ) -> tuple[str | None, str]:
   """The text a regex/numeric check reads, or (None, why it is unavailable)."""
   if check.get("source") == "reproduce_log":
     return (reproduce_log, "") if reproduce_log is not None else (None, "no reproduce log")
   if "file" in check:
-    res = _exec(sandbox, submission_dir, f"cat -- {shlex.quote(check['file'])}", timeout_s)
+    f = check["file"]
+    res = _exec(sandbox, submission_dir, _guard(f, fresh_since) + f"cat -- {shlex.quote(f)}",
+                timeout_s)
+    if res.exit_code == _STALE_EXIT and fresh_since is not None:
+      return None, _stale(f)
     if res.exit_code != 0:
-      return None, f"cannot read {check['file']!r} (exit {res.exit_code})"
+      return None, f"cannot read {f!r} (exit {res.exit_code})"
     return res.output, ""
   res = _exec(sandbox, submission_dir, check["cmd"], timeout_s)
   if res.timed_out:
@@ -81,11 +115,23 @@ def _json_path(obj: Any, key: str) -> Any:
 
 
 def run_check(check: Mapping[str, Any], sandbox: Any, submission_dir: str,
-              reproduce: Any = None) -> tuple[float, str]:
-  """Runs one check; returns (score in {0, 1}, explanation). Sandbox errors propagate."""
+              reproduce: Any = None, *, fresh: bool = False,
+              reproduce_started_at: float | None = None) -> tuple[float, str]:
+  """Runs one check; returns (score in {0, 1}, explanation). Sandbox errors propagate.
+
+  `fresh`: the file the check reads must postdate `reproduce_started_at`; with no start time
+  (reproduce.sh never ran) a fresh check scores 0, as PaperBench scores Result Analysis when
+  reproduce.sh touched no files.
+  """
   validate_check(check)
   t = check["type"]
   timeout_s = float(check.get("timeout_s", DEFAULT_TIMEOUT_S))
+  reads = check.get("path") if t == "file_exists" else check.get("file")
+  fresh_since = None
+  if fresh and reads is not None:
+    if reproduce_started_at is None:
+      return 0.0, f"reproduce.sh did not run, so {reads} is not one of its outputs"
+    fresh_since = reproduce_started_at
   if t == "reproduce_ok":
     if reproduce is None:
       return 0.0, "reproduce.sh was not run (missing or no reproduce result)"
@@ -93,7 +139,11 @@ def run_check(check: Mapping[str, Any], sandbox: Any, submission_dir: str,
     return float(ok), (f"reproduce.sh exit code {reproduce.exit_code}"
                        + (", timed out" if reproduce.timed_out else ""))
   if t == "file_exists":
-    res = _exec(sandbox, submission_dir, f"test -e {shlex.quote(check['path'])}", timeout_s)
+    res = _exec(sandbox, submission_dir,
+                _guard(check["path"], fresh_since) + f"test -e {shlex.quote(check['path'])}",
+                timeout_s)
+    if res.exit_code == _STALE_EXIT and fresh_since is not None:
+      return 0.0, _stale(check["path"])
     ok = res.exit_code == 0
     return float(ok), f"{check['path']} {'exists' if ok else 'does not exist'}"
   if t == "command":
@@ -104,7 +154,7 @@ def run_check(check: Mapping[str, Any], sandbox: Any, submission_dir: str,
     return float(ok), (f"`{check['cmd']}` exited {res.exit_code} (want {want})"
                        + (", timed out" if res.timed_out else "") + (f": {tail}" if tail else ""))
   reproduce_log = None if reproduce is None else reproduce.output
-  text, why = _text(check, sandbox, submission_dir, reproduce_log, timeout_s)
+  text, why = _text(check, sandbox, submission_dir, reproduce_log, timeout_s, fresh_since)
   if text is None:
     return 0.0, why
   if t == "regex":

@@ -6,11 +6,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shlex
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from klong_jax.grading import blacklist as blacklist_lib
-from klong_jax.grading.checks import run_check
+from klong_jax.grading.checks import run_check, stamp_command
 from klong_jax.grading.judge_queue import TRAIN_PRIORITY
 from klong_jax.grading.rubric import (
     GradedNode,
@@ -44,13 +45,16 @@ class GradeResult:
             "reproduce": self.reproduce, "tree": self.tree.to_dict()}
 
 
-def run_reproduce(sandbox: Any, submission_dir: str, timeout_s: float) -> Any | None:
-  """Runs `bash reproduce.sh` in the submission dir; None when the file is missing."""
+def run_reproduce(sandbox: Any, submission_dir: str, timeout_s: float,
+                  started_at: float | None = None) -> Any | None:
+  """Runs `bash reproduce.sh` in the submission dir; None when the file is missing. With
+  `started_at`, the files already there are first dated before it (checks.stamp_command)."""
   q = shlex.quote(submission_dir)
   probe = sandbox.exec(f"test -f {q}/reproduce.sh", 30.0)
   if probe.exit_code != 0:
     return None
-  return sandbox.exec(f"cd {q} && bash reproduce.sh 2>&1", timeout_s)
+  stamp = "" if started_at is None else stamp_command(started_at) + " "
+  return sandbox.exec(f"cd {q} && {stamp}bash reproduce.sh 2>&1", timeout_s)
 
 
 def _disqualify(tree: GradedNode, reason: str) -> GradedNode:
@@ -78,6 +82,10 @@ def grade_submission(task: Any, sandbox: Any, submission_dir: str, reproduce_res
   `host_submission_dir` is where the judge and blacklist scan read files (default: same path,
   or a `ReproduceResult`'s output_dir). `reproduce_result` is an ExecResult or a ReproduceResult;
   when None, reproduce.sh is run here in `sandbox` (unless code_dev).
+  Result Analysis leaves (and checks with `"fresh": true`) only count files the reproduce run
+  wrote, PaperBench's mtime rule: a ReproduceResult's `started_at` (None: reproduce.sh never
+  ran, so they score 0) or the run made here. A bare ExecResult carries no start time, so the
+  rule is not applied to it.
   """
   rubric: RubricNode | None = getattr(task, "rubric", None)
   if rubric is None:
@@ -86,13 +94,21 @@ def grade_submission(task: Any, sandbox: Any, submission_dir: str, reproduce_res
     rubric = code_dev_only(rubric)
   host_dir = host_submission_dir or submission_dir
   reproduce = reproduce_result
+  fresh_rule = True  # False: the reproduce start is unknown (a bare ExecResult).
+  started_at = None
   if reproduce is not None and hasattr(reproduce, "result"):  # rollout.sandbox.ReproduceResult
     host_dir = host_submission_dir or getattr(reproduce, "output_dir", None) or submission_dir
+    started_at = getattr(reproduce, "started_at", None)
     reproduce = reproduce.result
+  elif reproduce is not None:
+    fresh_rule = False
   if reproduce is None and run_reproduce_if_missing and not code_dev:
     timeout = reproduce_timeout_s or float(
         getattr(task, "config", {}).get("reproduce_timeout_s", DEFAULT_REPRODUCE_TIMEOUT_S))
-    reproduce = run_reproduce(sandbox, submission_dir, timeout)
+    started_at = time.time()
+    reproduce = run_reproduce(sandbox, submission_dir, timeout, started_at)
+    if reproduce is None:
+      started_at = None
 
   leaf_grades: dict[str, LeafGrade] = {}
   judged: list[RubricNode] = []
@@ -101,7 +117,10 @@ def grade_submission(task: Any, sandbox: Any, submission_dir: str, reproduce_res
       judged.append(leaf)
       continue
     try:
-      score, expl = run_check(leaf.check, sandbox, submission_dir, reproduce)
+      fresh = fresh_rule and bool(
+          leaf.check.get("fresh", leaf.task_category == "Result Analysis"))
+      score, expl = run_check(leaf.check, sandbox, submission_dir, reproduce, fresh=fresh,
+                              reproduce_started_at=started_at)
       leaf_grades[leaf.id] = (score, True, expl, {"check": leaf.check["type"]})
     except Exception as e:  # noqa: BLE001 - a sandbox failure marks the leaf, it is not a 0
       logging.warning("check for leaf %s failed: %r", leaf.id, e)

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Protocol
 
+from klong_jax.grading.checks import stamp_command
+
 WORKSPACE = "/workspace"
 SUBMISSION = "/workspace/submission"
 TRAILER = "__KLONG_RUNNER_EXIT__"  # Must match sandbox/runner.py.
@@ -212,19 +214,24 @@ class ReproduceResult:
   result: ExecResult
   log: str
   output_dir: str          # Host copy of the submission after reproduce.sh (with reproduce.log).
-  started_at: float = 0.0  # Unix time reproduce.sh started (judges compare file mtimes to it).
+  # Unix time reproduce.sh started (fresh checks and judges compare file mtimes to it); None when
+  # the submission had no reproduce.sh.
+  started_at: float | None = None
 
 
 def run_reproduce_in(sandbox: Sandbox, files: dict[str, bytes], timeout_s: float,
-                     dest: str = SUBMISSION) -> tuple[ExecResult, float]:
+                     dest: str = SUBMISSION) -> tuple[ExecResult, float | None]:
   """Puts submission files into `sandbox` at dest and runs reproduce.sh there (log tee'd to
-  reproduce.log); returns (result, unix start time). The sandbox stays open for grading checks."""
+  reproduce.log); returns (result, unix start time or None without reproduce.sh). The files put
+  in are dated before the start, so grading can tell what reproduce.sh wrote (checks `fresh`).
+  The sandbox stays open for grading checks."""
   # The files go in first even without reproduce.sh: grading checks still inspect them.
   sandbox.put_files(files, dest=dest)
   if "reproduce.sh" not in files:
-    return ExecResult(127, "reproduce.sh not found in submission", False, False, 0.0), time.time()
+    return ExecResult(127, "reproduce.sh not found in submission", False, False, 0.0), None
   started = time.time()
-  res = sandbox.exec("bash reproduce.sh 2>&1 | tee reproduce.log; exit ${PIPESTATUS[0]}",
+  res = sandbox.exec(stamp_command(started)
+                     + " bash reproduce.sh 2>&1 | tee reproduce.log; exit ${PIPESTATUS[0]}",
                      timeout_s=timeout_s, workdir=dest)
   return res, started
 

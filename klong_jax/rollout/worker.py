@@ -80,7 +80,7 @@ def judge_leaves(task: Any) -> int:
   return sum(1 for leaf in task.rubric.leaves() if leaf.check is None)
 
 
-def _grade(task: Any, sb: Any, host_sub: str, repro: sandbox_lib.ExecResult,
+def _grade(task: Any, sb: Any, host_sub: str, repro: sandbox_lib.ReproduceResult,
            commands: list[str], judge: Any = None) -> tuple[float | None, dict[str, Any]]:
   """Grades with klong_jax.grading when present; returns (reward, details)."""
   try:
@@ -138,7 +138,8 @@ class Worker:
     agent_s = time.time() - t0
     files = sandbox_lib.files_from_dir(host_sub)
     with sandbox_lib.make_sandbox(cfg.backend, **cfg.limits) as fresh:
-      repro, _ = sandbox_lib.run_reproduce_in(fresh, files, cfg.reproduce_timeout_s)
+      res, started = sandbox_lib.run_reproduce_in(fresh, files, cfg.reproduce_timeout_s)
+      repro = sandbox_lib.ReproduceResult(res, res.output, host_sub, started)
       commands = episode.agent_commands(ep.messages)
       reward, details = _grade(task, fresh, host_sub, repro, commands, self.judge)
     tmp.cleanup()
@@ -154,7 +155,7 @@ class Worker:
             "timings": {"agent_s": agent_s, "total_s": time.time() - t0, "retry_s": ep.retry_s},
             "metadata": {"end_reason": ep.end_reason, "steps": ep.steps, "trims": ep.trims,
                          "malformed_calls": ep.malformed_calls, "grade": details,
-                         "reproduce_exit": repro.exit_code, "temperature": cfg.temperature},
+                         "reproduce_exit": res.exit_code, "temperature": cfg.temperature},
             "sandbox": {"backend": cfg.backend}}
 
   def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:

@@ -86,7 +86,7 @@ def build_rubric(family: Family, params: dict, tid: str) -> dict:
           _leaf(f"{tid}/exec/ok", "reproduce.sh exits successfully.", 2, ce,
                 {"type": "reproduce_ok"}),
           _leaf(f"{tid}/exec/metrics", f"Running reproduce.sh writes {METRICS_FILE}.", 1, ce,
-                {"type": "file_exists", "path": METRICS_FILE}),
+                {"type": "file_exists", "path": METRICS_FILE, "fresh": True}),
       ]),
       _node(f"{tid}/results", "The reported numbers are reproduced.", 3, [
           _leaf(f"{tid}/results/{m1}", f"`{m1}` matches the paper's value.", 2, ra,

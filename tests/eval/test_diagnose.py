@@ -43,6 +43,12 @@ def test_classifies_teacher_mistakes_and_summarises(tmp_path):
   assert tags == [[], ["renamed_fn"], ["exec_error"], ["wrong_args"]]
   assert diagnose.classify(_rollout("arith-3", 2 / 3, key, '{"TOTAL": -114, "last": -26}'),
                            task)["tags"] == ["wrong_key"]
+  no_repro = teacher.solution_script(family, params, "/workspace/submission", {"no_reproduce"})
+  t = _rollout("arith-3", 0.25, no_repro, '{"total": -114, "last": -26}')
+  t.messages.append({"role": "assistant", "content": "", "tool_calls": [  # Mentions it only.
+      {"id": "c2", "type": "function", "function": {"name": "submit", "arguments": json.dumps(
+          {"end_message": "The solution is written and reproduce.sh was run."})}}]})
+  assert diagnose.classify(t, task)["tags"] == ["no_reproduce"]
   path = os.path.join(tmp_path, "stream", "0", "w.array_record")
   shards.write_shard(path, [t.to_bytes() for t in rows])
   d = diagnose.diagnose_dir(str(tmp_path / "stream"))

@@ -142,6 +142,45 @@ def test_blacklist_in_submission_files(tmp_path):
 def test_reproduce_result_object_accepted(sb, tmp_path):
   from klong_jax.rollout.sandbox import ReproduceResult
   res = _repro(sb)
-  rr = ReproduceResult(res, res.output, str(tmp_path))
+  rr = ReproduceResult(res, res.output, str(tmp_path), started_at=0.0)
   g = grade_submission(_task(MIXED), sb, SUB, reproduce_result=rr, judge=FakeJudge())
   assert g.score == 1.0 and json.dumps(g.to_dict())
+
+
+def _leaf(lid, cat, check):
+  return {"id": lid, "requirements": lid, "weight": 1, "sub_tasks": [], "task_category": cat,
+          "check": check}
+
+
+FRESH = {"id": "r", "requirements": "all", "weight": 1, "task_category": None, "sub_tasks": [
+    _leaf("code", "Code Development", {"type": "file_exists", "path": "run.py"}),
+    _leaf("acc", "Result Analysis",
+          {"type": "numeric", "file": "results/m.json", "key": "acc", "expected": 0.91}),
+    _leaf("written", "Code Execution",
+          {"type": "file_exists", "path": "results/m.json", "fresh": True})]}
+RUN = (b"import json, os, sys\nif len(sys.argv) > 1: sys.exit(1)\n"
+       b"os.makedirs('results', exist_ok=True)\n"
+       b"json.dump({'acc': 0.91}, open('results/m.json', 'w'))\n")
+STALE = b'{"acc": 0.91}'  # What the agent's own run left in the submission.
+
+
+@pytest.mark.parametrize("files,want", [
+    ({"reproduce.sh": b"python3 run.py\n", "run.py": RUN, "results/m.json": STALE}, 1.0),
+    # No reproduce.sh: the agent's own results/m.json is not a reproduced result (PaperBench
+    # scores Result Analysis 0 when reproduce.sh touched no files).
+    ({"run.py": RUN, "results/m.json": STALE}, 1 / 3),
+    # reproduce.sh fails before writing: the stale file does not count either.
+    ({"reproduce.sh": b"python3 run.py fail\n", "run.py": RUN, "results/m.json": STALE}, 1 / 3),
+])
+def test_result_leaves_count_only_files_the_reproduce_run_wrote(files, want):
+  from klong_jax.rollout.sandbox import ReproduceResult, run_reproduce_in
+  with make_sandbox("local") as fresh:
+    res, started = run_reproduce_in(fresh, files, 30)
+    assert (started is None) == ("reproduce.sh" not in files)
+    g = grade_submission(_task(FRESH), fresh, SUB,
+                         reproduce_result=ReproduceResult(res, res.output, SUB, started))
+  assert g.score == pytest.approx(want)
+  expl = {lf.id: lf.explanation for lf in g.tree.leaves()}
+  if want < 1:
+    assert "did not run" in expl["acc"] or "not written by the reproduce run" in expl["acc"]
+    assert "exists" not in expl["written"]

@@ -99,6 +99,27 @@ def test_reproduce_in_fresh_container(image, tmp_path):
   assert "done" in (out / "reproduce.log").read_text()
 
 
+def test_fresh_checks_tell_reproduced_files_from_stale_ones(image):
+  """Files put in before reproduce.sh are dated before its start (in the container's clock),
+  what reproduce.sh writes is fresh: the PaperBench Result Analysis rule on docker."""
+  from klong_jax.grading.checks import run_check
+  from klong_jax.rollout.sandbox import SUBMISSION, make_sandbox, run_reproduce_in
+  files = {"reproduce.sh": b"mkdir -p results && echo 1 > results/new.txt\n",
+           "results/old.txt": b"1\n"}
+  with make_sandbox("docker", image=image, **SMALL) as fresh:
+    res, started = run_reproduce_in(fresh, files, 60)
+    assert res.ok, res
+
+    def check(path):
+      return run_check({"type": "regex", "file": path, "pattern": "1"}, fresh, SUBMISSION, res,
+                       fresh=True, reproduce_started_at=started)
+    assert check("results/new.txt")[0] == 1.0
+    score, why = check("results/old.txt")
+    assert score == 0.0 and "not written by the reproduce run" in why
+    assert run_check({"type": "regex", "file": "results/old.txt", "pattern": "1"}, fresh,
+                     SUBMISSION, res)[0] == 1.0  # Not fresh-only: any file counts.
+
+
 def test_leaked_containers_collected(image):
   import docker
 
