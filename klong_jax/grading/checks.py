@@ -65,23 +65,24 @@ def stamp_command(started_at: float) -> str:
           "2>/dev/null;")
 
 
-def _guard(path: str, fresh_since: float | None) -> str:
-  """Shell prefix: exit 1 if `path` is missing, exit _STALE_EXIT if it predates fresh_since
-  ("" when fresh_since is None: no freshness test)."""
-  if fresh_since is None:
-    return ""
-  q = shlex.quote(path if path.startswith("/") else "./" + path)
-  since = f"@{fresh_since - FRESH_SLACK_S:.3f}"
-  return (f"test -e {q} || exit 1; "
-          f"test -n \"$(find {q} -maxdepth 0 -newermt {since})\" || exit {_STALE_EXIT}; ")
-
-
 def _exec(sandbox: Any, submission_dir: str, cmd: str, timeout_s: float) -> Any:
   return sandbox.exec(f"cd {shlex.quote(submission_dir)} && {cmd}", timeout_s)
 
 
-def _stale(path: str) -> str:
-  return f"{path} was not written by the reproduce run (its mtime predates reproduce.sh)"
+def _exec_fresh(sandbox: Any, submission_dir: str, path: str, fresh_since: float | None,
+                cmd: str, timeout_s: float) -> tuple[Any, str | None]:
+  """Runs `cmd` on `path`, first (with fresh_since) failing if the file predates the reproduce
+  run; returns (result, why it is stale, or None)."""
+  if fresh_since is None:
+    return _exec(sandbox, submission_dir, cmd, timeout_s), None
+  q = shlex.quote(path if path.startswith("/") else "./" + path)
+  since = f"@{fresh_since - FRESH_SLACK_S:.3f}"
+  res = _exec(sandbox, submission_dir,
+              f"test -e {q} || exit 1; test -n \"$(find {q} -maxdepth 0 -newermt {since})\" "
+              f"|| exit {_STALE_EXIT}; {cmd}", timeout_s)
+  if res.exit_code == _STALE_EXIT:
+    return res, f"{path} was not written by the reproduce run (its mtime predates reproduce.sh)"
+  return res, None
 
 
 def _text(check: Mapping[str, Any], sandbox: Any, submission_dir: str,
@@ -92,10 +93,10 @@ def _text(check: Mapping[str, Any], sandbox: Any, submission_dir: str,
     return (reproduce_log, "") if reproduce_log is not None else (None, "no reproduce log")
   if "file" in check:
     f = check["file"]
-    res = _exec(sandbox, submission_dir, _guard(f, fresh_since) + f"cat -- {shlex.quote(f)}",
-                timeout_s)
-    if res.exit_code == _STALE_EXIT and fresh_since is not None:
-      return None, _stale(f)
+    res, stale = _exec_fresh(sandbox, submission_dir, f, fresh_since,
+                             f"cat -- {shlex.quote(f)}", timeout_s)
+    if stale:
+      return None, stale
     if res.exit_code != 0:
       return None, f"cannot read {f!r} (exit {res.exit_code})"
     return res.output, ""
@@ -139,11 +140,10 @@ def run_check(check: Mapping[str, Any], sandbox: Any, submission_dir: str,
     return float(ok), (f"reproduce.sh exit code {reproduce.exit_code}"
                        + (", timed out" if reproduce.timed_out else ""))
   if t == "file_exists":
-    res = _exec(sandbox, submission_dir,
-                _guard(check["path"], fresh_since) + f"test -e {shlex.quote(check['path'])}",
-                timeout_s)
-    if res.exit_code == _STALE_EXIT and fresh_since is not None:
-      return 0.0, _stale(check["path"])
+    res, stale = _exec_fresh(sandbox, submission_dir, check["path"], fresh_since,
+                             f"test -e {shlex.quote(check['path'])}", timeout_s)
+    if stale:
+      return 0.0, stale
     ok = res.exit_code == 0
     return float(ok), f"{check['path']} {'exists' if ok else 'does not exist'}"
   if t == "command":

@@ -139,6 +139,7 @@ class Worker:
     files = sandbox_lib.files_from_dir(host_sub)
     with sandbox_lib.make_sandbox(cfg.backend, **cfg.limits) as fresh:
       res, started = sandbox_lib.run_reproduce_in(fresh, files, cfg.reproduce_timeout_s)
+      # output_dir is the agent's copy: checks read the reproduced files in `fresh` itself.
       repro = sandbox_lib.ReproduceResult(res, res.output, host_sub, started)
       commands = episode.agent_commands(ep.messages)
       reward, details = _grade(task, fresh, host_sub, repro, commands, self.judge)
