@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: demo test lint bench image clean-venv install host-tools
+.PHONY: demo test lint bench image clean-venv install host-tools ablation
 
 # Idempotent install: re-runs only when setup.py changes.
 $(STAMP): setup.py
@@ -37,6 +37,11 @@ demo: $(STAMP) image
 test: $(STAMP) host-tools
 	$(VPY) -m ruff check klong_jax tests configs launch benchmarks sandbox
 	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
+
+# The paper's ablation (truncated vs split SFT, progressive vs fixed RL) over 3 seeds on the
+# long-horizon suite; hours on 2 cores. Table: runs/ablation/ablation.md (measured: docs/).
+ablation: $(STAMP) image
+	$(VPY) -m klong_jax.experiments.ablation --out=runs/ablation --seeds=3
 
 bench: $(STAMP) image
 	$(VPY) -m benchmarks.run_all

@@ -22,7 +22,8 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The demo experiment; see the module docstring for the arg string."""
-  args = common.parse_arg(arg, seed=0, runlocal=False, backend="docker", wide=False)
+  args = common.parse_arg(arg, seed=0, runlocal=False, backend="docker", wide=False,
+                          suite="")
   c = ml_collections.ConfigDict()
   c.name = "klong-demo"
   c.seed = args.seed
@@ -31,10 +32,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Fake CPU devices for every JAX process of the demo: 1 keeps the tiny batches unsharded
   # (8, as `make test` uses, would force batch sizes that are multiples of 8 on 2 cores).
   c.xla_flags = "--xla_force_host_platform_device_count=1"
-  c.stop_after = ""                 # "" = every phase; "sft" = stop after split-SFT.
+  c.stop_after = ""                 # "" = every phase; else stop after sft|eval_sft|eval_rl.
 
   c.tasks = ml_collections.ConfigDict()
-  c.tasks.root = ""                 # "" = the bundled mini-paper suite.
+  # "long": the long-horizon sweeps (tasks/long_suite.py: ~19 actions, trajectories several
+  # contexts long); "short": the 2-action mini-papers (the CI smoke, `runlocal`).
+  c.tasks.suite = args.suite or ("short" if args.runlocal else "long")
+  c.tasks.root = ""                 # "" = the bundled suite named by tasks.suite.
   c.tasks.max_train = 0             # 0 = every train-split task.
   # RL tasks: "rl" = fresh parameter sets of the train families (papers the SFT data never
   # showed, like held-out), "train" = RL on the distilled tasks.
@@ -54,6 +58,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # match the tokenizer's vocab.
   c.model_overrides = "model.vocab_size=2048"
 
+  # The one context policy (data/context.py) of every role: the agent's context window in
+  # distillation, eval and RL rollouts IS the trainer's chunk (max_len), with the same overlap and
+  # reply budget, so every action is trained on the context it was taken under.
+  c.context = ml_collections.ConfigDict()
+  c.context.max_len = 1024
+  c.context.overlap = 96
+  c.context.completion_tokens = 160  # The longest teacher action (the method) is ~100 tokens.
+
   c.distill = ml_collections.ConfigDict()
   c.distill.teacher_skill = 0.8     # < 1: the teacher makes task-relevant mistakes.
   # Per-kind rates overriding (1 - skill) / 2. The teacher forgets reproduce.sh in half its
@@ -68,15 +80,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # teacher's partial-credit episodes are SFT data (real teachers score well below 1 on
   # PaperBench) and what RL improves on.
   c.distill.threshold = 0.2
-  c.distill.time_limit_s = 60.0
-  c.distill.max_steps = 4           # The teacher needs 2-3 (read/solve, submit).
+  c.distill.time_limit_s = 300.0
+  c.distill.max_steps = 40          # A sweep takes the teacher ~19 actions.
 
   c.sft = ml_collections.ConfigDict()
   c.sft.config = "configs/sft_tiny.py"
   c.sft.arg = "steps=250"            # ~2 s/step: long enough that held-out outputs parse.
   # "k=v,..." -> --config.k=v for the SFT trainer (data.shards/tokenizer are set by the demo).
   # With the domain tokenizer a teacher trajectory is ~0.5k tokens: one chunk, unsplit.
-  c.sft.overrides = ("data.max_len=1024,data.row_len=1024,data.overlap=128,data.batch_size=4,"
+  # data.max_len / overlap / completion_tokens come from `context`.
+  c.sft.overrides = ("data.row_len=1024,data.batch_size=4,"
                      "optim.warmup_steps=5,checkpoint.every=50")
 
   c.server = ml_collections.ConfigDict()
@@ -93,11 +106,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Per-round task order (-1: directory order, as measured; the rl split's 30 tasks x 4 fit one
   # round of the demo's 144 rollouts; >= 0 for larger splits such as rl_split="train").
   c.workers.shuffle_seed = -1
-  c.workers.max_steps = 4
+  c.workers.max_steps = 40
   c.workers.time_limit_s = 60.0     # Used before the trainer writes control.json.
   c.workers.reproduce_timeout_s = 30.0
-  c.workers.context_tokens = 2048   # = server max_len.
-  c.workers.max_completion_tokens = 256  # A teacher turn is < 120 tokens.
   # Sampling temperature of the RL rollouts; the trainer's rl.temperature is set to it. At 1.0
   # the tiny policy garbles long code (held-out reward 0.11 after SFT, seed 0); at 0.6 it is
   # 0.31 and RL groups have reward spread to learn from.
@@ -111,8 +122,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Rollouts per held-out task per evaluation: 60 in all, so the standard error of a mean
   # (rewards are bimodal, ~0.33 or 1.0) is ~0.045 rather than ~0.06.
   c.eval.episodes_per_task = 6
-  c.eval.time_limit_s = 60.0
-  c.eval.max_steps = 4
+  c.eval.time_limit_s = 120.0       # Above the last RL stage's limit (the paper: 12 h vs 6 h).
+  c.eval.max_steps = 40
   c.eval.timeout_s = 900.0
   c.eval.temperature = 0.6          # Held-out sampling temperature (same for SFT and RL).
 
@@ -126,7 +137,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # "k=v,..." -> --config.k=v for the RL trainer (its own config owns stages and steps).
   # lr 2e-4 (per-step KL 0.001-0.016 with the per-token KL clamp); 3e-4 and 1e-3 gave KL spikes
   # (> 0.5 within a stage) and collapsing batch rewards on the earlier suite.
-  c.rl.overrides = "data.max_len=1024,data.row_len=1024,optim.lr=2e-4"
+  c.rl.overrides = "data.row_len=1024,optim.lr=2e-4"
   c.rl.timeout_s = 900.0            # Wall-clock cap on the whole RL phase.
 
   c.export = ml_collections.ConfigDict()
@@ -143,6 +154,23 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.sft.arg = "steps=200"          # Loss 0.09 at 200 (tiny: 0.21 at 250).
     c.budgets_s.update(dict(sft=380, eval_sft=180, rl=590, eval_rl=190))
 
+  if c.tasks.suite == "long":  # ~19 actions per rollout: fewer, longer rollouts; limits that bind.
+    c.eval.episodes_per_task = 2    # 20 held-out rollouts per evaluation.
+    # Stage limits 15 s / 30 s / 60 s against ~20-30 s full student episodes on 2 cores: stage 1
+    # cuts most rollouts part way (graded as they stand), the last lets them finish.
+    c.rl.arg = ("steps=6,stage_steps=2,batch=16,groups=2,staleness=2,publish=1,minibatches=2,"
+                "limits=15:30:60")
+    c.rl.timeout_s = 1500.0
+    c.budgets_s.update(dict(distill=185, sft=410, eval_sft=300, rl=600, eval_rl=300))
+
+  if c.tasks.suite == "short":  # The 2-action mini-papers: one chunk per trajectory.
+    c.distill.time_limit_s = 60.0
+    c.distill.max_steps = 4         # The teacher needs 2-3 (read/solve, submit).
+    c.workers.max_steps = 4
+    c.eval.max_steps = 4
+    c.eval.time_limit_s = 60.0
+    c.context.completion_tokens = 256
+
   if args.runlocal:
     c.backend = "local" if args.backend == "docker" else args.backend
     c.tasks.max_train = 2
@@ -152,10 +180,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.teacher_skill = 1.0
     c.distill.teacher_mistakes = ""
     c.sft.arg = "steps=4"
-    c.sft.overrides = ("optim.warmup_steps=1,checkpoint.every=2,data.max_len=1024,"
+    c.sft.overrides = ("optim.warmup_steps=1,checkpoint.every=2,"
                        "data.row_len=1024,data.batch_size=1")
     c.server.arg = "max_batch=2,max_len=2048"
-    c.workers.max_completion_tokens = 64
+    c.context.completion_tokens = 64
     c.workers.group_size = 2
     c.workers.max_steps = 2
     c.eval.episodes_per_task = 1

@@ -6,8 +6,8 @@
 Arg string (comma-separated key=value, all optional): `steps=40`, `batch=2`, `row_len=512`,
 `groups=1` (groups per step = one element), `epochs=1` and `minibatches=1` (an element is
 trained in epochs x ceil(loss rows / (batch / minibatches)) optimizer updates), `staleness=1`,
-`publish=2`, `mode=async`, `runlocal` (tests: a few steps, checkpoint every step, two short
-stages). Sections: model + mesh (configs/tiny.py), data,
+`publish=2`, `mode=async`, `limits=20:40:60` (stage time limits, seconds), `runlocal` (tests: a
+few steps, checkpoint every step, two short stages). Sections: model + mesh (configs/tiny.py), data,
 rl, curriculum, optim, train, checkpoint.
 """
 
@@ -20,14 +20,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The tiny progressive-RL experiment; see the module docstring for the arg string."""
   args = common.parse_arg(arg, steps=40, batch=2, row_len=512, groups=1, staleness=1, publish=2,
                           mode="async", stage_steps=20, epochs=1, minibatches=1,
-                          runlocal=False)
+                          limits="20:40:60", runlocal=False)
   config = tiny.get_config()
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
   config.data.max_len = args.row_len  # Chunk length cap (same splitting as SFT).
-  config.data.overlap = 32           # Context tokens shared by consecutive windows (no loss).
-  config.data.truncate_prefix = True
+  # The workers' context policy (data/context.py): overlap = context_overlap, completion_tokens
+  # = max_completion_tokens, max_len = context_tokens, so chunks are the sampled contexts.
+  config.data.overlap = 32           # History tokens a new window repeats as context (no loss).
+  config.data.completion_tokens = 0
   config.data.train_overlap = False
   config.data.row_len = args.row_len  # Packed row length.
   # Packed rows per batch (global); an element overflowing it spans several batches, and one
@@ -60,11 +62,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.curriculum = ml_collections.ConfigDict()
   config.curriculum.window = 4        # Elements averaged by a promotion rule.
-  config.curriculum.stages = [
-      dict(time_limit_s=20.0, steps=args.stage_steps),
-      dict(time_limit_s=40.0, steps=args.stage_steps),
-      dict(time_limit_s=60.0),
-  ]
+  # `limits=A:B:C`: one stage per rollout time limit (seconds), `stage_steps` steps each but the
+  # last (which runs to the end); one limit = RL at a fixed limit (the ablation's baseline).
+  limits = [float(x) for x in str(args.limits).split(":") if x.strip()]
+  if not limits:
+    raise ValueError(f"rl_tiny: limits={args.limits!r} must be colon-separated seconds, e.g. 20:40")
+  config.curriculum.stages = [dict(time_limit_s=t, steps=args.stage_steps) for t in limits[:-1]]
+  config.curriculum.stages.append(dict(time_limit_s=limits[-1]))
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 3e-4

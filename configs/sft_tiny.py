@@ -32,9 +32,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.tokenizer_cache = ""   # "" = <workdir>/tokenizer.
   config.data.tokenizer = ""         # "" = the bundled tiny SentencePiece model.
   config.data.max_len = 512          # Chunk length cap (trajectory splitting).
-  config.data.overlap = 32           # Context tokens shared by consecutive windows (no loss).
-  config.data.truncate_prefix = True  # Prefix too long: cut the paper-reading part (logged).
-  config.data.max_prefix_frac = 0.75  # Truncated prefix keeps at most this share of max_len.
+  # The agent's context policy (data/context.py): chunks = the contexts the rollouts were
+  # sampled under, so these equal the workers' context_tokens / context_overlap /
+  # max_completion_tokens (0 = reply budget unknown: fit each action's actual length).
+  config.data.overlap = 32           # History tokens a new window repeats as context (no loss).
+  config.data.completion_tokens = 0
+  config.data.truncate = False       # True: first max_len tokens only (the ablation's baseline).
   config.data.train_overlap = False  # True: the paper's variant (overlap tokens trained again).
   config.data.row_len = 512          # Packed row length.
   config.data.batch_size = 8         # Rows per step (global).

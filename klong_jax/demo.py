@@ -93,7 +93,7 @@ def _prefix_tokens(tokenizer: Any, tasks_dir: str) -> int:
 
 def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs every phase; returns the summary dict (also written to <workdir>/summary.json)."""
-  from klong_jax.tasks import bundled_tasks_dir  # noqa: PLC0415
+  from klong_jax.tasks import bundled_tasks_dir, long_suite  # noqa: PLC0415
 
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -101,7 +101,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     os.environ["XLA_FLAGS"] = c.xla_flags
   prog = summary.Progress({p: float(c.budgets_s[p]) for p in PHASES})
   out: dict[str, Any] = {"config": c.to_dict(), "phases_s": prog.done}
-  root = c.tasks.root or bundled_tasks_dir()
+  root = c.tasks.root or (long_suite.suite_dir() if c.tasks.suite == "long"
+                          else bundled_tasks_dir())
 
   prog.start("tokenizer", f"SentencePiece vocab {c.tokenizer.vocab_size}"
              f"{' (domain-adapted)' if c.tokenizer.domain else ''}")
@@ -126,10 +127,12 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       "teacher_mistakes": c.distill.get("teacher_mistakes", ""), "seed": c.seed,
       "episodes_per_task": c.distill.episodes_per_task, "threshold": c.distill.threshold,
       "backend": c.backend, "time_limit_s": c.distill.time_limit_s,
-      "max_steps": c.distill.max_steps}, positional=("distill",))
+      "max_steps": c.distill.max_steps, **xp.context_flags(c)}, positional=("distill",))
   teacher = rewards.read_rewards(os.path.join(distill_dir, "sft"))
-  out["distill"] = {"kept": len(teacher.rewards), "teacher_mean": teacher.mean}
-  prog.end(f"kept {len(teacher.rewards)} trajectories (mean score {teacher.mean:.3f})")
+  chunks = rewards.chunk_stats(os.path.join(distill_dir, "sft"), c.context)
+  out["distill"] = {"kept": len(teacher.rewards), "teacher_mean": teacher.mean, **chunks}
+  prog.end(f"kept {len(teacher.rewards)} trajectories (mean score {teacher.mean:.3f}); "
+           f"{rewards.format_chunk_stats(chunks)}")
 
   sft_dir = os.path.join(workdir, "sft")
   ckpt_dir = os.path.join(sft_dir, "checkpoints")
@@ -138,7 +141,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _run_role(c, workdir, "sft", "klong_jax.train.sft", {
         "config": f"{c.sft.config}:{c.sft.arg}" if c.sft.arg else c.sft.config,
         "workdir": sft_dir, "config.data.shards": os.path.join(distill_dir, "sft"),
-        "config.data.tokenizer": tok, "config.seed": c.seed,
+        "config.data.tokenizer": tok, "config.seed": c.seed, **xp.context_overrides(c),
         **xp.config_overrides(c.model_overrides), **xp.config_overrides(c.sft.overrides)})
     with open(os.path.join(sft_dir, "done"), "w") as f:
       f.write("ok\n")
@@ -155,7 +158,10 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     cfg.seed = c.seed
     sft_policy.publish_sft_policy(cfg, ckpt_dir, sft_policy_dir, 0)
   ev_sft = _evaluate(c, os.path.join(workdir, "eval_sft"), sft_policy_dir, tok, heldout)
+  out["heldout_sft"], out["heldout_sft_n"] = ev_sft.mean, len(ev_sft.rewards)
   prog.end(f"held-out mean reward {ev_sft.mean:.3f} over {len(ev_sft.rewards)} rollouts")
+  if c.stop_after == "eval_sft":
+    return _finish(workdir, out, prog)
 
   rl_dir = os.path.join(workdir, "rl")
   prog.start("rl", f"progressive RL: trainer + server + {c.workers.num} workers")
@@ -174,12 +180,17 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     with open(os.path.join(rl_dir, "done"), "w") as f:
       f.write("ok\n")
   rl_stream = rewards.read_rewards(os.path.join(rl_dir, "stream"))
-  prog.end(f"{len(rl_stream.rewards)} trajectories, mean reward {rl_stream.mean:.3f}")
+  out["rl_endings"] = rewards.endings_by_stage(os.path.join(rl_dir, "stream"))
+  prog.end(f"{len(rl_stream.rewards)} trajectories, mean reward {rl_stream.mean:.3f}; "
+           f"{rewards.format_endings(out['rl_endings'])}")
 
   prog.start("eval_rl", "RL policy on held-out tasks")
   ev_rl = _evaluate(c, os.path.join(workdir, "eval_rl"), os.path.join(rl_dir, "policy"), tok,
                     heldout)
+  out["heldout_rl"], out["heldout_rl_n"] = ev_rl.mean, len(ev_rl.rewards)
   prog.end(f"held-out mean reward {ev_rl.mean:.3f} over {len(ev_rl.rewards)} rollouts")
+  if c.stop_after == "eval_rl":
+    return _finish(workdir, out, prog)
 
   prog.start("export", "serving bundle + one chat request from it")
   bundle = os.path.join(workdir, "bundle")

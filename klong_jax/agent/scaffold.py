@@ -1,9 +1,13 @@
 """The agent loop (PaperBench basic agent + KLong fixes) against any OpenAI-compatible endpoint.
 
-Fixed prefix = system + task + paper-reading messages (kept in every model call); the rest of the
-history is trimmed oldest-first when the context would overflow, while the FULL message log is
-kept for the trajectory. Time reminders every N steps; step/token/wall budgets; malformed tool
-calls are answered with an error; "no early end": an early submit is refused (KLong) until a
+Fixed prefix = system + task + paper-reading messages (kept in every model call, and the same in
+every RL stage: the time budget is stated after it); the rest of the history is windowed by the
+context policy the trainer's splitter replays (data/context.py), measured in real tokens with the
+policy's chat format, while the FULL message log is kept for the trajectory. Sampled assistant
+turns go back to the server as their exact `token_ids`. Without a chat format (a foreign endpoint
+whose tokenizer we lack) the history is trimmed oldest-first by a chars/token estimate. Time
+reminders every N steps; step/token/wall budgets; malformed tool calls are answered with an error;
+"no early end": an early submit is refused (KLong) until a
 configurable share of the time budget is used.
 """
 
@@ -17,6 +21,7 @@ from typing import Any
 
 from klong_jax.agent import client as client_lib
 from klong_jax.agent.tools import TOOLS, execute_tool
+from klong_jax.data.context import ContextPolicy
 from klong_jax.rollout.sandbox import SUBMISSION, Sandbox
 
 SYSTEM_PROMPT = (
@@ -38,7 +43,8 @@ class AgentConfig:
   max_total_tokens: int = 1 << 30      # Completion tokens over the episode.
   time_limit_s: float = 3600.0         # Agent budget (excludes API retry time, as PaperBench).
   reminder_every: int = 5
-  context_tokens: int = 32768          # Model context; history is trimmed to fit.
+  context_tokens: int = 32768          # Model context = the trainer's chunk length (max_len).
+  context_overlap: int = 0             # History tokens a new window repeats (= data.overlap).
   max_completion_tokens: int = 2048
   tool_timeout_s: float = 600.0
   temperature: float = 1.0
@@ -56,7 +62,7 @@ class EpisodeResult:
 
   messages: list[dict[str, Any]]
   prefix_messages: int
-  status: str                  # completed | agent_timeout | wall_timeout (infra errors raise)
+  status: str                  # completed | agent_timeout | step_limit | wall_timeout
   end_reason: str              # submitted | max_steps | max_tokens | time_limit | wall_timeout
   steps: int
   completion_tokens: int
@@ -74,16 +80,28 @@ def format_progress_time(seconds: float) -> str:
 
 
 def initial_messages(task_prompt: str, paper_md: str, addendum_md: str = "",
-                     time_limit_s: float = 3600.0) -> list[dict[str, Any]]:
-  """The fixed prefix: system, task instructions, and the paper (mandatory reading, KLong)."""
-  task = (f"{task_prompt.strip()}\n\nYou have {time_limit_s / 3600:.3f} hours. The paper is at "
-          "/workspace/paper/paper.md (addendum: /workspace/paper/addendum.md). Put your code in "
-          f"{SUBMISSION} with a reproduce.sh.")
+                     time_limit_s: float | None = None) -> list[dict[str, Any]]:
+  """The fixed prefix: system, task instructions, and the paper (mandatory reading, KLong).
+
+  It holds nothing that changes between RL stages (the time budget is `budget_message`), so
+  every stage and the trainer's chunks share one prefix. `time_limit_s` is accepted for old
+  callers and ignored.
+  """
+  del time_limit_s
+  task = (f"{task_prompt.strip()}\n\nThe paper is at /workspace/paper/paper.md (addendum: "
+          f"/workspace/paper/addendum.md). Put your code in {SUBMISSION} with a reproduce.sh.")
   paper = f"Read the paper first.\n\n<paper>\n{paper_md}\n</paper>"
   if addendum_md.strip():
     paper += f"\n\n<addendum>\n{addendum_md}\n</addendum>"
   return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": task},
           {"role": "user", "content": paper}]
+
+
+def budget_message(time_limit_s: float) -> dict[str, Any]:
+  """The first history message: this episode's time budget (stage-dependent, after the prefix)."""
+  return {"role": "user", "content": (
+      f"Your time budget is {format_progress_time(time_limit_s)} (h:mm:ss). Work step by step; "
+      "the task ends at the time limit.")}
 
 
 def estimate_tokens(messages: list[dict[str, Any]], chars_per_token: float) -> int:
@@ -132,22 +150,61 @@ def _strip(m: dict[str, Any]) -> dict[str, Any]:
   return {k: v for k, v in m.items() if k not in ("klong", "meta")}
 
 
+class _Window:
+  """The live side of the context policy: real token lengths of the history, the open window."""
+
+  def __init__(self, fmt: Any, prefix: list[dict[str, Any]], tools: list[dict[str, Any]],
+               cfg: AgentConfig):
+    self.fmt = fmt
+    self.policy = ContextPolicy(cfg.context_tokens, cfg.context_overlap,
+                                cfg.max_completion_tokens)
+    self.prefix_len = len(fmt.tools_block(tools)) + sum(
+        len(fmt.message_tokens(m, i)[0]) for i, m in enumerate(prefix))
+    self.policy.check_prefix(self.prefix_len, "the task's fixed prefix (system + task + paper)")
+    self.starts = [0]
+    self.can_start: list[bool] = []
+    self.first = 0
+
+  def add(self, m: dict[str, Any]) -> None:
+    self.starts.append(self.starts[-1] + len(self.fmt.message_tokens(m)[0]))
+    self.can_start.append(m.get("role") != "tool")
+
+  def open(self) -> int:
+    """First history message the next action sees (the splitter replays the same choice)."""
+    self.first = self.policy.window_start(self.prefix_len, self.starts, self.can_start + [True],
+                                          self.first, len(self.can_start))
+    return self.first
+
+
+def _wire(m: dict[str, Any]) -> dict[str, Any]:
+  """The message as sent: bookkeeping keys removed, sampled turns as their exact token ids."""
+  out = {k: v for k, v in m.items() if k not in ("klong", "meta")}
+  ids = (m.get("klong") or {}).get("token_ids") if m.get("role") == "assistant" else None
+  if ids:
+    out["token_ids"] = list(ids)
+  return out
+
+
 def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg: AgentConfig,
                 tools: list[dict[str, Any]] | None = None,
                 clock: Callable[[], float] = time.monotonic,
                 workdir: str = SUBMISSION,
                 should_stop: Callable[[], bool] | None = None,
-                state: dict[str, Any] | None = None) -> EpisodeResult:
+                state: dict[str, Any] | None = None, fmt: Any = None,
+                on_request: Callable[[list[dict[str, Any]]], None] | None = None) -> EpisodeResult:
   """Runs the agent until submit or a budget runs out; server failures raise InfraError.
 
+  `fmt` (a data.chat.ChatFormat of the served model) turns on the shared context policy;
   `should_stop` (the worker's outer wall guard) ends the episode as "wall_timeout"; `state`
-  receives a live reference to the message log (kept if the episode raises).
+  receives a live reference to the message log (kept if the episode raises); `on_request` sees
+  each request's messages (tests).
   """
   tools = TOOLS if tools is None else tools
   messages = [dict(m) for m in prefix]
   if state is not None:
     state["messages"] = messages
   n_prefix = len(messages)
+  window = _Window(fmt, messages, tools, cfg) if fmt is not None else None
   context = list(messages)
   start = clock()
   retry_s = 0.0
@@ -160,7 +217,10 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
   def add(m: dict[str, Any]) -> None:
     messages.append(m)
     context.append(m)
+    if window is not None:
+      window.add(m)
 
+  add(budget_message(cfg.time_limit_s))
   while True:
     if should_stop is not None and should_stop():
       end_reason = "wall_timeout"
@@ -179,17 +239,29 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
           f"{format_progress_time(cfg.time_limit_s)}. The task only ends at the time limit; keep "
           "improving your submission and commit your work with git regularly.")})
     budget = cfg.context_tokens - cfg.max_completion_tokens
-    context, dropped = trim_context(context, n_prefix, budget, cfg.chars_per_token)
-    trims += dropped
+    if window is not None:
+      first = window.open()
+      trims = first
+      context = messages[:n_prefix] + messages[n_prefix + first:]
+    else:
+      context, dropped = trim_context(context, n_prefix, budget, cfg.chars_per_token)
+      trims += dropped
     for attempt in range(3):
       t0 = clock()
       try:
+        wire = [_wire(m) for m in context]
+        if on_request is not None:
+          on_request(wire)
         reply, info = client_lib.chat(
-            client, cfg.model, [_strip(m) for m in context], tools, cfg.max_completion_tokens,
+            client, cfg.model, wire, tools, cfg.max_completion_tokens,
             cfg.temperature, retries=cfg.request_retries, backoff_s=cfg.retry_backoff_s)
         retry_s += max(0.0, (clock() - t0) - info["latency_s"])
         break
       except client_lib.ContextLengthError:
+        if window is not None:  # Measured in the server's own tokens: the configs disagree.
+          raise client_lib.InfraError(
+              f"the server rejected a {cfg.context_tokens}-token context as too long; its "
+              "max_len must be >= the agent's context_tokens") from None
         if attempt == 2:
           raise client_lib.InfraError("context still too long after trimming") from None
         context, dropped = trim_context(context, n_prefix, budget, cfg.chars_per_token, 0.3)
@@ -224,9 +296,13 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     if submitted:
       end_reason = "submitted"
       break
-  status = {"submitted": "completed", "wall_timeout": "wall_timeout"}.get(end_reason,
-                                                                          "agent_timeout")
-  return EpisodeResult(messages=messages, prefix_messages=n_prefix, status=status,
-                       end_reason=end_reason, steps=steps, completion_tokens=tokens,
-                       wall_s=clock() - start, retry_s=retry_s, trims=trims,
-                       malformed_calls=malformed)
+  return EpisodeResult(messages=messages, prefix_messages=n_prefix,
+                       status=END_STATUS[end_reason], end_reason=end_reason, steps=steps,
+                       completion_tokens=tokens, wall_s=clock() - start, retry_s=retry_s,
+                       trims=trims, malformed_calls=malformed)
+
+
+# How an episode ended -> trajectory status: the time limit (what progressive RL stages bind) is
+# told apart from the step/token budgets.
+END_STATUS = {"submitted": "completed", "wall_timeout": "wall_timeout",
+              "time_limit": "agent_timeout", "max_steps": "step_limit", "max_tokens": "step_limit"}

@@ -129,6 +129,35 @@ class ChatFormat:
     # System, user and tool text comes from outside the model: never as special tokens.
     return self.tok.encode_untrusted(message_text(message.get("content")))
 
+  def sampled_ids(self, message: Mapping[str, Any]) -> list[int] | None:
+    """The exact ids an assistant turn was sampled as (`token_ids`, or the worker's `klong`).
+
+    Sent back with the history, they make the server's prompt the very tokens the trainer
+    trains on (re-tokenizing sampled text need not give the same ids).
+    """
+    if message.get("role") != "assistant":
+      return None
+    ids = message.get("token_ids")
+    if ids is None and isinstance(message.get("klong"), Mapping):
+      ids = message["klong"].get("token_ids")
+    if ids is None:
+      return None
+    if not isinstance(ids, Sequence) or isinstance(ids, str) or not all(
+        isinstance(t, int) and 0 <= t < self.tok.vocab_size for t in ids):
+      raise ValueError(f"assistant token_ids must be a list of ids in [0, "
+                       f"{self.tok.vocab_size}), got {str(ids)[:80]}")
+    return [int(t) for t in ids]
+
+  def message_tokens(self, message: Mapping[str, Any], index: int = 0) -> tuple[list[int], int]:
+    """(ids, header length) of one rendered message: header, body, end-of-turn token."""
+    head = self.header(message, index)
+    ids = self.sampled_ids(message)
+    if ids is None:
+      return head + self.body(message) + [self.end_id], len(head)
+    if not ids or ids[-1] != self.end_id:
+      ids = ids + [self.end_id]  # the turn ended without the stop token (length cut): close it
+    return head + ids, len(head)
+
   def render(self, messages: Sequence[Mapping[str, Any]],
              tools: Sequence[Mapping[str, Any]] | None = None) -> Rendered:
     """Token ids + loss mask (1 on assistant body and its end token) + message start indices."""
@@ -138,10 +167,9 @@ class ChatFormat:
     mask += [0] * len(block)
     for i, m in enumerate(messages):
       starts.append(len(ids))
-      head = self.header(m, i)
-      body = self.body(m) + [self.end_id]
-      ids += head + body
-      mask += [0] * len(head) + [int(m["role"] == "assistant")] * len(body)
+      toks, head = self.message_tokens(m, i)
+      ids += toks
+      mask += [0] * head + [int(m["role"] == "assistant")] * (len(toks) - head)
     return Rendered(np.asarray(ids, np.int32), np.asarray(mask, np.int32), starts)
 
   def render_prompt(self, messages: Sequence[Mapping[str, Any]],

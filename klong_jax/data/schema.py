@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 SCHEMA_VERSION = 1
-STATUSES = ("completed", "agent_timeout", "wall_timeout", "infra_error")
+# agent_timeout: the agent's time limit ended it; step_limit: its step or token budget did.
+STATUSES = ("completed", "agent_timeout", "step_limit", "wall_timeout", "infra_error")
 ROLES = ("system", "user", "assistant", "tool")
 
 

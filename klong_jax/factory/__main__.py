@@ -47,6 +47,12 @@ _define("float", "time_limit_s", 120.0, "distill: agent time limit per episode."
 _define("integer", "max_steps", 12, "distill: agent step budget.")
 _define("string", "model", "teacher", "distill: model name sent to the server.")
 _define("integer", "max_tasks", 0, "distill: stop after this many tasks (0 = all).")
+# The student's context policy (data/context.py): teacher episodes are windowed exactly as the
+# student's will be, so the SFT chunks are the contexts each action was taken under.
+_define("integer", "context_tokens", 32768, "distill: agent context = the SFT data.max_len.")
+_define("integer", "context_overlap", 0, "distill: window overlap = the SFT data.overlap.")
+_define("integer", "max_completion_tokens", 2048,
+        "distill: reply budget = the SFT data.completion_tokens.")
 
 STAGES = ("ingest", "build", "distill")
 
@@ -98,7 +104,9 @@ def run_distill() -> None:
         episodes_per_task=FLAGS.episodes_per_task, threshold=FLAGS.threshold,
         split=None if FLAGS.split == "all" else FLAGS.split, backend=FLAGS.backend,
         time_limit_s=FLAGS.time_limit_s, max_steps=FLAGS.max_steps, model=FLAGS.model,
-        max_tasks=FLAGS.max_tasks))
+        max_tasks=FLAGS.max_tasks, context_tokens=FLAGS.context_tokens,
+        context_overlap=FLAGS.context_overlap,
+        max_completion_tokens=FLAGS.max_completion_tokens))
   finally:
     if stop is not None:
       stop()

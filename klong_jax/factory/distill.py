@@ -38,6 +38,9 @@ class DistillConfig:
   max_steps: int = 12
   reproduce_timeout_s: float = 60.0
   max_tasks: int = 0
+  context_tokens: int = 32768          # The student's context policy (WorkerConfig's fields).
+  context_overlap: int = 0
+  max_completion_tokens: int = 2048
 
 
 def score_histogram(scores: list[float], bins: int = 10) -> list[int]:
@@ -78,7 +81,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
       server=cfg.server, tasks=cfg.tasks, stream=os.path.join(cfg.out, ".stream"),
       tokenizer=cfg.tokenizer, worker="distill", backend=cfg.backend, model=cfg.model,
       max_steps=cfg.max_steps, time_limit_s=cfg.time_limit_s,
-      reproduce_timeout_s=cfg.reproduce_timeout_s))
+      reproduce_timeout_s=cfg.reproduce_timeout_s, context_tokens=cfg.context_tokens,
+      context_overlap=cfg.context_overlap, max_completion_tokens=cfg.max_completion_tokens))
   dirs = list_tasks(cfg.tasks, cfg.split)
   if cfg.max_tasks:
     dirs = dirs[:cfg.max_tasks]

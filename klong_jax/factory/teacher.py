@@ -21,6 +21,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from klong_jax.factory import sweep_teacher
 from klong_jax.tasks.families import (
     FAMILY_BY_FN,
     METRICS_FILE,
@@ -30,7 +31,10 @@ from klong_jax.tasks.families import (
     solution_call,
 )
 
-MISTAKES = ("wrong_param", "wrong_fn", "no_reproduce", "wrong_key", "crash")
+# The last two only apply to long-horizon sweeps (factory/sweep_teacher.py).
+MISTAKES = ("wrong_param", "wrong_fn", "no_reproduce", "wrong_key", "crash", "skip_run",
+            "stop_early")
+SWEEP_ONLY = ("skip_run", "stop_early")
 DEFAULT_SUBMISSION_DIR = "/workspace/submission"
 _IMPLEMENT = re.compile(r"Implement `(\w+)\(")
 _PARAM = re.compile(r"^- `(\w+)` = (.+)$", re.MULTILINE)
@@ -200,6 +204,16 @@ class ScriptedTeacher:
       bash = _PythonShell(*py)
     submit = _tool(tools, "submit")
     all_text = "\n".join(_text(m) for m in messages)
+    sweep = sweep_teacher.find_sweep(messages)
+    if sweep is not None and bash is not None:
+      m = _SUBMISSION.search(all_text)
+      sub = m.group(1) if m else DEFAULT_SUBMISSION_DIR
+      content, script = sweep_teacher.sweep_action(*sweep, messages, sub, self.mistakes())
+      if script is not None:
+        return self._message(content, self._shell(bash, script))
+      if submit is not None:
+        return self._message(content, self._call(*submit, content))
+      return self._message(content + " Done.", None)
     acted = [c for m in messages if m.get("role") == "assistant"
              for c in (m.get("tool_calls") or [])]
     solved = any(SOLUTION_FILE in c.get("function", {}).get("arguments", "") for c in acted)

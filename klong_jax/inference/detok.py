@@ -3,7 +3,8 @@
 Decoding a slice of ids in isolation can differ from decoding it in context (SentencePiece drops a
 leading space; a multi-byte character can be split across tokens), so each new piece is decoded
 together with a few tokens of left context and only the extension is emitted (vLLM's approach),
-and text ending in an incomplete character (U+FFFD) is held until the next token completes it.
+and text ending in an incomplete character (U+FFFD) is held until the next token completes it;
+`flush()` emits what is still held when generation ends (with U+FFFD for incomplete bytes).
 """
 
 from __future__ import annotations
@@ -31,6 +32,16 @@ class IncrementalDetokenizer:
       return ""
     self._prefix = max(0, len(self.ids) - _CONTEXT)
     self._read = len(self.ids)
+    return after[len(before):]
+
+  def flush(self) -> str:
+    """The text still held back (e.g. a trailing incomplete UTF-8 sequence, decoded as U+FFFD);
+    called once generation has ended, so nothing generated is silently dropped."""
+    if self._read == len(self.ids):
+      return ""
+    before = self._decode(self.ids[self._prefix:self._read])
+    after = self._decode(self.ids[self._prefix:])
+    self._prefix = self._read = len(self.ids)
     return after[len(before):]
 
 

@@ -43,6 +43,7 @@ class TokenEvent:
   logprob: float
   policy_version: int
   text: str
+  top_logprobs: list[tuple[int, float]] | None = None  # (id, logprob), when requested.
 
 
 @dataclasses.dataclass
@@ -56,6 +57,7 @@ class Completion:
   text: str
   finish_reason: str
   error: str | None = None
+  top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
 
 
 class Request:
@@ -70,6 +72,7 @@ class Request:
     self.token_ids: list[int] = []
     self.logprobs: list[float] = []
     self.versions: list[int] = []
+    self.top_logprobs: list[list[tuple[int, float]]] = []
     self.detok = IncrementalDetokenizer(decode) if decode else None
     self.matcher = StopMatcher(params.stop)
     self.row = -1
@@ -215,8 +218,10 @@ class Engine:
       toks, lps = self.sampler.prefill([r.row for r in reqs], [r.prompt_ids for r in reqs],
                                        self._settings.take([r.row for r in reqs]))
       self.stats["prefill_tokens_total"] += sum(len(r.prompt_ids) for r in reqs)
+      top = self._top_logprobs(reqs)
       for j, req in enumerate(reqs):
-        self._append(req, int(toks[j]), lps[:, j], version)
+        self._append(req, int(toks[j]), lps[:, j], version,
+                     None if top is None else (top[0][j], top[1][:, j]))
 
   def _decode(self) -> None:
     running = [r for r in self._rows if r is not None]
@@ -233,22 +238,38 @@ class Engine:
     version = self.sampler.policy_version
     toks, lps = self.sampler.decode(tokens, positions, self._settings, counters)
     self.stats["decode_steps_total"] += 1
+    top = self._top_logprobs(running)
     for req in running:
-      self._append(req, int(toks[req.row]), lps[:, req.row], version)
+      self._append(req, int(toks[req.row]), lps[:, req.row], version,
+                   None if top is None else (top[0][req.row], top[1][:, req.row]))
 
-  def _append(self, req: Request, token: int, lps: np.ndarray, version: int) -> None:
+  def _top_logprobs(self, reqs: list[Request]) -> tuple[np.ndarray, np.ndarray] | None:
+    """The sampler's last alternatives as numpy, fetched only when a request asks for them."""
+    if not any(r.params.top_logprobs for r in reqs) or self.sampler.top_logprobs is None:
+      return None
+    ids, lps = self.sampler.top_logprobs
+    return np.asarray(ids), np.asarray(lps)
+
+  def _append(self, req: Request, token: int, lps: np.ndarray, version: int,
+              top: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Records one sampled token, emits it, and finishes the request on a stop or a limit."""
-    logprob = float(lps[LOGPROB_MODES.index(req.params.logprob_mode)])
+    mode = LOGPROB_MODES.index(req.params.logprob_mode)
+    logprob = float(lps[mode])
     req.token_ids.append(token)
     req.logprobs.append(logprob)
     req.versions.append(version)
+    alts = None
+    if top is not None and req.params.top_logprobs:
+      n = req.params.top_logprobs
+      alts = list(zip(top[0][:n].tolist(), top[1][mode, :n].tolist(), strict=True))
+      req.top_logprobs.append(alts)
     self.stats["generated_tokens_total"] += 1
     is_stop_id = token in req.stop_ids
     text = ""
     if req.detok is not None and not is_stop_id:
       text = req.matcher.feed(req.detok.push(token))
     if req.on_event is not None:
-      req.on_event(TokenEvent(token, logprob, version, text))
+      req.on_event(TokenEvent(token, logprob, version, text, alts))
     if is_stop_id or req.matcher.stopped:
       self._finish(req, "stop")
     elif req.params.max_tokens is not None and len(req.token_ids) >= req.params.max_tokens:
@@ -262,11 +283,15 @@ class Engine:
       req.row = -1
     if req.done:
       return
-    tail = req.matcher.flush()
+    tail = ""
+    if req.detok is not None and not req.matcher.stopped:  # Text held back by the detokenizer.
+      tail = req.matcher.feed(req.detok.flush())
+      reason = "stop" if req.matcher.stopped and reason == "length" else reason
+    tail += req.matcher.flush()
     if tail and req.on_event is not None:
       req.on_event(TokenEvent(-1, 0.0, self.sampler.policy_version, tail))
     req.completion = Completion(req.prompt_ids, req.token_ids, req.logprobs, req.versions,
-                                req.matcher.text, reason, error)
+                                req.matcher.text, reason, error, req.top_logprobs)
     self.stats[f"finished_{reason}_total"] += 1
     req._done.set()
     if req.on_event is not None:

@@ -21,6 +21,7 @@ import os
 import pathlib
 import shutil
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 import jax.numpy as jnp
@@ -49,8 +50,12 @@ class Bundle:
 
 def write_bundle(out: str | os.PathLike, model: Any, model_config: Any, tokenizer_path: str,
                  *, version: int = 0, bf16: bool = False, chat_format: str = "klong",
-                 model_name: str = "klong-tiny", hf: bool = True) -> pathlib.Path:
-  """Writes a serving bundle for `model` (nnx module / State / params dict) to `out`."""
+                 model_name: str = "klong-tiny", hf: bool = True,
+                 hf_config: Mapping[str, Any] | None = None) -> pathlib.Path:
+  """Writes a serving bundle for `model` (nnx module / State / params dict) to `out`.
+
+  `hf_config`: the config.json the model was imported from; hf/config.json keeps its fields.
+  """
   if chat_format not in CHAT_FORMATS:
     raise ValueError(f"chat format {chat_format!r} unknown; choose one of {CHAT_FORMATS}")
   tok = pathlib.Path(tokenizer_path)
@@ -67,7 +72,7 @@ def write_bundle(out: str | os.PathLike, model: Any, model_config: Any, tokenize
     (tmp / "model_config.json").write_text(json.dumps(cfg_dict, indent=1))
     tok_name = "tokenizer.json" if tok.suffix == ".json" else "tokenizer.model"
     shutil.copyfile(tok, tmp / tok_name)
-    hf_done = _maybe_export_hf(model, model_config, tmp / "hf") if hf else False
+    hf_done = _maybe_export_hf(model, model_config, tmp / "hf", hf_config) if hf else False
     meta = {"format": BUNDLE_FORMAT, "model_name": model_name, "chat_format": chat_format,
             "tokenizer": tok_name, "policy_version": int(version),
             "dtype": "bfloat16" if bf16 else None, "hf": hf_done}
@@ -79,7 +84,8 @@ def write_bundle(out: str | os.PathLike, model: Any, model_config: Any, tokenize
   return out
 
 
-def _maybe_export_hf(model: Any, model_config: Any, out: pathlib.Path) -> bool:
+def _maybe_export_hf(model: Any, model_config: Any, out: pathlib.Path,
+                     hf_config: Mapping[str, Any] | None = None) -> bool:
   """Calls klong_jax.model.hf's exporter when that module exists; False when it does not."""
   try:
     from klong_jax.model import hf
@@ -90,7 +96,7 @@ def _maybe_export_hf(model: Any, model_config: Any, out: pathlib.Path) -> bool:
   if export is None:
     logging.warning("klong_jax.model.hf has no export_hf/save_hf; skipping HF export")
     return False
-  export(model, model_config, str(out))
+  export(model, model_config, str(out), **({"hf_config": hf_config} if hf_config else {}))
   return True
 
 
@@ -127,7 +133,7 @@ def export_from_config(config: Any, out: str, policy: str | None = None,
 
   cfg = from_config_dict(config.model)
   model = Transformer(cfg, rngs=nnx.Rngs(seed))
-  v = 0
+  v, hf_config = 0, None
   if policy:
     root = pathlib.Path(policy)
     if (root / "params").is_dir():
@@ -140,12 +146,22 @@ def export_from_config(config: Any, out: str, policy: str | None = None,
     state = nnx.state(model, nnx.Not(nnx.RngState))
     state.replace_by_pure_dict(reload.load_policy(path, model))
     nnx.update(model, state)
+    hf_config = _original_hf_config(path)
   if tokenizer_path is None:
     cache = config.get("serve", {}).get("tokenizer_cache", "/tmp/klong_tokenizer")
     tokenizer_path = tokenizer_lib.default_tokenizer(cache, vocab_size=cfg.vocab_size).path
   name = model_name or config.get("serve", {}).get("model_name", "klong-model")
   return write_bundle(out, model, cfg, str(tokenizer_path), version=v, bf16=bf16,
-                      model_name=name)
+                      model_name=name, hf_config=hf_config)
+
+
+def _original_hf_config(policy: pathlib.Path) -> dict[str, Any] | None:
+  """The config.json an HF import saved beside the policy versions (see hf.convert_import)."""
+  try:
+    from klong_jax.model import hf
+  except ImportError:
+    return None
+  return hf.original_hf_config(policy)
 
 
 def _define_flags() -> None:

@@ -8,6 +8,8 @@ version produced every token, else a per-token list), which the rollout scaffold
 
 from __future__ import annotations
 
+import hashlib
+import math
 import time
 import uuid
 from typing import Any, Literal
@@ -25,7 +27,7 @@ class SamplingFields(_Lenient):
   """Sampling fields shared by chat and text completions (OpenAI names plus top_k, logprob_mode)."""
 
   model: str
-  max_tokens: int | None = pydantic.Field(default=None, ge=0)
+  max_tokens: int | None = pydantic.Field(default=None, ge=1)
   temperature: float = pydantic.Field(default=1.0, ge=0.0, le=100.0)
   top_p: float = pydantic.Field(default=1.0, gt=0.0, le=1.0)
   top_k: int = pydantic.Field(default=0, ge=0)
@@ -52,11 +54,16 @@ class ChatCompletionRequest(SamplingFields):
   tool_choice: Any = None
   logprobs: bool = False
   top_logprobs: int | None = pydantic.Field(default=None, ge=0, le=20)
-  max_completion_tokens: int | None = pydantic.Field(default=None, ge=0)
+  max_completion_tokens: int | None = pydantic.Field(default=None, ge=1)
+  response_format: dict[str, Any] | None = None
 
   def token_limit(self) -> int | None:
     """max_completion_tokens (new name) wins over max_tokens (deprecated name)."""
     return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+  def num_top_logprobs(self) -> int:
+    """Alternatives to return per token (`top_logprobs`, only with `logprobs: true`)."""
+    return (self.top_logprobs or 0) if self.logprobs else 0
 
 
 class CompletionRequest(SamplingFields):
@@ -65,10 +72,14 @@ class CompletionRequest(SamplingFields):
   prompt: str | list[int] | list[str] | list[list[int]]
   logprobs: int | None = pydantic.Field(default=None, ge=0, le=20)
   echo: bool = False
-  max_tokens: int | None = pydantic.Field(default=16, ge=0)
+  max_tokens: int | None = pydantic.Field(default=16, ge=1)
 
   def token_limit(self) -> int | None:
     return self.max_tokens
+
+  def num_top_logprobs(self) -> int:
+    """Alternatives to return per token (the legacy `logprobs: N`)."""
+    return self.logprobs or 0
 
 
 def new_id(prefix: str) -> str:
@@ -86,22 +97,48 @@ def error_body(message: str, type_: str, code: str | None = None,
   return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
-def chat_logprobs(token_texts: list[str], logprobs: list[float]) -> dict[str, Any]:
+# Alternatives per token: (token text, logprob) pairs, likeliest first.
+TopLogprobs = list[list[tuple[str, float]]]
+
+
+def finite_logprob(lp: float) -> float:
+  """-inf (a token the sampler could not pick) as -9999.0, as OpenAI does; JSON has no -inf."""
+  return lp if math.isfinite(lp) else -9999.0
+
+
+def _entry(text: str, lp: float) -> dict[str, Any]:
+  return {"token": text, "logprob": finite_logprob(lp), "bytes": list(text.encode("utf-8"))}
+
+
+def chat_logprobs(token_texts: list[str], logprobs: list[float],
+                  top: TopLogprobs | None = None) -> dict[str, Any]:
   """Chat-shaped logprobs: {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}."""
-  return {"content": [
-      {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-      for t, lp in zip(token_texts, logprobs, strict=True)]}
+  top = top or [[] for _ in token_texts]
+  return {"content": [dict(_entry(t, lp), top_logprobs=[_entry(*alt) for alt in alts])
+                      for t, lp, alts in zip(token_texts, logprobs, top, strict=True)]}
 
 
-def completion_logprobs(token_texts: list[str], logprobs: list[float],
-                        offset0: int = 0) -> dict[str, Any]:
+def completion_logprobs(token_texts: list[str], logprobs: list[float], offset0: int = 0,
+                        top: TopLogprobs | None = None) -> dict[str, Any]:
   """Legacy completions-shaped logprobs: tokens, token_logprobs, top_logprobs, text_offset."""
   offsets, pos = [], offset0
   for t in token_texts:
     offsets.append(pos)
     pos += len(t)
-  return {"tokens": token_texts, "token_logprobs": logprobs,
-          "top_logprobs": [{} for _ in token_texts], "text_offset": offsets}
+  tops = []
+  for alts in top or [[] for _ in token_texts]:
+    d: dict[str, float] = {}
+    for text, lp in alts:
+      d.setdefault(text, finite_logprob(lp))  # Two ids may decode alike: keep the likelier.
+    tops.append(d)
+  return {"tokens": token_texts, "token_logprobs": logprobs, "top_logprobs": tops,
+          "text_offset": offsets}
+
+
+def system_fingerprint(model_name: str, policy_version: int) -> str:
+  """OpenAI-style `system_fingerprint` ("fp_" + 10 hex): changes whenever the weights do."""
+  digest = hashlib.sha256(f"{model_name}:{policy_version}".encode()).hexdigest()
+  return f"fp_{digest[:10]}"
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -29,6 +29,8 @@ from flax import nnx
 
 from klong_jax.inference import sampling
 
+TOP_LOGPROBS = 20  # Alternatives computed per sampled token (OpenAI's top_logprobs maximum).
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -42,6 +44,7 @@ class SamplingParams:
   stop: tuple[str, ...] = ()  # Stop strings (checked on the detokenized text).
   seed: int | None = None  # None: drawn by the engine.
   logprob_mode: str = "tempered"  # See sampling.py: "tempered" | "raw" | "processed".
+  top_logprobs: int = 0  # Likeliest alternatives to report per token (0..TOP_LOGPROBS).
 
   def validate(self) -> SamplingParams:
     """Raises ValueError naming the bad field; returns self."""
@@ -53,6 +56,8 @@ class SamplingParams:
       raise ValueError(f"top_k must be >= 0, got {self.top_k}")
     if self.max_tokens is not None and self.max_tokens < 0:
       raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+    if not 0 <= self.top_logprobs <= TOP_LOGPROBS:
+      raise ValueError(f"top_logprobs must be in [0, {TOP_LOGPROBS}], got {self.top_logprobs}")
     if self.logprob_mode not in sampling.LOGPROB_MODES:
       raise ValueError(f"logprob_mode {self.logprob_mode!r} not in {sampling.LOGPROB_MODES}")
     return self
@@ -111,6 +116,25 @@ def _put_rows(x: jax.Array, sub: jax.Array, rows: jax.Array, axis: int) -> jax.A
   return x.at[index].set(sub.astype(x.dtype))
 
 
+def _top_logprobs(logits: jax.Array, temp: jax.Array, top_k: jax.Array,
+                  top_p: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The TOP_LOGPROBS likeliest tokens per row -> (ids [B, K], logprobs [3, B, K]) in
+  LOGPROB_MODES order, so OpenAI `top_logprobs` follow the request's logprob_mode."""
+  logits = logits.astype(jnp.float32)
+  greedy = temp <= 0.0
+  scaled = logits / jnp.where(greedy, 1.0, temp)[:, None]
+  _, ids = jax.lax.top_k(logits, min(TOP_LOGPROBS, logits.shape[-1]))  # Same order for any T.
+  filtered = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1.0)),
+                          lambda s: sampling.filter_logits(s, top_k, top_p), lambda s: s, scaled)
+
+  def pick(x: jax.Array) -> jax.Array:
+    return jnp.take_along_axis(jax.nn.log_softmax(x, axis=-1), ids, axis=-1)
+
+  point = jnp.where(jnp.arange(ids.shape[-1]) == 0, 0.0, -jnp.inf)  # Greedy: all mass on top-1.
+  processed = jnp.where(greedy[:, None], point[None], pick(filtered))
+  return ids.astype(jnp.int32), jnp.stack([pick(scaled), pick(logits), processed])
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
 def _prefill_step(graphdef, axes_def, params, rest, cache, tokens, positions, rows, last, temp,
                   top_k, top_p, seeds):
@@ -123,7 +147,7 @@ def _prefill_step(graphdef, axes_def, params, rest, cache, tokens, positions, ro
   last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   counters = jnp.zeros_like(seeds, dtype=jnp.int32)
   toks, lps = sampling.sample(last_logits, temp, top_k, top_p, seeds, counters)
-  return toks, lps, cache
+  return toks, lps, _top_logprobs(last_logits, temp, top_k, top_p), cache
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
@@ -133,7 +157,7 @@ def _decode_step(graphdef, params, rest, cache, tokens, positions, temp, top_k, 
   model = nnx.merge(graphdef, params, rest)
   logits, cache = model.decode(tokens[:, None], positions[:, None], cache)
   toks, lps = sampling.sample(logits[:, 0], temp, top_k, top_p, seeds, counters)
-  return toks, lps, cache
+  return toks, lps, _top_logprobs(logits[:, 0], temp, top_k, top_p), cache
 
 
 class Sampler:
@@ -150,6 +174,8 @@ class Sampler:
     self.min_prefill_bucket = min_prefill_bucket
     self.min_prefill_rows = min(min_prefill_rows, max_batch)
     self.policy_version = policy_version
+    # (ids [rows, K], logprobs [3, rows, K]) of the last prefill/decode, left on device.
+    self.top_logprobs: tuple[jax.Array, jax.Array] | None = None
     # All variables but RNG state are weights: nnx Params and e.g. the MoE router's expert bias.
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Not(nnx.RngState), ...)
     self._batch_axes = _cache_batch_axes(model, cache_dtype)
@@ -236,7 +262,8 @@ class Sampler:
               settings: RowSettings) -> tuple[np.ndarray, np.ndarray]:
     """Writes each prompt into its cache row from position 0 and samples its first token.
 
-    `settings` holds one entry per prompt. Returns (tokens [k], logprobs [3, k]) as numpy.
+    `settings` holds one entry per prompt. Returns (tokens [k], logprobs [3, k]) as numpy;
+    `self.top_logprobs` then holds each entry's alternatives (entries past k are padding).
     Prompts are padded to a power-of-two length and count to bound recompilation.
     """
     k = len(rows)
@@ -259,7 +286,7 @@ class Sampler:
     last = np.asarray([len(prompts[i]) - 1 for i in idx], np.int32)
     s = settings.take(idx)
     with self._context():
-      toks, lps, self.cache = _prefill_step(
+      toks, lps, self.top_logprobs, self.cache = _prefill_step(
           self.graphdef, self._axes_def, self.params, self.rest, self.cache, tokens, positions,
           row_ids, last, s.temperature, s.top_k, s.top_p, s.seed)
     return np.asarray(toks)[:k], np.asarray(lps)[:, :k]
@@ -268,10 +295,11 @@ class Sampler:
              counters: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One decode step for all rows: feeds tokens [B] at positions [B], samples the next ones.
 
-    Idle rows should pass position max_len - 1. Returns (tokens [B], logprobs [3, B]) as numpy.
+    Idle rows should pass position max_len - 1. Returns (tokens [B], logprobs [3, B]) as numpy;
+    `self.top_logprobs` then holds each row's alternatives.
     """
     with self._context():
-      toks, lps, self.cache = _decode_step(
+      toks, lps, self.top_logprobs, self.cache = _decode_step(
           self.graphdef, self.params, self.rest, self.cache, np.asarray(tokens, np.int32),
           np.asarray(positions, np.int32), settings.temperature, settings.top_k, settings.top_p,
           settings.seed, np.asarray(counters, np.int32))

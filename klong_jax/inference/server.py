@@ -3,7 +3,8 @@
 Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream` SSE, `logprobs`,
 tools/tool_calls for chat), GET /v1/models, GET /health, GET /metrics (Prometheus text), POST
 /admin/load_policy (load a version from the policy dir now). Each choice carries `token_ids` and
-`policy_version` besides the OpenAI fields. Bad requests get 4xx with an OpenAI error body.
+`policy_version` besides the OpenAI fields; responses and chunks carry a `system_fingerprint` (model
+name + policy version). Bad requests get 4xx with an OpenAI error body.
 
 Run: `python -m klong_jax.inference.server --bundle=DIR` or `--config=configs/serve_tiny.py
 --policy_dir=RUN/policy`. FastAPI/uvicorn: the well-kept async stack with pydantic models, SSE via
@@ -113,7 +114,7 @@ class Server:
     seed = None if req.seed is None else req.seed + index
     return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                           max_tokens=req.token_limit(), stop=req.stop_strings(), seed=seed,
-                          logprob_mode=req.logprob_mode)
+                          logprob_mode=req.logprob_mode, top_logprobs=req.num_top_logprobs())
 
   def submit(self, prompt: list[int], sp: SamplingParams) -> tuple[Any, asyncio.Queue]:
     loop = asyncio.get_running_loop()
@@ -146,11 +147,37 @@ class Server:
   def token_texts(self, ids: list[int]) -> list[str]:
     return [self.tokenizer.decode([t]) for t in ids]
 
+  def top_texts(self, top: list[list[tuple[int, float]]]) -> protocol.TopLogprobs:
+    """Each token's alternatives with ids decoded to text."""
+    return [[(self.tokenizer.decode([t]), lp) for t, lp in alts] for alts in top]
+
   def extra(self, c: Completion) -> dict[str, Any]:
     return {"token_ids": c.token_ids,
             "policy_version": protocol.version_field(c.policy_versions, self.engine.policy_version)}
 
+  def fingerprint(self, comps: list[Completion] | None = None) -> str:
+    """system_fingerprint: model name + the newest weights version that made these tokens."""
+    versions = [v for c in comps or [] for v in c.policy_versions]
+    return protocol.system_fingerprint(
+        self.model_name, max(versions) if versions else self.engine.policy_version)
+
   # ---- chat ----------------------------------------------------------------------------------
+
+  def check_chat(self, req: protocol.ChatCompletionRequest) -> None:
+    """Rejects what OpenAI rejects and what we cannot honour, naming the field and the fix."""
+    if req.top_logprobs is not None and not req.logprobs:
+      raise ApiError(400, "top_logprobs needs logprobs: true; set logprobs to true or drop "
+                     "top_logprobs", param="top_logprobs", code="invalid_value")
+    for i, m in enumerate(req.messages):
+      if m.get("role") == "tool" and not isinstance(m.get("tool_call_id"), str):
+        raise ApiError(400, f"messages[{i}] has role 'tool' but no tool_call_id; set it to the "
+                       "id of the assistant tool call it answers", param=f"messages[{i}]."
+                       "tool_call_id", code="missing_required_parameter")
+    rf = req.response_format
+    if rf is not None and rf.get("type") != "text":
+      raise ApiError(400, f"response_format {{'type': {rf.get('type')!r}}} is not supported: "
+                     "this server only generates plain text; drop response_format or set it to "
+                     "{'type': 'text'}", param="response_format", code="unsupported_value")
 
   def chat_prompt(self, req: protocol.ChatCompletionRequest) -> list[int]:
     try:
@@ -167,19 +194,22 @@ class Server:
       message["content"] = parsed.content or None
       reason = "tool_calls" if reason == "stop" else reason
     choice = {"index": i, "message": message, "finish_reason": reason,
-              "logprobs": (protocol.chat_logprobs(self.token_texts(c.token_ids), c.logprobs)
+              "logprobs": (protocol.chat_logprobs(self.token_texts(c.token_ids), c.logprobs,
+                                                  self.top_texts(c.top_logprobs))
                            if logprobs else None)}
     choice.update(self.extra(c))
     return choice
 
   async def chat_completions(self, request: fastapi.Request) -> Any:
     req = await self.parse(request, protocol.ChatCompletionRequest)
+    self.check_chat(req)
     prompt = self.chat_prompt(req)
     if req.stream:
       return self.stream(req, prompt, chat=True)
     comps = await self.wait_all(prompt, req)
     return {"id": protocol.new_id("chatcmpl"), "object": "chat.completion",
             "created": protocol.now(), "model": self.model_name,
+            "system_fingerprint": self.fingerprint(comps),
             "choices": [self.chat_choice(i, c, req.logprobs) for i, c in enumerate(comps)],
             "usage": protocol.usage(len(prompt), sum(len(c.token_ids) for c in comps))}
 
@@ -210,12 +240,14 @@ class Server:
     for i, c in enumerate(comps):
       choice = {"index": i, "text": prefix + c.text, "finish_reason": c.finish_reason,
                 "logprobs": (protocol.completion_logprobs(self.token_texts(c.token_ids),
-                                                          c.logprobs, len(prefix))
+                                                          c.logprobs, len(prefix),
+                                                          self.top_texts(c.top_logprobs))
                              if req.logprobs is not None else None)}
       choice.update(self.extra(c))
       choices.append(choice)
     return {"id": protocol.new_id("cmpl"), "object": "text_completion",
-            "created": protocol.now(), "model": self.model_name, "choices": choices,
+            "created": protocol.now(), "model": self.model_name,
+            "system_fingerprint": self.fingerprint(comps), "choices": choices,
             "usage": protocol.usage(len(prompt), sum(len(c.token_ids) for c in comps))}
 
   # ---- streaming -----------------------------------------------------------------------------
@@ -232,8 +264,11 @@ class Server:
     buffered = chat and bool(req.tools)
     want_lp = bool(req.logprobs) if chat else req.logprobs is not None
 
-    def chunk(choice: dict[str, Any], usage: dict | None = None) -> str:
+    def chunk(choice: dict[str, Any], usage: dict | None = None,
+              version: int | None = None) -> str:
+      version = self.engine.policy_version if version is None else version
       body = {"id": rid, "object": obj, "created": protocol.now(), "model": self.model_name,
+              "system_fingerprint": protocol.system_fingerprint(self.model_name, version),
               "choices": [choice] if choice else []}
       if usage is not None:
         body["usage"] = usage
@@ -243,14 +278,16 @@ class Server:
       has_tok = ev.token_id >= 0
       ids = [ev.token_id] if has_tok else []
       text = "" if buffered else ev.text
+      top = self.top_texts([ev.top_logprobs or []])
       if chat:
         choice = {"index": i, "delta": {"content": text}, "finish_reason": None}
         if want_lp and has_tok:
-          choice["logprobs"] = protocol.chat_logprobs(self.token_texts(ids), [ev.logprob])
+          choice["logprobs"] = protocol.chat_logprobs(self.token_texts(ids), [ev.logprob], top)
       else:
         choice = {"index": i, "text": text, "finish_reason": None}
         if want_lp and has_tok:
-          choice["logprobs"] = protocol.completion_logprobs(self.token_texts(ids), [ev.logprob])
+          choice["logprobs"] = protocol.completion_logprobs(self.token_texts(ids), [ev.logprob],
+                                                            top=top)
       choice["token_ids"] = ids
       choice["policy_version"] = ev.policy_version
       return choice
@@ -290,7 +327,7 @@ class Server:
               done.append(ev)
               yield chunk(final_choice(i, ev))
               break
-            yield chunk(token_choice(i, ev))
+            yield chunk(token_choice(i, ev), version=ev.policy_version)
         if (req.stream_options or {}).get("include_usage"):
           yield chunk({}, protocol.usage(len(prompt), sum(len(c.token_ids) for c in done)))
         yield "data: [DONE]\n\n"

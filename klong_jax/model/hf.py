@@ -37,6 +37,7 @@ from klong_jax.model.hf_names import HFCheckpointError, TensorSpec
 from klong_jax.model.transformer import Transformer
 
 INDEX = "model.safetensors.index.json"
+ORIGINAL_CONFIG = "hf_config.json"  # An imported config.json, kept beside the policy versions.
 _NO_CAST = ("e_score_correction_bias",)  # Kept in fp32 on export, as HF checkpoints do.
 
 
@@ -321,18 +322,24 @@ def _fetch(leaf: Any, idx: tuple[int, ...]) -> np.ndarray:
 
 
 def export_hf(model: Any, cfg: ModelConfig, out: str | os.PathLike, *, arch: str | None = None,
-              dtype: str | None = None, max_shard_bytes: int = 4 << 30) -> pathlib.Path:
+              dtype: str | None = None, max_shard_bytes: int = 4 << 30,
+              hf_config: Mapping[str, Any] | None = None) -> pathlib.Path:
   """Writes `model` (nnx module / State / pure dict) as an HF checkpoint dir at `out`, atomically.
 
-  `arch`: "glm4_moe" or "qwen3_moe" (None: inferred from cfg); `dtype` casts floating tensors
-  (e.g. "bfloat16"); shards hold at most `max_shard_bytes` each (a bigger tensor gets its own).
+  `arch`: "glm4_moe" or "qwen3_moe" (None: the original's, else inferred from cfg); `dtype` casts
+  floating tensors (e.g. "bfloat16"); shards hold at most `max_shard_bytes` each (a bigger tensor
+  gets its own). `hf_config`: the config.json the model was imported from; its other keys and
+  spellings are kept (hf_names.merge_hf_config).
   """
   out = pathlib.Path(out)
   if out.exists() and any(out.iterdir()):
     raise FileExistsError(f"export dir {out} exists and is not empty; choose a new --out")
-  hf_config = hf_names.to_hf_config(cfg, arch)
+  original = hf_config
+  hf_config = hf_names.to_hf_config(cfg, arch or (original or {}).get("model_type"))
   if dtype is not None:
     hf_config["torch_dtype"] = dtype
+  if original is not None:
+    hf_config = hf_names.merge_hf_config(original, hf_config)
   tree = params_tree(model)
   specs = _matched_specs(cfg, tree)
   jobs = []  # (layer order, spec order, expert, spec, stack index, name)
@@ -396,7 +403,8 @@ def _write_json_atomic(path: pathlib.Path, data: Any) -> None:
 def convert_import(import_dir: str | os.PathLike, out: str | os.PathLike, version: int = 0,
                    mesh: jax.sharding.Mesh | None = None, params_only: bool = False,
                    **overrides: Any) -> pathlib.Path:
-  """HF dir -> `<out>/<version>` (reload.save_policy format) + `<out>/model_config.json`.
+  """HF dir -> `<out>/<version>` (reload.save_policy format) + `<out>/model_config.json`, and
+  the original config.json as `<out>/hf_config.json` so that an export keeps its fields.
 
   The tree holds every model variable (Params and the router's ExpertBias) unless `params_only`,
   which drops the GLM router bias so that a reader restoring nnx.Param state only can load it.
@@ -406,7 +414,16 @@ def convert_import(import_dir: str | os.PathLike, out: str | os.PathLike, versio
   state = nnx.state(model, nnx.Param) if params_only else nnx.state(model)
   path = reload.save_policy(out, version, state.to_pure_dict())
   _write_json_atomic(pathlib.Path(out) / "model_config.json", dataclasses.asdict(model.cfg))
+  _write_json_atomic(pathlib.Path(out) / ORIGINAL_CONFIG, read_hf_config(import_dir))
   return path
+
+
+def original_hf_config(policy: str | os.PathLike) -> dict[str, Any] | None:
+  """The config.json saved by `convert_import` for a policy root or version dir, if any."""
+  path = pathlib.Path(policy)
+  found = next((d / ORIGINAL_CONFIG for d in (path, path.parent)
+                if (d / ORIGINAL_CONFIG).is_file()), None)
+  return None if found is None else json.loads(found.read_text())
 
 
 def load_policy_tree(policy: str | os.PathLike, cfg: ModelConfig) -> dict[str, Any]:
@@ -437,7 +454,8 @@ def load_policy_tree(policy: str | os.PathLike, cfg: ModelConfig) -> dict[str, A
 def convert_export(policy: str | os.PathLike, out: str | os.PathLike,
                    model_config: str | os.PathLike | None = None, **kwargs: Any) -> pathlib.Path:
   """Policy checkpoint -> HF dir; the ModelConfig comes from `model_config` (json) or
-  `<policy root>/model_config.json`. `kwargs` go to `export_hf` (arch, dtype, max_shard_bytes)."""
+  `<policy root>/model_config.json`, the original config.json (if imported) from
+  `<policy root>/hf_config.json`. `kwargs` go to `export_hf` (arch, dtype, max_shard_bytes)."""
   from klong_jax.model.config import from_config_dict
   policy = pathlib.Path(policy)
   candidates = [pathlib.Path(model_config)] if model_config else [
@@ -447,6 +465,7 @@ def convert_export(policy: str | os.PathLike, out: str | os.PathLike,
     raise FileNotFoundError(f"no model config at {[str(c) for c in candidates]}; pass "
                             "--model_config=FILE.json (ModelConfig fields)")
   cfg = from_config_dict(json.loads(found.read_text()))
+  kwargs.setdefault("hf_config", original_hf_config(policy))
   return export_hf(load_policy_tree(policy, cfg), cfg, out, **kwargs)
 
 

@@ -240,7 +240,9 @@ def _get(hf: Mapping[str, Any], *names: str, default: Any = None) -> Any:
     if hf.get(name) is not None:
       return hf[name]
   if default is None:
-    raise ConfigError(names[0], f"missing from the HF config.json (also looked for {names[1:]})")
+    also = f" (nor {' / '.join(names[1:])})" if names[1:] else ""
+    raise ConfigError(names[0], f"missing from the HF config.json{also}; add it there or pass "
+                      "the ModelConfig field as an override")
   return default
 
 
@@ -249,31 +251,56 @@ def _check(ok: bool, field: str, reason: str) -> None:
     raise ConfigError(field, f"HF config.json value is not supported: {reason}")
 
 
+# Spellings of one config.json field: ours first, then other transformers versions' (transformers
+# 5 writes Qwen3-MoE's expert count as num_local_experts and torch_dtype as dtype).
+_EXPERTS = {"glm4_moe": ("n_routed_experts", "num_local_experts", "num_experts"),
+            "qwen3_moe": ("num_experts", "num_local_experts")}
+_ALIASES = (("num_experts", "num_local_experts", "n_routed_experts"), ("torch_dtype", "dtype"))
+# Inside transformers 5's `rope_parameters` dict rather than top level.
+_ROPE_KEYS = ("rope_theta", "partial_rotary_factor")
+# to_hf_config keys that are defaults rather than facts about the weights: an original
+# config.json's values win for these on export.
+_DEFAULT_KEYS = frozenset({"architectures", "max_position_embeddings", "rope_scaling", "use_cache",
+                           "attention_dropout", "initializer_range", "num_nextn_predict_layers",
+                           "router_aux_loss_coef", "output_router_logits", "sliding_window"})
+
+
 def from_hf_config(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
-  """A validated ModelConfig from an HF GLM-4.5 / Qwen3-MoE config.json dict (+ field overrides)."""
+  """A validated ModelConfig from an HF GLM-4.5 / Qwen3-MoE config.json dict (+ field overrides).
+
+  Reads transformers 4 and 5 spellings (num_local_experts, rope_parameters, dtype); an override
+  replaces its field before the config.json is read for it, so it can supply a missing field.
+  """
   arch = hf.get("model_type")
   _check(arch in ARCHS, "model_type", f"{arch!r}; expected one of {tuple(ARCHS)}")
   _check(hf.get("hidden_act", "silu") == "silu", "hidden_act", "only 'silu' (SwiGLU)")
   rope = hf.get("rope_parameters") or {}
   scaling = hf.get("rope_scaling") or {}
   kind = scaling.get("rope_type", scaling.get("type", rope.get("rope_type", "default")))
-  _check(kind == "default", "rope_scaling", f"rope type {kind!r}; only the default RoPE is "
-         "modelled")
+  _check(kind == "default", "rope_scaling" if scaling else "rope_parameters",
+         f"rope type {kind!r}; only the default RoPE is modelled")
+
+  def get(field: str, *names: str, default: Any = None, cast: Callable[[Any], Any] = int) -> Any:
+    return overrides[field] if field in overrides else cast(_get(hf, *names, default=default))
+
   dtype = str(hf.get("torch_dtype", hf.get("dtype", "bfloat16")))
   dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
-  heads = int(_get(hf, "num_attention_heads"))
+  heads = get("num_heads", "num_attention_heads")
+  hidden = get("hidden_size", "hidden_size")
   fields: dict[str, Any] = dict(
-      vocab_size=int(_get(hf, "vocab_size")), hidden_size=int(_get(hf, "hidden_size")),
-      num_layers=int(_get(hf, "num_hidden_layers")), num_heads=heads,
-      num_kv_heads=int(_get(hf, "num_key_value_heads", default=heads)),
-      head_dim=int(_get(hf, "head_dim", default=int(_get(hf, "hidden_size")) // heads)),
-      intermediate_size=int(_get(hf, "intermediate_size")),
-      moe_intermediate_size=int(_get(hf, "moe_intermediate_size")),
-      num_experts_per_tok=int(_get(hf, "num_experts_per_tok")),
-      rope_theta=float(_get(hf, "rope_theta", default=rope.get("rope_theta", 10000.0))),
-      partial_rotary_factor=float(
-          _get(hf, "partial_rotary_factor", default=rope.get("partial_rotary_factor", 1.0))),
-      rms_norm_eps=float(_get(hf, "rms_norm_eps", default=1e-6)),
+      vocab_size=get("vocab_size", "vocab_size"), hidden_size=hidden,
+      num_layers=get("num_layers", "num_hidden_layers"), num_heads=heads,
+      num_kv_heads=get("num_kv_heads", "num_key_value_heads", default=heads),
+      head_dim=get("head_dim", "head_dim", default=hidden // heads),
+      intermediate_size=get("intermediate_size", "intermediate_size"),
+      moe_intermediate_size=get("moe_intermediate_size", "moe_intermediate_size"),
+      num_experts_per_tok=get("num_experts_per_tok", "num_experts_per_tok"),
+      num_experts=get("num_experts", *_EXPERTS[arch]),
+      rope_theta=get("rope_theta", "rope_theta", default=rope.get("rope_theta", 10000.0),
+                     cast=float),
+      partial_rotary_factor=get("partial_rotary_factor", "partial_rotary_factor",
+                                default=rope.get("partial_rotary_factor", 1.0), cast=float),
+      rms_norm_eps=get("rms_norm_eps", "rms_norm_eps", default=1e-6, cast=float),
       qkv_bias=bool(hf.get("attention_bias", False)),
       norm_topk_prob=bool(hf.get("norm_topk_prob", arch == "glm4_moe")),
       tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
@@ -281,10 +308,10 @@ def from_hf_config(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
   if arch == "glm4_moe":
     _check(int(hf.get("n_group", 1) or 1) == 1 and int(hf.get("topk_group", 1) or 1) == 1,
            "n_group", "group-limited routing (n_group/topk_group > 1) is not modelled")
-    fields.update(num_experts=int(_get(hf, "n_routed_experts", "num_experts")),
-                  num_shared_experts=int(_get(hf, "n_shared_experts", default=1)),
-                  first_k_dense=int(_get(hf, "first_k_dense_replace", default=1)),
-                  routed_scaling_factor=float(_get(hf, "routed_scaling_factor", default=1.0)),
+    fields.update(num_shared_experts=get("num_shared_experts", "n_shared_experts", default=1),
+                  first_k_dense=get("first_k_dense", "first_k_dense_replace", default=1),
+                  routed_scaling_factor=get("routed_scaling_factor", "routed_scaling_factor",
+                                            default=1.0, cast=float),
                   qk_norm=bool(hf.get("use_qk_norm", False)), router_score="sigmoid",
                   router_bias=True)
   else:
@@ -295,8 +322,30 @@ def from_hf_config(hf: Mapping[str, Any], **overrides: Any) -> ModelConfig:
     _check(dense == list(range(len(dense))), "mlp_only_layers",
            f"dense layers {dense} must be a prefix 0..k-1 (our first_k_dense)")
     _check(not hf.get("use_sliding_window", False), "use_sliding_window", "sliding window")
-    fields.update(num_experts=int(_get(hf, "num_experts")), num_shared_experts=0,
-                  first_k_dense=len(dense), qk_norm=True, router_score="softmax",
-                  router_bias=False, routed_scaling_factor=1.0, partial_rotary_factor=1.0)
+    fields.update(num_shared_experts=0, first_k_dense=len(dense), qk_norm=True,
+                  router_score="softmax", router_bias=False, routed_scaling_factor=1.0,
+                  partial_rotary_factor=1.0)
   fields.update(overrides)
   return ModelConfig(**fields).validate()
+
+
+def merge_hf_config(original: Mapping[str, Any], ours: Mapping[str, Any]) -> dict[str, Any]:
+  """`ours` (to_hf_config) written over an original config.json, keeping the original's other
+  keys, its defaults (max_position_embeddings, ...) and its spellings, so an import -> export
+  round trip loses nothing of the original."""
+  if original.get("model_type") != ours["model_type"]:
+    raise ConfigError("model_type", f"the original config.json is {original.get('model_type')!r} "
+                      f"but the export is {ours['model_type']!r}; export as that arch or drop "
+                      "the original config")
+  rope = original.get("rope_parameters")
+  out = dict(original)
+  for key, value in ours.items():
+    if key in _DEFAULT_KEYS and (key in original or (key == "rope_scaling" and rope)):
+      continue
+    if isinstance(rope, Mapping) and key in _ROPE_KEYS and key not in original:
+      out["rope_parameters"] = {**out["rope_parameters"], key: value}
+      continue
+    names = next((a for a in _ALIASES if key in a), (key,))
+    for name in [n for n in names if n in original] or [key]:
+      out[name] = value
+  return out

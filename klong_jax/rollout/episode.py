@@ -36,9 +36,11 @@ def prepare_sandbox(sb: Any, task: Any) -> None:
 
 
 def run_guarded(client: Any, sb: Any, prefix: list[dict[str, Any]], acfg: scaffold.AgentConfig,
-                wall_s: float, state: dict[str, Any] | None = None) -> scaffold.EpisodeResult:
+                wall_s: float, state: dict[str, Any] | None = None,
+                fmt: Any = None) -> scaffold.EpisodeResult:
   """Runs the scaffold; after `wall_s` the outer guard stops it and interrupts running commands
-  (the episode then ends as wall_timeout and is still graded)."""
+  (the episode then ends as wall_timeout and is still graded). `fmt`: the served model's chat
+  format, for the shared context policy (scaffold.run_episode)."""
   stop = threading.Event()
 
   def guard() -> None:
@@ -52,6 +54,6 @@ def run_guarded(client: Any, sb: Any, prefix: list[dict[str, Any]], acfg: scaffo
   timer.start()
   try:
     return scaffold.run_episode(client, sb, prefix, acfg, tools=TOOLS, should_stop=stop.is_set,
-                                state=state)
+                                state=state, fmt=fmt)
   finally:
     timer.cancel()

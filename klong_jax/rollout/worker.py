@@ -56,7 +56,10 @@ class WorkerConfig:
   wall_slack_s: float = 60.0
   tool_timeout_s: float = 120.0
   reproduce_timeout_s: float = 300.0
+  # The context policy (data/context.py) shared with the trainer's splitter: context_tokens =
+  # data.max_len, context_overlap = data.overlap, max_completion_tokens = data.completion_tokens.
   context_tokens: int = 32768
+  context_overlap: int = 0
   max_completion_tokens: int = 2048
   # Sampling temperature; the RL trainer must use the same one (rl.temperature), since the
   # recorded logprobs are log softmax(logits / T) (inference/sampling.py, "tempered").
@@ -122,17 +125,19 @@ class Worker:
     acfg = scaffold.AgentConfig(
         model=cfg.model, max_steps=cfg.max_steps, time_limit_s=time_limit_s,
         tool_timeout_s=min(cfg.tool_timeout_s, time_limit_s),
-        context_tokens=cfg.context_tokens, max_completion_tokens=cfg.max_completion_tokens,
+        context_tokens=cfg.context_tokens, context_overlap=cfg.context_overlap,
+        max_completion_tokens=cfg.max_completion_tokens,
         request_retries=cfg.request_retries, temperature=cfg.temperature)
     prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
-                                       task.paper_md, task.addendum_md, time_limit_s)
+                                       task.paper_md, task.addendum_md)
     state: dict[str, Any] = {}
     t0 = time.time()
     tmp = tempfile.TemporaryDirectory(prefix="klong-sub-")
     with sandbox_lib.make_sandbox(cfg.backend, **cfg.limits) as sb:
       episode.prepare_sandbox(sb, task)
       ep = episode.run_guarded(self.client, sb, prefix, acfg,
-                               time_limit_s * cfg.wall_factor + cfg.wall_slack_s, state=state)
+                               time_limit_s * cfg.wall_factor + cfg.wall_slack_s, state=state,
+                               fmt=self.fmt)
       host_sub = tmp.name
       sb.get_dir(sandbox_lib.SUBMISSION, host_sub)
     agent_s = time.time() - t0
@@ -170,8 +175,8 @@ class Worker:
         logging.warning("%s: infra failure on %s (attempt %d): %s", self.name, task.id,
                         attempt + 1, e)
         time.sleep(self.cfg.infra_backoff_s * (2 ** attempt))
-    prefix = scaffold.initial_messages("Reproduce the paper.", task.paper_md, task.addendum_md,
-                                       time_limit_s)
+    prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
+                                       task.paper_md, task.addendum_md)
     return {"messages": prefix, "prefix": len(prefix), "status": "infra_error", "reward": None,
             "timings": {}, "metadata": {"error": str(err)[:2000]},
             "sandbox": {"backend": self.cfg.backend}}
@@ -331,6 +336,7 @@ _TEMP: Any = None
 _JUDGE_URL: Any = None
 _JUDGE_MODEL: Any = None
 _SHUFFLE: Any = None
+_OVERLAP: Any = None
 
 
 def _define_flags() -> None:
@@ -338,7 +344,7 @@ def _define_flags() -> None:
   module next to other entry points never clashes on flag names)."""
   global _SERVER, _TASKS, _STREAM, _TOKENIZER, _GROUP, _WORKERS, _ROUNDS, _NAME
   global _BACKEND, _MODEL, _STEPS, _TIME, _REPRO, _PAUSE, _CONTEXT, _COMPLETION, _TEMP
-  global _JUDGE_URL, _JUDGE_MODEL, _SHUFFLE
+  global _JUDGE_URL, _JUDGE_MODEL, _SHUFFLE, _OVERLAP
   _SERVER = flags.DEFINE_string("server", None, "OpenAI-compatible base URL (…/v1).")
   _TASKS = flags.DEFINE_string("tasks", None, "Directory of task dirs.")
   _STREAM = flags.DEFINE_string("stream", None, "Stream directory (shards + ledger + control).")
@@ -354,7 +360,10 @@ def _define_flags() -> None:
   _TIME = flags.DEFINE_float("time_limit_s", 600.0, "Agent time budget when control.json has none.")
   _REPRO = flags.DEFINE_float("reproduce_timeout_s", 300.0, "reproduce.sh time limit.")
   _PAUSE = flags.DEFINE_float("pause_before_publish_s", 0.0, "Test hook: sleep before publishing.")
-  _CONTEXT = flags.DEFINE_integer("context_tokens", 32768, "Model context (history is trimmed).")
+  _CONTEXT = flags.DEFINE_integer("context_tokens", 32768, "Model context = the trainer's "
+                                  "data.max_len (history is windowed to fit).")
+  _OVERLAP = flags.DEFINE_integer("context_overlap", 0, "History tokens a new context window "
+                                  "repeats (= the trainer's data.overlap).")
   _COMPLETION = flags.DEFINE_integer("max_completion_tokens", 2048, "Completion tokens per call.")
   _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (= the RL trainer's "
                              "rl.temperature; recorded in each trajectory's metadata).")
@@ -375,6 +384,7 @@ def main(argv: list[str]) -> None:
                      backend=_BACKEND.value, model=_MODEL.value, max_steps=_STEPS.value,
                      time_limit_s=_TIME.value, reproduce_timeout_s=_REPRO.value,
                      pause_before_publish_s=_PAUSE.value, context_tokens=_CONTEXT.value,
+                     context_overlap=_OVERLAP.value,
                      max_completion_tokens=_COMPLETION.value, temperature=_TEMP.value,
                      judge_url=_JUDGE_URL.value, judge_model=_JUDGE_MODEL.value)
   run_fleet(cfg, _WORKERS.value)

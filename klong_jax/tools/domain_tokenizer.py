@@ -22,10 +22,12 @@ def domain_texts(task_dirs: list[str], repeat: int = 20) -> list[str]:
   """Domain documents: fixed agent strings (x `repeat`) and each train task's paper + solution."""
   from klong_jax.agent import scaffold  # noqa: PLC0415
   from klong_jax.agent.tools import TOOLS  # noqa: PLC0415
+  from klong_jax.factory import sweep_teacher  # noqa: PLC0415
   from klong_jax.factory.teacher import ScriptedTeacher, find_paper  # noqa: PLC0415
   from klong_jax.tasks.loader import load_task  # noqa: PLC0415
 
-  fixed = [scaffold.SYSTEM_PROMPT, scaffold.CONTINUE_MESSAGE, json.dumps(list(TOOLS))]
+  fixed = [scaffold.SYSTEM_PROMPT, scaffold.CONTINUE_MESSAGE, json.dumps(list(TOOLS)),
+           scaffold.budget_message(60.0)["content"]]
   out = [t for t in fixed for _ in range(repeat)]
   teacher = ScriptedTeacher(skill=1.0, seed=0)
   for d in task_dirs:
@@ -33,6 +35,21 @@ def domain_texts(task_dirs: list[str], repeat: int = 20) -> list[str]:
     msgs = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
                                      task.paper_md, task.addendum_md)
     out.extend(m["content"] for m in msgs[1:])
+    sweep = sweep_teacher.find_sweep(msgs)
+    if sweep is not None:  # Long-horizon sweep: the method, the harness and its commands.
+      fam, n = sweep
+      code = sweep_teacher.solution_code(fam, set())
+      for _, body in sorted(task.files.items()):
+        out.append(body.decode("utf-8", "replace"))
+      for k in range(1, n + 1):
+        out.append(json.dumps({"name": "bash", "arguments": {
+            "cmd": f"cd /workspace/submission && python3 run.py {k}"}}))
+        out.append(f"run {k}: ...\n{k}/{n} runs done")
+      for _ in range(max(1, repeat // 4)):
+        out.append(json.dumps({"name": "bash", "arguments": {"cmd": (
+            f"cd /workspace/submission\ncat > solution.py <<'EOF'\n{code}EOF\n"
+            "python3 run.py 1")}}))
+      continue
     found = find_paper(msgs)
     if found is not None:
       script = teacher.solution_script(found[0], found[1], "/workspace/submission")

@@ -203,6 +203,18 @@ def _config_flag(path: str, arg: str) -> str:
   return f"{path}:{arg}" if arg else path
 
 
+def context_flags(c: Any) -> dict[str, Any]:
+  """The worker/distill flags of the run's one context policy (`c.context`, data/context.py)."""
+  return {"context_tokens": c.context.max_len, "context_overlap": c.context.overlap,
+          "max_completion_tokens": c.context.completion_tokens}
+
+
+def context_overrides(c: Any) -> dict[str, Any]:
+  """The same policy as trainer overrides: chunks = the contexts the rollouts were sampled in."""
+  return {"config.data.max_len": c.context.max_len, "config.data.overlap": c.context.overlap,
+          "config.data.completion_tokens": c.context.completion_tokens}
+
+
 def server_job(c: Any, name: str, policy_dir: str, tokenizer: str, port: int) -> Job:
   """The inference server over a policy dir (hot-reloads the newest version)."""
   return Job(name, Executable("klong_jax.inference.server", {
@@ -224,8 +236,7 @@ def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, token
       "shuffle_seed": c.workers.get("shuffle_seed", -1),
       "backend": c.backend, "max_steps": max_steps, "time_limit_s": time_limit_s,
       "reproduce_timeout_s": c.workers.reproduce_timeout_s,
-      "context_tokens": c.workers.get("context_tokens", None),
-      "max_completion_tokens": c.workers.get("max_completion_tokens", None),
+      **context_flags(c),
       "temperature": temperature,
       # Rubrics with LLM-graded leaves: the judge endpoint (key from $KLONG_JUDGE_API_KEY).
       **({"judge_url": c.workers.judge_url, "judge_model": c.workers.get("judge_model", "judge")}
@@ -247,7 +258,8 @@ def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str,
       "init_checkpoint": init_checkpoint, "mode": c.rl.mode, "config.seed": c.seed,
       # The trainer's logprobs must use the workers' sampling temperature (exact PPO ratios).
       "config.rl.temperature": temperature,
-      **config_overrides(c.get("model_overrides", "")), **config_overrides(c.rl.overrides)}),
+      **config_overrides(c.get("model_overrides", "")), **config_overrides(c.rl.overrides),
+      **context_overrides(c)}),
       ready=f"file:{os.path.join(policy, '0')}", ready_timeout_s=c.server.ready_timeout_s,
       primary=True))
   exp.add(server_job(c, "server", policy, tokenizer, port))

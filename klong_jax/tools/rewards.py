@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Any
 
 from klong_jax.data import schema, shards
 
@@ -48,3 +49,51 @@ def read_rewards(directory: str) -> RewardStats:
       sampled = t.policy_version[t.policy_version >= 0]
       by_version[int(sampled.min()) if sampled.size else -1].append(float(t.reward))
   return RewardStats(rewards, dict(by_task), dict(by_version), infra, dict(statuses), tokens)
+
+
+def chunk_stats(directory: str, context: Any) -> dict[str, Any]:
+  """Chunks per trajectory under the run's context policy (`context.max_len/overlap/...`)."""
+  from klong_jax.data.splitting import SplitConfig, split_trajectory  # noqa: PLC0415
+  cfg = SplitConfig(int(context.max_len), int(context.overlap), int(context.completion_tokens))
+  counts, tokens, turns = [], [], []
+  for path in shards.list_shards(directory):
+    for raw in shards.read_shard(path):
+      t = schema.from_bytes(raw)
+      counts.append(len(split_trajectory(t, cfg)))
+      tokens.append(len(t))
+      turns.append(sum(1 for m in t.messages if m.get("role") == "assistant"))
+  if not counts:
+    return {"trajectories": 0}
+  return {"trajectories": len(counts), "chunks_hist": dict(sorted(collections.Counter(counts)
+                                                                  .items())),
+          "chunks_mean": sum(counts) / len(counts), "chunks_min": min(counts),
+          "chunks_max": max(counts), "tokens_mean": sum(tokens) / len(tokens),
+          "turns_mean": sum(turns) / len(turns)}
+
+
+def format_chunk_stats(s: dict[str, Any]) -> str:
+  if not s.get("trajectories"):
+    return "no trajectories"
+  hist = ", ".join(f"{k}: {v}" for k, v in s["chunks_hist"].items())
+  return (f"{s['chunks_mean']:.1f} chunks/trajectory (min {s['chunks_min']}, max "
+          f"{s['chunks_max']}; histogram {{{hist}}}), {s['turns_mean']:.1f} assistant turns, "
+          f"{s['tokens_mean']:.0f} tokens")
+
+
+def endings_by_stage(directory: str) -> dict[int, dict[str, Any]]:
+  """Per RL stage: rollouts by status and the share ended by the stage's time limit."""
+  out: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
+  for path in shards.list_shards(directory):
+    for raw in shards.read_shard(path):
+      t = schema.from_bytes(raw)
+      out[int(t.stage)][t.status] += 1
+  res = {}
+  for stage, c in sorted(out.items()):
+    n = sum(c.values())
+    res[stage] = {"n": n, **dict(c), "time_limit_share": c["agent_timeout"] / n if n else 0.0}
+  return res
+
+
+def format_endings(e: dict[int, dict[str, Any]]) -> str:
+  return "; ".join(f"stage {s}: {v['time_limit_share']:.0%} of {v['n']} ended by the time limit"
+                   for s, v in e.items()) or "no rollouts"

@@ -103,8 +103,8 @@ def stream_config(config: ml_collections.ConfigDict, stream: str, sync: bool) ->
   return StreamConfig(
       stream=stream, batch_size=d.batch_size, row_len=d.row_len,
       split=SplitConfig(max_len=d.max_len, overlap=d.overlap,
-                        truncate_prefix=d.get("truncate_prefix", True),
-                        train_overlap=d.get("train_overlap", False)),
+                        completion_tokens=d.completion_tokens,
+                        train_overlap=d.train_overlap),
       groups_per_step=r.groups_per_step, max_staleness=0 if sync else r.max_staleness,
       normalize_std=r.normalize_std, vocab_size=config.model.vocab_size,
       prev_stage=r.prev_stage, poll_s=r.poll_s, wait_timeout_s=r.wait_timeout_s,

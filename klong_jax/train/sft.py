@@ -66,9 +66,8 @@ def pipeline_config(config: ml_collections.ConfigDict, vocab_size: int) -> pipel
   return pipeline.PipelineConfig(
       batch_size=d.batch_size // jax.process_count(), row_len=d.row_len,
       split=SplitConfig(max_len=d.max_len, overlap=d.overlap,
-                        train_overlap=d.get("train_overlap", False),
-                        truncate_prefix=d.get("truncate_prefix", False),
-                        max_prefix_frac=d.get("max_prefix_frac", 0.5)),
+                        completion_tokens=d.completion_tokens,
+                        train_overlap=d.train_overlap, truncate=d.truncate),
       seed=d.shuffle_seed, num_epochs=d.num_epochs or None, num_workers=d.worker_count,
       strict=d.strict, vocab_size=vocab_size, process_index=jax.process_index(),
       process_count=jax.process_count())

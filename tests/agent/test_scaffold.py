@@ -69,7 +69,7 @@ def test_tools_malformed_calls_and_klong_fields(run):
   assert "must be an integer" in tools[3] and tools[4] == "42"
   assert ">>> 1: hello" in tools[5] and "[Match 1 of 1]" in tools[5]
   assert ep.status == "completed" and ep.malformed_calls == 3 and ep.prefix_messages == 3
-  assert ep.messages[3]["klong"] == sampled
+  assert ep.messages[4]["klong"] == sampled  # [3] is the time-budget message
   assert any(m["content"] == scaffold.CONTINUE_MESSAGE for m in ep.messages if m["role"] == "user")
   assert all("klong" not in m and "meta" not in m for m in pol.seen[-1])  # Not sent back.
 
@@ -79,8 +79,8 @@ def test_step_budget_reminders_and_no_early_end(run):
   early = {"role": "assistant", "content": "", "tool_calls": [_call("submit", {"end_message": ""})]}
   ep = run(Script([early] + [loop] * 20), max_steps=6, reminder_every=2,
            min_submit_fraction=0.5, max_submit_refusals=1, time_limit_s=3600)
-  assert ep.status == "agent_timeout" and ep.end_reason == "max_steps" and ep.steps == 6
-  assert "Submission refused" in ep.messages[4]["content"]
+  assert ep.status == "step_limit" and ep.end_reason == "max_steps" and ep.steps == 6
+  assert "Submission refused" in ep.messages[5]["content"]
   reminders = [m for m in ep.messages if m["role"] == "user" and "time elapsed" in m["content"]]
   assert len(reminders) == 3
 
@@ -91,7 +91,7 @@ def test_context_trimming_keeps_prefix_and_pairs(run):
       "bash", {"cmd": f"echo {big}"})]}] * 8)
   ep = run(pol, max_steps=8, context_tokens=2000, max_completion_tokens=100,
            chars_per_token=4.0, reminder_every=0)
-  assert ep.trims > 0 and len(ep.messages) == 3 + 8 * 2  # The full log is kept.
+  assert ep.trims > 0 and len(ep.messages) == 3 + 1 + 8 * 2  # The full log is kept.
   last = pol.seen[-1]
   assert [m["content"] for m in last[:3]] == [m["content"] for m in ep.messages[:3]]
   assert last[3]["role"] == "assistant"  # No orphan tool result after the prefix.

@@ -1,6 +1,7 @@
 """HF safetensors interop: round trips, logits against an HF-semantics numpy forward, errors that
 name the tensor, sharded (8 fake devices) import, config.json mapping, and the CLI."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -380,3 +381,75 @@ def test_cli_import_then_export(exports, tmp_path):
   assert sorted(old) == sorted(new)
   for name in old:
     np.testing.assert_array_equal(old[name], new[name], err_msg=name)
+
+
+# ---- transformers 5 config.json spellings, and keeping the original config on export --------
+
+def _transformers5(c):
+  """`c` as transformers 5 writes it: num_local_experts, rope_parameters, dtype."""
+  c = dict(c)
+  experts = c.pop("num_experts", None) or c.pop("n_routed_experts")
+  rope = {"rope_type": "default", "rope_theta": c.pop("rope_theta")}
+  if "partial_rotary_factor" in c:
+    rope["partial_rotary_factor"] = c.pop("partial_rotary_factor")
+  c.pop("rope_scaling", None)
+  dtype = c.pop("torch_dtype")
+  return {**c, "num_local_experts": experts, "rope_parameters": rope, "dtype": dtype}
+
+
+@pytest.mark.parametrize("preset,hf_config", [("glm45_air", GLM45_AIR_CONFIG),
+                                              ("qwen3_moe", QWEN3_30B_CONFIG)])
+def test_transformers5_configs_map_to_presets(preset, hf_config):
+  v5 = _transformers5(hf_config)
+  assert "num_experts" not in v5 and "n_routed_experts" not in v5 and "rope_theta" not in v5
+  assert hf_names.from_hf_config(v5) == get_preset(preset).replace(param_dtype="bfloat16")
+  with pytest.raises(ConfigError, match="rope_parameters.*yarn"):
+    hf_names.from_hf_config({**v5, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_overrides_supply_fields_the_config_lacks():
+  with pytest.raises(ConfigError, match="num_experts.*nor num_local_experts.*override"):
+    hf_names.from_hf_config({k: v for k, v in QWEN3_30B_CONFIG.items() if k != "num_experts"})
+  c = {k: v for k, v in QWEN3_30B_CONFIG.items() if k not in ("num_experts",
+                                                              "moe_intermediate_size")}
+  got = hf_names.from_hf_config(c, num_experts=128, moe_intermediate_size=768)
+  assert got == get_preset("qwen3_moe").replace(param_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("name", ["glm", "qwen"])
+def test_export_keeps_the_original_config_json(exports, tmp_path, name):
+  """import (transformers-5 config.json) -> policy -> export: the same config.json comes back."""
+  import ml_collections
+
+  from klong_jax.inference import export
+
+  cfg, model, out = exports(name)
+  original = {**_transformers5(hf_names.to_hf_config(cfg)), "max_position_embeddings": 4096,
+              "num_nextn_predict_layers": 1, "future_field": {"x": [1, 2]}}
+  src = tmp_path / "src"
+  src.mkdir()
+  for f in [*out.glob("*.safetensors"), out / hf.INDEX]:
+    (src / f.name).write_bytes(f.read_bytes())
+  (src / "config.json").write_text(json.dumps(original))
+  imported = hf.import_hf(src)
+  assert imported.cfg == cfg
+  hf.convert_import(src, tmp_path / "policy")
+  back = hf.convert_export(tmp_path / "policy", tmp_path / "back")
+  exported = json.loads((back / "config.json").read_text())
+  assert exported == original
+  assert hf_names.from_hf_config(exported) == cfg
+  cast = hf.export_hf(imported, cfg, tmp_path / "bf16", dtype="bfloat16", hf_config=original)
+  cast_cfg = json.loads((cast / "config.json").read_text())
+  assert cast_cfg["dtype"] == "bfloat16" and "torch_dtype" not in cast_cfg
+  assert {k: v for k, v in cast_cfg.items() if k != "dtype"} == \
+      {k: v for k, v in original.items() if k != "dtype"}
+  with pytest.raises(ConfigError, match="model_type.*'llama'"):
+    hf.export_hf(imported, cfg, tmp_path / "other", arch=hf_names.infer_arch(cfg),
+                 hf_config={**original, "model_type": "llama"})
+  # A serving bundle of the imported policy carries the same config.json in hf/.
+  tok = tmp_path / "tok.model"
+  tok.write_bytes(b"not read")
+  bundle = export.export_from_config(
+      ml_collections.ConfigDict({"model": dataclasses.asdict(cfg)}), str(tmp_path / "bundle"),
+      policy=str(tmp_path / "policy"), tokenizer_path=str(tok), model_name="m")
+  assert json.loads((bundle / "hf" / "config.json").read_text()) == original

@@ -9,7 +9,8 @@ from klong_jax.data import schema, shards
 
 def make_trajectory(tid: str, group_id: str, reward: float | None, version: int, n: int = 100,
                     prefix: int = 20, stage: int = 0, seed: int = 0,
-                    metadata: dict | None = None) -> schema.Trajectory:
+                    metadata: dict | None = None, status: str = "completed"
+                    ) -> schema.Trajectory:
   """A rollout of `n` tokens: a `prefix`-token prompt, then alternating tool / policy turns."""
   rng = np.random.default_rng(seed)
   tokens = rng.integers(3, 500, size=n).astype(np.int32)
@@ -20,7 +21,7 @@ def make_trajectory(tid: str, group_id: str, reward: float | None, version: int,
     turn_starts += [s, min(s + 10, n)]
   logprobs = np.where(mask > 0, -rng.uniform(0.1, 3.0, n), 0.0).astype(np.float32)
   pv = np.where(mask > 0, version, -1).astype(np.int32)
-  status = "infra_error" if reward is None else "completed"
+  status = "infra_error" if reward is None else status
   return schema.Trajectory(id=tid, task_id=group_id.split("-")[0], tokens=tokens,
                            loss_mask=mask, logprobs=logprobs, policy_version=pv,
                            prefix_end=prefix, group_id=group_id, stage=stage, status=status,
@@ -29,11 +30,13 @@ def make_trajectory(tid: str, group_id: str, reward: float | None, version: int,
 
 
 def write_group(stream: str, stage: int, name: str, rewards: list[float | None], version: int,
-                n: int = 100, seed: int = 0, metadata: dict | None = None) -> str:
+                n: int = 100, seed: int = 0, metadata: dict | None = None,
+                statuses: list[str] | None = None) -> str:
   """Publishes one group shard `<stream>/<stage>/<name>.array_record`; returns its path."""
   gid = f"t{name}-s{stage}"
   trajs = [make_trajectory(f"{gid}-{i}", gid, r, version, n=n, stage=stage, seed=seed + i,
-                           metadata=metadata)
+                           metadata=metadata,
+                           status=statuses[i] if statuses else "completed")
            for i, r in enumerate(rewards)]
   path = os.path.join(stream, str(stage), f"{name}.array_record")
   shards.write_shard(path, [t.to_bytes() for t in trajs])

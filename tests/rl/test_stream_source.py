@@ -107,3 +107,23 @@ def test_trajectories_sampled_at_another_temperature_are_dropped(tmp_path):
   next(it)
   assert it.counters["dropped_invalid"] == 3 and it.counters["trajectories_used"] == 3
   assert all(i.startswith("tok-") for i in it.last_info["ids"])
+
+
+def test_timed_out_rollouts_are_split_graded_and_every_chunk_keeps_its_advantage(tmp_path):
+  # Long rollouts (400 tokens, 64-token chunks) that a stage time limit cut: kept, split into many
+  # chunks, and every chunk carries its rollout's advantage (reward - group mean).
+  write_group(str(tmp_path), 0, "cut", [0.25, 0.75, 0.5, 0.5], version=0, n=400, seed=7,
+              statuses=["agent_timeout", "agent_timeout", "completed", "step_limit"])
+  it = iter(StreamDataset(_cfg(tmp_path, groups_per_step=1, batch_size=64)))
+  b = next(it)
+  assert it.counters["trajectories_used"] == 4 and it.counters["dropped_infra"] == 0
+  per_chunk = {}
+  for row in range(b["tokens"].shape[0]):
+    for seg in set(b["segment_ids"][row].tolist()) - {0}:
+      sel = (b["segment_ids"][row] == seg) & (b["loss_mask"][row] > 0)
+      if sel.any():
+        per_chunk[(row, seg)] = set(np.round(b["advantages"][row][sel], 4).tolist())
+  assert len(per_chunk) >= 4 * 4  # >= 4 chunks per rollout
+  assert all(len(v) == 1 for v in per_chunk.values())  # one advantage per chunk
+  assert sorted({next(iter(v)) for v in per_chunk.values()}) == [-0.25, 0.0, 0.25]
+  assert int(b["loss_mask"].sum()) == 4 * 190  # every policy token trained exactly once

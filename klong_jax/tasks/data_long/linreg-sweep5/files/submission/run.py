@@ -1,0 +1,19 @@
+"""Experiment harness: python3 run.py K runs setting K of runs.json; python3 run.py table."""
+import json, os, sys
+
+import solution
+
+runs = json.load(open('runs.json'))
+os.makedirs('results', exist_ok=True)
+done = sorted(f for f in os.listdir('results') if f.startswith('run_'))
+if sys.argv[1] == 'table':
+  rows = {f[4:-5]: json.load(open('results/' + f)) for f in done}
+  json.dump(rows, open('results/table.json', 'w'), indent=1)
+  print(f'table: {len(rows)}/{len(runs)} runs')
+else:
+  k = int(sys.argv[1])
+  m = solution.linreg_fit(**runs[k - 1])
+  json.dump(m, open(f'results/run_{k}.json', 'w'))
+  n = len(set(done) | {f'run_{k}.json'})
+  print(f'run {k}: {m}')
+  print(f'{n}/{len(runs)} runs done')

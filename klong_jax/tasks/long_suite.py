@@ -1,0 +1,181 @@
+"""The long-horizon mini-paper suite (klong_jax/tasks/data_long/): sweeps of many short actions.
+
+Each task is a `Family` method run over `runs` settings (a table of experiments, released with the
+paper as `runs.json` beside the harness `run.py`, both starter files). The agent writes the
+method in `solution.py`, runs the settings one tool call each (`python3 run.py K` logs
+`results/run_K.json` and prints the progress `K/N runs done`), then writes `reproduce.sh` that
+rebuilds `results/table.json` from the logged runs, and submits. A teacher trajectory is ~30
+short turns, several times the demo context, and each rubric leaf is one sub-goal (the method,
+each logged run, the reproduced table), so a rollout cut by a time limit is graded as it stands.
+
+  python -m klong_jax.tasks.long_suite [--out=DIR]   # deterministic; a test checks the data
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+from typing import Any
+
+import yaml
+
+from klong_jax.grading.rubric import atomic_write_text, rubric_from_dict
+from klong_jax.tasks.families import (
+  FAMILIES,
+  SOLUTION_FILE,
+  Family,
+  fresh_params,
+  reference_metrics,
+)
+
+RUNS_FILE = "runs.json"
+HARNESS_FILE = "run.py"
+TABLE_FILE = "results/table.json"
+NUM_RUNS = 16        # Settings per task: 16 runs + solution + reproduce + submit = 19 actions.
+TRAIN_PER_FAMILY = 3
+RL_PER_FAMILY = 2
+HELDOUT_PER_FAMILY = 1
+BLACKLIST_HOST = "https://github.com/klong-long-papers"
+
+
+def suite_dir() -> str:
+  """The bundled long-horizon suite."""
+  return os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_long")
+
+
+def run_file(k: int) -> str:
+  return f"results/run_{k}.json"
+
+
+def harness(family: Family) -> str:
+  """`run.py`, the experiment harness released with the paper (a starter file)."""
+  return (
+      '"""Experiment harness: python3 run.py K runs setting K of runs.json; '
+      'python3 run.py table."""\n'
+      "import json, os, sys\n\nimport solution\n\n"
+      f"runs = json.load(open('{RUNS_FILE}'))\nos.makedirs('results', exist_ok=True)\n"
+      "done = sorted(f for f in os.listdir('results') if f.startswith('run_'))\n"
+      "if sys.argv[1] == 'table':\n"
+      "  rows = {f[4:-5]: json.load(open('results/' + f)) for f in done}\n"
+      f"  json.dump(rows, open('{TABLE_FILE}', 'w'), indent=1)\n"
+      "  print(f'table: {len(rows)}/{len(runs)} runs')\n"
+      "else:\n"
+      "  k = int(sys.argv[1])\n"
+      f"  m = solution.{family.fn}(**runs[k - 1])\n"
+      "  json.dump(m, open(f'results/run_{k}.json', 'w'))\n"
+      "  n = len(set(done) | {f'run_{k}.json'})\n"
+      "  print(f'run {k}: {m}')\n"
+      "  print(f'{n}/{len(runs)} runs done')\n")
+
+
+def _paper(family: Family, n: int, tid: str) -> str:
+  keys = " and ".join(f"`{m}`" for m in family.metrics)
+  return (
+      f"# {family.title}: a Sweep\n\n## Method\n\n{family.method}\n\n## Experiments\n\n"
+      f"We run the method on {n} settings (Table 1, released as `{RUNS_FILE}`) and report "
+      f"{keys} for each.\n\n## Reproduction\n\nImplement `{family.fn}` in `{SOLUTION_FILE}` "
+      f"(it returns a dict with keys {keys}). Run each setting K = 1..{n} with "
+      f"`python3 {HARNESS_FILE} K` (one run per command; each logs `results/run_K.json`). "
+      f"Then write `reproduce.sh` that runs `python3 {HARNESS_FILE} table`, which rebuilds "
+      f"`{TABLE_FILE}` from the logged runs.\n\nTask id: `{tid}`.\n")
+
+
+def _addendum(family: Family) -> str:
+  return (f"# Addendum\n\n- `{RUNS_FILE}` and `{HARNESS_FILE}` are already in the submission "
+          f"directory; do not edit them.\n- Metrics are checked to an absolute tolerance of "
+          f"{family.atol:g}.\n- Standard-library Python only.\n")
+
+
+def _leaf(nid: str, req: str, weight: int, cat: str, check: dict) -> dict:
+  return {"id": nid, "requirements": req, "weight": weight, "sub_tasks": [],
+          "task_category": cat, "finegrained_task_category": None, "check": check}
+
+
+def _node(nid: str, req: str, weight: int, subs: list) -> dict:
+  return {"id": nid, "requirements": req, "weight": weight, "sub_tasks": subs,
+          "task_category": None, "finegrained_task_category": None}
+
+
+def build_rubric(family: Family, runs: list[dict[str, Any]], tid: str) -> dict:
+  """Method (2), one leaf per logged run (4 in all), reproduced table (2): partial credit."""
+  m1 = family.metrics[0]
+  run_leaves = [
+      _leaf(f"{tid}/runs/{k}", f"Run {k} is logged with the paper's `{m1}`.", 1,
+            "Code Execution", {"type": "numeric", "file": run_file(k), "key": m1,
+                               "expected": reference_metrics(family, p)[m1],
+                               "atol": family.atol})
+      for k, p in enumerate(runs, start=1)]
+  return _node(f"{tid}/root", f"The sweep of '{family.title}' has been reproduced.", 1, [
+      _node(f"{tid}/impl", "The method is implemented.", 2, [
+          _leaf(f"{tid}/impl/file", f"{SOLUTION_FILE} exists.", 1, "Code Development",
+                {"type": "file_exists", "path": SOLUTION_FILE}),
+          _leaf(f"{tid}/impl/fn", f"{SOLUTION_FILE} defines `{family.fn}`.", 2,
+                "Code Development",
+                {"type": "regex", "file": SOLUTION_FILE, "pattern": rf"def {family.fn}\("}),
+      ]),
+      _node(f"{tid}/runs", "Every setting of Table 1 was run.", 4, run_leaves),
+      _node(f"{tid}/table", "reproduce.sh rebuilds the table.", 2, [
+          _leaf(f"{tid}/table/script", f"reproduce.sh runs `{HARNESS_FILE} table`.", 1,
+                "Code Development", {"type": "regex", "file": "reproduce.sh",
+                                     "pattern": rf"python3? {HARNESS_FILE} table"}),
+          _leaf(f"{tid}/table/ok", "reproduce.sh exits successfully.", 1, "Code Execution",
+                {"type": "reproduce_ok"}),
+          _leaf(f"{tid}/table/file", f"Running reproduce.sh writes {TABLE_FILE}.", 2,
+                "Result Analysis", {"type": "file_exists", "path": TABLE_FILE, "fresh": True}),
+      ]),
+  ])
+
+
+def task_specs() -> list[tuple[Family, list[dict[str, Any]], str, str]]:
+  """(family, runs, task id, split) of every long-horizon task (deterministic)."""
+  out = []
+  per = TRAIN_PER_FAMILY + RL_PER_FAMILY + HELDOUT_PER_FAMILY
+  for f in FAMILIES:
+    pool = list(f.params) + fresh_params(f, per * NUM_RUNS, seed=7)
+    random.Random(f"long:{f.name}").shuffle(pool)
+    splits = (["train"] * TRAIN_PER_FAMILY + ["rl"] * RL_PER_FAMILY
+              + ["heldout"] * HELDOUT_PER_FAMILY)
+    for i, split in enumerate(splits):
+      runs = pool[i * NUM_RUNS:(i + 1) * NUM_RUNS]
+      out.append((f, runs, f"{f.name}-sweep{i + 1}", split))
+  return out
+
+
+def build(out_dir: str) -> list[str]:
+  """Writes every task dir under `out_dir` (replacing old ones); returns the task ids."""
+  os.makedirs(out_dir, exist_ok=True)
+  ids = []
+  for family, runs, tid, split in task_specs():
+    d = os.path.join(out_dir, tid)
+    if os.path.isdir(d):
+      shutil.rmtree(d)
+    os.makedirs(d)
+    rubric = build_rubric(family, runs, tid)
+    rubric_from_dict(rubric)  # validate before writing
+    cfg = {"id": tid, "title": f"{family.title}: a Sweep", "split": split,
+           "family": family.name, "kind": "sweep", "runs": len(runs), "reproduce_timeout_s": 60}
+    atomic_write_text(os.path.join(d, "paper.md"), _paper(family, len(runs), tid))
+    atomic_write_text(os.path.join(d, "addendum.md"), _addendum(family))
+    sub = os.path.join(d, "files", "submission")
+    atomic_write_text(os.path.join(sub, RUNS_FILE), json.dumps(runs) + "\n")
+    atomic_write_text(os.path.join(sub, HARNESS_FILE), harness(family))
+    atomic_write_text(os.path.join(d, "blacklist.txt"), f"{BLACKLIST_HOST}/{tid}\n")
+    atomic_write_text(os.path.join(d, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
+    atomic_write_text(os.path.join(d, "rubric.json"), json.dumps(rubric, indent=2) + "\n")
+    ids.append(tid)
+  return ids
+
+
+def main(argv: list[str]) -> None:
+  out = suite_dir()
+  for a in argv[1:]:
+    if a.startswith("--out="):
+      out = a.split("=", 1)[1]
+  print(f"wrote {len(build(out))} long-horizon tasks to {out}")
+
+
+if __name__ == "__main__":
+  main(sys.argv)
