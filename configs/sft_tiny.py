@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.synthetic_count = 256  # Written to <workdir>/data when no shards are given.
   config.data.tokenizer_cache = ""   # "" = <workdir>/tokenizer.
   config.data.tokenizer = ""         # "" = the bundled tiny SentencePiece model.
-  config.data.max_len = 512          # Chunk length cap (trajectory splitting).
+  config.data.max_len = 1024         # Chunk length cap (trajectory splitting).
   # The agent's context policy (data/context.py): chunks = the contexts the rollouts were
   # sampled under, so these equal the workers' context_tokens / context_overlap /
   # max_completion_tokens (0 = reply budget unknown: fit each action's actual length).
@@ -39,7 +39,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.completion_tokens = 0
   config.data.truncate = False       # True: first max_len tokens only (the ablation's baseline).
   config.data.train_overlap = False  # True: the paper's variant (overlap tokens trained again).
-  config.data.row_len = 512          # Packed row length.
+  config.data.row_len = 1024         # Packed row length.
   config.data.batch_size = 8         # Rows per step (global).
   config.data.shuffle_seed = 0
   config.data.num_epochs = 1000      # Effectively repeat; the step count ends training.

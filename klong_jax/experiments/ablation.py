@@ -29,10 +29,16 @@ from ml_collections import config_flags
 ARMS = ("truncated", "split", "rl_prog", "rl_fixed")
 LABELS = {"truncated": "SFT, truncated (no splitting)", "split": "SFT, trajectory splitting",
           "rl_prog": "split SFT + progressive RL", "rl_fixed": "split SFT + fixed-limit RL"}
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Base demo config.")
-_OUT = flags.DEFINE_string("out", "runs/ablation", "Output dir (one sub-dir per seed and arm).")
-_SEEDS = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1.")
-_ARMS = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, of {ARMS}.")
+_FLAGS: dict[str, Any] = {}
+
+
+def _define_flags() -> None:
+  """Flags only when run as a program (importing this next to launch/local.py must not clash)."""
+  _FLAGS["config"] = config_flags.DEFINE_config_file("config", "configs/demo.py",
+                                                     "Base demo config.")
+  _FLAGS["out"] = flags.DEFINE_string("out", "runs/ablation", "Output dir (per seed and arm).")
+  _FLAGS["seeds"] = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1.")
+  _FLAGS["arms"] = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, of {ARMS}.")
 
 
 def stage_limits(rl_arg: str) -> list[str]:
@@ -207,9 +213,10 @@ def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[st
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  t = run(_CONFIG.value, _OUT.value, _SEEDS.value, _ARMS.value)
+  t = run(*(_FLAGS[k].value for k in ("config", "out", "seeds", "arms")))
   print(markdown(t))
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

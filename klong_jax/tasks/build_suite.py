@@ -57,12 +57,12 @@ def _addendum(family: Family) -> str:
           f"- Standard-library Python only; no network access is needed.\n")
 
 
-def _leaf(nid: str, req: str, weight: int, cat: str, check: dict) -> dict:
+def leaf(nid: str, req: str, weight: int, cat: str, check: dict) -> dict:
   return {"id": nid, "requirements": req, "weight": weight, "sub_tasks": [],
           "task_category": cat, "finegrained_task_category": None, "check": check}
 
 
-def _node(nid: str, req: str, weight: int, subs: list) -> dict:
+def node(nid: str, req: str, weight: int, subs: list) -> dict:
   return {"id": nid, "requirements": req, "weight": weight, "sub_tasks": subs,
           "task_category": None, "finegrained_task_category": None}
 
@@ -72,27 +72,27 @@ def build_rubric(family: Family, params: dict, tid: str) -> dict:
   expected = reference_metrics(family, params)
   m1, m2 = family.metrics
   cd, ce, ra = "Code Development", "Code Execution", "Result Analysis"
-  return _node(f"{tid}/root", f"The results of '{family.title}' have been reproduced.", 1, [
-      _node(f"{tid}/impl", "The method is implemented.", 2, [
-          _leaf(f"{tid}/impl/file", f"{SOLUTION_FILE} exists.", 1, cd,
+  return node(f"{tid}/root", f"The results of '{family.title}' have been reproduced.", 1, [
+      node(f"{tid}/impl", "The method is implemented.", 2, [
+          leaf(f"{tid}/impl/file", f"{SOLUTION_FILE} exists.", 1, cd,
                 {"type": "file_exists", "path": SOLUTION_FILE}),
-          _leaf(f"{tid}/impl/fn", f"{SOLUTION_FILE} defines `{family.fn}`.", 2, cd,
+          leaf(f"{tid}/impl/fn", f"{SOLUTION_FILE} defines `{family.fn}`.", 2, cd,
                 {"type": "regex", "file": SOLUTION_FILE, "pattern": rf"def {family.fn}\("}),
-          _leaf(f"{tid}/impl/repro", f"reproduce.sh runs {SOLUTION_FILE}.", 1, cd,
+          leaf(f"{tid}/impl/repro", f"reproduce.sh runs {SOLUTION_FILE}.", 1, cd,
                 {"type": "regex", "file": "reproduce.sh",
                  "pattern": rf"python3? {SOLUTION_FILE}"}),
       ]),
-      _node(f"{tid}/exec", "The reproduction runs.", 1, [
-          _leaf(f"{tid}/exec/ok", "reproduce.sh exits successfully.", 2, ce,
+      node(f"{tid}/exec", "The reproduction runs.", 1, [
+          leaf(f"{tid}/exec/ok", "reproduce.sh exits successfully.", 2, ce,
                 {"type": "reproduce_ok"}),
-          _leaf(f"{tid}/exec/metrics", f"Running reproduce.sh writes {METRICS_FILE}.", 1, ce,
+          leaf(f"{tid}/exec/metrics", f"Running reproduce.sh writes {METRICS_FILE}.", 1, ce,
                 {"type": "file_exists", "path": METRICS_FILE, "fresh": True}),
       ]),
-      _node(f"{tid}/results", "The reported numbers are reproduced.", 3, [
-          _leaf(f"{tid}/results/{m1}", f"`{m1}` matches the paper's value.", 2, ra,
+      node(f"{tid}/results", "The reported numbers are reproduced.", 3, [
+          leaf(f"{tid}/results/{m1}", f"`{m1}` matches the paper's value.", 2, ra,
                 {"type": "numeric", "file": METRICS_FILE, "key": m1,
                  "expected": expected[m1], "atol": family.atol}),
-          _leaf(f"{tid}/results/{m2}", f"`{m2}` matches the paper's value.", 1, ra,
+          leaf(f"{tid}/results/{m2}", f"`{m2}` matches the paper's value.", 1, ra,
                 {"type": "numeric", "file": METRICS_FILE, "key": m2,
                  "expected": expected[m2], "atol": family.atol}),
       ]),
@@ -114,26 +114,32 @@ def task_ids() -> list[tuple[Family, dict, str, str]]:
   return out
 
 
+def write_task_dir(d: str, rubric: dict, cfg: dict, paper: str, addendum: str,
+                   starter: dict[str, str], blacklist: str) -> None:
+  """Writes one task dir in PaperBench's layout (replacing an old one); validates the rubric."""
+  rubric_from_dict(rubric)  # validate before writing
+  if os.path.isdir(d):
+    shutil.rmtree(d)
+  os.makedirs(d)
+  atomic_write_text(os.path.join(d, "paper.md"), paper)
+  atomic_write_text(os.path.join(d, "addendum.md"), addendum)
+  for name, text in starter.items():
+    atomic_write_text(os.path.join(d, "files", "submission", name), text)
+  atomic_write_text(os.path.join(d, "blacklist.txt"), blacklist + "\n")
+  atomic_write_text(os.path.join(d, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
+  atomic_write_text(os.path.join(d, "rubric.json"), json.dumps(rubric, indent=2) + "\n")
+
+
 def build(out_dir: str) -> list[str]:
   """Writes every task dir under `out_dir` (replacing old ones); returns the task ids."""
   os.makedirs(out_dir, exist_ok=True)
   ids = []
   for family, params, tid, split in task_ids():
-    d = os.path.join(out_dir, tid)
-    if os.path.isdir(d):
-      shutil.rmtree(d)
-    os.makedirs(d)
-    rubric = build_rubric(family, params, tid)
-    rubric_from_dict(rubric)  # validate before writing
     cfg = {"id": tid, "title": family.title, "split": split, "family": family.name,
            "reproduce_timeout_s": 60}
-    atomic_write_text(os.path.join(d, "paper.md"), _paper(family, params, tid))
-    atomic_write_text(os.path.join(d, "addendum.md"), _addendum(family))
-    atomic_write_text(os.path.join(d, "files", "submission", PARAMS_FILE),
-                      json.dumps(params) + "\n")
-    atomic_write_text(os.path.join(d, "blacklist.txt"), f"{BLACKLIST_HOST}/{tid}\n")
-    atomic_write_text(os.path.join(d, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
-    atomic_write_text(os.path.join(d, "rubric.json"), json.dumps(rubric, indent=2) + "\n")
+    write_task_dir(os.path.join(out_dir, tid), build_rubric(family, params, tid), cfg,
+                   _paper(family, params, tid), _addendum(family),
+                   {PARAMS_FILE: json.dumps(params) + "\n"}, f"{BLACKLIST_HOST}/{tid}")
     ids.append(tid)
   return ids
 

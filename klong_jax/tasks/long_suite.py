@@ -16,13 +16,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import sys
 from typing import Any
 
-import yaml
-
-from klong_jax.grading.rubric import atomic_write_text, rubric_from_dict
+from klong_jax.tasks.build_suite import leaf, node, write_task_dir
 from klong_jax.tasks.families import (
   FAMILIES,
   SOLUTION_FILE,
@@ -89,41 +86,31 @@ def _addendum(family: Family) -> str:
           f"{family.atol:g}.\n- Standard-library Python only.\n")
 
 
-def _leaf(nid: str, req: str, weight: int, cat: str, check: dict) -> dict:
-  return {"id": nid, "requirements": req, "weight": weight, "sub_tasks": [],
-          "task_category": cat, "finegrained_task_category": None, "check": check}
-
-
-def _node(nid: str, req: str, weight: int, subs: list) -> dict:
-  return {"id": nid, "requirements": req, "weight": weight, "sub_tasks": subs,
-          "task_category": None, "finegrained_task_category": None}
-
-
 def build_rubric(family: Family, runs: list[dict[str, Any]], tid: str) -> dict:
   """Method (2), one leaf per logged run (4 in all), reproduced table (2): partial credit."""
   m1 = family.metrics[0]
   run_leaves = [
-      _leaf(f"{tid}/runs/{k}", f"Run {k} is logged with the paper's `{m1}`.", 1,
+      leaf(f"{tid}/runs/{k}", f"Run {k} is logged with the paper's `{m1}`.", 1,
             "Code Execution", {"type": "numeric", "file": run_file(k), "key": m1,
                                "expected": reference_metrics(family, p)[m1],
                                "atol": family.atol})
       for k, p in enumerate(runs, start=1)]
-  return _node(f"{tid}/root", f"The sweep of '{family.title}' has been reproduced.", 1, [
-      _node(f"{tid}/impl", "The method is implemented.", 2, [
-          _leaf(f"{tid}/impl/file", f"{SOLUTION_FILE} exists.", 1, "Code Development",
+  return node(f"{tid}/root", f"The sweep of '{family.title}' has been reproduced.", 1, [
+      node(f"{tid}/impl", "The method is implemented.", 2, [
+          leaf(f"{tid}/impl/file", f"{SOLUTION_FILE} exists.", 1, "Code Development",
                 {"type": "file_exists", "path": SOLUTION_FILE}),
-          _leaf(f"{tid}/impl/fn", f"{SOLUTION_FILE} defines `{family.fn}`.", 2,
+          leaf(f"{tid}/impl/fn", f"{SOLUTION_FILE} defines `{family.fn}`.", 2,
                 "Code Development",
                 {"type": "regex", "file": SOLUTION_FILE, "pattern": rf"def {family.fn}\("}),
       ]),
-      _node(f"{tid}/runs", "Every setting of Table 1 was run.", 4, run_leaves),
-      _node(f"{tid}/table", "reproduce.sh rebuilds the table.", 2, [
-          _leaf(f"{tid}/table/script", f"reproduce.sh runs `{HARNESS_FILE} table`.", 1,
+      node(f"{tid}/runs", "Every setting of Table 1 was run.", 4, run_leaves),
+      node(f"{tid}/table", "reproduce.sh rebuilds the table.", 2, [
+          leaf(f"{tid}/table/script", f"reproduce.sh runs `{HARNESS_FILE} table`.", 1,
                 "Code Development", {"type": "regex", "file": "reproduce.sh",
                                      "pattern": rf"python3? {HARNESS_FILE} table"}),
-          _leaf(f"{tid}/table/ok", "reproduce.sh exits successfully.", 1, "Code Execution",
+          leaf(f"{tid}/table/ok", "reproduce.sh exits successfully.", 1, "Code Execution",
                 {"type": "reproduce_ok"}),
-          _leaf(f"{tid}/table/file", f"Running reproduce.sh writes {TABLE_FILE}.", 2,
+          leaf(f"{tid}/table/file", f"Running reproduce.sh writes {TABLE_FILE}.", 2,
                 "Result Analysis", {"type": "file_exists", "path": TABLE_FILE, "fresh": True}),
       ]),
   ])
@@ -149,22 +136,12 @@ def build(out_dir: str) -> list[str]:
   os.makedirs(out_dir, exist_ok=True)
   ids = []
   for family, runs, tid, split in task_specs():
-    d = os.path.join(out_dir, tid)
-    if os.path.isdir(d):
-      shutil.rmtree(d)
-    os.makedirs(d)
-    rubric = build_rubric(family, runs, tid)
-    rubric_from_dict(rubric)  # validate before writing
     cfg = {"id": tid, "title": f"{family.title}: a Sweep", "split": split,
            "family": family.name, "kind": "sweep", "runs": len(runs), "reproduce_timeout_s": 60}
-    atomic_write_text(os.path.join(d, "paper.md"), _paper(family, len(runs), tid))
-    atomic_write_text(os.path.join(d, "addendum.md"), _addendum(family))
-    sub = os.path.join(d, "files", "submission")
-    atomic_write_text(os.path.join(sub, RUNS_FILE), json.dumps(runs) + "\n")
-    atomic_write_text(os.path.join(sub, HARNESS_FILE), harness(family))
-    atomic_write_text(os.path.join(d, "blacklist.txt"), f"{BLACKLIST_HOST}/{tid}\n")
-    atomic_write_text(os.path.join(d, "config.yaml"), yaml.safe_dump(cfg, sort_keys=False))
-    atomic_write_text(os.path.join(d, "rubric.json"), json.dumps(rubric, indent=2) + "\n")
+    write_task_dir(os.path.join(out_dir, tid), build_rubric(family, runs, tid), cfg,
+                   _paper(family, len(runs), tid), _addendum(family),
+                   {RUNS_FILE: json.dumps(runs) + "\n", HARNESS_FILE: harness(family)},
+                   f"{BLACKLIST_HOST}/{tid}")
     ids.append(tid)
   return ids
 
