@@ -7,8 +7,8 @@ policy's chat format, while the FULL message log is kept for the trajectory. Sam
 turns go back to the server as their exact `token_ids`. Without a chat format (a foreign endpoint
 whose tokenizer we lack) the history is trimmed oldest-first by a chars/token estimate. Time
 reminders every N steps; step/token/wall budgets; malformed tool calls are answered with an error;
-"no early end": an early submit is refused (KLong) until a
-configurable share of the time budget is used.
+"no early end": an early submit is refused (KLong) until a configurable share of the time budget
+is used.
 """
 
 from __future__ import annotations
@@ -145,11 +145,6 @@ def trim_context(messages: list[dict[str, Any]], prefix: int, budget: int,
   return head + [m for u in units for m in u], dropped
 
 
-def _strip(m: dict[str, Any]) -> dict[str, Any]:
-  """The message as sent to the server (our bookkeeping keys removed)."""
-  return {k: v for k, v in m.items() if k not in ("klong", "meta")}
-
-
 class _Window:
   """The live side of the context policy: real token lengths of the history, the open window."""
 
@@ -171,14 +166,14 @@ class _Window:
 
   def open(self) -> int:
     """First history message the next action sees (the splitter replays the same choice)."""
-    self.first = self.policy.window_start(self.prefix_len, self.starts, self.can_start + [True],
+    self.first = self.policy.window_start(self.prefix_len, self.starts, self.can_start,
                                           self.first, len(self.can_start))
     return self.first
 
 
 def _wire(m: dict[str, Any]) -> dict[str, Any]:
   """The message as sent: bookkeeping keys removed, sampled turns as their exact token ids."""
-  out = {k: v for k, v in m.items() if k not in ("klong", "meta")}
+  out = {k: v for k, v in m.items() if k not in ("klong", "meta")}  # our bookkeeping keys
   ids = (m.get("klong") or {}).get("token_ids") if m.get("role") == "assistant" else None
   if ids:
     out["token_ids"] = list(ids)

@@ -69,6 +69,17 @@ def solution_code(family: Family, mistakes: set[str]) -> str:
   return code + "\n"
 
 
+def method_script(family: Family, sub: str, mistakes: set[str] = frozenset()) -> str:
+  """The bash that writes the method into `sub` and runs setting 1."""
+  code = solution_code(family, mistakes)
+  return f"cd {shlex.quote(sub)}\ncat > {SOLUTION_FILE} <<'EOF'\n{code}EOF\npython3 run.py 1"
+
+
+def run_script(sub: str, k: int) -> str:
+  """The bash that runs setting `k` through the harness."""
+  return f"cd {shlex.quote(sub)} && python3 run.py {k}"
+
+
 def sweep_action(family: Family, n: int, messages: Sequence[dict[str, Any]], sub: str,
                  mistakes: set[str]) -> tuple[str, str | None]:
   """(content, bash script) of the next action, or (content, None) to submit.
@@ -76,21 +87,20 @@ def sweep_action(family: Family, n: int, messages: Sequence[dict[str, Any]], sub
   `mistakes` is the draw for this call (ScriptedTeacher.mistakes): code mistakes apply when the
   method is written, skip_run to one run, stop_early at the half-way run, no_reproduce at the end.
   """
-  cd = f"cd {shlex.quote(sub)}"
   state, k = progress(messages)
   if state in ("start", "crashed"):
-    code = solution_code(family, mistakes if state == "start" else mistakes - {"crash"})
     what = "I will implement" if state == "start" else "The run failed; I will fix"
     return (f"{what} `{family.fn}` and run setting 1.",
-            f"{cd}\ncat > {SOLUTION_FILE} <<'EOF'\n{code}EOF\npython3 run.py 1")
+            method_script(family, sub, mistakes if state == "start" else mistakes - {"crash"}))
   if state == "table":
     return "The table is reproduced. Submitting.", None
   if "stop_early" in mistakes and k == n // 2:  # Mistakes are drawn per call: once per episode.
     return "Half the runs are logged; that is enough. Submitting.", None
   if k < n:
     nxt = k + 2 if "skip_run" in mistakes and k + 2 <= n else k + 1
-    return f"Run {nxt}.", f"{cd} && python3 run.py {nxt}"
+    return f"Run {nxt}.", run_script(sub, nxt)
   if "no_reproduce" in mistakes:
     return "All runs are logged. Submitting.", None
   return ("All runs are logged; reproduce.sh rebuilds the table.",
-          f"{cd} && printf 'python3 run.py table\\n' > reproduce.sh && bash reproduce.sh")
+          f"cd {shlex.quote(sub)} && printf 'python3 run.py table\\n' > reproduce.sh && "
+          "bash reproduce.sh")

@@ -38,17 +38,16 @@ def domain_texts(task_dirs: list[str], repeat: int = 20) -> list[str]:
     sweep = sweep_teacher.find_sweep(msgs)
     if sweep is not None:  # Long-horizon sweep: the method, the harness and its commands.
       fam, n = sweep
-      code = sweep_teacher.solution_code(fam, set())
+      sub = "/workspace/submission"
       for _, body in sorted(task.files.items()):
         out.append(body.decode("utf-8", "replace"))
       for k in range(1, n + 1):
         out.append(json.dumps({"name": "bash", "arguments": {
-            "cmd": f"cd /workspace/submission && python3 run.py {k}"}}))
+            "cmd": sweep_teacher.run_script(sub, k)}}))
         out.append(f"run {k}: ...\n{k}/{n} runs done")
       for _ in range(max(1, repeat // 4)):
-        out.append(json.dumps({"name": "bash", "arguments": {"cmd": (
-            f"cd /workspace/submission\ncat > solution.py <<'EOF'\n{code}EOF\n"
-            "python3 run.py 1")}}))
+        out.append(json.dumps({"name": "bash", "arguments": {
+            "cmd": sweep_teacher.method_script(fam, sub)}}))
       continue
     found = find_paper(msgs)
     if found is not None:

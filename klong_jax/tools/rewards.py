@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Iterator
 from typing import Any
 
 from klong_jax.data import schema, shards
@@ -29,6 +30,13 @@ class RewardStats:
     return sum(self.rewards) / len(self.rewards) if self.rewards else float("nan")
 
 
+def iter_trajectories(directory: str) -> Iterator[schema.Trajectory]:
+  """Every Trajectory in the shards under `directory` (temp files excluded by list_shards)."""
+  for path in shards.list_shards(directory):
+    for raw in shards.read_shard(path):
+      yield schema.from_bytes(raw)
+
+
 def read_rewards(directory: str) -> RewardStats:
   """Scans every shard under `directory` (temp files excluded by list_shards)."""
   rewards: list[float] = []
@@ -36,18 +44,16 @@ def read_rewards(directory: str) -> RewardStats:
   by_version: dict[int, list[float]] = collections.defaultdict(list)
   statuses: collections.Counter = collections.Counter()
   infra = tokens = 0
-  for path in shards.list_shards(directory):
-    for raw in shards.read_shard(path):
-      t = schema.from_bytes(raw)
-      statuses[t.status] += 1
-      tokens += int(t.loss_mask.sum())
-      if t.reward is None:
-        infra += 1
-        continue
-      rewards.append(float(t.reward))
-      by_task[t.task_id].append(float(t.reward))
-      sampled = t.policy_version[t.policy_version >= 0]
-      by_version[int(sampled.min()) if sampled.size else -1].append(float(t.reward))
+  for t in iter_trajectories(directory):
+    statuses[t.status] += 1
+    tokens += int(t.loss_mask.sum())
+    if t.reward is None:
+      infra += 1
+      continue
+    rewards.append(float(t.reward))
+    by_task[t.task_id].append(float(t.reward))
+    sampled = t.policy_version[t.policy_version >= 0]
+    by_version[int(sampled.min()) if sampled.size else -1].append(float(t.reward))
   return RewardStats(rewards, dict(by_task), dict(by_version), infra, dict(statuses), tokens)
 
 
@@ -56,12 +62,10 @@ def chunk_stats(directory: str, context: Any) -> dict[str, Any]:
   from klong_jax.data.splitting import SplitConfig, split_trajectory  # noqa: PLC0415
   cfg = SplitConfig(int(context.max_len), int(context.overlap), int(context.completion_tokens))
   counts, tokens, turns = [], [], []
-  for path in shards.list_shards(directory):
-    for raw in shards.read_shard(path):
-      t = schema.from_bytes(raw)
-      counts.append(len(split_trajectory(t, cfg)))
-      tokens.append(len(t))
-      turns.append(sum(1 for m in t.messages if m.get("role") == "assistant"))
+  for t in iter_trajectories(directory):
+    counts.append(len(split_trajectory(t, cfg)))
+    tokens.append(len(t))
+    turns.append(sum(1 for m in t.messages if m.get("role") == "assistant"))
   if not counts:
     return {"trajectories": 0}
   return {"trajectories": len(counts), "chunks_hist": dict(sorted(collections.Counter(counts)
@@ -83,10 +87,8 @@ def format_chunk_stats(s: dict[str, Any]) -> str:
 def endings_by_stage(directory: str) -> dict[int, dict[str, Any]]:
   """Per RL stage: rollouts by status and the share ended by the stage's time limit."""
   out: dict[int, collections.Counter] = collections.defaultdict(collections.Counter)
-  for path in shards.list_shards(directory):
-    for raw in shards.read_shard(path):
-      t = schema.from_bytes(raw)
-      out[int(t.stage)][t.status] += 1
+  for t in iter_trajectories(directory):
+    out[int(t.stage)][t.status] += 1
   res = {}
   for stage, c in sorted(out.items()):
     n = sum(c.values())
