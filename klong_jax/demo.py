@@ -25,8 +25,13 @@ from klong_jax.tools import domain_tokenizer, procs, rewards, summary
 from klong_jax.tools import experiment as xp
 
 PHASES = ("tokenizer", "distill", "sft", "eval_sft", "rl", "eval_rl", "export", "summary")
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
-_WORKDIR = flags.DEFINE_string("workdir", "runs/demo", "Run directory.")
+_FLAGS: dict[str, Any] = {}
+
+
+def _define_flags() -> None:
+  """Flags only when run as a program (the ablation imports `run` and defines its own)."""
+  _FLAGS["config"] = config_flags.DEFINE_config_file("config", "configs/demo.py", "Demo config.")
+  _FLAGS["workdir"] = flags.DEFINE_string("workdir", "runs/demo", "Run directory.")
 
 
 def _run_role(c: ml_collections.ConfigDict, workdir: str, name: str, module: str,
@@ -298,15 +303,16 @@ def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
   try:
-    res = run(_CONFIG.value, _WORKDIR.value)
+    res = run(_FLAGS["config"].value, _FLAGS["workdir"].value)
   except procs.RoleError as e:
     print(f"demo failed: {e}", file=sys.stderr)
     raise SystemExit(1) from None
   if "heldout_rl" in res:
     print(f"held-out mean reward: after SFT {res['heldout_sft']:.3f} -> after RL "
           f"{res['heldout_rl']:.3f}")
-  print(f"summary: {os.path.join(_WORKDIR.value, 'summary.json')}")
+  print(f"summary: {os.path.join(_FLAGS['workdir'].value, 'summary.json')}")
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -6,10 +6,13 @@ host can kill the group from outside, keeps the first and last bytes of the merg
 (dropping the middle with a marker), kills the whole group on timeout (SIGTERM, then SIGKILL after
 a grace period) and when the command returns (background jobs must `setsid` to outlive it), and
 ends its output with one trailer line the host parses:
-`\\n<TRAILER> {"exit_code": .., "timed_out": .., "truncated": .., "output_bytes": ..}`.
+`\\n<TRAILER> {"exit_code": .., "timed_out": .., "truncated": .., "output_bytes": ..,
+"pids_limited": .., "pids_max": ..}`. With --cgroup_pids (docker), `pids_limited` says a fork
+failed at the container's pids limit while the command ran (the cgroup's `max` event counter grew).
 """
 
 import argparse
+import errno
 import json
 import os
 import resource
@@ -20,6 +23,7 @@ import sys
 import time
 
 TRAILER = "__KLONG_RUNNER_EXIT__"
+PIDS_DIRS = ("/sys/fs/cgroup", "/sys/fs/cgroup/pids")  # cgroup v2, then v1.
 MARKER = "\n[... output truncated: {n} bytes omitted ...]\n"
 
 
@@ -28,6 +32,20 @@ def _kill_group(pgid: int, sig: int) -> None:
     os.killpg(pgid, sig)
   except (ProcessLookupError, PermissionError):
     pass
+
+
+def _pids_events() -> tuple[int, int] | None:
+  """(forks refused at the pids limit so far, the limit) of this cgroup; None if unreadable."""
+  for d in PIDS_DIRS:
+    try:
+      with open(os.path.join(d, "pids.events")) as f:
+        events = dict(line.split() for line in f if line.strip())
+      with open(os.path.join(d, "pids.max")) as f:
+        limit = f.read().strip()
+      return int(events.get("max", 0)), int(limit) if limit.isdigit() else 0
+    except (OSError, ValueError):
+      continue
+  return None
 
 
 def _limits(args: argparse.Namespace):
@@ -48,10 +66,17 @@ def run(args: argparse.Namespace) -> dict:
   tail_cap = args.max_output - head_cap
   head, tail = bytearray(), bytearray()
   total = 0
-  proc = subprocess.Popen(
-      ["/bin/bash", "-c", args.cmd], cwd=args.cwd, stdin=subprocess.DEVNULL,
-      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-      preexec_fn=_limits(args))
+  pids_before = _pids_events() if args.cgroup_pids else None
+  try:
+    proc = subprocess.Popen(
+        ["/bin/bash", "-c", args.cmd], cwd=args.cwd, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+        preexec_fn=_limits(args))
+  except OSError as e:  # EAGAIN: the process limit is already used up (e.g. a detached bomb).
+    return _emit(f"could not start the command: {e}".encode(),
+                 {"exit_code": 126, "timed_out": False, "truncated": False, "output_bytes": 0,
+                  "pids_limited": e.errno == errno.EAGAIN and pids_before is not None,
+                  "pids_max": pids_before[1] if pids_before else 0}, args.pidfile)
   pgid = proc.pid
   if args.pidfile:
     with open(args.pidfile + ".tmp", "w") as f:
@@ -111,18 +136,26 @@ def run(args: argparse.Namespace) -> dict:
   elif exit_code < 0:
     exit_code = 128 - exit_code
   truncated = total > len(head) + len(tail)
-  out = sys.stdout.buffer
-  out.write(bytes(head))
+  pids_after = _pids_events() if pids_before is not None else None
+  pids_limited = pids_after is not None and pids_after[0] > pids_before[0]
+  body = bytes(head)
   if truncated:
-    out.write(MARKER.format(n=total - len(head) - len(tail)).encode())
-  out.write(bytes(tail))
-  status = {"exit_code": exit_code, "timed_out": timed_out, "truncated": truncated,
-            "output_bytes": total}
+    body += MARKER.format(n=total - len(head) - len(tail)).encode()
+  body += bytes(tail)
+  return _emit(body, {"exit_code": exit_code, "timed_out": timed_out, "truncated": truncated,
+                      "output_bytes": total, "pids_limited": pids_limited,
+                      "pids_max": pids_after[1] if pids_after else 0}, args.pidfile)
+
+
+def _emit(body: bytes, status: dict, pidfile: str) -> dict:
+  """Writes the output and the status trailer, and removes the pid file."""
+  out = sys.stdout.buffer
+  out.write(body)
   out.write(f"\n{TRAILER} {json.dumps(status)}\n".encode())
   out.flush()
-  if args.pidfile:
+  if pidfile:
     try:
-      os.unlink(args.pidfile)
+      os.unlink(pidfile)
     except FileNotFoundError:
       pass
   return status
@@ -139,6 +172,8 @@ def main() -> None:
   p.add_argument("--rlimit_as", type=int, default=0)
   p.add_argument("--rlimit_fsize", type=int, default=0)
   p.add_argument("--rlimit_nproc", type=int, default=0)
+  p.add_argument("--cgroup_pids", action="store_true",
+                 help="Report forks refused at the cgroup pids limit (in a container).")
   run(p.parse_args())
 
 

@@ -54,34 +54,103 @@ class ToolOutcome:
   timed_out: bool = False
 
 
-_READ_CHUNK = r"""
-import sys
-path, start, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
-if start > len(lines) and lines:
-    sys.exit(f"start_line {start} is past the end of the file ({len(lines)} lines)")
-end = min(start + n - 1, len(lines))
-print(f"File has {len(lines)} total lines. Showing lines {start} to {end}.\n")
-for i in range(start, end + 1):
-    print(f"{i}: {lines[i - 1]}")
+# Shared head of the in-sandbox file scripts: refuses non-regular files and streams lines in
+# blocks, keeping at most `keep` bytes of each, so a huge file or line never fills memory.
+_LINES = r"""
+import os, stat, sys
+
+MAX_SHOW = 2000  # Characters of one line shown to the model.
+
+def open_regular(path):
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        sys.exit(f"cannot read {path}: {e.strerror}")
+    if stat.S_ISDIR(st.st_mode):
+        sys.exit(f"{path} is a directory; list it with the bash tool (ls {path})")
+    if not stat.S_ISREG(st.st_mode):
+        sys.exit(f"{path} is not a regular file (a device, pipe or socket); only regular files "
+                 "can be read with this tool")
+    try:
+        return open(path, "rb")
+    except OSError as e:
+        sys.exit(f"cannot read {path}: {e.strerror}")
+
+def lines(f, keep, stop=None):
+    # Yields (line number, first `keep` bytes of the line, its full length in bytes); past line
+    # `stop` it only counts the rest and yields (number of the last line, None, 0) once.
+    num, part, size = 1, bytearray(), 0
+    block, pos = f.read(1 << 20), 0
+    while block:
+        i = block.find(b"\n", pos)
+        seg = block[pos:] if i < 0 else block[pos:i]
+        if len(part) < keep:
+            part += seg[:keep - len(part)]
+        size += len(seg)
+        if i < 0:
+            block, pos = f.read(1 << 20), 0
+            continue
+        yield num, bytes(part), size
+        num, part, size, pos = num + 1, bytearray(), 0, i + 1
+        if stop is not None and num > stop:
+            count, last = block.count(b"\n", pos), block[pos:][-1:] or b"\n"
+            while block := f.read(1 << 20):
+                count += block.count(b"\n")
+                last = block[-1:]
+            yield num - 1 + count + (last != b"\n"), None, 0
+            return
+    if size:
+        yield num, bytes(part), size
+
+def show(part, size):
+    text = part.decode("utf-8", "replace").rstrip("\r")
+    if size > len(part) or len(text) > MAX_SHOW:
+        return text[:MAX_SHOW] + f" [... line cut: {size} bytes]"
+    return text
 """
 
-_SEARCH = r"""
-import sys
+_READ_CHUNK = _LINES + r"""
+path, start, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+shown, total = [], 0
+with open_regular(path) as f:
+    for num, part, size in lines(f, 4 * MAX_SHOW + 4, stop=start + n - 1):
+        total = num
+        if part is not None and start <= num < start + n:
+            shown.append(f"{num}: {show(part, size)}")
+if start > total and total:
+    sys.exit(f"start_line {start} is past the end of the file ({total} lines)")
+end = min(start + n - 1, total)
+print(f"File has {total} total lines. Showing lines {start} to {end}.\n")
+if shown:
+    print("\n".join(shown))
+"""
+
+_SEARCH = _LINES + r"""
+from collections import deque
 path, query, ctx, per, page = sys.argv[1], sys.argv[2].lower(), *map(int, sys.argv[3:6])
-lines = open(path, encoding="utf-8", errors="replace").read().splitlines()
-hits = [i for i, ln in enumerate(lines) if query in ln.lower()]
+first = (page - 1) * per
+before, blocks, hits = deque(maxlen=ctx), [], 0  # blocks: [hit number, lines, lines still due]
+with open_regular(path) as f:
+    for num, part, size in lines(f, 1 << 20):
+        text = show(part, size)
+        for b in blocks:
+            if b[2] > 0:
+                b[1].append("    " + f"{num}: {text}")
+                b[2] -= 1
+        if query in part.decode("utf-8", "replace").lower():
+            hits += 1
+            if first < hits <= first + per:
+                blocks.append([hits, [*before, ">>> " + f"{num}: {text}"], ctx])
+        before.append("    " + f"{num}: {text}")
 if not hits:
     print(f"No matches for {sys.argv[2]!r} in {path}.")
     sys.exit(0)
-pages = (len(hits) + per - 1) // per
+pages = (hits + per - 1) // per
 if page > pages:
-    sys.exit(f"page {page} does not exist: {len(hits)} matches make {pages} page(s)")
-first = (page - 1) * per
-for k, i in enumerate(hits[first:first + per], start=first + 1):
-    print(f"[Match {k} of {len(hits)}]")
-    for j in range(max(0, i - ctx), min(len(lines), i + ctx + 1)):
-        print((">>> " if j == i else "    ") + f"{j + 1}: {lines[j]}")
+    sys.exit(f"page {page} does not exist: {hits} matches make {pages} page(s)")
+for k, block, _ in blocks:
+    print(f"[Match {k} of {hits}]")
+    print("\n".join(block))
     print()
 print(f"Page {page} of {pages}.")
 """
@@ -128,6 +197,9 @@ def _format(res) -> str:
     notes.append(f"[command timed out after {res.duration_s:.0f}s and was killed]")
   elif res.exit_code != 0:
     notes.append(f"[exit code {res.exit_code}]")
+  if getattr(res, "pids_limited", False):
+    notes.append(f"[process limit reached: {res.pids_max or '?'} pids; a fork failed, so part of "
+                 "the command may not have run; stop background jobs or use fewer processes]")
   return "\n".join([text, *notes]).strip() or "(no output)"
 
 

@@ -98,8 +98,8 @@ def grade_dir(task: Any, st: PairSettings, judge: Any, src_dir: str, out_dir: st
       os.makedirs(host_sub, exist_ok=True)
     else:
       res, started = sandbox_lib.run_reproduce_in(fresh, files, timeout)
-      if "reproduce.sh" in files:
-        fresh.get_dir(sandbox_lib.SUBMISSION, host_sub)
+      if "reproduce.sh" in files:  # What reproduce.sh left; if it made that uncollectable,
+        sandbox_lib.collect_submission(fresh, host_sub)  # checks still read it in `fresh`.
       elif files:
         shutil.copytree(src_dir, host_sub, dirs_exist_ok=True)
       os.makedirs(host_sub, exist_ok=True)
@@ -153,7 +153,11 @@ def run_pair(task: Any, seed: int, st: PairSettings, client: Any, judge: Any,
         failed[sha] = str(e)[:500]
     shas = [sha for sha in shas if sha not in failed]
     sb.exec(f"mkdir -p {sandbox_lib.SUBMISSION}", timeout_s=30)  # Even if the agent removed it.
-    sb.get_dir(sandbox_lib.SUBMISSION, final_src)
+    # A submission the agent made uncollectable is graded as empty, not retried as infra.
+    _, failure = sandbox_lib.collect_submission(sb, final_src)
+    if failure:
+      logging.warning("eval: %s: submission graded as empty: %s", task.id,
+                      failure["failure_detail"])
   commands = episode.agent_commands(ep.messages)
   final = grade_dir(task, st, judge, final_src, pair_dir, commands)
   snap_scores = {}
@@ -187,7 +191,8 @@ def run_pair(task: Any, seed: int, st: PairSettings, client: Any, judge: Any,
       "grading_failed": final["grading_failed"], "disqualified": final["disqualified"],
       "reproduce": final["reproduce"], "submit_time_s": end_s, "steps": ep.steps,
       "agent_retry_s": ep.retry_s, "commits": [{"sha": s, "t_s": t} for s, t in commits],
-      "timeline": timeline, "variant": st.variant, "model": st.model, "budget_s": st.budget_s,
+      "timeline": timeline, **failure, "variant": st.variant, "model": st.model,
+      "budget_s": st.budget_s,
       "started_at": started_at, "finished_at": time.time(),
       "snapshots": {sha: {k: v for k, v in rec.items() if k != "reproduce"}
                     for sha, rec in snap_scores.items()},

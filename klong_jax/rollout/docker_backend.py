@@ -22,6 +22,8 @@ from klong_jax.rollout.sandbox import (
   ExecResult,
   Limits,
   SandboxError,
+  check_collect_limits,
+  exec_result,
   extract_tar_stream,
   parse_runner_output,
   tar_files,
@@ -31,6 +33,9 @@ from klong_jax.rollout.stream import pid_alive as _pid_alive
 LABEL = "klong.sandbox"
 OWNER_LABEL = "klong.owner"
 UID = 1000
+# The container's init and `sleep` run as nobody: the agent (UID) cannot signal them, so
+# `kill -9 -1` or `pkill sleep` cannot stop the container (an agent-caused "infra" failure).
+KEEPER_UID = 65534
 RUNNER = "/opt/klong/runner.py"
 HOST_SLACK_S = 10.0  # Host guard fires this long after the runner's own deadline + grace.
 
@@ -105,7 +110,7 @@ class DockerSandbox:
       small = f"size={limits.tmp_bytes},mode=1777"
       self.container = self.client.containers.run(
           self.image, command=["sleep", "infinity"], name=self.name, detach=True,
-          user=f"{UID}:{UID}", working_dir=WORKSPACE, labels=labels, init=True,
+          user=f"{KEEPER_UID}:{KEEPER_UID}", working_dir=WORKSPACE, labels=labels, init=True,
           network_mode=limits.network, mem_limit=limits.mem_bytes,
           memswap_limit=limits.mem_bytes, nano_cpus=int(limits.cpus * 1e9),
           pids_limit=limits.pids, cap_drop=["ALL"], security_opt=["no-new-privileges"],
@@ -129,7 +134,7 @@ class DockerSandbox:
     pidfile = f"/tmp/.klong-exec-{uuid.uuid4().hex[:10]}"
     argv = ["python3", RUNNER, "--cmd", cmd, "--cwd", workdir, "--timeout", str(timeout_s),
             "--grace", str(lim.kill_grace_s), "--max_output", str(lim.max_output),
-            "--pidfile", pidfile]
+            "--pidfile", pidfile, "--cgroup_pids"]
     t0 = time.time()
     try:
       ex = self.client.api.exec_create(self.container.id, argv, user=f"{UID}:{UID}",
@@ -165,10 +170,11 @@ class DockerSandbox:
     if err and not buf:
       raise SandboxError(f"exec stream failed in {self.name}: {err[0]}")
     text, st = parse_runner_output(bytes(buf), fallback)
-    return ExecResult(exit_code=int(st.get("exit_code", 1)) if not host_killed else 124,
-                      output=text, timed_out=bool(st.get("timed_out")) or host_killed,
-                      truncated=bool(st.get("truncated")) or len(buf) >= cap,
-                      duration_s=duration)
+    res = exec_result(text, st, duration)
+    res.truncated = res.truncated or len(buf) >= cap
+    if host_killed:
+      res.exit_code, res.timed_out = 124, True
+    return res
 
   def _kill_from_host(self, pidfile: str) -> None:
     kill = f'g=$(cat {pidfile} 2>/dev/null) && kill -KILL -- -"$g"; pkill -KILL -f "{RUNNER}"'
@@ -203,12 +209,17 @@ class DockerSandbox:
       raise SandboxError(f"put_files into {self.name}:{dest} was refused")
 
   def get_dir(self, src: str, host_dest: str) -> None:
-    """Copies the directory src out of the container into host_dest (bounded by max_get_bytes)."""
+    """Copies the directory src out of the container into host_dest (bounded by max_get_bytes
+    and max_get_files: past them SubmissionError; links and special files are left out)."""
     import docker
+    check_collect_limits(self, src, self.limits)
     try:
       chunks, _ = self.container.get_archive(src.rstrip("/") or "/")
-      extract_tar_stream(chunks, host_dest, self.limits.max_get_bytes, strip=1)
+      extract_tar_stream(chunks, host_dest, self.limits.max_get_bytes, strip=1,
+                         max_files=self.limits.max_get_files)
     except docker.errors.NotFound:
+      if not self.alive():
+        raise SandboxError(f"get_dir {src}: sandbox {self.name} is gone") from None
       raise FileNotFoundError(f"{src} does not exist in sandbox {self.name}") from None
     except SandboxError:
       raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,9 @@ from klong_jax.rollout.sandbox import (
     ExecResult,
     Limits,
     SandboxError,
+    SubmissionError,
+    check_collect_limits,
+    exec_result,
     parse_runner_output,
 )
 
@@ -78,8 +82,7 @@ class LocalSandbox:
     except OSError as e:
       raise SandboxError(f"local exec failed: {e}") from e
     text, st = parse_runner_output(proc.stdout, proc.returncode)
-    return ExecResult(int(st["exit_code"]), text.replace(self.root, WORKSPACE),
-                      bool(st["timed_out"]), bool(st["truncated"]), time.time() - t0)
+    return exec_result(text.replace(self.root, WORKSPACE), st, time.time() - t0)
 
   def put_files(self, files: dict[str, bytes], dest: str = WORKSPACE) -> None:
     """Writes {relative path: bytes} under dest."""
@@ -95,11 +98,44 @@ class LocalSandbox:
         p.chmod(0o755)
 
   def get_dir(self, src: str, host_dest: str) -> None:
-    """Copies the directory src into host_dest."""
+    """Copies the directory src into host_dest, as the docker backend does: regular files only
+    (links and special files left out), SubmissionError past max_get_bytes/files or when a file
+    cannot be read."""
     s = self._map(src)
-    if not os.path.isdir(s):
+    if not os.path.lexists(s):
       raise FileNotFoundError(f"{src} does not exist in the local sandbox")
-    shutil.copytree(s, host_dest, symlinks=True, dirs_exist_ok=True)
+    os.makedirs(host_dest, exist_ok=True)
+    if os.path.islink(s) or not os.path.isdir(s):
+      return  # docker copies such a path as one entry, which the extraction drops.
+    check_collect_limits(self, src, self.limits)
+    lim, entries, size = self.limits, 0, 0
+
+    def unreadable(e: OSError) -> None:
+      rel = os.path.relpath(e.filename or s, s)
+      raise SubmissionError("unreadable", f"{src}/{rel} cannot be read ({e.strerror}); make it "
+                            "readable (chmod u+r) or remove it") from None
+
+    for dirpath, dirnames, names in os.walk(s, onerror=unreadable):
+      out_dir = os.path.join(host_dest, os.path.relpath(dirpath, s))
+      os.makedirs(out_dir, exist_ok=True)
+      entries += len(dirnames) + len(names)
+      if entries > lim.max_get_files:
+        raise SubmissionError("too_many_files", f"{src} holds more than {lim.max_get_files} "
+                              "files and directories (max_get_files)")
+      for name in names:
+        path = os.path.join(dirpath, name)
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode):
+          continue
+        size += st.st_size
+        if size > lim.max_get_bytes:
+          raise SubmissionError("too_large", f"{src} holds more than max_get_bytes="
+                                f"{lim.max_get_bytes} bytes of files")
+        try:
+          shutil.copyfile(path, os.path.join(out_dir, name))
+        except PermissionError as e:
+          unreadable(e)
+        os.chmod(os.path.join(out_dir, name), 0o755 if st.st_mode & 0o100 else 0o644)
 
   def interrupt(self) -> None:
     """Kills the process groups of all running execs (the outer wall guard calls this)."""

@@ -7,6 +7,9 @@ Each group (task x round) is claimed in the stream ledger, rolled out, graded, r
 published as one shard (see stream.py for the exactly-once rules). Status rules: agent budget out
 -> agent_timeout (graded); the outer wall guard -> wall_timeout (graded); sandbox or server
 failures are retried with backoff, then the rollout is written as infra_error with reward None.
+A submission the agent made uncollectable (too large, too many files, unreadable, missing) is its
+own outcome: graded as an empty submission, never retried, with metadata `failure_reason` (kind)
+and `failure_detail` (message).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import fnmatch
 import multiprocessing
 import os
 import random
+import re
 import socket
 import tempfile
 import time
@@ -28,6 +32,7 @@ from klong_jax.agent import client as client_lib
 from klong_jax.agent import scaffold
 from klong_jax.agent.tools import TOOLS
 from klong_jax.data.schema import Trajectory
+from klong_jax.data.shards import SUFFIX as SHARD_SUFFIX
 from klong_jax.rollout import episode
 from klong_jax.rollout import sandbox as sandbox_lib
 from klong_jax.rollout.stream import Stream, read_control
@@ -76,6 +81,28 @@ class WorkerConfig:
   limits: dict = dataclasses.field(default_factory=dict)
   pause_before_publish_s: float = 0.0  # Test hook (SIGKILL window).
   version_poll_s: float = 0.5          # Sync-mode gate: how often to ask the server its version.
+
+
+STALE_TMP_S = 3600.0  # Temp files untouched this long are from dead writers (any worker).
+
+
+def clean_stale_temps(stream_dir: str, worker: str, older_than_s: float = STALE_TMP_S) -> int:
+  """Removes temp files of interrupted writes under the stream dir: this worker's shard temps and
+  anyone's temps untouched for `older_than_s` (a live writer's are newer); returns the count."""
+  own = re.compile(rf"\.{re.escape(worker)}-\d+{re.escape(SHARD_SUFFIX)}\.tmp-[0-9a-f]+")
+  now, removed = time.time(), 0
+  for dirpath, _, names in os.walk(stream_dir):
+    for name in names:
+      if not name.startswith(".") or (".tmp-" not in name and ".stale-" not in name):
+        continue
+      path = os.path.join(dirpath, name)
+      try:
+        if own.fullmatch(name) or now - os.lstat(path).st_mtime > older_than_s:
+          os.unlink(path)
+          removed += 1
+      except FileNotFoundError:
+        continue  # Renamed into place or removed by its writer meanwhile.
+  return removed
 
 
 def judge_leaves(task: Any) -> int:
@@ -139,11 +166,15 @@ class Worker:
                                time_limit_s * cfg.wall_factor + cfg.wall_slack_s, state=state,
                                fmt=self.fmt)
       host_sub = tmp.name
-      sb.get_dir(sandbox_lib.SUBMISSION, host_sub)
+      files, failure = sandbox_lib.collect_submission(sb, host_sub)
     agent_s = time.time() - t0
-    files = sandbox_lib.files_from_dir(host_sub)
+    if failure:
+      logging.warning("%s: %s: submission graded as empty: %s", self.name, task.id,
+                      failure["failure_detail"])
     with sandbox_lib.make_sandbox(cfg.backend, **cfg.limits) as fresh:
       res, started = sandbox_lib.run_reproduce_in(fresh, files, cfg.reproduce_timeout_s)
+      if failure:
+        res.output = f"[submission not collected: {failure['failure_detail']}]\n{res.output}"
       # output_dir is the agent's copy: checks read the reproduced files in `fresh` itself.
       repro = sandbox_lib.ReproduceResult(res, res.output, host_sub, started)
       commands = episode.agent_commands(ep.messages)
@@ -161,7 +192,8 @@ class Worker:
             "timings": {"agent_s": agent_s, "total_s": time.time() - t0, "retry_s": ep.retry_s},
             "metadata": {"end_reason": ep.end_reason, "steps": ep.steps, "trims": ep.trims,
                          "malformed_calls": ep.malformed_calls, "grade": details,
-                         "reproduce_exit": res.exit_code, "temperature": cfg.temperature},
+                         "reproduce_exit": res.exit_code, "temperature": cfg.temperature,
+                         **failure},
             "sandbox": {"backend": cfg.backend}}
 
   def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:
@@ -245,6 +277,9 @@ class Worker:
   def run(self, task_dirs: list[str]) -> int:
     """Runs every unclaimed group; returns the number of groups this process published."""
     from klong_jax.tasks import load_task
+    n = clean_stale_temps(self.cfg.stream, self.name)
+    if n:
+      logging.info("%s: removed %d temp files of interrupted writes", self.name, n)
     if self.cfg.backend == "docker":
       from klong_jax.rollout.docker_backend import gc_leaked
       n = gc_leaked()

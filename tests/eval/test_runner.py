@@ -129,3 +129,31 @@ def test_cli_rejects_bad_budget(tmp_path):
                        capture_output=True, text=True, timeout=60)
   assert res.returncode != 0 and "budget 'soon' is not a duration" in res.stderr, (
       shlex.join(cmd), res.stderr[-1000:])
+
+
+class SabotagingPolicy:
+  """Solves the task, then makes its submission uncollectable (a 300 MB sparse file)."""
+
+  def __init__(self):
+    self.teacher, self.calls = ScriptedTeacher(skill=1.0, seed=0), 0
+
+  def __call__(self, messages, tools=None):
+    self.calls += 1
+    n = sum(1 for m in messages if m.get("role") == "assistant")
+    family, params = find_paper(messages)
+    sub = "/workspace/submission"
+    steps = [self.teacher.solution_script(family, params, sub), f"truncate -s 300M {sub}/big.bin"]
+    call = ({"name": "bash", "arguments": json.dumps({"cmd": steps[n]})} if n < len(steps) else
+            {"name": "submit", "arguments": json.dumps({"end_message": "done"})})
+    return {"role": "assistant", "content": f"step {n}",
+            "tool_calls": [{"id": f"c{n}", "type": "function", "function": call}]}
+
+
+def test_uncollectable_submission_is_graded_empty_not_retried(tmp_path, serve):
+  policy = SabotagingPolicy()
+  url = serve(policy)
+  runner.run_eval(_cfg(tmp_path / "out", url))
+  r = json.loads((tmp_path / "out/runs/arith-3/seed0/result.json").read_text())
+  assert policy.calls == 3  # One episode: the runner did not retry it as an infra failure.
+  assert r["failure_reason"] == "submission_too_large" and "big.bin" in r["failure_detail"]
+  assert r["score"] == 0.0 and r["end_reason"] == "submitted"

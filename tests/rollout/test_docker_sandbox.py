@@ -50,10 +50,67 @@ def test_fork_bomb_contained(sb):
   t0 = time.time()
   r = sb.exec("bomb() { bomb | bomb & }; bomb; sleep 3", timeout_s=4)
   assert time.time() - t0 < 20, "fork bomb exec did not end in time"
-  assert r.exit_code is not None
+  assert r.exit_code == 0 and not r.timed_out  # Looks fine by its status alone...
+  assert r.pids_limited and r.pids_max == SMALL["pids"], r  # ...but the limit was hit.
+  from klong_jax.agent.tools import execute_tool
+  out = execute_tool(sb, "bash", {"cmd": "bomb() { bomb | bomb & }; bomb; sleep 2"}, 3).content
+  assert f"[process limit reached: {SMALL['pids']} pids" in out, out
+  assert not sb.exec("true", 10).pids_limited
   _still_works(sb)
   left = sb.exec("ps -e --no-headers | wc -l", 10)
   assert int(left.output.split()[0]) < 10, left.output  # The bomb's group was killed.
+
+
+def test_agent_cannot_stop_its_container(sb):
+  r = sb.exec("kill -TERM 1; pkill -KILL sleep; kill -KILL -1; echo survived", timeout_s=10)
+  assert sb.alive()
+  _still_works(sb)
+  assert "nobody" in sb.exec("ps -o user= -p 1", 10).output, r
+
+
+def test_oversized_sparse_submission_is_the_agents_fault(sb, tmp_path):
+  from klong_jax.rollout.sandbox import SandboxError, SubmissionError
+  sb.exec("mkdir -p /workspace/s1 && echo ok > /workspace/s1/a.txt && "
+          "truncate -s 300M /workspace/s1/big.bin", 10)
+  t0 = time.time()
+  with pytest.raises(SubmissionError, match=r"big.bin \(300.0 MiB\)") as e:
+    sb.get_dir("/workspace/s1", str(tmp_path / "o"))
+  assert e.value.kind == "too_large" and isinstance(e.value, SandboxError)
+  assert time.time() - t0 < 15  # Measured in the sandbox, not streamed out first.
+  sb.exec("rm -rf /workspace/s1", 10)
+
+
+def test_too_many_files_and_links_out(image, tmp_path):
+  from klong_jax.rollout.sandbox import SubmissionError, make_sandbox
+  with make_sandbox("docker", image=image, **{**SMALL, "max_get_files": 50}) as s:
+    s.exec("mkdir -p /workspace/s/d && cd /workspace/s && echo hi > a.txt && "
+           "ln -s /etc/passwd out && mkfifo pipe && "
+           "python3 -c \"import socket; socket.socket(socket.AF_UNIX).bind('sock')\"", 10)
+    s.get_dir("/workspace/s", str(tmp_path / "ok"))
+    assert sorted(os.listdir(tmp_path / "ok")) == ["a.txt", "d"]  # Links, fifos, sockets out.
+    s.exec("touch /workspace/s/d/f{1..60}", 10)
+    with pytest.raises(SubmissionError, match="more than 50 files") as e:
+      s.get_dir("/workspace/s", str(tmp_path / "many"))
+    assert e.value.kind == "too_many_files"
+    with pytest.raises(FileNotFoundError):
+      s.get_dir("/workspace/nope", str(tmp_path / "none"))
+
+
+def test_read_file_chunk_reads_only_the_chunk(sb):
+  """A 300 MB sparse file under a 256 MB memory limit (read whole, it was OOM-killed: 137)."""
+  from klong_jax.agent.tools import execute_tool
+  sb.exec("truncate -s 300M /workspace/sparse && printf 'a\\nb\\n' >> /workspace/sparse", 10)
+  out = execute_tool(sb, "read_file_chunk", {"file": "/workspace/sparse"}, 60)
+  assert not out.error and out.content.startswith("File has 2 total lines"), out.content[-300:]
+  assert out.content.endswith("[... line cut: 314572801 bytes]\n2: b"), out.content[-300:]
+  assert len(out.content) < 3000
+  out = execute_tool(sb, "read_file_chunk", {"file": "/workspace/sparse", "start_line": 2}, 60)
+  assert out.content.endswith("Showing lines 2 to 2.\n\n2: b"), out.content[-300:]
+  out = execute_tool(sb, "read_file_chunk", {"file": "/dev/zero"}, 60)
+  assert out.error and "/dev/zero is not a regular file" in out.content, out.content
+  out = execute_tool(sb, "search_file", {"file": "/workspace/sparse", "query": "B"}, 60)
+  assert "[Match 1 of 1]" in out.content and ">>> 2: b" in out.content, out.content[-300:]
+  sb.exec("rm -f /workspace/sparse", 10)
 
 
 def test_memory_hog_killed(sb):

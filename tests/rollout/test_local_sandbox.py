@@ -1,13 +1,14 @@
 """Runner and local backend: deadlines kill the group, output is bounded, files round-trip."""
 
 import io
+import os
 import tarfile
 import time
 
 import pytest
 
 from klong_jax.rollout.sandbox import (
-    SandboxError,
+    SubmissionError,
     extract_tar_stream,
     make_sandbox,
     parse_runner_output,
@@ -64,12 +65,44 @@ def test_extract_refuses_escape_and_caps_size(tmp_path):
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
   raw = buf.getvalue()
-  with pytest.raises(SandboxError, match="max_get_bytes"):
+  with pytest.raises(SubmissionError, match="max_get_bytes") as e:
     extract_tar_stream([raw], str(tmp_path / "a"), max_bytes=1000)
+  assert e.value.kind == "too_large"
+  with pytest.raises(SubmissionError, match="more than 1 files") as e:
+    extract_tar_stream([raw], str(tmp_path / "c"), max_bytes=1 << 20, max_files=1)
+  assert e.value.kind == "too_many_files"
   extract_tar_stream([raw[i:i + 100] for i in range(0, len(raw), 100)], str(tmp_path / "b"),
                      max_bytes=1 << 20)
   assert (tmp_path / "b" / "ok.txt").read_bytes() == b"ok"
   assert not (tmp_path / "evil").exists() and not (tmp_path.parent / "evil").exists()
+
+
+def test_get_dir_limits_are_the_agents_fault(tmp_path):
+  with make_sandbox("local", max_get_bytes=1 << 20, max_get_files=20) as s:
+    s.exec("mkdir -p /workspace/s && cd /workspace/s && echo hi > a.txt && "
+           "ln -s /etc/passwd out && mkfifo pipe", 10)
+    s.get_dir("/workspace/s", str(tmp_path / "ok"))
+    assert os.listdir(tmp_path / "ok") == ["a.txt"]  # Links and fifos are left out, as on docker.
+    s.exec("truncate -s 300M /workspace/s/big.bin", 10)
+    with pytest.raises(SubmissionError, match=r"big.bin \(300.0 MiB\)") as e:
+      s.get_dir("/workspace/s", str(tmp_path / "big"))
+    assert e.value.kind == "too_large"
+    s.exec("rm /workspace/s/big.bin && touch /workspace/s/f{1..30}", 10)
+    with pytest.raises(SubmissionError, match="more than 20 files") as e:
+      s.get_dir("/workspace/s", str(tmp_path / "many"))
+    assert e.value.kind == "too_many_files"
+    with pytest.raises(FileNotFoundError):
+      s.get_dir("/workspace/nope", str(tmp_path / "none"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files of any mode")
+def test_get_dir_unreadable_file_is_the_agents_fault(tmp_path):
+  with make_sandbox("local") as s:
+    s.exec("mkdir -p /workspace/s && echo x > /workspace/s/secret && chmod 000 /workspace/s/secret",
+           10)
+    with pytest.raises(SubmissionError, match="secret cannot be read") as e:
+      s.get_dir("/workspace/s", str(tmp_path / "o"))
+    assert e.value.kind == "unreadable"
 
 
 def test_unknown_backend_and_limit():

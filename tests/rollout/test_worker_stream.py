@@ -70,6 +70,7 @@ def test_sigkill_mid_write_then_restart(tmp_path, teacher_url):
   assert list_shards(str(stream)) == []  # Nothing partial is visible to readers.
   subprocess.run(base, env=env, cwd=REPO, check=True, timeout=120,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  assert not glob.glob(str(stream / "1" / ".*tmp-*"))  # The restart removed the killed write.
   shards = list_shards(str(stream))
   recs = [from_bytes(r) for s in shards for r in read_shard(s)]
   assert len(shards) == 2 and len(recs) == 2

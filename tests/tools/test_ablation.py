@@ -30,3 +30,14 @@ def test_table_reports_mean_se_and_the_spread_check():
   res["split"][1]["reward"] = 0.2  # a seed that loses: the claim must fail, not be tuned
   assert not ablation.table(res)["split_beats_truncated_by_more_than_spread"]
   assert "± " in ablation.markdown(t)
+
+
+def test_ablation_and_demo_run_as_programs():
+  """Each entry point defines its flags only as a program: importing demo must not clash."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  for mod in ("klong_jax.experiments.ablation", "klong_jax.demo"):
+    r = subprocess.run([sys.executable, "-m", mod, "--helpfull"], capture_output=True,
+                       text=True, timeout=120, check=False)
+    # absl's --helpfull exits 1; a flag clash exits 1 too, with a traceback and no help text.
+    assert "--config" in r.stdout and "Traceback" not in r.stderr, (mod, r.stderr[-2000:])
