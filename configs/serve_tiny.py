@@ -30,5 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       seed=0,  # Init seed when no policy exists yet.
       tokenizer="",  # Tokenizer file; "" = the bundled SentencePiece model.
       tokenizer_cache="/tmp/klong_tokenizer",
+      prefix_cache_mb=64,  # KV of prompts' leading blocks, reused by later prompts (0 = off).
+      prefix_block=16,  # Tokens per cached block (a prompt reuses whole blocks only).
   ))
   return config

@@ -104,6 +104,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   os.makedirs(workdir, exist_ok=True)
   if c.xla_flags:  # Inherited by every role process (and JAX here, imported later).
     os.environ["XLA_FLAGS"] = c.xla_flags
+  if c.backend == "docker":  # What `make demo` does first; the ablation and direct runs too.
+    from klong_jax.rollout import image  # noqa: PLC0415
+    image.ensure_image()
   prog = summary.Progress({p: float(c.budgets_s[p]) for p in PHASES})
   out: dict[str, Any] = {"config": c.to_dict(), "phases_s": prog.done}
   root = c.tasks.root or (long_suite.suite_dir() if c.tasks.suite == "long"

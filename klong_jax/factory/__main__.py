@@ -9,6 +9,7 @@ Every stage is resumable and idempotent over its task/output directory.
 from __future__ import annotations
 
 import os
+import sys
 
 from absl import app, flags, logging
 
@@ -89,7 +90,12 @@ def run_build() -> None:
 
 
 def run_distill() -> None:
-  from klong_jax.factory.distill import DistillConfig, distill, format_histogram
+  from klong_jax.factory.distill import (
+    DistillConfig,
+    DistillInfraError,
+    distill,
+    format_histogram,
+  )
   stop = None
   server = FLAGS.server
   if not server:
@@ -107,6 +113,9 @@ def run_distill() -> None:
         max_tasks=FLAGS.max_tasks, context_tokens=FLAGS.context_tokens,
         context_overlap=FLAGS.context_overlap,
         max_completion_tokens=FLAGS.max_completion_tokens))
+  except DistillInfraError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
   finally:
     if stop is not None:
       stop()

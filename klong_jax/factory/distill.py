@@ -61,6 +61,13 @@ def format_histogram(scores: list[float], bins: int = 10, width: int = 40) -> st
   return "\n".join(lines)
 
 
+INFRA_FAIL_FAST = 3  # Stop after this many infra-only tasks when none has been graded yet.
+
+
+class DistillInfraError(RuntimeError):
+  """Some tasks got no graded episode (sandbox, server or image missing); re-run to resume."""
+
+
 def _load_state(path: str) -> dict[str, Any]:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
@@ -86,10 +93,14 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
   dirs = list_tasks(cfg.tasks, cfg.split)
   if cfg.max_tasks:
     dirs = dirs[:cfg.max_tasks]
+  infra: dict[str, str] = {}  # Tasks whose every episode failed on infrastructure: not done.
+  graded = 0
   for d in dirs:
     task = load_task(d)
     if task.id in state["tasks"]:
       continue
+    if len(infra) >= INFRA_FAIL_FAST and not graded:
+      break  # The first tasks all failed the same way: the setup is broken, not the tasks.
     records, scores, statuses = [], [], []
     for i in range(cfg.episodes_per_task):
       r = worker.rollout_with_retries(task, 0, cfg.time_limit_s)
@@ -99,6 +110,11 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
       scores.append(float(r["reward"]))
       if r["reward"] >= cfg.threshold:
         records.append(worker.to_record(r, task.id, f"distill-{task.id}", 0, i, 0))
+    if not scores and all(st == "infra_error" for st in statuses):
+      infra[task.id] = str((r.get("metadata") or {}).get("error", "infra_error"))
+      logging.warning("distill %s: infra failures only; left for the next run", task.id)
+      continue
+    graded += 1
     shard = None
     if records:
       shard = os.path.join(cfg.out, SFT_SUBDIR, f"{task.id}.array_record")
@@ -109,6 +125,12 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
                                "shard": shard}
     atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
     logging.info("distill %s: scores %s, kept %d", task.id, scores, len(records))
+  if infra:
+    first = next(iter(infra.items()))
+    raise DistillInfraError(
+        f"distill: {len(infra)} task(s) failed on infrastructure only (e.g. {first[0]}: "
+        f"{first[1][:500]}); fix that and re-run the same command: the {len(state['tasks'])} "
+        f"finished task(s) in {state_path} are kept, not redone")
   all_scores = [s for t in state["tasks"].values() for s in t["scores"]]
   return {"scores": all_scores, "kept": sum(t["kept"] for t in state["tasks"].values()),
           "shards": sorted(t["shard"] for t in state["tasks"].values() if t["shard"]),

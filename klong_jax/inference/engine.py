@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from klong_jax.inference.detok import IncrementalDetokenizer, StopMatcher
+from klong_jax.inference.prefix_cache import PrefixCache
 from klong_jax.inference.sampler import RowSettings, Sampler, SamplingParams
 from klong_jax.inference.sampling import LOGPROB_MODES
 
@@ -96,7 +97,8 @@ class Engine:
   """Schedules requests over one Sampler's cache rows; thread-safe `submit`."""
 
   def __init__(self, sampler: Sampler, tokenizer: Any = None, *, schedule: str = "continuous",
-               stop_token_ids: Sequence[int] = (), seed: int = 0):
+               stop_token_ids: Sequence[int] = (), seed: int = 0,
+               prefix_cache: PrefixCache | None = None):
     if schedule not in SCHEDULES:
       raise ValueError(f"schedule {schedule!r} not in {SCHEDULES}")
     self.sampler, self.tokenizer, self.schedule = sampler, tokenizer, schedule
@@ -111,6 +113,7 @@ class Engine:
     self._thread: threading.Thread | None = None
     self._stop = False
     self.stats = collections.Counter()
+    self.prefix_cache = prefix_cache  # None: every prompt is prefilled from position 0.
 
   # ---- submission ----------------------------------------------------------------------------
 
@@ -178,6 +181,8 @@ class Engine:
     if pending is not None:
       self.sampler.load_params(*pending)
       self.stats["reloads_total"] += 1
+      if self.prefix_cache is not None:
+        self.prefix_cache.clear(pending[1])  # Its KV came from the old weights.
       log.info("serving policy version %d", pending[1])
     self._retire_cancelled()
     self._admit()
@@ -209,19 +214,71 @@ class Engine:
         admitted.append(req)
     for req in [r for r in admitted if r.row < 0]:
       self._finish(req, "length")
-    groups: dict[int, list[Request]] = collections.defaultdict(list)
-    for req in (r for r in admitted if r.row >= 0):
-      groups[max(self.sampler.min_prefill_bucket, 1 << (len(req.prompt_ids) - 1).bit_length())
-             ].append(req)
-    for reqs in groups.values():
+    pending = [r for r in admitted if r.row >= 0]
+    while pending:  # One wave unless requests wait for a prefix another one is computing.
+      wave, pending = self._plan_wave(pending)
+      self._prefill(wave)
+
+  def _prefill(self, wave: list[tuple[Request, int]]) -> None:
+    """Prefills each (request, start) from `start` (slots before it already hold the cached
+    prefix), stores the prompts' new blocks, and appends each first token."""
+    groups: dict[int, list[tuple[Request, int]]] = collections.defaultdict(list)
+    for req, start in wave:
+      n = len(req.prompt_ids) - start
+      groups[max(self.sampler.min_prefill_bucket, 1 << (n - 1).bit_length())].append((req, start))
+    for entries in groups.values():
+      reqs = [r for r, _ in entries]
+      starts = [s for _, s in entries]
       version = self.sampler.policy_version
-      toks, lps = self.sampler.prefill([r.row for r in reqs], [r.prompt_ids for r in reqs],
-                                       self._settings.take([r.row for r in reqs]))
-      self.stats["prefill_tokens_total"] += sum(len(r.prompt_ids) for r in reqs)
+      toks, lps = self.sampler.prefill([r.row for r in reqs],
+                                       [r.prompt_ids[s:] for r, s in entries],
+                                       self._settings.take([r.row for r in reqs]), starts)
+      prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
+      self.stats["prompt_tokens_total"] += prompt_tokens
+      self.stats["prefill_tokens_total"] += prompt_tokens - sum(starts)  # Computed, not reused.
+      self._store_prefixes(reqs)
       top = self._top_logprobs(reqs)
       for j, req in enumerate(reqs):
         self._append(req, int(toks[j]), lps[:, j], version,
                      None if top is None else (top[0][j], top[1][:, j]))
+
+  # ---- prefix caching ------------------------------------------------------------------------
+
+  def _plan_wave(self, reqs: list[Request]) -> tuple[list[tuple[Request, int]], list[Request]]:
+    """Restores each request's longest cached prefix into its row -> ([(req, start)], later).
+
+    A request whose next uncached block another request of this wave will compute (e.g. the
+    members of a group sharing a new prefix) waits for the next wave, to reuse it instead."""
+    pc = self.prefix_cache
+    if pc is None:
+      return [(r, 0) for r in reqs], []
+    if pc.version != self.sampler.policy_version:  # Weights loaded behind the engine's back.
+      pc.clear(self.sampler.policy_version)
+    wave, later, claimed = [], [], set()
+    for req in reqs:
+      keys = pc.keys(req.prompt_ids)
+      ids = pc.lookup(keys, len(req.prompt_ids))
+      if len(ids) < len(keys) and keys[len(ids)] in claimed:
+        later.append(req)
+        continue
+      claimed.update(keys[len(ids):])
+      if ids:
+        self.sampler.cache = pc.restore(self.sampler.cache, req.row, ids)
+      start = len(ids) * pc.block_size
+      self.stats["prefix_cache_hit_tokens_total"] += start
+      wave.append((req, start))
+    return wave, later
+
+  def _store_prefixes(self, reqs: list[Request]) -> None:
+    """Copies the full prompt blocks of freshly prefilled rows into the prefix cache."""
+    pc = self.prefix_cache
+    if pc is None:
+      return
+    evicted = pc.index.evictions
+    for req in reqs:
+      self.stats["prefix_cache_stored_blocks_total"] += pc.store(
+          self.sampler.cache, req.row, pc.keys(req.prompt_ids))
+    self.stats["prefix_cache_evicted_blocks_total"] += pc.index.evictions - evicted
 
   def _decode(self) -> None:
     running = [r for r in self._rows if r is not None]

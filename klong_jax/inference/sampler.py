@@ -259,19 +259,26 @@ class Sampler:
   # ---- public steps --------------------------------------------------------------------------
 
   def prefill(self, rows: Sequence[int], prompts: Sequence[Sequence[int]],
-              settings: RowSettings) -> tuple[np.ndarray, np.ndarray]:
-    """Writes each prompt into its cache row from position 0 and samples its first token.
+              settings: RowSettings, starts: Sequence[int] | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Writes each prompt into its cache row from position `starts[i]` (default 0) and samples
+    its first token.
 
-    `settings` holds one entry per prompt. Returns (tokens [k], logprobs [3, k]) as numpy;
-    `self.top_logprobs` then holds each entry's alternatives (entries past k are padding).
-    Prompts are padded to a power-of-two length and count to bound recompilation.
+    With a nonzero start, `prompts[i]` is the suffix after a prefix whose K/V the row already
+    holds at slots 0..start-1 (prefix caching). `settings` holds one entry per prompt. Returns
+    (tokens [k], logprobs [3, k]) as numpy; `self.top_logprobs` then holds each entry's
+    alternatives (entries past k are padding). Prompts are padded to a power-of-two length and
+    count to bound recompilation.
     """
     k = len(rows)
-    if k == 0 or k != len(prompts):
+    starts = [0] * k if starts is None else [int(s) for s in starts]
+    if k == 0 or k != len(prompts) or k != len(starts):
       raise ValueError(f"prefill needs one prompt per row, got {len(prompts)} for {k} rows")
     longest = max(len(p) for p in prompts)
-    if min(len(p) for p in prompts) < 1 or longest >= self.max_len:
-      raise ValueError(f"prompt lengths must be in [1, {self.max_len - 1}], longest is {longest}")
+    end = max(s + len(p) for s, p in zip(starts, prompts, strict=True))
+    if min(len(p) for p in prompts) < 1 or min(starts) < 0 or end >= self.max_len:
+      raise ValueError(f"prompt lengths must be in [1, {self.max_len - 1}], longest is {longest}"
+                       f" (ending at position {end})")
     t = _bucket(longest, self.min_prefill_bucket, self.max_len)
     kb = _bucket(k, self.min_prefill_rows, self.max_batch)
     pad = self.max_len - 1
@@ -279,7 +286,7 @@ class Sampler:
     positions = np.full((kb, t), pad, np.int32)
     for i, p in enumerate(prompts):
       tokens[i, :len(p)] = p
-      positions[i, :len(p)] = np.arange(len(p))
+      positions[i, :len(p)] = np.arange(starts[i], starts[i] + len(p))
     idx = list(range(k)) + [0] * (kb - k)  # Padding entries repeat entry 0 exactly.
     tokens, positions = tokens[idx], positions[idx]
     row_ids = np.asarray([rows[i] for i in idx], np.int32)

@@ -437,7 +437,7 @@ def serve_defaults() -> Any:
       model_name="klong-model", host="127.0.0.1", port=8000, max_batch=8, max_len=512,
       cache_dtype="float32", schedule="continuous", min_prefill_bucket=16, min_prefill_rows=1,
       max_body_bytes=4 << 20, reload_interval_s=2.0, seed=0, tokenizer="",
-      tokenizer_cache="/tmp/klong_tokenizer"))
+      tokenizer_cache="/tmp/klong_tokenizer", prefix_cache_mb=64, prefix_block=16))
 
 
 def build(config: Any = None, *, bundle: str | None = None,
@@ -482,7 +482,15 @@ def build(config: Any = None, *, bundle: str | None = None,
                     rules=LOGICAL_RULES, cache_dtype=jnp.dtype(serve.cache_dtype),
                     min_prefill_bucket=serve.min_prefill_bucket,
                     min_prefill_rows=serve.min_prefill_rows)
-  engine = Engine(sampler, tok, schedule=serve.schedule, stop_token_ids=chat.stop_token_ids)
+  prefix_cache = None
+  if serve.prefix_cache_mb > 0:
+    from klong_jax.inference.prefix_cache import PrefixCache
+    prefix_cache = PrefixCache(sampler, block_size=serve.prefix_block,
+                               max_bytes=int(serve.prefix_cache_mb * (1 << 20)))
+    log.info("prefix cache: %d blocks of %d tokens (%.0f MiB)", prefix_cache.num_blocks,
+             serve.prefix_block, serve.prefix_cache_mb)
+  engine = Engine(sampler, tok, schedule=serve.schedule, stop_token_ids=chat.stop_token_ids,
+                  prefix_cache=prefix_cache)
   watcher = None
   if root:
     watcher = reload.PolicyWatcher(engine, root, serve.reload_interval_s)
@@ -570,7 +578,7 @@ def main(argv: list[str]) -> None:
     if "serve" not in config:
       config.serve = serve_defaults()
     for name in ("host", "port", "max_batch", "max_len", "min_prefill_bucket",
-                 "min_prefill_rows"):
+                 "min_prefill_rows", "prefix_cache_mb"):
       if f[name].present:
         config.serve[name] = f[name].value
   if not f.bundle and "model" not in config:
@@ -594,6 +602,8 @@ def _define_flags() -> None:
                        "compiled shapes when larger).")
   flags.DEFINE_integer("min_prefill_rows", 1, "Fewest padded prefill rows (max_batch = one "
                        "compiled prefill shape).")
+  flags.DEFINE_float("prefix_cache_mb", 64, "KV budget of automatic prefix caching (reuses the "
+                     "K/V of a prompt's cached leading blocks; 0 = off; overrides serve.*).")
 
 
 def entry() -> None:

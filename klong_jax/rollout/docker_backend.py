@@ -22,6 +22,7 @@ from klong_jax.rollout.sandbox import (
   ExecResult,
   Limits,
   SandboxError,
+  SandboxSetupError,
   check_collect_limits,
   exec_result,
   extract_tar_stream,
@@ -98,7 +99,7 @@ class DockerSandbox:
     try:
       self.client.images.get(self.image)
     except docker.errors.ImageNotFound:
-      raise SandboxError(f"sandbox image {self.image} is missing; build it with "
+      raise SandboxSetupError(f"sandbox image {self.image} is missing; build it with "
                          "`python -m klong_jax.rollout.image --ensure` (or `make image`)") from None
     except Exception as e:  # noqa: BLE001
       raise SandboxError(f"docker engine error: {e}") from e

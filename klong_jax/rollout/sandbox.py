@@ -28,6 +28,10 @@ class SandboxError(RuntimeError):
   """An infrastructure failure (engine down, container died); callers retry, then infra_error."""
 
 
+class SandboxSetupError(SandboxError):
+  """A host setup problem no retry can fix (the sandbox image is missing): fail at once."""
+
+
 class SubmissionError(SandboxError):
   """The agent's files cannot be collected (too large, too many, unreadable, missing).
 

@@ -206,6 +206,8 @@ class Worker:
         err = e
         logging.warning("%s: infra failure on %s (attempt %d): %s", self.name, task.id,
                         attempt + 1, e)
+        if isinstance(e, sandbox_lib.SandboxSetupError):
+          break  # No retry fixes the host's setup.
         time.sleep(self.cfg.infra_backoff_s * (2 ** attempt))
     prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
                                        task.paper_md, task.addendum_md)

@@ -1,8 +1,10 @@
 """Research-Factory stages: ingest (tiny PDF made here), build (fake LLM), distill (scripted
 teacher through the real scaffold + local sandbox + shards)."""
 
+import dataclasses
 import json
 import os
+import time
 
 import pytest
 
@@ -177,3 +179,50 @@ def test_cli_ingest_and_jax_free(tmp_path):
           "klong_jax.factory.teacher, klong_jax.factory.distill, klong_jax.factory.build; "
           "sys.exit('jax' in sys.modules)")
   assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
+
+
+def test_distill_infra_failures_fail_loudly_and_resume(tmp_path, monkeypatch):
+  """A broken setup (here: every sandbox fails) stops distill after a few tasks with an error
+  naming the cause; infra-only tasks are not marked done, so the re-run after the fix does
+  them and keeps the tasks that finished before."""
+  from klong_jax.agent.policy_server import serve_in_thread
+  from klong_jax.data.tokenizer import default_tokenizer
+  from klong_jax.factory import distill as distill_lib
+  from klong_jax.factory.teacher import ScriptedTeacher
+  from klong_jax.rollout import sandbox as sandbox_lib
+  from klong_jax.tasks import bundled_tasks_dir
+
+  default_tokenizer(tmp_path / "tok", 512)
+  tok = next(str(p) for p in (tmp_path / "tok").glob("*.model"))
+  url, stop = serve_in_thread(ScriptedTeacher(1.0, seed=0))
+  real, made = sandbox_lib.make_sandbox, []
+  broken = {"on": True}
+
+  def make_sandbox(*a, **kw):
+    if broken["on"]:
+      raise sandbox_lib.SandboxSetupError("sandbox image klong-sandbox:x is missing; run make "
+                                          "image")
+    made.append(1)
+    return real(*a, **kw)
+  monkeypatch.setattr(sandbox_lib, "make_sandbox", make_sandbox)
+  try:
+    cfg = DistillConfig(tasks=bundled_tasks_dir(), server=url, out=str(tmp_path / "out"),
+                        tokenizer=tok, episodes_per_task=1, threshold=0.5, max_tasks=2,
+                        time_limit_s=60)
+    broken["on"] = False
+    assert len(distill_lib.distill(cfg)["scores"]) == 2  # Two tasks finish before it breaks.
+    broken["on"] = True
+    cfg = dataclasses.replace(cfg, max_tasks=6)
+    t0 = time.time()
+    with pytest.raises(distill_lib.DistillInfraError, match="is missing; run make image"):
+      distill_lib.distill(cfg)
+    assert time.time() - t0 < 10  # Fails fast: a setup error is not retried with backoff.
+    state = json.loads((tmp_path / "out" / distill_lib.STATE_FILE).read_text())
+    assert len(state["tasks"]) == 2  # The infra-only tasks are not marked done.
+    broken["on"] = False
+    made.clear()
+    res = distill_lib.distill(cfg)
+    assert len(res["scores"]) == 6 and res["kept"] == 6
+    assert len(made) == 4 * 2  # Only the 4 unfinished tasks ran (agent + grading sandbox each).
+  finally:
+    stop()
