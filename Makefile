@@ -29,19 +29,19 @@ host-tools:
 	  else echo "optional: run 'sudo apt-get install chromium' for the report rendering test"; fi
 
 image: $(STAMP)
-	$(VPY) -m klong_jax.rollout.image --ensure
+	$(VPY) -m klong_jax.sandbox.image --ensure
 
 demo: $(STAMP) image
 	$(VPY) -m klong_jax.demo --workdir=runs/demo
 
 test: $(STAMP) host-tools
-	$(VPY) -m ruff check klong_jax tests configs launch benchmarks sandbox
+	$(VPY) -m ruff check klong_jax tests configs launch benchmarks sandbox dev
 	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
 
 # The paper's ablation (truncated vs split SFT, progressive vs fixed RL) over 3 seeds on the
 # long-horizon suite; hours on 2 cores. Table: runs/ablation/ablation.md (measured: docs/).
 ablation: $(STAMP) image
-	$(VPY) -m klong_jax.experiments.ablation --out=runs/ablation --seeds=3
+	$(VPY) -m klong_jax.demo.ablation --out=runs/ablation --seeds=3
 
 bench: $(STAMP) image
 	$(VPY) -m benchmarks.run_all

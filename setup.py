@@ -59,7 +59,7 @@ setuptools.setup(
     entry_points={
         "console_scripts": [
             "klong-sft=klong_jax.train.sft:entry",
-            "klong-rl=klong_jax.train.rl:entry",
+            "klong-rl=klong_jax.rl.train:entry",
             "klong-serve=klong_jax.inference.server:entry",
             "klong-worker=klong_jax.rollout.worker:entry",
             "klong-factory=klong_jax.factory.__main__:entry",

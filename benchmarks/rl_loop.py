@@ -2,7 +2,7 @@
 
   python -m benchmarks.rl_loop [--steps=12 --gen_s=auto --workers=2]
 
-The trainer is the real one (`klong_jax.train.rl.run`: Grain stream source, jitted PPO step,
+The trainer is the real one (`klong_jax.rl.train.run`: Grain stream source, jitted PPO step,
 policy publishing, control.json). The fleet is simulated by threads that behave like
 `rollout/worker.py` against a hot-reloading server: each group "takes" `gen_s` seconds, is stamped
 with the newest published policy version, honours the sync gate (policy_min_version, one group per
@@ -60,7 +60,7 @@ def fleet(stream: str, policy: str, workers: int, gen_s: float, stop: threading.
 
 def one_mode(mode: str, steps: int, workers: int, gen_s: float, warmup: int = 3) -> dict:
   from configs import rl_tiny
-  from klong_jax.train import rl
+  from klong_jax.rl import train as rl_train
   root = tempfile.mkdtemp(prefix=f"rl_loop_{mode}_")
   stream, work = os.path.join(root, "stream"), os.path.join(root, "run")
   config = rl_tiny.get_config(f"steps={steps},batch=8,row_len=256,groups={workers},publish=1,"
@@ -69,7 +69,7 @@ def one_mode(mode: str, steps: int, workers: int, gen_s: float, warmup: int = 3)
   stop = threading.Event()
   fleet(stream, os.path.join(work, "policy"), workers, gen_s, stop)
   try:
-    out = rl.run(config, work, stream, mode=mode)
+    out = rl_train.run(config, work, stream, mode=mode)
   finally:
     stop.set()
   h = out["history"]

@@ -33,9 +33,9 @@ def main(argv):
   from klong_jax.agent.policy_server import serve_in_thread
   from klong_jax.data.tokenizer import default_tokenizer
   from klong_jax.factory.teacher import ScriptedTeacher
-  from klong_jax.rollout import image as image_lib
-  from klong_jax.rollout.sandbox import make_sandbox
   from klong_jax.rollout.worker import WorkerConfig, run_fleet
+  from klong_jax.sandbox import image as image_lib
+  from klong_jax.sandbox.base import make_sandbox
   from klong_jax.tasks import bundled_tasks_dir
 
   t0 = time.time()

@@ -24,11 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from klong_jax.launch import plan as plan_lib
+from klong_jax.model import sharded
 from klong_jax.model.config import get_preset
 from klong_jax.parallel import mesh as mesh_lib
 from klong_jax.parallel import rules as rules_lib
-from klong_jax.tools import devices, flops
-from klong_jax.tools import plan as plan_lib
+from klong_jax.perf import devices, flops
 from klong_jax.train import step as step_lib
 
 _PRESETS = flags.DEFINE_list("presets", ["tiny", "small"], "Model presets to time.")
@@ -53,7 +54,7 @@ def _mesh():
 
 
 def _state_and_batch(model_cfg, one, mesh, batch: int, seq: int, seed: int = 0):
-  model = rules_lib.create_sharded_model(model_cfg, mesh, seed=0)
+  model = sharded.create_sharded_model(model_cfg, mesh, seed=0)
   _, params, rest = step_lib.split_model(model)
   state = step_lib.init_state(params, rest, one.tx, one.state_shardings)
   rng = np.random.default_rng(seed)

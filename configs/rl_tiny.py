@@ -1,6 +1,6 @@
 """Progressive RL of the tiny MoE on the bundled tasks (CPU demo size).
 
-  python -m klong_jax.train.rl --config=configs/rl_tiny.py --workdir=runs/rl --stream=runs/stream \\
+  python -m klong_jax.rl.train --config=configs/rl_tiny.py --workdir=runs/rl --stream=runs/stream \\
       --init_checkpoint=runs/sft_tiny [--mode=async|sync]
 
 Arg string (comma-separated key=value, all optional): `steps=40`, `batch=2`, `row_len=512`,

@@ -106,12 +106,12 @@ def worker_deployment(spec: FleetSpec, name: str, replicas: int, args: list[str]
 def startup_script(runtime: str, args: list[str]) -> str:
   """The pod's shell command: start dockerd (sysbox), ensure the sandbox image, exec the worker.
 
-  The sandbox image (`klong_jax.rollout.image`, tagged by a content hash of sandbox/) is built
+  The sandbox image (`klong_jax.sandbox.image`, tagged by a content hash of sandbox/) is built
   into the Docker daemon the worker uses when missing: once per node with the host socket, once
   per pod with sysbox; gVisor pods run tasks with the `local` backend and need no image.
   """
   worker = "exec " + shlex.join(args)
-  ensure = "python3 -m klong_jax.rollout.image --ensure && "
+  ensure = "python3 -m klong_jax.sandbox.image --ensure && "
   if runtime == "docker-socket":
     return ensure + worker
   if runtime == "sysbox":

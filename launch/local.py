@@ -3,7 +3,7 @@
   python launch/local.py --config=configs/demo.py --workdir=runs/local [--dry_run]
       [--init_checkpoint=runs/demo/sft/checkpoints] [--sweep=rl.mode=sync --sweep=seed=1]
 
-xmanager shape (`Experiment -> Job -> Executable`, klong_jax/tools/experiment.py) in plain Python
+xmanager shape (`Experiment -> Job -> Executable`, klong_jax/launch/experiment.py) in plain Python
 with absl flags. Each role logs to `<workdir>/logs/<role>.log`; Ctrl-C or SIGTERM stops every
 role (SIGTERM, then SIGKILL after a grace period). `--sweep` (repeatable, "k=v,k=v") runs one
 work unit per override set, one after another, in `<workdir>/wu<i>`. `--dry_run` prints the plan.
@@ -23,7 +23,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from klong_jax.tools import experiment as xp  # noqa: E402
+from klong_jax.launch import experiment as xp  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/demo.py).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (logs, stream, policy, ckpts).")
@@ -92,8 +92,8 @@ def _default_tokenizer(c: ml_collections.ConfigDict, wd: str, dry_run: bool) -> 
   cache = os.path.join(wd, "tokenizer")
   if dry_run:
     return os.path.join(cache, f"<demo sentencepiece, vocab {c.tokenizer.vocab_size}>.model")
+  from klong_jax.demo import domain_tokenizer  # noqa: PLC0415
   from klong_jax.tasks import bundled_tasks_dir  # noqa: PLC0415
-  from klong_jax.tools import domain_tokenizer  # noqa: PLC0415
   return str(domain_tokenizer.from_config(c, c.tasks.root or bundled_tasks_dir(), cache).path)
 
 

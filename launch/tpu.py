@@ -34,7 +34,9 @@ import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 from etils import epath  # noqa: E402
 
-from klong_jax.tools import experiment as xp  # noqa: E402
+from klong_jax.launch import experiment as xp  # noqa: E402
+from klong_jax.parallel import rules as rules_lib  # noqa: E402
+from klong_jax.parallel.mesh import MESH_AXES, mesh_shape  # noqa: E402
 from launch import k8s, local  # noqa: E402  (local: --config/--workdir/--dry_run/--sweep flags)
 
 FLAGS = flags.FLAGS
@@ -95,21 +97,8 @@ def parse_slice(accelerator: str) -> Slice:
 
 def resolve_mesh(mesh: Any, chips: int) -> dict[str, int]:
   """Axis sizes (-1 resolved) checked against the slice; errors name the axis and the fix."""
-  from klong_jax.parallel.mesh import MESH_AXES, mesh_shape  # noqa: PLC0415  (imports jax)
-
   sizes = mesh.to_dict() if hasattr(mesh, "to_dict") else dict(mesh)
   return dict(zip(MESH_AXES, mesh_shape(sizes, chips), strict=True))
-
-
-def check_model_fits_mesh(model: Any, mesh: dict[str, int]) -> None:
-  """Expert and head counts must divide over the expert / tensor axes."""
-  if model.get("num_experts", 0) and model.num_experts % mesh["expert"]:
-    raise ValueError(f"model.num_experts={model.num_experts} does not divide over mesh "
-                     f"expert={mesh['expert']}; pick an expert axis that divides it")
-  for field in ("num_heads", "num_kv_heads"):
-    if model.get(field, 0) and model[field] % mesh["tensor"] and mesh["tensor"] % model[field]:
-      raise ValueError(f"model.{field}={model[field]} and mesh tensor={mesh['tensor']}: neither "
-                       "divides the other; change the tensor axis")
 
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
@@ -282,7 +271,9 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
   merged.mesh = ml_collections.ConfigDict(preset.mesh.to_dict())
   merged = local.apply_overrides(merged, overrides or {})
   mesh = resolve_mesh(merged.mesh, trainer_slice.chips)
-  check_model_fits_mesh(merged.model, mesh)
+  # The trainer's own check (same rules table), so a plan that passes cannot fail at start-up.
+  rules = tuple(merged.get("rules") or rules_lib.LOGICAL_RULES)
+  rules_lib.check_divisible(merged.model, mesh, rules)
   notes = []
   if merged.data.batch_size % trainer_slice.hosts:
     old = merged.data.batch_size
@@ -295,7 +286,7 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
   task_dir = tasks or f"{root}/tasks/train"
   model_name = name
   cfg_path, _, cfg_arg = trainer_spec.partition(":")
-  trainer = xp.Job("trainer", xp.Executable("klong_jax.train.rl", {
+  trainer = xp.Job("trainer", xp.Executable("klong_jax.rl.train", {
       "config": trainer_spec, "workdir": root, "stream": stream,
       "init_checkpoint": init_checkpoint or None, **config_diff(base, merged)}), primary=True)
   preset_name = _preset_name(merged.model)

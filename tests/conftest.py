@@ -23,7 +23,7 @@ def skip_or_fail(reason: str) -> None:
 def image():
   """The sandbox image tag (built once per host if missing); fails under KLONG_REQUIRE_DOCKER."""
   try:
-    from klong_jax.rollout import image as image_lib
+    from klong_jax.sandbox import image as image_lib
     return image_lib.ensure_image()
   except Exception as e:  # noqa: BLE001 - no engine / no build possible.
     skip_or_fail(f"docker sandbox image unavailable: {e}")

@@ -22,7 +22,7 @@ from typing import Any
 from klong_jax.agent import client as client_lib
 from klong_jax.agent.tools import TOOLS, execute_tool
 from klong_jax.data.context import ContextPolicy
-from klong_jax.rollout.sandbox import SUBMISSION, Sandbox
+from klong_jax.sandbox.base import SUBMISSION, Sandbox
 
 SYSTEM_PROMPT = (
     "You are a research agent reproducing a machine-learning paper in a sandbox. Use the tools to "

@@ -13,7 +13,7 @@ import shlex
 import uuid
 from typing import Any
 
-from klong_jax.rollout.sandbox import Sandbox
+from klong_jax.sandbox.base import Sandbox
 
 
 def _fn(name: str, desc: str, props: dict[str, Any], required: list[str]) -> dict[str, Any]:

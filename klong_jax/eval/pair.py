@@ -21,11 +21,12 @@ from absl import logging
 from klong_jax.agent import scaffold
 from klong_jax.eval import timeline as tl
 from klong_jax.eval.scores import score_tree
+from klong_jax.grading import reproduce as reproduce_lib
 from klong_jax.grading.grade import grade_submission
 from klong_jax.grading.judge_queue import EVAL_PRIORITY
 from klong_jax.grading.rubric import atomic_write_text, report, save_rubric
 from klong_jax.rollout import episode
-from klong_jax.rollout import sandbox as sandbox_lib
+from klong_jax.sandbox import base as sandbox_lib
 
 DEFAULT_INSTRUCTIONS = (
     "Reproduce the results of the paper. Write your code in the submission folder, commit your "
@@ -97,7 +98,7 @@ def grade_dir(task: Any, st: PairSettings, judge: Any, src_dir: str, out_dir: st
         shutil.copytree(src_dir, host_sub, dirs_exist_ok=True)
       os.makedirs(host_sub, exist_ok=True)
     else:
-      res, started = sandbox_lib.run_reproduce_in(fresh, files, timeout)
+      res, started = reproduce_lib.run_reproduce_in(fresh, files, timeout)
       if "reproduce.sh" in files:  # What reproduce.sh left; if it made that uncollectable,
         sandbox_lib.collect_submission(fresh, host_sub)  # checks still read it in `fresh`.
       elif files:
@@ -106,7 +107,7 @@ def grade_dir(task: Any, st: PairSettings, judge: Any, src_dir: str, out_dir: st
       log = os.path.join(host_sub, "reproduce.log")
       if not os.path.exists(log):
         atomic_write_text(log, res.output)
-      repro = sandbox_lib.ReproduceResult(res, res.output, host_sub, started)
+      repro = reproduce_lib.ReproduceResult(res, res.output, host_sub, started)
     graded = grade_submission(task, fresh, sandbox_lib.SUBMISSION, repro, judge,
                               commands=commands, host_submission_dir=host_sub, code_dev=code_dev,
                               run_reproduce_if_missing=False, priority=EVAL_PRIORITY)

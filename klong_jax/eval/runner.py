@@ -222,7 +222,7 @@ def _clean_stale(out: str) -> int:
 
 def _is_infra(e: BaseException) -> bool:
   from klong_jax.agent.client import InfraError
-  from klong_jax.rollout.sandbox import SandboxError
+  from klong_jax.sandbox.base import SandboxError
   return isinstance(e, (InfraError, SandboxError, OSError))
 
 

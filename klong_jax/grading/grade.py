@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shlex
 import time
 from collections.abc import Iterable
 from typing import Any
 
 from klong_jax.grading import blacklist as blacklist_lib
-from klong_jax.grading.checks import run_check, stamp_command
+from klong_jax.grading.checks import run_check
 from klong_jax.grading.judge_queue import TRAIN_PRIORITY
+from klong_jax.grading.reproduce import run_reproduce
 from klong_jax.grading.rubric import (
     GradedNode,
     LeafGrade,
@@ -43,18 +43,6 @@ class GradeResult:
     return {"score": self.score, "category_scores": self.category_scores,
             "judge_failures": self.judge_failures, "disqualified": self.disqualified,
             "reproduce": self.reproduce, "tree": self.tree.to_dict()}
-
-
-def run_reproduce(sandbox: Any, submission_dir: str, timeout_s: float,
-                  started_at: float | None = None) -> Any | None:
-  """Runs `bash reproduce.sh` in the submission dir; None when the file is missing. With
-  `started_at`, the files already there are first dated before it (checks.stamp_command)."""
-  q = shlex.quote(submission_dir)
-  probe = sandbox.exec(f"test -f {q}/reproduce.sh", 30.0)
-  if probe.exit_code != 0:
-    return None
-  stamp = "" if started_at is None else stamp_command(started_at) + " "
-  return sandbox.exec(f"cd {q} && {stamp}bash reproduce.sh 2>&1", timeout_s)
 
 
 def _disqualify(tree: GradedNode, reason: str) -> GradedNode:

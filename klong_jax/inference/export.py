@@ -7,7 +7,7 @@ Layout of DIR (written to DIR.tmp-* and renamed, so a bundle dir is always compl
   model_config.json    the ModelConfig fields
   tokenizer.model|json copy of the tokenizer file
   policy/<version>/    params (reload.save_policy format); doubles as a hot-reload root
-  hf/                  HF safetensors export, when klong_jax.model.hf provides one
+  hf/                  HF safetensors export (model.hf.export_hf; skipped with hf=False)
 
 Usage: python -m klong_jax.inference.export --config=configs/serve_tiny.py \
          --policy=RUN/policy [--version=N] [--bf16] --out=DIR
@@ -26,9 +26,14 @@ from typing import Any
 
 import jax.numpy as jnp
 from absl import app, flags, logging
+from flax import nnx
 from ml_collections import config_flags
 
-from klong_jax.inference import reload
+from klong_jax.data import tokenizer as tokenizer_lib
+from klong_jax.inference import hf_convert, reload
+from klong_jax.model import hf as hf_lib
+from klong_jax.model.config import from_config_dict
+from klong_jax.model.transformer import Transformer
 
 BUNDLE_FORMAT = 1
 CHAT_FORMATS = ("klong",)
@@ -72,10 +77,11 @@ def write_bundle(out: str | os.PathLike, model: Any, model_config: Any, tokenize
     (tmp / "model_config.json").write_text(json.dumps(cfg_dict, indent=1))
     tok_name = "tokenizer.json" if tok.suffix == ".json" else "tokenizer.model"
     shutil.copyfile(tok, tmp / tok_name)
-    hf_done = _maybe_export_hf(model, model_config, tmp / "hf", hf_config) if hf else False
+    if hf:
+      hf_lib.export_hf(model, model_config, str(tmp / "hf"), hf_config=hf_config)
     meta = {"format": BUNDLE_FORMAT, "model_name": model_name, "chat_format": chat_format,
             "tokenizer": tok_name, "policy_version": int(version),
-            "dtype": "bfloat16" if bf16 else None, "hf": hf_done}
+            "dtype": "bfloat16" if bf16 else None, "hf": bool(hf)}
     (tmp / "bundle.json").write_text(json.dumps(meta, indent=1))
     os.replace(tmp, out)
   except BaseException:
@@ -84,25 +90,8 @@ def write_bundle(out: str | os.PathLike, model: Any, model_config: Any, tokenize
   return out
 
 
-def _maybe_export_hf(model: Any, model_config: Any, out: pathlib.Path,
-                     hf_config: Mapping[str, Any] | None = None) -> bool:
-  """Calls klong_jax.model.hf's exporter when that module exists; False when it does not."""
-  try:
-    from klong_jax.model import hf
-  except ImportError:
-    logging.info("klong_jax.model.hf not available; skipping the HF safetensors export")
-    return False
-  export = getattr(hf, "export_hf", None) or getattr(hf, "save_hf", None)
-  if export is None:
-    logging.warning("klong_jax.model.hf has no export_hf/save_hf; skipping HF export")
-    return False
-  export(model, model_config, str(out), **({"hf_config": hf_config} if hf_config else {}))
-  return True
-
-
 def load_bundle(path: str | os.PathLike) -> Bundle:
   """Reads bundle.json and model_config.json; clear errors naming the missing piece."""
-  from klong_jax.model.config import from_config_dict
   path = pathlib.Path(path)
   meta_path = path / "bundle.json"
   if not meta_path.is_file():
@@ -125,11 +114,7 @@ def export_from_config(config: Any, out: str, policy: str | None = None,
                        tokenizer_path: str | None = None, model_name: str | None = None,
                        seed: int = 0) -> pathlib.Path:
   """Builds the model from `config.model`, loads the policy (if any), writes the bundle."""
-  from flax import nnx
 
-  from klong_jax.data import tokenizer as tokenizer_lib
-  from klong_jax.model.config import from_config_dict
-  from klong_jax.model.transformer import Transformer
 
   cfg = from_config_dict(config.model)
   model = Transformer(cfg, rngs=nnx.Rngs(seed))
@@ -146,22 +131,13 @@ def export_from_config(config: Any, out: str, policy: str | None = None,
     state = nnx.state(model, nnx.Not(nnx.RngState))
     state.replace_by_pure_dict(reload.load_policy(path, model))
     nnx.update(model, state)
-    hf_config = _original_hf_config(path)
+    hf_config = hf_convert.original_hf_config(path)
   if tokenizer_path is None:
     cache = config.get("serve", {}).get("tokenizer_cache", "/tmp/klong_tokenizer")
     tokenizer_path = tokenizer_lib.default_tokenizer(cache, vocab_size=cfg.vocab_size).path
   name = model_name or config.get("serve", {}).get("model_name", "klong-model")
   return write_bundle(out, model, cfg, str(tokenizer_path), version=v, bf16=bf16,
                       model_name=name, hf_config=hf_config)
-
-
-def _original_hf_config(policy: pathlib.Path) -> dict[str, Any] | None:
-  """The config.json an HF import saved beside the policy versions (see hf.convert_import)."""
-  try:
-    from klong_jax.model import hf
-  except ImportError:
-    return None
-  return hf.original_hf_config(policy)
 
 
 def _define_flags() -> None:

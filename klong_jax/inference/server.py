@@ -452,8 +452,9 @@ def build(config: Any = None, *, bundle: str | None = None,
   from klong_jax.inference import export, reload
   from klong_jax.inference.sampler import Sampler
   from klong_jax.model.config import from_config_dict
+  from klong_jax.model.sharded import create_sharded_model
   from klong_jax.parallel.mesh import make_mesh
-  from klong_jax.parallel.rules import LOGICAL_RULES, create_sharded_model
+  from klong_jax.parallel.rules import LOGICAL_RULES
 
   serve = serve_defaults()
   if config is not None and "serve" in config:

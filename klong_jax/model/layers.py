@@ -14,6 +14,7 @@ from flax import nnx
 from flax.core import spmd as core_spmd
 
 from klong_jax.model.config import ModelConfig
+from klong_jax.parallel.rules import LOGICAL_RULES
 
 Names = Sequence[str | None]
 
@@ -23,7 +24,6 @@ def current_rules() -> tuple[tuple[str, object], ...]:
   rules = core_spmd.get_logical_axis_rules()
   if rules:
     return tuple(rules)
-  from klong_jax.parallel.rules import LOGICAL_RULES  # Local import: rules imports nothing here.
   return LOGICAL_RULES
 
 
@@ -64,7 +64,7 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], names: Names, cfg: ModelConfig,
   """A Param with logical sharding names; `init` is "normal" (std), "zeros" or "ones".
 
   Eager sharding is off so a model's pytree (metadata included) is the same with or without a
-  mesh; `parallel.rules.create_sharded_model` places params by their `out_sharding` names.
+  mesh; `model.sharded.create_sharded_model` places params by their `out_sharding` names.
   """
   if init == "normal":
     base = jax.nn.initializers.normal(stddev=cfg.init_std if std is None else std)

@@ -3,16 +3,17 @@
 Modules name every weight and activation dim logically (`embed`, `mlp`, `expert`, `act_batch`);
 this table alone maps those names to the mesh axes ("data", "fsdp", "expert", "tensor"). Weights
 and activations (`act_*`) are kept apart so each can be resharded on its own. A config may pass
-its own table to `create_sharded_model`.
+its own table (`model.sharded.create_sharded_model`, the trainers' `config.rules`). The table is
+data; the helpers below only read it (this package never imports the model).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
-from flax import nnx
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -73,36 +74,24 @@ def activation_sharding(mesh: jax.sharding.Mesh, names: tuple[str | None, ...],
   return jax.sharding.NamedSharding(mesh, jax.P(*parts))
 
 
-def check_divisible(cfg: Any, mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_RULES) -> None:
-  """Raises ValueError naming the mesh axis and model field when a sharded dim does not divide."""
-  dims = {"vocab": ("vocab_size", cfg.vocab_size), "embed": ("hidden_size", cfg.hidden_size),
-          "heads": ("num_heads", cfg.num_heads), "kv_heads": ("num_kv_heads", cfg.num_kv_heads),
-          "mlp": ("intermediate_size", cfg.intermediate_size),
-          "expert": ("num_experts", cfg.num_experts),
-          "expert_mlp": ("moe_intermediate_size", cfg.moe_intermediate_size)}
-  for logical, (field, size) in dims.items():
-    axes = tuple(a for a in _lookup(rules, logical) if a in mesh.axis_names)
-    n = math.prod(mesh.shape[a] for a in axes)
+def check_divisible(cfg: Any, mesh: jax.sharding.Mesh | Mapping[str, int],
+                    rules: Rules = LOGICAL_RULES) -> None:
+  """Raises ValueError naming the mesh axis and model field when a sharded dim does not divide.
+
+  `mesh` is a Mesh or its axis sizes ({"expert": 8, ...}, as a pod plan has them before any
+  device exists): the one check the trainers, the HF importer and `launch/tpu.py` all run.
+  """
+  shape = dict(mesh.shape) if isinstance(mesh, jax.sharding.Mesh) else dict(mesh)
+  get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
+  dims = {"vocab": "vocab_size", "embed": "hidden_size", "heads": "num_heads",
+          "kv_heads": "num_kv_heads", "mlp": "intermediate_size", "expert": "num_experts",
+          "expert_mlp": "moe_intermediate_size"}
+  for logical, field in dims.items():
+    size = get(field, 0)
+    if not size:
+      continue
+    axes = tuple(a for a in _lookup(rules, logical) if a in shape)
+    n = math.prod(shape[a] for a in axes)
     if size % n:
       raise ValueError(f"mesh axes {axes} (size {n}) do not divide model.{field}={size} "
                        f"(logical axis {logical!r}); change the mesh or the model config")
-
-
-def create_sharded_model(cfg: Any, mesh: jax.sharding.Mesh, seed: int = 0,
-                         rules: Rules = LOGICAL_RULES) -> Any:
-  """A Transformer whose params are born sharded per `rules` on `mesh` (jit-initialised)."""
-  from klong_jax.model.transformer import Transformer  # Local: keeps this table import-light.
-
-  check_divisible(cfg, mesh, rules)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(seed)))
-    shardings = nnx.get_named_sharding(nnx.state(abstract), mesh)
-
-    @jax.jit
-    def init() -> Any:
-      state = nnx.state(Transformer(cfg, rngs=nnx.Rngs(seed)))
-      return jax.lax.with_sharding_constraint(state, shardings)
-
-    state = init()
-    graphdef = nnx.graphdef(abstract)
-  return nnx.merge(graphdef, state)

@@ -1,7 +1,7 @@
 """The jitted RL train step: PPO-style clipped surrogate vs the sampler + KL to a reference policy.
 
 Same TrainState, shardings, optimizer and MoE bias update as the SFT step (train/step.py); the
-loss is `train.losses.ppo_loss` on packed rows that carry the behaviour logprobs and the rollout
+loss is `rl.losses.ppo_loss` on packed rows that carry the behaviour logprobs and the rollout
 advantages. The reference policy (params at the start of the current curriculum stage) is a
 separate, non-donated params tree with the params' shardings; its forward runs only if kl_coef > 0.
 `update_plan` cuts one element into PPO epochs x minibatches optimizer updates (verl's
@@ -22,6 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from klong_jax.rl import losses as rl_losses
 from klong_jax.train import losses, optim
 from klong_jax.train import step as step_lib
 
@@ -56,7 +57,7 @@ def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_para
                                                    batch["segment_ids"])
     ref_logp = jax.lax.stop_gradient(tempered_logprobs(ref_logits))
   ratio_cap = float(rl.get("ratio_cap", 0.0)) or None
-  pg, m = losses.ppo_loss(
+  pg, m = rl_losses.ppo_loss(
       logp, losses.shift_aligned(batch["logprobs"]), losses.shift_aligned(batch["advantages"]),
       weights, batch["segment_ids"], ref_logp=ref_logp, clip_low=float(rl.clip_low),
       clip_high=float(rl.clip_high), kl_coef=kl_coef, kl_estimator=rl.get("kl_estimator", "k3"),

@@ -11,7 +11,7 @@ from typing import Any
 
 from klong_jax.agent import scaffold
 from klong_jax.agent.tools import TOOLS
-from klong_jax.rollout import sandbox as sandbox_lib
+from klong_jax.sandbox import base as sandbox_lib
 
 
 def task_files(task: Any) -> dict[str, bytes]:

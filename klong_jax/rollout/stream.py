@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from klong_jax.data.shards import ShardWriter
+from klong_jax.sandbox.base import pid_alive
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,17 +63,6 @@ def read_control(stream: str) -> Control:
   return Control(stage=int(d.get("stage", 0)), time_limit_s=None if tl is None else float(tl),
                  policy_min_version=int(d.get("policy_min_version", -1)),
                  tasks=tuple(str(t) for t in d.get("tasks") or ()))
-
-
-def pid_alive(pid: int) -> bool:
-  """Whether a process with this pid exists on this host (owners of claims and containers)."""
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 class Stream:

@@ -33,9 +33,10 @@ from klong_jax.agent import scaffold
 from klong_jax.agent.tools import TOOLS
 from klong_jax.data.schema import Trajectory
 from klong_jax.data.shards import SUFFIX as SHARD_SUFFIX
+from klong_jax.grading import reproduce as reproduce_lib
 from klong_jax.rollout import episode
-from klong_jax.rollout import sandbox as sandbox_lib
 from klong_jax.rollout.stream import Stream, read_control
+from klong_jax.sandbox import base as sandbox_lib
 
 
 @dataclasses.dataclass
@@ -172,11 +173,11 @@ class Worker:
       logging.warning("%s: %s: submission graded as empty: %s", self.name, task.id,
                       failure["failure_detail"])
     with sandbox_lib.make_sandbox(cfg.backend, **cfg.limits) as fresh:
-      res, started = sandbox_lib.run_reproduce_in(fresh, files, cfg.reproduce_timeout_s)
+      res, started = reproduce_lib.run_reproduce_in(fresh, files, cfg.reproduce_timeout_s)
       if failure:
         res.output = f"[submission not collected: {failure['failure_detail']}]\n{res.output}"
       # output_dir is the agent's copy: checks read the reproduced files in `fresh` itself.
-      repro = sandbox_lib.ReproduceResult(res, res.output, host_sub, started)
+      repro = reproduce_lib.ReproduceResult(res, res.output, host_sub, started)
       commands = episode.agent_commands(ep.messages)
       reward, details = _grade(task, fresh, host_sub, repro, commands, self.judge)
     tmp.cleanup()
@@ -283,7 +284,7 @@ class Worker:
     if n:
       logging.info("%s: removed %d temp files of interrupted writes", self.name, n)
     if self.cfg.backend == "docker":
-      from klong_jax.rollout.docker_backend import gc_leaked
+      from klong_jax.sandbox.docker_backend import gc_leaked
       n = gc_leaked()
       if n:
         logging.info("%s: removed %d leaked sandbox objects", self.name, n)

@@ -22,7 +22,7 @@ from klong_jax.data import chat, pipeline, shards, synthetic, tokenizer
 from klong_jax.data.splitting import SplitConfig
 from klong_jax.parallel import mesh as mesh_lib
 from klong_jax.parallel import rules as rules_lib
-from klong_jax.tools import devices, flops
+from klong_jax.perf import devices, flops
 from klong_jax.train import checkpoint, metrics, optim
 from klong_jax.train import step as step_lib
 

@@ -21,7 +21,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from klong_jax.model import moe_router
+from klong_jax.model import moe_router, sharded
+from klong_jax.model.config import from_config_dict
 from klong_jax.model.moe import ExpertBias
 from klong_jax.train import losses, optim
 
@@ -58,10 +59,8 @@ def build_trainer_parts(config: ml_collections.ConfigDict, mesh: Mesh,
                         rules: Sequence[tuple[str, Any]]) -> TrainerParts:
   """The sharded model (config.model, seed config.seed) split into params / rest, the optimizer
   (config.optim) and the TrainState shardings."""
-  from klong_jax.model.config import from_config_dict  # noqa: PLC0415
-  from klong_jax.parallel import rules as rules_lib  # noqa: PLC0415
   model_cfg = from_config_dict(config.model)
-  model = rules_lib.create_sharded_model(model_cfg, mesh, seed=config.seed, rules=rules)
+  model = sharded.create_sharded_model(model_cfg, mesh, seed=config.seed, rules=rules)
   graphdef, params, rest = split_model(model)
   tx = optim.make_optimizer(config.optim)
   return TrainerParts(model_cfg, graphdef, params, rest, tx,

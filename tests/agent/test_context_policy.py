@@ -25,7 +25,7 @@ from klong_jax.data.schema import Trajectory
 from klong_jax.data.splitting import SplitConfig, split_trajectory
 from klong_jax.factory.teacher import ScriptedTeacher
 from klong_jax.rollout import episode
-from klong_jax.rollout.sandbox import make_sandbox
+from klong_jax.sandbox.base import make_sandbox
 from klong_jax.tasks import load_task
 from klong_jax.tasks import long_suite as ls
 from klong_jax.tasks.families import FAMILY_BY_FN, fresh_params

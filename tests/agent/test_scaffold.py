@@ -7,7 +7,7 @@ import pytest
 from klong_jax.agent import client as client_lib
 from klong_jax.agent import scaffold
 from klong_jax.agent.policy_server import serve_in_thread
-from klong_jax.rollout.sandbox import make_sandbox
+from klong_jax.sandbox.base import make_sandbox
 
 
 def _call(name, args, raw=None):

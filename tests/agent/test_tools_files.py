@@ -3,7 +3,7 @@
 import pytest
 
 from klong_jax.agent.tools import execute_tool
-from klong_jax.rollout.sandbox import make_sandbox
+from klong_jax.sandbox.base import make_sandbox
 
 
 @pytest.fixture

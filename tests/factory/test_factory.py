@@ -189,7 +189,7 @@ def test_distill_infra_failures_fail_loudly_and_resume(tmp_path, monkeypatch):
   from klong_jax.data.tokenizer import default_tokenizer
   from klong_jax.factory import distill as distill_lib
   from klong_jax.factory.teacher import ScriptedTeacher
-  from klong_jax.rollout import sandbox as sandbox_lib
+  from klong_jax.sandbox import base as sandbox_lib
   from klong_jax.tasks import bundled_tasks_dir
 
   default_tokenizer(tmp_path / "tok", 512)

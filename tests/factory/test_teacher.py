@@ -13,7 +13,7 @@ from klong_jax.factory.teacher import (
 )
 from klong_jax.grading.grade import grade_submission
 from klong_jax.rollout.episode import task_files
-from klong_jax.rollout.sandbox import make_sandbox
+from klong_jax.sandbox.base import make_sandbox
 from klong_jax.tasks import bundled_tasks_dir, list_tasks, load_task
 
 TOOLS = [{"type": "function", "function": {"name": n, "parameters": {

@@ -10,7 +10,7 @@ from klong_jax.grading import checks
 from klong_jax.grading.blacklist import find_violation, normalize
 from klong_jax.grading.grade import grade_submission
 from klong_jax.grading.rubric import rubric_from_dict
-from klong_jax.rollout.sandbox import make_sandbox
+from klong_jax.sandbox.base import make_sandbox
 
 SUB = "/workspace/submission"
 
@@ -140,7 +140,7 @@ def test_blacklist_in_submission_files(tmp_path):
 
 
 def test_reproduce_result_object_accepted(sb, tmp_path):
-  from klong_jax.rollout.sandbox import ReproduceResult
+  from klong_jax.grading.reproduce import ReproduceResult
   res = _repro(sb)
   rr = ReproduceResult(res, res.output, str(tmp_path), started_at=0.0)
   g = grade_submission(_task(MIXED), sb, SUB, reproduce_result=rr, judge=FakeJudge())
@@ -173,7 +173,7 @@ STALE = b'{"acc": 0.91}'  # What the agent's own run left in the submission.
     ({"reproduce.sh": b"python3 run.py fail\n", "run.py": RUN, "results/m.json": STALE}, 1 / 3),
 ])
 def test_result_leaves_count_only_files_the_reproduce_run_wrote(files, want):
-  from klong_jax.rollout.sandbox import ReproduceResult, run_reproduce_in
+  from klong_jax.grading.reproduce import ReproduceResult, run_reproduce_in
   with make_sandbox("local") as fresh:
     res, started = run_reproduce_in(fresh, files, 30)
     assert (started is None) == ("reproduce.sh" not in files)

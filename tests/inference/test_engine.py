@@ -7,8 +7,9 @@ from flax import nnx
 
 from klong_jax.inference.engine import ContextLengthError, Engine
 from klong_jax.inference.sampler import Sampler, SamplingParams
+from klong_jax.model.sharded import create_sharded_model
 from klong_jax.parallel.mesh import make_mesh
-from klong_jax.parallel.rules import LOGICAL_RULES, create_sharded_model
+from klong_jax.parallel.rules import LOGICAL_RULES
 
 from .conftest import full_forward_logprobs
 

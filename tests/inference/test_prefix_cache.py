@@ -150,8 +150,9 @@ def test_sharded_cached_equals_unsharded_uncached(tiny_cfg, sampler):
   """The pool and its copy kernels under a 2x2x2 mesh (KV cache sharded over 8 devices)."""
   import ml_collections  # noqa: PLC0415
 
+  from klong_jax.model.sharded import create_sharded_model  # noqa: PLC0415
   from klong_jax.parallel.mesh import make_mesh  # noqa: PLC0415
-  from klong_jax.parallel.rules import LOGICAL_RULES, create_sharded_model  # noqa: PLC0415
+  from klong_jax.parallel.rules import LOGICAL_RULES  # noqa: PLC0415
   if jax.device_count() < 8:
     pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8 (make test sets it)")
   mesh = make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, expert=2, tensor=2)))

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from klong_jax.tools import experiment as xp
-from klong_jax.tools import procs
+from klong_jax.launch import experiment as xp
+from klong_jax.launch import procs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -23,7 +23,7 @@ def test_dry_run_prints_every_role_and_writes_nothing(tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
   for name in ("[trainer] (primary)", "[server]", "[worker0]", "[worker1]", "[worker2]"):
     assert name in out, out
-  assert "-m klong_jax.train.rl" in out and "--init_checkpoint=/ckpt/sft" in out
+  assert "-m klong_jax.rl.train" in out and "--init_checkpoint=/ckpt/sft" in out
   assert f"--stream={wd}/stream" in out and f"--policy_dir={wd}/policy" in out
   assert "-m klong_jax.rollout.worker" in out and "--worker=worker2" in out
   assert not wd.exists()

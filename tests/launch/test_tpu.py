@@ -46,7 +46,7 @@ def test_glm_on_v5p_256_plan():
   assert {e["KLONG_NUM_PROCESSES"] for e in envs} == {"32"}
   assert {e["KLONG_COORDINATOR"] for e in envs} == {"${COORDINATOR}:8476"}
   argv = plan.trainer.executable.argv("python3")
-  assert argv[:3] == ["python3", "-m", "klong_jax.train.rl"]
+  assert argv[:3] == ["python3", "-m", "klong_jax.rl.train"]
   # The preset's model/mesh reach the RL trainer as config overrides; global batch splits by host.
   assert "--config.model.num_experts=128" in argv and "--config.mesh.expert=8" in argv
   assert "--config.data.batch_size=32" in argv and plan.notes
@@ -75,7 +75,7 @@ def test_fleet_manifests():
     assert pod["volumes"][0]["csi"]["volumeAttributes"]["bucketName"] == "bkt"
     cmd = pod["containers"][0]["command"][-1]
     assert f"--server=http://${{KLONG_SERVER_{i}}}:8000/v1" in cmd
-    assert "--backend=docker" in cmd and "klong_jax.rollout.image --ensure" in cmd
+    assert "--backend=docker" in cmd and "klong_jax.sandbox.image --ensure" in cmd
     assert d["spec"]["selector"]["matchLabels"] == d["spec"]["template"]["metadata"]["labels"]
 
 
@@ -99,6 +99,9 @@ def test_bad_inputs_name_the_fix():
     _plan(overrides={"mesh.expert": 3})  # 3 does not divide 128 chips
   with pytest.raises(ValueError, match="num_experts"):
     _plan(tpu="v5p-512", overrides={"mesh.expert": 256})  # 256 experts-axis > 128 experts
+  # The trainer's own divisibility check: 8 kv heads over tensor=16 fails here, not at start-up.
+  with pytest.raises(ValueError, match="num_kv_heads=8"):
+    _plan(overrides={"mesh.tensor": 16})
   with pytest.raises(KeyError, match="no field"):
     _plan(overrides={"rl.not_a_field": 1})
   with pytest.raises(ValueError, match="runtime"):

@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from safetensors.numpy import load_file, save_file
 
+from klong_jax.inference import hf_convert
 from klong_jax.model import hf, hf_names
 from klong_jax.model.config import ConfigError, get_preset
 from klong_jax.parallel.mesh import make_mesh
@@ -256,7 +257,7 @@ def test_sharded_import_matches(exports, name, sizes, specs):
   _tree_equal(model, imported)
   tree = hf.params_tree(imported)
   for path, spec in specs.items():
-    leaf = hf._get(tree, path)
+    leaf = hf.tree_get(tree, path)
     assert leaf.sharding.is_equivalent_to(NamedSharding(mesh, spec), leaf.ndim), path
   again = hf.export_hf(imported, cfg, out.parent / f"again-{name}")  # Export from shards, too.
   _tree_equal(model, hf.import_hf(again))
@@ -332,7 +333,7 @@ def test_glm45_air_hf_shapes():
   tree = state.to_pure_dict()
   shapes = {}
   for spec in hf_names.tensor_specs(cfg):
-    full = hf._get(tree, spec.path).shape
+    full = hf.tree_get(tree, spec.path).shape
     for _, name in hf_names.expand(spec, full):
       shapes[name] = hf_names.hf_shape(spec, full[spec.lead:])
   assert shapes["model.embed_tokens.weight"] == (151552, 4096)
@@ -367,13 +368,13 @@ def test_qwen_dense_layers_must_be_a_prefix():
 def test_cli_import_then_export(exports, tmp_path):
   cfg, model, out = exports("glm")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  run = subprocess.run([sys.executable, "-m", "klong_jax.model.hf", f"--import_dir={out}",
-                        f"--out={tmp_path / 'policy'}", "--version=3"],
+  run = subprocess.run([sys.executable, "-m", "klong_jax.inference.hf_convert",
+                        f"--import_dir={out}", f"--out={tmp_path / 'policy'}", "--version=3"],
                        capture_output=True, text=True, env=env, timeout=120)
   assert run.returncode == 0, run.stderr[-2000:]
   assert (tmp_path / "policy" / "3" / "params").is_dir()
   assert (tmp_path / "policy" / "model_config.json").is_file()
-  back = hf.convert_export(tmp_path / "policy", tmp_path / "hf2")
+  back = hf_convert.convert_export(tmp_path / "policy", tmp_path / "hf2")
   old, new = {}, {}
   for d, acc in ((out, old), (back, new)):
     for f in pathlib.Path(d).glob("*.safetensors"):
@@ -433,8 +434,8 @@ def test_export_keeps_the_original_config_json(exports, tmp_path, name):
   (src / "config.json").write_text(json.dumps(original))
   imported = hf.import_hf(src)
   assert imported.cfg == cfg
-  hf.convert_import(src, tmp_path / "policy")
-  back = hf.convert_export(tmp_path / "policy", tmp_path / "back")
+  hf_convert.convert_import(src, tmp_path / "policy")
+  back = hf_convert.convert_export(tmp_path / "policy", tmp_path / "back")
   exported = json.loads((back / "config.json").read_text())
   assert exported == original
   assert hf_names.from_hf_config(exported) == cfg

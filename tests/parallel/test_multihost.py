@@ -42,8 +42,9 @@ def train(steps: int = STEPS) -> tuple[list[dict[str, float]], dict[str, np.ndar
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
   from klong_jax.model.config import get_preset  # noqa: PLC0415
+  from klong_jax.model.sharded import create_sharded_model  # noqa: PLC0415
   from klong_jax.parallel.mesh import make_mesh  # noqa: PLC0415
-  from klong_jax.parallel.rules import LOGICAL_RULES, batch_sharding, create_sharded_model  # noqa: PLC0415,E501
+  from klong_jax.parallel.rules import LOGICAL_RULES, batch_sharding  # noqa: PLC0415
   from klong_jax.train import optim  # noqa: PLC0415
   from klong_jax.train import step as step_lib  # noqa: PLC0415
 

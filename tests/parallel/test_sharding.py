@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from klong_jax.model.config import get_preset
+from klong_jax.model.sharded import create_sharded_model
 from klong_jax.model.transformer import Transformer
 from klong_jax.parallel.mesh import make_mesh
 from klong_jax.parallel.rules import (
@@ -16,7 +17,6 @@ from klong_jax.parallel.rules import (
     activation_sharding,
     batch_sharding,
     check_divisible,
-    create_sharded_model,
 )
 
 CFG = get_preset("tiny")

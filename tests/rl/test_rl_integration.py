@@ -36,7 +36,7 @@ def _metrics(run):
 
 def test_trainer_server_worker(tmp_path):
   try:
-    from klong_jax.rollout import image as image_lib
+    from klong_jax.sandbox import image as image_lib
     image_lib.ensure_image()
   except Exception as e:  # noqa: BLE001
     skip_or_fail(f"docker sandbox image unavailable: {e}")
@@ -48,7 +48,7 @@ def test_trainer_server_worker(tmp_path):
   procs = {}
   try:
     procs["trainer"] = subprocess.Popen(
-        [PY, "-m", "klong_jax.train.rl", "--workdir", run, "--stream", stream,
+        [PY, "-m", "klong_jax.rl.train", "--workdir", run, "--stream", stream,
          "--config=configs/rl_tiny.py:runlocal,steps=3,batch=1,row_len=3072,staleness=0,"
          "publish=1", "--config.rl.wait_timeout_s=400"],
         cwd=REPO, env=env, stdout=logs["trainer"], stderr=subprocess.STDOUT)

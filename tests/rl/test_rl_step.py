@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from klong_jax.model.config import get_preset
+from klong_jax.model.sharded import create_sharded_model
 from klong_jax.parallel.mesh import make_mesh
-from klong_jax.parallel.rules import create_sharded_model
 from klong_jax.rl import step as rl_step
 from klong_jax.train import losses
 from klong_jax.train import step as step_lib

@@ -8,8 +8,8 @@ import pytest
 
 from configs import rl_tiny
 from klong_jax.inference import reload
+from klong_jax.rl import train as rl_train
 from klong_jax.rollout.stream import read_control
-from klong_jax.train import rl
 from tests.rl.fakes import write_group
 
 
@@ -37,17 +37,17 @@ def test_publish_curriculum_crash_and_resume(tmp_path):
     write_group(stream, 1, f"b{i}", [0.0, 1.0, 1.0], version=0, seed=10 * i + 5)
   assert read_control(stream).stage == 0
   with pytest.raises(RuntimeError, match="simulated crash after step 3"):
-    rl.run(_config(crash_after=3), work, stream)
+    rl_train.run(_config(crash_after=3), work, stream)
   assert reload.list_versions(os.path.join(work, "policy")) == [0, 1]  # v0 + after step 2
   first = [json.loads(x) for x in open(os.path.join(work, "consumed.jsonl"))]
-  out = rl.run(_config(), work, stream)  # restart: resumes from the step-2 checkpoint
+  out = rl_train.run(_config(), work, stream)  # restart: resumes from the step-2 checkpoint
   assert out["start"] == 2 and out["step"] == 6 and out["stage"] == 1
   # Versions: restored params re-published as 2, then after steps 4 and 6.
   assert reload.list_versions(os.path.join(work, "policy")) == [0, 1, 2, 3, 4]
   # The newest version is the final policy, router selection bias included (the bias moves during
   # RL too: a params-only version would route tokens differently on the servers).
   import jax
-  final = rl.policy_tree(out["state"].params, out["state"].rest)
+  final = rl_train.policy_tree(out["state"].params, out["state"].rest)
   got = reload.load_policy(os.path.join(work, "policy", "4"), final)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(final), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -77,6 +77,7 @@ def test_publish_curriculum_crash_and_resume(tmp_path):
 def test_init_from_sft_checkpoint_and_policy_dir(tmp_path):
   import jax
 
+  from klong_jax.model import sharded
   from klong_jax.model.config import from_config_dict
   from klong_jax.parallel import mesh as mesh_lib
   from klong_jax.parallel import rules as rules_lib
@@ -85,7 +86,7 @@ def test_init_from_sft_checkpoint_and_policy_dir(tmp_path):
   c = _config()
   mesh = mesh_lib.make_mesh(c.mesh)
   def params(seed):
-    m = rules_lib.create_sharded_model(from_config_dict(c.model), mesh, seed=seed)
+    m = sharded.create_sharded_model(from_config_dict(c.model), mesh, seed=seed)
     return step_lib.split_model(m)
   _, p1, r1 = params(1)
   # SFT moved the router's selection bias (outside the gradient): it is part of the policy.
@@ -96,21 +97,21 @@ def test_init_from_sft_checkpoint_and_policy_dir(tmp_path):
                                                                    rules_lib.LOGICAL_RULES))
   with checkpoint.Checkpointer(str(tmp_path / "sft" / "checkpoints"), async_save=False) as ck:
     ck.save(7, state, force=True)
-  reload.save_policy(tmp_path / "pol", 3, rl.policy_tree(p1, r1))
+  reload.save_policy(tmp_path / "pol", 3, rl_train.policy_tree(p1, r1))
   reload.save_policy(tmp_path / "params_only", 0, p1)
   _, p0, r0 = params(0)
   def same(x, y):
     for a, b in zip(jax.tree.leaves(x), jax.tree.leaves(y), strict=True):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   for src in (tmp_path / "sft", tmp_path / "pol", tmp_path / "pol" / "3"):
-    got_p, got_r = rl.load_init_params(str(src), p0, r0)
+    got_p, got_r = rl_train.load_init_params(str(src), p0, r0)
     same(got_p, p1)
     same(got_r, r1)
-  got_p, got_r = rl.load_init_params(str(tmp_path / "params_only"), p0, r0)
+  got_p, got_r = rl_train.load_init_params(str(tmp_path / "params_only"), p0, r0)
   same(got_p, p1)
   same(got_r, r0)  # A params-only policy keeps the given router state.
   with pytest.raises(FileNotFoundError, match="no SFT checkpoint"):
-    rl.load_init_params(str(tmp_path), p0, r0)
+    rl_train.load_init_params(str(tmp_path), p0, r0)
 
 
 @pytest.mark.slow
@@ -127,7 +128,7 @@ def test_sigkilled_trainer_process_resumes_exactly_once(tmp_path):
     write_group(stream, 0, f"a{i}", [1.0, 0.0, 0.5], version=0, seed=10 * i)
     write_group(stream, 1, f"b{i}", [0.0, 1.0, 1.0], version=0, seed=10 * i + 5)
   repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  argv = [sys.executable, "-m", "klong_jax.train.rl",
+  argv = [sys.executable, "-m", "klong_jax.rl.train",
           "--config=configs/rl_tiny.py:runlocal,steps=6,stage_steps=4,batch=8,row_len=128,"
           "staleness=100", "--config.optim.lr=0.01", f"--workdir={work}", f"--stream={stream}"]
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
@@ -180,7 +181,7 @@ def test_ppo_epochs_and_minibatches_resume_equals_uninterrupted(tmp_path):
 
   fill(str(tmp_path / "s1"))
   shutil.copytree(tmp_path / "s1", tmp_path / "s2")
-  whole = rl.run(config(), str(tmp_path / "w1"), str(tmp_path / "s1"))
+  whole = rl_train.run(config(), str(tmp_path / "w1"), str(tmp_path / "s1"))
   m = _metrics(str(tmp_path / "w1"))
   updates = [int(m[s]["ppo/updates"]) for s in sorted(m)]
   # 6 one-chunk rollouts per element: 2 minibatches (3 + 3 loss rows) x 2 epochs.
@@ -192,8 +193,8 @@ def test_ppo_epochs_and_minibatches_resume_equals_uninterrupted(tmp_path):
   assert m[1]["lr"] == pytest.approx(config().optim.lr * 3 / 8, rel=1e-6)
 
   with pytest.raises(RuntimeError, match="simulated crash after step 3"):
-    rl.run(config(crash_after=3), str(tmp_path / "w2"), str(tmp_path / "s2"))
-  resumed = rl.run(config(), str(tmp_path / "w2"), str(tmp_path / "s2"))
+    rl_train.run(config(crash_after=3), str(tmp_path / "w2"), str(tmp_path / "s2"))
+  resumed = rl_train.run(config(), str(tmp_path / "w2"), str(tmp_path / "s2"))
   assert resumed["start"] == 2 and int(resumed["state"].step) == sum(updates)
   for a, b in zip(jax.tree.leaves(whole["state"].params), jax.tree.leaves(
       resumed["state"].params), strict=True):
@@ -204,4 +205,4 @@ def test_minibatches_must_divide_the_data_parallel_batch(tmp_path):
   c = _config()
   c.rl.minibatches = 3
   with pytest.raises(ValueError, match="rl.minibatches"):
-    rl.run(c, str(tmp_path / "w"), str(tmp_path / "s"))
+    rl_train.run(c, str(tmp_path / "w"), str(tmp_path / "s"))

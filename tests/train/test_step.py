@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from klong_jax.model.config import get_preset
+from klong_jax.model.sharded import create_sharded_model
 from klong_jax.parallel.mesh import make_mesh
-from klong_jax.parallel.rules import LOGICAL_RULES, batch_sharding, create_sharded_model
+from klong_jax.parallel.rules import LOGICAL_RULES, batch_sharding
 from klong_jax.train import optim
 from klong_jax.train import step as step_lib
 

@@ -1,0 +1,223 @@
+"""The KLong ablation on the long-horizon suite, over seeds: one command, a JSON + Markdown table.
+
+  python -m klong_jax.demo.ablation --out=runs/ablation --seeds=3 [--config=configs/demo.py]
+
+Arms (the paper's Table: base SFT 38.6 -> split SFT 55.9 -> RL 2h/4h/6h 57.3/58.7/62.6), each
+held-out reward after the arm, per seed:
+  truncated  SFT on the first max_len tokens of each trajectory only (no splitting),
+  split      trajectory-splitting SFT (the same distilled data, the same steps),
+  rl_prog    split SFT + progressive RL (the config's stages of growing time limits),
+  rl_fixed   split SFT + RL at the final time limit from the start (one stage, same steps).
+Every arm of a seed shares that seed's tokenizer and distilled trajectories; the RL arms start
+from the split arm's checkpoint. Each arm is a `klong_jax.demo` run in its own dir (phases that
+finished are skipped on a re-run, so an interrupted ablation resumes). Writes
+`<out>/ablation.json`, `<out>/ablation.md` and `<out>/ablation.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from klong_jax.demo import pipeline
+
+ARMS = ("truncated", "split", "rl_prog", "rl_fixed")
+LABELS = {"truncated": "SFT, truncated (no splitting)", "split": "SFT, trajectory splitting",
+          "rl_prog": "split SFT + progressive RL", "rl_fixed": "split SFT + fixed-limit RL"}
+_FLAGS: dict[str, Any] = {}
+
+
+def _define_flags() -> None:
+  """Flags only when run as a program (importing this next to launch/local.py must not clash)."""
+  _FLAGS["config"] = config_flags.DEFINE_config_file("config", "configs/demo.py",
+                                                     "Base demo config.")
+  _FLAGS["out"] = flags.DEFINE_string("out", "runs/ablation", "Output dir (per seed and arm).")
+  _FLAGS["seeds"] = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1.")
+  _FLAGS["arms"] = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, of {ARMS}.")
+
+
+def stage_limits(rl_arg: str) -> list[str]:
+  """The `limits=A:B:C` of an RL arg string (rl_tiny's default if absent)."""
+  for part in rl_arg.split(","):
+    k, _, v = part.partition("=")
+    if k.strip() == "limits":
+      return v.split(":")
+  return ["20", "40", "60"]
+
+
+def with_rl_limits(rl_arg: str, limits: Sequence[str]) -> str:
+  """`rl_arg` with its `limits=` replaced."""
+  parts = [p for p in rl_arg.split(",") if p.strip() and p.partition("=")[0].strip() != "limits"]
+  return ",".join(parts + [f"limits={':'.join(limits)}"])
+
+
+def arm_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_collections.ConfigDict:
+  """The demo config of one arm and seed."""
+  c = ml_collections.ConfigDict(base.to_dict())
+  c.seed = seed
+  if arm == "truncated":
+    c.sft.overrides = ",".join(filter(None, (c.sft.overrides, "data.truncate=True")))
+    c.stop_after = "eval_sft"
+  elif arm == "split":
+    c.stop_after = "eval_sft"
+  else:
+    c.stop_after = "eval_rl"
+    if arm == "rl_fixed":
+      c.rl.arg = with_rl_limits(c.rl.arg, stage_limits(c.rl.arg)[-1:])
+  return c
+
+
+def _share(src: str, dst: str) -> None:
+  """Links a finished phase dir of another arm into this arm's workdir (skipped if present)."""
+  if os.path.exists(src) and not os.path.lexists(dst):
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.symlink(os.path.abspath(src), dst)
+
+
+def prepare_arm(root: str, arm: str) -> str:
+  """The arm's workdir, with the phases it shares with the split arm linked in."""
+  wd = os.path.join(root, arm)
+  split = os.path.join(root, "split")
+  if arm == "split":
+    return wd
+  for name in ("tokenizer", "distill"):
+    _share(os.path.join(split, name), os.path.join(wd, name))
+  if arm.startswith("rl_"):
+    for name in ("sft", "eval_sft"):
+      _share(os.path.join(split, name), os.path.join(wd, name))
+  return wd
+
+
+def mean_se(values: Sequence[float]) -> tuple[float, float]:
+  """Mean and standard error over seeds (nan SE for one seed)."""
+  n = len(values)
+  if not n:
+    return float("nan"), float("nan")
+  m = sum(values) / n
+  if n < 2:
+    return m, float("nan")
+  var = sum((v - m) ** 2 for v in values) / (n - 1)
+  return m, math.sqrt(var / n)
+
+
+def arm_reward(summary: dict[str, Any], arm: str) -> float | None:
+  key = "heldout_rl" if arm.startswith("rl_") else "heldout_sft"
+  v = summary.get(key)
+  return None if v is None else float(v)
+
+
+def table(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+  """Per arm: per-seed rewards, mean, SE, spread; plus split - truncated vs the seed spread."""
+  rows = {}
+  for arm, by_seed in results.items():
+    vals = [r["reward"] for _, r in sorted(by_seed.items()) if r.get("reward") is not None]
+    m, se = mean_se(vals)
+    rows[arm] = {"label": LABELS[arm], "seeds": {str(s): r for s, r in sorted(by_seed.items())},
+                 "rewards": vals, "mean": m, "se": se,
+                 "spread": (max(vals) - min(vals)) if vals else float("nan")}
+  out: dict[str, Any] = {"arms": rows}
+  if "split" in rows and "truncated" in rows:
+    gain = rows["split"]["mean"] - rows["truncated"]["mean"]
+    spread = max(rows["split"]["spread"], rows["truncated"]["spread"])
+    out["split_minus_truncated"] = gain
+    out["seed_spread"] = spread
+    out["split_beats_truncated_by_more_than_spread"] = bool(gain > spread)
+  return out
+
+
+def markdown(t: dict[str, Any], note: str = "") -> str:
+  lines = ["| arm | held-out reward (mean ± SE) | per seed | timed out (RL, per stage) |",
+           "|---|---|---|---|"]
+  for r in t["arms"].values():
+    per = ", ".join(f"{v:.3f}" for v in r["rewards"])
+    tl = "; ".join(
+        f"s{s}: " + "/".join(f"{e['time_limit_share']:.0%}" for e in rec.get("rl_endings", {})
+                             .values())
+        for s, rec in r["seeds"].items() if rec.get("rl_endings")) or "-"
+    lines.append(f"| {r['label']} | {r['mean']:.3f} ± {r['se']:.3f} | {per} | {tl} |")
+  if "split_minus_truncated" in t:
+    lines.append("")
+    lines.append(f"Split - truncated: {t['split_minus_truncated']:+.3f}; largest seed spread "
+                 f"(max - min) of the two arms: {t['seed_spread']:.3f}; "
+                 "split wins by more than the spread: "
+                 f"{t['split_beats_truncated_by_more_than_spread']}.")
+  if note:
+    lines += ["", note]
+  return "\n".join(lines) + "\n"
+
+
+def plot(t: dict[str, Any], path: str) -> str:
+  """Bar chart of mean held-out reward per arm with SE error bars."""
+  import matplotlib  # noqa: PLC0415
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+  arms = list(t["arms"])
+  means = [t["arms"][a]["mean"] for a in arms]
+  ses = [0.0 if math.isnan(t["arms"][a]["se"]) else t["arms"][a]["se"] for a in arms]
+  fig, ax = plt.subplots(figsize=(7, 3.5))
+  ax.bar(range(len(arms)), means, yerr=ses, capsize=4, color="#4c72b0")
+  for i, a in enumerate(arms):
+    ax.scatter([i] * len(t["arms"][a]["rewards"]), t["arms"][a]["rewards"], color="k", s=10)
+  ax.set_xticks(range(len(arms)), [LABELS[a].replace(", ", "\n") for a in arms], fontsize=7)
+  ax.set_ylabel("held-out reward")
+  ax.set_title("KLong ablation on the long-horizon suite (mean ± SE over seeds)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path
+
+
+def _write(path: str, text: str) -> None:
+  tmp = f"{path}.tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[str]
+        ) -> dict[str, Any]:
+  """Runs every (seed, arm) not yet finished, then writes the table."""
+  bad = [a for a in arms if a not in ARMS]
+  if bad:
+    raise ValueError(f"unknown ablation arms {bad}; choose from {ARMS}")
+  order = [a for a in ("split", "truncated", "rl_prog", "rl_fixed") if a in arms]
+  if any(a != "split" for a in order) and "split" not in order:
+    order.insert(0, "split")  # The others share its distillation (and RL its checkpoint).
+  results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
+  for seed in range(seeds):
+    root = os.path.join(out, f"seed{seed}")
+    for arm in order:
+      wd = prepare_arm(root, arm)
+      print(f"== ablation seed {seed}, arm {arm}: {wd}", flush=True)
+      res = pipeline.run(arm_config(base, arm, seed), wd)
+      if arm in results:
+        results[arm][seed] = {"reward": arm_reward(res, arm), "workdir": wd,
+                              "phases_s": res.get("phases_s"),
+                              "rl_endings": res.get("rl_endings"),
+                              "chunks": res.get("distill")}
+      t = table(results)
+      _write(os.path.join(out, "ablation.json"), json.dumps(t, indent=2, default=str) + "\n")
+  t = table(results)
+  _write(os.path.join(out, "ablation.md"), markdown(t))
+  t["plot"] = plot(t, os.path.join(out, "ablation.png"))
+  _write(os.path.join(out, "ablation.json"), json.dumps(t, indent=2, default=str) + "\n")
+  return t
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  t = run(*(_FLAGS[k].value for k in ("config", "out", "seeds", "arms")))
+  print(markdown(t))
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,1 @@
+"""Performance accounting: model FLOPs per token, MFU, and the accelerator peak table."""

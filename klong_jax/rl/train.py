@@ -1,0 +1,353 @@
+"""Progressive RL trainer: `python -m klong_jax.rl.train --config=configs/rl_tiny.py --workdir=RUN
+--stream=DIR [--init_checkpoint=SFT_CKPT] [--mode=async|sync]`.
+
+`run(...)` reads top to bottom: mesh, model, init params (SFT checkpoint or policy dir), optimizer,
+stream source, resume, publish version 0, loop. Each step trains one element (`groups_per_step`
+groups; waits only when fresh data is short) in `rl.ppo_epochs` x minibatches jitted PPO+KL updates
+(rl/step.py `update_plan`), then metrics, policy publishing every K steps (sync: every step),
+curriculum promotion (reference <- params, new control.json), checkpoint (params, optimizer,
+reference, stream cursor, version, curriculum). A killed trainer restarted on
+the same workdir resumes from its newest checkpoint with no trajectory trained twice or skipped.
+Sync mode is the baseline: the trainer gates the fleet with control.json `policy_min_version` and
+trains only on trajectories of its current version (generate -> train -> generate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from klong_jax.data.splitting import SplitConfig
+from klong_jax.inference import reload
+from klong_jax.parallel import mesh as mesh_lib
+from klong_jax.parallel import rules as rules_lib
+from klong_jax.perf import devices, flops
+from klong_jax.rl import curriculum as curriculum_lib
+from klong_jax.rl import step as rl_step
+from klong_jax.rl.stream_source import StreamConfig, StreamDataset, StreamIterator
+from klong_jax.rollout.stream import write_json_atomic
+from klong_jax.train import checkpoint, metrics, optim
+from klong_jax.train import step as step_lib
+
+_CONFIG: Any = None
+_WORKDIR: Any = None
+_STREAM: Any = None
+_INIT: Any = None
+_MODE: Any = None
+
+
+def load_init_params(path: str, params: Any, rest: Any) -> tuple[Any, Any]:
+  """(params, rest) from an SFT checkpoint (run dir or its checkpoints/), or a policy dir.
+
+  `rest` holds the router's selection bias (updated outside the gradient during SFT): it is part
+  of the policy, so it is restored too (a params-only policy dir keeps `rest` as given). Restored
+  onto the targets' shapes and shardings; the SFT optimizer state is not read.
+  """
+  from flax import nnx  # noqa: PLC0415
+
+  path = os.path.abspath(path)
+  policy = path if os.path.isdir(os.path.join(path, "params")) else None
+  latest = reload.latest_version(path)
+  if policy is None and latest is not None and \
+      os.path.isdir(os.path.join(path, str(latest), "params")):
+    policy = os.path.join(path, str(latest))
+  if policy is not None:  # one policy version: params (+ router bias when it was saved)
+    return _from_pure(reload.load_policy(policy, nnx.merge_state(params, rest)), params, rest)
+  ckdir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) \
+      else path
+  mgr = ocp.CheckpointManager(ckdir)
+  step = mgr.latest_step()
+  if step is None:
+    raise FileNotFoundError(f"--init_checkpoint={path} holds no SFT checkpoint (checkpoints/<step>)"
+                            " nor a policy dir (<version>/params); pass the SFT run directory")
+  target = {"params": checkpoint.abstract_like(params), "rest": checkpoint.abstract_like(rest)}
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+      partial_restore=True)))
+  mgr.close()
+  logging.info("init: params + router bias from SFT checkpoint %s step %d", ckdir, step)
+  return out["state"]["params"], out["state"]["rest"]
+
+
+def _from_pure(pure: dict, params: Any, rest: Any) -> tuple[Any, Any]:
+  """Copies of (params, rest) with the leaves found in the pure dict `pure` replaced."""
+  from flax import nnx  # noqa: PLC0415
+  new_p, new_r = jax.tree.map(lambda x: x, params), jax.tree.map(lambda x: x, rest)
+  flat = dict(nnx.traversals.flatten_mapping(pure))
+  for state in (new_p, new_r):
+    keys = {k for k, _ in nnx.traversals.flatten_mapping(state.to_pure_dict()).items()}
+    part = nnx.traversals.unflatten_mapping({k: v for k, v in flat.items() if k in keys})
+    if part:
+      nnx.replace_by_pure_dict(state, part)
+  return new_p, new_r
+
+
+def policy_tree(params: Any, rest: Any) -> dict:
+  """What a policy version holds: params + router bias state, as one pure dict (what servers
+  load with `reload.load_policy`), so sampler and trainer route tokens identically."""
+  from flax import nnx  # noqa: PLC0415
+  return nnx.merge_state(params, rest).to_pure_dict()
+
+
+def stream_config(config: ml_collections.ConfigDict, stream: str, sync: bool) -> StreamConfig:
+  d, r = config.data, config.rl
+  return StreamConfig(
+      stream=stream, batch_size=d.batch_size, row_len=d.row_len,
+      split=SplitConfig(max_len=d.max_len, overlap=d.overlap,
+                        completion_tokens=d.completion_tokens,
+                        train_overlap=d.train_overlap),
+      groups_per_step=r.groups_per_step, max_staleness=0 if sync else r.max_staleness,
+      normalize_std=r.normalize_std, vocab_size=config.model.vocab_size,
+      prev_stage=r.prev_stage, poll_s=r.poll_s, wait_timeout_s=r.wait_timeout_s,
+      temperature=float(r.get("temperature", 1.0)))
+
+
+class Publisher:
+  """Publishes params as policy versions under `<workdir>/policy` and writes control.json."""
+
+  def __init__(self, workdir: str, stream: str, curriculum: curriculum_lib.Curriculum,
+               sync: bool):
+    self.root = str(reload.policy_root(workdir))
+    self.stream, self.curriculum, self.sync = stream, curriculum, sync
+    self.version = -1
+
+  def publish(self, params: Any, rest: Any) -> int:
+    self.version = max(self.version, reload.latest_version(self.root) or -1) + 1
+    reload.save_policy(self.root, self.version, policy_tree(params, rest))
+    logging.info("published policy version %d", self.version)
+    return self.version
+
+  def write_control(self, min_version: int | None = None) -> None:
+    if min_version is None:
+      min_version = self.version if self.sync else -1
+    write_json_atomic(os.path.join(self.stream, "control.json"),
+                      self.curriculum.control(min_version))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
+        init_checkpoint: str | None = None, mode: str | None = None, resume: bool = True
+        ) -> dict[str, Any]:
+  """Trains per `config`; returns a summary (steps, versions, timings, stream counters)."""
+  workdir, stream = os.path.abspath(workdir), os.path.abspath(stream)
+  os.makedirs(workdir, exist_ok=True)
+  os.makedirs(stream, exist_ok=True)
+  mode = mode or config.rl.mode
+  if mode not in ("async", "sync"):
+    raise ValueError(f"rl.mode must be 'async' or 'sync', got {mode!r}")
+  sync = mode == "sync"
+  rules = tuple(config.get("rules", None) or rules_lib.LOGICAL_RULES)
+
+  logging.info("[1/7] mesh %s on %d devices (%s mode)", dict(config.mesh), jax.device_count(),
+               mode)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  batch_sh = rules_lib.batch_sharding(mesh, rules)
+
+  logging.info("[2/7] model, optimizer, shardings")
+  mb_rows = rl_step.minibatch_rows(config.rl, config.data.batch_size,
+                                   rules_lib.data_parallel_size(batch_sh))
+  epochs = int(config.rl.get("ppo_epochs", 1))
+  updates = epochs * int(config.rl.get("minibatches", 1))
+  if updates > 1:  # optim step counts are in elements; the schedule counts optimizer updates
+    config = ml_collections.ConfigDict(config.to_dict())  # (nominal: an element that fits).
+    config.optim.total_steps *= updates
+    config.optim.warmup_steps *= updates
+  model_cfg, graphdef, params, rest, tx, state_sh = step_lib.build_trainer_parts(config, mesh,
+                                                                                  rules)
+
+  logging.info("[3/7] checkpoints")
+  ckpt = checkpoint.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.checkpoint.max_to_keep,
+      save_every=config.checkpoint.every, async_save=config.checkpoint.async_save)
+  resuming = resume and ckpt.latest_step() is not None
+  if init_checkpoint and not resuming:
+    logging.info("[4/7] init params from %s", init_checkpoint)
+    params, rest = load_init_params(init_checkpoint, params, rest)
+  else:
+    logging.info("[4/7] init params: %s", "from the RL checkpoint" if resuming else
+                 "random (no --init_checkpoint)")
+  state = step_lib.init_state(params, rest, tx, state_sh)
+  ref = rl_step.copy_params(state.params, state_sh.params)
+  del params, rest
+  train_step = rl_step.make_rl_step(graphdef, tx, config.optim, config.rl, state_sh, batch_sh,
+                                    rules)
+
+  logging.info("[5/7] stream source %s", stream)
+  cur = curriculum_lib.Curriculum(curriculum_lib.stages_from_config(config.curriculum.stages),
+                                  window=config.curriculum.window)
+  data_iter: StreamIterator = iter(StreamDataset(stream_config(config, stream, sync)))
+  pub = Publisher(workdir, stream, cur, sync)
+
+  if resuming:
+    logging.info("[6/7] resume from step %d", ckpt.latest_step())
+    both, extra = ckpt.restore({"train": state, "ref": ref}, data_iter=data_iter)
+    state, ref = both["train"], both["ref"]
+    cur.load_state_dict(extra["curriculum"])
+    totals = dict(extra.get("totals", {}))
+  else:
+    if reload.latest_version(pub.root) is not None:
+      raise FileExistsError(f"{pub.root} already holds policy versions but {workdir} has no RL "
+                            "checkpoint; use a fresh --workdir")
+    logging.info("[6/7] fresh start")
+    totals = {}
+  pub.publish(state.params, state.rest)  # version 0 (fresh) or the restored params as a new version
+  data_iter.set_policy_version(pub.version)
+  data_iter.set_stage(cur.index)
+  pub.write_control()
+  if sync:  # Element assembled: stop the fleet from starting groups on this version.
+    data_iter.on_element = lambda it: pub.write_control(pub.version + 1)
+
+  start = ckpt.latest_step() if resuming else 0  # elements trained (state.step counts updates)
+  total = config.train.steps
+  stop_after = config.train.get("stop_after", -1)
+  every = config.rl.publish_every
+  logging.info("[7/7] training steps %d..%d, publish every %s", start + 1, total,
+               "element" if sync else f"{every} steps")
+  peak = devices.peak_flops(jax.devices()[0].device_kind)
+  step_flops = flops.train_flops_per_token(model_cfg, config.data.row_len)
+  if float(config.rl.get("kl_coef", 0.0)):  # The KL term runs a reference forward too.
+    step_flops += flops.forward_flops_per_token(model_cfg, config.data.row_len)
+  writer = metrics.MetricsWriter(workdir, total_steps=total, log_every=config.train.log_every,
+                                 enabled=jax.process_index() == 0, flops_per_token=step_flops,
+                                 peak_flops=None if peak is None else peak * jax.device_count())
+  writer.start(start)
+  consumed_log = open(os.path.join(workdir, "consumed.jsonl"), "a", encoding="utf-8")
+  history: list[dict[str, float]] = []
+  train_s, wait_s = float(totals.get("train_s", 0.0)), float(totals.get("wait_s", 0.0))
+  t_start = time.perf_counter() - train_s - wait_s
+  step = start
+  try:
+    while step < total:
+      t0 = time.perf_counter()
+      batch, info = _next_element(data_iter)
+      t1 = time.perf_counter()
+      ms = []
+      n_mb = _max_over_hosts(rl_step.num_minibatches(batch["loss_mask"], mb_rows))
+      for rows in rl_step.update_plan(batch["loss_mask"], mb_rows=mb_rows, epochs=epochs,
+                                      seed=config.seed, step=step + 1, minibatches=n_mb):
+        mb = {k: batch[k][rows] for k in rl_step.RL_BATCH_KEYS}
+        state, m_i = train_step(state, ref, _global_batch(mb, batch_sh))
+        ms.append(m_i)
+      m = rl_step.combine_update_metrics(jax.device_get(ms), epochs)
+      t2 = time.perf_counter()
+      step += 1
+      wait_s += t1 - t0
+      train_s += t2 - t1
+      if info["ids"]:
+        consumed_log.write(json.dumps({"step": step, "ids": info["ids"]}) + "\n")
+        consumed_log.flush()
+      reward = float(np.mean(info["rewards"])) if info["rewards"] else None
+      elapsed = time.perf_counter() - t_start
+      m = dict(m, **data_iter.stats(), policy_version=pub.version, stage=cur.index,
+               lag=pub.version - info["min_version"], lr=optim.learning_rate(
+                   config.optim, (int(state.step) - 1) // int(config.optim.get("grad_accum", 1))),
+               utilisation=train_s / max(train_s + wait_s, 1e-9), step_s=t2 - t1,
+               wait_step_s=t1 - t0, wall_s=elapsed,
+               trajectories_per_hour=data_iter.counters["trajectories_used"] * 3600 / elapsed)
+      if reward is not None:
+        m["reward/mean"] = reward
+        m[f"reward/stage_{cur.index}"] = reward
+      history.append(writer.write(step, m))
+
+      if sync or step % every == 0:  # sync: every step is one whole element
+        pub.publish(state.params, state.rest)
+        data_iter.set_policy_version(pub.version)
+        pub.write_control()
+      if cur.observe(step, reward):
+        new = cur.advance(step)
+        ref = rl_step.copy_params(state.params, state_sh.params)
+        data_iter.set_stage(cur.index)
+        pub.write_control()
+        writer.write_text(step, "stage", f"stage {cur.index}: time limit {new.time_limit_s}s")
+        logging.info("curriculum: stage %d at step %d (time limit %.0f s); reference policy "
+                     "reset, control.json updated", cur.index, step, new.time_limit_s)
+      if step == config.train.get("crash_after", -1):  # test hook: die before this save
+        raise RuntimeError(f"simulated crash after step {step} (train.crash_after)")
+      ckpt.save(step, {"train": state, "ref": ref}, data_iter=data_iter,
+                extra={"curriculum": cur.state_dict(), "version": pub.version,
+                       "totals": {"train_s": train_s, "wait_s": wait_s}},
+                force=step == total or step == stop_after)
+      if step == stop_after:
+        logging.info("stopping after step %d as configured (train.stop_after)", step)
+        break
+  except Exception:
+    ckpt.wait()
+    logging.error("RL training stopped at step %d; newest complete checkpoint: step %s",
+                  step + 1, ckpt.latest_step())
+    raise
+  finally:
+    ckpt.close()
+    writer.close()
+    consumed_log.close()
+  elapsed = time.perf_counter() - t_start
+  summary = {"step": step, "start": start, "version": pub.version, "stage": cur.index,
+             "seconds": elapsed, "train_s": train_s, "wait_s": wait_s,
+             "utilisation": train_s / max(train_s + wait_s, 1e-9),
+             "counters": dict(data_iter.counters), "history": history}
+  logging.info("done: step %d, version %d, stage %d, utilisation %.2f, counters %s", step,
+               pub.version, cur.index, summary["utilisation"], summary["counters"])
+  return dict(summary, state=state, graphdef=graphdef)
+
+
+def _next_element(data_iter: StreamIterator) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+  """The next element's packed batches concatenated along rows (one trainer step trains a whole
+  element), and the stream's info for it (ids, rewards, versions: from its first batch)."""
+  batches = [next(data_iter)]
+  info = dict(data_iter.last_info)
+  while not data_iter.last_info["element_last"]:
+    batches.append(next(data_iter))
+  return {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}, info
+
+
+def _max_over_hosts(n: int) -> int:
+  """Max of a host-local count over all processes (hosts must run the same number of updates)."""
+  if jax.process_count() == 1:
+    return n
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int32))))
+
+
+def _global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
+                  ) -> dict[str, jax.Array]:
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
+          for k in rl_step.RL_BATCH_KEYS}
+
+
+def _define_flags() -> None:
+  """Defines the command-line flags (only when run as a program, so that importing this
+  module next to other entry points never clashes on flag names)."""
+  global _CONFIG, _WORKDIR, _STREAM, _INIT, _MODE
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, policy, metrics).")
+  _STREAM = flags.DEFINE_string("stream", None,
+                                "Trajectory stream directory (shared with workers).")
+  _INIT = flags.DEFINE_string("init_checkpoint", None,
+                              "SFT run dir / its checkpoints dir, or a policy (version) dir.")
+  _MODE = flags.DEFINE_enum("mode", None, ["async", "sync"], "Overrides rl.mode.")
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  if _CONFIG.value is None or _WORKDIR.value is None or _STREAM.value is None:
+    raise app.UsageError("--config, --workdir and --stream are required")
+  mesh_lib.maybe_initialize_distributed()  # Multi-host pods: one trainer process per host.
+  run(_CONFIG.value, _WORKDIR.value, _STREAM.value, init_checkpoint=_INIT.value,
+      mode=_MODE.value)
+
+
+def entry() -> None:
+  """Console-script entry point (`klong-rl`)."""
+  _define_flags()
+  app.run(main)
+
+
+if __name__ == "__main__":
+  entry()

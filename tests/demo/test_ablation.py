@@ -1,0 +1,43 @@
+"""The ablation's arm configs and table (the runs themselves are the demo's, tested there)."""
+
+import math
+
+from configs import demo as demo_config
+from klong_jax.demo import ablation
+
+
+def test_arm_configs_differ_only_where_the_ablation_says():
+  base = demo_config.get_config("")
+  trunc = ablation.arm_config(base, "truncated", 2)
+  split = ablation.arm_config(base, "split", 2)
+  fixed = ablation.arm_config(base, "rl_fixed", 2)
+  prog = ablation.arm_config(base, "rl_prog", 2)
+  assert trunc.seed == split.seed == 2 and "data.truncate=True" in trunc.sft.overrides
+  assert "truncate" not in split.sft.overrides and split.stop_after == "eval_sft"
+  limits = ablation.stage_limits(base.rl.arg)
+  assert len(limits) > 1 and ablation.stage_limits(prog.rl.arg) == limits
+  assert ablation.stage_limits(fixed.rl.arg) == limits[-1:]  # the final limit from the start
+
+
+def test_table_reports_mean_se_and_the_spread_check():
+  res = {"truncated": {0: {"reward": 0.2}, 1: {"reward": 0.3}, 2: {"reward": 0.25}},
+         "split": {0: {"reward": 0.5}, 1: {"reward": 0.45}, 2: {"reward": 0.55}}}
+  t = ablation.table(res)
+  assert math.isclose(t["arms"]["split"]["mean"], 0.5)
+  assert math.isclose(t["arms"]["truncated"]["se"], 0.05 / math.sqrt(3), rel_tol=1e-6)
+  assert math.isclose(t["split_minus_truncated"], 0.25) and math.isclose(t["seed_spread"], 0.1)
+  assert t["split_beats_truncated_by_more_than_spread"]
+  res["split"][1]["reward"] = 0.2  # a seed that loses: the claim must fail, not be tuned
+  assert not ablation.table(res)["split_beats_truncated_by_more_than_spread"]
+  assert "± " in ablation.markdown(t)
+
+
+def test_ablation_and_demo_run_as_programs():
+  """Each entry point defines its flags only as a program: importing demo must not clash."""
+  import subprocess  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  for mod in ("klong_jax.demo.ablation", "klong_jax.demo"):
+    r = subprocess.run([sys.executable, "-m", mod, "--helpfull"], capture_output=True,
+                       text=True, timeout=120, check=False)
+    # absl's --helpfull exits 1; a flag clash exits 1 too, with a traceback and no help text.
+    assert "--config" in r.stdout and "Traceback" not in r.stderr, (mod, r.stderr[-2000:])
