@@ -36,8 +36,8 @@ def domain_texts(task_dirs: list[str], repeat: int = 20) -> list[str]:
                                      task.paper_md, task.addendum_md)
     out.extend(m["content"] for m in msgs[1:])
     sweep = sweep_teacher.find_sweep(msgs)
-    if sweep is not None:  # Long-horizon sweep: the method, the harness and its commands.
-      fam, n = sweep
+    if sweep is not None:  # Long-horizon sweep: the released files and the agent's commands.
+      _, n = sweep
       sub = "/workspace/submission"
       for _, body in sorted(task.files.items()):
         out.append(body.decode("utf-8", "replace"))
@@ -47,7 +47,7 @@ def domain_texts(task_dirs: list[str], repeat: int = 20) -> list[str]:
         out.append(f"run {k}: ...\n{k}/{n} runs done")
       for _ in range(max(1, repeat // 4)):
         out.append(json.dumps({"name": "bash", "arguments": {
-            "cmd": sweep_teacher.method_script(fam, sub)}}))
+            "cmd": sweep_teacher.reproduce_script(sub)}}))
       continue
     found = find_paper(msgs)
     if found is not None:

@@ -31,7 +31,8 @@ from klong_jax.tasks.families import (
     solution_call,
 )
 
-# The last two only apply to long-horizon sweeps (factory/sweep_teacher.py).
+# Mini-papers use all but the last two, which only apply to long-horizon sweeps; sweeps use
+# crash, skip_run, stop_early and no_reproduce (factory/sweep_teacher.py: the method is released).
 MISTAKES = ("wrong_param", "wrong_fn", "no_reproduce", "wrong_key", "crash", "skip_run",
             "stop_early")
 SWEEP_ONLY = ("skip_run", "stop_early")

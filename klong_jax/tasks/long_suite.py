@@ -1,12 +1,20 @@
 """The long-horizon mini-paper suite (klong_jax/tasks/data_long/): sweeps of many short actions.
 
-Each task is a `Family` method run over `runs` settings (a table of experiments, released with the
-paper as `runs.json` beside the harness `run.py`, both starter files). The agent writes the
-method in `solution.py`, runs the settings one tool call each (`python3 run.py K` logs
-`results/run_K.json` and prints the progress `K/N runs done`), then writes `reproduce.sh` that
-rebuilds `results/table.json` from the logged runs, and submits. A teacher trajectory is ~30
-short turns, several times the demo context, and each rubric leaf is one sub-goal (the method,
-each logged run, the reproduced table), so a rollout cut by a time limit is graded as it stands.
+Each task is a `Family` method run over N settings (N drawn per task in [MIN_RUNS, MAX_RUNS]: a
+table of experiments released with the paper as `runs.json`, beside the harness `run.py` and the
+method's code `solution.py`, all starter files). The agent runs the settings one tool call each
+(`python3 run.py K` logs `results/run_K.json` and prints the progress `k/N runs done`; a bad
+argument prints the usage, which the agent must recover from), then writes `reproduce.sh` that
+rebuilds `results/table.json` from the logged runs, and submits. Every action is one short line,
+so a tiny model can learn each; what it must learn is the long horizon: which setting comes next
+and when the sweep is complete are read from the latest outputs in its context window, long after
+the start of the episode left it. A teacher trajectory is ~30 turns, several demo contexts long,
+and each rubric leaf is one sub-goal (each logged run, the reproduced table), so a rollout cut by
+a time limit is graded as it stands.
+
+Earlier version (measured, seed 0): the agent also wrote the ~100-token method itself, once per
+episode; with 3 examples per family the tiny student never learned it (held-out 0.100 after
+split-SFT, every rollout step-limited with garbled code), which hid every other skill.
 
   python -m klong_jax.tasks.long_suite [--out=DIR]   # deterministic; a test checks the data
 """
@@ -31,7 +39,7 @@ from klong_jax.tasks.families import (
 RUNS_FILE = "runs.json"
 HARNESS_FILE = "run.py"
 TABLE_FILE = "results/table.json"
-NUM_RUNS = 16        # Settings per task: 16 runs + solution + reproduce + submit = 19 actions.
+MIN_RUNS, MAX_RUNS = 18, 26  # Settings per task (drawn): N runs + reproduce + submit actions.
 TRAIN_PER_FAMILY = 3
 RL_PER_FAMILY = 2
 HELDOUT_PER_FAMILY = 1
@@ -55,17 +63,26 @@ def harness(family: Family) -> str:
       "import json, os, sys\n\nimport solution\n\n"
       f"runs = json.load(open('{RUNS_FILE}'))\nos.makedirs('results', exist_ok=True)\n"
       "done = sorted(f for f in os.listdir('results') if f.startswith('run_'))\n"
-      "if sys.argv[1] == 'table':\n"
+      "arg = sys.argv[1] if len(sys.argv) > 1 else ''\n"
+      "if arg == 'table':\n"
       "  rows = {f[4:-5]: json.load(open('results/' + f)) for f in done}\n"
       f"  json.dump(rows, open('{TABLE_FILE}', 'w'), indent=1)\n"
       "  print(f'table: {len(rows)}/{len(runs)} runs')\n"
-      "else:\n"
-      "  k = int(sys.argv[1])\n"
+      "elif arg.isdigit() and 1 <= int(arg) <= len(runs):\n"
+      "  k = int(arg)\n"
       f"  m = solution.{family.fn}(**runs[k - 1])\n"
       "  json.dump(m, open(f'results/run_{k}.json', 'w'))\n"
       "  n = len(set(done) | {f'run_{k}.json'})\n"
       "  print(f'run {k}: {m}')\n"
-      "  print(f'{n}/{len(runs)} runs done')\n")
+      "  print(f'{n}/{len(runs)} runs done')\n"
+      "else:\n"
+      "  print(f'usage: python3 run.py K (K = 1..{len(runs)}) | python3 run.py table')\n"
+      "  sys.exit(2)\n")
+
+
+def method_code(family: Family) -> str:
+  """`solution.py`, the method's code released with the paper (a starter file)."""
+  return family.code + "\n"
 
 
 def _paper(family: Family, n: int, tid: str) -> str:
@@ -73,21 +90,21 @@ def _paper(family: Family, n: int, tid: str) -> str:
   return (
       f"# {family.title}: a Sweep\n\n## Method\n\n{family.method}\n\n## Experiments\n\n"
       f"We run the method on {n} settings (Table 1, released as `{RUNS_FILE}`) and report "
-      f"{keys} for each.\n\n## Reproduction\n\nImplement `{family.fn}` in `{SOLUTION_FILE}` "
-      f"(it returns a dict with keys {keys}). Run each setting K = 1..{n} with "
+      f"{keys} for each.\n\n## Reproduction\n\nThe released `{SOLUTION_FILE}` implements "
+      f"`{family.fn}` (it returns a dict with keys {keys}). Run each setting K = 1..{n} with "
       f"`python3 {HARNESS_FILE} K` (one run per command; each logs `results/run_K.json`). "
       f"Then write `reproduce.sh` that runs `python3 {HARNESS_FILE} table`, which rebuilds "
       f"`{TABLE_FILE}` from the logged runs.\n\nTask id: `{tid}`.\n")
 
 
 def _addendum(family: Family) -> str:
-  return (f"# Addendum\n\n- `{RUNS_FILE}` and `{HARNESS_FILE}` are already in the submission "
-          f"directory; do not edit them.\n- Metrics are checked to an absolute tolerance of "
+  return (f"# Addendum\n\n- `{RUNS_FILE}`, `{HARNESS_FILE}` and `{SOLUTION_FILE}` are already "
+          f"in the submission directory; do not edit them.\n- Metrics are checked to an absolute tolerance of "
           f"{family.atol:g}.\n- Standard-library Python only.\n")
 
 
 def build_rubric(family: Family, runs: list[dict[str, Any]], tid: str) -> dict:
-  """Method (2), one leaf per logged run (4 in all), reproduced table (2): partial credit."""
+  """One leaf per logged run (4 in all), reproduced table (2): partial credit as it stands."""
   m1 = family.metrics[0]
   run_leaves = [
       leaf(f"{tid}/runs/{k}", f"Run {k} is logged with the paper's `{m1}`.", 1,
@@ -96,13 +113,6 @@ def build_rubric(family: Family, runs: list[dict[str, Any]], tid: str) -> dict:
                                "atol": family.atol})
       for k, p in enumerate(runs, start=1)]
   return node(f"{tid}/root", f"The sweep of '{family.title}' has been reproduced.", 1, [
-      node(f"{tid}/impl", "The method is implemented.", 2, [
-          leaf(f"{tid}/impl/file", f"{SOLUTION_FILE} exists.", 1, "Code Development",
-                {"type": "file_exists", "path": SOLUTION_FILE}),
-          leaf(f"{tid}/impl/fn", f"{SOLUTION_FILE} defines `{family.fn}`.", 2,
-                "Code Development",
-                {"type": "regex", "file": SOLUTION_FILE, "pattern": rf"def {family.fn}\("}),
-      ]),
       node(f"{tid}/runs", "Every setting of Table 1 was run.", 4, run_leaves),
       node(f"{tid}/table", "reproduce.sh rebuilds the table.", 2, [
           leaf(f"{tid}/table/script", f"reproduce.sh runs `{HARNESS_FILE} table`.", 1,
@@ -121,13 +131,16 @@ def task_specs() -> list[tuple[Family, list[dict[str, Any]], str, str]]:
   out = []
   per = TRAIN_PER_FAMILY + RL_PER_FAMILY + HELDOUT_PER_FAMILY
   for f in FAMILIES:
-    pool = list(f.params) + fresh_params(f, per * NUM_RUNS, seed=7)
-    random.Random(f"long:{f.name}").shuffle(pool)
+    rng = random.Random(f"long:{f.name}")
+    sizes = [rng.randint(MIN_RUNS, MAX_RUNS) for _ in range(per)]
+    pool = list(f.params) + fresh_params(f, sum(sizes), seed=7)
+    rng.shuffle(pool)
     splits = (["train"] * TRAIN_PER_FAMILY + ["rl"] * RL_PER_FAMILY
               + ["heldout"] * HELDOUT_PER_FAMILY)
-    for i, split in enumerate(splits):
-      runs = pool[i * NUM_RUNS:(i + 1) * NUM_RUNS]
-      out.append((f, runs, f"{f.name}-sweep{i + 1}", split))
+    start = 0
+    for i, (split, n) in enumerate(zip(splits, sizes, strict=True)):
+      out.append((f, pool[start:start + n], f"{f.name}-sweep{i + 1}", split))
+      start += n
   return out
 
 
@@ -140,7 +153,8 @@ def build(out_dir: str) -> list[str]:
            "family": family.name, "kind": "sweep", "runs": len(runs), "reproduce_timeout_s": 60}
     write_task_dir(os.path.join(out_dir, tid), build_rubric(family, runs, tid), cfg,
                    _paper(family, len(runs), tid), _addendum(family),
-                   {RUNS_FILE: json.dumps(runs) + "\n", HARNESS_FILE: harness(family)},
+                   {RUNS_FILE: json.dumps(runs) + "\n", HARNESS_FILE: harness(family),
+                    SOLUTION_FILE: method_code(family)},
                    f"{BLACKLIST_HOST}/{tid}")
     ids.append(tid)
   return ids

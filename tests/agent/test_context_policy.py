@@ -50,7 +50,8 @@ def _sweep_task(root, runs):
                      ("rubric.json", json.dumps(ls.build_rubric(fam, params, tid))),
                      ("config.yaml", f"id: {tid}\nsplit: train\n"),
                      ("files/submission/runs.json", json.dumps(params)),
-                     ("files/submission/run.py", ls.harness(fam))]:
+                     ("files/submission/run.py", ls.harness(fam)),
+                     ("files/submission/solution.py", ls.method_code(fam))]:
     with open(os.path.join(d, name), "w") as f:
       f.write(text)
   return load_task(d)
@@ -87,7 +88,7 @@ def test_scaffold_inputs_equal_split_chunk_contexts(fmt, tmp_path):
     stop()
   assert ep.status == "completed", ep.messages[-3:]
   actions = [m for m in ep.messages if m["role"] == "assistant"]
-  assert len(actions) == len(requests) >= 44  # write + 42 runs + reproduce + submit
+  assert len(actions) == len(requests) >= 44  # 42 runs + reproduce + submit
   fields = render_trajectory(ep.messages, fmt, tools=TOOLS, prefix_messages=ep.prefix_messages)
   traj = Trajectory(id="ep", task_id=task.id, messages=ep.messages, **fields)
   chunks = split_trajectory(traj, SplitConfig(MAX_LEN, OVERLAP, COMPLETION, keep_positions=True))
