@@ -261,7 +261,8 @@ def _summarize(workdir: str, rl_dir: str, teacher: rewards.RewardStats,
   if stage_rows:
     print(summary.format_table(stage_rows, title="== RL reward per stage (trainer batches) =="))
   used = {k.removeprefix("stream/"): v for k, v in last.items()
-          if k.startswith(("stream/trajectories", "stream/dropped", "stream/zero", "stream/groups",
+          if k.startswith(("stream/trajectories", "stream/time_limited", "stream/dropped",
+                           "stream/zero", "stream/groups",
                            "trajectories_per", "utilisation", "policy_version"))}
   if hist:  # Trainer tokens/s over the whole RL phase.
     tok = sum(float(h.get("tokens", 0.0)) for h in hist)

@@ -31,8 +31,9 @@ from klong_jax.data.splitting import SplitConfig, SplitError, split_trajectory
 from klong_jax.rl import advantage as adv_lib
 
 PrevStageRule = Literal["drain", "drop"]
-COUNTERS = ("groups", "trajectories_used", "dropped_stale", "dropped_stage", "dropped_infra",
-            "dropped_invalid", "zero_groups", "chunks", "wait_s")
+# time_limited: trajectories trained on that a stage time limit ended (status agent_timeout).
+COUNTERS = ("groups", "trajectories_used", "time_limited", "dropped_stale", "dropped_stage",
+            "dropped_infra", "dropped_invalid", "zero_groups", "chunks", "wait_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +239,7 @@ class StreamIterator(grain.DatasetIterator):
   def _build_batches(self, element: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]],
                                                              dict[str, Any]]:
     """Deterministically splits + packs an element's kept trajectories into batches."""
-    chunks, ids, rewards, versions = [], [], [], []
+    chunks, ids, rewards, versions, time_limited = [], [], [], [], 0
     for s in element["shards"]:
       trajs, adv = self._read_group(s["path"])
       for i in s["keep"]:
@@ -249,6 +250,7 @@ class StreamIterator(grain.DatasetIterator):
         chunks.extend(c for c in split_trajectory(t, self.cfg.split, float(adv[i]))
                       if c.loss_mask.any())
         ids.append(t.id)
+        time_limited += t.status == "agent_timeout"
         rewards.append(float(t.reward))
         versions.append(trajectory_version(t))
     rows = packing.pack_chunks(chunks, self.cfg.row_len)
@@ -259,7 +261,7 @@ class StreamIterator(grain.DatasetIterator):
     full = {k: np.concatenate([rows[k], pad[k]]) for k in rows}
     batches = [{k: v[j * b:(j + 1) * b] for k, v in full.items()} for j in range(nb)]
     info = {"ids": ids, "rewards": rewards, "versions": versions, "chunks": len(chunks),
-            "num_batches": nb}
+            "num_batches": nb, "time_limited": time_limited}
     return batches, info
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -269,6 +271,7 @@ class StreamIterator(grain.DatasetIterator):
       self._element = self._new_element()
       self._batches, self._info = self._build_batches(self._element)
       self.counters["chunks"] += self._info["chunks"]
+      self.counters["time_limited"] += self._info["time_limited"]
       if self.on_element is not None:
         self.on_element(self)
     k = self._element["next"]

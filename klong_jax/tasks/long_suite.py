@@ -99,8 +99,8 @@ def _paper(family: Family, n: int, tid: str) -> str:
 
 def _addendum(family: Family) -> str:
   return (f"# Addendum\n\n- `{RUNS_FILE}`, `{HARNESS_FILE}` and `{SOLUTION_FILE}` are already "
-          f"in the submission directory; do not edit them.\n- Metrics are checked to an absolute tolerance of "
-          f"{family.atol:g}.\n- Standard-library Python only.\n")
+          f"in the submission directory; do not edit them.\n- Metrics are checked to an absolute "
+          f"tolerance of {family.atol:g}.\n- Standard-library Python only.\n")
 
 
 def build_rubric(family: Family, runs: list[dict[str, Any]], tid: str) -> dict:

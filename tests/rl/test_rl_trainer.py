@@ -74,6 +74,24 @@ def test_publish_curriculum_crash_and_resume(tmp_path):
   assert all(np.isfinite(m[s]["loss"]) for s in m)
 
 
+def test_timed_out_rollouts_train_split_into_chunks(tmp_path):
+  """Rollouts a stage time limit cut (long, many chunks each) go through the real trainer:
+  every one is trained on (counted as time-limited), over several chunks, with finite loss."""
+  stream, work = str(tmp_path / "stream"), str(tmp_path / "run")
+  for i in range(2):
+    write_group(stream, 0, f"cut{i}", [0.25, 0.75, 0.5], version=0, n=400, seed=10 * i,
+                statuses=["agent_timeout", "agent_timeout", "completed"])
+  c = _config()
+  c.train.steps = 2
+  out = rl_train.run(c, work, stream)
+  assert out["step"] == 2
+  counters = out["counters"]
+  assert counters["trajectories_used"] == 6 and counters["time_limited"] == 4
+  assert counters["chunks"] >= 3 * 6  # 400-token rollouts, 128-token rows: >= 3 chunks each
+  m = _metrics(work)
+  assert all(np.isfinite(m[s]["loss"]) for s in m) and m[2]["stream/time_limited"] == 4
+
+
 def test_init_from_sft_checkpoint_and_policy_dir(tmp_path):
   import jax
 
