@@ -167,13 +167,18 @@ def list_shards(directory: str | os.PathLike, pattern: str = "**/*" + SUFFIX) ->
   if storage.is_gcs(directory):
     prefix = os.fspath(directory).rstrip("/") + "/"
     return [o.path for o in storage.list_objects(prefix)
-            if _glob_match(o.path[len(prefix):], pattern)
-            and _TMP_MARK not in o.path and not posixpath.basename(o.path).startswith(".")]
+            if _glob_match(o.path[len(prefix):], pattern) and is_published_name(o.path)]
   d = pathlib.Path(directory)
   if not d.is_dir():
     raise FileNotFoundError(f"shard directory {d} does not exist")
   return sorted(str(p) for p in d.glob(pattern)
                 if p.is_file() and _TMP_MARK not in p.name and not p.name.startswith("."))
+
+
+def is_published_name(path: str) -> bool:
+  """Whether a file or object name is a published shard (not a writer's hidden temp)."""
+  name = posixpath.basename(path)
+  return name.endswith(SUFFIX) and _TMP_MARK not in name and not name.startswith(".")
 
 
 def _glob_match(rel: str, pattern: str) -> bool:
