@@ -84,7 +84,8 @@ def gcs_emulator():
         proc.kill()
         raise RuntimeError(f"fake-gcs-server did not start: {proc.stderr.read()!r}") from None
       time.sleep(0.05)
-  keys = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_CLOUD_PROJECT")
+  keys = ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GOOGLE_CLOUD_PROJECT",
+          "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
   saved = {k: os.environ.get(k) for k in keys}
   storage.use_emulator(url)
   os.environ["GOOGLE_CLOUD_PROJECT"] = "klong-test"

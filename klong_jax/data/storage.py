@@ -49,6 +49,9 @@ def use_emulator(url: str) -> None:
   """Points google-cloud-storage, gcsfs (etils.epath) and tensorstore (Orbax) at an emulator."""
   os.environ["STORAGE_EMULATOR_HOST"] = url
   os.environ["TENSORSTORE_GCS_HTTP_URL"] = url
+  # gcsfs's default filesystem asks the storage control plane for each bucket's layout (an API
+  # emulators lack); its plain JSON-API filesystem is used instead (read when gcsfs is imported).
+  os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
   _local.__dict__.clear()
 
 

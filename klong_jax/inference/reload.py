@@ -90,13 +90,15 @@ def _save_gcs(root: str, version: int, tree: Any) -> epath.Path:
   if storage.exists(storage.join(final, COMMITTED)):
     raise FileExistsError(f"policy version {version} already exists at {final}; versions are "
                           "immutable, publish a new version number")
-  stale = storage.delete_prefix(final + "/")  # An uncommitted save that died: no reader saw it.
+  primary = jax.process_index() == 0  # Multi-host: Orbax syncs the hosts around its writes.
+  stale = storage.delete_prefix(final + "/") if primary else 0  # An unfinished save: unseen.
   if stale:
     log.warning("removed %d objects of an unfinished save of policy version %d", stale, version)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(epath.Path(final) / "params", tree)
     ckptr.wait_until_finished()
-  storage.write(storage.join(final, COMMITTED), f'{{"version": {version}}}'.encode())
+  if primary:
+    storage.write(storage.join(final, COMMITTED), f'{{"version": {version}}}'.encode())
   return epath.Path(final)
 
 

@@ -21,6 +21,21 @@ pytestmark = pytest.mark.gcs
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+@pytest.fixture
+def make_stream(gcs_root):
+  """GcsStream(gcs_root, name, lease_s) whose lease heartbeats stop when the test ends."""
+  made = []
+
+  def make(name, lease_s=600.0, host=None):
+    s = GcsStream(gcs_root, name, lease_s=lease_s)
+    s.host = host or s.host
+    made.append(s)
+    return s
+  yield make
+  for s in made:
+    s.close()
+
+
 def _claim_obj(root, gid):
   return json.loads(storage.read(f"{root}/ledger/claims/{gid}.json")[0])
 
@@ -48,21 +63,20 @@ def test_claim_publish_done_and_control(gcs_root, tmp_path, monkeypatch):
   a.close()
 
 
-def test_restart_and_lease_expiry_take_over_once(gcs_root):
-  a = GcsStream(gcs_root, "a", lease_s=600)
+def test_restart_and_lease_expiry_take_over_once(gcs_root, make_stream):
+  a = make_stream("a")
   shard = a.claim("g1", 0)
   rec = _claim_obj(gcs_root, "g1")
   storage.write(f"{gcs_root}/ledger/claims/g1.json",
                 json.dumps(dict(rec, host="pod-a", pid=os.getpid() + 10_000_000)).encode())
-  assert GcsStream(gcs_root, "b").claim("g1", 0) is None  # another live pod's lease
-  assert GcsStream(gcs_root, "a").claim("g1", 0) == shard  # "a" restarted: same shard path
+  assert make_stream("b").claim("g1", 0) is None  # another live pod's lease
+  assert make_stream("a").claim("g1", 0) == shard  # "a" restarted: same shard path
   # A vanished pod (its own host, no renewals): its claim is taken over after the lease, by
   # exactly one of 8 concurrent reclaimers, and the group keeps its shard path.
-  ghost = GcsStream(gcs_root, "ghost", lease_s=1.0)
-  ghost.host = "pod-ghost"
+  ghost = make_stream("ghost", lease_s=1.0, host="pod-ghost")
   ghost_shard = ghost.claim("g2", 1)
   ghost.close()
-  others = [GcsStream(gcs_root, f"o{i}", lease_s=600) for i in range(8)]
+  others = [make_stream(f"o{i}") for i in range(8)]
   assert all(o.claim("g2", 1) is None for o in others)
   time.sleep(1.2)
   got = [None] * len(others)
@@ -78,18 +92,16 @@ def test_restart_and_lease_expiry_take_over_once(gcs_root):
   assert _claim_obj(gcs_root, "g2")["worker"] == f"o{got.index(ghost_shard)}"
 
 
-def test_heartbeat_keeps_a_long_claim(gcs_root):
-  holder = GcsStream(gcs_root, "h", lease_s=1.0)
-  holder.host = "pod-h"
+def test_heartbeat_keeps_a_long_claim(gcs_root, make_stream):
+  holder = make_stream("h", lease_s=1.0, host="pod-h")
   holder.claim("g", 0)
   t0 = _claim_obj(gcs_root, "g")["renewed"]
   time.sleep(2.0)  # twice the lease: only the renewals keep it
   assert _claim_obj(gcs_root, "g")["renewed"] > t0
-  assert GcsStream(gcs_root, "x").claim("g", 0) is None
+  assert make_stream("x").claim("g", 0) is None
   # A takeover (it looked dead to someone) makes the holder drop the claim, not fight for it.
   storage.write(f"{gcs_root}/ledger/claims/g.json", b'{"worker": "thief", "renewed": 1e18}')
   assert holder.renew() == 0 and holder._held == {}
-  holder.close()
 
 
 def _count_lines(path):
