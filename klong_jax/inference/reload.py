@@ -5,6 +5,9 @@ variables (nnx Params and the MoE router's ExpertBias; everything but RNG state)
 dict (`nnx.state(model, nnx.Not(nnx.RngState)).to_pure_dict()`); a Params-only tree also loads
 (the other variables then keep their served values). It is written to
 a hidden temp dir and renamed into place, so a directory named by an integer is always complete.
+On `gs://` (no directory rename) a version is written in place and then committed by the object
+`<root>/<version>/_COMMITTED`; readers (`list_versions`, `latest_version`, `load_policy`) only
+see committed versions, and a re-save of an uncommitted version first clears its leftovers.
 `PolicyWatcher` polls the root and hands the newest version to the engine, which swaps it in
 between decode steps (no restart, no dropped requests).
 """
@@ -22,14 +25,20 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
+
+from klong_jax.data import storage
 
 log = logging.getLogger(__name__)
 _VERSION_RE = re.compile(r"^\d+$")
+COMMITTED = "_COMMITTED"  # gs:// only: written last, after Orbax finished the version.
 
 
-def policy_root(run_dir: str | os.PathLike) -> pathlib.Path:
-  """`<run>/policy` (the directory the trainer publishes to)."""
+def policy_root(run_dir: str | os.PathLike) -> pathlib.Path | epath.Path:
+  """`<run>/policy` (the directory the trainer publishes to; an epath for gs://)."""
+  if storage.is_gcs(run_dir):
+    return epath.Path(run_dir) / "policy"
   return pathlib.Path(run_dir) / "policy"
 
 
@@ -43,24 +52,22 @@ def params_dict(params: Any) -> dict:
 
 
 def save_policy(root: str | os.PathLike, version: int, params: Any,
-                dtype: Any = None) -> pathlib.Path:
+                dtype: Any = None) -> pathlib.Path | epath.Path:
   """Writes params (module, State or pure dict) as `<root>/<version>` atomically; returns the path.
 
   `dtype` (e.g. jnp.bfloat16) casts floating-point arrays before saving.
   """
   if int(version) < 0:
     raise ValueError(f"policy version must be >= 0, got {version}")
+  if storage.is_gcs(root):
+    return _save_gcs(os.fspath(root).rstrip("/"), int(version), _cast(params_dict(params), dtype))
   root = pathlib.Path(root)
   root.mkdir(parents=True, exist_ok=True)
   final = root / str(int(version))
   if final.exists():
     raise FileExistsError(f"policy version {version} already exists at {final}; versions are "
                           "immutable, publish a new version number")
-  tree = params_dict(params)
-  if dtype is not None:
-    tree = jax.tree.map(
-        lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x,
-        tree)
+  tree = _cast(params_dict(params), dtype)
   tmp = root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(tmp.absolute() / "params", tree)
@@ -69,8 +76,42 @@ def save_policy(root: str | os.PathLike, version: int, params: Any,
   return final
 
 
+def _cast(tree: Any, dtype: Any) -> Any:
+  """Floating-point leaves cast to `dtype` (None: unchanged)."""
+  if dtype is None:
+    return tree
+  return jax.tree.map(
+      lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, tree)
+
+
+def _save_gcs(root: str, version: int, tree: Any) -> epath.Path:
+  """gs://: Orbax writes `<root>/<version>/params` in place, then the commit object is written."""
+  final = storage.join(root, str(version))
+  if storage.exists(storage.join(final, COMMITTED)):
+    raise FileExistsError(f"policy version {version} already exists at {final}; versions are "
+                          "immutable, publish a new version number")
+  primary = jax.process_index() == 0  # Multi-host: Orbax syncs the hosts around its writes.
+  stale = storage.delete_prefix(final + "/") if primary else 0  # An unfinished save: unseen.
+  if stale:
+    log.warning("removed %d objects of an unfinished save of policy version %d", stale, version)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(epath.Path(final) / "params", tree)
+    ckptr.wait_until_finished()
+  if primary:
+    storage.write(storage.join(final, COMMITTED), f'{{"version": {version}}}'.encode())
+  return epath.Path(final)
+
+
+def _committed(root: str, version: str) -> bool:
+  return storage.exists(storage.join(root, version, COMMITTED))
+
+
 def list_versions(root: str | os.PathLike) -> list[int]:
   """Complete published versions under `root`, ascending (temp dirs are ignored)."""
+  if storage.is_gcs(root):
+    root = os.fspath(root).rstrip("/")
+    return sorted(int(d) for d in storage.list_dirs(root)
+                  if _VERSION_RE.match(d) and _committed(root, d))
   root = pathlib.Path(root)
   if not root.is_dir():
     return []
@@ -78,6 +119,12 @@ def list_versions(root: str | os.PathLike) -> list[int]:
 
 
 def latest_version(root: str | os.PathLike) -> int | None:
+  """The newest complete version under `root`, or None."""
+  if storage.is_gcs(root):  # Newest first: usually one commit check, not one per version.
+    root = os.fspath(root).rstrip("/")
+    found = sorted((int(d) for d in storage.list_dirs(root) if _VERSION_RE.match(d)),
+                   reverse=True)
+    return next((v for v in found if _committed(root, str(v))), None)
   versions = list_versions(root)
   return versions[-1] if versions else None
 
@@ -87,7 +134,11 @@ def load_policy(path: str | os.PathLike, like: Any) -> dict:
 
   Saved dtypes are cast to the target's (a bf16 bundle loads into an fp32 model and back).
   """
-  path = pathlib.Path(path)
+  remote = storage.is_gcs(path)
+  path = epath.Path(os.fspath(path).rstrip("/")) if remote else pathlib.Path(path)
+  if remote and not storage.exists(storage.join(os.fspath(path), COMMITTED)):
+    raise FileNotFoundError(f"{path} is not a committed policy version (no {COMMITTED}); expected "
+                            "a version written by reload.save_policy, whose save finished")
   if not (path / "params").is_dir():
     raise FileNotFoundError(f"{path} is not a policy checkpoint (no params/ inside); expected "
                             "a directory written by reload.save_policy")
@@ -102,7 +153,7 @@ def load_policy(path: str | os.PathLike, like: Any) -> dict:
           lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
           target)
       try:
-        return ckptr.restore(path.absolute() / "params", abstract)
+        return ckptr.restore((path if remote else path.absolute()) / "params", abstract)
       except (ValueError, KeyError):
         if i == len(targets) - 1:
           raise
@@ -111,6 +162,11 @@ def load_policy(path: str | os.PathLike, like: Any) -> dict:
 
 def remove_version(root: str | os.PathLike, version: int) -> None:
   """Deletes a published version (e.g. retention); readers never see a partial directory."""
+  if storage.is_gcs(root):  # Uncommit first: readers stop listing it before objects go.
+    final = storage.join(os.fspath(root).rstrip("/"), str(int(version)))
+    storage.delete(storage.join(final, COMMITTED))
+    storage.delete_prefix(final + "/")
+    return
   path = pathlib.Path(root) / str(int(version))
   tmp = path.with_name(f".del-{version}-{uuid.uuid4().hex[:8]}")
   os.replace(path, tmp)
@@ -121,7 +177,7 @@ class PolicyWatcher:
   """Polls `root` and swaps the newest version into an engine (`engine.set_params`)."""
 
   def __init__(self, engine: Any, root: str | os.PathLike, interval_s: float = 2.0):
-    self.engine, self.root, self.interval_s = engine, pathlib.Path(root), interval_s
+    self.engine, self.root, self.interval_s = engine, epath.Path(root), interval_s
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._lock = threading.Lock()

@@ -11,14 +11,19 @@ synchronous generate -> train loop, and it would split a group across versions.
 The iterator state (JSON, saved by `grain.checkpoint.CheckpointSave` inside the Orbax checkpoint)
 holds the consumed shards, the current element (its shards, the records kept) and the next batch
 in it, so a restarted trainer neither repeats nor skips a trajectory. It waits (polling, with a
-log line and a timeout) only when too few fresh shards exist.
+log line and a timeout) only when too few fresh shards exist. A `gs://` stream is listed through
+the GCS API (publish order = object creation time) and each shard is read from a local copy
+(`cache_dir`; published shards are immutable), evicted once its element is built.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -26,7 +31,7 @@ import grain
 import numpy as np
 from absl import logging
 
-from klong_jax.data import packing, schema, shards
+from klong_jax.data import packing, schema, shards, storage
 from klong_jax.data.splitting import SplitConfig, SplitError, split_trajectory
 from klong_jax.rl import advantage as adv_lib
 
@@ -55,6 +60,7 @@ class StreamConfig:
   poll_s: float = 0.5
   wait_timeout_s: float = 600.0    # Raise if no fresh data arrives for this long.
   log_wait_every_s: float = 15.0
+  cache_dir: str | None = None     # gs:// streams: local shard copies (default: a temp dir).
 
   def __post_init__(self):
     if self.split.max_len > self.row_len:
@@ -84,7 +90,14 @@ class StreamIterator(grain.DatasetIterator):
   def __init__(self, cfg: StreamConfig):
     super().__init__()
     self.cfg = cfg
-    self.root = os.path.abspath(cfg.stream)
+    self.remote = storage.is_gcs(cfg.stream)
+    self.root = cfg.stream.rstrip("/") if self.remote else os.path.abspath(cfg.stream)
+    self._cache: str | None = None
+    if self.remote:
+      self._cache = cfg.cache_dir or tempfile.mkdtemp(prefix="klong-stream-cache-")
+      if cfg.cache_dir is None:
+        weakref.finalize(self, shutil.rmtree, self._cache, True)
+    self._created_ns: dict[str, int] = {}
     self.stage = 0
     self.version = 0
     self._consumed: set[str] = set()
@@ -107,51 +120,86 @@ class StreamIterator(grain.DatasetIterator):
 
   # -- listing ----------------------------------------------------------------------------------
 
+  def _listing(self) -> dict[int, list[str]]:
+    """Published shards (relative paths) per stage directory `<stage>/*.array_record`."""
+    out: dict[int, list[str]] = {}
+    if self.remote:
+      for st in storage.list_dirs(self.root):
+        if not st.isdigit():
+          continue
+        for o in storage.list_objects(f"{self.root}/{st}/"):
+          rel = o.path[len(self.root) + 1:]
+          if rel.count("/") == 1 and shards.is_published_name(rel):
+            out.setdefault(int(st), []).append(rel)
+            self._created_ns[rel] = o.created_ns
+      return out
+    if not os.path.isdir(self.root):
+      return out
+    for name in os.listdir(self.root):
+      if name.isdigit():
+        d = os.path.join(self.root, name)
+        out[int(name)] = [os.path.relpath(p, self.root)
+                          for p in shards.list_shards(d, "*" + shards.SUFFIX)]
+    return out
+
+  def _published_ns(self, rel: str) -> int:
+    """When a shard was published (mtime; gs://: object creation), for the read order."""
+    if self.remote:
+      return self._created_ns.get(rel, 0)
+    try:
+      return os.stat(os.path.join(self.root, rel)).st_mtime_ns
+    except FileNotFoundError:
+      return 0
+
   def _fresh(self) -> list[str]:
     """Unconsumed published shards to read, oldest first (relative paths)."""
-    if not os.path.isdir(self.root):
-      return []
     out = []
-    for name in os.listdir(self.root):
-      if not name.isdigit():
-        continue
-      st = int(name)
+    for st, rels in self._listing().items():
       if st > self.stage:
         continue
       if st < self.stage and self.cfg.prev_stage == "drop":
-        self._drop_old(st)
+        self._drop_old(st, rels)
         continue
-      d = os.path.join(self.root, name)
-      for p in shards.list_shards(d, "*" + shards.SUFFIX):
-        rel = os.path.relpath(p, self.root)
-        if rel not in self._consumed:
-          out.append(rel)
-    def key(rel: str) -> tuple[int, int, str]:
-      try:
-        mtime = os.stat(os.path.join(self.root, rel)).st_mtime_ns
-      except FileNotFoundError:
-        mtime = 0
-      return (_stage_of(rel), mtime, rel)  # older stages first (drain), then publish order
-    return sorted(out, key=key)
+      out.extend(rel for rel in rels if rel not in self._consumed)
+    # Older stages first (drain), then publish order.
+    return sorted(out, key=lambda rel: (_stage_of(rel), self._published_ns(rel), rel))
 
-  def _drop_old(self, st: int) -> None:
+  def _drop_old(self, st: int, rels: list[str]) -> None:
     """Marks every unread shard of an older stage consumed, counting its trajectories dropped."""
-    d = os.path.join(self.root, str(st))
-    for p in shards.list_shards(d, "*" + shards.SUFFIX):
-      rel = os.path.relpath(p, self.root)
+    for rel in rels:
       if rel not in self._consumed:
         self._consumed.add(rel)
-        n = shards.num_records(p)
+        n = shards.num_records(self._local(rel))
         self.counters["dropped_stage"] += n
         logging.info("stream: dropped %s (%d trajectories) from stage %d < current stage %d",
                      rel, n, st, self.stage)
+
+  def _local(self, rel: str) -> str:
+    """A local path to read the shard from (gs://: a cached copy, downloaded once)."""
+    if self._cache is None:
+      return os.path.join(self.root, rel)
+    local = os.path.join(self._cache, rel)
+    if not os.path.exists(local):
+      storage.download(storage.join(self.root, rel), local)
+    return local
+
+  def _evict(self, keep: list[str]) -> None:
+    """Drops cached shard copies except `keep` (the current element's, re-read on restore)."""
+    if self._cache is None:
+      return
+    keep_paths = {os.path.join(self._cache, rel) for rel in keep}
+    for dirpath, _, names in os.walk(self._cache):
+      for name in names:
+        path = os.path.join(dirpath, name)
+        if path not in keep_paths:
+          os.unlink(path)
 
   # -- reading one group ------------------------------------------------------------------------
 
   def _read_group(self, rel: str) -> tuple[list[schema.Trajectory | None], np.ndarray]:
     """The group's trajectories (None where malformed) and their advantages."""
     trajs: list[schema.Trajectory | None] = []
-    for raw in shards.read_shard(os.path.join(self.root, rel)):
+    for raw in shards.read_shard(self._local(rel)):
       try:
         trajs.append(schema.from_bytes(raw, self.cfg.vocab_size))
       except schema.TrajectoryError as e:
@@ -270,6 +318,7 @@ class StreamIterator(grain.DatasetIterator):
     if self._element is None or self._element["next"] >= len(self._batches):
       self._element = self._new_element()
       self._batches, self._info = self._build_batches(self._element)
+      self._evict([sh["path"] for sh in self._element["shards"]])
       self.counters["chunks"] += self._info["chunks"]
       self.counters["time_limited"] += self._info["time_limited"]
       if self.on_element is not None:

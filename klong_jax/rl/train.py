@@ -10,12 +10,16 @@ reference, stream cursor, version, curriculum). A killed trainer restarted on
 the same workdir resumes from its newest checkpoint with no trajectory trained twice or skipped.
 Sync mode is the baseline: the trainer gates the fleet with control.json `policy_min_version` and
 trains only on trajectories of its current version (generate -> train -> generate).
+`--workdir` and `--stream` may be `gs://` paths (a pod run, no gcsfuse): checkpoints and policy
+versions go to GCS natively, and the local logs (metrics.jsonl, tb/, consumed.jsonl) go to
+`--logdir` (default under $TMPDIR), mirrored to `<workdir>/logs/` at every checkpoint.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 from typing import Any
 
@@ -24,8 +28,10 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import app, flags, logging
+from etils import epath
 from ml_collections import config_flags
 
+from klong_jax.data import storage
 from klong_jax.data.splitting import SplitConfig
 from klong_jax.inference import reload
 from klong_jax.parallel import mesh as mesh_lib
@@ -43,6 +49,7 @@ _WORKDIR: Any = None
 _STREAM: Any = None
 _INIT: Any = None
 _MODE: Any = None
+_LOGDIR: Any = None
 
 
 def load_init_params(path: str, params: Any, rest: Any) -> tuple[Any, Any]:
@@ -54,16 +61,14 @@ def load_init_params(path: str, params: Any, rest: Any) -> tuple[Any, Any]:
   """
   from flax import nnx  # noqa: PLC0415
 
-  path = os.path.abspath(path)
-  policy = path if os.path.isdir(os.path.join(path, "params")) else None
+  path = epath.Path(path.rstrip("/") if storage.is_gcs(path) else os.path.abspath(path))
+  policy = path if (path / "params").is_dir() else None
   latest = reload.latest_version(path)
-  if policy is None and latest is not None and \
-      os.path.isdir(os.path.join(path, str(latest), "params")):
-    policy = os.path.join(path, str(latest))
+  if policy is None and latest is not None and (path / str(latest) / "params").is_dir():
+    policy = path / str(latest)
   if policy is not None:  # one policy version: params (+ router bias when it was saved)
     return _from_pure(reload.load_policy(policy, nnx.merge_state(params, rest)), params, rest)
-  ckdir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) \
-      else path
+  ckdir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
   mgr = ocp.CheckpointManager(ckdir)
   step = mgr.latest_step()
   if step is None:
@@ -133,13 +138,34 @@ class Publisher:
                       self.curriculum.control(min_version))
 
 
+def default_logdir(workdir: str) -> str:
+  """Where a run's local logs go: the workdir itself, or for gs:// a dir under $TMPDIR."""
+  if not storage.is_gcs(workdir):
+    return workdir
+  return os.path.join(tempfile.gettempdir(), "klong-logs", *storage.split(workdir.rstrip("/")))
+
+
+def _mirror_logs(logdir: str, workdir: str) -> None:
+  """Copies the local jsonl logs to `<workdir>/logs/` (gs:// workdirs; process 0 only)."""
+  if not storage.is_gcs(workdir) or jax.process_index() != 0:
+    return
+  for name in ("metrics.jsonl", "consumed.jsonl"):
+    path = os.path.join(logdir, name)
+    if os.path.exists(path):
+      with open(path, "rb") as f:
+        storage.write(storage.join(workdir, "logs", name), f.read())
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
-        init_checkpoint: str | None = None, mode: str | None = None, resume: bool = True
-        ) -> dict[str, Any]:
+        init_checkpoint: str | None = None, mode: str | None = None, resume: bool = True,
+        logdir: str | None = None) -> dict[str, Any]:
   """Trains per `config`; returns a summary (steps, versions, timings, stream counters)."""
-  workdir, stream = os.path.abspath(workdir), os.path.abspath(stream)
-  os.makedirs(workdir, exist_ok=True)
-  os.makedirs(stream, exist_ok=True)
+  workdir, stream = (p.rstrip("/") if storage.is_gcs(p) else os.path.abspath(p)
+                     for p in (workdir, stream))
+  logdir = logdir or default_logdir(workdir)
+  for d in (workdir, stream, logdir):
+    if not storage.is_gcs(d):
+      os.makedirs(d, exist_ok=True)
   mode = mode or config.rl.mode
   if mode not in ("async", "sync"):
     raise ValueError(f"rl.mode must be 'async' or 'sync', got {mode!r}")
@@ -215,11 +241,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   step_flops = flops.train_flops_per_token(model_cfg, config.data.row_len)
   if float(config.rl.get("kl_coef", 0.0)):  # The KL term runs a reference forward too.
     step_flops += flops.forward_flops_per_token(model_cfg, config.data.row_len)
-  writer = metrics.MetricsWriter(workdir, total_steps=total, log_every=config.train.log_every,
+  writer = metrics.MetricsWriter(logdir, total_steps=total, log_every=config.train.log_every,
                                  enabled=jax.process_index() == 0, flops_per_token=step_flops,
                                  peak_flops=None if peak is None else peak * jax.device_count())
   writer.start(start)
-  consumed_log = open(os.path.join(workdir, "consumed.jsonl"), "a", encoding="utf-8")
+  consumed_log = open(os.path.join(logdir, "consumed.jsonl"), "a", encoding="utf-8")
   history: list[dict[str, float]] = []
   train_s, wait_s = float(totals.get("train_s", 0.0)), float(totals.get("wait_s", 0.0))
   t_start = time.perf_counter() - train_s - wait_s
@@ -271,10 +297,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
                      "reset, control.json updated", cur.index, step, new.time_limit_s)
       if step == config.train.get("crash_after", -1):  # test hook: die before this save
         raise RuntimeError(f"simulated crash after step {step} (train.crash_after)")
-      ckpt.save(step, {"train": state, "ref": ref}, data_iter=data_iter,
-                extra={"curriculum": cur.state_dict(), "version": pub.version,
-                       "totals": {"train_s": train_s, "wait_s": wait_s}},
-                force=step == total or step == stop_after)
+      if ckpt.save(step, {"train": state, "ref": ref}, data_iter=data_iter,
+                   extra={"curriculum": cur.state_dict(), "version": pub.version,
+                          "totals": {"train_s": train_s, "wait_s": wait_s}},
+                   force=step == total or step == stop_after):
+        _mirror_logs(logdir, workdir)
       if step == stop_after:
         logging.info("stopping after step %d as configured (train.stop_after)", step)
         break
@@ -287,6 +314,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
     ckpt.close()
     writer.close()
     consumed_log.close()
+    _mirror_logs(logdir, workdir)
   elapsed = time.perf_counter() - t_start
   summary = {"step": step, "start": start, "version": pub.version, "stage": cur.index,
              "seconds": elapsed, "train_s": train_s, "wait_s": wait_s,
@@ -324,7 +352,7 @@ def _global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedShar
 def _define_flags() -> None:
   """Defines the command-line flags (only when run as a program, so that importing this
   module next to other entry points never clashes on flag names)."""
-  global _CONFIG, _WORKDIR, _STREAM, _INIT, _MODE
+  global _CONFIG, _WORKDIR, _STREAM, _INIT, _MODE, _LOGDIR
   _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
   _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, policy, metrics).")
   _STREAM = flags.DEFINE_string("stream", None,
@@ -332,6 +360,8 @@ def _define_flags() -> None:
   _INIT = flags.DEFINE_string("init_checkpoint", None,
                               "SFT run dir / its checkpoints dir, or a policy (version) dir.")
   _MODE = flags.DEFINE_enum("mode", None, ["async", "sync"], "Overrides rl.mode.")
+  _LOGDIR = flags.DEFINE_string("logdir", None, "Local dir for metrics.jsonl, tb/, consumed.jsonl "
+                                "(default: the workdir; for a gs:// workdir a dir under $TMPDIR).")
 
 
 def main(argv: list[str]) -> None:
@@ -340,7 +370,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("--config, --workdir and --stream are required")
   mesh_lib.maybe_initialize_distributed()  # Multi-host pods: one trainer process per host.
   run(_CONFIG.value, _WORKDIR.value, _STREAM.value, init_checkpoint=_INIT.value,
-      mode=_MODE.value)
+      mode=_MODE.value, logdir=_LOGDIR.value)
 
 
 def entry() -> None:

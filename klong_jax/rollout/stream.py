@@ -7,7 +7,9 @@ Layout under `<stream>`:
   ledger/done/<group_id>.json        written after the shard is published
 Exactly-once: a group's shard path is fixed when it is first claimed; a restarted worker that
 finds the shard already published only writes the done entry, otherwise it re-runs the group
-and publishes to the same path. Claims are taken with an atomic hard link (local filesystems).
+and publishes to the same path. Claims are taken with an atomic hard link (local filesystems);
+a `gs://` stream (`open_stream`) takes them with GCS preconditions instead (gcs_stream.py), since
+gcsfuse has no hard links. control.json and done entries on gs:// are whole-object writes.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from klong_jax.data import storage
 from klong_jax.data.shards import ShardWriter
 from klong_jax.sandbox.base import pid_alive
 
@@ -35,7 +38,10 @@ class Control:
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON to a temp file in the same dir and renames it into place."""
+  """Writes JSON to a temp file in the same dir and renames it into place (gs://: one write)."""
+  if storage.is_gcs(path):
+    storage.write(os.fspath(path), json.dumps(obj).encode())
+    return
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -48,11 +54,17 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
 
 def read_control(stream: str) -> Control:
   """Reads `<stream>/control.json` (defaults when missing); bad content raises ValueError."""
-  p = Path(stream) / "control.json"
-  if not p.exists():
+  if storage.is_gcs(stream):
+    p: Any = storage.join(stream, "control.json")
+    got = storage.read(p)
+    text = None if got is None else got[0].decode()
+  else:
+    p = Path(stream) / "control.json"
+    text = p.read_text() if p.exists() else None
+  if text is None:
     return Control()
   try:
-    d = json.loads(p.read_text())
+    d = json.loads(text)
   except json.JSONDecodeError as e:
     raise ValueError(f"{p} is not valid JSON ({e}); write it atomically (temp + rename)") from None
   unknown = set(d) - {f.name for f in dataclasses.fields(Control)}
@@ -69,6 +81,9 @@ class Stream:
   """One worker's view of the stream dir: claim groups, publish shards, mark them done."""
 
   def __init__(self, root: str, worker: str):
+    if storage.is_gcs(root):
+      raise ValueError(f"{root} is on GCS: open it with stream.open_stream (claims by GCS "
+                       "preconditions; hard links do not exist there)")
     if not worker or "/" in worker:
       raise ValueError(f"worker name {worker!r} must be non-empty without '/'")
     self.root = Path(root)
@@ -155,3 +170,11 @@ class Stream:
   def mark_done(self, group_id: str, shard: str, n: int) -> None:
     write_json_atomic(self.done / f"{group_id}.json",
                       {"group_id": group_id, "shard": shard, "records": n, "worker": self.worker})
+
+
+def open_stream(root: str, worker: str, lease_s: float | None = None) -> Stream:
+  """The stream at `root` for `worker`: POSIX for a local dir, GCS-native for `gs://`."""
+  if storage.is_gcs(root):
+    from klong_jax.rollout.gcs_stream import DEFAULT_LEASE_S, GcsStream  # noqa: PLC0415
+    return GcsStream(root, worker, DEFAULT_LEASE_S if lease_s is None else lease_s)
+  return Stream(root, worker)

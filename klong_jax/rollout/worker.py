@@ -31,11 +31,13 @@ from absl import app, flags, logging
 from klong_jax.agent import client as client_lib
 from klong_jax.agent import scaffold
 from klong_jax.agent.tools import TOOLS
+from klong_jax.data import shards as shards_lib
+from klong_jax.data import storage
 from klong_jax.data.schema import Trajectory
 from klong_jax.data.shards import SUFFIX as SHARD_SUFFIX
 from klong_jax.grading import reproduce as reproduce_lib
 from klong_jax.rollout import episode
-from klong_jax.rollout.stream import Stream, read_control
+from klong_jax.rollout.stream import open_stream, read_control
 from klong_jax.sandbox import base as sandbox_lib
 
 
@@ -82,6 +84,7 @@ class WorkerConfig:
   limits: dict = dataclasses.field(default_factory=dict)
   pause_before_publish_s: float = 0.0  # Test hook (SIGKILL window).
   version_poll_s: float = 0.5          # Sync-mode gate: how often to ask the server its version.
+  claim_lease_s: float = 300.0         # gs:// streams: a claim not renewed this long is stale.
 
 
 STALE_TMP_S = 3600.0  # Temp files untouched this long are from dead writers (any worker).
@@ -89,7 +92,11 @@ STALE_TMP_S = 3600.0  # Temp files untouched this long are from dead writers (an
 
 def clean_stale_temps(stream_dir: str, worker: str, older_than_s: float = STALE_TMP_S) -> int:
   """Removes temp files of interrupted writes under the stream dir: this worker's shard temps and
-  anyone's temps untouched for `older_than_s` (a live writer's are newer); returns the count."""
+  anyone's temps untouched for `older_than_s` (a live writer's are newer); returns the count.
+  A gs:// stream has no temps in the bucket (uploads are atomic): its local staging dir is cleaned.
+  """
+  if storage.is_gcs(stream_dir):
+    stream_dir = shards_lib.staging_dir()
   own = re.compile(rf"\.{re.escape(worker)}-\d+{re.escape(SHARD_SUFFIX)}\.tmp-[0-9a-f]+")
   now, removed = time.time(), 0
   for dirpath, _, names in os.walk(stream_dir):
@@ -134,7 +141,7 @@ class Worker:
     from klong_jax.data.tokenizer import load as load_tokenizer
     self.cfg = cfg
     self.name = cfg.worker or f"{socket.gethostname()}.{os.getpid()}"
-    self.stream = Stream(cfg.stream, self.name)
+    self.stream = open_stream(cfg.stream, self.name, cfg.claim_lease_s)
     self.fmt = ChatFormat(load_tokenizer(cfg.tokenizer))
     self.client = client_lib.make_client(cfg.server)
     self.judge = None
@@ -375,6 +382,7 @@ _JUDGE_URL: Any = None
 _JUDGE_MODEL: Any = None
 _SHUFFLE: Any = None
 _OVERLAP: Any = None
+_LEASE: Any = None
 
 
 def _define_flags() -> None:
@@ -382,7 +390,7 @@ def _define_flags() -> None:
   module next to other entry points never clashes on flag names)."""
   global _SERVER, _TASKS, _STREAM, _TOKENIZER, _GROUP, _WORKERS, _ROUNDS, _NAME
   global _BACKEND, _MODEL, _STEPS, _TIME, _REPRO, _PAUSE, _CONTEXT, _COMPLETION, _TEMP
-  global _JUDGE_URL, _JUDGE_MODEL, _SHUFFLE, _OVERLAP
+  global _JUDGE_URL, _JUDGE_MODEL, _SHUFFLE, _OVERLAP, _LEASE
   _SERVER = flags.DEFINE_string("server", None, "OpenAI-compatible base URL (…/v1).")
   _TASKS = flags.DEFINE_string("tasks", None, "Directory of task dirs.")
   _STREAM = flags.DEFINE_string("stream", None, "Stream directory (shards + ledger + control).")
@@ -408,6 +416,8 @@ def _define_flags() -> None:
   _JUDGE_URL = flags.DEFINE_string("judge_url", "", "OpenAI-compatible judge endpoint for "
                                    "rubric leaves without a programmatic check.")
   _JUDGE_MODEL = flags.DEFINE_string("judge_model", "judge", "Judge model name.")
+  _LEASE = flags.DEFINE_float("claim_lease_s", 300.0, "gs:// streams: claims are renewed every "
+                              "third of this; one not renewed this long is re-run elsewhere.")
 
 
 def main(argv: list[str]) -> None:
@@ -424,7 +434,8 @@ def main(argv: list[str]) -> None:
                      pause_before_publish_s=_PAUSE.value, context_tokens=_CONTEXT.value,
                      context_overlap=_OVERLAP.value,
                      max_completion_tokens=_COMPLETION.value, temperature=_TEMP.value,
-                     judge_url=_JUDGE_URL.value, judge_model=_JUDGE_MODEL.value)
+                     judge_url=_JUDGE_URL.value, judge_model=_JUDGE_MODEL.value,
+                     claim_lease_s=_LEASE.value)
   run_fleet(cfg, _WORKERS.value)
 
 

@@ -5,7 +5,10 @@ Items per step: `state` (params, optimizer state, step: any pytree, `StandardSav
 (the Grain iterator via `grain.checkpoint.CheckpointSave`), `extra` (JSON: the RL stream cursor,
 config notes). Orbax writes each step to a temp dir and renames it when complete, so a crash
 mid-save never leaves a half checkpoint that `latest_step()` would pick up. Restore reshards to
-the shardings of the target (`abstract_like` of the freshly built state).
+the shardings of the target (`abstract_like` of the freshly built state). A `gs://` directory is
+used natively: Orbax writes metadata through etils.epath (gcsfs) and arrays through tensorstore,
+and on GCS (no atomic directory rename) it marks a finished step with `commit_success.txt`, so
+`latest_step()` likewise skips a step whose save was cut short.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from klong_jax.data import storage
 
 
 def abstract_like(tree: Any) -> Any:
@@ -39,7 +44,7 @@ class Checkpointer:
                best_mode: str = "min"):
     if best_mode not in ("min", "max"):
       raise ValueError(f"checkpoint best_mode must be 'min' or 'max', got {best_mode!r}")
-    self.directory = os.path.abspath(directory)
+    self.directory = directory if storage.is_gcs(directory) else os.path.abspath(directory)
     self.save_every = save_every
     self.best_metric = best_metric
     options = ocp.CheckpointManagerOptions(

@@ -9,6 +9,7 @@ def test_fleet_imports_leave_jax_out():
           "import klong_jax.agent.scaffold, klong_jax.agent.policy_server, klong_jax.agent.tools\n"
           "import klong_jax.rollout.worker, klong_jax.sandbox.docker_backend\n"
           "import klong_jax.sandbox.local_backend, klong_jax.sandbox.image\n"
+          "import klong_jax.rollout.gcs_stream, google.cloud.storage\n"
           "import klong_jax.grading, klong_jax.factory, klong_jax.tasks\n"
           "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('jax', 'jaxlib', 'flax'))\n"
           "assert not bad, bad\n")

@@ -50,7 +50,9 @@ def test_glm_on_v5p_256_plan():
   # The preset's model/mesh reach the RL trainer as config overrides; global batch splits by host.
   assert "--config.model.num_experts=128" in argv and "--config.mesh.expert=8" in argv
   assert "--config.data.batch_size=32" in argv and plan.notes
-  assert "--workdir=/gcs/runs/r1" in argv and "--stream=/gcs/runs/r1/stream" in argv
+  # Run state is used as gs:// natively (no gcsfuse): trainer, servers and workers alike.
+  assert "--workdir=gs://bkt/runs/r1" in argv and "--stream=gs://bkt/runs/r1/stream" in argv
+  assert "--policy_dir=gs://bkt/runs/r1/policy" in plan.servers[0].executable.argv()
   files = plan.files()
   assert len(files["trainer_hosts.txt"].splitlines()) == 32
   assert "KLONG_PROCESS_ID=31 " in files["trainer_hosts.txt"]
@@ -76,6 +78,10 @@ def test_fleet_manifests():
     cmd = pod["containers"][0]["command"][-1]
     assert f"--server=http://${{KLONG_SERVER_{i}}}:8000/v1" in cmd
     assert "--backend=docker" in cmd and "klong_jax.sandbox.image --ensure" in cmd
+    assert "--stream=gs://bkt/runs/r1/stream" in cmd and "--worker=$(WORKER_POD)" in cmd
+    assert "--tasks=/gcs/runs/r1/tasks/train" in cmd  # read-only inputs via the mount
+    assert pod["containers"][0]["volumeMounts"][0] == {"name": "gcs", "mountPath": "/gcs",
+                                                       "readOnly": True}
     assert d["spec"]["selector"]["matchLabels"] == d["spec"]["template"]["metadata"]["labels"]
 
 

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from klong_jax.data import schema, shards
+from klong_jax.data import schema, shards, storage
 
 
 def make_trajectory(tid: str, group_id: str, reward: float | None, version: int, n: int = 100,
@@ -32,13 +32,14 @@ def make_trajectory(tid: str, group_id: str, reward: float | None, version: int,
 def write_group(stream: str, stage: int, name: str, rewards: list[float | None], version: int,
                 n: int = 100, seed: int = 0, metadata: dict | None = None,
                 statuses: list[str] | None = None) -> str:
-  """Publishes one group shard `<stream>/<stage>/<name>.array_record`; returns its path."""
+  """Publishes one group shard `<stream>/<stage>/<name>.array_record` (local or gs://)."""
   gid = f"t{name}-s{stage}"
   trajs = [make_trajectory(f"{gid}-{i}", gid, r, version, n=n, stage=stage, seed=seed + i,
                            metadata=metadata,
                            status=statuses[i] if statuses else "completed")
            for i, r in enumerate(rewards)]
-  path = os.path.join(stream, str(stage), f"{name}.array_record")
+  path = storage.join(stream, str(stage), f"{name}.array_record")
   shards.write_shard(path, [t.to_bytes() for t in trajs])
-  os.utime(path, ns=(seed * 1_000_000 + 1, seed * 1_000_000 + 1))  # stable publish order
+  if not storage.is_gcs(path):  # (gs://: the publish order is the order of these calls)
+    os.utime(path, ns=(seed * 1_000_000 + 1, seed * 1_000_000 + 1))  # stable publish order
   return path

@@ -1,6 +1,7 @@
 """The RL stream source: exactly-once over restart, staleness and stage drops, advantages, waits."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -8,6 +9,12 @@ import pytest
 from klong_jax.data.splitting import SplitConfig
 from klong_jax.rl.stream_source import StreamConfig, StreamDataset
 from tests.rl.fakes import write_group
+
+
+@pytest.fixture(params=["local", pytest.param("gcs", marks=pytest.mark.gcs)])
+def stream_root(request, tmp_path):
+  """The stream dir: local, or a gs:// prefix on the GCS emulator (listed and read natively)."""
+  return request.getfixturevalue("gcs_root") if request.param == "gcs" else tmp_path
 
 
 def _cfg(stream, **kw):
@@ -30,16 +37,20 @@ def _take(it, n):
   return out
 
 
-def test_exactly_once_across_restart(tmp_path):
-  _publish(tmp_path, 6)
-  ref_it = iter(StreamDataset(_cfg(tmp_path)))
+def test_exactly_once_across_restart(stream_root):
+  _publish(stream_root, 6)
+  ref_it = iter(StreamDataset(_cfg(stream_root)))
   ref = _take(ref_it, 36)
   assert ref_it.counters["groups"] == 6 and ref[-1][0]["tokens"].any()  # 3 elements x 12 batches
+  if ref_it.remote:  # gs://: only the current element's shards stay in the local cache
+    cached = sorted(os.path.relpath(os.path.join(d, f), ref_it._cache)
+                    for d, _, fs in os.walk(ref_it._cache) for f in fs)
+    assert cached == sorted(s["path"] for s in ref_it._element["shards"])
   for cut in (1, 12, 19):  # mid-element and element boundaries
-    it = iter(StreamDataset(_cfg(tmp_path)))
+    it = iter(StreamDataset(_cfg(stream_root)))
     first = _take(it, cut)
     state = json.loads(json.dumps(it.get_state()))  # what Grain writes into the checkpoint
-    it2 = iter(StreamDataset(_cfg(tmp_path)))
+    it2 = iter(StreamDataset(_cfg(stream_root)))
     it2.set_state(state)
     rest = _take(it2, 36 - cut)
     for (a, ids_a), (b, ids_b) in zip(ref, first + rest, strict=True):
@@ -86,10 +97,10 @@ def test_advantages_and_infra_errors(tmp_path):
 
 
 @pytest.mark.parametrize("rule", ["drain", "drop"])
-def test_previous_stage_rule(tmp_path, rule):
-  _publish(tmp_path, 2, stage=0)
-  _publish(tmp_path, 1, stage=1, start=5)
-  it = iter(StreamDataset(_cfg(tmp_path, groups_per_step=1, batch_size=8, prev_stage=rule)))
+def test_previous_stage_rule(stream_root, rule):
+  _publish(stream_root, 2, stage=0)
+  _publish(stream_root, 1, stage=1, start=5)
+  it = iter(StreamDataset(_cfg(stream_root, groups_per_step=1, batch_size=8, prev_stage=rule)))
   it.set_stage(1)
   next(it)
   if rule == "drop":

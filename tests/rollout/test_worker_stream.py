@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from klong_jax.data import storage
 from klong_jax.data.schema import from_bytes
 from klong_jax.data.shards import list_shards, read_shard
 from klong_jax.rollout.stream import Stream, read_control, write_json_atomic
@@ -45,7 +46,10 @@ def test_control_file(tmp_path):
     read_control(str(tmp_path))
 
 
-def test_sigkill_mid_write_then_restart(tmp_path, teacher_url):
+@pytest.mark.parametrize("where", ["local", pytest.param("gcs", marks=pytest.mark.gcs)])
+def test_sigkill_mid_write_then_restart(tmp_path, teacher_url, where, request):
+  """The real worker, SIGKILLed while its shard is written, then restarted: one shard per group.
+  On gs:// (emulator) the shard is staged locally and uploaded; nothing partial reaches GCS."""
   from klong_jax.data.tokenizer import default_tokenizer
   from klong_jax.tasks import bundled_tasks_dir
   default_tokenizer(tmp_path / "tok")
@@ -53,25 +57,34 @@ def test_sigkill_mid_write_then_restart(tmp_path, teacher_url):
   tasks = tmp_path / "tasks"
   for t in sorted(os.listdir(bundled_tasks_dir()))[:2]:
     shutil.copytree(os.path.join(bundled_tasks_dir(), t), tasks / t)
-  stream = tmp_path / "stream"
-  write_json_atomic(stream / "control.json", {"stage": 1, "time_limit_s": 60})
+  stream = request.getfixturevalue("gcs_root") + "/stream" if where == "gcs" else None
+  env = {**os.environ, "PYTHONPATH": REPO}  # (after the emulator fixture set its env vars)
+  if where == "gcs":
+    env["KLONG_SHARD_STAGING"] = str(tmp_path / "staging")
+    temps = str(tmp_path / "staging" / ".*tmp-*")
+  else:
+    stream = str(tmp_path / "stream")
+    temps = os.path.join(stream, "1", ".*tmp-*")
+  write_json_atomic(storage.join(stream, "control.json"), {"stage": 1, "time_limit_s": 60})
   base = [sys.executable, "-m", "klong_jax.rollout.worker", f"--server={teacher_url}",
           f"--tasks={tasks}", f"--stream={stream}", f"--tokenizer={tok}", "--group_size=1",
           "--backend=local", "--worker=w", "--max_steps=6"]
-  env = {**os.environ, "PYTHONPATH": REPO}
+  log = open(tmp_path / "worker.log", "w")
   proc = subprocess.Popen(base + ["--pause_before_publish_s=30"], env=env, cwd=REPO,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                          stdout=subprocess.DEVNULL, stderr=log)
   deadline = time.time() + 90
-  while not glob.glob(str(stream / "1" / ".*tmp-*")):  # A shard is being written.
-    assert time.time() < deadline and proc.poll() is None, "worker never started a shard"
+  while not glob.glob(temps):  # A shard is being written.
+    assert time.time() < deadline and proc.poll() is None, \
+        "worker never started a shard: " + (tmp_path / "worker.log").read_text()[-2000:]
     time.sleep(0.1)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  assert list_shards(str(stream)) == []  # Nothing partial is visible to readers.
+  log.close()
+  assert list_shards(stream) == []  # Nothing partial is visible to readers.
   subprocess.run(base, env=env, cwd=REPO, check=True, timeout=120,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  assert not glob.glob(str(stream / "1" / ".*tmp-*"))  # The restart removed the killed write.
-  shards = list_shards(str(stream))
+  assert not glob.glob(temps)  # The restart removed the killed write.
+  shards = list_shards(stream)
   recs = [from_bytes(r) for s in shards for r in read_shard(s)]
   assert len(shards) == 2 and len(recs) == 2
   assert sorted(r.id for r in recs) == sorted({r.id for r in recs})  # No duplicates.
@@ -81,4 +94,4 @@ def test_sigkill_mid_write_then_restart(tmp_path, teacher_url):
   # A third run finds everything done and writes nothing.
   subprocess.run(base, env=env, cwd=REPO, check=True, timeout=60,
                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  assert list_shards(str(stream)) == shards
+  assert list_shards(stream) == shards
