@@ -15,6 +15,7 @@ gcsfuse has no hard links. control.json and done entries on gs:// are whole-obje
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import socket
@@ -118,25 +119,29 @@ class Stream:
     return claim.get("host") == self.host and not pid_alive(int(claim.get("pid", -1)))
 
   def claim(self, group_id: str, stage: int) -> str | None:
-    """Claims a group; returns its shard path, or None if done or held by a live worker."""
+    """Claims a group; returns its shard path, or None if done or held by a live worker.
+
+    A fresh claim is an atomic create-if-absent (hard link). A stale claim is taken over at most
+    once per claim generation: reclaimers race to create a takeover token named by the stale
+    claim's inode and content (hard link again), and only the winner replaces the claim, so a
+    slow reclaimer that read the same stale claim can never displace the winner's fresh one.
+    """
     if self.is_done(group_id):
       return None
     path = self.claims / f"{group_id}.json"
-    shard = None
+    shard, token = None, None
     if path.exists():
       try:
-        old = json.loads(path.read_text())
+        ino = path.stat().st_ino
+        raw = path.read_bytes()
+        old = json.loads(raw)
       except (OSError, json.JSONDecodeError):
         return None
       if not self._stale(old):
         return None
       shard = old.get("shard")
-      grave = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex[:8]}")
-      try:
-        os.rename(path, grave)  # Only one reclaimer wins the rename.
-      except FileNotFoundError:
-        return None
-      grave.unlink(missing_ok=True)
+      gen = hashlib.sha256(raw).hexdigest()[:16]
+      token = path.with_name(f".{group_id}.takeover-{ino}-{gen}")
     if shard is None:
       shard = str(self.root / str(stage) / f"{self.worker}-{self._seq:06d}.array_record")
       self._seq += 1
@@ -145,7 +150,11 @@ class Stream:
     tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.write_text(json.dumps(rec))
     try:
-      os.link(tmp, path)  # Atomic create-if-absent.
+      if token is None:
+        os.link(tmp, path)  # Atomic create-if-absent.
+      else:
+        os.link(tmp, token)  # One winner per stale generation ...
+        os.replace(tmp, path)  # ... which alone replaces the stale claim.
     except FileExistsError:
       return None
     finally:
@@ -170,6 +179,8 @@ class Stream:
   def mark_done(self, group_id: str, shard: str, n: int) -> None:
     write_json_atomic(self.done / f"{group_id}.json",
                       {"group_id": group_id, "shard": shard, "records": n, "worker": self.worker})
+    for token in self.claims.glob(f".{group_id}.takeover-*"):  # Done: no takeover can follow.
+      token.unlink(missing_ok=True)
 
 
 def open_stream(root: str, worker: str, lease_s: float | None = None) -> Stream:

@@ -36,6 +36,48 @@ def test_claim_is_exclusive_and_restart_reuses_shard(tmp_path):
   assert Stream(str(tmp_path), "a")._seq == 1
 
 
+def test_stale_claim_is_taken_over_by_exactly_one_reclaimer(tmp_path, monkeypatch):
+  """Reclaimers that all read the same stale claim race; one wins, and no slow loser displaces
+  the winner's fresh claim (the window between reading and replacing is widened on purpose)."""
+  import threading  # noqa: PLC0415
+
+  from klong_jax.rollout import stream as stream_lib  # noqa: PLC0415
+  real_loads = json.loads
+
+  def slow_loads(*a, **k):
+    out = real_loads(*a, **k)
+    time.sleep(0.05)
+    return out
+
+  for rnd in range(5):
+    g = f"g{rnd}"
+    dead = Stream(str(tmp_path), "dead")
+    shard = dead.claim(g, 0)
+    path = tmp_path / "ledger" / "claims" / f"{g}.json"
+    claim = json.loads(path.read_text())
+    claim["pid"] = os.getpid() + 10_000_000  # its owner is gone
+    path.write_text(json.dumps(claim))
+    streams = [Stream(str(tmp_path), f"w{i}") for i in range(8)]
+    won, barrier = [], threading.Barrier(len(streams))
+    monkeypatch.setattr(stream_lib.json, "loads", slow_loads)
+
+    def grab(s, g, won, barrier):
+      barrier.wait()
+      got = s.claim(g, 0)
+      if got is not None:
+        won.append((s.worker, got))
+
+    threads = [threading.Thread(target=grab, args=(s, g, won, barrier)) for s in streams]
+    for t in threads:
+      t.start()
+    for t in threads:
+      t.join()
+    monkeypatch.setattr(stream_lib.json, "loads", real_loads)
+    assert len(won) == 1, won
+    assert won[0][1] == shard  # the group keeps its shard path (exactly-once publish)
+    assert json.loads(path.read_text())["worker"] == won[0][0]
+
+
 def test_control_file(tmp_path):
   assert read_control(str(tmp_path)).stage == 0
   write_json_atomic(tmp_path / "control.json", {"stage": 2, "time_limit_s": 30})
