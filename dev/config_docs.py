@@ -11,11 +11,12 @@ the reference stays true to the code. JAX-free (configs import only ml_collectio
 from __future__ import annotations
 
 import ast
-import importlib.util
 import os
 import re
 import sys
 from typing import Any
+
+from klong_jax import config_util
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(REPO, "configs")
@@ -34,11 +35,7 @@ def load(path: str, arg: str | None = None) -> Any:
   """`get_config(arg)` of a config file (repo root importable, as for the entry points)."""
   if REPO not in sys.path:
     sys.path.insert(0, REPO)
-  name = "_klong_doc_" + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return config_util.load_config_file(path, arg)
 
 
 def comments(source: str) -> tuple[dict[str, str], dict[str, str]]:
@@ -111,7 +108,7 @@ def render() -> str:
            "by hand; `make test` checks it is current). Every field can be overridden on the "
            "command line as `--config.SECTION.FIELD=VALUE`; the arg string after the file name "
            "(`--config=configs/x.py:arg`) picks presets. Model presets live in "
-           "`configs/common.py` (`MODEL_PRESETS`).", ""]
+           "`klong_jax/model/config.py` (`get_preset`).", ""]
   lines += [f"- [`{f}`](#{f.replace('.', '')})" for f in files]
   for fname in files:
     path = os.path.join(CONFIG_DIR, fname)

@@ -23,7 +23,6 @@ Sweeps as in xmanager: each `--sweep=k=v,k=v` is one work unit (its own slices a
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import shlex
@@ -37,6 +36,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 from etils import epath  # noqa: E402
 
+from klong_jax import config_util  # noqa: E402
 from klong_jax.launch import experiment as xp  # noqa: E402
 from klong_jax.parallel import rules as rules_lib  # noqa: E402
 from klong_jax.parallel.mesh import MESH_AXES, mesh_shape  # noqa: E402
@@ -106,13 +106,7 @@ def resolve_mesh(mesh: Any, chips: int) -> dict[str, int]:
 
 def load_config(spec: str) -> ml_collections.ConfigDict:
   """'configs/x.py[:arg]' -> get_config(arg), like absl's --config=file:arg."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found (run from the repo root)")
-  mod_spec = importlib.util.spec_from_file_location(f"_klong_cfg_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
+  return config_util.load_config(spec)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -324,14 +318,10 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
 
 
 def _preset_name(model: ml_collections.ConfigDict) -> str:
-  """The configs/common.py preset whose shape fields match `model` (for the server config)."""
+  """The model preset (klong_jax/model/config.py) whose shapes match `model` (server config)."""
   from configs import common  # noqa: PLC0415
 
-  for name, fields in common.MODEL_PRESETS.items():
-    if all(model.get(k) == v for k, v in fields.items() if k != "dtype"):
-      return name
-  raise ValueError("model matches no preset in configs/common.py MODEL_PRESETS; the server "
-                   "config is built from a preset name")
+  return common.preset_name(model)
 
 
 def sweep_plans(preset: ml_collections.ConfigDict, workdir: str, sweep: list[str],

@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from klong_jax import config_util
 from klong_jax.demo import domain_tokenizer, rewards, summary
 from klong_jax.launch import experiment as xp
 from klong_jax.launch import procs
@@ -152,8 +153,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from klong_jax.train import policy as sft_policy  # noqa: PLC0415 - JAX from here on
   sft_policy_dir = os.path.join(workdir, "eval_sft", "policy")
   if not os.path.isdir(os.path.join(sft_policy_dir, "0")):
-    cfg = sft_policy.load_config(c.sft.config, c.sft.arg,
-                                 ",".join(filter(None, (c.model_overrides, c.sft.overrides))))
+    cfg = config_util.load_config(c.sft.config, c.sft.arg, {
+        **config_util.overrides_dict(c.model_overrides),
+        **config_util.overrides_dict(c.sft.overrides)})
     cfg.seed = c.seed
     sft_policy.publish_sft_policy(cfg, ckpt_dir, sft_policy_dir, 0)
   ev_sft = _evaluate(c, os.path.join(workdir, "eval_sft"), sft_policy_dir, tok, heldout)

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from klong_jax import config_util
 from klong_jax.launch import procs
 
 
@@ -188,15 +189,10 @@ def link_rl_tasks(c: Any, root: str, workdir: str) -> str:
                     c.tasks.get("max_rl", 0))
 
 
-def config_overrides(text: str) -> dict[str, str]:
-  """'a.b=1,c=x' -> {'config.a.b': '1', 'config.c': 'x'}: absl config_flags override flags."""
-  out = {}
-  for item in filter(None, (s.strip() for s in (text or "").split(","))):
-    key, eq, value = item.partition("=")
-    if not eq or not key:
-      raise ValueError(f"override {item!r} must look like key=value")
-    out[f"config.{key}"] = value
-  return out
+def config_overrides(overrides: Any) -> dict[str, Any]:
+  """'a.b=1,c=x' (or a nested section {'a': {'b': 1}}) -> {'config.a.b': '1', 'config.c': 'x'}:
+  absl config_flags override flags."""
+  return {f"config.{k}": v for k, v in config_util.overrides_dict(overrides).items()}
 
 
 def _config_flag(path: str, arg: str) -> str:
