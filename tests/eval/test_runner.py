@@ -58,7 +58,7 @@ def serve():
 def _cfg(out, url, **kw):
   base = dict(tasks=TASKS, server=url, out=str(out), budget_s=60, seeds=1, task_ids=("arith-3",),
               backend="local", max_steps=8, reproduce_timeout_s=30, infra_backoff_s=0.1)
-  return runner.EvalConfig(**{**base, **kw})
+  return runner.EvalConfig.from_fields(**{**base, **kw})
 
 
 def test_git_commits_are_graded_at_budget_cuts(tmp_path, serve):
