@@ -69,7 +69,7 @@ def generate() -> str:
         f'    data = glob([{data}]),\n'
         f'    deps = [{", ".join(deps)}],\n)\n')
   out.append('py_library(\n    name = "configs",\n    srcs = glob(["configs/*.py"]),\n'
-             '    deps = [":klong_jax", ":model", "@pypi//ml_collections"],\n)\n')
+             '    deps = [":klong_jax", ":inference", ":model", "@pypi//ml_collections"],\n)\n')
   out.append('py_library(\n    name = "dev",\n    srcs = glob(["dev/*.py"]),\n'
              '    deps = [":configs", ":klong_jax"],\n)\n')
   all_libs = ", ".join(f'":{s}"' for s in subpackages())
