@@ -54,6 +54,8 @@ def base_config(preset: str, **mesh: int) -> ml_collections.ConfigDict:
   config.model = model_config(preset)
   config.mesh = mesh_config(**mesh)
   config.seed = 0
+  # Logical-axis rules ((logical name, mesh axis) pairs); empty = parallel/rules.LOGICAL_RULES.
+  config.rules = ()
   return config
 
 

@@ -4,16 +4,16 @@
       --init_checkpoint=gs://BUCKET/ckpt/glm45_air_sft --dry_run [--sweep=rl.kl_coef=0.02 ...]
 
 `--config` is a model preset (model + mesh sections); the trainer's other sections come from
-`--trainer_config` (default configs/rl_tiny.py), and every field where the merged config differs
-from the trainer config is passed as `--config.k=v`. The mesh is resolved against the slice's
-chip count here, so a bad mesh fails before anything is created. One trainer process runs per
-TPU host with KLONG_COORDINATOR / KLONG_NUM_PROCESSES / KLONG_PROCESS_ID set
+`--trainer_config` (default configs/rl_glm45_air.py, the pod RL config), and every field where the
+merged config differs from the trainer config is passed as `--config.k=v`. The mesh is resolved
+against the slice's chip count here, so a bad mesh fails before anything is created. One trainer
+process runs per TPU host with KLONG_COORDINATOR / KLONG_NUM_PROCESSES / KLONG_PROCESS_ID set
 (klong_jax.parallel.mesh.maybe_initialize_distributed). Each inference server replica gets its own
 single-host slice (`--server_tpu`); the CPU rollout fleet is Kubernetes Deployments (launch/k8s.py).
 All run state lives in one GCS bucket and is used as `gs://` paths natively (no gcsfuse): the
 trajectory stream (claims by GCS preconditions, klong_jax/rollout/gcs_stream.py), policy versions
-(commit object) and Orbax checkpoints (etils.epath + tensorstore). Only read-only inputs (task
-dirs, tokenizer) are read through a gcsfuse mount at /gcs on server hosts and worker pods.
+(commit object) and Orbax checkpoints (etils.epath + tensorstore). Only read-only inputs (task dirs,
+tokenizer) are read through a gcsfuse mount at /gcs on server hosts and worker pods.
 
 Nothing is called: `--dry_run` prints the plan; otherwise the plan is written to `--out`
 (launch.sh with the gcloud/kubectl commands, fleet.yaml, plan.txt) for a person to run.
@@ -48,7 +48,7 @@ _SERVER_TPU = flags.DEFINE_string("server_tpu", "v5p-8", "Single-host slice per 
 _SERVERS = flags.DEFINE_integer("servers", 2, "Inference server replicas (one slice each).")
 _SERVER_ARG = flags.DEFINE_string("server_arg", "max_batch=64,max_len=32768",
                                   "Arg string for configs/serve_tiny.py (preset is added).")
-_TRAINER_CONFIG = flags.DEFINE_string("trainer_config", "configs/rl_tiny.py:steps=200",
+_TRAINER_CONFIG = flags.DEFINE_string("trainer_config", "configs/rl_glm45_air.py",
                                       "RL config giving every section but model and mesh.")
 _FLEET = flags.DEFINE_integer("fleet", 64, "Rollout worker pods in total.")
 _RUNTIME = flags.DEFINE_enum("sandbox_runtime", "sysbox", sorted(k8s.RUNTIMES),
@@ -271,7 +271,7 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
   merged = local.apply_overrides(merged, overrides or {})
   mesh = resolve_mesh(merged.mesh, trainer_slice.chips)
   # The trainer's own check (same rules table), so a plan that passes cannot fail at start-up.
-  rules = tuple(merged.get("rules") or rules_lib.LOGICAL_RULES)
+  rules = tuple(merged.rules or rules_lib.LOGICAL_RULES)
   rules_lib.check_divisible(merged.model, mesh, rules)
   notes = []
   if merged.data.batch_size % trainer_slice.hosts:
@@ -310,7 +310,11 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
         "worker": "$(WORKER_POD)",
         "group_size": ctx.get("group_size", 8), "rounds": 1_000_000, "num_workers": 1,
         "max_steps": ctx.get("max_steps", 1000),
-        "time_limit_s": ctx.get("time_limit_s", 7200.0)}).argv("python3")
+        "time_limit_s": ctx.get("time_limit_s", 7200.0),
+        # The trainer's context policy and temperature: chunks = the contexts sampled under.
+        "context_tokens": merged.data.max_len, "context_overlap": merged.data.overlap,
+        "max_completion_tokens": merged.data.completion_tokens,
+        "temperature": merged.rl.temperature}).argv("python3")
     objs.append(k8s.worker_deployment(spec, f"{name}-workers-s{i}", n, args))
   return PodPlan(name=name, workdir=workdir, trainer_slice=trainer_slice, mesh=mesh,
                  trainer=trainer, servers=server_jobs, server_slice=server_slice, fleet=objs,

@@ -225,7 +225,7 @@ def plan(config: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int], batch
   if moe_impl:
     model_cfg = model_cfg.replace(moe_impl=moe_impl)
   optim_cfg = config.optim if "optim" in config else default_optim()
-  rules = tuple(config.get("rules", None) or rules_lib.LOGICAL_RULES)
+  rules = tuple(config.rules or rules_lib.LOGICAL_RULES)
   mesh = mesh_lib.make_mesh(dict(mesh_sizes), devices=jax.devices()[:size])
   if probe_layers is None:
     probe_layers = model_cfg.num_layers > 8

@@ -27,7 +27,7 @@ def publish_sft_policy(config: ml_collections.ConfigDict, checkpoint_dir: str, p
 
   if not os.path.isdir(checkpoint_dir):
     raise FileNotFoundError(f"SFT checkpoint dir {checkpoint_dir} does not exist; run SFT first")
-  rules = tuple(config.get("rules", None) or rules_lib.LOGICAL_RULES)
+  rules = tuple(config.rules or rules_lib.LOGICAL_RULES)
   mesh = mesh_lib.make_mesh(config.mesh)
   _, graphdef, params, rest, tx, state_sh = step_lib.build_trainer_parts(config, mesh, rules)
   state = step_lib.init_state(params, rest, tx, state_sh)
