@@ -103,6 +103,26 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
   return parsed
 
 
+def format_value(value: Any) -> str:
+  """A value as `parse_value` reads it back (floats by repr, so no digit is lost)."""
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def format_arg(args: Mapping[str, Any] | Any | None) -> str:
+  """A config file's arg section -> its arg string: {'steps': 9, 'runlocal': True} ->
+  'runlocal,steps=9' (a true bool as a bare flag, a false one as k=0); '' for None or {}."""
+  if args is None or isinstance(args, str):
+    return args or ""
+  items = args.items() if hasattr(args, "items") else dict(args).items()
+  out = []
+  for key, value in items:
+    if isinstance(value, bool):
+      out.append(key if value else f"{key}=0")
+    else:
+      out.append(f"{key}={format_value(value)}")
+  return ",".join(out)
+
+
 def parse_floats(text: str | None, what: str = "rates", example: str = "a=0.3,b=0.5",
                  form: str = "KEY=NUMBER") -> dict[str, float]:
   """'a=0.3,b=0.5' -> {'a': 0.3, 'b': 0.5}; an item that is not `form` raises naming it."""

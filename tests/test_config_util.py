@@ -95,3 +95,13 @@ def test_flatten_and_flag_overrides():
   assert cu.flatten({"a": {"b": 1}, "c": "x"}) == {"a.b": 1, "c": "x"}
   assert cu.overrides_dict("a.b=1") == {"a.b": "1"}
   assert cu.overrides_dict(None) == {}
+
+
+def test_arg_sections_render_to_arg_strings_that_parse_back():
+  args = ml_collections.ConfigDict(dict(steps=6, runlocal=True, lr=2e-4, limits="15:30:60",
+                                        off=False))
+  text = cu.format_arg(args)
+  assert text == "limits=15:30:60,lr=0.0002,off=0,runlocal,steps=6"
+  back = cu.parse_arg(text, steps=1, runlocal=False, lr=1.0, limits="", off=True)
+  assert back.to_dict() == args.to_dict()
+  assert cu.format_arg(None) == cu.format_arg({}) == ""

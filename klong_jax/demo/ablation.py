@@ -26,6 +26,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from klong_jax import config_util
 from klong_jax.demo import pipeline
 
 ARMS = ("truncated", "split", "rl_prog", "rl_fixed")
@@ -43,19 +44,11 @@ def _define_flags() -> None:
   _FLAGS["arms"] = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, of {ARMS}.")
 
 
-def stage_limits(rl_arg: str) -> list[str]:
-  """The `limits=A:B:C` of an RL arg string (rl_tiny's default if absent)."""
-  for part in rl_arg.split(","):
-    k, _, v = part.partition("=")
-    if k.strip() == "limits":
-      return v.split(":")
-  return ["20", "40", "60"]
-
-
-def with_rl_limits(rl_arg: str, limits: Sequence[str]) -> str:
-  """`rl_arg` with its `limits=` replaced."""
-  parts = [p for p in rl_arg.split(",") if p.strip() and p.partition("=")[0].strip() != "limits"]
-  return ",".join(parts + [f"limits={':'.join(limits)}"])
+def stage_limits(c: ml_collections.ConfigDict) -> list[float]:
+  """The RL stage time limits (seconds) a demo config's RL trainer runs: its config file with
+  `rl.args` (rl_tiny owns the default `limits`)."""
+  rl = config_util.load_config(c.rl.config, config_util.format_arg(c.rl.args))
+  return [float(stage["time_limit_s"]) for stage in rl.curriculum.stages]
 
 
 def arm_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_collections.ConfigDict:
@@ -63,14 +56,16 @@ def arm_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_colle
   c = ml_collections.ConfigDict(base.to_dict())
   c.seed = seed
   if arm == "truncated":
-    c.sft.overrides = ",".join(filter(None, (c.sft.overrides, "data.truncate=True")))
+    if "data" not in c.sft.overrides:
+      c.sft.overrides.data = ml_collections.ConfigDict()
+    c.sft.overrides.data.truncate = True
     c.stop_after = "eval_sft"
   elif arm == "split":
     c.stop_after = "eval_sft"
   else:
     c.stop_after = "eval_rl"
-    if arm == "rl_fixed":
-      c.rl.arg = with_rl_limits(c.rl.arg, stage_limits(c.rl.arg)[-1:])
+    if arm == "rl_fixed":  # One stage at the final limit from the start.
+      c.rl.args.limits = f"{stage_limits(c)[-1]:g}"
   return c
 
 

@@ -12,11 +12,13 @@ def test_arm_configs_differ_only_where_the_ablation_says():
   split = ablation.arm_config(base, "split", 2)
   fixed = ablation.arm_config(base, "rl_fixed", 2)
   prog = ablation.arm_config(base, "rl_prog", 2)
-  assert trunc.seed == split.seed == 2 and "data.truncate=True" in trunc.sft.overrides
-  assert "truncate" not in split.sft.overrides and split.stop_after == "eval_sft"
-  limits = ablation.stage_limits(base.rl.arg)
-  assert len(limits) > 1 and ablation.stage_limits(prog.rl.arg) == limits
-  assert ablation.stage_limits(fixed.rl.arg) == limits[-1:]  # the final limit from the start
+  assert trunc.seed == split.seed == 2 and trunc.sft.overrides.data.truncate is True
+  assert "truncate" not in split.sft.overrides.data and split.stop_after == "eval_sft"
+  limits = ablation.stage_limits(base)
+  assert len(limits) > 1 and ablation.stage_limits(prog) == limits
+  assert ablation.stage_limits(fixed) == limits[-1:]  # the final limit from the start
+  assert fixed.rl.args.to_dict() == {**base.rl.args.to_dict(), "limits": f"{limits[-1]:g}"}
+  assert base.to_dict() == demo_config.get_config("").to_dict()  # arms copy, never edit, base
 
 
 def test_table_reports_mean_se_and_the_spread_check():
