@@ -104,11 +104,6 @@ def resolve_mesh(mesh: Any, chips: int) -> dict[str, int]:
   return dict(zip(MESH_AXES, mesh_shape(sizes, chips), strict=True))
 
 
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """'configs/x.py[:arg]' -> get_config(arg), like absl's --config=file:arg."""
-  return config_util.load_config(spec)
-
-
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in d.items():
@@ -264,7 +259,7 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
   if server_slice.hosts != 1:
     raise ValueError(f"--server_tpu={server_tpu} spans {server_slice.hosts} hosts; the server is "
                      "one process: use a single-host slice (e.g. v5p-8) and more --servers")
-  base = load_config(trainer_spec)
+  base = config_util.load_config(trainer_spec)
   merged = ml_collections.ConfigDict(base.to_dict())
   merged.model = ml_collections.ConfigDict(preset.model.to_dict())
   merged.mesh = ml_collections.ConfigDict(preset.mesh.to_dict())
@@ -284,7 +279,6 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
   tok = tokenizer or f"{root}/tokenizer.model"
   task_dir = tasks or f"{root}/tasks/train"
   model_name = name
-  cfg_path, _, cfg_arg = trainer_spec.partition(":")
   trainer = xp.Job("trainer", xp.Executable("klong_jax.rl.train", {
       "config": trainer_spec, "workdir": run, "stream": stream,
       "init_checkpoint": init_checkpoint or None, **config_diff(base, merged)}), primary=True)

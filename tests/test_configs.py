@@ -53,7 +53,8 @@ def test_pod_sft_and_rl_share_the_context_policy():
 
 def test_pod_rl_config_is_the_launcher_default_and_renders(tmp_path):
   assert tpu.FLAGS["trainer_config"].default == POD["rl"]
-  plan = tpu.build_plan(tpu.load_config("configs/glm45_air.py"), POD["rl"], "gs://bkt/runs/r1",
+  plan = tpu.build_plan(config_util.load_config("configs/glm45_air.py"), POD["rl"],
+                        "gs://bkt/runs/r1",
                         tpu="v5p-256", server_tpu="v5p-8", servers=2,
                         server_arg="max_batch=64,max_len=32768", fleet=4, image="img:1")
   assert plan.mesh == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1} and not plan.notes
