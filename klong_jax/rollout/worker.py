@@ -1,7 +1,11 @@
 """Rollout worker: tasks -> G agent rollouts per task -> graded Trajectories -> ArrayRecord shards.
 
   python -m klong_jax.rollout.worker --server=http://127.0.0.1:8000/v1 --tasks=DIR \\
-      --stream=DIR --group_size=4 --num_workers=2 --tokenizer=PATH.model
+      --stream=DIR --group_size=4 --num_workers=2 --tokenizer=PATH.model \\
+      [--max_steps=50 --time_limit_s=600 --sandbox_limits=mem_bytes=2147483648,pids=512,cpus=2]
+
+Episode flags (budgets, context policy, temperature, sandbox limits) are the one EpisodeConfig
+(episode_config.py), shared with the eval and distill CLIs.
 
 Each group (task x round) is claimed in the stream ledger, rolled out, graded, rendered and
 published as one shard (see stream.py for the exactly-once rules). Status rules: agent budget out
