@@ -194,11 +194,26 @@ def _finished(wd: str, arm: str) -> dict[str, Any] | None:
   return res if arm_reward(res, arm) is not None else None
 
 
+def collect(out: str, seeds: int, arms: Sequence[str]) -> dict[str, dict[int, dict[str, Any]]]:
+  """Per arm and seed, the finished runs' rewards and details (from their summary.json)."""
+  results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
+  for seed in range(seeds):
+    for arm in arms:
+      wd = os.path.join(out, f"seed{seed}", arm)
+      res = _finished(wd, arm)
+      if res is not None:
+        results[arm][seed] = {"reward": arm_reward(res, arm), "workdir": wd,
+                              "phases_s": res.get("phases_s"),
+                              "rl_endings": res.get("rl_endings"),
+                              "chunks": res.get("distill")}
+  return results
+
+
 def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[str],
         only_seeds: Sequence[int] = ()) -> dict[str, Any]:
   """Runs every (seed, arm) not yet finished (of `only_seeds` if given), then writes the table.
 
-  Seeds outside `only_seeds` enter the table when their arms have finished (in another process).
+  The table covers every (seed, arm) finished by then, in this process or another.
   """
   bad = [a for a in arms if a not in ARMS]
   if bad:
@@ -206,26 +221,17 @@ def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[st
   order = [a for a in ("split", "truncated", "rl_prog", "rl_fixed") if a in arms]
   if any(a != "split" for a in order) and "split" not in order:
     order.insert(0, "split")  # The others share its distillation (and RL its checkpoint).
-  results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
   for seed in range(seeds):
+    if only_seeds and seed not in only_seeds:
+      continue
     root = os.path.join(out, f"seed{seed}")
     for arm in order:
-      wd = os.path.join(root, arm)
-      if only_seeds and seed not in only_seeds:
-        res = _finished(wd, arm)
-        if res is None:
-          continue
-      else:
-        wd = prepare_arm(root, arm)
-        print(f"== ablation seed {seed}, arm {arm}: {wd}", flush=True)
-        res = pipeline.run(arm_config(base, arm, seed), wd)
-      if arm in results:
-        results[arm][seed] = {"reward": arm_reward(res, arm), "workdir": wd,
-                              "phases_s": res.get("phases_s"),
-                              "rl_endings": res.get("rl_endings"),
-                              "chunks": res.get("distill")}
-      t = table(results)
-      _write(os.path.join(out, "ablation.json"), json.dumps(t, indent=2, default=str) + "\n")
+      wd = prepare_arm(root, arm)
+      print(f"== ablation seed {seed}, arm {arm}: {wd}", flush=True)
+      pipeline.run(arm_config(base, arm, seed), wd)
+      _write(os.path.join(out, "ablation.json"),
+             json.dumps(table(collect(out, seeds, arms)), indent=2, default=str) + "\n")
+  results = collect(out, seeds, arms)  # Read at the end: other processes' seeds count too.
   t = table(results)
   _write(os.path.join(out, "ablation.md"), markdown(t))
   t["plot"] = plot(t, os.path.join(out, "ablation.png"))

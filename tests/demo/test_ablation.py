@@ -63,6 +63,7 @@ def test_only_seeds_runs_its_seeds_and_tables_the_others_finished(tmp_path, monk
                    only_seeds=[1])
   assert ran == [(1, "split"), (1, "truncated")]  # seed 0 unfinished: neither run nor tabled
   assert t["arms"]["split"]["rewards"] == [0.5]
+  assert list(t["arms"]["split"]["seeds"]) == ["1"]
   ran.clear()
   t = ablation.run(base, str(tmp_path / "abl"), seeds=2, arms=["split", "truncated"],
                    only_seeds=[0])
