@@ -49,7 +49,7 @@ setuptools.setup(
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["klong_jax", "klong_jax.*"]),
     include_package_data=True,
-    package_data={"klong_jax": ["tasks/data/**/*", "data/assets/*"]},
+    package_data={"klong_jax": ["tasks/data/**/*", "tasks/data_long/**/*", "data/assets/*"]},
     # The base install is the JAX-free fleet; accelerator hosts add `train`, `gpu` or `tpu`.
     install_requires=FLEET,
     extras_require={

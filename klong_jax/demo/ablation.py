@@ -41,6 +41,9 @@ def _define_flags() -> None:
                                                      "Base demo config.")
   _FLAGS["out"] = flags.DEFINE_string("out", "runs/ablation", "Output dir (per seed and arm).")
   _FLAGS["seeds"] = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1.")
+  _FLAGS["only_seeds"] = flags.DEFINE_list(
+      "only_seeds", [], "Run just these of the seeds (e.g. a second process on a spare core); "
+      "the table still covers every seed < --seeds whose arms have finished.")
   _FLAGS["arms"] = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, of {ARMS}.")
 
 
@@ -176,29 +179,54 @@ def _write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[str]
-        ) -> dict[str, Any]:
-  """Runs every (seed, arm) not yet finished, then writes the table."""
+def _finished(wd: str, arm: str) -> dict[str, Any] | None:
+  """The summary of an arm another process finished (None if it has not)."""
+  path = os.path.join(wd, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    res = json.load(f)
+  return res if arm_reward(res, arm) is not None else None
+
+
+def collect(out: str, seeds: int, arms: Sequence[str]) -> dict[str, dict[int, dict[str, Any]]]:
+  """Per arm and seed, the finished runs' rewards and details (from their summary.json)."""
+  results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
+  for seed in range(seeds):
+    for arm in arms:
+      wd = os.path.join(out, f"seed{seed}", arm)
+      res = _finished(wd, arm)
+      if res is not None:
+        results[arm][seed] = {"reward": arm_reward(res, arm), "workdir": wd,
+                              "phases_s": res.get("phases_s"),
+                              "rl_endings": res.get("rl_endings"),
+                              "chunks": res.get("distill")}
+  return results
+
+
+def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[str],
+        only_seeds: Sequence[int] = ()) -> dict[str, Any]:
+  """Runs every (seed, arm) not yet finished (of `only_seeds` if given), then writes the table.
+
+  The table covers every (seed, arm) finished by then, in this process or another.
+  """
   bad = [a for a in arms if a not in ARMS]
   if bad:
     raise ValueError(f"unknown ablation arms {bad}; choose from {ARMS}")
   order = [a for a in ("split", "truncated", "rl_prog", "rl_fixed") if a in arms]
   if any(a != "split" for a in order) and "split" not in order:
     order.insert(0, "split")  # The others share its distillation (and RL its checkpoint).
-  results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
   for seed in range(seeds):
+    if only_seeds and seed not in only_seeds:
+      continue
     root = os.path.join(out, f"seed{seed}")
     for arm in order:
       wd = prepare_arm(root, arm)
       print(f"== ablation seed {seed}, arm {arm}: {wd}", flush=True)
-      res = pipeline.run(arm_config(base, arm, seed), wd)
-      if arm in results:
-        results[arm][seed] = {"reward": arm_reward(res, arm), "workdir": wd,
-                              "phases_s": res.get("phases_s"),
-                              "rl_endings": res.get("rl_endings"),
-                              "chunks": res.get("distill")}
-      t = table(results)
-      _write(os.path.join(out, "ablation.json"), json.dumps(t, indent=2, default=str) + "\n")
+      pipeline.run(arm_config(base, arm, seed), wd)
+      _write(os.path.join(out, "ablation.json"),
+             json.dumps(table(collect(out, seeds, arms)), indent=2, default=str) + "\n")
+  results = collect(out, seeds, arms)  # Read at the end: other processes' seeds count too.
   t = table(results)
   _write(os.path.join(out, "ablation.md"), markdown(t))
   t["plot"] = plot(t, os.path.join(out, "ablation.png"))
@@ -209,7 +237,8 @@ def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[st
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  t = run(*(_FLAGS[k].value for k in ("config", "out", "seeds", "arms")))
+  t = run(*(_FLAGS[k].value for k in ("config", "out", "seeds", "arms")),
+          only_seeds=[int(s) for s in _FLAGS["only_seeds"].value])
   print(markdown(t))
 
 

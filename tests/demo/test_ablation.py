@@ -1,6 +1,7 @@
 """The ablation's arm configs and table (the runs themselves are the demo's, tested there)."""
 
 import math
+import os
 
 from configs import demo as demo_config
 from klong_jax.demo import ablation
@@ -43,3 +44,31 @@ def test_ablation_and_demo_run_as_programs():
                        text=True, timeout=120, check=False)
     # absl's --helpfull exits 1; a flag clash exits 1 too, with a traceback and no help text.
     assert "--config" in r.stdout and "Traceback" not in r.stderr, (mod, r.stderr[-2000:])
+
+
+def test_only_seeds_runs_its_seeds_and_tables_the_others_finished(tmp_path, monkeypatch):
+  """A second process can take one seed: each runs only its own, the table covers both."""
+  import json  # noqa: PLC0415
+  ran = []
+
+  def fake_run(c, wd):
+    ran.append((c.seed, os.path.basename(wd)))
+    res = {"heldout_sft": 0.5 if "split" in wd else 0.25}
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(wd, "summary.json"), "w", encoding="utf-8") as f:
+      f.write(json.dumps(res))
+    return res
+
+  monkeypatch.setattr(ablation.pipeline, "run", fake_run)
+  base = demo_config.get_config()
+  t = ablation.run(base, str(tmp_path / "abl"), seeds=2, arms=["split", "truncated"],
+                   only_seeds=[1])
+  assert ran == [(1, "split"), (1, "truncated")]  # seed 0 unfinished: neither run nor tabled
+  assert t["arms"]["split"]["rewards"] == [0.5]
+  assert list(t["arms"]["split"]["seeds"]) == ["1"]
+  ran.clear()
+  t = ablation.run(base, str(tmp_path / "abl"), seeds=2, arms=["split", "truncated"],
+                   only_seeds=[0])
+  assert ran == [(0, "split"), (0, "truncated")]
+  assert t["arms"]["split"]["rewards"] == [0.5, 0.5]
+  assert t["arms"]["truncated"]["rewards"] == [0.25, 0.25]
