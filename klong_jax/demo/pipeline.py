@@ -136,7 +136,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   sft_dir = os.path.join(workdir, "sft")
   ckpt_dir = os.path.join(sft_dir, "checkpoints")
-  prog.start("sft", f"split-SFT tiny MoE ({config_util.format_arg(c.sft.args)})")
+  truncated = bool(c.sft.overrides.get("data", {}).get("truncate", False))
+  kind = "truncated-SFT (first max_len tokens only)" if truncated else "split-SFT"
+  prog.start("sft", f"{kind} tiny MoE ({config_util.format_arg(c.sft.args)})")
   if not os.path.exists(os.path.join(sft_dir, "done")):
     _run_role(c, workdir, "sft", "klong_jax.train.sft", {
         "config": xp.config_flag(c.sft.config, c.sft.args),
