@@ -85,12 +85,6 @@ def state_shardings(params: nnx.State, rest: nnx.State, tx: optax.GradientTransf
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rest=rest_sh)
 
 
-def default_batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[B, L] arrays: batch over every data-parallel axis present (data, fsdp, expert)."""
-  axes = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.axis_names)
-  return NamedSharding(mesh, P(axes if axes else None))
-
-
 def init_state(params: nnx.State, rest: nnx.State, tx: optax.GradientTransformation,
                shardings: TrainState) -> TrainState:
   """A step-0 TrainState laid out on `shardings` (optimizer state born sharded)."""

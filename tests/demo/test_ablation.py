@@ -3,6 +3,8 @@
 import math
 import os
 
+import pytest
+
 from configs import demo as demo_config
 from klong_jax.demo import ablation
 
@@ -35,6 +37,7 @@ def test_table_reports_mean_se_and_the_spread_check():
   assert "± " in ablation.markdown(t)
 
 
+@pytest.mark.subprocess
 def test_ablation_and_demo_run_as_programs():
   """Each entry point defines its flags only as a program: importing demo must not clash."""
   import subprocess  # noqa: PLC0415

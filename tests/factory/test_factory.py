@@ -161,6 +161,7 @@ def test_distill_with_scripted_teacher(tmp_path):
     stop()
 
 
+@pytest.mark.subprocess
 def test_cli_ingest_and_jax_free(tmp_path):
   import subprocess
   import sys

@@ -138,6 +138,7 @@ def test_write_plan(tmp_path):
       "Deployment"
 
 
+@pytest.mark.subprocess
 def test_cli_dry_run():
   r = subprocess.run(
       [sys.executable, "launch/tpu.py", "--config=configs/glm45_air.py", "--tpu=v5p-256",

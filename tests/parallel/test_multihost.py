@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 MESH = {"data": 2, "fsdp": 2, "expert": 2}
 STEPS = 3
@@ -127,6 +128,7 @@ def _collect(procs: list[subprocess.Popen], out: str) -> tuple[list[dict], dict[
   return runs, dict(np.load(out + ".npz"))
 
 
+@pytest.mark.subprocess
 def test_two_processes_match_single_process(tmp_path):
   import jax  # noqa: PLC0415
 
