@@ -46,6 +46,7 @@ _BLOCK = flags.DEFINE_integer("block", 16, "prefix-cache block tokens")
 _BUDGET_MB = flags.DEFINE_float("budget_mb", 64.0, "prefix-cache KV budget")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "timed passes per variant (best is kept)")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/prefix_cache.json", "result JSON")
+_NOTE = flags.DEFINE_string("note", "", "free text stored with the result (e.g. machine load)")
 
 
 def run_group(engine: Engine, policy: ContextPolicy, turns: int, group: int, prefix_len: int,
@@ -89,6 +90,7 @@ def run_group(engine: Engine, policy: ContextPolicy, turns: int, group: int, pre
 
 def main(argv: list[str]) -> None:
   del argv
+  load_before = os.getloadavg()
   cfg = get_preset(_PRESET.value)
   model = Transformer(cfg, rngs=nnx.Rngs(0))
   sampler = Sampler(model, max_batch=_GROUP.value, max_len=_MAX_LEN.value,
@@ -120,6 +122,8 @@ def main(argv: list[str]) -> None:
       "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
       "cpu_count": os.cpu_count(), "machine": platform.machine(), "jax": jax.__version__,
       "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+      "loadavg_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
+      "note": _NOTE.value,
       "workload": {"preset": _PRESET.value, "turns": _TURNS.value, "group": _GROUP.value,
                    "prefix_tokens": _PREFIX.value, "tool_tokens": _TOOL.value,
                    "reply_tokens": _REPLY.value, "max_len": _MAX_LEN.value,
@@ -131,6 +135,10 @@ def main(argv: list[str]) -> None:
       "prefill_tokens_ratio": best["uncached"]["prefill_tokens"] /
                               max(1, best["cached"]["prefill_tokens"]),
       "wall_speedup": best["uncached"]["seconds"] / best["cached"]["seconds"],
+      # Paired ratios (the two variants of one repeat ran back to back): the spread shows how
+      # much the machine's load moved the wall times.
+      "wall_speedup_per_repeat": [round(u["seconds"] / c["seconds"], 3) for u, c in
+                                  zip(runs["uncached"], runs["cached"], strict=True)],
   }
   u, c = best["uncached"], best["cached"]
   result["summary"] = [  # Rows for benchmarks/run_all's table: figure beside its baseline.

@@ -31,7 +31,7 @@ from absl import app, flags
 HERE = os.path.dirname(os.path.abspath(__file__))
 SKIP = {"run_all", "__init__"}
 # Per-script caps (seconds) where the default is too short or too long.
-CAPS = {"sandbox": 1200, "rl_loop": 900}
+CAPS = {"sandbox": 1200, "rl_loop": 900, "prefix_cache": 1200, "sampler_scaling": 1200}
 
 _ONLY = flags.DEFINE_list("only", [], "Run just these benchmarks (names without .py).")
 _CAP = flags.DEFINE_integer("cap_s", 900, "Default wall-clock cap per script, seconds.")

@@ -93,12 +93,14 @@ class Attention(nnx.Module):
     return self._out(attend(q, k, v, mask))
 
   def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array,
-             v_cache: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Writes this step's K/V at slots `positions` and attends over the cache [B,S,K,H]."""
+             v_cache: jax.Array, layer: jax.Array | int
+             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Writes this step's K/V at [layer, row, positions[row]] of the stacked caches
+    [L, B, S, K, H] and attends over that layer's slots; returns (out, k_cache, v_cache)."""
     q, k, v = self._qkv(x, positions)
     rows = jnp.arange(x.shape[0])[:, None]
-    k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype))
-    v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype))
-    mask = cache_mask(positions, k_cache.shape[1])
-    o = attend(q, k_cache.astype(self.dtype), v_cache.astype(self.dtype), mask)
+    k_cache = k_cache.at[layer, rows, positions].set(k.astype(k_cache.dtype))
+    v_cache = v_cache.at[layer, rows, positions].set(v.astype(v_cache.dtype))
+    mask = cache_mask(positions, k_cache.shape[2])
+    o = attend(q, k_cache[layer].astype(self.dtype), v_cache[layer].astype(self.dtype), mask)
     return self._out(o), k_cache, v_cache

@@ -58,9 +58,10 @@ class Block(nnx.Module):
     x = x + self.attn(self.input_layernorm(x), positions, segment_ids)
     return self._ffn(x)
 
-  def decode(self, x: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array
-             ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    h, k, v = self.attn.decode(self.input_layernorm(x), positions, k, v)
+  def decode(self, x: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array,
+             layer: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """k/v: the whole stacked cache [num_layers, B, S, K, H]; this block owns index `layer`."""
+    h, k, v = self.attn.decode(self.input_layernorm(x), positions, k, v, layer)
     x, _ = self._ffn(x + h)
     return x, k, v
 
@@ -86,12 +87,14 @@ def _remat(fn: Any, policy: str) -> Any:
   return jax.checkpoint(fn, policy=jax.checkpoint_policies.checkpoint_dots)
 
 
-def _run_stack(stack: Block, x: jax.Array, xs: Any, step: Any, scan: bool, policy: str
-               ) -> tuple[jax.Array, Any]:
-  """Runs `step(layer, x, per_layer_xs) -> (x, ys)` over a stack by lax.scan or a Python loop."""
+def _run_stack(stack: Block, x: Any, xs: Any, step: Any, scan: bool, policy: str
+               ) -> tuple[Any, Any]:
+  """Runs `step(layer, x, per_layer_xs) -> (x, ys)` over a stack by lax.scan or a Python loop.
+
+  `x` (the carry) may be a pytree."""
   graphdef, state = nnx.split(stack)
 
-  def body(carry: jax.Array, layer_in: Any) -> tuple[jax.Array, Any]:
+  def body(carry: Any, layer_in: Any) -> tuple[Any, Any]:
     layer_state, layer_xs = layer_in
     return step(nnx.merge(graphdef, layer_state), carry, layer_xs)
 
@@ -150,21 +153,28 @@ class Transformer(nnx.Module):
 
   def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache
              ) -> tuple[jax.Array, KVCache]:
-    """Prefill (T>1) or decode (T=1): writes K/V at slots `positions`, attends to slots <= pos."""
+    """Prefill (T>1) or decode (T=1): writes K/V at slots `positions`, attends to slots <= pos.
+
+    The whole cache is loop carry: each layer scatters only its new slots into it (at its layer
+    index) and reads its own slice, so with the cache donated XLA updates it in place. Passing
+    per-layer slices as scan inputs/outputs instead made XLA copy the whole cache several times
+    per step, a cost growing with batch x max_len (docs/performance.md, decode batch scaling).
+    """
     cfg = self.cfg
     x = self.embedder.encode(tokens)
     nd = cfg.first_k_dense
 
-    def step(layer: Block, h: jax.Array, kv: Any) -> tuple[jax.Array, Any]:
-      h, k, v = layer.decode(h, positions, *kv)
-      return h, (k, v)
+    def step(offset: int) -> Any:
+      def run(layer: Block, carry: Any, i: jax.Array) -> tuple[Any, None]:
+        h, k, v = carry
+        return layer.decode(h, positions, k, v, offset + i), None
+      return run
 
-    k_all, v_all = cache.k, cache.v
+    carry = (x, cache.k, cache.v)
     if self.dense_layers is not None:
-      x, (k, v) = _run_stack(self.dense_layers, x, (k_all[:nd], v_all[:nd]), step, False, "none")
-      k_all, v_all = k_all.at[:nd].set(k), v_all.at[:nd].set(v)
+      carry, _ = _run_stack(self.dense_layers, carry, jnp.arange(nd), step(0), False, "none")
     if self.moe_layers is not None:
-      x, (k, v) = _run_stack(self.moe_layers, x, (k_all[nd:], v_all[nd:]), step,
-                             cfg.scan_layers, "none")
-      k_all, v_all = k_all.at[nd:].set(k), v_all.at[nd:].set(v)
-    return self.embedder.decode(self.final_norm(x)), KVCache(k=k_all, v=v_all)
+      carry, _ = _run_stack(self.moe_layers, carry, jnp.arange(cfg.num_moe_layers), step(nd),
+                            cfg.scan_layers, "none")
+    x, k, v = carry
+    return self.embedder.decode(self.final_norm(x)), KVCache(k=k, v=v)

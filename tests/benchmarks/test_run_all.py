@@ -1,6 +1,7 @@
 """`make bench` driver: subprocess per script, caps, failures recorded, JSON + Markdown table."""
 
 import json
+import os
 import textwrap
 
 import pytest
@@ -66,3 +67,11 @@ def test_progress_lines_while_running(tmp_path):
 def test_discovers_the_repo_benchmarks():
   names = run_all.discover()
   assert "train_step" in names and "run_all" not in names and "__init__" not in names
+  assert {"prefix_cache", "sampler_scaling"} <= set(names) and "_legacy_decode" not in names
+
+
+@pytest.mark.parametrize("name", ["prefix_cache", "sampler_scaling"])
+def test_issue20_results_give_rows_beside_their_same_run_baseline(name):
+  with open(os.path.join(run_all.HERE, "results", f"{name}.json")) as f:
+    rows = run_all.rows_for(name, json.load(f))
+  assert rows and all(r.baseline and r.ratio is not None for r in rows)
