@@ -9,6 +9,7 @@ tokens, data/routing.py): the trajectory then gets `routing` for routing replay.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ import numpy as np
 
 from klong_jax.data import routing as routing_lib
 from klong_jax.data.chat import ChatFormat
+
+log = logging.getLogger(__name__)
 
 
 def _sampled(message: Mapping[str, Any], index: int) -> tuple[list[int], list[float], list[int]]:
@@ -80,8 +83,8 @@ def render_trajectory(messages: Sequence[Mapping[str, Any]], fmt: ChatFormat,
       routing = routing_lib.empty(len(ids), int(shape[1]), int(shape[2]))
     try:
       routing_lib.place_turn(routing, record, ids, body_start, num_sampled)
-    except ValueError as e:
-      raise ValueError(f"sampled turn {i}: bad routed_experts: {e}") from None
+    except ValueError as e:  # A malformed record loses its turn's routing, not the rollout.
+      log.warning("sampled turn %d: routed_experts ignored: %s", i, e)
   return {
       "tokens": np.asarray(ids, np.int32),
       "loss_mask": np.asarray(mask, np.int32),

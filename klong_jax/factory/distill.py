@@ -89,7 +89,8 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
       tokenizer=cfg.tokenizer, worker="distill", backend=cfg.backend, model=cfg.model,
       max_steps=cfg.max_steps, time_limit_s=cfg.time_limit_s,
       reproduce_timeout_s=cfg.reproduce_timeout_s, context_tokens=cfg.context_tokens,
-      context_overlap=cfg.context_overlap, max_completion_tokens=cfg.max_completion_tokens))
+      context_overlap=cfg.context_overlap, max_completion_tokens=cfg.max_completion_tokens,
+      routing_replay=False))  # Teacher data: SFT, nothing to replay.
   dirs = list_tasks(cfg.tasks, cfg.split)
   if cfg.max_tasks:
     dirs = dirs[:cfg.max_tasks]

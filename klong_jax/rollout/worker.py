@@ -72,6 +72,9 @@ class WorkerConfig:
   # Sampling temperature; the RL trainer must use the same one (rl.temperature), since the
   # recorded logprobs are log softmax(logits / T) (inference/sampling.py, "tempered").
   temperature: float = 1.0
+  # Routing replay (R3): ask the server for each token's MoE expert ids and keep them in the
+  # trajectory's `routing` (schema 2), not in its messages. Harmless against servers without it.
+  routing_replay: bool = True
   # LLM judge for rubric leaves without a programmatic `check` (PaperBench SimpleJudge); the
   # API key is read from $KLONG_JUDGE_API_KEY (else $OPENAI_API_KEY, as klong_jax.eval does) so
   # it never appears on a command line.
@@ -133,6 +136,17 @@ def _grade(task: Any, sb: Any, host_sub: str, repro: sandbox_lib.ReproduceResult
                             "disqualified": res.disqualified, "reproduce": res.reproduce}
 
 
+def _without_routing(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Messages minus the per-turn routing records (rendered into the trajectory's `routing`)."""
+  out = []
+  for m in messages:
+    k = m.get("klong")
+    if isinstance(k, dict) and "routed_experts" in k:
+      m = dict(m, klong={key: v for key, v in k.items() if key != "routed_experts"})
+    out.append(m)
+  return out
+
+
 class Worker:
   """One rollout process."""
 
@@ -162,7 +176,8 @@ class Worker:
         tool_timeout_s=min(cfg.tool_timeout_s, time_limit_s),
         context_tokens=cfg.context_tokens, context_overlap=cfg.context_overlap,
         max_completion_tokens=cfg.max_completion_tokens,
-        request_retries=cfg.request_retries, temperature=cfg.temperature)
+        request_retries=cfg.request_retries, temperature=cfg.temperature,
+        return_routing=cfg.routing_replay)
     prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
                                        task.paper_md, task.addendum_md)
     state: dict[str, Any] = {}
@@ -234,7 +249,8 @@ class Worker:
     meta["stale"] = bool(sampled.size and int(sampled.min()) < min_version)
     traj = Trajectory(
         id=f"{group_id}-{index}", task_id=task_id, group_id=group_id, stage=stage,
-        status=r["status"], reward=r["reward"], messages=r["messages"], timings=r["timings"],
+        status=r["status"], reward=r["reward"], messages=_without_routing(r["messages"]),
+        timings=r["timings"],
         sandbox=r["sandbox"], metadata=meta, **rendered)
     return traj.to_bytes()
 
@@ -390,7 +406,7 @@ def _define_flags() -> None:
   module next to other entry points never clashes on flag names)."""
   global _SERVER, _TASKS, _STREAM, _TOKENIZER, _GROUP, _WORKERS, _ROUNDS, _NAME
   global _BACKEND, _MODEL, _STEPS, _TIME, _REPRO, _PAUSE, _CONTEXT, _COMPLETION, _TEMP
-  global _JUDGE_URL, _JUDGE_MODEL, _SHUFFLE, _OVERLAP, _LEASE
+  global _JUDGE_URL, _JUDGE_MODEL, _SHUFFLE, _OVERLAP, _LEASE, _ROUTING
   _SERVER = flags.DEFINE_string("server", None, "OpenAI-compatible base URL (…/v1).")
   _TASKS = flags.DEFINE_string("tasks", None, "Directory of task dirs.")
   _STREAM = flags.DEFINE_string("stream", None, "Stream directory (shards + ledger + control).")
@@ -413,6 +429,8 @@ def _define_flags() -> None:
   _COMPLETION = flags.DEFINE_integer("max_completion_tokens", 2048, "Completion tokens per call.")
   _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (= the RL trainer's "
                              "rl.temperature; recorded in each trajectory's metadata).")
+  _ROUTING = flags.DEFINE_bool("routing_replay", True, "Ask the server for each token's MoE "
+                               "expert ids and keep them in the trajectory (R3).")
   _JUDGE_URL = flags.DEFINE_string("judge_url", "", "OpenAI-compatible judge endpoint for "
                                    "rubric leaves without a programmatic check.")
   _JUDGE_MODEL = flags.DEFINE_string("judge_model", "judge", "Judge model name.")
@@ -434,6 +452,7 @@ def main(argv: list[str]) -> None:
                      pause_before_publish_s=_PAUSE.value, context_tokens=_CONTEXT.value,
                      context_overlap=_OVERLAP.value,
                      max_completion_tokens=_COMPLETION.value, temperature=_TEMP.value,
+                     routing_replay=_ROUTING.value,
                      judge_url=_JUDGE_URL.value, judge_model=_JUDGE_MODEL.value,
                      claim_lease_s=_LEASE.value)
   run_fleet(cfg, _WORKERS.value)
