@@ -319,13 +319,14 @@ class Engine:
         req.routing_prompt[i * b:(i + 1) * b] = block
 
   def _record_prefill_routing(self, entries: list[tuple[Request, int]]) -> None:
-    """Stores the prefilled prompt tokens' expert ids in the requests that asked for them
-    (all of them while the prefix cache is on, so cached blocks keep their routing)."""
-    if self.sampler.routing is None or not any(
-        r.params.return_routing or self.prefix_cache is not None for r, _ in entries):
+    """Stores the prefilled prompt tokens' expert ids in the requests that asked for them (the
+    device-to-host copy happens only then; their cached blocks keep the ids)."""
+    if self.sampler.routing is None or not any(r.params.return_routing for r, _ in entries):
       return
     routing = np.asarray(self.sampler.routing)
     for j, (req, start) in enumerate(entries):
+      if not req.params.return_routing:
+        continue
       if req.routing_prompt is None:
         req.routing_prompt = self._new_routing(req)
       n = len(req.prompt_ids) - start
