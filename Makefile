@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: demo test lint bench image clean-venv install host-tools ablation
+.PHONY: demo test test-fast lint bench image clean-venv install host-tools ablation
 
 # Idempotent install: re-runs only when setup.py changes.
 $(STAMP): setup.py
@@ -34,9 +34,16 @@ image: $(STAMP)
 demo: $(STAMP) image
 	$(VPY) -m klong_jax.demo --workdir=runs/demo
 
+LINT := klong_jax tests configs launch benchmarks sandbox dev
+
 test: $(STAMP) host-tools
-	$(VPY) -m ruff check klong_jax tests configs launch benchmarks sandbox dev
+	$(VPY) -m ruff check $(LINT)
 	$(VPY) -m pytest -q -n 2 --dist loadgroup tests
+
+# The inner loop: ruff and every test not marked slow, docker, subprocess or gcs (pytest.ini).
+test-fast: $(STAMP)
+	$(VPY) -m ruff check $(LINT)
+	$(VPY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not docker and not subprocess and not gcs" tests
 
 # The paper's ablation (truncated vs split SFT, progressive vs fixed RL) over 3 seeds on the
 # long-horizon suite; hours on 2 cores. Table: runs/ablation/ablation.md (measured: docs/).

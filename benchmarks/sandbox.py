@@ -66,8 +66,9 @@ def main(argv):
   for n in map(int, _WORKERS.value):
     stream = os.path.join(work, f"stream{n}")
     t = time.time()
-    run_fleet(WorkerConfig(server=url, tasks=tasks, stream=stream, tokenizer=tok, group_size=1,
-                           rounds=n, max_steps=6, worker=f"bench{n}"), n)
+    run_fleet(WorkerConfig.from_fields(server=url, tasks=tasks, stream=stream, tokenizer=tok,
+                                       group_size=1, rounds=n, max_steps=6,
+                                       worker=f"bench{n}"), n)
     dt = time.time() - t
     episodes = len(glob.glob(os.path.join(stream, "ledger", "done", "*.json")))
     fleet[str(n)] = {"episodes": episodes, "seconds": round(dt, 2),

@@ -1,74 +1,45 @@
-"""Shared config helpers: arg parsing and the `model` / `mesh` sections built from presets.
+"""Shared config helpers: the `model` / `mesh` sections built from presets.
 
-Imports only ml_collections (configs must load on JAX-free fleet hosts). The model presets mirror
-`klong_jax.model.config` (kept in sync by tests/model/test_config.py).
+Imports only ml_collections and JAX-free klong_jax modules (configs must load on fleet hosts).
+The one model preset table is `klong_jax.model.config`; the one arg-string parser is
+`klong_jax.config_util.parse_arg` (re-exported here for the config files).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ml_collections
 
-MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(
-        vocab_size=512, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16,
-        intermediate_size=128, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-        num_shared_experts=1, first_k_dense=1, partial_rotary_factor=0.5, rope_theta=10000.0,
-        rms_norm_eps=1e-5, qkv_bias=True, qk_norm=False, router_score="sigmoid",
-        router_bias=True, norm_topk_prob=True, routed_scaling_factor=1.0, tie_embeddings=False),
-    "small": dict(
-        vocab_size=2048, hidden_size=128, num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32,
-        intermediate_size=384, moe_intermediate_size=64, num_experts=16, num_experts_per_tok=4,
-        num_shared_experts=1, first_k_dense=1, partial_rotary_factor=0.5, rope_theta=10000.0,
-        rms_norm_eps=1e-5, qkv_bias=True, qk_norm=False, router_score="sigmoid",
-        router_bias=True, norm_topk_prob=True, routed_scaling_factor=1.0, tie_embeddings=False),
-    "glm45_air": dict(
-        vocab_size=151552, hidden_size=4096, num_layers=46, num_heads=96, num_kv_heads=8,
-        head_dim=128, intermediate_size=10944, moe_intermediate_size=1408, num_experts=128,
-        num_experts_per_tok=8, num_shared_experts=1, first_k_dense=1, partial_rotary_factor=0.5,
-        rope_theta=1e6, rms_norm_eps=1e-5, qkv_bias=True, qk_norm=False, router_score="sigmoid",
-        router_bias=True, norm_topk_prob=True, routed_scaling_factor=1.0, tie_embeddings=False,
-        dtype="bfloat16"),
-    "qwen3_moe": dict(
-        vocab_size=151936, hidden_size=2048, num_layers=48, num_heads=32, num_kv_heads=4,
-        head_dim=128, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-        num_experts_per_tok=8, num_shared_experts=0, first_k_dense=0, partial_rotary_factor=1.0,
-        rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=False, qk_norm=True, router_score="softmax",
-        router_bias=False, norm_topk_prob=True, routed_scaling_factor=1.0, tie_embeddings=False,
-        dtype="bfloat16"),
-}
+from klong_jax.config_util import parse_arg
+from klong_jax.model import config as model_config_lib
 
-# Fields every preset shares (the ModelConfig defaults for the run-time switches).
-MODEL_DEFAULTS: dict[str, Any] = dict(
-    moe_impl="auto", moe_block_size=128, capacity_factor=1.25, lb_loss_coef=1e-3,
-    z_loss_coef=1e-4, scan_layers=True,
-    remat_policy="none", dtype="float32", param_dtype="float32", init_std=0.02)
+__all__ = ["base_config", "mesh_config", "model_config", "parse_arg", "preset_config",
+           "preset_name"]
 
-
-def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
-  """Parses "k1=v1,k2=v2" (or a bare flag "k1") into typed fields; defaults give the types."""
-  parsed = ml_collections.ConfigDict(defaults)
-  for item in (arg or "").split(","):
-    if not item:
-      continue
-    key, _, value = item.partition("=")
-    if key not in defaults:
-      raise ValueError(f"config arg {key!r} unknown; valid: {sorted(defaults)}")
-    kind = type(defaults[key])
-    if kind is bool:
-      parsed[key] = value.lower() in ("", "1", "true", "yes")
-    else:
-      parsed[key] = kind(value)
-  return parsed
+# ModelConfig fields that are run-time switches, not shapes (a preset is matched on the rest).
+SWITCHES = ("moe_impl", "moe_block_size", "capacity_factor", "lb_loss_coef", "z_loss_coef",
+            "scan_layers", "remat_policy", "dtype", "param_dtype", "init_std")
 
 
 def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
   """The `model` section for a preset (all ModelConfig fields), with overrides applied."""
-  if preset not in MODEL_PRESETS:
-    raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(MODEL_PRESETS)}")
-  fields = {**MODEL_DEFAULTS, **MODEL_PRESETS[preset], **overrides}
-  return ml_collections.ConfigDict(fields)
+  if preset not in model_config_lib.preset_names():
+    raise ValueError(f"unknown model preset {preset!r}; choose one of "
+                     f"{sorted(model_config_lib.preset_names())}")
+  fields = dataclasses.asdict(model_config_lib.get_preset(preset))
+  return ml_collections.ConfigDict({**fields, **overrides})
+
+
+def preset_name(model: Any) -> str:
+  """The preset whose shape fields equal those of `model` (a `config.model` section)."""
+  for name in model_config_lib.preset_names():
+    fields = dataclasses.asdict(model_config_lib.get_preset(name))
+    if all(model.get(k) == v for k, v in fields.items() if k not in SWITCHES):
+      return name
+  raise ValueError("model matches no preset in klong_jax/model/config.py; the server config is "
+                   "built from a preset name")
 
 
 def mesh_config(data: int = 1, fsdp: int = -1, expert: int = 1,
@@ -83,6 +54,8 @@ def base_config(preset: str, **mesh: int) -> ml_collections.ConfigDict:
   config.model = model_config(preset)
   config.mesh = mesh_config(**mesh)
   config.seed = 0
+  # Logical-axis rules ((logical name, mesh axis) pairs); empty = parallel/rules.LOGICAL_RULES.
+  config.rules = ()
   return config
 
 

@@ -5,9 +5,13 @@
 
 Sections: tasks, tokenizer, distill (scripted teacher), sft, eval (held-out), rl (progressive
 stages; trainer + server + workers as separate processes), server, workers, export, budgets_s
-(expected seconds per phase, for the ETA line). Arg string: `seed=N`, `runlocal` (CI-sized:
-a few tasks, a few steps, local sandbox backend), `backend=docker|local`, `wide` (hidden 128, 4
-layers: better SFT on the earlier suite, 1.6x slower SFT; not re-measured since params.json).
+(expected seconds per phase, for the ETA line). What a role's own config file takes is a nested
+section, never a "k=v" string: `*.args` is that file's arg string (rendered `k=v,...` at launch),
+`sft.overrides` / `rl.overrides` / `model_overrides` are `--config.SECTION.FIELD` overrides of the
+trainer (and server/export) configs, e.g. `c.rl.overrides.optim.lr`. Arg string: `seed=N`,
+`runlocal` (CI-sized: a few tasks, a few steps, local sandbox backend), `backend=docker|local`,
+`wide` (hidden 128, 4 layers: better SFT on the earlier suite, 1.6x slower SFT; not re-measured
+since params.json).
 
 Measured (2 shared cores, docker sandboxes): a teacher trajectory is ~650 tokens (~470 of them
 the fixed prefix) with the domain tokenizer; phases ~2-2.5 min distill, ~5 min SFT (250 steps),
@@ -54,9 +58,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.tokenizer.domain = True
   c.tokenizer.repeat = 20           # Copies of each fixed string in the tokenizer corpus.
   c.tokenizer.max_piece_length = 64
-  # "k=v,..." applied to every JAX role (SFT, RL trainer, servers, export): the model must
+  # Overrides of every JAX role's config (SFT, RL trainer, servers, export): the model must
   # match the tokenizer's vocab.
-  c.model_overrides = "model.vocab_size=2048"
+  c.model_overrides = ml_collections.ConfigDict({"model": {"vocab_size": 2048}})
 
   # The one context policy (data/context.py) of every role: the agent's context window in
   # distillation, eval and RL rollouts IS the trainer's chunk (max_len), with the same overlap and
@@ -85,16 +89,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.sft = ml_collections.ConfigDict()
   c.sft.config = "configs/sft_tiny.py"
-  c.sft.arg = "steps=250"            # ~2 s/step: long enough that held-out outputs parse.
-  # "k=v,..." -> --config.k=v for the SFT trainer (data.shards/tokenizer are set by the demo).
-  # With the domain tokenizer a teacher trajectory is ~0.5k tokens: one chunk, unsplit.
+  c.sft.args = ml_collections.ConfigDict()  # Arg string of sft.config.
+  c.sft.args.steps = 250             # ~2 s/step: long enough that held-out outputs parse.
+  # --config.SECTION.FIELD overrides of the SFT trainer (data.shards/tokenizer are set by the
+  # demo). With the domain tokenizer a teacher trajectory is ~0.5k tokens: one chunk, unsplit.
   # data.max_len / overlap / completion_tokens come from `context`.
-  c.sft.overrides = ("data.row_len=1024,data.batch_size=4,"
-                     "optim.warmup_steps=5,checkpoint.every=50")
+  c.sft.overrides = ml_collections.ConfigDict({
+      "data": {"row_len": 1024, "batch_size": 4},
+      "optim": {"warmup_steps": 5},
+      "checkpoint": {"every": 50}})
 
   c.server = ml_collections.ConfigDict()
   c.server.config = "configs/serve_tiny.py"
-  c.server.arg = "max_batch=8,max_len=2048"
+  c.server.args = ml_collections.ConfigDict(dict(max_batch=8, max_len=2048))  # server.config's.
   c.server.model_name = "klong-demo"  # Served name; workers and the chat request use it.
   c.server.port = 0                 # 0 = pick a free port at launch.
   c.server.ready_timeout_s = 300.0
@@ -129,15 +136,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.rl = ml_collections.ConfigDict()
   c.rl.config = "configs/rl_tiny.py"
-  # 3 stages of 3 steps (stage time limits 20 s, 40 s, 60 s); a step = one element of 4 groups
-  # x 4 rollouts, trained in ceil(loss rows / 8) updates of 8 packed rows (2 for most elements),
-  # a version published per step. README "Where the demo stands" has the variants measured.
-  c.rl.arg = "steps=9,stage_steps=3,batch=16,groups=4,staleness=2,publish=1,minibatches=2"
+  # Arg string of rl.config: 3 stages of 3 steps (stage time limits 20 s, 40 s, 60 s: rl_tiny's
+  # default `limits`); a step = one element of 4 groups x 4 rollouts, trained in
+  # ceil(loss rows / 8) updates of 8 packed rows (2 for most elements), a version published per
+  # step. docs/results.md has the variants measured.
+  c.rl.args = ml_collections.ConfigDict(dict(
+      steps=9, stage_steps=3, batch=16, groups=4, staleness=2, publish=1, minibatches=2))
   c.rl.mode = "async"               # async | sync (the baseline).
-  # "k=v,..." -> --config.k=v for the RL trainer (its own config owns stages and steps).
+  # --config.SECTION.FIELD overrides of the RL trainer (its own config owns stages and steps).
   # lr 2e-4 (per-step KL 0.001-0.016 with the per-token KL clamp); 3e-4 and 1e-3 gave KL spikes
   # (> 0.5 within a stage) and collapsing batch rewards on the earlier suite.
-  c.rl.overrides = "data.row_len=1024,optim.lr=2e-4"
+  c.rl.overrides = ml_collections.ConfigDict({"data": {"row_len": 1024}, "optim": {"lr": 2e-4}})
   c.rl.timeout_s = 900.0            # Wall-clock cap on the whole RL phase.
 
   c.export = ml_collections.ConfigDict()
@@ -149,9 +158,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       summary=5))
 
   if args.wide:  # Earlier suite: SFT 0.342 vs 0.286 (seed 0), 24 min; 1.6x slower SFT steps.
-    c.model_overrides += (",model.hidden_size=128,model.num_layers=4,model.head_dim=32,"
-                          "model.intermediate_size=256,model.moe_intermediate_size=64")
-    c.sft.arg = "steps=200"          # Loss 0.09 at 200 (tiny: 0.21 at 250).
+    c.model_overrides.model.update(dict(hidden_size=128, num_layers=4, head_dim=32,
+                                        intermediate_size=256, moe_intermediate_size=64))
+    c.sft.args.steps = 200           # Loss 0.09 at 200 (tiny: 0.21 at 250).
     c.budgets_s.update(dict(sft=380, eval_sft=180, rl=590, eval_rl=190))
 
   if c.tasks.suite == "long":  # ~19 actions per rollout: fewer, longer rollouts; limits that bind.
@@ -163,8 +172,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.timeout_s = 3600.0
     # Stage limits 15 s / 30 s / 60 s against ~20-30 s full student episodes on 2 cores: stage 1
     # cuts most rollouts part way (graded as they stand), the last lets them finish.
-    c.rl.arg = ("steps=6,stage_steps=2,batch=16,groups=2,staleness=2,publish=1,minibatches=2,"
-                "limits=15:30:60")
+    c.rl.args = ml_collections.ConfigDict(dict(
+        steps=6, stage_steps=2, batch=16, groups=2, staleness=2, publish=1, minibatches=2,
+        limits="15:30:60"))
     c.rl.timeout_s = 2400.0
     c.budgets_s.update(dict(distill=185, sft=410, eval_sft=300, rl=600, eval_rl=300))
 
@@ -184,16 +194,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.distill.episodes_per_task = 1
     c.distill.teacher_skill = 1.0
     c.distill.teacher_mistakes = ""
-    c.sft.arg = "steps=4"
-    c.sft.overrides = ("optim.warmup_steps=1,checkpoint.every=2,"
-                       "data.row_len=1024,data.batch_size=1")
-    c.server.arg = "max_batch=2,max_len=2048"
+    c.sft.args = ml_collections.ConfigDict(dict(steps=4))
+    c.sft.overrides = ml_collections.ConfigDict({
+        "optim": {"warmup_steps": 1},
+        "checkpoint": {"every": 2},
+        "data": {"row_len": 1024, "batch_size": 1}})
+    c.server.args = ml_collections.ConfigDict(dict(max_batch=2, max_len=2048))
     c.context.completion_tokens = 64
     c.workers.group_size = 2
     c.workers.max_steps = 2
     c.eval.episodes_per_task = 1
     c.eval.max_steps = 2
-    c.rl.arg = "runlocal,steps=6,stage_steps=3"
+    c.rl.args = ml_collections.ConfigDict(dict(runlocal=True, steps=6, stage_steps=3))
     c.budgets_s = ml_collections.ConfigDict(dict(
         tokenizer=1, distill=10, sft=30, eval_sft=20, rl=40, eval_rl=20, export=15, summary=2))
   return c

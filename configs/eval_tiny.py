@@ -10,14 +10,7 @@ import os
 
 import ml_collections
 
-
-def _parse(arg: str | None) -> dict[str, str]:
-  out = {}
-  for part in (arg or "").split(","):
-    if part.strip():
-      key, _, value = part.partition("=")
-      out[key.strip()] = value.strip() or "1"
-  return out
+from configs import common
 
 
 def _bundled_tasks() -> str:
@@ -28,17 +21,17 @@ def _bundled_tasks() -> str:
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The tiny eval; see the module docstring for the arg string."""
-  args = _parse(arg)
+  args = common.parse_arg(arg, tasks=2, seeds=2, budget="2m", backend="docker")
   config = ml_collections.ConfigDict()
   config.tasks = _bundled_tasks()
   config.split = "heldout"                     # "" = every split.
   config.task_ids = []                         # Empty = all (of the split).
-  config.max_tasks = int(args.get("tasks", 2))  # First N task dirs after filtering; 0 = all.
-  config.budget = args.get("budget", "2m")     # Text: "12h", "90m", "600s".
-  config.seeds = int(args.get("seeds", 2))
+  config.max_tasks = args.tasks  # First N task dirs after filtering; 0 = all.
+  config.budget = args.budget     # Text: "12h", "90m", "600s".
+  config.seeds = args.seeds
   config.variant = "full"                      # "full" or "code_dev".
   config.workers = 1
-  config.backend = args.get("backend", "docker")
+  config.backend = args.backend
   config.model = "policy"
   config.max_steps = 12
   config.reproduce_timeout_s = 60.0

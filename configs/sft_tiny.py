@@ -8,21 +8,12 @@ smoke tests). Sections: model + mesh (from configs/tiny.py), data, optim, train,
 
 import ml_collections
 
-from configs import tiny
-
-
-def _parse(arg: str | None) -> dict[str, str]:
-  out = {}
-  for part in (arg or "").split(","):
-    if part.strip():
-      key, _, value = part.partition("=")
-      out[key.strip()] = value.strip() or "1"
-  return out
+from configs import common, tiny
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The tiny split-SFT experiment; see the module docstring for the arg string."""
-  args = _parse(arg)
+  args = common.parse_arg(arg, steps=150, runlocal=False)
   config = tiny.get_config()
   config.seed = 0
 
@@ -49,7 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 3e-3
   config.optim.warmup_steps = 10
-  config.optim.total_steps = 150     # Optimizer updates (train.steps / grad_accum).
+  config.optim.total_steps = args.steps  # Optimizer updates (train.steps / grad_accum).
   config.optim.final_lr_ratio = 0.1
   config.optim.clip_norm = 1.0
   config.optim.b1 = 0.9
@@ -63,7 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optim.expert_bias_rate = 1e-3   # Aux-loss-free balancing of the router bias; 0 = off.
 
   config.train = ml_collections.ConfigDict()
-  config.train.steps = 150           # Train steps (batches); = total_steps * grad_accum.
+  config.train.steps = args.steps    # Train steps (batches); = total_steps * grad_accum.
   config.train.log_every = 10
   config.train.stop_after = -1       # >= 0: stop (as if killed) after this step; for tests.
   config.train.compilation_cache_dir = ""  # Persistent XLA cache dir ("" = off).
@@ -75,10 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.checkpoint.best_metric = ""  # e.g. "loss" to keep the best instead of the newest.
   config.checkpoint.best_mode = "min"
 
-  if "steps" in args:
-    config.train.steps = int(args["steps"])
-    config.optim.total_steps = int(args["steps"])
-  if "runlocal" in args:
+  if args.runlocal:
     config.data.synthetic_count = 32
     config.train.steps = 6
     config.optim.total_steps = 6

@@ -55,7 +55,9 @@ def internal_deps(sub: str) -> list[str]:
 def generate() -> str:
   """Returns the BUILD file text for the current tree."""
   out = [_HEADER]
-  out.append('py_library(\n    name = "klong_jax",\n    srcs = ["klong_jax/__init__.py"],\n)\n')
+  # Top-level modules: the package marker and config_util (the one k=v parser and loader).
+  out.append('py_library(\n    name = "klong_jax",\n    srcs = glob(["klong_jax/*.py"]),\n'
+             '    deps = ["@pypi//ml_collections"],\n)\n')
   for sub in subpackages():
     reqs = _PIP.get(sub, _JAX)
     deps = (['":klong_jax"'] + [f'":{d}"' for d in internal_deps(sub)]
@@ -67,7 +69,7 @@ def generate() -> str:
         f'    data = glob([{data}]),\n'
         f'    deps = [{", ".join(deps)}],\n)\n')
   out.append('py_library(\n    name = "configs",\n    srcs = glob(["configs/*.py"]),\n'
-             '    deps = ["@pypi//ml_collections"],\n)\n')
+             '    deps = [":klong_jax", ":inference", ":model", "@pypi//ml_collections"],\n)\n')
   out.append('py_library(\n    name = "dev",\n    srcs = glob(["dev/*.py"]),\n'
              '    deps = [":configs", ":klong_jax"],\n)\n')
   all_libs = ", ".join(f'":{s}"' for s in subpackages())

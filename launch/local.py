@@ -11,7 +11,6 @@ work unit per override set, one after another, in `<workdir>/wu<i>`. `--dry_run`
 
 from __future__ import annotations
 
-import ast
 import os
 import sys
 from typing import Any
@@ -23,6 +22,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from klong_jax import config_util  # noqa: E402
 from klong_jax.launch import experiment as xp  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config (configs/demo.py).")
@@ -36,37 +36,15 @@ _SWEEP = flags.DEFINE_multi_string("sweep", [], "Override set 'k=v,k=v' (one wor
 _TIMEOUT = flags.DEFINE_float("timeout_s", 0.0, "Stop the roles after this long (0 = config).")
 
 
-def parse_overrides(text: str) -> dict[str, Any]:
-  """'a.b=1,c=x' -> {'a.b': 1, 'c': 'x'} (values parsed as Python literals when they are)."""
-  out: dict[str, Any] = {}
-  for item in filter(None, (s.strip() for s in text.split(","))):
-    key, eq, value = item.partition("=")
-    if not eq or not key:
-      raise ValueError(f"sweep item {item!r} must look like key=value")
-    try:
-      out[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[key] = value
-  return out
+def parse_overrides(text: str) -> dict[str, str]:
+  """'a.b=1,c=x' -> {'a.b': '1', 'c': 'x'}; typed by the field each replaces when applied."""
+  return config_util.parse_kv(text)
 
 
 def apply_overrides(config: ml_collections.ConfigDict,
                     overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """A copy of `config` with dotted-key overrides; unknown keys raise naming the valid ones."""
-  config = ml_collections.ConfigDict(config.to_dict())
-  for key, value in overrides.items():
-    *path, leaf = key.split(".")
-    node = config
-    for p in path:
-      if p not in node:
-        raise KeyError(f"sweep key {key!r}: no section {p!r}; valid: {sorted(node.keys())}")
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f"sweep key {key!r}: no field {leaf!r}; valid: {sorted(node.keys())}")
-    old = node[leaf]
-    node[leaf] = type(old)(value) if isinstance(old, (int, float, str)) and \
-        not isinstance(old, bool) else value
-  return config
+  return config_util.apply_overrides(config, overrides, what="sweep")
 
 
 def work_units(config: ml_collections.ConfigDict, workdir: str, sweep: list[str], *,

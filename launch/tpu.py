@@ -4,16 +4,16 @@
       --init_checkpoint=gs://BUCKET/ckpt/glm45_air_sft --dry_run [--sweep=rl.kl_coef=0.02 ...]
 
 `--config` is a model preset (model + mesh sections); the trainer's other sections come from
-`--trainer_config` (default configs/rl_tiny.py), and every field where the merged config differs
-from the trainer config is passed as `--config.k=v`. The mesh is resolved against the slice's
-chip count here, so a bad mesh fails before anything is created. One trainer process runs per
-TPU host with KLONG_COORDINATOR / KLONG_NUM_PROCESSES / KLONG_PROCESS_ID set
+`--trainer_config` (default configs/rl_glm45_air.py, the pod RL config), and every field where the
+merged config differs from the trainer config is passed as `--config.k=v`. The mesh is resolved
+against the slice's chip count here, so a bad mesh fails before anything is created. One trainer
+process runs per TPU host with KLONG_COORDINATOR / KLONG_NUM_PROCESSES / KLONG_PROCESS_ID set
 (klong_jax.parallel.mesh.maybe_initialize_distributed). Each inference server replica gets its own
 single-host slice (`--server_tpu`); the CPU rollout fleet is Kubernetes Deployments (launch/k8s.py).
 All run state lives in one GCS bucket and is used as `gs://` paths natively (no gcsfuse): the
 trajectory stream (claims by GCS preconditions, klong_jax/rollout/gcs_stream.py), policy versions
-(commit object) and Orbax checkpoints (etils.epath + tensorstore). Only read-only inputs (task
-dirs, tokenizer) are read through a gcsfuse mount at /gcs on server hosts and worker pods.
+(commit object) and Orbax checkpoints (etils.epath + tensorstore). Only read-only inputs (task dirs,
+tokenizer) are read through a gcsfuse mount at /gcs on server hosts and worker pods.
 
 Nothing is called: `--dry_run` prints the plan; otherwise the plan is written to `--out`
 (launch.sh with the gcloud/kubectl commands, fleet.yaml, plan.txt) for a person to run.
@@ -23,7 +23,6 @@ Sweeps as in xmanager: each `--sweep=k=v,k=v` is one work unit (its own slices a
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 import re
 import shlex
@@ -37,6 +36,7 @@ import ml_collections  # noqa: E402
 from absl import app, flags  # noqa: E402
 from etils import epath  # noqa: E402
 
+from klong_jax import config_util  # noqa: E402
 from klong_jax.launch import experiment as xp  # noqa: E402
 from klong_jax.parallel import rules as rules_lib  # noqa: E402
 from klong_jax.parallel.mesh import MESH_AXES, mesh_shape  # noqa: E402
@@ -48,7 +48,7 @@ _SERVER_TPU = flags.DEFINE_string("server_tpu", "v5p-8", "Single-host slice per 
 _SERVERS = flags.DEFINE_integer("servers", 2, "Inference server replicas (one slice each).")
 _SERVER_ARG = flags.DEFINE_string("server_arg", "max_batch=64,max_len=32768",
                                   "Arg string for configs/serve_tiny.py (preset is added).")
-_TRAINER_CONFIG = flags.DEFINE_string("trainer_config", "configs/rl_tiny.py:steps=200",
+_TRAINER_CONFIG = flags.DEFINE_string("trainer_config", "configs/rl_glm45_air.py",
                                       "RL config giving every section but model and mesh.")
 _FLEET = flags.DEFINE_integer("fleet", 64, "Rollout worker pods in total.")
 _RUNTIME = flags.DEFINE_enum("sandbox_runtime", "sysbox", sorted(k8s.RUNTIMES),
@@ -102,17 +102,6 @@ def resolve_mesh(mesh: Any, chips: int) -> dict[str, int]:
   """Axis sizes (-1 resolved) checked against the slice; errors name the axis and the fix."""
   sizes = mesh.to_dict() if hasattr(mesh, "to_dict") else dict(mesh)
   return dict(zip(MESH_AXES, mesh_shape(sizes, chips), strict=True))
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """'configs/x.py[:arg]' -> get_config(arg), like absl's --config=file:arg."""
-  path, _, arg = spec.partition(":")
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"config file {path!r} not found (run from the repo root)")
-  mod_spec = importlib.util.spec_from_file_location(f"_klong_cfg_{abs(hash(path))}", path)
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
-  return module.get_config(arg or None)
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -270,14 +259,14 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
   if server_slice.hosts != 1:
     raise ValueError(f"--server_tpu={server_tpu} spans {server_slice.hosts} hosts; the server is "
                      "one process: use a single-host slice (e.g. v5p-8) and more --servers")
-  base = load_config(trainer_spec)
+  base = config_util.load_config(trainer_spec)
   merged = ml_collections.ConfigDict(base.to_dict())
   merged.model = ml_collections.ConfigDict(preset.model.to_dict())
   merged.mesh = ml_collections.ConfigDict(preset.mesh.to_dict())
   merged = local.apply_overrides(merged, overrides or {})
   mesh = resolve_mesh(merged.mesh, trainer_slice.chips)
   # The trainer's own check (same rules table), so a plan that passes cannot fail at start-up.
-  rules = tuple(merged.get("rules") or rules_lib.LOGICAL_RULES)
+  rules = tuple(merged.rules or rules_lib.LOGICAL_RULES)
   rules_lib.check_divisible(merged.model, mesh, rules)
   notes = []
   if merged.data.batch_size % trainer_slice.hosts:
@@ -290,7 +279,6 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
   tok = tokenizer or f"{root}/tokenizer.model"
   task_dir = tasks or f"{root}/tasks/train"
   model_name = name
-  cfg_path, _, cfg_arg = trainer_spec.partition(":")
   trainer = xp.Job("trainer", xp.Executable("klong_jax.rl.train", {
       "config": trainer_spec, "workdir": run, "stream": stream,
       "init_checkpoint": init_checkpoint or None, **config_diff(base, merged)}), primary=True)
@@ -316,7 +304,11 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
         "worker": "$(WORKER_POD)",
         "group_size": ctx.get("group_size", 8), "rounds": 1_000_000, "num_workers": 1,
         "max_steps": ctx.get("max_steps", 1000),
-        "time_limit_s": ctx.get("time_limit_s", 7200.0)}).argv("python3")
+        "time_limit_s": ctx.get("time_limit_s", 7200.0),
+        # The trainer's context policy and temperature: chunks = the contexts sampled under.
+        "context_tokens": merged.data.max_len, "context_overlap": merged.data.overlap,
+        "max_completion_tokens": merged.data.completion_tokens,
+        "temperature": merged.rl.temperature}).argv("python3")
     objs.append(k8s.worker_deployment(spec, f"{name}-workers-s{i}", n, args))
   return PodPlan(name=name, workdir=workdir, trainer_slice=trainer_slice, mesh=mesh,
                  trainer=trainer, servers=server_jobs, server_slice=server_slice, fleet=objs,
@@ -324,14 +316,10 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
 
 
 def _preset_name(model: ml_collections.ConfigDict) -> str:
-  """The configs/common.py preset whose shape fields match `model` (for the server config)."""
+  """The model preset (klong_jax/model/config.py) whose shapes match `model` (server config)."""
   from configs import common  # noqa: PLC0415
 
-  for name, fields in common.MODEL_PRESETS.items():
-    if all(model.get(k) == v for k, v in fields.items() if k != "dtype"):
-      return name
-  raise ValueError("model matches no preset in configs/common.py MODEL_PRESETS; the server "
-                   "config is built from a preset name")
+  return common.preset_name(model)
 
 
 def sweep_plans(preset: ml_collections.ConfigDict, workdir: str, sweep: list[str],

@@ -19,6 +19,19 @@ def skip_or_fail(reason: str) -> None:
   pytest.skip(reason)
 
 
+# Markers implied by a fixture, so a test needing docker or the GCS emulator cannot slip into the
+# fast lane (`make test-fast`) unmarked.
+_FIXTURE_MARKS = {"image": "docker", "gcs_emulator": "gcs"}
+
+
+@pytest.hookimpl(tryfirst=True)  # Before `-m` deselects.
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+  for item in items:
+    for fixture, mark in _FIXTURE_MARKS.items():
+      if fixture in getattr(item, "fixturenames", ()):
+        item.add_marker(mark)
+
+
 @pytest.fixture(scope="module")
 def image():
   """The sandbox image tag (built once per host if missing); fails under KLONG_REQUIRE_DOCKER."""

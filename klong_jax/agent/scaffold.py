@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from klong_jax.agent import client as client_lib
-from klong_jax.agent.tools import TOOLS, execute_tool
+from klong_jax.agent.tools import REGISTRY, ToolRegistry
 from klong_jax.data.context import ContextPolicy
 from klong_jax.sandbox.base import SUBMISSION, Sandbox
 
@@ -198,15 +198,18 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
                 workdir: str = SUBMISSION,
                 should_stop: Callable[[], bool] | None = None,
                 state: dict[str, Any] | None = None, fmt: Any = None,
-                on_request: Callable[[list[dict[str, Any]]], None] | None = None) -> EpisodeResult:
+                on_request: Callable[[list[dict[str, Any]]], None] | None = None,
+                registry: ToolRegistry | None = None) -> EpisodeResult:
   """Runs the agent until submit or a budget runs out; server failures raise InfraError.
 
   `fmt` (a data.chat.ChatFormat of the served model) turns on the shared context policy;
   `should_stop` (the worker's outer wall guard) ends the episode as "wall_timeout"; `state`
   receives a live reference to the message log (kept if the episode raises); `on_request` sees
-  each request's messages (tests).
+  each request's messages (tests). Tool calls run through `registry` (default: the agent's
+  `tools.REGISTRY`), whose schemas are offered unless `tools` is given.
   """
-  tools = TOOLS if tools is None else tools
+  registry = REGISTRY if registry is None else registry
+  tools = registry.schemas if tools is None else tools
   messages = [dict(m) for m in prefix]
   if state is not None:
     state["messages"] = messages
@@ -288,7 +291,8 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     for call in calls:
       fn = call.get("function") or {}
       name = fn.get("name") or ""
-      out = execute_tool(sandbox, name, fn.get("arguments"), cfg.tool_timeout_s, workdir=workdir)
+      out = registry.execute(sandbox, name, fn.get("arguments"), cfg.tool_timeout_s,
+                             workdir=workdir)
       content = out.content
       malformed += int(out.error)
       if out.submitted:

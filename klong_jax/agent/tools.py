@@ -1,8 +1,10 @@
 """Agent tools after PaperBench's basic agent: bash, python, read_file_chunk, search_file, submit.
 
-`TOOLS` holds the OpenAI function schemas; `execute_tool` runs one call in a sandbox and always
-returns text for the model (bad arguments become an error message, never an exception), except
-sandbox infrastructure failures, which propagate as SandboxError for the worker to retry.
+`REGISTRY` maps each tool's name to a `Tool(name, schema, run)`; `TOOLS` is its list of OpenAI
+function schemas (what the scaffold offers and the chat template renders), and `execute_tool`
+dispatches one call through it. A call always returns text for the model (bad arguments become an
+error message, never an exception), except sandbox infrastructure failures, which propagate as
+SandboxError for the worker to retry.
 """
 
 from __future__ import annotations
@@ -11,37 +13,19 @@ import dataclasses
 import json
 import shlex
 import uuid
+from collections.abc import Callable
 from typing import Any
 
-from klong_jax.sandbox.base import Sandbox
+from klong_jax.sandbox.base import ExecResult, Sandbox
 
 
-def _fn(name: str, desc: str, props: dict[str, Any], required: list[str]) -> dict[str, Any]:
+def function_schema(name: str, desc: str, props: dict[str, Any],
+                    required: list[str]) -> dict[str, Any]:
+  """An OpenAI function-tool schema taking an object with `props`."""
   return {"type": "function", "function": {
       "name": name, "description": desc,
       "parameters": {"type": "object", "properties": props, "required": required,
                      "additionalProperties": False}}}
-
-
-TOOLS: list[dict[str, Any]] = [
-    _fn("bash", "Run a bash command in the sandbox; returns its combined stdout/stderr.",
-        {"cmd": {"type": "string", "description": "The bash command to run."}}, ["cmd"]),
-    _fn("python", "Run a Python 3 program in the sandbox; returns its output.",
-        {"code": {"type": "string", "description": "The Python code to run."}}, ["code"]),
-    _fn("read_file_chunk", "Read up to 50 lines of a file, numbered, starting at start_line.",
-        {"file": {"type": "string"}, "start_line": {"type": "integer", "default": 1},
-         "max_lines": {"type": "integer", "default": 50}}, ["file"]),
-    _fn("search_file", "Case-insensitive search of a file; matches with context, paginated.",
-        {"file": {"type": "string"}, "query": {"type": "string"},
-         "context_lines": {"type": "integer", "default": 2},
-         "max_matches": {"type": "integer", "default": 5},
-         "page": {"type": "integer", "default": 1}}, ["file", "query"]),
-    _fn("submit", "End the task; your submission is the repository in the submission folder.",
-        {"end_message": {"type": "string", "description": "A final summary of your work."}},
-        ["end_message"]),
-]
-TOOL_NAMES = tuple(t["function"]["name"] for t in TOOLS)
-OFFLINE_TOOLS = ("web_search", "web_browser", "browse", "web_search_preview")
 
 
 @dataclasses.dataclass
@@ -190,7 +174,7 @@ def parse_arguments(raw: Any) -> dict[str, Any]:
   return val
 
 
-def _format(res) -> str:
+def _format(res: ExecResult) -> str:
   text = res.output.rstrip("\n")
   notes = []
   if res.timed_out:
@@ -203,46 +187,169 @@ def _format(res) -> str:
   return "\n".join([text, *notes]).strip() or "(no output)"
 
 
+
+# --- The tools: each is a function (sandbox, args, timeout_s, workdir) -> ToolOutcome. ---------
+
+
+def _bash(sandbox: Sandbox, args: dict[str, Any], timeout_s: float, workdir: str) -> ToolOutcome:
+  res = sandbox.exec(_str_arg(args, "cmd"), timeout_s=timeout_s, workdir=workdir)
+  return ToolOutcome(_format(res), timed_out=res.timed_out)
+
+
+def _python(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
+            workdir: str) -> ToolOutcome:
+  code = _str_arg(args, "code")
+  delim = "KLONG_PY_" + uuid.uuid4().hex
+  cmd = (f"d=$(mktemp -d) && cat > \"$d/code.py\" <<'{delim}'\n{code}\n{delim}\n"
+         "python3 \"$d/code.py\"; rc=$?; rm -rf \"$d\"; exit $rc")
+  res = sandbox.exec(cmd, timeout_s=timeout_s, workdir=workdir)
+  return ToolOutcome(_format(res), timed_out=res.timed_out)
+
+
+def _read_file_chunk(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
+                     workdir: str) -> ToolOutcome:
+  path = _str_arg(args, "file")
+  start = _int_arg(args, "start_line", 1, 1, 1 << 30)
+  n = _int_arg(args, "max_lines", 50, 1, 50)
+  cmd = " ".join(["python3", "-c", shlex.quote(_READ_CHUNK), shlex.quote(path), str(start),
+                  str(n)])
+  res = sandbox.exec(cmd, timeout_s=min(timeout_s, 60), workdir=workdir)
+  return ToolOutcome(_format(res), error=res.exit_code != 0)
+
+
+def _search_file(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
+                 workdir: str) -> ToolOutcome:
+  path, query = _str_arg(args, "file"), _str_arg(args, "query")
+  if not query:
+    raise ValueError("argument 'query' must not be empty")
+  ctx = _int_arg(args, "context_lines", 2, 0, 20)
+  per = _int_arg(args, "max_matches", 5, 1, 50)
+  page = _int_arg(args, "page", 1, 1, 1 << 20)
+  cmd = " ".join(["python3", "-c", shlex.quote(_SEARCH), shlex.quote(path), shlex.quote(query),
+                  str(ctx), str(per), str(page)])
+  res = sandbox.exec(cmd, timeout_s=min(timeout_s, 60), workdir=workdir)
+  return ToolOutcome(_format(res), error=res.exit_code != 0)
+
+
+def _submit(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
+            workdir: str) -> ToolOutcome:
+  del sandbox, timeout_s, workdir
+  msg = args.get("end_message", "")
+  return ToolOutcome(f"Submitted. {msg}".strip(), submitted=True)
+
+
+def _offline(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
+             workdir: str) -> ToolOutcome:
+  del sandbox, args, timeout_s, workdir
+  return ToolOutcome("Error: web browsing is not available in this offline sandbox.", error=True)
+
+
+# --- The registry. ---------------------------------------------------------------------------
+
+ToolRun = Callable[[Sandbox, dict[str, Any], float, str], ToolOutcome]
+
+
+@dataclasses.dataclass(frozen=True)
+class Tool:
+  """One agent tool: its OpenAI function schema and how to run a call of it.
+
+  `run(sandbox, args, timeout_s, workdir)` gets the parsed arguments and returns the model's
+  text; a ValueError it raises becomes an error message for the model. `schema=None` dispatches
+  the tool without offering it to the model; `aliases` are other names that dispatch to it.
+  """
+
+  name: str
+  schema: dict[str, Any] | None
+  run: ToolRun
+  aliases: tuple[str, ...] = ()
+
+  def __post_init__(self) -> None:
+    if self.schema is not None and self.schema["function"]["name"] != self.name:
+      raise ValueError(f"tool {self.name!r} has a schema named "
+                       f"{self.schema['function']['name']!r}")
+
+
+class ToolRegistry:
+  """Tools by name (and alias); `schemas` is the list offered to the model, kept in place."""
+
+  def __init__(self, tools: list[Tool] | tuple[Tool, ...] = ()) -> None:
+    self._tools: dict[str, Tool] = {}
+    self._by_name: dict[str, Tool] = {}
+    self.schemas: list[dict[str, Any]] = []
+    for t in tools:
+      self.register(t)
+
+  def register(self, tool: Tool) -> Tool:
+    names = (tool.name, *tool.aliases)
+    taken = [n for n in names if n in self._by_name]
+    if taken:
+      raise ValueError(f"tool name(s) already registered: {', '.join(taken)}")
+    self._tools[tool.name] = tool
+    for n in names:
+      self._by_name[n] = tool
+    if tool.schema is not None:
+      self.schemas.append(tool.schema)
+    return tool
+
+  def unregister(self, name: str) -> None:
+    tool = self._tools.pop(name)
+    for n in (tool.name, *tool.aliases):
+      del self._by_name[n]
+    if tool.schema is not None:
+      self.schemas.remove(tool.schema)
+
+  def get(self, name: str) -> Tool | None:
+    return self._by_name.get(name)
+
+  def names(self) -> tuple[str, ...]:
+    """Names of the tools offered to the model, in schema order."""
+    return tuple(s["function"]["name"] for s in self.schemas)
+
+  def execute(self, sandbox: Sandbox, name: str, raw_args: Any, timeout_s: float,
+              workdir: str = "/workspace") -> ToolOutcome:
+    """Runs one tool call; malformed calls come back as error text for the model."""
+    try:
+      args = parse_arguments(raw_args)
+      tool = self.get(name)
+      if tool is None:
+        raise ValueError(f"unknown tool {name!r}; available tools: {', '.join(self.names())}")
+      return tool.run(sandbox, args, timeout_s, workdir)
+    except ValueError as e:
+      return ToolOutcome(f"Error executing tool {name!r}: {e}", error=True)
+
+
+OFFLINE_TOOLS = ("web_search", "web_browser", "browse", "web_search_preview")
+
+# The agent's tools: adding one is one entry here (or `REGISTRY.register(Tool(...))` at run time).
+REGISTRY = ToolRegistry([
+    Tool("bash", function_schema(
+        "bash", "Run a bash command in the sandbox; returns its combined stdout/stderr.",
+        {"cmd": {"type": "string", "description": "The bash command to run."}}, ["cmd"]), _bash),
+    Tool("python", function_schema(
+        "python", "Run a Python 3 program in the sandbox; returns its output.",
+        {"code": {"type": "string", "description": "The Python code to run."}}, ["code"]),
+        _python, aliases=("python-tool",)),
+    Tool("read_file_chunk", function_schema(
+        "read_file_chunk", "Read up to 50 lines of a file, numbered, starting at start_line.",
+        {"file": {"type": "string"}, "start_line": {"type": "integer", "default": 1},
+         "max_lines": {"type": "integer", "default": 50}}, ["file"]), _read_file_chunk),
+    Tool("search_file", function_schema(
+        "search_file", "Case-insensitive search of a file; matches with context, paginated.",
+        {"file": {"type": "string"}, "query": {"type": "string"},
+         "context_lines": {"type": "integer", "default": 2},
+         "max_matches": {"type": "integer", "default": 5},
+         "page": {"type": "integer", "default": 1}}, ["file", "query"]), _search_file),
+    Tool("submit", function_schema(
+        "submit", "End the task; your submission is the repository in the submission folder.",
+        {"end_message": {"type": "string", "description": "A final summary of your work."}},
+        ["end_message"]), _submit, aliases=("end_task",)),
+    Tool(OFFLINE_TOOLS[0], None, _offline, aliases=OFFLINE_TOOLS[1:]),
+])
+# The schemas offered to the model: the registry's own list, so a registered tool appears here.
+TOOLS: list[dict[str, Any]] = REGISTRY.schemas
+
+
 def execute_tool(sandbox: Sandbox, name: str, raw_args: Any, timeout_s: float,
                  workdir: str = "/workspace") -> ToolOutcome:
-  """Runs one tool call; malformed calls come back as error text for the model."""
-  try:
-    args = parse_arguments(raw_args)
-    if name == "bash":
-      res = sandbox.exec(_str_arg(args, "cmd"), timeout_s=timeout_s, workdir=workdir)
-      return ToolOutcome(_format(res), timed_out=res.timed_out)
-    if name in ("python", "python-tool"):
-      code = _str_arg(args, "code")
-      delim = "KLONG_PY_" + uuid.uuid4().hex
-      cmd = (f"d=$(mktemp -d) && cat > \"$d/code.py\" <<'{delim}'\n{code}\n{delim}\n"
-             "python3 \"$d/code.py\"; rc=$?; rm -rf \"$d\"; exit $rc")
-      res = sandbox.exec(cmd, timeout_s=timeout_s, workdir=workdir)
-      return ToolOutcome(_format(res), timed_out=res.timed_out)
-    if name == "read_file_chunk":
-      path = _str_arg(args, "file")
-      start = _int_arg(args, "start_line", 1, 1, 1 << 30)
-      n = _int_arg(args, "max_lines", 50, 1, 50)
-      cmd = " ".join(["python3", "-c", shlex.quote(_READ_CHUNK), shlex.quote(path), str(start),
-                      str(n)])
-      res = sandbox.exec(cmd, timeout_s=min(timeout_s, 60), workdir=workdir)
-      return ToolOutcome(_format(res), error=res.exit_code != 0)
-    if name == "search_file":
-      path, query = _str_arg(args, "file"), _str_arg(args, "query")
-      if not query:
-        raise ValueError("argument 'query' must not be empty")
-      ctx = _int_arg(args, "context_lines", 2, 0, 20)
-      per = _int_arg(args, "max_matches", 5, 1, 50)
-      page = _int_arg(args, "page", 1, 1, 1 << 20)
-      cmd = " ".join(["python3", "-c", shlex.quote(_SEARCH), shlex.quote(path), shlex.quote(query),
-                      str(ctx), str(per), str(page)])
-      res = sandbox.exec(cmd, timeout_s=min(timeout_s, 60), workdir=workdir)
-      return ToolOutcome(_format(res), error=res.exit_code != 0)
-    if name in ("submit", "end_task"):
-      msg = args.get("end_message", "")
-      return ToolOutcome(f"Submitted. {msg}".strip(), submitted=True)
-    if name in OFFLINE_TOOLS:
-      return ToolOutcome("Error: web browsing is not available in this offline sandbox.",
-                         error=True)
-    raise ValueError(f"unknown tool {name!r}; available tools: {', '.join(TOOL_NAMES)}")
-  except ValueError as e:
-    return ToolOutcome(f"Error executing tool {name!r}: {e}", error=True)
+  """Runs one tool call with the default registry (see ToolRegistry.execute)."""
+  return REGISTRY.execute(sandbox, name, raw_args, timeout_s, workdir)

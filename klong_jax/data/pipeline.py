@@ -38,9 +38,6 @@ class NamedShardSource:
   def __len__(self) -> int:
     return self._offsets[-1]
 
-  def path_of(self, index: int) -> str:
-    return self._paths[bisect.bisect_right(self._offsets, index) - 1]
-
   def __getitem__(self, index: int) -> bytes:
     try:
       return self._src[index]

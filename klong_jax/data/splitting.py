@@ -80,6 +80,10 @@ def split_trajectory(traj: Trajectory, cfg: SplitConfig, advantage: float = 0.0)
   """Splits one trajectory into chunks (DESIGN.md 4); every chunk carries `advantage`."""
   p = traj.prefix_end
   if cfg.truncate:
+    if p > cfg.max_len:  # The agent never cuts the prefix (data/context.py): neither may we.
+      raise SplitError(f"trajectory {traj.id!r}: truncate=True keeps the first max_len="
+                       f"{cfg.max_len} tokens, but the fixed prefix alone is {p} tokens (the "
+                       "agent keeps the whole prefix); raise max_len above the prefix")
     windows = [Window(0, 0, max(0, min(len(traj), cfg.max_len) - p))]
   else:
     windows = plan_chunks(traj, cfg)

@@ -26,6 +26,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from klong_jax import config_util
 from klong_jax.demo import pipeline
 
 ARMS = ("truncated", "split", "rl_prog", "rl_fixed")
@@ -40,22 +41,17 @@ def _define_flags() -> None:
                                                      "Base demo config.")
   _FLAGS["out"] = flags.DEFINE_string("out", "runs/ablation", "Output dir (per seed and arm).")
   _FLAGS["seeds"] = flags.DEFINE_integer("seeds", 3, "Seeds 0..N-1.")
+  _FLAGS["only_seeds"] = flags.DEFINE_list(
+      "only_seeds", [], "Run just these of the seeds (e.g. a second process on a spare core); "
+      "the table still covers every seed < --seeds whose arms have finished.")
   _FLAGS["arms"] = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, of {ARMS}.")
 
 
-def stage_limits(rl_arg: str) -> list[str]:
-  """The `limits=A:B:C` of an RL arg string (rl_tiny's default if absent)."""
-  for part in rl_arg.split(","):
-    k, _, v = part.partition("=")
-    if k.strip() == "limits":
-      return v.split(":")
-  return ["20", "40", "60"]
-
-
-def with_rl_limits(rl_arg: str, limits: Sequence[str]) -> str:
-  """`rl_arg` with its `limits=` replaced."""
-  parts = [p for p in rl_arg.split(",") if p.strip() and p.partition("=")[0].strip() != "limits"]
-  return ",".join(parts + [f"limits={':'.join(limits)}"])
+def stage_limits(c: ml_collections.ConfigDict) -> list[float]:
+  """The RL stage time limits (seconds) a demo config's RL trainer runs: its config file with
+  `rl.args` (rl_tiny owns the default `limits`)."""
+  rl = config_util.load_config(c.rl.config, config_util.format_arg(c.rl.args))
+  return [float(stage["time_limit_s"]) for stage in rl.curriculum.stages]
 
 
 def arm_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_collections.ConfigDict:
@@ -63,14 +59,16 @@ def arm_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_colle
   c = ml_collections.ConfigDict(base.to_dict())
   c.seed = seed
   if arm == "truncated":
-    c.sft.overrides = ",".join(filter(None, (c.sft.overrides, "data.truncate=True")))
+    if "data" not in c.sft.overrides:
+      c.sft.overrides.data = ml_collections.ConfigDict()
+    c.sft.overrides.data.truncate = True
     c.stop_after = "eval_sft"
   elif arm == "split":
     c.stop_after = "eval_sft"
   else:
     c.stop_after = "eval_rl"
-    if arm == "rl_fixed":
-      c.rl.arg = with_rl_limits(c.rl.arg, stage_limits(c.rl.arg)[-1:])
+    if arm == "rl_fixed":  # One stage at the final limit from the start.
+      c.rl.args.limits = f"{stage_limits(c)[-1]:g}"
   return c
 
 
@@ -181,29 +179,54 @@ def _write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[str]
-        ) -> dict[str, Any]:
-  """Runs every (seed, arm) not yet finished, then writes the table."""
+def _finished(wd: str, arm: str) -> dict[str, Any] | None:
+  """The summary of an arm another process finished (None if it has not)."""
+  path = os.path.join(wd, "summary.json")
+  if not os.path.exists(path):
+    return None
+  with open(path, encoding="utf-8") as f:
+    res = json.load(f)
+  return res if arm_reward(res, arm) is not None else None
+
+
+def collect(out: str, seeds: int, arms: Sequence[str]) -> dict[str, dict[int, dict[str, Any]]]:
+  """Per arm and seed, the finished runs' rewards and details (from their summary.json)."""
+  results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
+  for seed in range(seeds):
+    for arm in arms:
+      wd = os.path.join(out, f"seed{seed}", arm)
+      res = _finished(wd, arm)
+      if res is not None:
+        results[arm][seed] = {"reward": arm_reward(res, arm), "workdir": wd,
+                              "phases_s": res.get("phases_s"),
+                              "rl_endings": res.get("rl_endings"),
+                              "chunks": res.get("distill")}
+  return results
+
+
+def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[str],
+        only_seeds: Sequence[int] = ()) -> dict[str, Any]:
+  """Runs every (seed, arm) not yet finished (of `only_seeds` if given), then writes the table.
+
+  The table covers every (seed, arm) finished by then, in this process or another.
+  """
   bad = [a for a in arms if a not in ARMS]
   if bad:
     raise ValueError(f"unknown ablation arms {bad}; choose from {ARMS}")
   order = [a for a in ("split", "truncated", "rl_prog", "rl_fixed") if a in arms]
   if any(a != "split" for a in order) and "split" not in order:
     order.insert(0, "split")  # The others share its distillation (and RL its checkpoint).
-  results: dict[str, dict[int, dict[str, Any]]] = {a: {} for a in arms}
   for seed in range(seeds):
+    if only_seeds and seed not in only_seeds:
+      continue
     root = os.path.join(out, f"seed{seed}")
     for arm in order:
       wd = prepare_arm(root, arm)
       print(f"== ablation seed {seed}, arm {arm}: {wd}", flush=True)
-      res = pipeline.run(arm_config(base, arm, seed), wd)
-      if arm in results:
-        results[arm][seed] = {"reward": arm_reward(res, arm), "workdir": wd,
-                              "phases_s": res.get("phases_s"),
-                              "rl_endings": res.get("rl_endings"),
-                              "chunks": res.get("distill")}
-      t = table(results)
-      _write(os.path.join(out, "ablation.json"), json.dumps(t, indent=2, default=str) + "\n")
+      pipeline.run(arm_config(base, arm, seed), wd)
+      _write(os.path.join(out, "ablation.json"),
+             json.dumps(table(collect(out, seeds, arms)), indent=2, default=str) + "\n")
+  results = collect(out, seeds, arms)  # Read at the end: other processes' seeds count too.
   t = table(results)
   _write(os.path.join(out, "ablation.md"), markdown(t))
   t["plot"] = plot(t, os.path.join(out, "ablation.png"))
@@ -214,7 +237,8 @@ def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[st
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  t = run(*(_FLAGS[k].value for k in ("config", "out", "seeds", "arms")))
+  t = run(*(_FLAGS[k].value for k in ("config", "out", "seeds", "arms")),
+          only_seeds=[int(s) for s in _FLAGS["only_seeds"].value])
   print(markdown(t))
 
 

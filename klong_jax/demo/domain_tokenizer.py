@@ -81,7 +81,7 @@ def domain_tokenizer(cache_dir: str, vocab_size: int, task_dirs: list[str],
 def from_config(c: Any, tasks_root: str, cache_dir: str) -> tok_lib.Tokenizer:
   """The demo config's tokenizer (`c.tokenizer`): domain-adapted on `tasks_root`'s TRAIN split,
   or the generic bundled one when `c.tokenizer.domain` is false."""
-  if not c.tokenizer.get("domain", False):
+  if not c.tokenizer.domain:
     return tok_lib.default_tokenizer(cache_dir, c.tokenizer.vocab_size)
   from klong_jax.tasks import list_tasks  # noqa: PLC0415
   return domain_tokenizer(cache_dir, c.tokenizer.vocab_size, list_tasks(tasks_root, "train"),

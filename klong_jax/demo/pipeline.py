@@ -18,6 +18,7 @@ from typing import Any
 
 import ml_collections
 
+from klong_jax import config_util
 from klong_jax.demo import domain_tokenizer, rewards, summary
 from klong_jax.launch import experiment as xp
 from klong_jax.launch import procs
@@ -123,7 +124,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   _run_role(c, workdir, "distill", "klong_jax.factory", {
       "tasks": train, "out": distill_dir, "tokenizer": tok, "split": "train",
       "teacher_skill": c.distill.teacher_skill,
-      "teacher_mistakes": c.distill.get("teacher_mistakes", ""), "seed": c.seed,
+      "teacher_mistakes": c.distill.teacher_mistakes, "seed": c.seed,
       "episodes_per_task": c.distill.episodes_per_task, "threshold": c.distill.threshold,
       "backend": c.backend, "time_limit_s": c.distill.time_limit_s,
       "max_steps": c.distill.max_steps, **xp.context_flags(c)}, positional=("distill",))
@@ -135,10 +136,12 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
 
   sft_dir = os.path.join(workdir, "sft")
   ckpt_dir = os.path.join(sft_dir, "checkpoints")
-  prog.start("sft", f"split-SFT tiny MoE ({c.sft.arg})")
+  truncated = bool(c.sft.overrides.get("data", {}).get("truncate", False))
+  kind = "truncated-SFT (first max_len tokens only)" if truncated else "split-SFT"
+  prog.start("sft", f"{kind} tiny MoE ({config_util.format_arg(c.sft.args)})")
   if not os.path.exists(os.path.join(sft_dir, "done")):
     _run_role(c, workdir, "sft", "klong_jax.train.sft", {
-        "config": f"{c.sft.config}:{c.sft.arg}" if c.sft.arg else c.sft.config,
+        "config": xp.config_flag(c.sft.config, c.sft.args),
         "workdir": sft_dir, "config.data.shards": os.path.join(distill_dir, "sft"),
         "config.data.tokenizer": tok, "config.seed": c.seed, **xp.context_overrides(c),
         **xp.config_overrides(c.model_overrides), **xp.config_overrides(c.sft.overrides)})
@@ -152,8 +155,9 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   from klong_jax.train import policy as sft_policy  # noqa: PLC0415 - JAX from here on
   sft_policy_dir = os.path.join(workdir, "eval_sft", "policy")
   if not os.path.isdir(os.path.join(sft_policy_dir, "0")):
-    cfg = sft_policy.load_config(c.sft.config, c.sft.arg,
-                                 ",".join(filter(None, (c.model_overrides, c.sft.overrides))))
+    cfg = config_util.load_config(c.sft.config, config_util.format_arg(c.sft.args), {
+        **config_util.overrides_dict(c.model_overrides),
+        **config_util.overrides_dict(c.sft.overrides)})
     cfg.seed = c.seed
     sft_policy.publish_sft_policy(cfg, ckpt_dir, sft_policy_dir, 0)
   ev_sft = _evaluate(c, os.path.join(workdir, "eval_sft"), sft_policy_dir, tok, heldout)
@@ -195,7 +199,8 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   bundle = os.path.join(workdir, "bundle")
   if not os.path.isdir(bundle):
     _run_role(c, workdir, "export", "klong_jax.inference.export", {
-        "config": f"{c.server.config}:{c.server.arg}", "policy": os.path.join(rl_dir, "policy"),
+        "config": xp.config_flag(c.server.config, c.server.args),
+        "policy": os.path.join(rl_dir, "policy"),
         "out": bundle, "bf16": c.export.bf16, "tokenizer": tok,
         "model_name": c.server.model_name,
         **xp.config_overrides(c.model_overrides)})

@@ -12,6 +12,7 @@ sets defaults; flags given on the command line override it.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -23,14 +24,14 @@ from ml_collections import config_flags
 from klong_jax.eval import report as report_lib
 from klong_jax.eval import runner
 from klong_jax.eval.timeline import parse_budget
+from klong_jax.rollout import episode_config
 
 _CONFIG: Any = None
 
 FLAGS = flags.FLAGS
 _FIELDS = ("tasks", "server", "out", "budget", "seeds", "variant", "task_ids", "split",
-           "max_tasks", "workers",
-           "backend", "model", "max_steps", "reproduce_timeout_s", "judge_url", "judge_model",
-           "grade_snapshots")
+           "max_tasks", "workers", "judge_url", "judge_model", "grade_snapshots",
+           *(n for n in episode_config.FLAG_NAMES if n not in ("time_limit_s", "sandbox_limits")))
 
 
 def build_config() -> runner.EvalConfig:
@@ -39,7 +40,10 @@ def build_config() -> runner.EvalConfig:
   for name in _FIELDS:
     if FLAGS[name].present or name not in base:
       base[name] = FLAGS[name].value
-  known = {f for f in runner.EvalConfig.__dataclass_fields__} | {"budget"}
+  if FLAGS["sandbox_limits"].present or "limits" not in base:
+    base["limits"] = episode_config.parse_limits(FLAGS.sandbox_limits)
+  known = ({f for f in runner.EvalConfig.__dataclass_fields__} | {"budget"}
+           | {f.name for f in dataclasses.fields(episode_config.EpisodeConfig)})
   bad = sorted(set(base) - known)
   if bad:
     raise app.UsageError(f"unknown eval config field(s) {bad}; known: {sorted(known)}")
@@ -51,7 +55,7 @@ def build_config() -> runner.EvalConfig:
   base["limits"] = dict(base.get("limits") or {})
   base.setdefault("api_key", os.environ.get("KLONG_API_KEY", "EMPTY"))
   base.setdefault("judge_api_key", os.environ.get("OPENAI_API_KEY", "EMPTY"))
-  return runner.EvalConfig(**base)
+  return runner.EvalConfig.from_fields(**base)
 
 
 def _define_flags() -> None:
@@ -69,16 +73,13 @@ def _define_flags() -> None:
   flags.DEFINE_string("split", "", "Only tasks of this split (train|rl|heldout); empty = all.")
   flags.DEFINE_integer("max_tasks", 0, "Only the first N selected tasks; 0 = all.")
   flags.DEFINE_integer("workers", 1, "(task, seed) pairs run in parallel.")
-  flags.DEFINE_enum("backend", "docker", ["docker", "local"], "Sandbox backend.")
-  flags.DEFINE_string("model", "policy", "Model name sent to the server.")
-  flags.DEFINE_integer("max_steps", 1_000_000,
-                       "Agent step cap (the time budget is the real limit).")
-  flags.DEFINE_float("reproduce_timeout_s", 0.0, "reproduce.sh limit; 0 = the task's config value.")
   flags.DEFINE_string("judge_url", "", "LLM judge endpoint for non-programmatic leaves.")
   flags.DEFINE_string("judge_model", "judge", "LLM judge model name.")
   flags.DEFINE_bool("grade_snapshots", True, "Grade git commits at budget cuts (score vs time).")
   flags.DEFINE_string("compare", None, "Another eval's out dir to put side by side in the report.")
   flags.DEFINE_bool("report_only", False, "Rebuild summary and reports from finished pairs only.")
+  # The episode flags (eval role defaults); the time limit is --budget.
+  episode_config.define_flags("eval", exclude=("time_limit_s",))
 
 
 def main(argv: list[str]) -> None:

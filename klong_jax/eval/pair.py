@@ -26,6 +26,7 @@ from klong_jax.grading.grade import grade_submission
 from klong_jax.grading.judge_queue import EVAL_PRIORITY
 from klong_jax.grading.rubric import atomic_write_text, report, save_rubric
 from klong_jax.rollout import episode
+from klong_jax.rollout.episode_config import ROLE_DEFAULTS, EpisodeConfig
 from klong_jax.sandbox import base as sandbox_lib
 
 DEFAULT_INSTRUCTIONS = (
@@ -36,22 +37,19 @@ _SNAP_ROOT = "/workspace/.klong_snapshots"
 
 @dataclasses.dataclass(frozen=True)
 class PairSettings:
-  """What one (task, seed) needs from the eval config (picklable, no client objects)."""
+  """What one (task, seed) needs from the eval config (picklable, no client objects).
 
-  budget_s: float
+  The episode (budget = `episode.time_limit_s`, sandbox, sampling, context policy) is the one
+  EpisodeConfig, with the eval role's defaults.
+  """
+
+  episode: EpisodeConfig = ROLE_DEFAULTS["eval"]
   variant: str = "full"
-  backend: str = "docker"
-  model: str = "policy"
-  max_steps: int = 1_000_000
-  context_tokens: int = 32768
-  max_completion_tokens: int = 2048
-  tool_timeout_s: float = 600.0
-  reproduce_timeout_s: float = 0.0   # 0 = the task's config value, else 3600.
-  wall_factor: float = 1.5
-  wall_slack_s: float = 60.0
-  request_retries: int = 3
   grade_snapshots: bool = True
-  limits: tuple[tuple[str, Any], ...] = ()
+
+  @property
+  def budget_s(self) -> float:
+    return self.episode.time_limit_s
 
 
 def list_commits(sb: Any) -> list[tuple[str, float]]:
@@ -87,8 +85,8 @@ def grade_dir(task: Any, st: PairSettings, judge: Any, src_dir: str, out_dir: st
   code_dev = st.variant == "code_dev"
   files = sandbox_lib.files_from_dir(src_dir) if os.path.isdir(src_dir) else {}
   host_sub = os.path.join(out_dir, "submission")
-  timeout = st.reproduce_timeout_s or float(task.config.get("reproduce_timeout_s", 3600.0))
-  with sandbox_lib.make_sandbox(st.backend, **dict(st.limits)) as fresh:
+  timeout = st.episode.reproduce_timeout(task)
+  with st.episode.sandbox() as fresh:
     fresh.exec(f"mkdir -p {sandbox_lib.SUBMISSION}", timeout_s=30)
     repro = None
     if code_dev:
@@ -125,20 +123,17 @@ def run_pair(task: Any, seed: int, st: PairSettings, client: Any, judge: Any,
   Returns the result record (also the runner's result.json). Infra failures (SandboxError,
   client InfraError, OSError) propagate for the runner to retry.
   """
-  acfg = scaffold.AgentConfig(
-      model=st.model, max_steps=st.max_steps, time_limit_s=st.budget_s,
-      tool_timeout_s=min(st.tool_timeout_s, st.budget_s), context_tokens=st.context_tokens,
-      max_completion_tokens=st.max_completion_tokens, request_retries=st.request_retries)
+  acfg = st.episode.agent_config()
   prefix = scaffold.initial_messages(task.config.get("instructions", DEFAULT_INSTRUCTIONS),
                                      task.paper_md, task.addendum_md, st.budget_s)
   final_src = os.path.join(pair_dir, "agent_submission")
   snaps_src = os.path.join(pair_dir, "snapshots_src")
   cuts = tl.budget_cuts(st.budget_s)
   started_at = time.time()
-  with sandbox_lib.make_sandbox(st.backend, **dict(st.limits)) as sb:
+  with st.episode.sandbox() as sb:
     episode.prepare_sandbox(sb, task)
     t0 = time.time()
-    wall_s = st.budget_s * st.wall_factor + st.wall_slack_s
+    wall_s = st.episode.wall_s()
     ep = episode.run_guarded(client, sb, prefix, acfg, wall_s)
     end_s = time.time() - t0
     # Commit times have 1 s resolution: count a commit at the end of its second (never early).
@@ -192,7 +187,7 @@ def run_pair(task: Any, seed: int, st: PairSettings, client: Any, judge: Any,
       "grading_failed": final["grading_failed"], "disqualified": final["disqualified"],
       "reproduce": final["reproduce"], "submit_time_s": end_s, "steps": ep.steps,
       "agent_retry_s": ep.retry_s, "commits": [{"sha": s, "t_s": t} for s, t in commits],
-      "timeline": timeline, **failure, "variant": st.variant, "model": st.model,
+      "timeline": timeline, **failure, "variant": st.variant, "model": st.episode.model,
       "budget_s": st.budget_s,
       "started_at": started_at, "finished_at": time.time(),
       "snapshots": {sha: {k: v for k, v in rec.items() if k != "reproduce"}

@@ -27,6 +27,8 @@ from absl import logging
 from klong_jax.eval import pair as pair_lib
 from klong_jax.eval import scores as scores_lib
 from klong_jax.grading.rubric import atomic_write_text, code_dev_only, rubric_from_dict
+from klong_jax.rollout import episode_config
+from klong_jax.rollout.episode_config import ROLE_DEFAULTS, EpisodeConfig
 from klong_jax.tasks import Task, TaskError, list_tasks, load_task
 
 VARIANTS = ("full", "code_dev")
@@ -47,30 +49,35 @@ class EvalConfig:
   tasks: str
   server: str
   out: str
-  budget_s: float = 12 * 3600.0
   seeds: int = 3
   variant: str = "full"
   task_ids: tuple[str, ...] = ()
   split: str = ""                      # "" = every split; else train | rl | heldout.
   max_tasks: int = 0                   # First N selected task dirs; 0 = all.
   workers: int = 1
-  backend: str = "docker"
-  model: str = "policy"
   api_key: str = "EMPTY"
-  max_steps: int = 1_000_000
-  context_tokens: int = 32768
-  max_completion_tokens: int = 2048
-  tool_timeout_s: float = 600.0
-  reproduce_timeout_s: float = 0.0
   judge_url: str = ""
   judge_model: str = "judge"
   judge_api_key: str = "EMPTY"
   judge_concurrency: int = 8
   grade_snapshots: bool = True
-  request_retries: int = 3             # Per model call (client backoff), before an infra error.
   infra_retries: int = 2               # Whole-pair retries after an infra error.
   infra_backoff_s: float = 5.0
-  limits: dict = dataclasses.field(default_factory=dict)
+  # The agent episode (the one EpisodeConfig, eval role defaults): the budget is its time limit.
+  episode: EpisodeConfig = ROLE_DEFAULTS["eval"]
+
+  @classmethod
+  def from_fields(cls, **fields: Any) -> EvalConfig:
+    """From flat fields (a config file's or the flags' names): EpisodeConfig fields, and
+    `budget_s` (= the episode's time limit), go to `episode`."""
+    if "budget_s" in fields:
+      fields["time_limit_s"] = float(fields.pop("budget_s"))
+    rest, episode = episode_config.split_fields("eval", fields)
+    return cls(**rest, episode=episode)
+
+  @property
+  def budget_s(self) -> float:
+    return self.episode.time_limit_s
 
   def validate(self) -> None:
     if self.variant not in VARIANTS:
@@ -85,18 +92,18 @@ class EvalConfig:
         raise EvalError(f"--{name} is required")
 
   def settings(self) -> pair_lib.PairSettings:
-    return pair_lib.PairSettings(
-        budget_s=self.budget_s, variant=self.variant, backend=self.backend, model=self.model,
-        max_steps=self.max_steps, context_tokens=self.context_tokens,
-        max_completion_tokens=self.max_completion_tokens, tool_timeout_s=self.tool_timeout_s,
-        reproduce_timeout_s=self.reproduce_timeout_s, grade_snapshots=self.grade_snapshots,
-        request_retries=self.request_retries,
-        limits=tuple(sorted(self.limits.items())))
+    return pair_lib.PairSettings(episode=self.episode, variant=self.variant,
+                                 grade_snapshots=self.grade_snapshots)
 
   def to_json(self) -> dict[str, Any]:
+    """Flat (as eval_config.json has always been): the episode's fields at the top level."""
     d = dataclasses.asdict(self)
     d.pop("api_key")
     d.pop("judge_api_key")
+    episode = d.pop("episode")
+    episode["limits"] = dict(self.episode.limits)
+    d["budget_s"] = episode.pop("time_limit_s")
+    d.update(episode)
     d["task_ids"] = list(self.task_ids)
     return d
 

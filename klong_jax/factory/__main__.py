@@ -13,9 +13,7 @@ import sys
 
 from absl import app, flags, logging
 
-# The rollout worker defines --server, --tasks, --tokenizer, --backend, --model, --max_steps,
-# --time_limit_s and --reproduce_timeout_s globally; distill reuses those (and its defaults).
-from klong_jax.rollout import worker as _worker  # noqa: E402,F401
+from klong_jax.rollout import episode_config
 
 FLAGS = flags.FLAGS
 
@@ -43,17 +41,11 @@ _define("string", "tokenizer", None, "distill: tokenizer model path (for renderi
 _define("integer", "episodes_per_task", 2, "distill: teacher episodes per task.")
 _define("float", "threshold", 0.5, "distill: keep trajectories scoring at least this.")
 _define("string", "split", "train", "distill: task split (train|rl|heldout|all).")
-_define("string", "backend", "docker", "distill: sandbox backend (local|docker).")
-_define("float", "time_limit_s", 120.0, "distill: agent time limit per episode.")
-_define("integer", "max_steps", 12, "distill: agent step budget.")
-_define("string", "model", "teacher", "distill: model name sent to the server.")
 _define("integer", "max_tasks", 0, "distill: stop after this many tasks (0 = all).")
-# The student's context policy (data/context.py): teacher episodes are windowed exactly as the
-# student's will be, so the SFT chunks are the contexts each action was taken under.
-_define("integer", "context_tokens", 32768, "distill: agent context = the SFT data.max_len.")
-_define("integer", "context_overlap", 0, "distill: window overlap = the SFT data.overlap.")
-_define("integer", "max_completion_tokens", 2048,
-        "distill: reply budget = the SFT data.completion_tokens.")
+# distill: the teacher's episode (budgets, sandbox backend and --sandbox_limits, and the
+# student's context policy: context_tokens = the SFT data.max_len, context_overlap = data.overlap,
+# max_completion_tokens = data.completion_tokens), distill role defaults.
+episode_config.define_flags("distill")
 
 STAGES = ("ingest", "build", "distill")
 
@@ -108,11 +100,8 @@ def run_distill() -> None:
     res = distill(DistillConfig(
         tasks=_need("tasks"), server=server, out=_need("out"), tokenizer=_need("tokenizer"),
         episodes_per_task=FLAGS.episodes_per_task, threshold=FLAGS.threshold,
-        split=None if FLAGS.split == "all" else FLAGS.split, backend=FLAGS.backend,
-        time_limit_s=FLAGS.time_limit_s, max_steps=FLAGS.max_steps, model=FLAGS.model,
-        max_tasks=FLAGS.max_tasks, context_tokens=FLAGS.context_tokens,
-        context_overlap=FLAGS.context_overlap,
-        max_completion_tokens=FLAGS.max_completion_tokens))
+        split=None if FLAGS.split == "all" else FLAGS.split, max_tasks=FLAGS.max_tasks,
+        episode=episode_config.from_flags("distill")))
   except DistillInfraError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -16,6 +16,8 @@ from typing import Any
 from absl import logging
 
 from klong_jax.grading.rubric import atomic_write_text
+from klong_jax.rollout import episode_config
+from klong_jax.rollout.episode_config import ROLE_DEFAULTS, EpisodeConfig
 
 STATE_FILE = "distill_state.json"
 SFT_SUBDIR = "sft"
@@ -32,15 +34,16 @@ class DistillConfig:
   episodes_per_task: int = 2
   threshold: float = 0.5
   split: str | None = "train"
-  backend: str = "local"
-  model: str = "teacher"
-  time_limit_s: float = 120.0
-  max_steps: int = 12
-  reproduce_timeout_s: float = 60.0
   max_tasks: int = 0
-  context_tokens: int = 32768          # The student's context policy (WorkerConfig's fields).
-  context_overlap: int = 0
-  max_completion_tokens: int = 2048
+  # The teacher's episodes (the one EpisodeConfig, distill role defaults); its context policy is
+  # the student's, so the SFT chunks are the contexts each action was taken under.
+  episode: EpisodeConfig = ROLE_DEFAULTS["distill"]
+
+  @classmethod
+  def from_fields(cls, **fields: Any) -> DistillConfig:
+    """From flat fields: the EpisodeConfig ones go to `episode` (distill role defaults)."""
+    rest, ep = episode_config.split_fields("distill", fields)
+    return cls(**rest, episode=ep)
 
 
 def score_histogram(scores: list[float], bins: int = 10) -> list[int]:
@@ -86,11 +89,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
   state = _load_state(state_path)
   worker = Worker(WorkerConfig(
       server=cfg.server, tasks=cfg.tasks, stream=os.path.join(cfg.out, ".stream"),
-      tokenizer=cfg.tokenizer, worker="distill", backend=cfg.backend, model=cfg.model,
-      max_steps=cfg.max_steps, time_limit_s=cfg.time_limit_s,
-      reproduce_timeout_s=cfg.reproduce_timeout_s, context_tokens=cfg.context_tokens,
-      context_overlap=cfg.context_overlap, max_completion_tokens=cfg.max_completion_tokens,
-      routing_replay=False))  # Teacher data: SFT, nothing to replay.
+      tokenizer=cfg.tokenizer, worker="distill", episode=cfg.episode))
   dirs = list_tasks(cfg.tasks, cfg.split)
   if cfg.max_tasks:
     dirs = dirs[:cfg.max_tasks]
@@ -104,7 +103,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
       break  # The first tasks all failed the same way: the setup is broken, not the tasks.
     records, scores, statuses = [], [], []
     for i in range(cfg.episodes_per_task):
-      r = worker.rollout_with_retries(task, 0, cfg.time_limit_s)
+      r = worker.rollout_with_retries(task, 0, cfg.episode.time_limit_s)
       statuses.append(r["status"])
       if r["reward"] is None:
         continue

@@ -21,6 +21,7 @@ import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from klong_jax import config_util
 from klong_jax.factory import sweep_teacher
 from klong_jax.tasks.families import (
     FAMILY_BY_FN,
@@ -72,15 +73,8 @@ def find_paper(messages: Sequence[dict[str, Any]]) -> tuple[Family, dict[str, An
 
 def parse_rates(text: str) -> dict[str, float]:
   """'wrong_fn=0.3,wrong_key=0.3' -> {kind: rate}; '' -> {} (kinds checked by the teacher)."""
-  out = {}
-  for part in filter(None, (p.strip() for p in (text or "").split(","))):
-    kind, _, value = part.partition("=")
-    try:  # float("") also rejects a bare KIND.
-      out[kind.strip()] = float(value)
-    except ValueError:
-      raise ValueError(f"teacher mistake rates {text!r}: {part!r} is not KIND=RATE "
-                       f"(e.g. 'wrong_fn=0.3,wrong_key=0.3')") from None
-  return out
+  return config_util.parse_floats(text, "teacher mistake rates", "wrong_fn=0.3,wrong_key=0.3",
+                                  "KIND=RATE")
 
 
 def _tool(tools: Sequence[dict[str, Any]] | None, *names: str) -> tuple[str, str] | None:

@@ -30,7 +30,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from klong_jax.data import tokenizer as tokenizer_lib
-from klong_jax.inference import hf_convert, reload
+from klong_jax.inference import hf_convert, reload, serve_config
 from klong_jax.model import hf as hf_lib
 from klong_jax.model.config import from_config_dict
 from klong_jax.model.transformer import Transformer
@@ -133,9 +133,9 @@ def export_from_config(config: Any, out: str, policy: str | None = None,
     nnx.update(model, state)
     hf_config = hf_convert.original_hf_config(path)
   if tokenizer_path is None:
-    cache = config.get("serve", {}).get("tokenizer_cache", "/tmp/klong_tokenizer")
+    cache = serve_config.resolve(config).tokenizer_cache
     tokenizer_path = tokenizer_lib.default_tokenizer(cache, vocab_size=cfg.vocab_size).path
-  name = model_name or config.get("serve", {}).get("model_name", "klong-model")
+  name = model_name or serve_config.resolve(config).model_name
   return write_bundle(out, model, cfg, str(tokenizer_path), version=v, bf16=bf16,
                       model_name=name, hf_config=hf_config)
 

@@ -25,6 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from klong_jax.config_util import parse_mesh
 from klong_jax.inference import reload
 from klong_jax.model.config import ModelConfig, from_config_dict
 from klong_jax.model.hf import (
@@ -38,17 +39,6 @@ from klong_jax.model.hf import (
   tree_set,
 )
 from klong_jax.parallel.mesh import make_mesh
-
-
-def parse_mesh(spec: str) -> dict[str, int]:
-  """"fsdp:-1,expert:8" -> {"fsdp": -1, "expert": 8}; "" -> {} (no mesh)."""
-  sizes = {}
-  for part in filter(None, (p.strip() for p in spec.split(","))):
-    name, sep, size = part.partition(":")
-    if not sep or not size.lstrip("-").isdigit():
-      raise ValueError(f"--mesh entry {part!r} is not axis:size (e.g. fsdp:-1,expert:8)")
-    sizes[name] = int(size)
-  return sizes
 
 
 def _write_json_atomic(path: pathlib.Path, data: Any) -> None:

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from klong_jax.data import routing as routing_lib
-from klong_jax.inference import protocol
+from klong_jax.inference import protocol, serve_config
 from klong_jax.inference.engine import Completion, ContextLengthError, Engine, TokenEvent
 from klong_jax.inference.sampler import SamplingParams
 
@@ -443,15 +443,6 @@ _ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/
 
 # ---- building and running ------------------------------------------------------------------
 
-def serve_defaults() -> Any:
-  """The `serve` section defaults (configs/serve_tiny.py documents each field)."""
-  import ml_collections
-  return ml_collections.ConfigDict(dict(
-      model_name="klong-model", host="127.0.0.1", port=8000, max_batch=8, max_len=512,
-      cache_dtype="float32", schedule="continuous", min_prefill_bucket=16, min_prefill_rows=1,
-      max_body_bytes=4 << 20, reload_interval_s=2.0, seed=0, tokenizer="",
-      tokenizer_cache="/tmp/klong_tokenizer", prefix_cache_mb=64, prefix_block=16))
-
 
 def build(config: Any = None, *, bundle: str | None = None,
           policy_dir: str | None = None) -> Server:
@@ -469,9 +460,7 @@ def build(config: Any = None, *, bundle: str | None = None,
   from klong_jax.parallel.mesh import make_mesh
   from klong_jax.parallel.rules import LOGICAL_RULES
 
-  serve = serve_defaults()
-  if config is not None and "serve" in config:
-    serve.update(config.serve)
+  serve = serve_config.resolve(config)
   mesh_cfg = config.mesh if config is not None and "mesh" in config else \
       ml_collections.ConfigDict(dict(data=1, fsdp=-1, expert=1, tensor=1))
   if bundle:
@@ -564,9 +553,7 @@ def run(config: Any, bundle: str | None = None, policy_dir: str | None = None) -
   import uvicorn
 
   server = build(config, bundle=bundle, policy_dir=policy_dir)
-  serve = serve_defaults()
-  if config is not None and "serve" in config:
-    serve.update(config.serve)
+  serve = serve_config.resolve(config)
   server.engine.start()
   if server.watcher is not None and serve.reload_interval_s > 0:
     server.watcher.interval_s = serve.reload_interval_s
@@ -587,10 +574,10 @@ def main(argv: list[str]) -> None:
   config = f.config
   if config is None:
     import ml_collections
-    config = ml_collections.ConfigDict({"serve": serve_defaults()})
+    config = ml_collections.ConfigDict({"serve": serve_config.serve_defaults()})
   with config.unlocked():
     if "serve" not in config:
-      config.serve = serve_defaults()
+      config.serve = serve_config.serve_defaults()
     for name in ("host", "port", "max_batch", "max_len", "min_prefill_bucket",
                  "min_prefill_rows", "prefix_cache_mb"):
       if f[name].present:
@@ -608,16 +595,18 @@ def _define_flags() -> None:
   config_flags.DEFINE_config_file("config", None, "Config with model/mesh/serve sections.")
   flags.DEFINE_string("bundle", None, "Serving bundle dir (from klong_jax.inference.export).")
   flags.DEFINE_string("policy_dir", None, "Policy root <run>/policy to serve and hot-reload.")
-  flags.DEFINE_string("host", "127.0.0.1", "Bind address (overrides serve.host).")
-  flags.DEFINE_integer("port", 8000, "Port (overrides serve.port).")
-  flags.DEFINE_integer("max_batch", 8, "KV-cache rows (overrides serve.max_batch).")
-  flags.DEFINE_integer("max_len", 512, "Context length (overrides serve.max_len).")
-  flags.DEFINE_integer("min_prefill_bucket", 16, "Shortest padded prefill length (fewer "
-                       "compiled shapes when larger).")
-  flags.DEFINE_integer("min_prefill_rows", 1, "Fewest padded prefill rows (max_batch = one "
-                       "compiled prefill shape).")
-  flags.DEFINE_float("prefix_cache_mb", 64, "KV budget of automatic prefix caching (reuses the "
-                     "K/V of a prompt's cached leading blocks; 0 = off; overrides serve.*).")
+  d = serve_config.SERVE_DEFAULTS  # A flag overrides the config only when given.
+  flags.DEFINE_string("host", d["host"], "Bind address (overrides serve.host).")
+  flags.DEFINE_integer("port", d["port"], "Port (overrides serve.port).")
+  flags.DEFINE_integer("max_batch", d["max_batch"], "KV-cache rows (overrides serve.max_batch).")
+  flags.DEFINE_integer("max_len", d["max_len"], "Context length (overrides serve.max_len).")
+  flags.DEFINE_integer("min_prefill_bucket", d["min_prefill_bucket"], "Shortest padded prefill "
+                       "length (fewer compiled shapes when larger).")
+  flags.DEFINE_integer("min_prefill_rows", d["min_prefill_rows"], "Fewest padded prefill rows "
+                       "(max_batch = one compiled prefill shape).")
+  flags.DEFINE_float("prefix_cache_mb", d["prefix_cache_mb"], "KV budget of automatic prefix "
+                     "caching (reuses the K/V of a prompt's cached leading blocks; 0 = off; "
+                     "overrides serve.*).")
 
 
 def entry() -> None:

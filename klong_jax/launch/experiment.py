@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from klong_jax import config_util
 from klong_jax.launch import procs
 
 
@@ -184,22 +185,19 @@ def rl_tasks_dir(workdir: str) -> str:
 
 def link_rl_tasks(c: Any, root: str, workdir: str) -> str:
   """Links the RL tasks of a demo-shaped config (`tasks.rl_split`, at most `tasks.max_rl`)."""
-  return link_tasks(root, c.tasks.get("rl_split", "train"), rl_tasks_dir(workdir),
-                    c.tasks.get("max_rl", 0))
+  return link_tasks(root, c.tasks.rl_split, rl_tasks_dir(workdir), c.tasks.max_rl)
 
 
-def config_overrides(text: str) -> dict[str, str]:
-  """'a.b=1,c=x' -> {'config.a.b': '1', 'config.c': 'x'}: absl config_flags override flags."""
-  out = {}
-  for item in filter(None, (s.strip() for s in (text or "").split(","))):
-    key, eq, value = item.partition("=")
-    if not eq or not key:
-      raise ValueError(f"override {item!r} must look like key=value")
-    out[f"config.{key}"] = value
-  return out
+def config_overrides(overrides: Any) -> dict[str, Any]:
+  """'a.b=1,c=x' (or a nested section {'a': {'b': 1}}) -> {'config.a.b': '1', 'config.c': 'x'}:
+  absl config_flags override flags."""
+  return {f"config.{k}": v if isinstance(v, str) else config_util.format_value(v)
+          for k, v in config_util.overrides_dict(overrides).items()}
 
 
-def _config_flag(path: str, arg: str) -> str:
+def config_flag(path: str, args: Any) -> str:
+  """`--config=` of a config file and its arg section (or arg string): 'file.py:k=v,...'."""
+  arg = config_util.format_arg(args)
   return f"{path}:{arg}" if arg else path
 
 
@@ -218,10 +216,10 @@ def context_overrides(c: Any) -> dict[str, Any]:
 def server_job(c: Any, name: str, policy_dir: str, tokenizer: str, port: int) -> Job:
   """The inference server over a policy dir (hot-reloads the newest version)."""
   return Job(name, Executable("klong_jax.inference.server", {
-      "config": _config_flag(c.server.config, c.server.arg), "policy_dir": policy_dir,
+      "config": config_flag(c.server.config, c.server.args), "policy_dir": policy_dir,
       "config.serve.port": port, "config.serve.tokenizer": tokenizer,
       "config.serve.model_name": c.server.model_name,
-      **config_overrides(c.get("model_overrides", ""))}),
+      **config_overrides(c.model_overrides)}),
       ready=f"http://127.0.0.1:{port}/health", ready_timeout_s=c.server.ready_timeout_s)
 
 
@@ -233,14 +231,14 @@ def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, token
       "server": server, "tasks": tasks, "stream": stream, "tokenizer": tokenizer,
       "model": c.server.model_name,
       "group_size": group_size, "rounds": rounds, "num_workers": 1, "worker": f"{prefix}{i}",
-      "shuffle_seed": c.workers.get("shuffle_seed", -1),
+      "shuffle_seed": c.workers.shuffle_seed,
       "backend": c.backend, "max_steps": max_steps, "time_limit_s": time_limit_s,
       "reproduce_timeout_s": c.workers.reproduce_timeout_s,
       **context_flags(c),
       "temperature": temperature,
       # Rubrics with LLM-graded leaves: the judge endpoint (key from $KLONG_JUDGE_API_KEY).
-      **({"judge_url": c.workers.judge_url, "judge_model": c.workers.get("judge_model", "judge")}
-         if c.workers.get("judge_url", "") else {})}), primary=primary)
+      **({"judge_url": c.workers.judge_url, "judge_model": c.workers.judge_model}
+         if c.workers.judge_url else {})}), primary=primary)
       for i in range(c.workers.num)]
 
 
@@ -252,13 +250,13 @@ def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str,
   stream = os.path.join(workdir, "stream")
   policy = os.path.join(workdir, "policy")
   exp = Experiment(f"{c.name}-rl", workdir, python=c.python)
-  temperature = c.workers.get("temperature", 1.0)
+  temperature = c.workers.temperature
   exp.add(Job("trainer", Executable("klong_jax.rl.train", {
-      "config": _config_flag(c.rl.config, c.rl.arg), "workdir": workdir, "stream": stream,
+      "config": config_flag(c.rl.config, c.rl.args), "workdir": workdir, "stream": stream,
       "init_checkpoint": init_checkpoint, "mode": c.rl.mode, "config.seed": c.seed,
       # The trainer's logprobs must use the workers' sampling temperature (exact PPO ratios).
       "config.rl.temperature": temperature,
-      **config_overrides(c.get("model_overrides", "")), **config_overrides(c.rl.overrides),
+      **config_overrides(c.model_overrides), **config_overrides(c.rl.overrides),
       **context_overrides(c)}),
       ready=f"file:{os.path.join(policy, '0')}", ready_timeout_s=c.server.ready_timeout_s,
       primary=True))
@@ -280,6 +278,6 @@ def eval_experiment(c: Any, workdir: str, *, policy_dir: str, tokenizer: str, ta
   for j in worker_jobs(c, "eval", f"http://127.0.0.1:{port}/v1", tasks,
                        os.path.join(workdir, "stream"), tokenizer, c.eval.episodes_per_task, 1,
                        c.eval.max_steps, c.eval.time_limit_s, primary=True,
-                       temperature=c.eval.get("temperature", 1.0)):
+                       temperature=c.eval.temperature):
     exp.add(j)
   return exp

@@ -30,6 +30,8 @@ from typing import Any
 import ml_collections
 from absl import app, flags, logging
 
+from klong_jax import config_util
+
 GIB = float(1 << 30)
 # MoE-layer counts compiled when extrapolating. Not 1: XLA simplifies a one-trip scan, which
 # changes buffer assignment (measured on glm45_air: temp at 1 layer > at 2). 2 -> 4 averages the
@@ -102,15 +104,12 @@ class Plan:
 
 
 def parse_mesh(spec: str) -> dict[str, int]:
-  """"fsdp:64,expert:8,tensor:4" -> {"data": 1, "fsdp": 64, "expert": 8, "tensor": 4}."""
-  sizes = {"data": 1, "fsdp": 1, "expert": 1, "tensor": 1}
-  for item in filter(None, (s.strip() for s in spec.split(","))):
-    name, sep, value = item.partition(":")
-    if not sep or name not in sizes or not value.isdigit() or int(value) < 1:
-      raise ValueError(f"--mesh item {item!r}: expected axis:size with axis in {sorted(sizes)} "
-                       f"and size >= 1, e.g. --mesh=fsdp:64,expert:8,tensor:4")
-    sizes[name] = int(value)
-  return sizes
+  """"fsdp:64,expert:8,tensor:4" -> {"data": 1, "fsdp": 64, "expert": 8, "tensor": 4}.
+
+  No -1: the plan compiles for exactly the product of the sizes (fake devices).
+  """
+  return {**dict.fromkeys(config_util.MESH_AXES, 1),
+          **config_util.parse_mesh(spec, allow_fill=False)}
 
 
 def default_optim() -> ml_collections.ConfigDict:
@@ -226,7 +225,7 @@ def plan(config: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int], batch
   if moe_impl:
     model_cfg = model_cfg.replace(moe_impl=moe_impl)
   optim_cfg = config.optim if "optim" in config else default_optim()
-  rules = tuple(config.get("rules", None) or rules_lib.LOGICAL_RULES)
+  rules = tuple(config.rules or rules_lib.LOGICAL_RULES)
   mesh = mesh_lib.make_mesh(dict(mesh_sizes), devices=jax.devices()[:size])
   if probe_layers is None:
     probe_layers = model_cfg.num_layers > 8

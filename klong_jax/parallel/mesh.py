@@ -9,7 +9,7 @@ from typing import Any
 
 import jax
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+from klong_jax.config_util import MESH_AXES
 
 
 class MeshError(ValueError):

@@ -54,19 +54,7 @@ def lookup(device_kind: str) -> DeviceSpec | None:
   return None
 
 
-def known_kinds() -> tuple[str, ...]:
-  """Names of every device in the table (for help texts and docs)."""
-  return tuple(spec.name for _, spec in _SPECS)
-
-
 def peak_flops(device_kind: str) -> float | None:
   """Per-chip dense bf16 peak FLOP/s, or None when the kind has no entry (e.g. "cpu")."""
   spec = lookup(device_kind)
   return None if spec is None else spec.peak_bf16_flops
-
-
-def local_device_kind() -> str:
-  """`device_kind` of the first JAX device (imports JAX lazily)."""
-  import jax  # Local: keep this table importable without JAX.
-
-  return jax.devices()[0].device_kind

@@ -1,7 +1,11 @@
 """Rollout worker: tasks -> G agent rollouts per task -> graded Trajectories -> ArrayRecord shards.
 
   python -m klong_jax.rollout.worker --server=http://127.0.0.1:8000/v1 --tasks=DIR \\
-      --stream=DIR --group_size=4 --num_workers=2 --tokenizer=PATH.model
+      --stream=DIR --group_size=4 --num_workers=2 --tokenizer=PATH.model \\
+      [--max_steps=50 --time_limit_s=600 --sandbox_limits=mem_bytes=2147483648,pids=512,cpus=2]
+
+Episode flags (budgets, context policy, temperature, sandbox limits) are the one EpisodeConfig
+(episode_config.py), shared with the eval and distill CLIs.
 
 Each group (task x round) is claimed in the stream ledger, rolled out, graded, rendered and
 published as one shard (see stream.py for the exactly-once rules). Status rules: agent budget out
@@ -36,7 +40,8 @@ from klong_jax.data import storage
 from klong_jax.data.schema import Trajectory
 from klong_jax.data.shards import SUFFIX as SHARD_SUFFIX
 from klong_jax.grading import reproduce as reproduce_lib
-from klong_jax.rollout import episode
+from klong_jax.rollout import episode, episode_config
+from klong_jax.rollout.episode_config import ROLE_DEFAULTS, EpisodeConfig
 from klong_jax.rollout.stream import open_stream, read_control
 from klong_jax.sandbox import base as sandbox_lib
 
@@ -56,25 +61,8 @@ class WorkerConfig:
   # run's budget is shorter than a round: in order, it only ever sees the first families.
   shuffle_seed: int = -1
   worker: str = ""
-  backend: str = "docker"
-  model: str = "policy"
-  max_steps: int = 50
-  time_limit_s: float = 600.0          # Used when control.json sets none.
-  wall_factor: float = 1.5             # Outer guard = time_limit_s * wall_factor + wall_slack_s.
-  wall_slack_s: float = 60.0
-  tool_timeout_s: float = 120.0
-  reproduce_timeout_s: float = 300.0
-  # The context policy (data/context.py) shared with the trainer's splitter: context_tokens =
-  # data.max_len, context_overlap = data.overlap, max_completion_tokens = data.completion_tokens.
-  context_tokens: int = 32768
-  context_overlap: int = 0
-  max_completion_tokens: int = 2048
-  # Sampling temperature; the RL trainer must use the same one (rl.temperature), since the
-  # recorded logprobs are log softmax(logits / T) (inference/sampling.py, "tempered").
-  temperature: float = 1.0
-  # Routing replay (R3): ask the server for each token's MoE expert ids and keep them in the
-  # trajectory's `routing` (schema 2), not in its messages. Harmless against servers without it.
-  routing_replay: bool = True
+  # Budgets, sampling, context policy and sandbox of each episode (the one episode config).
+  episode: EpisodeConfig = dataclasses.field(default_factory=lambda: ROLE_DEFAULTS["rl"])
   # LLM judge for rubric leaves without a programmatic `check` (PaperBench SimpleJudge); the
   # API key is read from $KLONG_JUDGE_API_KEY (else $OPENAI_API_KEY, as klong_jax.eval does) so
   # it never appears on a command line.
@@ -83,11 +71,16 @@ class WorkerConfig:
   judge_concurrency: int = 4
   infra_retries: int = 2
   infra_backoff_s: float = 2.0
-  request_retries: int = 3
-  limits: dict = dataclasses.field(default_factory=dict)
   pause_before_publish_s: float = 0.0  # Test hook (SIGKILL window).
   version_poll_s: float = 0.5          # Sync-mode gate: how often to ask the server its version.
   claim_lease_s: float = 300.0         # gs:// streams: a claim not renewed this long is stale.
+
+  @classmethod
+  def from_fields(cls, **fields: Any) -> WorkerConfig:
+    """From flat fields: the EpisodeConfig ones (max_steps, backend, limits, ...) go to
+    `episode` (RL role defaults)."""
+    rest, ep = episode_config.split_fields("rl", fields)
+    return cls(**rest, episode=ep)
 
 
 STALE_TMP_S = 3600.0  # Temp files untouched this long are from dead writers (any worker).
@@ -170,32 +163,25 @@ class Worker:
 
   def rollout(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:
     """One episode + grading; returns fields for the Trajectory (raises on infra failure)."""
-    cfg = self.cfg
-    acfg = scaffold.AgentConfig(
-        model=cfg.model, max_steps=cfg.max_steps, time_limit_s=time_limit_s,
-        tool_timeout_s=min(cfg.tool_timeout_s, time_limit_s),
-        context_tokens=cfg.context_tokens, context_overlap=cfg.context_overlap,
-        max_completion_tokens=cfg.max_completion_tokens,
-        request_retries=cfg.request_retries, temperature=cfg.temperature,
-        return_routing=cfg.routing_replay)
+    ep_cfg = self.cfg.episode
+    acfg = ep_cfg.agent_config(time_limit_s)
     prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
                                        task.paper_md, task.addendum_md)
     state: dict[str, Any] = {}
     t0 = time.time()
     tmp = tempfile.TemporaryDirectory(prefix="klong-sub-")
-    with sandbox_lib.make_sandbox(cfg.backend, **cfg.limits) as sb:
+    with ep_cfg.sandbox() as sb:
       episode.prepare_sandbox(sb, task)
-      ep = episode.run_guarded(self.client, sb, prefix, acfg,
-                               time_limit_s * cfg.wall_factor + cfg.wall_slack_s, state=state,
-                               fmt=self.fmt)
+      ep = episode.run_guarded(self.client, sb, prefix, acfg, ep_cfg.wall_s(time_limit_s),
+                               state=state, fmt=self.fmt)
       host_sub = tmp.name
       files, failure = sandbox_lib.collect_submission(sb, host_sub)
     agent_s = time.time() - t0
     if failure:
       logging.warning("%s: %s: submission graded as empty: %s", self.name, task.id,
                       failure["failure_detail"])
-    with sandbox_lib.make_sandbox(cfg.backend, **cfg.limits) as fresh:
-      res, started = reproduce_lib.run_reproduce_in(fresh, files, cfg.reproduce_timeout_s)
+    with ep_cfg.sandbox() as fresh:
+      res, started = reproduce_lib.run_reproduce_in(fresh, files, ep_cfg.reproduce_timeout(task))
       if failure:
         res.output = f"[submission not collected: {failure['failure_detail']}]\n{res.output}"
       # output_dir is the agent's copy: checks read the reproduced files in `fresh` itself.
@@ -215,9 +201,9 @@ class Worker:
             "timings": {"agent_s": agent_s, "total_s": time.time() - t0, "retry_s": ep.retry_s},
             "metadata": {"end_reason": ep.end_reason, "steps": ep.steps, "trims": ep.trims,
                          "malformed_calls": ep.malformed_calls, "grade": details,
-                         "reproduce_exit": res.exit_code, "temperature": cfg.temperature,
+                         "reproduce_exit": res.exit_code, "temperature": ep_cfg.temperature,
                          **failure},
-            "sandbox": {"backend": cfg.backend}}
+            "sandbox": {"backend": ep_cfg.backend}}
 
   def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:
     """Retries infra failures with backoff; after the last one returns an infra_error record."""
@@ -236,7 +222,7 @@ class Worker:
                                        task.paper_md, task.addendum_md)
     return {"messages": prefix, "prefix": len(prefix), "status": "infra_error", "reward": None,
             "timings": {}, "metadata": {"error": str(err)[:2000]},
-            "sandbox": {"backend": self.cfg.backend}}
+            "sandbox": {"backend": self.cfg.episode.backend}}
 
   def to_record(self, r: dict[str, Any], task_id: str, group_id: str, stage: int,
                 index: int, min_version: int) -> bytes:
@@ -306,7 +292,7 @@ class Worker:
     n = clean_stale_temps(self.cfg.stream, self.name)
     if n:
       logging.info("%s: removed %d temp files of interrupted writes", self.name, n)
-    if self.cfg.backend == "docker":
+    if self.cfg.episode.backend == "docker":
       from klong_jax.sandbox.docker_backend import gc_leaked
       n = gc_leaked()
       if n:
@@ -332,7 +318,7 @@ class Worker:
         if self.stream.published(shard):
           self.stream.mark_done(group_id, shard, -1)
           continue
-        limit = ctl.time_limit_s or self.cfg.time_limit_s
+        limit = ctl.time_limit_s or self.cfg.episode.time_limit_s
         logging.info("%s: group %s (G=%d, limit %.0fs)", self.name, group_id,
                      self.cfg.group_size, limit)
         records = []
@@ -377,85 +363,48 @@ def run_fleet(cfg: WorkerConfig, num_workers: int) -> None:
     raise SystemExit(f"{len(bad)} worker(s) failed with exit codes {bad}")
 
 
-_SERVER: Any = None
-_TASKS: Any = None
-_STREAM: Any = None
-_TOKENIZER: Any = None
-_GROUP: Any = None
-_WORKERS: Any = None
-_ROUNDS: Any = None
-_NAME: Any = None
-_BACKEND: Any = None
-_MODEL: Any = None
-_STEPS: Any = None
-_TIME: Any = None
-_REPRO: Any = None
-_PAUSE: Any = None
-_CONTEXT: Any = None
-_COMPLETION: Any = None
-_TEMP: Any = None
-_JUDGE_URL: Any = None
-_JUDGE_MODEL: Any = None
-_SHUFFLE: Any = None
-_OVERLAP: Any = None
-_LEASE: Any = None
+FLAGS = flags.FLAGS
 
 
 def _define_flags() -> None:
   """Defines the command-line flags (only when run as a program, so that importing this
-  module next to other entry points never clashes on flag names)."""
-  global _SERVER, _TASKS, _STREAM, _TOKENIZER, _GROUP, _WORKERS, _ROUNDS, _NAME
-  global _BACKEND, _MODEL, _STEPS, _TIME, _REPRO, _PAUSE, _CONTEXT, _COMPLETION, _TEMP
-  global _JUDGE_URL, _JUDGE_MODEL, _SHUFFLE, _OVERLAP, _LEASE, _ROUTING
-  _SERVER = flags.DEFINE_string("server", None, "OpenAI-compatible base URL (…/v1).")
-  _TASKS = flags.DEFINE_string("tasks", None, "Directory of task dirs.")
-  _STREAM = flags.DEFINE_string("stream", None, "Stream directory (shards + ledger + control).")
-  _TOKENIZER = flags.DEFINE_string("tokenizer", None, "SentencePiece .model or tokenizer.json.")
-  _GROUP = flags.DEFINE_integer("group_size", 4, "Rollouts per task (the RL group).")
-  _WORKERS = flags.DEFINE_integer("num_workers", 1, "Worker processes on this host.")
-  _ROUNDS = flags.DEFINE_integer("rounds", 1, "Passes over the task list.")
-  _SHUFFLE = flags.DEFINE_integer("shuffle_seed", -1, "Per-round task order seed (-1: in order).")
-  _NAME = flags.DEFINE_string("worker", "", "Worker name prefix (default: hostname).")
-  _BACKEND = flags.DEFINE_enum("backend", "docker", ["docker", "local"], "Sandbox backend.")
-  _MODEL = flags.DEFINE_string("model", "policy", "Model name sent to the server.")
-  _STEPS = flags.DEFINE_integer("max_steps", 50, "Agent step budget.")
-  _TIME = flags.DEFINE_float("time_limit_s", 600.0, "Agent time budget when control.json has none.")
-  _REPRO = flags.DEFINE_float("reproduce_timeout_s", 300.0, "reproduce.sh time limit.")
-  _PAUSE = flags.DEFINE_float("pause_before_publish_s", 0.0, "Test hook: sleep before publishing.")
-  _CONTEXT = flags.DEFINE_integer("context_tokens", 32768, "Model context = the trainer's "
-                                  "data.max_len (history is windowed to fit).")
-  _OVERLAP = flags.DEFINE_integer("context_overlap", 0, "History tokens a new context window "
-                                  "repeats (= the trainer's data.overlap).")
-  _COMPLETION = flags.DEFINE_integer("max_completion_tokens", 2048, "Completion tokens per call.")
-  _TEMP = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (= the RL trainer's "
-                             "rl.temperature; recorded in each trajectory's metadata).")
-  _ROUTING = flags.DEFINE_bool("routing_replay", True, "Ask the server for each token's MoE "
-                               "expert ids and keep them in the trajectory (R3).")
-  _JUDGE_URL = flags.DEFINE_string("judge_url", "", "OpenAI-compatible judge endpoint for "
-                                   "rubric leaves without a programmatic check.")
-  _JUDGE_MODEL = flags.DEFINE_string("judge_model", "judge", "Judge model name.")
-  _LEASE = flags.DEFINE_float("claim_lease_s", 300.0, "gs:// streams: claims are renewed every "
-                              "third of this; one not renewed this long is re-run elsewhere.")
+  module next to other entry points never clashes on flag names). The episode flags (budgets,
+  sampling, context policy, `--sandbox_limits`) are the one set of episode_config.py."""
+  flags.DEFINE_string("server", None, "OpenAI-compatible base URL (…/v1).")
+  flags.DEFINE_string("tasks", None, "Directory of task dirs.")
+  flags.DEFINE_string("stream", None, "Stream directory (shards + ledger + control).")
+  flags.DEFINE_string("tokenizer", None, "SentencePiece .model or tokenizer.json.")
+  flags.DEFINE_integer("group_size", 4, "Rollouts per task (the RL group).")
+  flags.DEFINE_integer("num_workers", 1, "Worker processes on this host.")
+  flags.DEFINE_integer("rounds", 1, "Passes over the task list.")
+  flags.DEFINE_integer("shuffle_seed", -1, "Per-round task order seed (-1: in order).")
+  flags.DEFINE_string("worker", "", "Worker name prefix (default: hostname).")
+  flags.DEFINE_float("pause_before_publish_s", 0.0, "Test hook: sleep before publishing.")
+  flags.DEFINE_string("judge_url", "", "OpenAI-compatible judge endpoint for rubric leaves "
+                      "without a programmatic check.")
+  flags.DEFINE_string("judge_model", "judge", "Judge model name.")
+  flags.DEFINE_float("claim_lease_s", 300.0, "gs:// streams: claims are renewed every third of "
+                     "this; one not renewed this long is re-run elsewhere.")
+  episode_config.define_flags("rl")
 
 
 def main(argv: list[str]) -> None:
   del argv
-  for f in (_SERVER, _TASKS, _STREAM, _TOKENIZER):
-    if not f.value:
-      raise app.UsageError(f"--{f.name} is required")
-  cfg = WorkerConfig(server=_SERVER.value, tasks=_TASKS.value, stream=_STREAM.value,
-                     tokenizer=_TOKENIZER.value, group_size=_GROUP.value, rounds=_ROUNDS.value,
-                     shuffle_seed=_SHUFFLE.value,
-                     worker=_NAME.value or f"{socket.gethostname()}-{uuid.uuid4().hex[:4]}",
-                     backend=_BACKEND.value, model=_MODEL.value, max_steps=_STEPS.value,
-                     time_limit_s=_TIME.value, reproduce_timeout_s=_REPRO.value,
-                     pause_before_publish_s=_PAUSE.value, context_tokens=_CONTEXT.value,
-                     context_overlap=_OVERLAP.value,
-                     max_completion_tokens=_COMPLETION.value, temperature=_TEMP.value,
-                     routing_replay=_ROUTING.value,
-                     judge_url=_JUDGE_URL.value, judge_model=_JUDGE_MODEL.value,
-                     claim_lease_s=_LEASE.value)
-  run_fleet(cfg, _WORKERS.value)
+  for name in ("server", "tasks", "stream", "tokenizer"):
+    if not FLAGS[name].value:
+      raise app.UsageError(f"--{name} is required")
+  try:
+    ep_cfg = episode_config.from_flags("rl")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
+  cfg = WorkerConfig(server=FLAGS.server, tasks=FLAGS.tasks, stream=FLAGS.stream,
+                     tokenizer=FLAGS.tokenizer, group_size=FLAGS.group_size, rounds=FLAGS.rounds,
+                     shuffle_seed=FLAGS.shuffle_seed,
+                     worker=FLAGS.worker or f"{socket.gethostname()}-{uuid.uuid4().hex[:4]}",
+                     episode=ep_cfg, pause_before_publish_s=FLAGS.pause_before_publish_s,
+                     judge_url=FLAGS.judge_url, judge_model=FLAGS.judge_model,
+                     claim_lease_s=FLAGS.claim_lease_s)
+  run_fleet(cfg, FLAGS.num_workers)
 
 
 def entry() -> None:

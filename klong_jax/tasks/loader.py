@@ -41,10 +41,6 @@ class Task:
   def split(self) -> str:
     return str(self.config.get("split", "train"))
 
-  @property
-  def rubric_dict(self) -> dict[str, Any] | None:
-    return None if self.rubric is None else self.rubric.to_dict()
-
 
 def parse_blacklist(text: str) -> list[str]:
   """PaperBench monitor rules: drop blank and `#` lines; a lone `none` means no entries."""

@@ -36,7 +36,7 @@ def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
                      f"({cfg.warmup_steps}); raise total_steps or lower warmup_steps")
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-      decay_steps=cfg.total_steps, end_value=cfg.lr * cfg.get("final_lr_ratio", 0.1))
+      decay_steps=cfg.total_steps, end_value=cfg.lr * cfg.final_lr_ratio)
 
 
 def _decay_mask(params: Any) -> Any:
@@ -53,13 +53,13 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   numbers of loss tokens).
   """
   chain = []
-  if cfg.get("clip_norm", 0.0) and cfg.clip_norm > 0:
+  if cfg.clip_norm > 0:
     chain.append(optax.clip_by_global_norm(cfg.clip_norm))
   chain.append(optax.adamw(
-      make_schedule(cfg), b1=cfg.get("b1", 0.9), b2=cfg.get("b2", 0.95), eps=cfg.get("eps", 1e-8),
-      weight_decay=cfg.get("weight_decay", 0.0), mask=_decay_mask))
+      make_schedule(cfg), b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
+      mask=_decay_mask))
   tx = optax.chain(*chain)
-  accum = int(cfg.get("grad_accum", 1))
+  accum = int(cfg.grad_accum)
   if accum < 1:
     raise ValueError(f"optim.grad_accum must be >= 1, got {accum}")
   if accum > 1:

@@ -8,30 +8,10 @@ saves the model (params + router bias state) as one policy version.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import pathlib
 
 import ml_collections
-
-
-def load_config(path: str, arg: str = "", overrides: str = "") -> ml_collections.ConfigDict:
-  """`get_config(arg)` of a config file plus "k=v,..." overrides (as `--config.k=v` would)."""
-  spec = importlib.util.spec_from_file_location(f"_cfg_{abs(hash(path))}", path)
-  if spec is None or spec.loader is None:
-    raise FileNotFoundError(f"config file {path} cannot be loaded; check the path")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  config = mod.get_config(arg or None)
-  for item in filter(None, (x.strip() for x in overrides.split(","))):
-    key, _, value = item.partition("=")
-    *path, leaf = key.split(".")
-    node = config
-    for p in path:
-      node = node[p]
-    old = node[leaf]
-    node[leaf] = (value.lower() in ("1", "true")) if isinstance(old, bool) else type(old)(value)
-  return config
 
 
 def publish_sft_policy(config: ml_collections.ConfigDict, checkpoint_dir: str, policy_root: str,
@@ -47,7 +27,7 @@ def publish_sft_policy(config: ml_collections.ConfigDict, checkpoint_dir: str, p
 
   if not os.path.isdir(checkpoint_dir):
     raise FileNotFoundError(f"SFT checkpoint dir {checkpoint_dir} does not exist; run SFT first")
-  rules = tuple(config.get("rules", None) or rules_lib.LOGICAL_RULES)
+  rules = tuple(config.rules or rules_lib.LOGICAL_RULES)
   mesh = mesh_lib.make_mesh(config.mesh)
   _, graphdef, params, rest, tx, state_sh = step_lib.build_trainer_parts(config, mesh, rules)
   state = step_lib.init_state(params, rest, tx, state_sh)

@@ -35,7 +35,7 @@ def load_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> tokenizer
   """The configured tokenizer file, or the bundled tiny SentencePiece model (cached)."""
   if config.data.tokenizer:
     return tokenizer.load(config.data.tokenizer)
-  cache = config.data.get("tokenizer_cache", "") or os.path.join(workdir, "tokenizer")
+  cache = config.data.tokenizer_cache or os.path.join(workdir, "tokenizer")
   return tokenizer.default_tokenizer(cache, vocab_size=config.model.vocab_size)
 
 
@@ -82,7 +82,7 @@ def global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedShard
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Cross-section consistency, with errors that name the fields to change."""
-  accum = int(config.optim.get("grad_accum", 1))
+  accum = int(config.optim.grad_accum)
   if config.train.steps % accum:
     raise ValueError(f"train.steps={config.train.steps} must be a multiple of "
                      f"optim.grad_accum={accum}")
@@ -97,11 +97,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, resume: bool = False
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   check_config(config)
-  if config.train.get("compilation_cache_dir", ""):
+  if config.train.compilation_cache_dir:
     # Persistent XLA cache: a resumed or repeated run skips recompiling the same step.
     jax.config.update("jax_compilation_cache_dir", config.train.compilation_cache_dir)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  rules = tuple(config.get("rules", None) or rules_lib.LOGICAL_RULES)
+  rules = tuple(config.rules or rules_lib.LOGICAL_RULES)
 
   logging.info("[1/6] mesh %s on %d devices", dict(config.mesh), jax.device_count())
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -140,7 +140,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, resume: bool = False
   start = int(state.step)
 
   total = config.train.steps
-  stop_after = config.train.get("stop_after", -1)
+  stop_after = config.train.stop_after
   logging.info("[6/6] training steps %d..%d", start + 1, total)
   peak = devices.peak_flops(jax.devices()[0].device_kind)
   writer = metrics.MetricsWriter(
@@ -183,7 +183,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, resume: bool = False
 
 
 def optim_accum(config: ml_collections.ConfigDict) -> int:
-  return int(config.optim.get("grad_accum", 1))
+  return int(config.optim.grad_accum)
 
 
 def _define_flags() -> None:

@@ -85,12 +85,6 @@ def state_shardings(params: nnx.State, rest: nnx.State, tx: optax.GradientTransf
   return TrainState(step=replicated, params=param_sh, opt_state=opt_sh, rest=rest_sh)
 
 
-def default_batch_sharding(mesh: Mesh) -> NamedSharding:
-  """[B, L] arrays: batch over every data-parallel axis present (data, fsdp, expert)."""
-  axes = tuple(a for a in ("data", "fsdp", "expert") if a in mesh.axis_names)
-  return NamedSharding(mesh, P(axes if axes else None))
-
-
 def init_state(params: nnx.State, rest: nnx.State, tx: optax.GradientTransformation,
                shardings: TrainState) -> TrainState:
   """A step-0 TrainState laid out on `shardings` (optimizer state born sharded)."""
@@ -145,9 +139,9 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   `cfg` is the `optim` section (compute_dtype, lb_coef, z_coef, expert_bias_rate). The batch is
   the four `BATCH_KEYS` arrays [B, L]; metrics are replicated scalars.
   """
-  compute_dtype = optim.resolve_dtype(cfg.get("compute_dtype", "float32"))
-  lb_coef, z_coef = float(cfg.get("lb_coef", 0.0)), float(cfg.get("z_coef", 0.0))
-  bias_rate = float(cfg.get("expert_bias_rate", 0.0))
+  compute_dtype = optim.resolve_dtype(cfg.compute_dtype)
+  lb_coef, z_coef = float(cfg.lb_coef), float(cfg.z_coef)
+  bias_rate = float(cfg.expert_bias_rate)
 
   def step(state: TrainState, batch: Mapping[str, jax.Array]):
     grad_fn = jax.value_and_grad(sft_loss, argnums=1, has_aux=True)

@@ -3,6 +3,10 @@
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.subprocess
+
 
 def test_fleet_imports_leave_jax_out():
   code = ("import sys\n"

@@ -3,6 +3,8 @@
 import json
 import textwrap
 
+import pytest
+
 from benchmarks import run_all
 
 
@@ -13,6 +15,7 @@ def _script(body: str) -> str:
   ''') + textwrap.dedent(body)
 
 
+@pytest.mark.subprocess
 def test_runs_scripts_records_failures_and_writes_ratios(tmp_path):
   pkg = tmp_path / "fakebench"
   pkg.mkdir()
@@ -46,6 +49,7 @@ def test_runs_scripts_records_failures_and_writes_ratios(tmp_path):
   assert "| broken | failed (exit 3) |" in md
 
 
+@pytest.mark.subprocess
 def test_progress_lines_while_running(tmp_path):
   pkg = tmp_path / "slowbench"
   pkg.mkdir()

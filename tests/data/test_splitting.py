@@ -163,3 +163,9 @@ def test_truncate_baseline_keeps_only_the_first_max_len_tokens():
                                             min_new_frac=0.0))
   np.testing.assert_array_equal(c.tokens, traj.tokens[:40])
   assert c.loss_mask.sum() == traj.loss_mask[:40].sum() < traj.num_loss_tokens
+
+
+def test_truncate_never_cuts_the_prefix():
+  traj = agent_traj(30, [(6, [2])] * 4)  # A 30-token prefix: the agent always keeps it whole.
+  with pytest.raises(SplitError, match="fixed prefix alone is 30 tokens"):
+    split_trajectory(traj, SplitConfig(max_len=20, truncate=True, min_new_frac=0.0))

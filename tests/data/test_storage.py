@@ -72,6 +72,7 @@ _CREATE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_concurrent_create_has_exactly_one_winner(gcs_root):
   """6 processes x 4 threads race to create the same 30 objects: one winner each, its bytes."""
   n, procs, threads = 30, 6, 4
@@ -118,6 +119,7 @@ _SLOW_UPLOAD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.subprocess
 def test_upload_killed_midway_leaves_no_object(gcs_root):
   """A resumable upload SIGKILLed after its first chunk was accepted creates no object."""
   path = f"{gcs_root}/big.array_record"

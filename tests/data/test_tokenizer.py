@@ -75,6 +75,7 @@ def test_hf_tokenizer_without_chat_specials_names_missing_token(tmp_path):
     tok.special_id("<|assistant|>")
 
 
+@pytest.mark.subprocess
 def test_fleet_modules_do_not_import_jax():
   code = ("import sys; import klong_jax.data.tokenizer, klong_jax.data.chat, "
           "klong_jax.data.render, klong_jax.data.shards, klong_jax.data.schema, "

@@ -1,6 +1,9 @@
 """The ablation's arm configs and table (the runs themselves are the demo's, tested there)."""
 
 import math
+import os
+
+import pytest
 
 from configs import demo as demo_config
 from klong_jax.demo import ablation
@@ -12,11 +15,13 @@ def test_arm_configs_differ_only_where_the_ablation_says():
   split = ablation.arm_config(base, "split", 2)
   fixed = ablation.arm_config(base, "rl_fixed", 2)
   prog = ablation.arm_config(base, "rl_prog", 2)
-  assert trunc.seed == split.seed == 2 and "data.truncate=True" in trunc.sft.overrides
-  assert "truncate" not in split.sft.overrides and split.stop_after == "eval_sft"
-  limits = ablation.stage_limits(base.rl.arg)
-  assert len(limits) > 1 and ablation.stage_limits(prog.rl.arg) == limits
-  assert ablation.stage_limits(fixed.rl.arg) == limits[-1:]  # the final limit from the start
+  assert trunc.seed == split.seed == 2 and trunc.sft.overrides.data.truncate is True
+  assert "truncate" not in split.sft.overrides.data and split.stop_after == "eval_sft"
+  limits = ablation.stage_limits(base)
+  assert len(limits) > 1 and ablation.stage_limits(prog) == limits
+  assert ablation.stage_limits(fixed) == limits[-1:]  # the final limit from the start
+  assert fixed.rl.args.to_dict() == {**base.rl.args.to_dict(), "limits": f"{limits[-1]:g}"}
+  assert base.to_dict() == demo_config.get_config("").to_dict()  # arms copy, never edit, base
 
 
 def test_table_reports_mean_se_and_the_spread_check():
@@ -32,6 +37,7 @@ def test_table_reports_mean_se_and_the_spread_check():
   assert "± " in ablation.markdown(t)
 
 
+@pytest.mark.subprocess
 def test_ablation_and_demo_run_as_programs():
   """Each entry point defines its flags only as a program: importing demo must not clash."""
   import subprocess  # noqa: PLC0415
@@ -41,3 +47,31 @@ def test_ablation_and_demo_run_as_programs():
                        text=True, timeout=120, check=False)
     # absl's --helpfull exits 1; a flag clash exits 1 too, with a traceback and no help text.
     assert "--config" in r.stdout and "Traceback" not in r.stderr, (mod, r.stderr[-2000:])
+
+
+def test_only_seeds_runs_its_seeds_and_tables_the_others_finished(tmp_path, monkeypatch):
+  """A second process can take one seed: each runs only its own, the table covers both."""
+  import json  # noqa: PLC0415
+  ran = []
+
+  def fake_run(c, wd):
+    ran.append((c.seed, os.path.basename(wd)))
+    res = {"heldout_sft": 0.5 if "split" in wd else 0.25}
+    os.makedirs(wd, exist_ok=True)
+    with open(os.path.join(wd, "summary.json"), "w", encoding="utf-8") as f:
+      f.write(json.dumps(res))
+    return res
+
+  monkeypatch.setattr(ablation.pipeline, "run", fake_run)
+  base = demo_config.get_config()
+  t = ablation.run(base, str(tmp_path / "abl"), seeds=2, arms=["split", "truncated"],
+                   only_seeds=[1])
+  assert ran == [(1, "split"), (1, "truncated")]  # seed 0 unfinished: neither run nor tabled
+  assert t["arms"]["split"]["rewards"] == [0.5]
+  assert list(t["arms"]["split"]["seeds"]) == ["1"]
+  ran.clear()
+  t = ablation.run(base, str(tmp_path / "abl"), seeds=2, arms=["split", "truncated"],
+                   only_seeds=[0])
+  assert ran == [(0, "split"), (0, "truncated")]
+  assert t["arms"]["split"]["rewards"] == [0.5, 0.5]
+  assert t["arms"]["truncated"]["rewards"] == [0.25, 0.25]

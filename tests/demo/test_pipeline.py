@@ -18,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_demo_runs_through_sft_and_resumes(tmp_path):
   wd = tmp_path / "demo"
   cmd = [sys.executable, "-m", "klong_jax.demo", f"--workdir={wd}",

@@ -102,6 +102,7 @@ def _chromium() -> str | None:
 
 @pytest.mark.skipif(_chromium() is None, reason="no headless Chromium (make test installs it "
                     "with apt-get where it can: `apt-get install chromium`)")
+@pytest.mark.subprocess
 def test_html_renders_in_headless_chromium(two_runs, tmp_path):
   """The self-contained page renders offline: a screenshot with the charts' colours in it."""
   a, _, b, _ = two_runs

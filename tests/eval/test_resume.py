@@ -14,6 +14,7 @@ from klong_jax.agent.policy_server import serve_in_thread
 from klong_jax.factory.teacher import ScriptedTeacher
 from klong_jax.tasks import bundled_tasks_dir
 
+pytestmark = pytest.mark.subprocess
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASKS = bundled_tasks_dir()
 

@@ -58,7 +58,7 @@ def serve():
 def _cfg(out, url, **kw):
   base = dict(tasks=TASKS, server=url, out=str(out), budget_s=60, seeds=1, task_ids=("arith-3",),
               backend="local", max_steps=8, reproduce_timeout_s=30, infra_backoff_s=0.1)
-  return runner.EvalConfig(**{**base, **kw})
+  return runner.EvalConfig.from_fields(**{**base, **kw})
 
 
 def test_git_commits_are_graded_at_budget_cuts(tmp_path, serve):
@@ -106,6 +106,7 @@ def test_resume_with_other_settings_or_concurrently_is_refused(tmp_path, serve):
     runner.run_eval(_cfg(out, url))
 
 
+@pytest.mark.subprocess
 def test_infra_failure_leaves_the_pair_unfinished_and_reported(tmp_path):
   out = tmp_path / "out"
   # Nothing listens on port 9.
@@ -122,6 +123,7 @@ def test_infra_failure_leaves_the_pair_unfinished_and_reported(tmp_path):
   assert "unfinished pairs" in (out / "report.md").read_text()
 
 
+@pytest.mark.subprocess
 def test_cli_rejects_bad_budget(tmp_path):
   cmd = [sys.executable, "-m", "klong_jax.eval", f"--tasks={TASKS}", "--server=http://x/v1",
          f"--out={tmp_path}", "--budget=soon"]

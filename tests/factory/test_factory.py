@@ -142,9 +142,9 @@ def test_distill_with_scripted_teacher(tmp_path):
   calls = []
   url, stop = serve_in_thread(lambda m, t: calls.append(1) or teacher(m, t))
   try:
-    cfg = DistillConfig(tasks=bundled_tasks_dir(), server=url, out=str(tmp_path / "out"),
-                        tokenizer=tok, episodes_per_task=2, threshold=0.5, max_tasks=2,
-                        time_limit_s=60)
+    cfg = DistillConfig.from_fields(
+        tasks=bundled_tasks_dir(), server=url, out=str(tmp_path / "out"), backend="local",
+        tokenizer=tok, episodes_per_task=2, threshold=0.5, max_tasks=2, time_limit_s=60)
     res = distill(cfg)
     n_calls = len(calls)
     assert len(res["scores"]) == 4 and sum(res["histogram"]) == 4
@@ -161,6 +161,7 @@ def test_distill_with_scripted_teacher(tmp_path):
     stop()
 
 
+@pytest.mark.subprocess
 def test_cli_ingest_and_jax_free(tmp_path):
   import subprocess
   import sys
@@ -206,9 +207,9 @@ def test_distill_infra_failures_fail_loudly_and_resume(tmp_path, monkeypatch):
     return real(*a, **kw)
   monkeypatch.setattr(sandbox_lib, "make_sandbox", make_sandbox)
   try:
-    cfg = DistillConfig(tasks=bundled_tasks_dir(), server=url, out=str(tmp_path / "out"),
-                        tokenizer=tok, episodes_per_task=1, threshold=0.5, max_tasks=2,
-                        time_limit_s=60)
+    cfg = DistillConfig.from_fields(
+        tasks=bundled_tasks_dir(), server=url, out=str(tmp_path / "out"), backend="local",
+        tokenizer=tok, episodes_per_task=1, threshold=0.5, max_tasks=2, time_limit_s=60)
     broken["on"] = False
     assert len(distill_lib.distill(cfg)["scores"]) == 2  # Two tasks finish before it breaks.
     broken["on"] = True

@@ -15,6 +15,7 @@ from configs import demo as demo_config  # noqa: E402
 from launch import local  # noqa: E402
 
 
+@pytest.mark.subprocess
 def test_dry_run_prints_every_role_and_writes_nothing(tmp_path):
   wd = tmp_path / "run"
   out = subprocess.run(
@@ -68,6 +69,7 @@ class _CodeExe(xp.Executable):
     return [sys.executable, "-c", self.code]
 
 
+@pytest.mark.subprocess
 def test_run_local_stops_servers_when_primary_ends(tmp_path):
   ready = tmp_path / "srv.ready"
   exp = _fake_exp(tmp_path, [
@@ -80,6 +82,7 @@ def test_run_local_stops_servers_when_primary_ends(tmp_path):
   assert "trained" in (tmp_path / "logs" / "trainer.log").read_text()
 
 
+@pytest.mark.subprocess
 def test_run_local_fails_fast_when_a_role_dies(tmp_path):
   exp = _fake_exp(tmp_path, [
       ("worker0", "import sys; print('worker exploded'); sys.exit(2)", {}),

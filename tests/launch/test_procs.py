@@ -21,6 +21,7 @@ def _alive(pid: int) -> bool:
   return True
 
 
+@pytest.mark.subprocess
 def test_ready_log_and_clean_stop(tmp_path):
   flag = tmp_path / "ready"
   code = f"import time; print('hello from role', flush=True); open({str(flag)!r}, 'w'); " \
@@ -34,6 +35,7 @@ def test_ready_log_and_clean_stop(tmp_path):
   assert "hello from role" in log and "stopped" in log
 
 
+@pytest.mark.subprocess
 def test_died_before_ready_names_role_and_log(tmp_path):
   with procs.ProcessGroup(str(tmp_path)) as g:
     g.start(procs.Role("bad", _py("import sys; print('boom detail'); sys.exit(3)"),
@@ -42,6 +44,7 @@ def test_died_before_ready_names_role_and_log(tmp_path):
       g.wait_ready("bad", timeout_s=30, interval_s=0.05)
 
 
+@pytest.mark.subprocess
 def test_not_ready_timeout(tmp_path):
   with procs.ProcessGroup(str(tmp_path), grace_s=2) as g:
     g.start(procs.Role("slow", _py("import time; time.sleep(60)"), ready=lambda: False))
@@ -49,6 +52,7 @@ def test_not_ready_timeout(tmp_path):
       g.wait_ready("slow", timeout_s=0.5, interval_s=0.05)
 
 
+@pytest.mark.subprocess
 def test_sigterm_ignored_gets_sigkill_and_children_die(tmp_path):
   pidfile = tmp_path / "child.pid"
   ready = tmp_path / "ready"

@@ -7,6 +7,7 @@ import sys
 import pytest
 import yaml
 
+from klong_jax import config_util
 from launch import k8s, tpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -18,7 +19,7 @@ def _plan(**kw):
   args = dict(trainer_spec=TRAINER, tpu="v5p-256", server_tpu="v5p-8", servers=2,
               server_arg="max_batch=64,max_len=32768", fleet=5, image="img:1")
   args.update(kw)
-  preset = args.pop("preset", None) or tpu.load_config(GLM)
+  preset = args.pop("preset", None) or config_util.load_config(GLM)
   return tpu.build_plan(preset, workdir=args.pop("workdir", "gs://bkt/runs/r1"), **args)
 
 
@@ -115,7 +116,7 @@ def test_bad_inputs_name_the_fix():
 
 
 def test_sweep_work_units():
-  preset = tpu.load_config(GLM)
+  preset = config_util.load_config(GLM)
   plans = tpu.sweep_plans(preset, "gs://bkt/sweep", ["rl.kl_coef=0.02", "mesh.expert=16"],
                           trainer_spec=TRAINER, tpu="v5p-256", server_tpu="v5p-8", servers=1,
                           server_arg="", fleet=2, image="img")
@@ -137,6 +138,7 @@ def test_write_plan(tmp_path):
       "Deployment"
 
 
+@pytest.mark.subprocess
 def test_cli_dry_run():
   r = subprocess.run(
       [sys.executable, "launch/tpu.py", "--config=configs/glm45_air.py", "--tpu=v5p-256",

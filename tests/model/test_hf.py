@@ -365,6 +365,7 @@ def test_qwen_dense_layers_must_be_a_prefix():
 
 # ---- CLI -----------------------------------------------------------------------------------
 
+@pytest.mark.subprocess
 def test_cli_import_then_export(exports, tmp_path):
   cfg, model, out = exports("glm")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}

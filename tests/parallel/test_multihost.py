@@ -16,6 +16,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 MESH = {"data": 2, "fsdp": 2, "expert": 2}
 STEPS = 3
@@ -50,7 +51,8 @@ def train(steps: int = STEPS) -> tuple[list[dict[str, float]], dict[str, np.ndar
 
   ocfg = ml_collections.ConfigDict(dict(
       lr=1e-2, warmup_steps=1, total_steps=10, clip_norm=1.0, weight_decay=0.01, lb_coef=1e-2,
-      z_coef=1e-3, expert_bias_rate=1e-2, compute_dtype="float32"))
+      z_coef=1e-3, expert_bias_rate=1e-2, compute_dtype="float32", final_lr_ratio=0.1, b1=0.9,
+      b2=0.95, eps=1e-8, grad_accum=1))
   mesh = make_mesh(MESH)
   model = create_sharded_model(get_preset("tiny"), mesh, seed=0)
   graphdef, params, rest = step_lib.split_model(model)
@@ -126,6 +128,7 @@ def _collect(procs: list[subprocess.Popen], out: str) -> tuple[list[dict], dict[
   return runs, dict(np.load(out + ".npz"))
 
 
+@pytest.mark.subprocess
 def test_two_processes_match_single_process(tmp_path):
   import jax  # noqa: PLC0415
 

@@ -16,7 +16,7 @@ import pytest
 
 from tests.conftest import skip_or_fail
 
-pytestmark = [pytest.mark.docker, pytest.mark.slow]
+pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.subprocess]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
 
@@ -63,8 +63,9 @@ def test_trainer_server_worker(tmp_path):
         cwd=REPO, env=env, stdout=logs["server"], stderr=subprocess.STDOUT)
     worker_code = (
         "from klong_jax.rollout.worker import WorkerConfig, run_fleet\n"
-        f"run_fleet(WorkerConfig(server='http://127.0.0.1:{port}/v1', tasks='klong_jax/tasks/"
-        f"data', stream={stream!r}, tokenizer={tok.path!r}, group_size=2, rounds=20, "
+        f"run_fleet(WorkerConfig.from_fields(server='http://127.0.0.1:{port}/v1', "
+        f"tasks='klong_jax/tasks/data', stream={stream!r}, tokenizer={tok.path!r}, "
+        "group_size=2, rounds=20, "
         "worker='w', model='klong-tiny', max_steps=2, max_completion_tokens=24, "
         "context_tokens=3000, "
         "reproduce_timeout_s=20, tool_timeout_s=10, infra_retries=5, infra_backoff_s=1.0), 1)")

@@ -88,7 +88,8 @@ def test_rl_step_learns_a_two_armed_bandit():
   ocfg = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=1, total_steps=100, clip_norm=1.0,
                                         weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
                                         final_lr_ratio=1.0, lb_coef=0.0, z_coef=0.0,
-                                        expert_bias_rate=0.0, compute_dtype="float32"))
+                                        expert_bias_rate=0.0, compute_dtype="float32",
+                                        grad_accum=1))
   tx = optim.make_optimizer(ocfg)
   sh = step_lib.state_shardings(params, rest, tx, mesh, LOGICAL_RULES)
   state = step_lib.init_state(params, rest, tx, sh)

@@ -30,6 +30,7 @@ def _metrics(workdir):
   return by_step
 
 
+@pytest.mark.slow
 def test_publish_curriculum_crash_and_resume(tmp_path):
   stream, work = str(tmp_path / "stream"), str(tmp_path / "run")
   for i in range(4):
@@ -74,6 +75,7 @@ def test_publish_curriculum_crash_and_resume(tmp_path):
   assert all(np.isfinite(m[s]["loss"]) for s in m)
 
 
+@pytest.mark.slow
 def test_timed_out_rollouts_train_split_into_chunks(tmp_path):
   """Rollouts a stage time limit cut (long, many chunks each) go through the real trainer:
   every one is trained on (counted as time-limited), over several chunks, with finite loss."""
@@ -92,6 +94,7 @@ def test_timed_out_rollouts_train_split_into_chunks(tmp_path):
   assert all(np.isfinite(m[s]["loss"]) for s in m) and m[2]["stream/time_limited"] == 4
 
 
+@pytest.mark.slow
 def test_init_from_sft_checkpoint_and_policy_dir(tmp_path):
   import jax
 
@@ -134,6 +137,7 @@ def test_init_from_sft_checkpoint_and_policy_dir(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", pytest.param("gcs", marks=pytest.mark.gcs)])
+@pytest.mark.subprocess
 def test_sigkilled_trainer_process_resumes_exactly_once(tmp_path, where, request):
   """The trainer as a separate process, SIGKILLed mid-run (no cleanup, maybe mid-save), then
   restarted on the same workdir: every trajectory is trained in exactly one step. With `gcs` the
@@ -190,6 +194,7 @@ def test_sigkilled_trainer_process_resumes_exactly_once(tmp_path, where, request
   assert sorted(per_step) == [1, 2, 3, 4, 5, 6] and len(ids) == len(set(ids)) == 18
 
 
+@pytest.mark.slow
 def test_ppo_epochs_and_minibatches_resume_equals_uninterrupted(tmp_path):
   """2 epochs x minibatches of 4 rows: several optimizer updates per element, the LR schedule
   stretched to match, and a crash + resume replays the same shuffles (== an uninterrupted run)."""

@@ -108,6 +108,7 @@ def _count_lines(path):
   return collections.Counter(open(path).read().split()) if os.path.exists(path) else {}
 
 
+@pytest.mark.subprocess
 def test_fleet_with_sigkilled_workers_publishes_every_group_once(gcs_root, tmp_path):
   """M workers share N groups; K are SIGKILLed mid-publish (records written, upload pending);
   one comes back under its name, one never does (its claims expire). Every group is published

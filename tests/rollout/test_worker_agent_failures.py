@@ -28,7 +28,8 @@ def tok_path(tmp_path_factory):
 
 
 def _worker(tmp_path, url, tok_path, backend="local", **limits):
-  return Worker(WorkerConfig(server=url, tasks=bundled_tasks_dir(), stream=str(tmp_path / "s"),
+  return Worker(WorkerConfig.from_fields(
+      server=url, tasks=bundled_tasks_dir(), stream=str(tmp_path / "s"),
                              tokenizer=tok_path, group_size=1, backend=backend, max_steps=6,
                              time_limit_s=60.0, reproduce_timeout_s=30.0, worker="w",
                              infra_retries=2, infra_backoff_s=0.0, limits=limits))
@@ -111,7 +112,8 @@ def test_clean_stale_temps(tmp_path):
 def test_worker_start_removes_its_interrupted_shard_write(tmp_path, teacher_url, tok_path):
   tasks = tmp_path / "tasks"
   shutil.copytree(f"{bundled_tasks_dir()}/arith-1", tasks / "arith-1")
-  w = Worker(WorkerConfig(server=teacher_url, tasks=str(tasks), stream=str(tmp_path / "s"),
+  w = Worker(WorkerConfig.from_fields(
+      server=teacher_url, tasks=str(tasks), stream=str(tmp_path / "s"),
                           tokenizer=tok_path, group_size=1, backend="local", max_steps=6,
                           time_limit_s=60.0, reproduce_timeout_s=30.0, worker="w"))
   left = tmp_path / "s" / "0" / ".w-000000.array_record.tmp-0badf00d"

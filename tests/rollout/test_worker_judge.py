@@ -34,7 +34,8 @@ def tok_path(tmp_path_factory):
 
 
 def _worker(tmp_path, teacher_url, tok_path, task_dir, judge_url=""):
-  return Worker(WorkerConfig(server=teacher_url, tasks=task_dir, stream=str(tmp_path / "s"),
+  return Worker(WorkerConfig.from_fields(
+      server=teacher_url, tasks=task_dir, stream=str(tmp_path / "s"),
                              tokenizer=tok_path, group_size=1, backend="local", max_steps=4,
                              time_limit_s=60.0, reproduce_timeout_s=30.0, judge_url=judge_url,
                              judge_concurrency=1, worker="w"))

@@ -89,6 +89,7 @@ def test_control_file(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["local", pytest.param("gcs", marks=pytest.mark.gcs)])
+@pytest.mark.subprocess
 def test_sigkill_mid_write_then_restart(tmp_path, teacher_url, where, request):
   """The real worker, SIGKILLed while its shard is written, then restarted: one shard per group.
   On gs:// (emulator) the shard is staged locally and uploaded; nothing partial reaches GCS."""

@@ -61,7 +61,8 @@ def tok_path(tmp_path_factory):
 def _rollout(tmp_path, tok_path, policy, **cfg):
   url, stop = serve_in_thread(policy)
   try:
-    w = Worker(WorkerConfig(server=url, tasks=ls.suite_dir(), stream=str(tmp_path / "s"),
+    w = Worker(WorkerConfig.from_fields(
+        server=url, tasks=ls.suite_dir(), stream=str(tmp_path / "s"),
                             tokenizer=tok_path, backend="local", context_tokens=3072,
                             context_overlap=256, max_completion_tokens=160,
                             reproduce_timeout_s=60, **cfg))

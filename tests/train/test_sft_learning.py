@@ -1,7 +1,11 @@
 """Tiny split-SFT on synthetic trajectories: loss ends well below the unigram baseline."""
 
+import pytest
+
 from klong_jax.train import sft
 from tests.train import sft_testlib as lib
+
+pytestmark = pytest.mark.slow  # A full split-SFT run.
 
 STEPS = 36
 

@@ -11,6 +11,7 @@ from klong_jax.data import schema, shards
 from klong_jax.train import sft
 from tests.train import sft_testlib as lib
 
+pytestmark = pytest.mark.slow  # Full SFT runs (one shared, then resumed ones).
 N, K = 4, 2
 
 

@@ -2,10 +2,10 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
+from configs import sft_tiny
 from klong_jax.model.config import get_preset
 from klong_jax.model.sharded import create_sharded_model
 from klong_jax.parallel.mesh import make_mesh
@@ -17,9 +17,9 @@ B, L = 8, 64
 
 
 def _optim_cfg(**kw):
-  c = ml_collections.ConfigDict(dict(
-      lr=1e-2, warmup_steps=1, total_steps=10, clip_norm=1.0, weight_decay=0.01, lb_coef=1e-2,
-      z_coef=1e-3, expert_bias_rate=1e-2, compute_dtype="float32"))
+  c = sft_tiny.get_config().optim  # Every field the trainer reads (defaults live in configs).
+  c.update(dict(lr=1e-2, warmup_steps=1, total_steps=10, clip_norm=1.0, weight_decay=0.01,
+                lb_coef=1e-2, z_coef=1e-3, expert_bias_rate=1e-2, compute_dtype="float32"))
   c.update(kw)
   return c
 

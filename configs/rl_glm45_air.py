@@ -1,0 +1,102 @@
+"""Progressive RL of GLM-4.5-Air on a TPU pod: the default `--trainer_config` of launch/tpu.py.
+
+  python launch/tpu.py --config=configs/glm45_air.py --trainer_config=configs/rl_glm45_air.py \\
+      --tpu=v5p-256 --workdir=gs://BUCKET/runs/r1 --init_checkpoint=gs://BUCKET/sft/checkpoints \\
+      [--dry_run]
+
+The trainer runs on every host of the slice (32 on v5p-256); servers and the rollout fleet are
+started by the launcher. Run state (stream, policy versions, Orbax checkpoints) lives under the
+gs:// workdir. Arg string (comma-separated key=value, all optional): `steps=200`, `batch=32`
+(global packed rows per optimizer step; a multiple of the host count), `seq_len=32768` (chunk =
+the workers' context), `groups=8` (groups per step), `stage_steps=50`,
+`limits=3600:7200:14400:21600` (stage time limits, seconds: KLong's growing rollout budgets),
+`remat=full|save_dots|none`. Sections: model + mesh (glm45_air preset), rules, data, rl,
+curriculum, optim, train, checkpoint, workers (the fleet's episode budget); the same structure as
+configs/rl_tiny.py.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The pod progressive-RL experiment; see the module docstring for the arg string."""
+  args = common.parse_arg(arg, steps=200, batch=32, seq_len=32768, groups=8, stage_steps=50,
+                          limits="3600:7200:14400:21600", remat="full")
+  config = common.preset_config("glm45_air", f"remat={args.remat}", fsdp=-1, expert=8)
+  config.seed = 0
+  config.rules = ()                  # () = parallel/rules.LOGICAL_RULES (fsdp/expert/tensor).
+
+  config.data = ml_collections.ConfigDict()
+  config.data.max_len = args.seq_len  # Chunk length = the workers' --context_tokens.
+  config.data.overlap = 2048         # = the workers' --context_overlap.
+  config.data.completion_tokens = 4096  # = the workers' --max_completion_tokens.
+  config.data.train_overlap = False
+  config.data.row_len = args.seq_len
+  config.data.batch_size = args.batch
+
+  config.rl = ml_collections.ConfigDict()
+  config.rl.mode = "async"
+  config.rl.groups_per_step = args.groups
+  config.rl.max_staleness = 1
+  config.rl.publish_every = 1
+  config.rl.ppo_epochs = 1
+  config.rl.minibatches = 4
+  config.rl.normalize_std = False    # Advantage = reward - group mean (KLong: no std division).
+  config.rl.clip_low = 0.2
+  config.rl.clip_high = 0.28
+  config.rl.temperature = 1.0        # = the workers' --temperature.
+  config.rl.kl_coef = 0.001
+  config.rl.kl_estimator = "k3"
+  config.rl.kl_clamp = 10.0
+  # Routing replay (R3): replay the sampler's recorded expert selection in the trainer's
+  # forwards (workers' --routing_replay records it); False recomputes the routing.
+  config.rl.routing_replay = True
+  config.rl.ratio_cap = 4.0
+  config.rl.normalization = "token"
+  config.rl.prev_stage = "drain"
+  config.rl.poll_s = 1.0
+  config.rl.wait_timeout_s = 4 * 3600.0  # A stage's rollouts take hours.
+
+  config.curriculum = ml_collections.ConfigDict()
+  config.curriculum.window = 4
+  limits = [float(x) for x in str(args.limits).split(":") if x.strip()]
+  if not limits:
+    raise ValueError(f"rl_glm45_air: limits={args.limits!r} must be colon-separated seconds")
+  config.curriculum.stages = [dict(time_limit_s=t, steps=args.stage_steps) for t in limits[:-1]]
+  config.curriculum.stages.append(dict(time_limit_s=limits[-1]))
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-6
+  config.optim.warmup_steps = 5
+  config.optim.total_steps = args.steps
+  config.optim.final_lr_ratio = 0.5
+  config.optim.clip_norm = 1.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 0.0
+  config.optim.grad_accum = 1
+  config.optim.compute_dtype = "bfloat16"
+  config.optim.lb_coef = config.model.lb_loss_coef
+  config.optim.z_coef = config.model.z_loss_coef
+  config.optim.expert_bias_rate = 1e-3
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = args.steps
+  config.train.log_every = 1
+  config.train.stop_after = -1
+  config.train.crash_after = -1
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 10
+  config.checkpoint.max_to_keep = 3
+  config.checkpoint.async_save = True
+
+  # The rollout fleet launch/tpu.py starts (klong_jax.rollout.worker flags).
+  config.workers = ml_collections.ConfigDict()
+  config.workers.group_size = 8      # Rollouts per task (the RL group).
+  config.workers.max_steps = 1000
+  config.workers.time_limit_s = 7200.0  # Used before the trainer writes control.json.
+  return config

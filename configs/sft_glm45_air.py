@@ -1,0 +1,78 @@
+"""Split-SFT of GLM-4.5-Air on a TPU pod (v5p-256: 128 chips, 32 hosts; or v6e-256).
+
+  python -m klong_jax.train.sft --config=configs/sft_glm45_air.py --workdir=gs://BUCKET/sft \\
+      --config.data.shards=gs://BUCKET/distill/sft --config.data.tokenizer=/gcs/tokenizer.json
+
+run on every host of the slice (env contract in docs/tpu_pod.md). Checkpoints (Orbax, async) go
+to `<workdir>/checkpoints`, gs:// natively; `--resume` continues from the newest. Check memory
+first: `python -m klong_jax.launch.plan --config=configs/sft_glm45_air.py --mesh=fsdp:16,expert:8
+--batch=32 --seq_len=32768 --hbm_gib=95`.
+
+Arg string (comma-separated key=value, all optional): `steps=2000`, `batch=32` (global packed
+rows per step; a multiple of the host count), `seq_len=32768` (chunk = row = the agent's context,
+the workers' --context_tokens), `remat=full|save_dots|none`. Sections: model + mesh (the
+glm45_air preset: bf16 activations, fp32 master params, fsdp=-1 x expert=8), rules, data, optim,
+train, checkpoint; the same structure as configs/sft_tiny.py.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The pod split-SFT experiment; see the module docstring for the arg string."""
+  args = common.parse_arg(arg, steps=2000, batch=32, seq_len=32768, remat="full")
+  # fsdp fills the slice (16 on v5p-256, 32 on v6e-256); 128 experts over expert=8 (16 each).
+  config = common.preset_config("glm45_air", f"remat={args.remat}", fsdp=-1, expert=8)
+  config.seed = 0
+  config.rules = ()                  # () = parallel/rules.LOGICAL_RULES (fsdp/expert/tensor).
+
+  config.data = ml_collections.ConfigDict()
+  config.data.shards = "gs://BUCKET/distill/sft"  # Distilled ArrayRecord trajectory shards.
+  config.data.synthetic_count = 0    # Never used: shards are required on a pod.
+  config.data.tokenizer_cache = ""   # "" = <workdir>/tokenizer.
+  config.data.tokenizer = "/gcs/glm45_air/tokenizer.json"  # The model's own tokenizer.
+  config.data.max_len = args.seq_len  # Chunk length = the agent's context (workers' context).
+  # The context policy (data/context.py): equal to the workers' --context_overlap and
+  # --max_completion_tokens, so chunks are the contexts each action was taken under.
+  config.data.overlap = 2048
+  config.data.completion_tokens = 4096
+  config.data.truncate = False       # True: first max_len tokens only (the ablation's baseline).
+  config.data.train_overlap = False
+  config.data.row_len = args.seq_len  # Packed row length.
+  config.data.batch_size = args.batch  # Global rows per step (each host loads batch / hosts).
+  config.data.shuffle_seed = 0
+  config.data.num_epochs = 1000      # Effectively repeat; the step count ends training.
+  config.data.worker_count = 8       # Grain worker processes per host.
+  config.data.strict = False
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-5
+  config.optim.warmup_steps = 50
+  config.optim.total_steps = args.steps
+  config.optim.final_lr_ratio = 0.1
+  config.optim.clip_norm = 1.0
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.eps = 1e-8
+  config.optim.weight_decay = 0.01
+  config.optim.grad_accum = 1
+  config.optim.compute_dtype = "bfloat16"  # bf16 forward on fp32 master params.
+  config.optim.lb_coef = config.model.lb_loss_coef
+  config.optim.z_coef = config.model.z_loss_coef
+  config.optim.expert_bias_rate = 1e-3
+
+  config.train = ml_collections.ConfigDict()
+  config.train.steps = args.steps
+  config.train.log_every = 10
+  config.train.stop_after = -1
+  config.train.compilation_cache_dir = "/tmp/jax_cache"  # Per-host persistent XLA cache.
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.every = 200
+  config.checkpoint.max_to_keep = 3
+  config.checkpoint.async_save = True
+  config.checkpoint.best_metric = ""
+  config.checkpoint.best_mode = "min"
+  return config
