@@ -50,6 +50,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl.kl_coef = 0.001
   config.rl.kl_estimator = "k3"
   config.rl.kl_clamp = 10.0
+  # Routing replay (R3): replay the sampler's recorded expert selection in the trainer's
+  # forwards (workers' --routing_replay records it); False recomputes the routing.
+  config.rl.routing_replay = True
   config.rl.ratio_cap = 4.0
   config.rl.normalization = "token"
   config.rl.prev_stage = "drain"

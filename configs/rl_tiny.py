@@ -57,6 +57,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl.ratio_cap = 4.0           # Dual-clip cap on stale tokens' ratio (0 = off).
   config.rl.normalization = "token"   # or "sequence" (the paper's 1/(n*K) over chunks).
   config.rl.prev_stage = "drain"      # Older stages' unread shards: "drain" (train) or "drop".
+  # Routing replay (R3, issue #21): the server records each token's MoE expert ids, the workers
+  # keep them in the trajectory (schema 2) and the trainer's forwards replay that selection
+  # (gate weights still from its own router, so the router learns). Tokens without a record
+  # (teacher data, an endpoint that returns none) use the router's own top-k. False: recompute.
+  config.rl.routing_replay = True
   config.rl.poll_s = 0.2
   config.rl.wait_timeout_s = 900.0
 

@@ -2,7 +2,8 @@
 
 Each call returns the assistant message as a plain dict. When the server sends the sampled
 `token_ids`, `logprobs.content[*].logprob` and `policy_version` on the choice, they are stored
-verbatim under `message["klong"]` for the trajectory renderer.
+verbatim under `message["klong"]` for the trajectory renderer, as is the `routed_experts`
+record (routing replay) when asked for with `routing_from`.
 """
 
 from __future__ import annotations
@@ -46,14 +47,20 @@ def extract_klong(choice: dict[str, Any], response: dict[str, Any]) -> dict[str,
   pv = choice.get("policy_version", response.get("policy_version"))
   if pv is not None:
     out["policy_version"] = pv
+  routed = choice.get("routed_experts")
+  if isinstance(routed, dict):
+    out["routed_experts"] = routed
   return out or None
 
 
 def chat(client: openai.OpenAI, model: str, messages: list[dict[str, Any]],
          tools: list[dict[str, Any]] | None, max_tokens: int, temperature: float = 1.0,
-         retries: int = 3, backoff_s: float = 1.0) -> tuple[dict[str, Any], dict[str, Any]]:
+         retries: int = 3, backoff_s: float = 1.0, routing_from: int | None = None
+         ) -> tuple[dict[str, Any], dict[str, Any]]:
   """One chat completion; returns (assistant message dict, info with usage/finish_reason/latency).
 
+  `routing_from` (routing replay): ask the server for the MoE expert ids of the prompt tokens
+  from this index on and of the sampled tokens (None: do not ask).
   Connection errors, timeouts, 5xx and 429 are retried with exponential backoff, then raise
   InfraError; a context-length rejection raises ContextLengthError (the caller trims).
   """
@@ -61,9 +68,12 @@ def chat(client: openai.OpenAI, model: str, messages: list[dict[str, Any]],
   for attempt in range(retries + 1):
     t0 = time.time()
     try:
+      extra: dict[str, Any] = {"return_token_ids": True}
+      if routing_from is not None:
+        extra.update(return_routed_experts=True, routed_experts_start=int(routing_from))
       kwargs: dict[str, Any] = {"model": model, "messages": messages, "max_tokens": max_tokens,
                                 "temperature": temperature, "logprobs": True,
-                                "extra_body": {"return_token_ids": True}}
+                                "extra_body": extra}
       if tools:
         kwargs["tools"] = tools
       resp = client.chat.completions.create(**kwargs)

@@ -48,6 +48,7 @@ class AgentConfig:
   max_completion_tokens: int = 2048
   tool_timeout_s: float = 600.0
   temperature: float = 1.0
+  return_routing: bool = False         # Routing replay: record the server's MoE expert ids.
   no_early_end: bool = True
   min_submit_fraction: float = 0.0     # Share of time_limit_s before submit is accepted.
   max_submit_refusals: int = 1
@@ -180,6 +181,17 @@ def _wire(m: dict[str, Any]) -> dict[str, Any]:
   return out
 
 
+def _routing_from(context: list[dict[str, Any]]) -> int:
+  """First prompt token whose routing the next request must return: the last sampled turn's
+  record covers its prompt and its sampled tokens but the last one (data/routing.next_start)."""
+  for m in reversed(context):
+    k = m.get("klong") or {}
+    rec = k.get("routed_experts") if m.get("role") == "assistant" else None
+    if isinstance(rec, dict) and "prompt_len" in rec:
+      return max(0, int(rec["prompt_len"]) + len(k.get("token_ids") or ()) - 1)
+  return 0
+
+
 def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg: AgentConfig,
                 tools: list[dict[str, Any]] | None = None,
                 clock: Callable[[], float] = time.monotonic,
@@ -252,7 +264,8 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
           on_request(wire)
         reply, info = client_lib.chat(
             client, cfg.model, wire, tools, cfg.max_completion_tokens,
-            cfg.temperature, retries=cfg.request_retries, backoff_s=cfg.retry_backoff_s)
+            cfg.temperature, retries=cfg.request_retries, backoff_s=cfg.retry_backoff_s,
+            routing_from=_routing_from(context) if cfg.return_routing else None)
         retry_s += max(0.0, (clock() - t0) - info["latency_s"])
         break
       except client_lib.ContextLengthError:

@@ -3,7 +3,9 @@
 Row arrays (all [rows, row_len]): tokens, positions, segment_ids (1.. per chunk, 0 = padding),
 loss_mask, logprobs, advantages (the chunk's advantage on each of its tokens), policy_version.
 `loss_mask[r, i] == 1` means token i is a training target (predicted from token i-1 of the same
-segment); the trainer shifts and masks pairs that cross segments.
+segment); the trainer shifts and masks pairs that cross segments. With `routing_shape` (L, k),
+rows also get `routing` [rows, row_len, L, k] int16: the chunks' recorded MoE expert ids for
+routing replay, -1 on padding and on tokens without a record (SFT data: the router's own top-k).
 """
 
 from __future__ import annotations
@@ -36,15 +38,18 @@ def chunk_features(chunk: Chunk) -> dict[str, np.ndarray]:
   }
 
 
-def empty_rows(num_rows: int, row_len: int) -> dict[str, np.ndarray]:
-  """All-padding rows (policy_version padded with -1, everything else 0)."""
+def empty_rows(num_rows: int, row_len: int,
+               routing_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
+  """All-padding rows (policy_version and routing padded with -1, everything else 0)."""
   rows = {k: np.zeros((num_rows, row_len), dt) for k, dt in ROW_FIELDS.items()}
   rows["policy_version"][:] = -1
+  if routing_shape is not None:
+    rows["routing"] = np.full((num_rows, row_len, *routing_shape), -1, np.int16)
   return rows
 
 
-def pack_chunks(chunks: Iterable[Chunk], row_len: int,
-                num_rows: int | None = None) -> dict[str, np.ndarray]:
+def pack_chunks(chunks: Iterable[Chunk], row_len: int, num_rows: int | None = None,
+                routing_shape: tuple[int, int] | None = None) -> dict[str, np.ndarray]:
   """Packs chunks first-fit (in order) into rows of `row_len` tokens.
 
   With `num_rows`, exactly that many rows are returned and a chunk that fits none is an error;
@@ -68,7 +73,7 @@ def pack_chunks(chunks: Iterable[Chunk], row_len: int,
                          f"the {num_rows} rows; pass more rows or fewer chunks")
       placed.append([c])
       free.append(row_len - n)
-  rows = empty_rows(num_rows if num_rows is not None else len(placed), row_len)
+  rows = empty_rows(num_rows if num_rows is not None else len(placed), row_len, routing_shape)
   for r, row in enumerate(placed):
     at = 0
     for seg, c in enumerate(row, start=1):
@@ -76,6 +81,11 @@ def pack_chunks(chunks: Iterable[Chunk], row_len: int,
       for k, v in chunk_features(c).items():
         rows[k][r, at:at + n] = v
       rows["segment_ids"][r, at:at + n] = seg
+      if routing_shape is not None and c.routing is not None:
+        if c.routing.shape[1:] != tuple(routing_shape):
+          raise ValueError(f"chunk {c.chunk_index} of {c.source_id!r} has routing "
+                           f"{c.routing.shape[1:]}, the model needs {tuple(routing_shape)}")
+        rows["routing"][r, at:at + n] = c.routing
       at += n
   return rows
 

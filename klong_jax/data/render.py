@@ -2,17 +2,23 @@
 
 An assistant message may hold `"klong": {"token_ids", "logprobs", "policy_version"}`, the ids the
 sampler generated for that turn; they are used verbatim (never re-tokenized, DESIGN.md 4). Without
-it (teacher data) the text is tokenized, with logprob 0 and policy version -1. No JAX imports.
+it (teacher data) the text is tokenized, with logprob 0 and policy version -1. A sampled turn
+may also carry `"routed_experts"` (the server's recorded MoE routing of its prompt and sampled
+tokens, data/routing.py): the trajectory then gets `routing` for routing replay. No JAX imports.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from klong_jax.data import routing as routing_lib
 from klong_jax.data.chat import ChatFormat
+
+log = logging.getLogger(__name__)
 
 
 def _sampled(message: Mapping[str, Any], index: int) -> tuple[list[int], list[float], list[int]]:
@@ -38,7 +44,8 @@ def render_trajectory(messages: Sequence[Mapping[str, Any]], fmt: ChatFormat,
   """Renders messages into Trajectory fields; the first `prefix_messages` form the fixed prefix.
 
   Returns tokens, loss_mask, logprobs, policy_version (numpy arrays), prefix_end (token index of
-  message `prefix_messages`, or the length if all messages are prefix) and turn_starts.
+  message `prefix_messages`, or the length if all messages are prefix), turn_starts and routing
+  ([n, moe_layers, k] int16, or None when no turn recorded any).
   """
   if not 0 <= prefix_messages <= len(messages):
     raise ValueError(f"prefix_messages={prefix_messages} must be in [0, {len(messages)}]")
@@ -55,17 +62,29 @@ def render_trajectory(messages: Sequence[Mapping[str, Any]], fmt: ChatFormat,
 
   add(fmt.tools_block(tools), 0)
   starts = []
+  routed: list[tuple[dict[str, Any], int, int]] = []  # (record, body start, sampled count)
   for i, msg in enumerate(messages):
     starts.append(len(ids))
     add(fmt.header(msg, i), 0)
     if msg["role"] == "assistant" and msg.get("klong") is not None:
       s_ids, s_lps, s_pvs = _sampled(msg, i)
+      if isinstance(msg["klong"].get("routed_experts"), Mapping):
+        routed.append((msg["klong"]["routed_experts"], len(ids), len(s_ids)))
       add(s_ids, 1, s_lps, s_pvs)
       if not s_ids or s_ids[-1] != fmt.end_id:
         add([fmt.end_id], 0)  # the turn ended without the stop token (length cut): close it
     else:
       add(fmt.body(msg) + [fmt.end_id], int(msg["role"] == "assistant"))
   prefix_end = starts[prefix_messages] if prefix_messages < len(messages) else len(ids)
+  routing = None
+  for i, (record, body_start, num_sampled) in enumerate(routed):
+    if routing is None:
+      shape = record.get("shape") or [0, 0, 0]
+      routing = routing_lib.empty(len(ids), int(shape[1]), int(shape[2]))
+    try:
+      routing_lib.place_turn(routing, record, ids, body_start, num_sampled)
+    except ValueError as e:  # A malformed record loses its turn's routing, not the rollout.
+      log.warning("sampled turn %d: routed_experts ignored: %s", i, e)
   return {
       "tokens": np.asarray(ids, np.int32),
       "loss_mask": np.asarray(mask, np.int32),
@@ -73,4 +92,5 @@ def render_trajectory(messages: Sequence[Mapping[str, Any]], fmt: ChatFormat,
       "policy_version": np.asarray(pvs, np.int32),
       "prefix_end": int(prefix_end),
       "turn_starts": starts,
+      "routing": routing,
   }

@@ -13,7 +13,11 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+from klong_jax.data import routing as routing_lib
+
+# 2: optional `routing` (MoE expert ids per token, routing replay). Version 1 records still read.
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # agent_timeout: the agent's time limit ended it; step_limit: its step or token budget did.
 STATUSES = ("completed", "agent_timeout", "step_limit", "wall_timeout", "infra_error")
 ROLES = ("system", "user", "assistant", "tool")
@@ -36,7 +40,8 @@ class Trajectory:
   log-probability of that token (0 where not sampled) and `policy_version[i]` the weights version
   that produced it (-1 where not sampled). `prefix_end` is the index where the fixed prefix
   (system + task spec + paper reading) ends. `turn_starts` are token indices where each message
-  starts; splitting prefers to cut there.
+  starts; splitting prefers to cut there. `routing` [n, moe_layers, k] int16 (or None) holds the
+  sampler's expert ids per token for routing replay, -1 where none were recorded.
   """
 
   id: str
@@ -55,6 +60,7 @@ class Trajectory:
   timings: dict[str, float] = dataclasses.field(default_factory=dict)
   sandbox: dict[str, Any] = dataclasses.field(default_factory=dict)
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+  routing: np.ndarray | None = None
   schema: int = SCHEMA_VERSION
 
   def __len__(self) -> int:
@@ -65,10 +71,16 @@ class Trajectory:
     return int(self.loss_mask.sum())
 
   def to_json(self) -> dict[str, Any]:
-    d = dataclasses.asdict(self)
+    routing = self.routing
+    d = dataclasses.asdict(dataclasses.replace(self, routing=None))
     for k in ("tokens", "loss_mask", "policy_version"):
       d[k] = np.asarray(getattr(self, k)).astype(np.int64).tolist()
     d["logprobs"] = np.asarray(self.logprobs, np.float32).astype(float).tolist()
+    if routing is None:
+      d.pop("routing")
+    else:
+      d["routing"] = routing_lib.encode(routing)
+    d["schema"] = SCHEMA_VERSION
     return d
 
   def to_bytes(self) -> bytes:
@@ -87,6 +99,7 @@ class Chunk:
   source_id: str
   chunk_index: int
   policy_version: np.ndarray | None = None
+  routing: np.ndarray | None = None  # [n, moe_layers, k] int16, -1 = not recorded.
 
   def __len__(self) -> int:
     return int(self.tokens.shape[0])
@@ -109,7 +122,7 @@ def _int_array(rec: Mapping[str, Any], key: str, rid: str) -> np.ndarray:
 
 
 def validate(rec: Mapping[str, Any], vocab_size: int | None = None) -> Trajectory:
-  """Checks a decoded record against schema 1 and returns a `Trajectory`.
+  """Checks a decoded record against schema 1 or 2 and returns a `Trajectory`.
 
   Raises `TrajectoryError` naming the record and what to fix: missing fields, length mismatches,
   token ids outside [0, vocab_size), masks not in {0, 1}, bad roles or statuses.
@@ -120,8 +133,8 @@ def validate(rec: Mapping[str, Any], vocab_size: int | None = None) -> Trajector
   for key in ("id", "task_id", "tokens", "loss_mask", "prefix_end"):
     _require(key in rec, rid, f"missing required field {key!r}")
   schema = rec.get("schema", SCHEMA_VERSION)
-  _require(schema == SCHEMA_VERSION, rid,
-           f"schema version {schema!r} is not supported (expected {SCHEMA_VERSION})")
+  _require(schema in READABLE_VERSIONS, rid,
+           f"schema version {schema!r} is not supported (readable: {READABLE_VERSIONS})")
   tokens = _int_array(rec, "tokens", rid)
   n = tokens.shape[0]
   _require(n > 0, rid, "field 'tokens' is empty")
@@ -169,6 +182,16 @@ def validate(rec: Mapping[str, Any], vocab_size: int | None = None) -> Trajector
     _require(isinstance(m, Mapping) and m.get("role") in ROLES, rid,
              f"message {i} has bad role {m.get('role') if isinstance(m, Mapping) else m!r}; "
              f"expected one of {ROLES}")
+  routing = None
+  if schema >= 2 and rec.get("routing") is not None:
+    try:
+      raw = rec["routing"]
+      routing = (np.asarray(raw, np.int16) if isinstance(raw, np.ndarray)
+                 else routing_lib.decode(raw))
+    except ValueError as e:
+      raise TrajectoryError(rid, f"field 'routing': {e}") from None
+    _require(routing.ndim == 3 and routing.shape[0] == n, rid,
+             f"'routing' has {routing.shape[0]} tokens but 'tokens' has {n}")
   turn_starts = [int(t) for t in rec.get("turn_starts", [])]
   _require(all(0 <= t <= n for t in turn_starts) and turn_starts == sorted(turn_starts), rid,
            "'turn_starts' must be sorted token indices within the trajectory")
@@ -180,6 +203,7 @@ def validate(rec: Mapping[str, Any], vocab_size: int | None = None) -> Trajector
       reward=None if reward is None else float(reward), messages=list(messages),
       turn_starts=turn_starts, timings=dict(rec.get("timings", {})),
       sandbox=dict(rec.get("sandbox", {})), metadata=dict(rec.get("metadata", {})),
+      routing=routing,
   )
 
 

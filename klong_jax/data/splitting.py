@@ -101,5 +101,6 @@ def split_trajectory(traj: Trajectory, cfg: SplitConfig, advantage: float = 0.0)
         tokens=traj.tokens[idx].astype(np.int32), positions=positions.astype(np.int32),
         loss_mask=mask.astype(np.int32), logprobs=traj.logprobs[idx].astype(np.float32),
         advantage=float(advantage), source_id=traj.id, chunk_index=i,
-        policy_version=None if pv is None else pv[idx].astype(np.int32)))
+        policy_version=None if pv is None else pv[idx].astype(np.int32),
+        routing=None if traj.routing is None else traj.routing[idx]))
   return chunks

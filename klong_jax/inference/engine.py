@@ -59,6 +59,9 @@ class Completion:
   finish_reason: str
   error: str | None = None
   top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+  # Routing replay: expert ids [prompt + generated tokens, moe_layers, k] int16 (-1: none
+  # recorded, e.g. the last generated token, which no step fed back), when requested.
+  routing: np.ndarray | None = None
 
 
 class Request:
@@ -74,6 +77,8 @@ class Request:
     self.logprobs: list[float] = []
     self.versions: list[int] = []
     self.top_logprobs: list[list[tuple[int, float]]] = []
+    self.routing_prompt: np.ndarray | None = None  # [prompt, moe_layers, k], set on prefill.
+    self.routing_gen: list[np.ndarray] = []  # One [moe_layers, k] per generated token fed.
     self.detok = IncrementalDetokenizer(decode) if decode else None
     self.matcher = StopMatcher(params.stop)
     self.row = -1
@@ -114,6 +119,9 @@ class Engine:
     self._stop = False
     self.stats = collections.Counter()
     self.prefix_cache = prefix_cache  # None: every prompt is prefilled from position 0.
+    # Expert ids of the prefix cache's blocks (routing replay), so a request that reuses a
+    # cached prefix still returns routing for every prompt token.
+    self._routing_blocks: dict[bytes, np.ndarray] = {}
 
   # ---- submission ----------------------------------------------------------------------------
 
@@ -183,6 +191,7 @@ class Engine:
       self.stats["reloads_total"] += 1
       if self.prefix_cache is not None:
         self.prefix_cache.clear(pending[1])  # Its KV came from the old weights.
+        self._routing_blocks.clear()
       log.info("serving policy version %d", pending[1])
     self._retire_cancelled()
     self._admit()
@@ -236,6 +245,7 @@ class Engine:
       prompt_tokens = sum(len(r.prompt_ids) for r in reqs)
       self.stats["prompt_tokens_total"] += prompt_tokens
       self.stats["prefill_tokens_total"] += prompt_tokens - sum(starts)  # Computed, not reused.
+      self._record_prefill_routing(entries)
       self._store_prefixes(reqs)
       top = self._top_logprobs(reqs)
       for j, req in enumerate(reqs):
@@ -254,6 +264,7 @@ class Engine:
       return [(r, 0) for r in reqs], []
     if pc.version != self.sampler.policy_version:  # Weights loaded behind the engine's back.
       pc.clear(self.sampler.policy_version)
+      self._routing_blocks.clear()
     wave, later, claimed = [], [], set()
     for req in reqs:
       keys = pc.keys(req.prompt_ids)
@@ -265,6 +276,8 @@ class Engine:
       if ids:
         self.sampler.cache = pc.restore(self.sampler.cache, req.row, ids)
       start = len(ids) * pc.block_size
+      if req.params.return_routing:
+        self._restore_routing(req, keys[:len(ids)])
       self.stats["prefix_cache_hit_tokens_total"] += start
       wave.append((req, start))
     return wave, later
@@ -276,9 +289,48 @@ class Engine:
       return
     evicted = pc.index.evictions
     for req in reqs:
-      self.stats["prefix_cache_stored_blocks_total"] += pc.store(
-          self.sampler.cache, req.row, pc.keys(req.prompt_ids))
+      keys = pc.keys(req.prompt_ids)
+      self.stats["prefix_cache_stored_blocks_total"] += pc.store(self.sampler.cache, req.row, keys)
+      if req.routing_prompt is not None:
+        b = pc.block_size
+        for i, key in enumerate(keys):
+          if key in pc.index:
+            self._routing_blocks.setdefault(key, req.routing_prompt[i * b:(i + 1) * b].copy())
     self.stats["prefix_cache_evicted_blocks_total"] += pc.index.evictions - evicted
+    if len(self._routing_blocks) > len(pc.index):  # Drop the routing of evicted blocks.
+      self._routing_blocks = {k: v for k, v in self._routing_blocks.items() if k in pc.index}
+
+  # ---- routing replay ------------------------------------------------------------------------
+
+  def _new_routing(self, req: Request) -> np.ndarray:
+    """An all-missing (-1) [prompt, moe_layers, k] int16 routing buffer for `req`."""
+    cfg = self.sampler.model_cfg
+    layers = cfg.num_moe_layers if cfg is not None else 0
+    k = cfg.num_experts_per_tok if cfg is not None else 0
+    return np.full((len(req.prompt_ids), layers, k), -1, np.int16)
+
+  def _restore_routing(self, req: Request, keys: Sequence[bytes]) -> None:
+    """Copies the cached blocks' recorded expert ids into the request's prompt routing."""
+    req.routing_prompt = self._new_routing(req)
+    b = self.prefix_cache.block_size if self.prefix_cache is not None else 0
+    for i, key in enumerate(keys):
+      block = self._routing_blocks.get(key)
+      if block is not None:
+        req.routing_prompt[i * b:(i + 1) * b] = block
+
+  def _record_prefill_routing(self, entries: list[tuple[Request, int]]) -> None:
+    """Stores the prefilled prompt tokens' expert ids in the requests that asked for them (the
+    device-to-host copy happens only then; their cached blocks keep the ids)."""
+    if self.sampler.routing is None or not any(r.params.return_routing for r, _ in entries):
+      return
+    routing = np.asarray(self.sampler.routing)
+    for j, (req, start) in enumerate(entries):
+      if not req.params.return_routing:
+        continue
+      if req.routing_prompt is None:
+        req.routing_prompt = self._new_routing(req)
+      n = len(req.prompt_ids) - start
+      req.routing_prompt[start:start + n] = routing[j, :n]
 
   def _decode(self) -> None:
     running = [r for r in self._rows if r is not None]
@@ -295,6 +347,11 @@ class Engine:
     version = self.sampler.policy_version
     toks, lps = self.sampler.decode(tokens, positions, self._settings, counters)
     self.stats["decode_steps_total"] += 1
+    if self.sampler.routing is not None and any(r.params.return_routing for r in running):
+      routing = np.asarray(self.sampler.routing)  # The fed tokens' (token_ids[-1]) expert ids.
+      for req in running:
+        if req.params.return_routing:
+          req.routing_gen.append(routing[req.row].astype(np.int16))
     top = self._top_logprobs(running)
     for req in running:
       self._append(req, int(toks[req.row]), lps[:, req.row], version,
@@ -348,11 +405,22 @@ class Engine:
     if tail and req.on_event is not None:
       req.on_event(TokenEvent(-1, 0.0, self.sampler.policy_version, tail))
     req.completion = Completion(req.prompt_ids, req.token_ids, req.logprobs, req.versions,
-                                req.matcher.text, reason, error, req.top_logprobs)
+                                req.matcher.text, reason, error, req.top_logprobs,
+                                self._completion_routing(req))
     self.stats[f"finished_{reason}_total"] += 1
     req._done.set()
     if req.on_event is not None:
       req.on_event(req.completion)
+
+  def _completion_routing(self, req: Request) -> np.ndarray | None:
+    """[prompt + generated, moe_layers, k] int16 expert ids of a request that asked for them."""
+    if not req.params.return_routing:
+      return None
+    prompt = req.routing_prompt if req.routing_prompt is not None else self._new_routing(req)
+    gen = np.full((len(req.token_ids), *prompt.shape[1:]), -1, np.int16)
+    if req.routing_gen:
+      gen[:len(req.routing_gen)] = np.stack(req.routing_gen[:len(req.token_ids)])
+    return np.concatenate([prompt, gen])
 
   def _fail_all(self, error: str) -> None:
     for req in [r for r in self._rows if r is not None]:

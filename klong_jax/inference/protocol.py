@@ -38,6 +38,10 @@ class SamplingFields(_Lenient):
   seed: int | None = None
   logprob_mode: Literal["tempered", "raw", "processed"] = "tempered"
   user: str | None = None
+  # Routing replay (R3) extension: return each token's MoE expert ids (data/routing.py form)
+  # from prompt token `routed_experts_start` on, as the choice's `routed_experts`.
+  return_routed_experts: bool = False
+  routed_experts_start: int = pydantic.Field(default=0, ge=0)
 
   def stop_strings(self) -> tuple[str, ...]:
     """The stop strings as a tuple (OpenAI allows a string or a list)."""

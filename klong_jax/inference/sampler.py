@@ -45,6 +45,8 @@ class SamplingParams:
   seed: int | None = None  # None: drawn by the engine.
   logprob_mode: str = "tempered"  # See sampling.py: "tempered" | "raw" | "processed".
   top_logprobs: int = 0  # Likeliest alternatives to report per token (0..TOP_LOGPROBS).
+  # Routing replay (R3): record the MoE expert ids of every prompt and generated token.
+  return_routing: bool = False
 
   def validate(self) -> SamplingParams:
     """Raises ValueError naming the bad field; returns self."""
@@ -142,12 +144,12 @@ def _prefill_step(graphdef, axes_def, params, rest, cache, tokens, positions, ro
   model = nnx.merge(graphdef, params, rest)
   axes = jax.tree.unflatten(axes_def[0], axes_def[1])
   sub = jax.tree.map(lambda x, ax: _take_rows(x, rows, ax), cache, axes)
-  logits, sub = model.decode(tokens, positions, sub)
+  logits, sub, routing = model.decode(tokens, positions, sub, with_routing=True)
   cache = jax.tree.map(lambda x, s, ax: _put_rows(x, s, rows, ax), cache, sub, axes)
   last_logits = jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
   counters = jnp.zeros_like(seeds, dtype=jnp.int32)
   toks, lps = sampling.sample(last_logits, temp, top_k, top_p, seeds, counters)
-  return toks, lps, _top_logprobs(last_logits, temp, top_k, top_p), cache
+  return toks, lps, _top_logprobs(last_logits, temp, top_k, top_p), routing, cache
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
@@ -155,9 +157,10 @@ def _decode_step(graphdef, params, rest, cache, tokens, positions, temp, top_k, 
                  counters):
   """Feed one token per row and sample the next (all rows)."""
   model = nnx.merge(graphdef, params, rest)
-  logits, cache = model.decode(tokens[:, None], positions[:, None], cache)
+  logits, cache, routing = model.decode(tokens[:, None], positions[:, None], cache,
+                                        with_routing=True)
   toks, lps = sampling.sample(logits[:, 0], temp, top_k, top_p, seeds, counters)
-  return toks, lps, _top_logprobs(logits[:, 0], temp, top_k, top_p), cache
+  return toks, lps, _top_logprobs(logits[:, 0], temp, top_k, top_p), routing[:, 0], cache
 
 
 class Sampler:
@@ -176,6 +179,10 @@ class Sampler:
     self.policy_version = policy_version
     # (ids [rows, K], logprobs [3, rows, K]) of the last prefill/decode, left on device.
     self.top_logprobs: tuple[jax.Array, jax.Array] | None = None
+    # MoE expert ids the last step's input tokens used, left on device (routing replay):
+    # prefill [rows, T, moe_layers, k], decode [B, moe_layers, k].
+    self.routing: jax.Array | None = None
+    self.model_cfg = getattr(model, "cfg", None)  # MoE shape of the recorded routing.
     # All variables but RNG state are weights: nnx Params and e.g. the MoE router's expert bias.
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Not(nnx.RngState), ...)
     self._batch_axes = _cache_batch_axes(model, cache_dtype)
@@ -267,7 +274,8 @@ class Sampler:
     With a nonzero start, `prompts[i]` is the suffix after a prefix whose K/V the row already
     holds at slots 0..start-1 (prefix caching). `settings` holds one entry per prompt. Returns
     (tokens [k], logprobs [3, k]) as numpy; `self.top_logprobs` then holds each entry's
-    alternatives (entries past k are padding). Prompts are padded to a power-of-two length and
+    alternatives and `self.routing` the prompt tokens' expert ids (entries past k and tokens past
+    each prompt are padding). Prompts are padded to a power-of-two length and
     count to bound recompilation.
     """
     k = len(rows)
@@ -293,7 +301,7 @@ class Sampler:
     last = np.asarray([len(prompts[i]) - 1 for i in idx], np.int32)
     s = settings.take(idx)
     with self._context():
-      toks, lps, self.top_logprobs, self.cache = _prefill_step(
+      toks, lps, self.top_logprobs, self.routing, self.cache = _prefill_step(
           self.graphdef, self._axes_def, self.params, self.rest, self.cache, tokens, positions,
           row_ids, last, s.temperature, s.top_k, s.top_p, s.seed)
     return np.asarray(toks)[:k], np.asarray(lps)[:, :k]
@@ -303,10 +311,11 @@ class Sampler:
     """One decode step for all rows: feeds tokens [B] at positions [B], samples the next ones.
 
     Idle rows should pass position max_len - 1. Returns (tokens [B], logprobs [3, B]) as numpy;
-    `self.top_logprobs` then holds each row's alternatives.
+    `self.top_logprobs` then holds each row's alternatives and `self.routing` the expert ids
+    of the tokens fed.
     """
     with self._context():
-      toks, lps, self.top_logprobs, self.cache = _decode_step(
+      toks, lps, self.top_logprobs, self.routing, self.cache = _decode_step(
           self.graphdef, self.params, self.rest, self.cache, np.asarray(tokens, np.int32),
           np.asarray(positions, np.int32), settings.temperature, settings.top_k, settings.top_p,
           settings.seed, np.asarray(counters, np.int32))

@@ -4,7 +4,9 @@ Endpoints: POST /v1/chat/completions, POST /v1/completions (both with `stream` S
 tools/tool_calls for chat), GET /v1/models, GET /health, GET /metrics (Prometheus text), POST
 /admin/load_policy (load a version from the policy dir now). Each choice carries `token_ids` and
 `policy_version` besides the OpenAI fields; responses and chunks carry a `system_fingerprint` (model
-name + policy version). Bad requests get 4xx with an OpenAI error body.
+name + policy version). With `return_routed_experts: true` (extra body) a choice also carries
+`routed_experts`: the MoE expert ids of its prompt and sampled tokens for routing replay (R3,
+data/routing.py). Bad requests get 4xx with an OpenAI error body.
 
 Run: `python -m klong_jax.inference.server --bundle=DIR` or `--config=configs/serve_tiny.py
 --policy_dir=RUN/policy`. FastAPI/uvicorn: the well-kept async stack with pydantic models, SSE via
@@ -26,6 +28,7 @@ import pydantic
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from klong_jax.data import routing as routing_lib
 from klong_jax.inference import protocol, serve_config
 from klong_jax.inference.engine import Completion, ContextLengthError, Engine, TokenEvent
 from klong_jax.inference.sampler import SamplingParams
@@ -114,7 +117,8 @@ class Server:
     seed = None if req.seed is None else req.seed + index
     return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                           max_tokens=req.token_limit(), stop=req.stop_strings(), seed=seed,
-                          logprob_mode=req.logprob_mode, top_logprobs=req.num_top_logprobs())
+                          logprob_mode=req.logprob_mode, top_logprobs=req.num_top_logprobs(),
+                          return_routing=req.return_routed_experts)
 
   def submit(self, prompt: list[int], sp: SamplingParams) -> tuple[Any, asyncio.Queue]:
     loop = asyncio.get_running_loop()
@@ -151,9 +155,16 @@ class Server:
     """Each token's alternatives with ids decoded to text."""
     return [[(self.tokenizer.decode([t]), lp) for t, lp in alts] for alts in top]
 
-  def extra(self, c: Completion) -> dict[str, Any]:
-    return {"token_ids": c.token_ids,
-            "policy_version": protocol.version_field(c.policy_versions, self.engine.policy_version)}
+  def extra(self, c: Completion, routing_start: int = 0) -> dict[str, Any]:
+    """Our per-choice fields: sampled ids, policy version, and recorded routing if asked for."""
+    out = {"token_ids": c.token_ids,
+           "policy_version": protocol.version_field(c.policy_versions, self.engine.policy_version)}
+    if c.routing is not None:
+      start = min(routing_start, len(c.prompt_ids))
+      out["routed_experts"] = dict(routing_lib.encode(c.routing[start:]), start=start,
+                                   prompt_len=len(c.prompt_ids),
+                                   prompt_crc32=routing_lib.prompt_checksum(c.prompt_ids))
+    return out
 
   def fingerprint(self, comps: list[Completion] | None = None) -> str:
     """system_fingerprint: model name + the newest weights version that made these tokens."""
@@ -185,7 +196,8 @@ class Server:
     except (ValueError, KeyError, TypeError) as e:
       raise ApiError(400, f"cannot render messages: {e}", param="messages") from e
 
-  def chat_choice(self, i: int, c: Completion, logprobs: bool) -> dict[str, Any]:
+  def chat_choice(self, i: int, c: Completion, logprobs: bool,
+                  routing_start: int = 0) -> dict[str, Any]:
     parsed = self.chat.parse_assistant(c.text)
     message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
     reason = c.finish_reason
@@ -197,7 +209,7 @@ class Server:
               "logprobs": (protocol.chat_logprobs(self.token_texts(c.token_ids), c.logprobs,
                                                   self.top_texts(c.top_logprobs))
                            if logprobs else None)}
-    choice.update(self.extra(c))
+    choice.update(self.extra(c, routing_start))
     return choice
 
   async def chat_completions(self, request: fastapi.Request) -> Any:
@@ -210,7 +222,8 @@ class Server:
     return {"id": protocol.new_id("chatcmpl"), "object": "chat.completion",
             "created": protocol.now(), "model": self.model_name,
             "system_fingerprint": self.fingerprint(comps),
-            "choices": [self.chat_choice(i, c, req.logprobs) for i, c in enumerate(comps)],
+            "choices": [self.chat_choice(i, c, req.logprobs, req.routed_experts_start)
+                        for i, c in enumerate(comps)],
             "usage": protocol.usage(len(prompt), sum(len(c.token_ids) for c in comps))}
 
   # ---- text completions ----------------------------------------------------------------------
@@ -243,7 +256,7 @@ class Server:
                                                           c.logprobs, len(prefix),
                                                           self.top_texts(c.top_logprobs))
                              if req.logprobs is not None else None)}
-      choice.update(self.extra(c))
+      choice.update(self.extra(c, req.routed_experts_start))
       choices.append(choice)
     return {"id": protocol.new_id("cmpl"), "object": "text_completion",
             "created": protocol.now(), "model": self.model_name,
@@ -305,7 +318,7 @@ class Server:
         choice = {"index": i, "delta": delta, "finish_reason": reason}
       else:
         choice = {"index": i, "text": "", "finish_reason": reason}
-      choice.update(self.extra(c))
+      choice.update(self.extra(c, req.routed_experts_start))
       choice.pop("token_ids")  # Already streamed one by one.
       return choice
 

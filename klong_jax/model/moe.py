@@ -129,8 +129,13 @@ class MoE(nnx.Module):
     if cfg.num_shared_experts:
       self.shared = MLP(cfg, f * cfg.num_shared_experts, rngs=rngs)
 
-  def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """Router on flat tokens [N,D] -> (idx [N,k], weights [N,k], aux losses + load)."""
+  def route(self, x: jax.Array, replay: jax.Array | None = None
+            ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Router on flat tokens [N,D] -> (idx [N,k], weights [N,k], aux losses + load).
+
+    `replay` [N,k] (routing replay): recorded expert ids that replace the top-k selection on
+    tokens that have them (-1 rows: own top-k); the gate weights are still this router's scores.
+    """
     cfg = self.cfg
     logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32),
                         self.router_de[...].astype(jnp.float32))
@@ -138,15 +143,22 @@ class MoE(nnx.Module):
     bias = self.expert_bias_e[...] if cfg.router_bias else None
     idx, w = moe_router.select_experts(scores, bias, cfg.num_experts_per_tok,
                                        cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    if replay is not None:
+      idx = moe_router.replay_experts(idx, replay, cfg.num_experts)
+      w = moe_router.gate_weights(scores, idx, cfg.norm_topk_prob, cfg.routed_scaling_factor)
     aux = {"moe_lb_loss": moe_router.load_balancing_loss(scores, idx),
            "router_z_loss": moe_router.router_z_loss(logits),
            "moe_expert_load": moe_router.expert_load(idx, cfg.num_experts)}
     return idx, w, aux
 
-  def __call__(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, replay: jax.Array | None = None
+               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """x [B,T,D] (+ optional recorded ids [B,T,k]) -> (y, aux); aux "moe_routing" = ids used."""
     b, t, d = x.shape
     flat = x.reshape(b * t, d)
-    idx, w, aux = self.route(flat)
+    k = self.cfg.num_experts_per_tok
+    idx, w, aux = self.route(flat, None if replay is None else replay.reshape(b * t, k))
+    aux["moe_routing"] = idx.reshape(b, t, k)
     dt = self.dtype
     y, aux["moe_drop_rate"] = routed_experts(
         flat, idx, w, self.gate_edf[...].astype(dt), self.up_edf[...].astype(dt),

@@ -24,10 +24,25 @@ def select_experts(scores: jax.Array, bias: jax.Array | None, top_k: int, norm_t
   """Top-k experts by (scores + bias); returns (indices [N,k] int32, weights [N,k] fp32)."""
   choice = scores if bias is None else scores + bias.astype(jnp.float32)[None, :]
   _, idx = jax.lax.top_k(choice, top_k)
+  idx = idx.astype(jnp.int32)
+  return idx, gate_weights(scores, idx, norm_topk_prob, scaling)
+
+
+def gate_weights(scores: jax.Array, idx: jax.Array, norm_topk_prob: bool,
+                 scaling: float) -> jax.Array:
+  """Combine weights [N,k] of the chosen experts `idx` from the unbiased scores (differentiable)."""
   weights = jnp.take_along_axis(scores, idx, axis=-1)
   if norm_topk_prob:
     weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
-  return idx.astype(jnp.int32), weights * scaling
+  return weights * scaling
+
+
+def replay_experts(idx: jax.Array, replay: jax.Array, num_experts: int) -> jax.Array:
+  """Routing replay (R3): the recorded ids `replay` [N,k] where a token has a full valid record,
+  the router's own choice `idx` elsewhere (rows holding any id outside [0, E), e.g. -1)."""
+  replay = replay.astype(jnp.int32)
+  recorded = jnp.all((replay >= 0) & (replay < num_experts), axis=-1, keepdims=True)
+  return jnp.where(recorded, replay, idx)
 
 
 def expert_load(idx: jax.Array, num_experts: int) -> jax.Array:

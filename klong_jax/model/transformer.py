@@ -45,25 +45,28 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
     self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
-  def _ffn(self, x: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def _ffn(self, x: jax.Array, replay: jax.Array | None = None
+           ) -> tuple[jax.Array, dict[str, jax.Array]]:
     h = self.post_attention_layernorm(x)
     if self.is_moe:
-      y, aux = self.mlp(h)
+      y, aux = self.mlp(h, replay)
     else:
       y, aux = self.mlp(h), {}
     return constrain(x + y, ("act_batch", "act_seq", "act_embed")), aux
 
-  def __call__(self, x: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
+               replay: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = x + self.attn(self.input_layernorm(x), positions, segment_ids)
-    return self._ffn(x)
+    return self._ffn(x, replay)
 
   def decode(self, x: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array,
-             layer: jax.Array | int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """k/v: the whole stacked cache [num_layers, B, S, K, H]; this block owns index `layer`."""
+             layer: jax.Array | int
+             ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array | None]:
+    """One cached step on the whole stacked cache k/v [num_layers, B, S, K, H], this block at
+    index `layer` -> (x, k, v, expert ids used [B,T,k] or None for a dense layer)."""
     h, k, v = self.attn.decode(self.input_layernorm(x), positions, k, v, layer)
-    x, _ = self._ffn(x + h)
-    return x, k, v
+    x, aux = self._ffn(x + h)
+    return x, k, v, aux.get("moe_routing")
 
 
 def _stack(cfg: ModelConfig, moe: bool, count: int, rngs: nnx.Rngs) -> Block | None:
@@ -121,28 +124,36 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None = None
+               segment_ids: jax.Array | None = None, routing: jax.Array | None = None
                ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """tokens/positions [B,T] int -> (logits [B,T,V] fp32, aux).
 
+    `routing` [B,T,num_moe_layers,k] (routing replay, R3): expert ids recorded by the sampler;
+    a token whose ids in a layer are all in [0, E) uses them instead of its own top-k there
+    (gate weights still from this router, so it gets gradients); -1 = not recorded.
+
     aux: "moe_lb_loss", "router_z_loss", "moe_drop_rate" (fraction of routed copies dropped by
     moe_impl="capacity") (scalars, mean over MoE layers; 0 without MoE layers) and
-    "moe_expert_load" ([num_moe_layers, E] fraction of routed slots per expert).
+    "moe_expert_load" ([num_moe_layers, E] fraction of routed slots per expert) and
+    "moe_routing" ([B,T,num_moe_layers,k] int32 expert ids each token used).
     """
     cfg = self.cfg
     x = self.embedder.encode(tokens)
 
-    def step(layer: Block, h: jax.Array, _: Any) -> tuple[jax.Array, Any]:
-      return layer(h, positions, segment_ids)
+    def step(layer: Block, h: jax.Array, replay: Any) -> tuple[jax.Array, Any]:
+      return layer(h, positions, segment_ids, replay)
 
     if self.dense_layers is not None:
       x, _ = _run_stack(self.dense_layers, x, None, step, False, cfg.remat_policy)
     aux = {name: jnp.zeros((), jnp.float32) for name in AUX_SCALARS}
     aux["moe_expert_load"] = jnp.zeros((0, cfg.num_experts), jnp.float32)
+    aux["moe_routing"] = jnp.zeros((*tokens.shape, 0, cfg.num_experts_per_tok), jnp.int32)
     if self.moe_layers is not None:
-      x, layer_aux = _run_stack(self.moe_layers, x, None, step, cfg.scan_layers, cfg.remat_policy)
+      xs = None if routing is None else jnp.moveaxis(routing.astype(jnp.int32), 2, 0)
+      x, layer_aux = _run_stack(self.moe_layers, x, xs, step, cfg.scan_layers, cfg.remat_policy)
       aux = {name: jnp.mean(layer_aux[name]) for name in AUX_SCALARS}
       aux["moe_expert_load"] = layer_aux["moe_expert_load"]
+      aux["moe_routing"] = jnp.moveaxis(layer_aux["moe_routing"], 0, 2)
     return self.embedder.decode(self.final_norm(x)), aux
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
@@ -151,9 +162,12 @@ class Transformer(nnx.Module):
     shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
 
-  def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache
-             ) -> tuple[jax.Array, KVCache]:
+  def decode(self, tokens: jax.Array, positions: jax.Array, cache: KVCache,
+             with_routing: bool = False) -> Any:
     """Prefill (T>1) or decode (T=1): writes K/V at slots `positions`, attends to slots <= pos.
+
+    Returns (logits, cache), or with `with_routing` (logits, cache, expert ids
+    [B,T,num_moe_layers,k] int32) for routing replay.
 
     The whole cache is loop carry: each layer scatters only its new slots into it (at its layer
     index) and reads its own slice, so with the cache donated XLA updates it in place. Passing
@@ -165,16 +179,20 @@ class Transformer(nnx.Module):
     nd = cfg.first_k_dense
 
     def step(offset: int) -> Any:
-      def run(layer: Block, carry: Any, i: jax.Array) -> tuple[Any, None]:
+      def run(layer: Block, carry: Any, i: jax.Array) -> tuple[Any, Any]:
         h, k, v = carry
-        return layer.decode(h, positions, k, v, offset + i), None
+        h, k, v, ids = layer.decode(h, positions, k, v, offset + i)
+        return (h, k, v), ids
       return run
 
     carry = (x, cache.k, cache.v)
+    routing = jnp.zeros((*tokens.shape, 0, cfg.num_experts_per_tok), jnp.int32)
     if self.dense_layers is not None:
       carry, _ = _run_stack(self.dense_layers, carry, jnp.arange(nd), step(0), False, "none")
     if self.moe_layers is not None:
-      carry, _ = _run_stack(self.moe_layers, carry, jnp.arange(cfg.num_moe_layers), step(nd),
-                            cfg.scan_layers, "none")
+      carry, ids = _run_stack(self.moe_layers, carry, jnp.arange(cfg.num_moe_layers), step(nd),
+                              cfg.scan_layers, "none")
+      routing = jnp.moveaxis(ids, 0, 2)
     x, k, v = carry
-    return self.embedder.decode(self.final_norm(x)), KVCache(k=k, v=v)
+    logits, cache = self.embedder.decode(self.final_norm(x)), KVCache(k=k, v=v)
+    return (logits, cache, routing) if with_routing else (logits, cache)

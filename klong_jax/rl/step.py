@@ -6,6 +6,9 @@ advantages. The reference policy (params at the start of the current curriculum 
 separate, non-donated params tree with the params' shardings; its forward runs only if kl_coef > 0.
 `update_plan` cuts one element into PPO epochs x minibatches optimizer updates (verl's
 `ppo_epochs` / mini-batches): more policy movement per rollout, with the clip bounding it.
+With `rl.routing_replay` (R3, default on) the batch also carries `routing`, the sampler's MoE
+expert ids per token: the policy and reference forwards replay that selection (gate weights
+still from the trainer's router), so a token is trained under the experts that sampled it.
 """
 
 from __future__ import annotations
@@ -29,6 +32,16 @@ from klong_jax.train import step as step_lib
 RL_BATCH_KEYS = ("tokens", "positions", "segment_ids", "loss_mask", "logprobs", "advantages")
 
 
+def routing_replay(rl: ml_collections.ConfigDict) -> bool:
+  """Whether the RL trainer replays the sampler's expert selection (R3); on unless disabled."""
+  return bool(rl.get("routing_replay", True))
+
+
+def batch_keys(rl: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The batch arrays the RL step reads: RL_BATCH_KEYS (+ "routing" with routing replay)."""
+  return RL_BATCH_KEYS + (("routing",) if routing_replay(rl) else ())
+
+
 def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_params: nnx.State,
             batch: Mapping[str, jax.Array], *, compute_dtype: Any,
             rl: ml_collections.ConfigDict, lb_coef: float, z_coef: float
@@ -39,7 +52,8 @@ def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_para
     raise ValueError(f"rl.temperature must be > 0 (the workers' sampling temperature), got "
                      f"{temperature}")
   model = nnx.merge(graphdef, optim.cast_for_compute(params, compute_dtype), rest)
-  logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+  routing = batch.get("routing") if routing_replay(rl) else None
+  logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], routing)
   targets, weights = losses.shift_targets(batch["tokens"], batch["segment_ids"],
                                           batch["loss_mask"])
 
@@ -54,7 +68,7 @@ def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_para
   if kl_coef:
     ref = jax.lax.stop_gradient(optim.cast_for_compute(ref_params, compute_dtype))
     ref_logits, _ = nnx.merge(graphdef, ref, rest)(batch["tokens"], batch["positions"],
-                                                   batch["segment_ids"])
+                                                   batch["segment_ids"], routing)
     ref_logp = jax.lax.stop_gradient(tempered_logprobs(ref_logits))
   ratio_cap = float(rl.get("ratio_cap", 0.0)) or None
   pg, m = rl_losses.ppo_loss(
@@ -71,6 +85,10 @@ def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_para
            tokens=(batch["segment_ids"] > 0).sum().astype(jnp.float32),
            moe_expert_load=aux.get("moe_expert_load", jnp.zeros((0, 0), jnp.float32)))
   m.setdefault("kl", jnp.zeros((), jnp.float32))
+  if routing is not None:  # Share of real tokens whose selection was replayed in every layer.
+    real = batch["segment_ids"] > 0
+    recorded = jnp.all(routing >= 0, axis=(2, 3)) & real
+    m["routing_replayed"] = recorded.sum() / jnp.maximum(real.sum(), 1)
   return loss, m
 
 
@@ -99,13 +117,15 @@ def make_rl_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                rest=new_rest), metrics
 
   mesh = batch_sharding.mesh
-  batch_sh = {k: batch_sharding for k in RL_BATCH_KEYS}
-  jitted = jax.jit(step, in_shardings=(shardings, shardings.params, batch_sh),
+  keys = batch_keys(rl_cfg)
+  # One sharding for every batch array (a pytree prefix): a batch without `routing` (replay
+  # on, but data without records) still fits, and the model then routes by its own top-k.
+  jitted = jax.jit(step, in_shardings=(shardings, shardings.params, batch_sharding),
                    out_shardings=(shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
   def run(state: step_lib.TrainState, ref_params: nnx.State, batch: Mapping[str, Any]):
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-      return jitted(state, ref_params, {k: batch[k] for k in RL_BATCH_KEYS})
+      return jitted(state, ref_params, {k: batch[k] for k in keys if k in batch})
   run.jitted = jitted
   return run
 

@@ -61,6 +61,8 @@ class StreamConfig:
   wait_timeout_s: float = 600.0    # Raise if no fresh data arrives for this long.
   log_wait_every_s: float = 15.0
   cache_dir: str | None = None     # gs:// streams: local shard copies (default: a temp dir).
+  # Routing replay: (MoE layers, top-k); batches then carry `routing` [rows, row_len, L, k].
+  routing_shape: tuple[int, int] | None = None
 
   def __post_init__(self):
     if self.split.max_len > self.row_len:
@@ -301,11 +303,11 @@ class StreamIterator(grain.DatasetIterator):
         time_limited += t.status == "agent_timeout"
         rewards.append(float(t.reward))
         versions.append(trajectory_version(t))
-    rows = packing.pack_chunks(chunks, self.cfg.row_len)
+    rows = packing.pack_chunks(chunks, self.cfg.row_len, routing_shape=self.cfg.routing_shape)
     n = rows["tokens"].shape[0]
     b = self.cfg.batch_size
     nb = max(1, -(-n // b))
-    pad = packing.empty_rows(nb * b - n, self.cfg.row_len)
+    pad = packing.empty_rows(nb * b - n, self.cfg.row_len, self.cfg.routing_shape)
     full = {k: np.concatenate([rows[k], pad[k]]) for k in rows}
     batches = [{k: v[j * b:(j + 1) * b] for k, v in full.items()} for j in range(nb)]
     info = {"ids": ids, "rewards": rewards, "versions": versions, "chunks": len(chunks),

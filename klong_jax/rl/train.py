@@ -113,7 +113,16 @@ def stream_config(config: ml_collections.ConfigDict, stream: str, sync: bool) ->
       groups_per_step=r.groups_per_step, max_staleness=0 if sync else r.max_staleness,
       normalize_std=r.normalize_std, vocab_size=config.model.vocab_size,
       prev_stage=r.prev_stage, poll_s=r.poll_s, wait_timeout_s=r.wait_timeout_s,
-      temperature=float(r.get("temperature", 1.0)))
+      temperature=float(r.get("temperature", 1.0)), routing_shape=_routing_shape(config))
+
+
+def _routing_shape(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """(MoE layers, top-k) of the batches' `routing` under routing replay (rl.routing_replay)."""
+  if not rl_step.routing_replay(config.rl):
+    return None
+  from klong_jax.model.config import from_config_dict  # noqa: PLC0415
+  m = from_config_dict(config.model)
+  return (m.num_moe_layers, m.num_experts_per_tok)
 
 
 class Publisher:
@@ -259,7 +268,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
       n_mb = _max_over_hosts(rl_step.num_minibatches(batch["loss_mask"], mb_rows))
       for rows in rl_step.update_plan(batch["loss_mask"], mb_rows=mb_rows, epochs=epochs,
                                       seed=config.seed, step=step + 1, minibatches=n_mb):
-        mb = {k: batch[k][rows] for k in rl_step.RL_BATCH_KEYS}
+        mb = {k: batch[k][rows] for k in rl_step.batch_keys(config.rl) if k in batch}
         state, m_i = train_step(state, ref, _global_batch(mb, batch_sh))
         ms.append(m_i)
       m = rl_step.combine_update_metrics(jax.device_get(ms), epochs)
@@ -346,7 +355,7 @@ def _max_over_hosts(n: int) -> int:
 def _global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding
                   ) -> dict[str, jax.Array]:
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-          for k in rl_step.RL_BATCH_KEYS}
+          for k in batch}
 
 
 def _define_flags() -> None:

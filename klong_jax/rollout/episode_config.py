@@ -42,6 +42,9 @@ class EpisodeConfig:
   # Sampling temperature; the RL trainer must use the same one (rl.temperature), since the
   # recorded logprobs are log softmax(logits / T) (inference/sampling.py, "tempered").
   temperature: float = 1.0
+  # Routing replay (R3): ask the server for each token's MoE expert ids and keep them in the
+  # trajectory's `routing` (schema 2), not its messages. Harmless against servers without it.
+  routing_replay: bool = True
   request_retries: int = 3             # Per model call (client backoff), before an infra error.
   limits: Limits = ()                  # sandbox.base.Limits overrides, e.g. (("pids", 128),).
 
@@ -60,7 +63,8 @@ class EpisodeConfig:
         model=self.model, max_steps=self.max_steps, time_limit_s=t,
         tool_timeout_s=min(self.tool_timeout_s, t), context_tokens=self.context_tokens,
         context_overlap=self.context_overlap, max_completion_tokens=self.max_completion_tokens,
-        request_retries=self.request_retries, temperature=self.temperature)
+        request_retries=self.request_retries, temperature=self.temperature,
+        return_routing=self.routing_replay)
 
   def wall_s(self, time_limit_s: float | None = None) -> float:
     """The outer wall-clock guard of an episode limited to `time_limit_s`."""
@@ -84,9 +88,9 @@ ROLE_DEFAULTS: dict[str, EpisodeConfig] = {
     # PaperBench-shaped: the time budget is the limit (12 h), tools may run long, reproduce.sh
     # gets the task's own limit.
     "eval": EpisodeConfig(max_steps=1_000_000, time_limit_s=12 * 3600.0, tool_timeout_s=600.0,
-                          reproduce_timeout_s=0.0),
+                          reproduce_timeout_s=0.0, routing_replay=False),
     "distill": EpisodeConfig(model="teacher", max_steps=12, time_limit_s=120.0,
-                             reproduce_timeout_s=60.0),
+                             reproduce_timeout_s=60.0, routing_replay=False),
 }
 
 _HELP = {
@@ -104,6 +108,8 @@ _HELP = {
     "max_completion_tokens": "Completion tokens per call (= the trainer's data.completion_tokens).",
     "temperature": "Sampling temperature (= the RL trainer's rl.temperature; recorded in each "
                    "trajectory's metadata).",
+    "routing_replay": "Ask the server for each token's MoE expert ids and keep them in the "
+                      "trajectory (R3; RL rollouts only).",
     "request_retries": "Retries per model call before an infra error.",
 }
 FLAG_NAMES = tuple(_HELP) + ("sandbox_limits",)
@@ -141,6 +147,8 @@ def define_flags(role: str, flag_values: Any = None, exclude: tuple[str, ...] = 
     default = getattr(base, name)
     if name == "backend":
       flags.DEFINE_enum(name, default, ["docker", "local"], help_str, flag_values=fv)
+    elif isinstance(default, bool):
+      flags.DEFINE_bool(name, default, help_str, flag_values=fv)
     elif isinstance(default, int):
       flags.DEFINE_integer(name, default, help_str, flag_values=fv)
     elif isinstance(default, float):

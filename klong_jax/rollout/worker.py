@@ -129,6 +129,17 @@ def _grade(task: Any, sb: Any, host_sub: str, repro: sandbox_lib.ReproduceResult
                             "disqualified": res.disqualified, "reproduce": res.reproduce}
 
 
+def _without_routing(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Messages minus the per-turn routing records (rendered into the trajectory's `routing`)."""
+  out = []
+  for m in messages:
+    k = m.get("klong")
+    if isinstance(k, dict) and "routed_experts" in k:
+      m = dict(m, klong={key: v for key, v in k.items() if key != "routed_experts"})
+    out.append(m)
+  return out
+
+
 class Worker:
   """One rollout process."""
 
@@ -224,7 +235,8 @@ class Worker:
     meta["stale"] = bool(sampled.size and int(sampled.min()) < min_version)
     traj = Trajectory(
         id=f"{group_id}-{index}", task_id=task_id, group_id=group_id, stage=stage,
-        status=r["status"], reward=r["reward"], messages=r["messages"], timings=r["timings"],
+        status=r["status"], reward=r["reward"], messages=_without_routing(r["messages"]),
+        timings=r["timings"],
         sandbox=r["sandbox"], metadata=meta, **rendered)
     return traj.to_bytes()
 

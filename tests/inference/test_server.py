@@ -59,6 +59,35 @@ def test_greedy_chat_equals_direct_sampler_and_full_forward(running, client, tin
   assert resp.usage.prompt_tokens == len(prompt)
 
 
+def test_routed_experts_extension(running, client, tiny_model, chat_format):
+  """R3: with return_routed_experts the choice carries the routing of prompt + sampled tokens
+  (from routed_experts_start), which replayed in a trainer forward gives the served logprobs."""
+  from klong_jax.agent import client as client_lib
+  from klong_jax.data import routing as routing_lib
+
+  from .test_routing_replay import trainer_logprobs
+  prompt = chat_format.render_prompt(MSGS)
+  reply, _ = client_lib.chat(client, "klong-tiny", MSGS, None, 8, 0.0, routing_from=0)
+  k = reply["klong"]
+  rec = k["routed_experts"]
+  r = routing_lib.decode(rec)
+  cfg = tiny_model.cfg
+  assert r.shape == (len(prompt) + len(k["token_ids"]), cfg.num_moe_layers,
+                     cfg.num_experts_per_tok)
+  assert rec["prompt_len"] == len(prompt) and rec["start"] == 0
+  assert rec["prompt_crc32"] == routing_lib.prompt_checksum(prompt)
+  assert (r[:-1] >= 0).all()
+  logp, _ = trainer_logprobs(tiny_model, prompt, k["token_ids"], r)
+  np.testing.assert_allclose(logp, k["logprobs"], atol=1e-4, rtol=0)
+  part, _ = client_lib.chat(client, "klong-tiny", MSGS, None, 8, 0.0, routing_from=5)
+  rec5 = part["klong"]["routed_experts"]
+  assert rec5["start"] == 5 and rec5["shape"][0] == r.shape[0] - 5
+  np.testing.assert_array_equal(routing_lib.decode(rec5), r[5:])
+  plain = client.chat.completions.create(model="klong-tiny", messages=MSGS, temperature=0,
+                                         max_tokens=4)
+  assert "routed_experts" not in plain.choices[0].model_extra
+
+
 def test_text_completion_and_stream(client, tok):
   resp = client.completions.create(model="klong-tiny", prompt="def main():", max_tokens=8,
                                    temperature=0, logprobs=1)

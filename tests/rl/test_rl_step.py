@@ -173,3 +173,26 @@ def test_combine_update_metrics():
   assert m["ppo/updates"] == 4 and m["ppo/ratio_mean_first"] == 1.0
   assert m["ppo/clip_frac_last"] == 0.5
   assert rl_step.combine_update_metrics(ms[:1]) == ms[0]
+
+
+def test_routing_replay_in_the_rl_loss(setup):
+  """R3: the sampler's own routing replayed keeps ratio 1; other ids are replayed (ratio moves)
+  unless rl.routing_replay is off; `routing_replayed` counts the tokens with a record."""
+  from flax import nnx
+  graphdef, params, rest, batch = setup
+  model = nnx.merge(graphdef, params, rest)
+  _, aux = model(jnp.asarray(batch["tokens"]), jnp.asarray(batch["positions"]),
+                 jnp.asarray(batch["segment_ids"]))
+  own = np.asarray(aux["moe_routing"], np.int16)
+  m = _metrics((graphdef, params, rest, dict(batch, routing=own)), temperature=T)
+  assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and m["routing_replayed"] == 1.0
+  other = ((own + 1) % 8).astype(np.int16)
+  other[:, :8] = -1  # Not recorded: own top-k.
+  moved = _metrics((graphdef, params, rest, dict(batch, routing=other)), temperature=T)
+  assert abs(moved["ratio_mean"] - 1.0) > 1e-4
+  assert moved["routing_replayed"] == pytest.approx(1 - 8 / L)
+  off = _metrics((graphdef, params, rest, dict(batch, routing=other)), temperature=T,
+                 routing_replay=False)
+  assert off["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and "routing_replayed" not in off
+  assert rl_step.batch_keys(_rl())[-1] == "routing"
+  assert "routing" not in rl_step.batch_keys(_rl(routing_replay=False))

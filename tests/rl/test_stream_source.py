@@ -138,3 +138,30 @@ def test_timed_out_rollouts_are_split_graded_and_every_chunk_keeps_its_advantage
   assert all(len(v) == 1 for v in per_chunk.values())  # one advantage per chunk
   assert sorted({next(iter(v)) for v in per_chunk.values()}) == [-0.25, 0.0, 0.25]
   assert int(b["loss_mask"].sum()) == 4 * 190  # every policy token trained exactly once
+
+
+def test_batches_carry_recorded_routing_aligned_with_tokens(tmp_path):
+  """Routing replay: each batch row holds the recorded expert ids of its tokens, -1 on padding
+  and on trajectories without a record."""
+  from klong_jax.data import shards
+  from tests.rl.fakes import make_trajectory
+  trajs = [make_trajectory(f"g-{i}", "g", r, 0, n=100, seed=i) for i, r in enumerate([1.0, 0.0])]
+  tagged = np.zeros((100, 2, 2), np.int16)
+  tagged[:, :, 0] = (trajs[0].tokens % 250)[:, None]
+  trajs[0].routing = tagged
+  os.makedirs(tmp_path / "0")
+  shards.write_shard(str(tmp_path / "0" / "w-000.array_record"), [t.to_bytes() for t in trajs])
+  it = iter(StreamDataset(_cfg(tmp_path, groups_per_step=1, routing_shape=(2, 2))))
+  seen = 0
+  while True:
+    b = next(it)
+    assert b["routing"].shape == (1, 64, 2, 2)
+    seg = b["segment_ids"] > 0
+    assert (b["routing"][~seg] == -1).all()
+    got = b["routing"][seg]
+    recorded = got[:, 0, 0] >= 0
+    np.testing.assert_array_equal(got[recorded][:, 0, 0], b["tokens"][seg][recorded] % 250)
+    seen += int(recorded.sum())
+    if it.last_info["element_last"]:
+      break
+  assert seen > 0
