@@ -142,6 +142,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # step. docs/results.md has the variants measured.
   c.rl.args = ml_collections.ConfigDict(dict(
       steps=9, stage_steps=3, batch=16, groups=4, staleness=2, publish=1, minibatches=2))
+  # MoE routing replay (R3): workers record each token's expert ids, the trainer replays them.
+  c.rl.routing_replay = True
   c.rl.mode = "async"               # async | sync (the baseline).
   # --config.SECTION.FIELD overrides of the RL trainer (its own config owns stages and steps).
   # lr 2e-4 (per-step KL 0.001-0.016 with the per-token KL clamp); 3e-4 and 1e-3 gave KL spikes

@@ -225,7 +225,8 @@ def server_job(c: Any, name: str, policy_dir: str, tokenizer: str, port: int) ->
 
 def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, tokenizer: str,
                 group_size: int, rounds: int, max_steps: int, time_limit_s: float,
-                primary: bool = False, temperature: float = 1.0) -> list[Job]:
+                primary: bool = False, temperature: float = 1.0,
+                routing_replay: bool = False) -> list[Job]:
   """`c.workers.num` rollout worker processes sharing one stream (distinct names)."""
   return [Job(f"{prefix}{i}", Executable("klong_jax.rollout.worker", {
       "server": server, "tasks": tasks, "stream": stream, "tokenizer": tokenizer,
@@ -235,7 +236,7 @@ def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, token
       "backend": c.backend, "max_steps": max_steps, "time_limit_s": time_limit_s,
       "reproduce_timeout_s": c.workers.reproduce_timeout_s,
       **context_flags(c),
-      "temperature": temperature,
+      "temperature": temperature, "routing_replay": routing_replay,
       # Rubrics with LLM-graded leaves: the judge endpoint (key from $KLONG_JUDGE_API_KEY).
       **({"judge_url": c.workers.judge_url, "judge_model": c.workers.judge_model}
          if c.workers.judge_url else {})}), primary=primary)
@@ -256,6 +257,8 @@ def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str,
       "init_checkpoint": init_checkpoint, "mode": c.rl.mode, "config.seed": c.seed,
       # The trainer's logprobs must use the workers' sampling temperature (exact PPO ratios).
       "config.rl.temperature": temperature,
+      # R3: the workers record routing exactly when the trainer replays it.
+      "config.rl.routing_replay": c.rl.routing_replay,
       **config_overrides(c.model_overrides), **config_overrides(c.rl.overrides),
       **context_overrides(c)}),
       ready=f"file:{os.path.join(policy, '0')}", ready_timeout_s=c.server.ready_timeout_s,
@@ -263,7 +266,8 @@ def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str,
   exp.add(server_job(c, "server", policy, tokenizer, port))
   for j in worker_jobs(c, "worker", f"http://127.0.0.1:{port}/v1", tasks, stream, tokenizer,
                        c.workers.group_size, c.workers.rounds, c.workers.max_steps,
-                       c.workers.time_limit_s, temperature=temperature):
+                       c.workers.time_limit_s, temperature=temperature,
+                       routing_replay=c.rl.routing_replay):
     exp.add(j)
   return exp
 
