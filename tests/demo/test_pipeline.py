@@ -43,3 +43,7 @@ def test_demo_runs_through_sft_and_resumes(tmp_path):
   res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert res.returncode == 0, res.stderr[-3000:]
   assert (wd / "sft" / "metrics.jsonl").read_text() == steps_before
+  # The re-run's summary keeps the times of the run that did the work.
+  again = json.loads((wd / "summary.json").read_text())
+  assert again["phases_first_s"] == summary["phases_s"]
+  assert again["phases_s"]["sft"] < summary["phases_s"]["sft"]
