@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import platform
-import tempfile
 import time
 from typing import Any
 
@@ -27,6 +25,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from benchmarks import _results
 from klong_jax.data.context import ContextPolicy
 from klong_jax.inference.engine import Engine
 from klong_jax.inference.prefix_cache import PrefixCache
@@ -147,12 +146,7 @@ def main(argv: list[str]) -> None:
       {"metric": "multi-turn group wall time, prefix cache", "value": round(c["seconds"], 3),
        "unit": "s", "baseline": "no prefix cache", "baseline_value": round(u["seconds"], 3)}]
   print(json.dumps({k: result[k] for k in ("prefill_tokens_ratio", "wall_speedup")}), flush=True)
-  out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-    json.dump(result, f, indent=1)
-  os.replace(f.name, out)
-  print(f"wrote {out}")
+  _results.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import pathlib
 import platform
-import tempfile
 import time
 
 import jax
@@ -22,6 +20,7 @@ import numpy as np
 from absl import app, flags
 from flax import nnx
 
+from benchmarks import _results
 from klong_jax.inference.engine import Engine
 from klong_jax.inference.sampler import RowSettings, Sampler, SamplingParams
 from klong_jax.model.config import get_preset
@@ -95,12 +94,7 @@ def main(argv: list[str]) -> None:
   result["batching"] = {"preset": _PRESETS.value[0], "max_batch": 8,
                         "requests": _REQUESTS.value, **{k: round(v, 3) for k, v in gain.items()}}
   print(json.dumps(result["batching"]), flush=True)
-  out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-    json.dump(result, f, indent=1)
-  os.replace(f.name, out)
-  print(f"wrote {out}")
+  _results.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,9 @@ step of each variant is checked to sample the same tokens as "before" with close
 from __future__ import annotations
 
 import functools
-import json
 import os
-import pathlib
 import platform
 import statistics
-import tempfile
 import time
 from typing import Any
 
@@ -35,6 +32,7 @@ from absl import app, flags
 from flax import nnx
 
 from benchmarks import _legacy_decode as legacy_decode
+from benchmarks import _results
 from klong_jax.inference import sampler as sampler_lib
 from klong_jax.inference import sampling
 from klong_jax.model.config import get_preset
@@ -142,12 +140,7 @@ def main(argv: list[str]) -> None:
                         "baseline_value": base["tokens_per_s"]})
   result["summary"] = summary
   result["loadavg_1m_before_after"] = [round(load_before[0], 2), round(os.getloadavg()[0], 2)]
-  out = pathlib.Path(_OUT.value)
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=out.parent, delete=False, suffix=".tmp") as f:
-    json.dump(result, f, indent=1)
-  os.replace(f.name, out)
-  print(f"wrote {out}")
+  _results.write_json(_OUT.value, result)
 
 
 if __name__ == "__main__":

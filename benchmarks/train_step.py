@@ -13,10 +13,8 @@ loss and parameters, and reports the compile-time ratio.
 
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
 import time
 
 import jax
@@ -24,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from benchmarks import _results
 from klong_jax.launch import plan as plan_lib
 from klong_jax.model import sharded
 from klong_jax.model.config import get_preset
@@ -154,13 +153,7 @@ def main(argv: list[str]) -> None:
             "host": platform.node(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "presets": presets,
             "scan_vs_unrolled": scan, "summary": summary_rows(presets, scan)}
-  path = os.path.abspath(_OUT.value)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False,
-                                   suffix=".tmp") as f:
-    json.dump(result, f, indent=2)
-  os.replace(f.name, path)
-  print(f"wrote {path}")
+  _results.write_json(_OUT.value, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,8 @@ import ml_collections
 from klong_jax.config_util import parse_arg
 from klong_jax.model import config as model_config_lib
 
-__all__ = ["base_config", "mesh_config", "model_config", "parse_arg", "preset_config",
-           "preset_name"]
+__all__ = ["base_config", "curriculum_config", "mesh_config", "model_config", "optim_config",
+           "parse_arg", "preset_config", "preset_name"]
 
 # ModelConfig fields that are run-time switches, not shapes (a preset is matched on the rest).
 SWITCHES = ("moe_impl", "moe_block_size", "capacity_factor", "lb_loss_coef", "z_loss_coef",
@@ -70,3 +70,31 @@ def preset_config(preset: str, arg: str | None, **mesh: int) -> ml_collections.C
   if args.dtype:
     config.model.dtype = args.dtype
   return config
+
+
+def optim_config(model: Any, *, lr: float, warmup_steps: int, total_steps: int,
+                 final_lr_ratio: float, weight_decay: float, compute_dtype: str
+                 ) -> ml_collections.ConfigDict:
+  """The `optim` section (AdamW + warmup/cosine, train/optim.py) shared by SFT and RL configs.
+
+  compute_dtype "bfloat16": bf16 forward on fp32 master params. The MoE aux coefficients follow
+  the model section; expert_bias_rate is the aux-loss-free router-bias step (0 = off).
+  """
+  return ml_collections.ConfigDict(dict(
+      lr=lr, warmup_steps=warmup_steps, total_steps=total_steps,
+      final_lr_ratio=final_lr_ratio, clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,
+      weight_decay=weight_decay, grad_accum=1, compute_dtype=compute_dtype,
+      lb_coef=model.get("lb_loss_coef", 1e-3), z_coef=model.get("z_loss_coef", 1e-4),
+      expert_bias_rate=1e-3))
+
+
+def curriculum_config(limits: str, stage_steps: int, name: str) -> ml_collections.ConfigDict:
+  """The `curriculum` section from `limits=A:B:C`: one stage per rollout time limit (seconds),
+  `stage_steps` steps each but the last (which runs to the end); one limit = RL at a fixed
+  limit (the ablation's baseline)."""
+  times = [float(x) for x in str(limits).split(":") if x.strip()]
+  if not times:
+    raise ValueError(f"{name}: limits={limits!r} must be colon-separated seconds, e.g. 20:40")
+  stages = [dict(time_limit_s=t, steps=stage_steps) for t in times[:-1]]
+  stages.append(dict(time_limit_s=times[-1]))
+  return ml_collections.ConfigDict(dict(window=4, stages=stages))

@@ -59,29 +59,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl.poll_s = 1.0
   config.rl.wait_timeout_s = 4 * 3600.0  # A stage's rollouts take hours.
 
-  config.curriculum = ml_collections.ConfigDict()
-  config.curriculum.window = 4
-  limits = [float(x) for x in str(args.limits).split(":") if x.strip()]
-  if not limits:
-    raise ValueError(f"rl_glm45_air: limits={args.limits!r} must be colon-separated seconds")
-  config.curriculum.stages = [dict(time_limit_s=t, steps=args.stage_steps) for t in limits[:-1]]
-  config.curriculum.stages.append(dict(time_limit_s=limits[-1]))
+  # `limits=A:B:C`: one stage per rollout time limit; one limit = fixed-limit RL.
+  config.curriculum = common.curriculum_config(args.limits, args.stage_steps, "rl_glm45_air")
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 1e-6
-  config.optim.warmup_steps = 5
-  config.optim.total_steps = args.steps
-  config.optim.final_lr_ratio = 0.5
-  config.optim.clip_norm = 1.0
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.95
-  config.optim.eps = 1e-8
-  config.optim.weight_decay = 0.0
-  config.optim.grad_accum = 1
-  config.optim.compute_dtype = "bfloat16"
-  config.optim.lb_coef = config.model.lb_loss_coef
-  config.optim.z_coef = config.model.z_loss_coef
-  config.optim.expert_bias_rate = 1e-3
+  config.optim = common.optim_config(config.model, lr=1e-6, warmup_steps=5,
+                                     total_steps=args.steps, final_lr_ratio=0.5,
+                                     weight_decay=0.0, compute_dtype="bfloat16")
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = args.steps

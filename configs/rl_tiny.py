@@ -65,31 +65,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl.poll_s = 0.2
   config.rl.wait_timeout_s = 900.0
 
-  config.curriculum = ml_collections.ConfigDict()
-  config.curriculum.window = 4        # Elements averaged by a promotion rule.
-  # `limits=A:B:C`: one stage per rollout time limit (seconds), `stage_steps` steps each but the
-  # last (which runs to the end); one limit = RL at a fixed limit (the ablation's baseline).
-  limits = [float(x) for x in str(args.limits).split(":") if x.strip()]
-  if not limits:
-    raise ValueError(f"rl_tiny: limits={args.limits!r} must be colon-separated seconds, e.g. 20:40")
-  config.curriculum.stages = [dict(time_limit_s=t, steps=args.stage_steps) for t in limits[:-1]]
-  config.curriculum.stages.append(dict(time_limit_s=limits[-1]))
+  # `limits=A:B:C`: one stage per rollout time limit; one limit = fixed-limit RL.
+  config.curriculum = common.curriculum_config(args.limits, args.stage_steps, "rl_tiny")
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 3e-4
-  config.optim.warmup_steps = 2
-  config.optim.total_steps = args.steps
-  config.optim.final_lr_ratio = 0.5
-  config.optim.clip_norm = 1.0
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.95
-  config.optim.eps = 1e-8
-  config.optim.weight_decay = 0.0
-  config.optim.grad_accum = 1
-  config.optim.compute_dtype = "float32"
-  config.optim.lb_coef = config.model.get("lb_loss_coef", 1e-3)
-  config.optim.z_coef = config.model.get("z_loss_coef", 1e-4)
-  config.optim.expert_bias_rate = 1e-3
+  config.optim = common.optim_config(config.model, lr=3e-4, warmup_steps=2,
+                                     total_steps=args.steps, final_lr_ratio=0.5,
+                                     weight_decay=0.0, compute_dtype="float32")
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = args.steps

@@ -47,21 +47,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.worker_count = 8       # Grain worker processes per host.
   config.data.strict = False
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 1e-5
-  config.optim.warmup_steps = 50
-  config.optim.total_steps = args.steps
-  config.optim.final_lr_ratio = 0.1
-  config.optim.clip_norm = 1.0
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.95
-  config.optim.eps = 1e-8
-  config.optim.weight_decay = 0.01
-  config.optim.grad_accum = 1
-  config.optim.compute_dtype = "bfloat16"  # bf16 forward on fp32 master params.
-  config.optim.lb_coef = config.model.lb_loss_coef
-  config.optim.z_coef = config.model.z_loss_coef
-  config.optim.expert_bias_rate = 1e-3
+  config.optim = common.optim_config(config.model, lr=1e-5, warmup_steps=50,
+                                     total_steps=args.steps, final_lr_ratio=0.1,
+                                     weight_decay=0.01, compute_dtype="bfloat16")
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = args.steps

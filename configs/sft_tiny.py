@@ -37,21 +37,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.data.worker_count = 0       # Grain worker processes (0 = in-process).
   config.data.strict = False         # True: a malformed record stops training.
 
-  config.optim = ml_collections.ConfigDict()
-  config.optim.lr = 3e-3
-  config.optim.warmup_steps = 10
-  config.optim.total_steps = args.steps  # Optimizer updates (train.steps / grad_accum).
-  config.optim.final_lr_ratio = 0.1
-  config.optim.clip_norm = 1.0
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.95
-  config.optim.eps = 1e-8
-  config.optim.weight_decay = 0.01
-  config.optim.grad_accum = 1
-  config.optim.compute_dtype = "float32"  # "bfloat16": bf16 forward on fp32 master params.
-  config.optim.lb_coef = config.model.get("lb_loss_coef", 1e-3)
-  config.optim.z_coef = config.model.get("z_loss_coef", 1e-4)
-  config.optim.expert_bias_rate = 1e-3   # Aux-loss-free balancing of the router bias; 0 = off.
+  # total_steps: optimizer updates (train.steps / grad_accum).
+  config.optim = common.optim_config(config.model, lr=3e-3, warmup_steps=10,
+                                     total_steps=args.steps, final_lr_ratio=0.1,
+                                     weight_decay=0.01, compute_dtype="float32")
 
   config.train = ml_collections.ConfigDict()
   config.train.steps = args.steps    # Train steps (batches); = total_steps * grad_accum.
