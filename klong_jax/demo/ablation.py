@@ -198,7 +198,7 @@ def collect(out: str, seeds: int, arms: Sequence[str]) -> dict[str, dict[int, di
       res = _finished(wd, arm)
       if res is not None:
         results[arm][seed] = {"reward": arm_reward(res, arm), "workdir": wd,
-                              "phases_s": res.get("phases_s"),
+                              "phases_s": res.get("phases_first_s") or res.get("phases_s"),
                               "rl_endings": res.get("rl_endings"),
                               "chunks": res.get("distill")}
   return results
