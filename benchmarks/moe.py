@@ -10,11 +10,9 @@ Writes JSON (atomically) with absolute numbers and ratios vs the dense reference
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
-import tempfile
 import time
 
 import jax
@@ -23,6 +21,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import _results  # noqa: E402
 from klong_jax.model import moe_dispatch  # noqa: E402
 from klong_jax.model.config import get_preset  # noqa: E402
 from klong_jax.model.transformer import Transformer  # noqa: E402
@@ -94,12 +93,7 @@ def main() -> None:
       "expert_paths": {"shape": shape, "dtype": "float32", "results": bench_paths(**shape)},
       "presets": {"tiny": bench_preset("tiny", 8, 128), "small": bench_preset("small", 8, 128)},
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(args.out)), suffix=".tmp")
-  with os.fdopen(fd, "w") as f:
-    json.dump(report, f, indent=2)
-  os.replace(tmp, args.out)
-  print(f"wrote {args.out}")
+  _results.write_json(args.out, report, indent=2)
 
 
 if __name__ == "__main__":

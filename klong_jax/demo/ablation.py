@@ -7,7 +7,10 @@ held-out reward after the arm, per seed:
   truncated  SFT on the first max_len tokens of each trajectory only (no splitting),
   split      trajectory-splitting SFT (the same distilled data, the same steps),
   rl_prog    split SFT + progressive RL (the config's stages of growing time limits),
-  rl_fixed   split SFT + RL at the final time limit from the start (one stage, same steps).
+  rl_fixed   split SFT + RL at the final time limit from the start (one stage, same steps),
+  rl_prog_no_r3  rl_prog with MoE routing replay (R3) off in the trainer and its workers: R3 on
+             vs off on the same SFT checkpoint (the RL arms take `rl.routing_replay` from the
+             config, default on; each RL arm also records the sampler-vs-trainer mismatch).
 Every arm of a seed shares that seed's tokenizer and distilled trajectories; the RL arms start
 from the split arm's checkpoint. Each arm is a `klong_jax.demo` run in its own dir (phases that
 finished are skipped on a re-run, so an interrupted ablation resumes). Writes
@@ -26,12 +29,14 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from klong_jax import config_util
+from klong_jax import config_util, fileio
 from klong_jax.demo import pipeline
 
-ARMS = ("truncated", "split", "rl_prog", "rl_fixed")
+ARMS = ("truncated", "split", "rl_prog", "rl_fixed", "rl_prog_no_r3")
 LABELS = {"truncated": "SFT, truncated (no splitting)", "split": "SFT, trajectory splitting",
-          "rl_prog": "split SFT + progressive RL", "rl_fixed": "split SFT + fixed-limit RL"}
+          "rl_prog": "split SFT + progressive RL", "rl_fixed": "split SFT + fixed-limit RL",
+          "rl_prog_no_r3": "split SFT + progressive RL, no routing replay"}
+MISMATCH = ("logprob_gap_mean", "logprob_gap_max", "kl_max", "routing_flip")
 _FLAGS: dict[str, Any] = {}
 
 
@@ -69,6 +74,8 @@ def arm_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_colle
     c.stop_after = "eval_rl"
     if arm == "rl_fixed":  # One stage at the final limit from the start.
       c.rl.args.limits = f"{stage_limits(c)[-1]:g}"
+    elif arm == "rl_prog_no_r3":
+      c.rl.routing_replay = False
   return c
 
 
@@ -120,6 +127,11 @@ def table(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     rows[arm] = {"label": LABELS[arm], "seeds": {str(s): r for s, r in sorted(by_seed.items())},
                  "rewards": vals, "mean": m, "se": se,
                  "spread": (max(vals) - min(vals)) if vals else float("nan")}
+    mms = [r["rl_mismatch"] for _, r in sorted(by_seed.items()) if r.get("rl_mismatch")]
+    if mms:  # Mean over seeds of each run's sampler-vs-trainer figures.
+      rows[arm]["rl_mismatch"] = {k: mean_se([float(m[k]) for m in mms
+                                              if not math.isnan(float(m.get(k, math.nan)))])[0]
+                                  for k in MISMATCH}
   out: dict[str, Any] = {"arms": rows}
   if "split" in rows and "truncated" in rows:
     gain = rows["split"]["mean"] - rows["truncated"]["mean"]
@@ -127,6 +139,8 @@ def table(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
     out["split_minus_truncated"] = gain
     out["seed_spread"] = spread
     out["split_beats_truncated_by_more_than_spread"] = bool(gain > spread)
+  if "rl_prog" in rows and "rl_prog_no_r3" in rows:
+    out["r3_minus_no_r3"] = rows["rl_prog"]["mean"] - rows["rl_prog_no_r3"]["mean"]
   return out
 
 
@@ -146,6 +160,16 @@ def markdown(t: dict[str, Any], note: str = "") -> str:
                  f"(max - min) of the two arms: {t['seed_spread']:.3f}; "
                  "split wins by more than the spread: "
                  f"{t['split_beats_truncated_by_more_than_spread']}.")
+  mm = [(r["label"], r["rl_mismatch"]) for r in t["arms"].values() if r.get("rl_mismatch")]
+  if mm:
+    lines += ["", "Sampler vs trainer during RL (mean over seeds; |dlogp| per loss token, first "
+              "update of each step; routing flips: recorded selections the trainer would change):",
+              "", "| arm | mean abs dlogp | max abs dlogp | KL max | routing flips |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {label} | {m['logprob_gap_mean']:.4f} | {m['logprob_gap_max']:.2f} | "
+              f"{m['kl_max']:.2f} | {m['routing_flip']:.1%} |" for label, m in mm]
+  if "r3_minus_no_r3" in t:
+    lines += ["", f"R3 on - off (held-out reward): {t['r3_minus_no_r3']:+.3f}."]
   if note:
     lines += ["", note]
   return "\n".join(lines) + "\n"
@@ -172,13 +196,6 @@ def plot(t: dict[str, Any], path: str) -> str:
   return path
 
 
-def _write(path: str, text: str) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def _finished(wd: str, arm: str) -> dict[str, Any] | None:
   """The summary of an arm another process finished (None if it has not)."""
   path = os.path.join(wd, "summary.json")
@@ -200,6 +217,7 @@ def collect(out: str, seeds: int, arms: Sequence[str]) -> dict[str, dict[int, di
         results[arm][seed] = {"reward": arm_reward(res, arm), "workdir": wd,
                               "phases_s": res.get("phases_first_s") or res.get("phases_s"),
                               "rl_endings": res.get("rl_endings"),
+                              "rl_mismatch": res.get("rl_mismatch"),
                               "chunks": res.get("distill")}
   return results
 
@@ -213,7 +231,8 @@ def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[st
   bad = [a for a in arms if a not in ARMS]
   if bad:
     raise ValueError(f"unknown ablation arms {bad}; choose from {ARMS}")
-  order = [a for a in ("split", "truncated", "rl_prog", "rl_fixed") if a in arms]
+  order = [a for a in ARMS if a in arms and a != "split"]
+  order = (["split"] if "split" in arms else []) + order
   if any(a != "split" for a in order) and "split" not in order:
     order.insert(0, "split")  # The others share its distillation (and RL its checkpoint).
   for seed in range(seeds):
@@ -224,13 +243,12 @@ def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[st
       wd = prepare_arm(root, arm)
       print(f"== ablation seed {seed}, arm {arm}: {wd}", flush=True)
       pipeline.run(arm_config(base, arm, seed), wd)
-      _write(os.path.join(out, "ablation.json"),
-             json.dumps(table(collect(out, seeds, arms)), indent=2, default=str) + "\n")
+      fileio.atomic_write_json(os.path.join(out, "ablation.json"), table(collect(out, seeds, arms)))
   results = collect(out, seeds, arms)  # Read at the end: other processes' seeds count too.
   t = table(results)
-  _write(os.path.join(out, "ablation.md"), markdown(t))
+  fileio.atomic_write_text(os.path.join(out, "ablation.md"), markdown(t))
   t["plot"] = plot(t, os.path.join(out, "ablation.png"))
-  _write(os.path.join(out, "ablation.json"), json.dumps(t, indent=2, default=str) + "\n")
+  fileio.atomic_write_json(os.path.join(out, "ablation.json"), t)
   return t
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 import ml_collections
 
-from klong_jax import config_util
+from klong_jax import config_util, fileio
 from klong_jax.demo import domain_tokenizer, rewards, summary
 from klong_jax.launch import experiment as xp
 from klong_jax.launch import procs
@@ -184,8 +184,12 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
       f.write("ok\n")
   rl_stream = rewards.read_rewards(os.path.join(rl_dir, "stream"))
   out["rl_endings"] = rewards.endings_by_stage(os.path.join(rl_dir, "stream"))
+  out["rl_mismatch"] = summary.trainer_mismatch(_rl_metrics(rl_dir))
+  mm = out["rl_mismatch"]
   prog.end(f"{len(rl_stream.rewards)} trajectories, mean reward {rl_stream.mean:.3f}; "
-           f"{rewards.format_endings(out['rl_endings'])}")
+           f"{rewards.format_endings(out['rl_endings'])}; sampler-vs-trainer |dlogp| "
+           f"{mm['logprob_gap_mean']:.4f} (max {mm['logprob_gap_max']:.2f}), KL max "
+           f"{mm['kl_max']:.2f}, routing flips {mm['routing_flip']:.1%}")
 
   prog.start("eval_rl", "RL policy on held-out tasks")
   ev_rl = _evaluate(c, os.path.join(workdir, "eval_rl"), os.path.join(rl_dir, "policy"), tok,
@@ -225,7 +229,7 @@ def _finish(workdir: str, out: dict[str, Any], prog: summary.Progress) -> dict[s
       old = json.load(f)
     first = dict(old.get("phases_first_s") or old.get("phases_s") or {})
   out["phases_first_s"] = {**dict(prog.done), **first}
-  _write_json(os.path.join(workdir, "summary.json"), out)
+  fileio.atomic_write_json(os.path.join(workdir, "summary.json"), out)
   return out
 
 
@@ -299,10 +303,3 @@ def _summarize(workdir: str, rl_dir: str, teacher: rewards.RewardStats,
           "heldout_sft_n": len(ev_sft.rewards), "heldout_rl_n": len(ev_rl.rewards),
           "rl_rollouts": len(rl_stream.rewards),
           "rl_rollout_mean": rl_stream.mean, "rl_trainer_last": last, "plot": png}
-
-
-def _write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=2, default=str)
-  os.replace(tmp, path)

@@ -24,6 +24,30 @@ def _cell(v: Any) -> str:
   return str(v)
 
 
+def trainer_mismatch(hist: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Sampler-vs-trainer agreement over an RL run's train-step records (metrics.jsonl): the
+  figures routing replay (R3) is judged by. `logprob_gap_mean`: mean over steps of the first
+  update's mean |trainer - sampler logprob| per loss token (staleness included);
+  `logprob_gap_max`/`kl_max`: the largest over the run; `routing_flip`: mean share of recorded
+  (token, layer) selections the trainer would have routed elsewhere (only with R3 on)."""
+  steps = [h for h in hist if "loss" in h]
+
+  def col(*keys: str) -> list[float]:
+    return [float(next(h[k] for k in keys if k in h)) for h in steps
+            if any(k in h for k in keys)]
+
+  def agg(vals: list[float], fn: Any) -> float:
+    return float(fn(vals)) if vals else float("nan")
+
+  mean = lambda v: sum(v) / len(v)  # noqa: E731
+  return {"steps": float(len(steps)),
+          "logprob_gap_mean": agg(col("ppo/logprob_gap_mean_first", "logprob_gap_mean"), mean),
+          "logprob_gap_max": agg(col("logprob_gap_max"), max),
+          "kl_max": agg(col("kl_max"), max),
+          "kl_mean": agg(col("kl"), mean),
+          "routing_flip": agg(col("routing_flip"), mean)}
+
+
 def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
                  title: str = "") -> str:
   """Rows of dicts as an aligned text table; `columns` picks and orders the keys."""

@@ -21,10 +21,11 @@ from absl import logging
 from klong_jax.agent import scaffold
 from klong_jax.eval import timeline as tl
 from klong_jax.eval.scores import score_tree
+from klong_jax.fileio import atomic_write_text
 from klong_jax.grading import reproduce as reproduce_lib
 from klong_jax.grading.grade import grade_submission
 from klong_jax.grading.judge_queue import EVAL_PRIORITY
-from klong_jax.grading.rubric import atomic_write_text, report, save_rubric
+from klong_jax.grading.rubric import report, save_rubric
 from klong_jax.rollout import episode
 from klong_jax.rollout.episode_config import ROLE_DEFAULTS, EpisodeConfig
 from klong_jax.sandbox import base as sandbox_lib

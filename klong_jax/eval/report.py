@@ -13,7 +13,8 @@ from typing import Any
 from klong_jax.eval import plots
 from klong_jax.eval import scores as scores_lib
 from klong_jax.eval.timeline import format_duration
-from klong_jax.grading.rubric import CATEGORIES, atomic_write_text
+from klong_jax.fileio import atomic_write_text
+from klong_jax.grading.rubric import CATEGORIES
 
 
 def pct(v: float | None) -> str:

@@ -26,7 +26,8 @@ from absl import logging
 
 from klong_jax.eval import pair as pair_lib
 from klong_jax.eval import scores as scores_lib
-from klong_jax.grading.rubric import atomic_write_text, code_dev_only, rubric_from_dict
+from klong_jax.fileio import atomic_write_text
+from klong_jax.grading.rubric import code_dev_only, rubric_from_dict
 from klong_jax.rollout import episode_config
 from klong_jax.rollout.episode_config import ROLE_DEFAULTS, EpisodeConfig
 from klong_jax.tasks import Task, TaskError, list_tasks, load_task

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from klong_jax.fileio import atomic_write_text
 from klong_jax.grading.checks import CheckError, validate_check
 
 CODE_DEVELOPMENT = "Code Development"
@@ -204,21 +203,6 @@ def load_rubric(path: str) -> RubricNode:
 
 def load_graded(path: str) -> GradedNode:
   return graded_from_dict(_read_json(path))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-  """Writes `text` to `path` through a temp file + rename so readers never see a partial file."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-" + os.path.basename(path))
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
 
 
 def save_rubric(node: RubricNode | GradedNode, path: str) -> None:

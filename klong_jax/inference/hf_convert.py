@@ -16,7 +16,6 @@ import dataclasses
 import json
 import os
 import pathlib
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,6 +24,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
+from klong_jax import fileio
 from klong_jax.config_util import parse_mesh
 from klong_jax.inference import reload
 from klong_jax.model.config import ModelConfig, from_config_dict
@@ -41,12 +41,6 @@ from klong_jax.model.hf import (
 from klong_jax.parallel.mesh import make_mesh
 
 
-def _write_json_atomic(path: pathlib.Path, data: Any) -> None:
-  tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-  tmp.write_text(json.dumps(data, indent=1))
-  os.replace(tmp, path)
-
-
 def convert_import(import_dir: str | os.PathLike, out: str | os.PathLike, version: int = 0,
                    mesh: jax.sharding.Mesh | None = None, params_only: bool = False,
                    **overrides: Any) -> pathlib.Path:
@@ -59,8 +53,9 @@ def convert_import(import_dir: str | os.PathLike, out: str | os.PathLike, versio
   model = import_hf(import_dir, mesh=mesh, **overrides)
   state = nnx.state(model, nnx.Param) if params_only else nnx.state(model)
   path = reload.save_policy(out, version, state.to_pure_dict())
-  _write_json_atomic(pathlib.Path(out) / "model_config.json", dataclasses.asdict(model.cfg))
-  _write_json_atomic(pathlib.Path(out) / ORIGINAL_CONFIG, read_hf_config(import_dir))
+  fileio.atomic_write_json(pathlib.Path(out) / "model_config.json",
+                           dataclasses.asdict(model.cfg), 1)
+  fileio.atomic_write_json(pathlib.Path(out) / ORIGINAL_CONFIG, read_hf_config(import_dir), 1)
   return path
 
 

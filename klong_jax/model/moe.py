@@ -135,6 +135,7 @@ class MoE(nnx.Module):
 
     `replay` [N,k] (routing replay): recorded expert ids that replace the top-k selection on
     tokens that have them (-1 rows: own top-k); the gate weights are still this router's scores.
+    aux "moe_replay_flip": share of recorded tokens whose own top-k set differs (0 without replay).
     """
     cfg = self.cfg
     logits = jnp.einsum("nd,de->ne", x.astype(jnp.float32),
@@ -143,10 +144,13 @@ class MoE(nnx.Module):
     bias = self.expert_bias_e[...] if cfg.router_bias else None
     idx, w = moe_router.select_experts(scores, bias, cfg.num_experts_per_tok,
                                        cfg.norm_topk_prob, cfg.routed_scaling_factor)
+    flip = jnp.zeros((), jnp.float32)
     if replay is not None:
+      flip = moe_router.replay_flip_share(idx, replay, cfg.num_experts)
       idx = moe_router.replay_experts(idx, replay, cfg.num_experts)
       w = moe_router.gate_weights(scores, idx, cfg.norm_topk_prob, cfg.routed_scaling_factor)
-    aux = {"moe_lb_loss": moe_router.load_balancing_loss(scores, idx),
+    aux = {"moe_replay_flip": flip,
+           "moe_lb_loss": moe_router.load_balancing_loss(scores, idx),
            "router_z_loss": moe_router.router_z_loss(logits),
            "moe_expert_load": moe_router.expert_load(idx, cfg.num_experts)}
     return idx, w, aux

@@ -45,6 +45,15 @@ def replay_experts(idx: jax.Array, replay: jax.Array, num_experts: int) -> jax.A
   return jnp.where(recorded, replay, idx)
 
 
+def replay_flip_share(own: jax.Array, replay: jax.Array, num_experts: int) -> jax.Array:
+  """Share of tokens with a full valid record whose own top-k set [N,k] differs from the recorded
+  set: the selections routing replay overrides (sampler-vs-trainer routing drift)."""
+  replay = replay.astype(jnp.int32)
+  recorded = jnp.all((replay >= 0) & (replay < num_experts), axis=-1)
+  differs = jnp.any(jnp.sort(own, axis=-1) != jnp.sort(replay, axis=-1), axis=-1) & recorded
+  return differs.sum().astype(jnp.float32) / jnp.maximum(recorded.sum(), 1).astype(jnp.float32)
+
+
 def expert_load(idx: jax.Array, num_experts: int) -> jax.Array:
   """Fraction of the N*k routed slots that went to each expert, [E] (sums to 1)."""
   counts = jnp.zeros((num_experts,), jnp.float32).at[idx.reshape(-1)].add(1.0)

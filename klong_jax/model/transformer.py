@@ -20,7 +20,7 @@ from klong_jax.model.config import ModelConfig
 from klong_jax.model.layers import MLP, Embedder, RMSNorm, constrain
 from klong_jax.model.moe import MoE
 
-AUX_SCALARS = ("moe_lb_loss", "router_z_loss", "moe_drop_rate")
+AUX_SCALARS = ("moe_lb_loss", "router_z_loss", "moe_drop_rate", "moe_replay_flip")
 
 
 @struct.dataclass
@@ -133,7 +133,8 @@ class Transformer(nnx.Module):
     (gate weights still from this router, so it gets gradients); -1 = not recorded.
 
     aux: "moe_lb_loss", "router_z_loss", "moe_drop_rate" (fraction of routed copies dropped by
-    moe_impl="capacity") (scalars, mean over MoE layers; 0 without MoE layers) and
+    moe_impl="capacity"), "moe_replay_flip" (with `routing`: share of recorded tokens whose own
+    top-k differs from the replayed ids) (scalars, mean over MoE layers; 0 without MoE layers) and
     "moe_expert_load" ([num_moe_layers, E] fraction of routed slots per expert) and
     "moe_routing" ([B,T,num_moe_layers,k] int32 expert ids each token used).
     """

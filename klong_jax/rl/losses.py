@@ -105,7 +105,10 @@ def ppo_loss(
   denom = jnp.maximum(weights.sum(), 1.0)
   is_clipped = ((advantages > 0) & (ratio > 1.0 + clip_high)) | (
       (advantages < 0) & (ratio < 1.0 - clip_low))
+  gap = jnp.abs(log_ratio)  # Sampler-vs-trainer logprob mismatch (+ staleness) per loss token.
   metrics.update({
+      "logprob_gap_mean": (gap * weights).sum() / denom,
+      "logprob_gap_max": jnp.where(live, gap, 0.0).max(),
       "loss_tokens": weights.sum(),
       "ratio_mean": (ratio * weights).sum() / denom,
       "clip_frac": (is_clipped * weights).sum() / denom,

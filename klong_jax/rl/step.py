@@ -89,6 +89,9 @@ def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_para
     real = batch["segment_ids"] > 0
     recorded = jnp.all(routing >= 0, axis=(2, 3)) & real
     m["routing_replayed"] = recorded.sum() / jnp.maximum(real.sum(), 1)
+    # Share of recorded (token, MoE layer) selections this trainer would have routed elsewhere:
+    # the drift replay removes (mean over layers).
+    m["routing_flip"] = jnp.asarray(aux["moe_replay_flip"], jnp.float32)
   return loss, m
 
 
@@ -193,16 +196,20 @@ def update_plan(loss_mask: np.ndarray, *, mb_rows: int, epochs: int, seed: int, 
 
 def combine_update_metrics(ms: Sequence[Mapping[str, Any]], epochs: int = 1) -> dict[str, Any]:
   """One metrics row for an element trained in several updates: processed `tokens` summed, loss
-  tokens counted once per epoch pass, `kl_max` the max, everything else averaged; `ppo/*` keeps
-  the first update (on-policy: ratio ~1) and the last (how far the epochs moved the policy)."""
+  tokens counted once per epoch pass, `kl_max`/`logprob_gap_max` the max, everything else
+  averaged; `ppo/*` keeps the first update (on-policy: ratio ~1, so its logprob gap is the
+  sampler-vs-trainer mismatch + staleness) and the last (how far the epochs moved the policy)."""
   if len(ms) == 1:
     return dict(ms[0])
   out = {k: float(np.mean([float(m[k]) for m in ms])) for k in ms[0]}
   out["tokens"] = float(sum(float(m["tokens"]) for m in ms))
   out["loss_tokens"] = float(sum(float(m["loss_tokens"]) for m in ms)) / epochs
   out["ppo/updates"] = float(len(ms))
-  if "kl_max" in ms[0]:
-    out["kl_max"] = max(float(m["kl_max"]) for m in ms)
-  for k in ("ratio_mean", "clip_frac", "kl"):
+  for k in ("kl_max", "logprob_gap_max"):
+    if k in ms[0]:
+      out[k] = max(float(m[k]) for m in ms)
+  for k in ("ratio_mean", "clip_frac", "kl", "logprob_gap_mean"):
+    if k not in ms[0]:
+      continue
     out[f"ppo/{k}_first"], out[f"ppo/{k}_last"] = float(ms[0][k]), float(ms[-1][k])
   return out

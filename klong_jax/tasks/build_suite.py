@@ -18,7 +18,8 @@ import sys
 
 import yaml
 
-from klong_jax.grading.rubric import atomic_write_text, rubric_from_dict
+from klong_jax.fileio import atomic_write_text
+from klong_jax.grading.rubric import rubric_from_dict
 from klong_jax.tasks.families import (
     FAMILIES,
     METRICS_FILE,

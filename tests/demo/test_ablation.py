@@ -21,6 +21,12 @@ def test_arm_configs_differ_only_where_the_ablation_says():
   assert len(limits) > 1 and ablation.stage_limits(prog) == limits
   assert ablation.stage_limits(fixed) == limits[-1:]  # the final limit from the start
   assert fixed.rl.args.to_dict() == {**base.rl.args.to_dict(), "limits": f"{limits[-1]:g}"}
+  no_r3 = ablation.arm_config(base, "rl_prog_no_r3", 2)
+  assert base.rl.routing_replay is True and prog.rl.routing_replay is True
+  assert no_r3.rl.routing_replay is False
+  assert ablation.stage_limits(no_r3) == limits and no_r3.stop_after == prog.stop_after
+  no_r3.rl.routing_replay = True
+  assert no_r3.to_dict() == prog.to_dict()  # R3 is the only difference
   assert base.to_dict() == demo_config.get_config("").to_dict()  # arms copy, never edit, base
 
 
@@ -35,6 +41,21 @@ def test_table_reports_mean_se_and_the_spread_check():
   res["split"][1]["reward"] = 0.2  # a seed that loses: the claim must fail, not be tuned
   assert not ablation.table(res)["split_beats_truncated_by_more_than_spread"]
   assert "± " in ablation.markdown(t)
+
+
+def test_table_compares_routing_replay_on_and_off():
+  def rec(r, flip=None):
+    mm = {"logprob_gap_mean": 0.01, "logprob_gap_max": 1.0, "kl_max": 2.0,
+          "routing_flip": float("nan") if flip is None else flip}
+    return {"reward": r, "rl_mismatch": mm}
+  res = {"rl_prog": {0: rec(0.5, 0.2), 1: rec(0.4, 0.4)},
+         "rl_prog_no_r3": {0: rec(0.3), 1: rec(0.4)}}
+  t = ablation.table(res)
+  assert math.isclose(t["r3_minus_no_r3"], 0.1)
+  assert math.isclose(t["arms"]["rl_prog"]["rl_mismatch"]["routing_flip"], 0.3)
+  assert math.isnan(t["arms"]["rl_prog_no_r3"]["rl_mismatch"]["routing_flip"])
+  md = ablation.markdown(t)
+  assert "routing flips" in md and "R3 on - off (held-out reward): +0.100" in md
 
 
 @pytest.mark.subprocess

@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from klong_jax.demo import summary
 
 
@@ -63,3 +65,20 @@ def test_progress_eta_not_swung_by_a_tiny_phase():
   assert 1150.0 < p.eta() < 1200.0
   p.done["tok"] = 2.0
   assert p.eta() == 1200.0
+
+
+def test_trainer_mismatch_digests_rl_metrics():
+  hist = [{"stage": "stage 1 starts"},  # event rows (no "loss") are not train steps
+          {"loss": 1.0, "ppo/logprob_gap_mean_first": 0.02, "logprob_gap_mean": 0.05,
+           "logprob_gap_max": 1.5, "kl_max": 3.0, "kl": 0.01, "routing_flip": 0.1},
+          {"loss": 1.0, "logprob_gap_mean": 0.04, "logprob_gap_max": 0.5, "kl_max": 12.0,
+           "kl": 0.03, "routing_flip": 0.3}]
+  m = summary.trainer_mismatch(hist)
+  assert m["steps"] == 2.0
+  assert m["logprob_gap_mean"] == pytest.approx(0.03)  # first update's gap where logged
+  assert m["logprob_gap_max"] == 1.5 and m["kl_max"] == 12.0
+  assert m["kl_mean"] == pytest.approx(0.02) and m["routing_flip"] == pytest.approx(0.2)
+  off = summary.trainer_mismatch([{k: v for k, v in h.items() if k != "routing_flip"}
+                                  for h in hist])
+  assert math.isnan(off["routing_flip"]) and off["kl_max"] == 12.0
+  assert math.isnan(summary.trainer_mismatch([])["logprob_gap_mean"])

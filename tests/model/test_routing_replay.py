@@ -32,6 +32,10 @@ def test_replaying_own_routing_is_exact(scan):
   replayed, aux2 = model(tokens, positions, routing=aux["moe_routing"])
   np.testing.assert_array_equal(np.asarray(replayed), np.asarray(logits))
   np.testing.assert_array_equal(np.asarray(aux2["moe_routing"]), np.asarray(aux["moe_routing"]))
+  assert float(aux["moe_replay_flip"]) == 0.0 and float(aux2["moe_replay_flip"]) == 0.0
+  # The same experts recorded in another order are the same selection: no flip counted.
+  _, aux3 = model(tokens, positions, routing=aux["moe_routing"][..., ::-1])
+  assert float(aux3["moe_replay_flip"]) == 0.0
 
 
 def test_replaying_other_ids_changes_selection_and_router_still_learns():
@@ -46,6 +50,12 @@ def test_replaying_other_ids_changes_selection_and_router_still_learns():
   np.testing.assert_array_equal(used[1], np.asarray(other)[1])
   np.testing.assert_array_equal(used[0, 3:], np.asarray(other)[0, 3:])
   assert not np.allclose(np.asarray(replayed), np.asarray(logits))
+  # Every recorded token's set differs from its own top-k; unrecorded ones are not counted.
+  assert float(aux2["moe_replay_flip"]) == 1.0
+  shifted = (aux["moe_routing"] + 1) % e
+  half = jnp.where(jnp.arange(12)[None, :, None, None] % 2 == 0, shifted, aux["moe_routing"])
+  _, aux4 = model(tokens, positions, routing=half)
+  assert float(aux4["moe_replay_flip"]) == pytest.approx(0.5)
 
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 

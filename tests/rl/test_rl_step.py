@@ -164,12 +164,13 @@ def test_overflowing_element_is_trained_in_evenly_filled_updates():
 
 def test_combine_update_metrics():
   ms = [dict(tokens=10.0, loss_tokens=4.0, ratio_mean=1.0, clip_frac=0.0, kl=0.0, loss=1.0,
-             kl_max=9.0),
+             kl_max=9.0, logprob_gap_mean=0.01, logprob_gap_max=0.2),
         dict(tokens=10.0, loss_tokens=4.0, ratio_mean=1.2, clip_frac=0.5, kl=0.1, loss=3.0,
-             kl_max=0.5)]
+             kl_max=0.5, logprob_gap_mean=0.3, logprob_gap_max=2.5)]
   m = rl_step.combine_update_metrics(ms + ms, epochs=2)
   assert m["tokens"] == 40.0 and m["loss_tokens"] == 8.0 and m["loss"] == 2.0
-  assert m["kl_max"] == 9.0
+  assert m["kl_max"] == 9.0 and m["logprob_gap_max"] == 2.5
+  assert m["ppo/logprob_gap_mean_first"] == 0.01 and m["ppo/logprob_gap_mean_last"] == 0.3
   assert m["ppo/updates"] == 4 and m["ppo/ratio_mean_first"] == 1.0
   assert m["ppo/clip_frac_last"] == 0.5
   assert rl_step.combine_update_metrics(ms[:1]) == ms[0]
@@ -186,13 +187,17 @@ def test_routing_replay_in_the_rl_loss(setup):
   own = np.asarray(aux["moe_routing"], np.int16)
   m = _metrics((graphdef, params, rest, dict(batch, routing=own)), temperature=T)
   assert m["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and m["routing_replayed"] == 1.0
+  assert m["routing_flip"] == 0.0 and m["logprob_gap_max"] < 1e-5
   other = ((own + 1) % 8).astype(np.int16)
   other[:, :8] = -1  # Not recorded: own top-k.
   moved = _metrics((graphdef, params, rest, dict(batch, routing=other)), temperature=T)
   assert abs(moved["ratio_mean"] - 1.0) > 1e-4
   assert moved["routing_replayed"] == pytest.approx(1 - 8 / L)
+  assert moved["routing_flip"] == 1.0  # Every recorded selection is one this router would not make.
+  assert moved["logprob_gap_max"] >= moved["logprob_gap_mean"] > 1e-4
   off = _metrics((graphdef, params, rest, dict(batch, routing=other)), temperature=T,
                  routing_replay=False)
   assert off["ratio_mean"] == pytest.approx(1.0, abs=1e-5) and "routing_replayed" not in off
+  assert "routing_flip" not in off
   assert rl_step.batch_keys(_rl())[-1] == "routing"
   assert "routing" not in rl_step.batch_keys(_rl(routing_replay=False))
