@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import fastapi
@@ -29,8 +28,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from klong_jax.data import routing as routing_lib
-from klong_jax.inference import protocol, serve_config
-from klong_jax.inference.engine import Completion, ContextLengthError, Engine, TokenEvent
+from klong_jax.inference import protocol, serve_config, sse
+from klong_jax.inference.engine import Completion, ContextLengthError, Engine
 from klong_jax.inference.sampler import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -266,90 +265,8 @@ class Server:
   # ---- streaming -----------------------------------------------------------------------------
 
   def stream(self, req: Any, prompt: list[int], chat: bool) -> StreamingResponse:
-    """SSE: one chunk per token (text delta, logprob, token id, version), then [DONE].
-
-    Chat requests with `tools` buffer the content and send content + tool_calls in the final
-    chunk, since tool-call markup can only be parsed once complete.
-    """
-    handles = [self.submit(prompt, self.sampling(req, i)) for i in range(req.n)]
-    rid = protocol.new_id("chatcmpl" if chat else "cmpl")
-    obj = "chat.completion.chunk" if chat else "text_completion"
-    buffered = chat and bool(req.tools)
-    want_lp = bool(req.logprobs) if chat else req.logprobs is not None
-
-    def chunk(choice: dict[str, Any], usage: dict | None = None,
-              version: int | None = None) -> str:
-      version = self.engine.policy_version if version is None else version
-      body = {"id": rid, "object": obj, "created": protocol.now(), "model": self.model_name,
-              "system_fingerprint": protocol.system_fingerprint(self.model_name, version),
-              "choices": [choice] if choice else []}
-      if usage is not None:
-        body["usage"] = usage
-      return f"data: {json.dumps(body)}\n\n"
-
-    def token_choice(i: int, ev: TokenEvent) -> dict[str, Any]:
-      has_tok = ev.token_id >= 0
-      ids = [ev.token_id] if has_tok else []
-      text = "" if buffered else ev.text
-      top = self.top_texts([ev.top_logprobs or []])
-      if chat:
-        choice = {"index": i, "delta": {"content": text}, "finish_reason": None}
-        if want_lp and has_tok:
-          choice["logprobs"] = protocol.chat_logprobs(self.token_texts(ids), [ev.logprob], top)
-      else:
-        choice = {"index": i, "text": text, "finish_reason": None}
-        if want_lp and has_tok:
-          choice["logprobs"] = protocol.completion_logprobs(self.token_texts(ids), [ev.logprob],
-                                                            top=top)
-      choice["token_ids"] = ids
-      choice["policy_version"] = ev.policy_version
-      return choice
-
-    def final_choice(i: int, c: Completion) -> dict[str, Any]:
-      reason = c.finish_reason
-      if chat:
-        delta: dict[str, Any] = {}
-        if buffered:
-          parsed = self.chat.parse_assistant(c.text)
-          delta["content"] = parsed.content or None
-          if parsed.tool_calls:
-            delta["tool_calls"] = [dict(tc, index=k) for k, tc in enumerate(parsed.tool_calls)]
-            reason = "tool_calls" if reason == "stop" else reason
-        choice = {"index": i, "delta": delta, "finish_reason": reason}
-      else:
-        choice = {"index": i, "text": "", "finish_reason": reason}
-      choice.update(self.extra(c, req.routed_experts_start))
-      choice.pop("token_ids")  # Already streamed one by one.
-      return choice
-
-    async def events() -> AsyncIterator[str]:
-      try:
-        if chat:
-          for i in range(len(handles)):
-            yield chunk({"index": i, "delta": {"role": "assistant", "content": ""},
-                         "finish_reason": None})
-        done: list[Completion] = []
-        for i, (_, queue) in enumerate(handles):
-          while True:
-            ev = await queue.get()
-            if isinstance(ev, Completion):
-              if ev.finish_reason == "error":
-                err = protocol.error_body(f"generation failed: {ev.error}", "server_error")
-                yield f"data: {json.dumps(err)}\n\n"
-                return
-              done.append(ev)
-              yield chunk(final_choice(i, ev))
-              break
-            yield chunk(token_choice(i, ev), version=ev.policy_version)
-        if (req.stream_options or {}).get("include_usage"):
-          yield chunk({}, protocol.usage(len(prompt), sum(len(c.token_ids) for c in done)))
-        yield "data: [DONE]\n\n"
-      finally:
-        for handle, _ in handles:
-          if not handle.done:
-            self.engine.cancel(handle)
-
-    return StreamingResponse(events(), media_type="text/event-stream")
+    """SSE response (inference/sse.py)."""
+    return sse.stream_response(self, req, prompt, chat)
 
   # ---- misc ----------------------------------------------------------------------------------
 
