@@ -81,11 +81,20 @@ def optim_config(model: Any, *, lr: float, warmup_steps: int, total_steps: int,
   the model section; expert_bias_rate is the aux-loss-free router-bias step (0 = off).
   """
   return ml_collections.ConfigDict(dict(
-      lr=lr, warmup_steps=warmup_steps, total_steps=total_steps,
-      final_lr_ratio=final_lr_ratio, clip_norm=1.0, b1=0.9, b2=0.95, eps=1e-8,
-      weight_decay=weight_decay, grad_accum=1, compute_dtype=compute_dtype,
-      lb_coef=model.get("lb_loss_coef", 1e-3), z_coef=model.get("z_loss_coef", 1e-4),
-      expert_bias_rate=1e-3))
+      lr=lr,                          # Peak learning rate (AdamW).
+      warmup_steps=warmup_steps,      # Linear warmup from 0 to lr.
+      total_steps=total_steps,        # Optimizer updates (train.steps / grad_accum).
+      final_lr_ratio=final_lr_ratio,  # Cosine decay ends at lr * final_lr_ratio.
+      clip_norm=1.0,                  # Global gradient-norm clip.
+      b1=0.9,                         # Adam beta1.
+      b2=0.95,                        # Adam beta2.
+      eps=1e-8,                       # Adam epsilon.
+      weight_decay=weight_decay,      # Decoupled weight decay (AdamW).
+      grad_accum=1,                   # Micro-batches summed per optimizer update.
+      compute_dtype=compute_dtype,    # "bfloat16": bf16 forward on fp32 master params.
+      lb_coef=model.get("lb_loss_coef", 1e-3),  # MoE load-balance loss weight (model section).
+      z_coef=model.get("z_loss_coef", 1e-4),    # Router z-loss weight (model section).
+      expert_bias_rate=1e-3))         # Aux-loss-free balancing of the router bias; 0 = off.
 
 
 def curriculum_config(limits: str, stage_steps: int, name: str) -> ml_collections.ConfigDict:
