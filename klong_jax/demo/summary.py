@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import statistics
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -39,7 +40,7 @@ def trainer_mismatch(hist: Sequence[Mapping[str, Any]]) -> dict[str, float]:
   def agg(vals: list[float], fn: Any) -> float:
     return float(fn(vals)) if vals else float("nan")
 
-  mean = lambda v: sum(v) / len(v)  # noqa: E731
+  mean = statistics.fmean
   return {"steps": float(len(steps)),
           "logprob_gap_mean": agg(col("ppo/logprob_gap_mean_first", "logprob_gap_mean"), mean),
           "logprob_gap_max": agg(col("logprob_gap_max"), max),
