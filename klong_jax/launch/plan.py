@@ -146,11 +146,10 @@ class CompiledStep:
   batch_sharding: Any
 
 
-def compile_step(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh: Any,
-                 rules: Sequence[tuple[str, Any]], batch: int, seq_len: int) -> CompiledStep:
-  """Lowers + compiles the real SFT step (`train.step.make_sft_step`) on abstract inputs."""
-  import time
-
+def _abstract_state(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh: Any,
+                    rules: Sequence[tuple[str, Any]]) -> tuple[Any, Any, Any, Any, Any]:
+  """(graphdef, TrainState of shapes, optimizer, state shardings, batch sharding) of the real
+  model and optimizer on `mesh`, without allocating anything."""
   import jax
   import jax.numpy as jnp
   from flax import nnx
@@ -168,9 +167,34 @@ def compile_step(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh: Any
   state_sh = step_lib.state_shardings(params, rest, tx, mesh, rules)
   shapes = step_lib.TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
                                opt_state=jax.eval_shape(tx.init, params), rest=rest)
+  return graphdef, shapes, tx, state_sh, rules_lib.batch_sharding(mesh, rules)
+
+
+def _persistent(shapes: Any, state_sh: Any, batch_abs: Mapping[str, Any], batch_sh: Any
+                ) -> dict[str, float]:
+  """Per-device bytes of what lives across steps: params, optimizer, model state, the batch."""
+  return {
+      "params": _sharded_bytes(shapes.params, state_sh.params),
+      "optimizer": _sharded_bytes(shapes.opt_state, state_sh.opt_state),
+      "model_state": _sharded_bytes((shapes.step, shapes.rest), (state_sh.step, state_sh.rest)),
+      "batch_inputs": _sharded_bytes(batch_abs, {k: batch_sh for k in batch_abs}),
+  }
+
+
+def compile_step(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh: Any,
+                 rules: Sequence[tuple[str, Any]], batch: int, seq_len: int) -> CompiledStep:
+  """Lowers + compiles the real SFT step (`train.step.make_sft_step`) on abstract inputs."""
+  import time
+
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from klong_jax.train import step as step_lib
+
+  graphdef, shapes, tx, state_sh, batch_sh = _abstract_state(model_cfg, optim_cfg, mesh, rules)
   state_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                            shapes, state_sh)
-  batch_sh = rules_lib.batch_sharding(mesh, rules)
   rows = math.prod(mesh.shape[a] for a in _flat(batch_sh.spec[0]))
   if batch % rows:
     raise ValueError(f"--batch={batch} does not divide over the batch mesh axes "
@@ -182,13 +206,8 @@ def compile_step(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh: Any
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     compiled = step.jitted.lower(state_abs, batch_abs).compile()
   seconds = time.perf_counter() - t0
-  persistent = {
-      "params": _sharded_bytes(shapes.params, state_sh.params),
-      "optimizer": _sharded_bytes(shapes.opt_state, state_sh.opt_state),
-      "model_state": _sharded_bytes((shapes.step, shapes.rest), (state_sh.step, state_sh.rest)),
-      "batch_inputs": _sharded_bytes(batch_abs, {k: batch_sh for k in batch_abs}),
-  }
-  return CompiledStep(compiled, persistent, seconds, graphdef, tx, state_sh, batch_sh)
+  return CompiledStep(compiled, _persistent(shapes, state_sh, batch_abs, batch_sh), seconds,
+                      graphdef, tx, state_sh, batch_sh)
 
 
 def _flat(axes: Any) -> tuple[str, ...]:
@@ -276,26 +295,12 @@ def _persistent_only(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh:
   """Per-device params / optimizer / model-state / batch bytes from abstract shapes alone."""
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
-  from klong_jax.model.transformer import Transformer
-  from klong_jax.parallel import rules as rules_lib
-  from klong_jax.train import optim
   from klong_jax.train import step as step_lib
 
-  rules_lib.check_divisible(model_cfg, mesh, rules)
-  with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=nnx.Rngs(0)))
-  _, params, rest = step_lib.split_model(abstract)
-  tx = optim.make_optimizer(optim_cfg)
-  sh = step_lib.state_shardings(params, rest, tx, mesh, rules)
-  batch_sh = rules_lib.batch_sharding(mesh, rules)
+  _, shapes, _, state_sh, batch_sh = _abstract_state(model_cfg, optim_cfg, mesh, rules)
   batch_abs = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp.int32) for k in step_lib.BATCH_KEYS}
-  return {"params": _sharded_bytes(params, sh.params),
-          "optimizer": _sharded_bytes(jax.eval_shape(tx.init, params), sh.opt_state),
-          "model_state": _sharded_bytes((jax.ShapeDtypeStruct((), jnp.int32), rest),
-                                        (sh.step, sh.rest)),
-          "batch_inputs": _sharded_bytes(batch_abs, {k: batch_sh for k in batch_abs})}
+  return _persistent(shapes, state_sh, batch_abs, batch_sh)
 
 
 def device_env(num_devices: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
