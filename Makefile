@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export XLA_FLAGS ?= --xla_force_host_platform_device_count=8
 
-.PHONY: demo test test-fast lint bench image clean-venv install host-tools ablation
+.PHONY: demo test test-fast test-clone lint bench image clean-venv install host-tools ablation
 
 # Idempotent install: re-runs only when setup.py changes.
 $(STAMP): setup.py
@@ -44,6 +44,12 @@ test: $(STAMP) host-tools
 test-fast: $(STAMP)
 	$(VPY) -m ruff check $(LINT)
 	$(VPY) -m pytest -q -n 2 --dist loadgroup -m "not slow and not docker and not subprocess and not gcs" tests
+
+# A clone alone must pass: the committed HEAD cloned into an empty temp dir, the shared/ folder
+# beside this checkout hidden, the fast lane run there; fails unless it runs as many tests as here.
+# (.ci/run does the collection-only variant; `dev/test_in_clone.sh full` runs `make test` there.)
+test-clone: $(STAMP)
+	dev/test_in_clone.sh fast
 
 # The paper's ablation (truncated vs split SFT, progressive vs fixed RL) over 3 seeds on the
 # long-horizon suite; hours on 2 cores. Table: runs/ablation/ablation.md (measured: docs/).

@@ -4,16 +4,14 @@ incomplete runs, judge-failure flags, comparison, budget cuts and snapshot choic
 import copy
 import json
 import math
-import os
 
 import numpy as np
 import pytest
 
 from klong_jax.eval import scores, timeline
+from tests import refdata
 
-PB = "/work/shared/paperbench"
-if not os.path.isdir(PB):
-  PB = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "paperbench")
+PB = str(refdata.PAPERBENCH)
 JUDGE_EVAL = ("semantic-self-consistency", "stay-on-topic-with-classifier-free-guidance")
 
 

@@ -8,10 +8,9 @@ import pytest
 
 from klong_jax.eval.runner import EvalError, load_eval_tasks
 from klong_jax.grading.rubric import code_dev_only, grade_tree, rubric_from_dict
+from tests import refdata
 
-PB = "/work/shared/paperbench"
-if not os.path.isdir(PB):
-  PB = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "paperbench")
+PB = str(refdata.PAPERBENCH)
 PAPERS = f"{PB}/papers"
 RUBRIC_PAPERS = sorted(d for d in os.listdir(PAPERS)
                        if os.path.exists(os.path.join(PAPERS, d, "rubric.json")))

@@ -3,15 +3,13 @@
 import copy
 import glob
 import json
-import os
 
 import pytest
 
 from klong_jax.grading import rubric as rb
+from tests import refdata
 
-PB = "/work/shared/paperbench"
-if not os.path.isdir(PB):
-  PB = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "paperbench")
+PB = str(refdata.PAPERBENCH)
 
 
 def leaf(nid, w, cat="Code Development", **kw):

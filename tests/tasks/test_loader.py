@@ -17,8 +17,9 @@ from klong_jax.tasks import (
   parse_blacklist,
 )
 from klong_jax.tasks.families import FAMILIES, RL_SETS, TRAIN_SETS, fresh_params
+from tests import refdata
 
-PB = "/work/shared/paperbench/papers"
+PB = str(refdata.PAPERBENCH_PAPERS)
 
 
 def test_parse_blacklist():
@@ -26,7 +27,6 @@ def test_parse_blacklist():
   assert parse_blacklist("\n# c\nhttps://a/b\n\nhttps://c/d") == ["https://a/b", "https://c/d"]
 
 
-@pytest.mark.skipif(not os.path.isdir(PB), reason="PaperBench reference files not present")
 @pytest.mark.parametrize("d", sorted(glob.glob(f"{PB}/*")))
 def test_paperbench_layout_loads(d):
   t = load_task(d, require_rubric=False)
