@@ -6,9 +6,9 @@
 Arg string (comma-separated key=value, all optional): `steps=40`, `batch=2`, `row_len=512`,
 `groups=1` (groups per step = one element), `epochs=1` and `minibatches=1` (an element is
 trained in epochs x ceil(loss rows / (batch / minibatches)) optimizer updates), `staleness=1`,
-`publish=2`, `mode=async`, `limits=20:40:60` (stage time limits, seconds), `runlocal` (tests: a
-few steps, checkpoint every step, two short stages). Sections: model + mesh (configs/tiny.py), data,
-rl, curriculum, optim, train, checkpoint.
+`publish=2`, `mode=async`, `off_policy=none|decoupled` (rl.off_policy), `limits=20:40:60` (stage
+time limits, seconds), `runlocal` (tests: a few steps, checkpoint every step, two short stages).
+Sections: model + mesh (configs/tiny.py), data, rl, curriculum, optim, train, checkpoint.
 """
 
 import ml_collections
@@ -19,7 +19,8 @@ from configs import common, tiny
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The tiny progressive-RL experiment; see the module docstring for the arg string."""
   args = common.parse_arg(arg, steps=40, batch=2, row_len=512, groups=1, staleness=1, publish=2,
-                          mode="async", stage_steps=20, epochs=1, minibatches=1,
+                          mode="async", off_policy="none", stage_steps=20, epochs=1,
+                          minibatches=1,
                           limits="20:40:60", runlocal=False)
   config = tiny.get_config()
   config.seed = 0
@@ -56,6 +57,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl.kl_clamp = 10.0
   config.rl.ratio_cap = 4.0           # Dual-clip cap on stale tokens' ratio (0 = off).
   config.rl.normalization = "token"   # or "sequence" (the paper's 1/(n*K) over chunks).
+  # Off-policy correction (rl/losses.py): "none" = PPO ratio vs the sampler; "decoupled" = clip vs
+  # the proximal policy (the step's starting params), tokens weighted by pi_prox/mu bounded by
+  # is_cap: truncated ("truncate", TIS) or zeroed outside [1/cap, cap] ("mask", MIS), per token
+  # or per chunk (is_level "sequence": the chunk's geometric mean).
+  config.rl.off_policy = args.off_policy
+  config.rl.is_level = "token"
+  config.rl.is_mode = "truncate"
+  config.rl.is_cap = 2.0
   config.rl.prev_stage = "drain"      # Older stages' unread shards: "drain" (train) or "drop".
   # Routing replay (R3, issue #21): the server records each token's MoE expert ids, the workers
   # keep them in the trajectory (schema 2) and the trainer's forwards replay that selection

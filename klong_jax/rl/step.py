@@ -37,46 +37,74 @@ def routing_replay(rl: ml_collections.ConfigDict) -> bool:
   return bool(rl.get("routing_replay", True))
 
 
+def off_policy(rl: ml_collections.ConfigDict) -> str:
+  """The off-policy correction: "none" (ratio vs the sampler) or "decoupled" (rl/losses.py)."""
+  mode = str(rl.get("off_policy", "none"))
+  if mode not in ("none", "decoupled"):
+    raise ValueError(f"rl.off_policy must be 'none' or 'decoupled', got {mode!r}")
+  return mode
+
+
 def batch_keys(rl: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The batch arrays the RL step reads: RL_BATCH_KEYS (+ "routing" with routing replay)."""
-  return RL_BATCH_KEYS + (("routing",) if routing_replay(rl) else ())
+  """The batch arrays the RL step reads: RL_BATCH_KEYS (+ "routing" with routing replay,
+  + "prox_logp" with the decoupled off-policy loss)."""
+  return (RL_BATCH_KEYS + (("routing",) if routing_replay(rl) else ()) +
+          (("prox_logp",) if off_policy(rl) == "decoupled" else ()))
+
+
+def _temperature(rl: ml_collections.ConfigDict) -> float:
+  temperature = float(rl.get("temperature", 1.0))
+  if temperature <= 0:
+    raise ValueError(f"rl.temperature must be > 0 (the workers' sampling temperature), got "
+                     f"{temperature}")
+  return temperature
+
+
+def policy_logprobs(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
+                    batch: Mapping[str, jax.Array], *, compute_dtype: Any,
+                    rl: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Tempered log-probs [B, L] of each next token (logits positions) under `params`, and the
+  model's aux. Behaviour logprobs are log softmax(logits / T) under the sampling temperature T
+  (inference/sampling.py "tempered"): policy, proximal and reference policies use the same T."""
+  temperature = _temperature(rl)
+  model = nnx.merge(graphdef, optim.cast_for_compute(params, compute_dtype), rest)
+  routing = batch.get("routing") if routing_replay(rl) else None
+  logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], routing)
+  targets, _ = losses.shift_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"])
+  return losses.token_logprobs(logits.astype(jnp.float32) / temperature, targets), aux
 
 
 def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_params: nnx.State,
             batch: Mapping[str, jax.Array], *, compute_dtype: Any,
             rl: ml_collections.ConfigDict, lb_coef: float, z_coef: float
             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """PPO clipped loss (+ kl_coef * KL to `ref_params`) + MoE load-balance and z losses."""
-  temperature = float(rl.get("temperature", 1.0))
-  if temperature <= 0:
-    raise ValueError(f"rl.temperature must be > 0 (the workers' sampling temperature), got "
-                     f"{temperature}")
-  model = nnx.merge(graphdef, optim.cast_for_compute(params, compute_dtype), rest)
+  """PPO clipped loss (+ kl_coef * KL to `ref_params`) + MoE load-balance and z losses.
+
+  With rl.off_policy="decoupled" the batch carries `prox_logp` (logits positions, from
+  `make_logprob_fn` on the params at the start of the step) and the loss is decoupled PPO."""
   routing = batch.get("routing") if routing_replay(rl) else None
-  logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], routing)
-  targets, weights = losses.shift_targets(batch["tokens"], batch["segment_ids"],
-                                          batch["loss_mask"])
-
-  def tempered_logprobs(logits: jax.Array) -> jax.Array:
-    # Behaviour logprobs are log softmax(logits / T) under the sampling temperature T
-    # (inference/sampling.py "tempered"): the policy and the reference use the same T.
-    return losses.token_logprobs(logits.astype(jnp.float32) / temperature, targets)
-
-  logp = tempered_logprobs(logits)
+  logp, aux = policy_logprobs(graphdef, params, rest, batch, compute_dtype=compute_dtype, rl=rl)
+  _, weights = losses.shift_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"])
   kl_coef = float(rl.get("kl_coef", 0.0))
   ref_logp = None
   if kl_coef:
-    ref = jax.lax.stop_gradient(optim.cast_for_compute(ref_params, compute_dtype))
-    ref_logits, _ = nnx.merge(graphdef, ref, rest)(batch["tokens"], batch["positions"],
-                                                   batch["segment_ids"], routing)
-    ref_logp = jax.lax.stop_gradient(tempered_logprobs(ref_logits))
+    ref_logp, _ = policy_logprobs(graphdef, jax.lax.stop_gradient(ref_params), rest, batch,
+                                  compute_dtype=compute_dtype, rl=rl)
+    ref_logp = jax.lax.stop_gradient(ref_logp)
+  decoupled = off_policy(rl) == "decoupled"
+  if decoupled and "prox_logp" not in batch:
+    raise ValueError("rl.off_policy='decoupled' needs batch['prox_logp'] (rl/step.py "
+                     "make_logprob_fn on the step's starting params)")
   ratio_cap = float(rl.get("ratio_cap", 0.0)) or None
   pg, m = rl_losses.ppo_loss(
       logp, losses.shift_aligned(batch["logprobs"]), losses.shift_aligned(batch["advantages"]),
       weights, batch["segment_ids"], ref_logp=ref_logp, clip_low=float(rl.clip_low),
       clip_high=float(rl.clip_high), kl_coef=kl_coef, kl_estimator=rl.get("kl_estimator", "k3"),
       kl_clamp=float(rl.get("kl_clamp", 0.0)) or None, ratio_cap=ratio_cap,
-      normalization=rl.get("normalization", "token"))
+      normalization=rl.get("normalization", "token"),
+      prox_logp=batch["prox_logp"] if decoupled else None,
+      is_level=rl.get("is_level", "token"), is_mode=rl.get("is_mode", "truncate"),
+      is_cap=float(rl.get("is_cap", 2.0)))
   lb = jnp.asarray(aux.get("moe_lb_loss", 0.0), jnp.float32)
   z = jnp.asarray(aux.get("router_z_loss", 0.0), jnp.float32)
   loss = pg + lb_coef * lb + z_coef * z
@@ -131,6 +159,45 @@ def make_rl_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return jitted(state, ref_params, {k: batch[k] for k in keys if k in batch})
   run.jitted = jitted
   return run
+
+
+def make_logprob_fn(graphdef: nnx.GraphDef, optim_cfg: ml_collections.ConfigDict,
+                    rl_cfg: ml_collections.ConfigDict, shardings: step_lib.TrainState,
+                    batch_sharding: NamedSharding, rules: Sequence[tuple[str, Any]]
+                    ) -> Callable[[step_lib.TrainState, Mapping[str, Any]], jax.Array]:
+  """Returns the jitted `logp(state, batch) -> [B, L]` tempered log-probs of the state's params
+  (logits positions): the proximal policy of decoupled PPO, computed once per element before its
+  updates. No gradient, nothing donated."""
+  compute_dtype = optim.resolve_dtype(optim_cfg.get("compute_dtype", "float32"))
+
+  def fn(params: nnx.State, rest: nnx.State, batch: Mapping[str, jax.Array]) -> jax.Array:
+    return policy_logprobs(graphdef, params, rest, batch, compute_dtype=compute_dtype,
+                           rl=rl_cfg)[0]
+
+  jitted = jax.jit(fn, in_shardings=(shardings.params, shardings.rest, batch_sharding),
+                   out_shardings=batch_sharding)
+  keys = ("tokens", "positions", "segment_ids", "loss_mask", "routing")
+
+  def run(state: step_lib.TrainState, batch: Mapping[str, Any]) -> jax.Array:
+    with jax.set_mesh(batch_sharding.mesh), nnx.logical_axis_rules(rules):
+      return jitted(state.params, state.rest, {k: batch[k] for k in keys if k in batch})
+  return run
+
+
+def staleness_metrics(policy_version: np.ndarray, loss_mask: np.ndarray, version: int
+                      ) -> dict[str, float]:
+  """Per-token policy lag (trainer version - the version that sampled the token) over the loss
+  tokens of an element: mean, max and a histogram (shares lagging 0, 1, 2-3, 4-7, 8+ versions)."""
+  pv = np.asarray(policy_version)
+  live = (np.asarray(loss_mask) > 0) & (pv >= 0)
+  if not live.any():
+    return {}
+  lag = version - pv[live]
+  out = {"stale/mean": float(lag.mean()), "stale/max": float(lag.max())}
+  for name, lo, hi in (("0", 0, 0), ("1", 1, 1), ("2-3", 2, 3), ("4-7", 4, 7),
+                       ("8+", 8, np.inf)):
+    out[f"stale/share_{name}"] = float(((lag >= lo) & (lag <= hi)).mean())
+  return out
 
 
 def copy_params(params: nnx.State, shardings: nnx.State) -> nnx.State:
@@ -196,7 +263,7 @@ def update_plan(loss_mask: np.ndarray, *, mb_rows: int, epochs: int, seed: int, 
 
 def combine_update_metrics(ms: Sequence[Mapping[str, Any]], epochs: int = 1) -> dict[str, Any]:
   """One metrics row for an element trained in several updates: processed `tokens` summed, loss
-  tokens counted once per epoch pass, `kl_max`/`logprob_gap_max` the max, everything else
+  tokens counted once per epoch pass, `*_max` the max (`is/raw_min` the min), everything else
   averaged; `ppo/*` keeps the first update (on-policy: ratio ~1, so its logprob gap is the
   sampler-vs-trainer mismatch + staleness) and the last (how far the epochs moved the policy)."""
   if len(ms) == 1:
@@ -205,9 +272,11 @@ def combine_update_metrics(ms: Sequence[Mapping[str, Any]], epochs: int = 1) -> 
   out["tokens"] = float(sum(float(m["tokens"]) for m in ms))
   out["loss_tokens"] = float(sum(float(m["loss_tokens"]) for m in ms)) / epochs
   out["ppo/updates"] = float(len(ms))
-  for k in ("kl_max", "logprob_gap_max"):
+  for k in ("kl_max", "logprob_gap_max", "is/weight_max", "is/raw_max"):
     if k in ms[0]:
       out[k] = max(float(m[k]) for m in ms)
+  if "is/raw_min" in ms[0]:
+    out["is/raw_min"] = min(float(m["is/raw_min"]) for m in ms)
   for k in ("ratio_mean", "clip_frac", "kl", "logprob_gap_mean"):
     if k not in ms[0]:
       continue

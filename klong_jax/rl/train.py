@@ -214,6 +214,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   del params, rest
   train_step = rl_step.make_rl_step(graphdef, tx, config.optim, config.rl, state_sh, batch_sh,
                                     rules)
+  # Decoupled PPO: the proximal policy = the params at the start of each element's updates.
+  logp_fn = (rl_step.make_logprob_fn(graphdef, config.optim, config.rl, state_sh, batch_sh, rules)
+             if rl_step.off_policy(config.rl) == "decoupled" else None)
 
   logging.info("[5/7] stream source %s", stream)
   cur = curriculum_lib.Curriculum(curriculum_lib.stages_from_config(config.curriculum.stages),
@@ -265,6 +268,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
       batch, info = _next_element(data_iter)
       t1 = time.perf_counter()
       ms = []
+      stale = rl_step.staleness_metrics(batch["policy_version"], batch["loss_mask"], pub.version)
+      if logp_fn is not None:
+        batch["prox_logp"] = _proximal_logp(logp_fn, state, batch, mb_rows, batch_sh)
       n_mb = _max_over_hosts(rl_step.num_minibatches(batch["loss_mask"], mb_rows))
       for rows in rl_step.update_plan(batch["loss_mask"], mb_rows=mb_rows, epochs=epochs,
                                       seed=config.seed, step=step + 1, minibatches=n_mb):
@@ -281,7 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
         consumed_log.flush()
       reward = float(np.mean(info["rewards"])) if info["rewards"] else None
       elapsed = time.perf_counter() - t_start
-      m = dict(m, **data_iter.stats(), policy_version=pub.version, stage=cur.index,
+      m = dict(m, **data_iter.stats(), **stale, policy_version=pub.version, stage=cur.index,
                lag=pub.version - info["min_version"], lr=optim.learning_rate(
                    config.optim, (int(state.step) - 1) // int(config.optim.get("grad_accum", 1))),
                utilisation=train_s / max(train_s + wait_s, 1e-9), step_s=t2 - t1,
@@ -350,6 +356,22 @@ def _max_over_hosts(n: int) -> int:
     return n
   from jax.experimental import multihost_utils  # noqa: PLC0415
   return int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int32))))
+
+
+def _proximal_logp(logp_fn: Any, state: Any, batch: dict[str, np.ndarray], mb_rows: int,
+                   sharding: jax.sharding.NamedSharding) -> np.ndarray:
+  """This host's rows of the proximal log-probs [rows, L] (logits positions) of an element,
+  computed `mb_rows` rows at a time with the params before the element's first update."""
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  keys = ("tokens", "positions", "segment_ids", "loss_mask", "routing")
+  out = []
+  for start in range(0, batch["tokens"].shape[0], mb_rows):
+    part = {k: batch[k][start:start + mb_rows] for k in keys if k in batch}
+    logp = logp_fn(state, _global_batch(part, sharding))
+    if jax.process_count() > 1:
+      logp = multihost_utils.global_array_to_host_local_array(logp, sharding.mesh, sharding.spec)
+    out.append(np.asarray(logp, np.float32))
+  return np.concatenate(out)
 
 
 def _global_batch(batch: dict[str, np.ndarray], sharding: jax.sharding.NamedSharding

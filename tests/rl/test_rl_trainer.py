@@ -282,3 +282,28 @@ def test_gcs_run_crash_and_resume_exactly_once(gcs_root, tmp_path):
         f"{out['step']}; {len(ids)} trajectories trained (expected 18), "
         f"duplicates {len(ids) - len(set(ids))}")
   assert sorted(per_step) == [1, 2, 3, 4, 5, 6] and len(ids) == len(set(ids)) == 18
+
+
+@pytest.mark.slow
+def test_decoupled_off_policy_trainer_on_a_sharded_mesh(tmp_path):
+  """rl.off_policy='decoupled': the proximal log-probs are recomputed before each element's
+  updates (so the first update's ratio pi/pi_prox is exactly 1 although the fake behaviour
+  logprobs are far off), the importance weights stay under is_cap, and staleness is logged."""
+  c = _config()
+  c.mesh.update(data=4, tensor=2)
+  c.rl.update(ppo_epochs=2, minibatches=2, off_policy="decoupled", is_cap=2.0, publish_every=1)
+  for i in range(3):
+    write_group(str(tmp_path / "s"), 0, f"a{i}", [1.0, 0.0, 0.5, 0.2, 0.9, 0.0], version=0,
+                seed=10 * i)
+  c.train.steps = 3
+  out = rl_train.run(c, str(tmp_path / "w"), str(tmp_path / "s"))
+  m = _metrics(str(tmp_path / "w"))
+  assert out["step"] == 3 and out["counters"]["dropped_stale"] == 0
+  for s in sorted(m):
+    assert m[s]["ppo/ratio_mean_first"] == pytest.approx(1.0, abs=1e-5)
+    assert m[s]["ppo/ratio_mean_last"] != pytest.approx(1.0, abs=1e-5)  # later updates moved
+    # The fakes' behaviour logprobs (-0.1..-3) far exceed a random policy's (~log 1/512): every
+    # weight pi_prox/mu is small, none truncated.
+    assert 0 < m[s]["is/raw_min"] <= m[s]["is/weight_mean"] <= m[s]["is/weight_max"] < 1.0
+    assert m[s]["is/weight_max"] == m[s]["is/raw_max"] and m[s]["is/truncated_frac"] == 0.0
+  assert [m[s]["stale/max"] for s in sorted(m)] == [0.0, 1.0, 2.0]  # version 0 data, trainer 0..2
