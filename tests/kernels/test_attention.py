@@ -31,7 +31,7 @@ def _packed(batch, length):
     if b == 0:
       cuts = [0, length // 5, length // 2, length - length // 6]
       ids = np.zeros(length, np.int32)
-      for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
+      for i, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:], strict=True)):
         ids[lo:hi] = i + 1
     elif b == 1:
       ids = np.where(np.arange(length) < length // 3, 7, 9).astype(np.int32)
@@ -54,7 +54,7 @@ def _assert_matches(fn, q, k, v, w, segment_ids):
   want = _fwd_and_grads(lambda q, k, v: reference.attention(q, k, v, segment_ids), q, k, v, w)
   got = _fwd_and_grads(fn, q, k, v, w)
   tol = TOL[q.dtype.type]
-  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
+  for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
     scale = float(jnp.max(jnp.abs(b))) + 1.0
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=tol * scale, rtol=tol,
                                err_msg=name)
@@ -182,3 +182,28 @@ def test_blockwise_has_no_t_by_t_value_forward_or_backward():
   ref = jax.make_jaxpr(jax.value_and_grad(lambda q, k, v: loss(q, k, v, reference.attention),
                                           argnums=(0, 1, 2)))(q, k, v)
   assert big(_intermediate_shapes(ref.jaxpr))  # The check can see a T x T buffer.
+
+
+def test_shard_rows_under_a_mesh_equals_reference():
+  # shard_map over batch (data=2) and heads (tensor=2) on fake CPU devices, the wrapper splash
+  # runs in on a mesh; blockwise stands in for the per-shard kernel here (splash: the slow test).
+  from klong_jax.kernels.attention.dispatch import shard_rows
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  q, k, v, w = _qkv(4, 40, 8, 2, jnp.float32)
+  seg = _packed(4, 40)
+  with jax.set_mesh(mesh):
+    for s in (seg, None):
+      _assert_matches(lambda q, k, v, s=s: shard_rows(
+          lambda *a: blockwise.attention(*a, block_q=16, block_kv=16), q, k, v, s), q, k, v, w, s)
+
+
+@pytest.mark.slow
+def test_splash_via_dispatch_under_a_mesh_equals_reference():
+  mesh = jax.make_mesh((2, 2), ("data", "tensor"), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  q, k, v, w = _qkv(2, 130, 4, 2, jnp.float32)
+  seg = _packed(2, 130)
+  with jax.set_mesh(mesh):
+    _assert_matches(lambda q, k, v: kernels.attend(q, k, v, segment_ids=seg, impl="splash",
+                                                   block_q=128, block_kv=128), q, k, v, w, seg)

@@ -45,7 +45,7 @@ def test_transformer_blockwise_equals_reference_logits_and_grads():
   flat_ref = jax.tree.leaves_with_path(ref_grads)
   flat = jax.tree.leaves(grads)
   assert len(flat) == len(flat_ref)
-  for (path, want), got in zip(flat_ref, flat):
+  for (path, want), got in zip(flat_ref, flat, strict=True):
     scale = float(jnp.max(jnp.abs(want))) + 1e-6
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4 * scale, rtol=1e-3,
                                err_msg=jax.tree_util.keystr(path))

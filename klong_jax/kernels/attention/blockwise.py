@@ -47,7 +47,7 @@ def _fwd_block(qi, qp, qs, k, v, kv_seg, bk: int):
   scale = h ** -0.5
 
   def body(j, carry):
-    o, m, l = carry
+    o, m, den = carry
     kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, axis=1)
     vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
     mask = _tile_mask(qp, qs, kv_seg, j, bk)
@@ -55,16 +55,17 @@ def _fwd_block(qi, qp, qs, k, v, kv_seg, bk: int):
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
     alpha = jnp.exp(m - m_new)
-    l = alpha * l + jnp.sum(p, axis=-1)
+    den = alpha * den + jnp.sum(p, axis=-1)
     pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), vj,
                     preferred_element_type=jnp.float32)
-    return alpha[..., None] * o + pv, m_new, l
+    return alpha[..., None] * o + pv, m_new, den
 
   init = (jnp.zeros((b, nkv, g, bq, h), jnp.float32), jnp.full((b, nkv, g, bq), NEG, jnp.float32),
           jnp.zeros((b, nkv, g, bq), jnp.float32))
-  o, m, l = jax.lax.fori_loop(0, _kv_blocks(qp, bk, k.shape[1] // bk), body, init)
-  out = o / jnp.where(l > 0, l, 1.0)[..., None]
-  lse = jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), _NO_ROW)
+  o, m, den = jax.lax.fori_loop(0, _kv_blocks(qp, bk, k.shape[1] // bk), body, init)
+  safe = jnp.where(den > 0, den, 1.0)
+  out = o / safe[..., None]
+  lse = jnp.where(den > 0, m + jnp.log(safe), _NO_ROW)
   return jnp.einsum("bkgqh->bqkgh", out).astype(qi.dtype), lse
 
 

@@ -9,21 +9,35 @@ masks are static causal over equal-length q and kv, not positions over a cache.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import jax
+from jax.sharding import PartitionSpec as P
 
 from klong_jax.kernels.attention import blockwise, reference
 from klong_jax.model.config import ATTENTION_IMPLS as IMPLS  # One list; config imports no JAX.
+from klong_jax.model.layers import logical_spec
+
 DEFAULT_BLOCKS = {"blockwise": 128, "splash": 512}  # Used when a block size is 0.
+
+
+def current_platform() -> str:
+  """The platform being compiled for: the mesh's devices when a mesh is set (so an AOT compile for
+  a TPU topology on a CPU host picks TPU kernels), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+  return device.platform if device is not None else jax.default_backend()
 
 
 def resolve(impl: str, dtype: jax.typing.DTypeLike, packed: bool,
             platform: str | None = None) -> str:
-  """The concrete backend for `impl` on `platform` (default: JAX's default backend)."""
+  """The concrete backend for `impl` on `platform` (default: `current_platform()`)."""
   if impl not in IMPLS:
     raise ValueError(f"attention impl {impl!r} not in {IMPLS}")
   if impl != "auto":
     return impl
-  platform = platform or jax.default_backend()
+  platform = platform or current_platform()
   if platform == "tpu":
     return "splash"
   if platform in ("gpu", "cuda", "rocm") and not packed and jax.numpy.dtype(dtype).itemsize == 2:
@@ -34,6 +48,35 @@ def resolve(impl: str, dtype: jax.typing.DTypeLike, packed: bool,
 def _blocks(backend: str, block_q: int, block_kv: int) -> dict[str, int]:
   default = DEFAULT_BLOCKS.get(backend, 128)
   return {"block_q": block_q or default, "block_kv": block_kv or default}
+
+
+def _axes_size(mesh, axes) -> int:
+  if axes is None:
+    return 1
+  return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+
+
+def shard_rows(fn: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
+               segment_ids: jax.Array | None) -> jax.Array:
+  """Runs a per-row, per-head kernel under `shard_map` over the act_batch (and, when q and kv
+  heads map to the same axes and divide evenly, act_heads) mesh axes: GSPMD cannot split a
+  Pallas call. The sequence stays whole per shard. Without a mesh it is `fn` itself."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return fn(q, k, v, segment_ids)
+  batch = logical_spec(("act_batch",))[0]
+  heads = logical_spec(("act_heads",))[0]
+  if batch is not None and q.shape[0] % _axes_size(mesh, batch):
+    batch = None
+  if heads is None or heads != logical_spec(("act_kv_heads",))[0] or \
+      k.shape[2] % _axes_size(mesh, heads) or q.shape[2] % _axes_size(mesh, heads):
+    heads = None
+  qs, ks = P(batch, None, heads, None), P(batch, None, heads, None)
+  if segment_ids is None:
+    return jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(qs, ks, ks),
+                         out_specs=qs, check_vma=False)(q, k, v)
+  return jax.shard_map(fn, mesh=mesh, in_specs=(qs, ks, ks, P(batch, None)), out_specs=qs,
+                       check_vma=False)(q, k, v, segment_ids)
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
@@ -50,7 +93,11 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
     return blockwise.attention(q, k, v, segment_ids, **_blocks(backend, block_q, block_kv))
   if backend == "splash":
     from klong_jax.kernels.attention import splash  # Pallas TPU import only when used.
-    return splash.attention(q, k, v, segment_ids, **_blocks(backend, block_q, block_kv))
+    blocks = _blocks(backend, block_q, block_kv)
+    interpret = current_platform() != "tpu"  # Pallas interpret mode off TPU (tests).
+    return shard_rows(lambda q, k, v, s: splash.attention(q, k, v, s, interpret=interpret,
+                                                          **blocks), q, k, v,
+                      segment_ids)
   from klong_jax.kernels.attention import cudnn
   return cudnn.attention(q, k, v, segment_ids)
 

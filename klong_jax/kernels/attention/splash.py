@@ -1,4 +1,4 @@
-"""Splash attention (Pallas TPU kernel): causal mask + segment ids, GQA as one MQA kernel per kv head.
+"""Splash attention (Pallas TPU kernel): causal + segment ids; GQA as one MQA kernel per kv head.
 
 `jax.experimental.pallas.ops.tpu.splash_attention` takes one row [heads, T, H] and has no scale
 argument, so q is pre-scaled by H^-0.5 and the kernel is vmapped over batch and kv heads (the G
@@ -10,23 +10,20 @@ kernel runs in Pallas interpret mode (tests only: slow). Under a multi-device me
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(heads: int, length: int, block_q: int, block_kv: int, interpret: bool):
-  """The MQA splash kernel for `heads` query heads over one kv head, causal at `length`."""
+  """The MQA splash kernel for `heads` query heads over one kv head, causal at `length`. Built per
+  trace (not cached): its mask tables become constants of the caller's computation."""
   mask = sm.MultiHeadMask([sm.CausalMask((length, length))] * heads)
   sizes = sk.BlockSizes(block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
                         block_q_dkv=block_q, block_kv_dkv=block_kv,
                         block_kv_dkv_compute=block_kv, block_q_dq=block_q, block_kv_dq=block_kv)
-  with jax.ensure_compile_time_eval():  # Concrete mask tables even when built under jit.
-    return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
+  return sk.make_splash_mqa_single_device(mask, block_sizes=sizes, interpret=interpret)
 
 
 def _round_up(n: int, m: int) -> int:
@@ -38,8 +35,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
               interpret: bool | None = None) -> jax.Array:
   """Causal self-attention within equal segment ids; q [B,T,N,H], k/v [B,T,K,H] (N % K == 0).
 
-  `interpret` defaults to True off TPU. Block sizes must be multiples of 128; they are clamped to the
-  length rounded up to 128.
+  `interpret` defaults to True off TPU. Block sizes must be multiples of 128; they are clamped to
+  the length rounded up to 128.
   """
   b, t, n, h = q.shape
   nkv = k.shape[2]
