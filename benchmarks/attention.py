@@ -186,8 +186,9 @@ def main() -> None:
                       "blocks": DEFAULT_BLOCKS, "results": rows,
                       "auto_on_4_chips": tpu_compile_auto(int(args.lengths.split(",")[0]),
                                                           topo.devices)},
-      "cpu_speed": [cpu_speed(8, 128, 4, 2, 16), cpu_speed(8, 256, 4, 2, 16),
-                    cpu_speed(8, 512, 4, 2, 16)],
+      "cpu_speed": [cpu_speed(8, t, 4, 2, 16) for t in (64, 128, 256, 512)],
+      "cpu_auto": f"reference for T <= {DEFAULT_BLOCKS['blockwise']} (one blockwise tile), "
+                  "blockwise above (klong_jax/kernels/attention/dispatch.py)",
   }
   _results.write_json(args.out, report, indent=2)
 

@@ -57,8 +57,8 @@ class ModelConfig:
   # moe_impl="capacity" (token dropping): each expert takes ceil(factor * tokens * top_k / E)
   # copies per dispatch group; the rest are dropped (aux "moe_drop_rate").
   capacity_factor: float = 1.25
-  # "auto": splash on TPU, cuDNN on GPU (bf16 rows without segment ids), blockwise otherwise
-  # (klong_jax/kernels/attention/dispatch.py; benchmarks/attention.py).
+  # "auto": splash on TPU, cuDNN on GPU (bf16 rows without segment ids), else blockwise (on CPU
+  # the reference up to 128 tokens) (klong_jax/kernels/attention/dispatch.py).
   attention_impl: str = "auto"
   attention_block_q: int = 0  # Query / kv tile of blockwise and splash; 0 = the backend's default.
   attention_block_kv: int = 0

@@ -124,15 +124,16 @@ def test_cache_attention_equals_reference(length):
 
 
 def test_dispatch_resolves_by_platform_and_validates():
-  assert kernels.resolve("auto", jnp.bfloat16, True, "tpu") == "splash"
-  assert kernels.resolve("auto", jnp.bfloat16, False, "gpu") == "cudnn"
-  assert kernels.resolve("auto", jnp.bfloat16, True, "gpu") == "blockwise"  # No T x T mask.
-  assert kernels.resolve("auto", jnp.float32, False, "gpu") == "blockwise"  # cuDNN is 16-bit.
-  assert kernels.resolve("auto", jnp.float32, False, "cpu") == "blockwise"
-  assert kernels.resolve("reference", jnp.float32, False, "tpu") == "reference"
+  assert kernels.resolve("auto", jnp.bfloat16, True, 64, "tpu") == "splash"
+  assert kernels.resolve("auto", jnp.bfloat16, False, 4096, "gpu") == "cudnn"
+  assert kernels.resolve("auto", jnp.bfloat16, True, 4096, "gpu") == "blockwise"  # No T x T mask.
+  assert kernels.resolve("auto", jnp.float32, False, 4096, "gpu") == "blockwise"  # cuDNN: 16-bit.
+  assert kernels.resolve("auto", jnp.float32, False, 129, "cpu") == "blockwise"
+  assert kernels.resolve("auto", jnp.float32, False, 128, "cpu") == "reference"  # One tile.
+  assert kernels.resolve("reference", jnp.float32, False, 8192, "tpu") == "reference"
   assert kernels.IMPLS == ATTENTION_IMPLS
   with pytest.raises(ValueError, match="not in"):
-    kernels.resolve("flash", jnp.float32, False)
+    kernels.resolve("flash", jnp.float32, False, 8)
   q, k, v, _ = _qkv(2, 20, 4, 2, jnp.float32)
   seg = _packed(2, 20)
   want = reference.attention(q, k, v, seg)

@@ -1,10 +1,11 @@
 """The attention switch: picks reference / blockwise / splash / cudnn by config and platform.
 
 "auto": splash on TPU; cuDNN on GPU for bf16/fp16 rows without segment ids (its public API would
-need a T x T mask for packed rows), blockwise otherwise; blockwise on CPU, where it matched the
-reference forward at T=128 and beat it from T=512 up and on every gradient
-(benchmarks/attention.py). Cache attention (prefill and decode) never uses splash or cuDNN: their
-masks are static causal over equal-length q and kv, not positions over a cache.
+need a T x T mask for packed rows), blockwise otherwise; on CPU the reference up to one blockwise
+tile (T <= 128: there blockwise is the same math plus a loop, measured ~1.3x slower forward) and
+blockwise above (5-15x faster at T=512 with linear memory; benchmarks/attention.py). Cache
+attention (prefill and decode) never uses splash or cuDNN: their masks are static causal over
+equal-length q and kv, not positions over a cache.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def current_platform() -> str:
   return device.platform if device is not None else jax.default_backend()
 
 
-def resolve(impl: str, dtype: jax.typing.DTypeLike, packed: bool,
+def resolve(impl: str, dtype: jax.typing.DTypeLike, packed: bool, length: int,
             platform: str | None = None) -> str:
   """The concrete backend for `impl` on `platform` (default: `current_platform()`)."""
   if impl not in IMPLS:
@@ -42,7 +43,7 @@ def resolve(impl: str, dtype: jax.typing.DTypeLike, packed: bool,
     return "splash"
   if platform in ("gpu", "cuda", "rocm") and not packed and jax.numpy.dtype(dtype).itemsize == 2:
     return "cudnn"
-  return "blockwise"
+  return "reference" if length <= DEFAULT_BLOCKS["blockwise"] else "blockwise"
 
 
 def _blocks(backend: str, block_q: int, block_kv: int) -> dict[str, int]:
@@ -86,7 +87,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
   q [B,T,N,H], k/v [B,T,K,H] with N % K == 0 -> [B,T,N,H]. Block sizes of 0 take the backend's
   default.
   """
-  backend = resolve(impl, q.dtype, segment_ids is not None)
+  backend = resolve(impl, q.dtype, segment_ids is not None, q.shape[1])
   if backend == "reference":
     return reference.attention(q, k, v, segment_ids)
   if backend == "blockwise":
@@ -113,6 +114,6 @@ def attend_cache(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions
   """
   if impl == "reference" or q.shape[1] == 1:
     return reference.cache_attention(q, k_cache, v_cache, positions)
-  resolve(impl, q.dtype, False)  # Validates the name.
+  resolve(impl, q.dtype, False, q.shape[1])  # Validates the name.
   return blockwise.cache_attention(q, k_cache, v_cache, positions,
                                    **_blocks("blockwise", block_q, block_kv))
