@@ -108,7 +108,8 @@ def tpu_compile_auto(length: int, devices) -> dict:
     kv = jax.ShapeDtypeStruct((rows, length, KV_HEADS, HEAD_DIM), jnp.bfloat16, sharding=spec)
     seg = jax.ShapeDtypeStruct((rows, length), jnp.int32, sharding=spec)
     start = time.perf_counter()
-    step = _fwd_bwd(lambda q, k, v, s: kernels.attend(q, k, v, segment_ids=s, impl="auto"))
+    step = _fwd_bwd(lambda q, k, v, s: kernels.attend(q, k, v, segment_ids=s, impl="auto",
+                                                      batch_axes="data"))
     compiled = jax.jit(step).lower(act, kv, kv, seg, act).compile()
   hlo = compiled.as_text()
   row = {"impl": "auto", "seq_len": length, "rows": rows, "mesh": {"data": rows},

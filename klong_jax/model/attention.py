@@ -16,7 +16,7 @@ from flax import nnx
 from klong_jax.kernels import attention as kernels
 from klong_jax.kernels.attention import reference
 from klong_jax.model.config import ModelConfig
-from klong_jax.model.layers import RMSNorm, constrain, dtype_of, param, rope
+from klong_jax.model.layers import RMSNorm, constrain, dtype_of, logical_spec, param, rope
 
 # Kept importable here for callers of the old names (benchmarks/_legacy_decode.py).
 attend = reference.attend_masked
@@ -69,8 +69,11 @@ class Attention(nnx.Module):
                segment_ids: jax.Array | None = None) -> jax.Array:
     q, k, v = self._qkv(x, positions)
     cfg = self.cfg
+    heads = logical_spec(("act_heads",))[0]
     o = kernels.attend(q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl,
-                       block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv)
+                       block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
+                       batch_axes=logical_spec(("act_batch",))[0],
+                       head_axes=heads if heads == logical_spec(("act_kv_heads",))[0] else None)
     return self._out(o)
 
   def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array,

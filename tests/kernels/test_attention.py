@@ -196,7 +196,8 @@ def test_shard_rows_under_a_mesh_equals_reference():
   with jax.set_mesh(mesh):
     for s in (seg, None):
       _assert_matches(lambda q, k, v, s=s: shard_rows(
-          lambda *a: blockwise.attention(*a, block_q=16, block_kv=16), q, k, v, s), q, k, v, w, s)
+          lambda *a: blockwise.attention(*a, block_q=16, block_kv=16), q, k, v, s, "data",
+          "tensor"), q, k, v, w, s)
 
 
 @pytest.mark.slow
@@ -206,5 +207,6 @@ def test_splash_via_dispatch_under_a_mesh_equals_reference():
   q, k, v, w = _qkv(2, 130, 4, 2, jnp.float32)
   seg = _packed(2, 130)
   with jax.set_mesh(mesh):
-    _assert_matches(lambda q, k, v: kernels.attend(q, k, v, segment_ids=seg, impl="splash",
-                                                   block_q=128, block_kv=128), q, k, v, w, seg)
+    _assert_matches(lambda q, k, v: kernels.attend(
+        q, k, v, segment_ids=seg, impl="splash", block_q=128, block_kv=128, batch_axes="data",
+        head_axes="tensor"), q, k, v, w, seg)

@@ -98,3 +98,23 @@ def _all_shapes(jaxpr) -> list[tuple[int, ...]]:
         if hasattr(inner, "eqns"):
           shapes += _all_shapes(inner)
   return shapes
+
+
+@pytest.mark.slow  # Splash in Pallas interpret mode inside a sharded tiny model.
+def test_sharded_transformer_splash_equals_reference():
+  # data=2 x tensor=2: Attention passes the act_batch / act_heads mesh axes, splash runs per shard.
+  from klong_jax.model.sharded import create_sharded_model
+  from klong_jax.parallel.mesh import make_mesh
+  from klong_jax.parallel.rules import batch_sharding
+  b, t = 2, 40
+  tokens = jax.random.randint(jax.random.key(3), (b, t), 0, BASE.vocab_size)
+  positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  segment_ids = jnp.array([[1] * 15 + [2] * 25, [1] * 40], jnp.int32)
+  ref = Transformer(dataclasses.replace(BASE, attention_impl="reference"), rngs=nnx.Rngs(0))
+  want, _ = nnx.jit(lambda m, t, p, s: m(t, p, s))(ref, tokens, positions, segment_ids)
+  mesh = make_mesh({"data": 2, "tensor": 2}, devices=jax.devices()[:4])
+  model = create_sharded_model(dataclasses.replace(BASE, attention_impl="splash"), mesh, seed=0)
+  args = (jax.device_put(a, batch_sharding(mesh)) for a in (tokens, positions, segment_ids))
+  with jax.set_mesh(mesh):
+    got, _ = nnx.jit(lambda m, t, p, s: m(t, p, s))(model, *args)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5, rtol=1e-4)

@@ -17,8 +17,9 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from klong_jax.kernels.attention import blockwise, reference
-from klong_jax.model.config import ATTENTION_IMPLS as IMPLS  # One list; config imports no JAX.
-from klong_jax.model.layers import logical_spec
+
+Axes = str | tuple[str, ...] | None
+IMPLS = ("auto", "reference", "blockwise", "splash", "cudnn")  # == model.config.ATTENTION_IMPLS.
 
 DEFAULT_BLOCKS = {"blockwise": 128, "splash": 512}  # Used when a block size is 0.
 
@@ -58,19 +59,19 @@ def _axes_size(mesh, axes) -> int:
 
 
 def shard_rows(fn: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
-               segment_ids: jax.Array | None) -> jax.Array:
-  """Runs a per-row, per-head kernel under `shard_map` over the act_batch (and, when q and kv
-  heads map to the same axes and divide evenly, act_heads) mesh axes: GSPMD cannot split a
-  Pallas call. The sequence stays whole per shard. Without a mesh it is `fn` itself."""
+               segment_ids: jax.Array | None, batch_axes: Axes = None,
+               head_axes: Axes = None) -> jax.Array:
+  """Runs a per-row, per-head kernel under `shard_map`, rows split over `batch_axes` and (when both
+  q and kv head counts divide) heads over `head_axes`: GSPMD cannot split a Pallas call. The
+  sequence stays whole per shard. Without a mesh it is `fn` itself."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return fn(q, k, v, segment_ids)
-  batch = logical_spec(("act_batch",))[0]
-  heads = logical_spec(("act_heads",))[0]
+  batch, heads = batch_axes, head_axes
   if batch is not None and q.shape[0] % _axes_size(mesh, batch):
     batch = None
-  if heads is None or heads != logical_spec(("act_kv_heads",))[0] or \
-      k.shape[2] % _axes_size(mesh, heads) or q.shape[2] % _axes_size(mesh, heads):
+  if heads is not None and (k.shape[2] % _axes_size(mesh, heads) or
+                            q.shape[2] % _axes_size(mesh, heads)):
     heads = None
   qs, ks = P(batch, None, heads, None), P(batch, None, heads, None)
   if segment_ids is None:
@@ -81,11 +82,13 @@ def shard_rows(fn: Callable, q: jax.Array, k: jax.Array, v: jax.Array,
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array | None = None,
-           impl: str = "auto", block_q: int = 0, block_kv: int = 0) -> jax.Array:
+           impl: str = "auto", block_q: int = 0, block_kv: int = 0, batch_axes: Axes = None,
+           head_axes: Axes = None) -> jax.Array:
   """Causal self-attention (by token index, within equal segment ids; id 0 is just another id).
 
   q [B,T,N,H], k/v [B,T,K,H] with N % K == 0 -> [B,T,N,H]. Block sizes of 0 take the backend's
-  default.
+  default. `batch_axes` / `head_axes`: the mesh axes rows and (q and kv) heads are sharded over,
+  for the kernels that run under shard_map (splash); the others leave sharding to GSPMD.
   """
   backend = resolve(impl, q.dtype, segment_ids is not None, q.shape[1])
   if backend == "reference":
@@ -98,7 +101,7 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, *, segment_ids: jax.Array |
     interpret = current_platform() != "tpu"  # Pallas interpret mode off TPU (tests).
     return shard_rows(lambda q, k, v, s: splash.attention(q, k, v, s, interpret=interpret,
                                                           **blocks), q, k, v,
-                      segment_ids)
+                      segment_ids, batch_axes, head_axes)
   from klong_jax.kernels.attention import cudnn
   return cudnn.attention(q, k, v, segment_ids)
 
