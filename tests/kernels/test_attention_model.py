@@ -32,7 +32,8 @@ def _loss_and_grads(cfg, tokens, positions, segment_ids):
 
 
 @pytest.mark.slow  # Two tiny-model grad compiles: ~20 s of CPU.
-def test_transformer_blockwise_equals_reference_logits_and_grads():
+@pytest.mark.parametrize("remat", ["none", "save_dots"])
+def test_transformer_blockwise_equals_reference_logits_and_grads(remat):
   b, t = 2, 37  # Uneven against both blocks.
   tokens = jax.random.randint(jax.random.key(1), (b, t), 0, BASE.vocab_size)
   segment_ids = jnp.array([[1] * 9 + [2] * 20 + [0] * 8, [5] * 37], jnp.int32)
@@ -40,7 +41,8 @@ def test_transformer_blockwise_equals_reference_logits_and_grads():
   positions = jnp.concatenate([positions, jnp.arange(t)[None]]).astype(jnp.int32)
   ref_logits, ref_grads = _loss_and_grads(
       dataclasses.replace(BASE, attention_impl="reference"), tokens, positions, segment_ids)
-  logits, grads = _loss_and_grads(BLOCKWISE, tokens, positions, segment_ids)
+  logits, grads = _loss_and_grads(dataclasses.replace(BLOCKWISE, remat_policy=remat), tokens,
+                                  positions, segment_ids)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(ref_logits), atol=2e-5, rtol=1e-4)
   flat_ref = jax.tree.leaves_with_path(ref_grads)
   flat = jax.tree.leaves(grads)

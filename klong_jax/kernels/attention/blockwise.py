@@ -131,13 +131,13 @@ def _flash_bwd(bq, bk, res, g):
     dk, dv = carry
     qi, qp, qs, do, o, lse_i = xs
     dq, dk, dv = _bwd_block(qi, qp, qs, do, o, lse_i, k, v, kv_seg, dk, dv, bk)
-    return (dk, dv), dq
+    return (dk, dv), dq.astype(q.dtype)  # Complete for this block: store in q's dtype.
 
   zeros = jnp.zeros(k.shape, jnp.float32)
   xs = (_blocks(q, bq), _blocks(q_pos, bq), _blocks(q_seg, bq), _blocks(g, bq), _blocks(out, bq),
         lse)
   (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), xs)
-  return (_unblocks(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
+  return (_unblocks(dq), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
