@@ -3,7 +3,8 @@
 Two entry points share the projections: `__call__` (training / full forward: causal by token index
 plus segment-id masking for packed rows) and `decode` (writes K/V at slot = positions[b, t] of a
 per-layer cache and lets a query at position p see slots <= p of its own row, so rows of a batch
-may sit at different lengths and a reused row simply re-prefills from position 0).
+may sit at different lengths and a reused row simply re-prefills from position 0). The attention
+itself is `klong_jax.kernels.attention`, backend picked by `cfg.attention_impl`.
 """
 
 from __future__ import annotations
@@ -12,37 +13,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from klong_jax.kernels import attention as kernels
+from klong_jax.kernels.attention import reference
 from klong_jax.model.config import ModelConfig
-from klong_jax.model.layers import RMSNorm, constrain, dtype_of, param, rope
+from klong_jax.model.layers import RMSNorm, constrain, dtype_of, logical_spec, param, rope
 
-_NEG = -1e30
-
-
-def causal_segment_mask(batch: int, length: int, segment_ids: jax.Array | None) -> jax.Array:
-  """[B, T, T] bool: key index <= query index and (if given) the same segment id."""
-  idx = jnp.arange(length)
-  mask = jnp.broadcast_to(idx[None, :, None] >= idx[None, None, :], (batch, length, length))
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  return mask
-
-
-def cache_mask(positions: jax.Array, cache_len: int) -> jax.Array:
-  """[B, T, S] bool: cache slot s is visible to a query at position p iff s <= p."""
-  return jnp.arange(cache_len)[None, None, :] <= positions[:, :, None]
-
-
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-  """Softmax attention in fp32. q [B,T,N,H], k/v [B,S,K,H] (N % K == 0), mask [B,T,S]."""
-  b, t, n, h = q.shape
-  kv = k.shape[2]
-  qg = q.reshape(b, t, kv, n // kv, h)
-  logits = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
-  logits = logits * (h ** -0.5)
-  logits = jnp.where(mask[:, None, None, :, :], logits, _NEG)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-  return out.reshape(b, t, n, h)
+# Kept importable here for callers of the old names (benchmarks/_legacy_decode.py).
+attend = reference.attend_masked
+cache_mask = reference.cache_mask
+causal_segment_mask = reference.causal_segment_mask
 
 
 class Attention(nnx.Module):
@@ -89,8 +68,13 @@ class Attention(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array,
                segment_ids: jax.Array | None = None) -> jax.Array:
     q, k, v = self._qkv(x, positions)
-    mask = causal_segment_mask(x.shape[0], x.shape[1], segment_ids)
-    return self._out(attend(q, k, v, mask))
+    cfg = self.cfg
+    heads = logical_spec(("act_heads",))[0]
+    o = kernels.attend(q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl,
+                       block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
+                       batch_axes=logical_spec(("act_batch",))[0],
+                       head_axes=heads if heads == logical_spec(("act_kv_heads",))[0] else None)
+    return self._out(o)
 
   def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array,
              v_cache: jax.Array, layer: jax.Array | int
@@ -101,6 +85,9 @@ class Attention(nnx.Module):
     rows = jnp.arange(x.shape[0])[:, None]
     k_cache = k_cache.at[layer, rows, positions].set(k.astype(k_cache.dtype))
     v_cache = v_cache.at[layer, rows, positions].set(v.astype(v_cache.dtype))
-    mask = cache_mask(positions, k_cache.shape[2])
-    o = attend(q, k_cache[layer].astype(self.dtype), v_cache[layer].astype(self.dtype), mask)
+    cfg = self.cfg
+    o = kernels.attend_cache(q, k_cache[layer].astype(self.dtype),
+                             v_cache[layer].astype(self.dtype), positions,
+                             impl=cfg.attention_impl, block_q=cfg.attention_block_q,
+                             block_kv=cfg.attention_block_kv)
     return self._out(o), k_cache, v_cache

@@ -13,6 +13,7 @@ from typing import Any
 
 ROUTER_SCORES = ("sigmoid", "softmax")
 MOE_IMPLS = ("auto", "ragged", "blocked", "dense", "capacity")
+ATTENTION_IMPLS = ("auto", "reference", "blockwise", "splash", "cudnn")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -56,6 +57,11 @@ class ModelConfig:
   # moe_impl="capacity" (token dropping): each expert takes ceil(factor * tokens * top_k / E)
   # copies per dispatch group; the rest are dropped (aux "moe_drop_rate").
   capacity_factor: float = 1.25
+  # "auto": splash on TPU, cuDNN on GPU (bf16 rows without segment ids), else blockwise (on CPU
+  # the reference up to 128 tokens) (klong_jax/kernels/attention/dispatch.py).
+  attention_impl: str = "auto"
+  attention_block_q: int = 0  # Query / kv tile of blockwise and splash; 0 = the backend's default.
+  attention_block_kv: int = 0
   lb_loss_coef: float = 1e-3  # Suggested weights for the trainer; the model returns raw terms.
   z_loss_coef: float = 1e-4
   scan_layers: bool = True  # Run the MoE layers stacked under nnx.scan.
@@ -100,6 +106,12 @@ class ModelConfig:
       raise ConfigError("router_score", f"{self.router_score!r} not in {ROUTER_SCORES}")
     if self.moe_impl not in MOE_IMPLS:
       raise ConfigError("moe_impl", f"{self.moe_impl!r} not in {MOE_IMPLS}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError("attention_impl", f"{self.attention_impl!r} not in {ATTENTION_IMPLS}")
+    for name in ("attention_block_q", "attention_block_kv"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError(name, f"must be an int >= 0 (0 = backend default), got {value!r}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError("remat_policy", f"{self.remat_policy!r} not in {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):
