@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from klong_jax.kernels import vocab
 from klong_jax.rl import losses as rl_losses
 from klong_jax.train import losses, optim
 from klong_jax.train import step as step_lib
@@ -44,32 +45,41 @@ def batch_keys(rl: ml_collections.ConfigDict) -> tuple[str, ...]:
 
 def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_params: nnx.State,
             batch: Mapping[str, jax.Array], *, compute_dtype: Any,
-            rl: ml_collections.ConfigDict, lb_coef: float, z_coef: float
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """PPO clipped loss (+ kl_coef * KL to `ref_params`) + MoE load-balance and z losses."""
+            rl: ml_collections.ConfigDict, lb_coef: float, z_coef: float,
+            vocab_loss: vocab.VocabLoss | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """PPO clipped loss (+ kl_coef * KL to `ref_params`) + MoE load-balance and z losses.
+
+  With `vocab_loss` the policy's and the reference's tempered logprobs come from the final
+  hidden state by vocab tiles (`kernels/vocab`); None uses the model's logits.
+  """
   temperature = float(rl.get("temperature", 1.0))
   if temperature <= 0:
     raise ValueError(f"rl.temperature must be > 0 (the workers' sampling temperature), got "
                      f"{temperature}")
   model = nnx.merge(graphdef, optim.cast_for_compute(params, compute_dtype), rest)
   routing = batch.get("routing") if routing_replay(rl) else None
-  logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], routing)
   targets, weights = losses.shift_targets(batch["tokens"], batch["segment_ids"],
                                           batch["loss_mask"])
 
-  def tempered_logprobs(logits: jax.Array) -> jax.Array:
+  def tempered_logprobs(m: nnx.Module) -> tuple[jax.Array, dict[str, jax.Array]]:
     # Behaviour logprobs are log softmax(logits / T) under the sampling temperature T
-    # (inference/sampling.py "tempered"): the policy and the reference use the same T.
-    return losses.token_logprobs(logits.astype(jnp.float32) / temperature, targets)
+    # (inference/sampling.py "tempered"): the policy and the reference use the same T. With
+    # `vocab_loss` from the hidden state by vocab tiles (no [B, L, V] fp32 logits, no copy).
+    inputs = (batch["tokens"], batch["positions"], batch["segment_ids"], routing)
+    if vocab_loss is None:
+      logits, aux = m(*inputs)
+      return losses.token_logprobs(logits.astype(jnp.float32) / temperature, targets), aux
+    hidden, aux = m(*inputs, return_hidden=True)
+    head, layout = m.head()
+    return vocab.token_logprobs_from_hidden(hidden, head, targets, head_layout=layout,
+                                            temperature=temperature, vocab_loss=vocab_loss), aux
 
-  logp = tempered_logprobs(logits)
+  logp, aux = tempered_logprobs(model)
   kl_coef = float(rl.get("kl_coef", 0.0))
   ref_logp = None
   if kl_coef:
     ref = jax.lax.stop_gradient(optim.cast_for_compute(ref_params, compute_dtype))
-    ref_logits, _ = nnx.merge(graphdef, ref, rest)(batch["tokens"], batch["positions"],
-                                                   batch["segment_ids"], routing)
-    ref_logp = jax.lax.stop_gradient(tempered_logprobs(ref_logits))
+    ref_logp = jax.lax.stop_gradient(tempered_logprobs(nnx.merge(graphdef, ref, rest))[0])
   ratio_cap = float(rl.get("ratio_cap", 0.0)) or None
   pg, m = rl_losses.ppo_loss(
       logp, losses.shift_aligned(batch["logprobs"]), losses.shift_aligned(batch["advantages"]),
@@ -105,12 +115,13 @@ def make_rl_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   compute_dtype = optim.resolve_dtype(optim_cfg.get("compute_dtype", "float32"))
   lb_coef, z_coef = float(optim_cfg.get("lb_coef", 0.0)), float(optim_cfg.get("z_coef", 0.0))
   bias_rate = float(optim_cfg.get("expert_bias_rate", 0.0))
+  vocab_loss = vocab.VocabLoss.from_config(optim_cfg)
 
   def step(state: step_lib.TrainState, ref_params: nnx.State, batch: Mapping[str, jax.Array]):
     grad_fn = jax.value_and_grad(rl_loss, argnums=1, has_aux=True)
     (_, metrics), grads = grad_fn(graphdef, state.params, state.rest, ref_params, batch,
                                   compute_dtype=compute_dtype, rl=rl_cfg, lb_coef=lb_coef,
-                                  z_coef=z_coef)
+                                  z_coef=z_coef, vocab_loss=vocab_loss)
     load = metrics.pop("moe_expert_load")
     new_rest = step_lib.update_expert_bias(state.rest, load, bias_rate)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
