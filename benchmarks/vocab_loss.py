@@ -5,9 +5,10 @@
 
 Compiles value_and_grad (w.r.t. hidden and head) of the masked next-token CE for hidden
 [1, T, 4096] bf16 and head [4096, 151552] bf16 (GLM-4.5-Air's) with the TPU compiler (libtpu; runs
-on a CPU-only host, no TPU needed) on `--topology`, head sharded over the vocab (tensor axis =
-all chips), for `kernels/vocab` reference (full logits) and tiled, and records the compiler's
-per-chip temporaries. Then times both on CPU at a small size. Writes JSON (atomically).
+on a CPU-only host, no TPU needed) on `--topology`, with the head sharded over `fsdp` (its embed
+dim, the pod configs' layout) or over `tensor` (its vocab dim), for `kernels/vocab` reference
+(full logits) and tiled, and records the compiler's per-chip temporaries. Then times both on CPU
+at a small size. Writes JSON (atomically).
 """
 
 from __future__ import annotations
@@ -55,15 +56,22 @@ def tpu_devices(topology: str) -> list:
   return list(desc.devices)
 
 
-def tpu_memory(topology: str, length: int, impl: vocab.VocabLoss) -> dict:
+# Where the head lives on the 4 chips: over `fsdp` on its embed dim (the pod configs' layout,
+# tensor=1), or over `tensor` on its vocab dim. Hidden [1, T, D] is replicated (one row).
+MESHES = {"fsdp": ((1, -1, 1, 1), ("fsdp", None)), "tensor": ((1, 1, 1, -1), (None, "tensor"))}
+
+
+def tpu_memory(topology: str, mesh_name: str, length: int, impl: vocab.VocabLoss) -> dict:
   """The TPU compiler's per-chip bytes for value_and_grad of the masked CE at `length`."""
   devices = tpu_devices(topology)
-  mesh = jax.make_mesh((1, 1, 1, len(devices)), MESH_AXES, devices=devices,
+  shape, head_spec = MESHES[mesh_name]
+  shape = tuple(len(devices) if n == -1 else n for n in shape)
+  mesh = jax.make_mesh(shape, MESH_AXES, devices=devices,
                        axis_types=(jax.sharding.AxisType.Auto,) * 4)
 
   def abstract(shape, dtype, *spec):
     return jax.ShapeDtypeStruct(shape, dtype, sharding=jax.NamedSharding(mesh, jax.P(*spec)))
-  args = (abstract((1, length, D), jnp.bfloat16), abstract((D, V), jnp.bfloat16, None, "tensor"),
+  args = (abstract((1, length, D), jnp.bfloat16), abstract((D, V), jnp.bfloat16, *head_spec),
           abstract((1, length), jnp.int32), abstract((1, length), jnp.float32))
   fn = jax.value_and_grad(masked_ce(impl), argnums=(0, 1))
   start = time.perf_counter()
@@ -78,7 +86,7 @@ def tpu_memory(topology: str, length: int, impl: vocab.VocabLoss) -> dict:
          "chips": len(devices), "temp_bytes": mem.temp_size_in_bytes,
          "argument_bytes": mem.argument_size_in_bytes, "output_bytes": mem.output_size_in_bytes,
          "temp_gib": mem.temp_size_in_bytes / GIB}
-  print(f"  T={length:6d} {impl.impl:9s} temp {out['temp_gib']:8.3f} GiB/chip "
+  print(f"  {mesh_name:6s} T={length:6d} {impl.impl:9s} temp {out['temp_gib']:8.3f} GiB/chip "
         f"(compiled in {out['compile_s']:.0f} s)", flush=True)
   return out
 
@@ -122,7 +130,7 @@ def main() -> None:
   tiles = vocab.VocabLoss()  # configs/common.py defaults
   result = {"host": platform.node(), "jax": jax.__version__, "topology": a.topology,
             "hidden": [1, "T", D], "head": [D, V], "dtype": "bfloat16",
-            "sharding": "head over vocab (tensor = all chips), hidden replicated",
+            "sharding": {k: f"head P{v[1]}, hidden replicated" for k, v in MESHES.items()},
             "chunk_tokens": tiles.chunk_tokens, "chunk_vocab": tiles.chunk_vocab, "tpu": {}}
   try:
     import libtpu  # noqa: F401
@@ -130,16 +138,17 @@ def main() -> None:
     result["tpu"] = {"skipped": f"libtpu not installed ({e})"}
   else:
     print(f"TPU compiler, {a.topology}:", flush=True)
-    for length in (int(x) for x in a.lengths.split(",")):
-      row = {impl.impl: tpu_memory(a.topology, length, impl)
-             for impl in (vocab.VocabLoss("reference"), tiles)}
-      if "temp_bytes" in row["reference"] and "temp_bytes" in row["tiled"]:
-        row["temp_ratio_reference_over_tiled"] = (row["reference"]["temp_bytes"]
-                                                  / max(row["tiled"]["temp_bytes"], 1))
-      result["tpu"][str(length)] = row
+    for mesh_name in MESHES:
+      for length in (int(x) for x in a.lengths.split(",")):
+        row = {impl.impl: tpu_memory(a.topology, mesh_name, length, impl)
+               for impl in (vocab.VocabLoss("reference"), tiles)}
+        if "temp_bytes" in row["reference"] and "temp_bytes" in row["tiled"]:
+          row["temp_ratio_reference_over_tiled"] = (row["reference"]["temp_bytes"]
+                                                    / max(row["tiled"]["temp_bytes"], 1))
+        result["tpu"][f"head_over_{mesh_name}/T={length}"] = row
   print("CPU speed:", flush=True)
   result["cpu"] = cpu_speed(2048, 256, 32768, vocab.VocabLoss("tiled", 512, 8192))
-  rows = [{"metric": f"tpu temp GiB/chip T={t} tiled", "value": r["tiled"]["temp_gib"],
+  rows = [{"metric": f"tpu temp GiB/chip {t} tiled", "value": r["tiled"]["temp_gib"],
            "unit": "GiB", "baseline": "reference", "baseline_value": r["reference"]["temp_gib"]}
           for t, r in result["tpu"].items()
           if isinstance(r, dict) and "temp_gib" in r.get("tiled", {})

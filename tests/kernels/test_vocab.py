@@ -169,6 +169,31 @@ def test_dispatcher_and_config():
     vocab.VocabLoss("dense")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_hidden_path_matches_its_logits(tie):
+  """Transformer(return_hidden=True) + head() through the tiled CE == CE of the model's logits."""
+  from flax import nnx
+
+  from klong_jax.model.transformer import Transformer
+  from klong_jax.train import losses
+
+  model = Transformer(dataclasses.replace(get_preset("tiny"), tie_embeddings=tie),
+                      rngs=nnx.Rngs(0))
+  batch = {k: jnp.asarray(v) for k, v in _batch().items()}
+  inputs = (batch["tokens"], batch["positions"], batch["segment_ids"])
+  rest = (batch["tokens"], batch["segment_ids"], batch["loss_mask"])
+  logits, _ = nnx.jit(lambda m, *a: m(*a))(model, *inputs)
+  hidden, _ = nnx.jit(lambda m, *a: m(*a, return_hidden=True))(model, *inputs)
+  assert hidden.shape == (*batch["tokens"].shape, model.cfg.hidden_size)
+  assert model.head()[1] == ("vd" if tie else "dv")
+  want, wm = losses.cross_entropy(logits, *rest)
+  got, gm = losses.cross_entropy_from_hidden(hidden, model.head(), *rest,
+                                             vocab_loss=vocab.VocabLoss("tiled", 16, 100))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert float(gm["loss_tokens"]) == float(wm["loss_tokens"]) > 0
+
+
 # --- The SFT and RL steps, vocab tiling on vs off ------------------------------------------------
 
 B, L = 8, 40

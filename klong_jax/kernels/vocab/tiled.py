@@ -1,10 +1,16 @@
 """Per-token logprobs from the final hidden state without a [tokens, V] fp32 logits buffer.
 
-Tokens are cut into chunks of <= `chunk_tokens` positions (a `lax.scan` over the time axis, the
-batch axis kept whole so its sharding stays put) and the vocabulary into blocks of <=
-`chunk_vocab` columns (an inner scan with an online logsumexp). A `jax.custom_vjp` keeps only
-hidden, head, targets and the fp32 logsumexp for the backward pass, which recomputes each tile's
-logits; so neither pass holds more than one [B, chunk_tokens, chunk_vocab] fp32 tile.
+The vocabulary is cut into blocks of <= `chunk_vocab` columns (the outer `lax.scan`, with an
+online logsumexp) and the time axis into chunks of <= `chunk_tokens` positions (the inner scan;
+the batch axis stays whole so its sharding stays put). A `jax.custom_vjp` keeps only hidden,
+head, targets and the fp32 logsumexp for the backward pass, which recomputes each tile's logits;
+so neither pass holds more than one [B, chunk_tokens, chunk_vocab] fp32 tile, plus [B, T]
+running statistics and, in the backward, d hidden in fp32. Each head block is read (under FSDP:
+all-gathered) once per pass and its gradient finished once. GSPMD cannot carry partial sums
+through a loop, so accumulations over a sharded contraction are reduced every step: d head_j over
+batch-sharded tokens once per token chunk (nt x the head's size in all; nt = T / chunk_tokens),
+and, only when the vocab is sharded (tensor > 1), d hidden once per vocab block. The pod configs
+shard the head over fsdp (tensor = 1), where the former is the only repeated collective.
 
 Vocab block j holds the *strided* columns {i * nb + j}: reshaping V -> [cv, nb] keeps a
 `vocab`-sharded head sharded on cv, so each block is a local slice of every shard (contiguous
@@ -92,21 +98,6 @@ def _head_unblock(blocked: jax.Array, layout: str, vocab: int) -> jax.Array:
   return jnp.moveaxis(blocked, 0, 1).reshape(cv * nb, d)[:vocab]
 
 
-def _token_chunks(x: jax.Array, nt: int, ct: int) -> jax.Array:
-  """[B, T, ...] -> [nt, B, ct, ...] (T zero-padded to nt * ct)."""
-  pad = nt * ct - x.shape[1]
-  if pad:
-    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-  x = x.reshape(x.shape[0], nt, ct, *x.shape[2:])
-  return jnp.moveaxis(x, 1, 0)
-
-
-def _token_unchunk(x: jax.Array, length: int) -> jax.Array:
-  """Inverse of `_token_chunks`: [nt, B, ct, ...] -> [B, length, ...]."""
-  x = jnp.moveaxis(x, 0, 1)
-  return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :length]
-
-
 class _Plan:
   """Static tiling of one call: layout, sizes, block counts."""
 
@@ -137,34 +128,48 @@ class _Plan:
     return in_block[..., None] & (jnp.arange(self.cv) == (targets // self.nb)[..., None])
 
 
+def _pad_tokens(x: jax.Array, length: int) -> jax.Array:
+  """Zero-pads the time axis (1) of x [B, T, ...] to `length`."""
+  pad = length - x.shape[1]
+  return jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2)) if pad else x
+
+
+def _chunk(x: jax.Array, i: jax.Array, ct: int) -> jax.Array:
+  return jax.lax.dynamic_slice_in_dim(x, i * ct, ct, axis=1)
+
+
 def _forward(plan: _Plan, hidden: jax.Array, head: jax.Array, targets: jax.Array
              ) -> tuple[jax.Array, jax.Array]:
-  """(logp, lse) [B, T] fp32 by tiles."""
+  """(logp, lse) [B, T] fp32 by tiles: vocab blocks outside, token chunks inside, so each head
+  block is read (FSDP: all-gathered) once; the running max / sum / target logit are [B, T]."""
   wb = _head_blocks(head, plan.layout, plan.nb, plan.cv)
-  hs = _token_chunks(hidden, plan.nt, plan.ct)
-  ts = _token_chunks(targets, plan.nt, plan.ct)
+  padded = plan.nt * plan.ct
+  hidden, targets = _pad_tokens(hidden, padded), _pad_tokens(targets, padded)
 
-  def chunk(_, xs):
-    h, t = xs
-    h = _constrain(h, ("act_batch", None, "act_embed"))
+  def block(carry, ys):
+    j, w = ys
 
-    def block(carry, ys):
+    def chunk(carry, i):
       m, s, picked = carry
-      j, w = ys
+      h = _constrain(_chunk(hidden, i, plan.ct), ("act_batch", None, "act_embed"))
+      t = _chunk(targets, i, plan.ct)
       z = plan.tile(h, w, j)
-      m_new = jnp.maximum(m, z.max(-1))
-      s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[..., None]).sum(-1)
-      picked = picked + jnp.where(plan.hits(t, j), z, 0.0).sum(-1)
-      return (m_new, s, picked), None
+      m_old, s_old, p_old = (_chunk(a, i, plan.ct) for a in (m, s, picked))
+      m_new = jnp.maximum(m_old, z.max(-1))
+      s_new = s_old * jnp.exp(m_old - m_new) + jnp.exp(z - m_new[..., None]).sum(-1)
+      p_new = p_old + jnp.where(plan.hits(t, j), z, 0.0).sum(-1)
+      put = functools.partial(jax.lax.dynamic_update_slice_in_dim, start_index=i * plan.ct,
+                              axis=1)
+      return (put(m, m_new), put(s, s_new), put(picked, p_new)), None
 
-    zeros = jnp.zeros(t.shape, jnp.float32)
-    init = (jnp.full(t.shape, -jnp.inf, jnp.float32), zeros, zeros)
-    (m, s, picked), _ = jax.lax.scan(block, init, (jnp.arange(plan.nb), wb))
-    lse = m + jnp.log(s)
-    return None, (picked - lse, lse)
+    carry, _ = jax.lax.scan(chunk, carry, jnp.arange(plan.nt))
+    return carry, None
 
-  _, (logp, lse) = jax.lax.scan(chunk, None, (hs, ts))
-  return _token_unchunk(logp, plan.length), _token_unchunk(lse, plan.length)
+  zeros = jnp.zeros(targets.shape, jnp.float32)
+  init = (jnp.full(targets.shape, -jnp.inf, jnp.float32), zeros, zeros)
+  (m, s, picked), _ = jax.lax.scan(block, init, (jnp.arange(plan.nb), wb))
+  lse = (m + jnp.log(s))[:, :plan.length]
+  return picked[:, :plan.length] - lse, lse
 
 
 def _backward(plan: _Plan, hidden: jax.Array, head: jax.Array, targets: jax.Array,
@@ -172,40 +177,44 @@ def _backward(plan: _Plan, hidden: jax.Array, head: jax.Array, targets: jax.Arra
               ) -> tuple[jax.Array, jax.Array]:
   """(d hidden, d head) by recomputing each tile: dz = g_logp * (onehot - p) + g_lse * p.
 
-  The matmuls take dz / temperature in the inputs' dtype (fp32 accumulate, as the reference's
-  transposed einsum); d head accumulates over token chunks in fp32.
+  Vocab blocks outside (each head block read once, its gradient finished and cast once), token
+  chunks inside; d hidden accumulates in fp32 [B, T, D]. The matmuls take dz / temperature in
+  the inputs' dtype with fp32 accumulation (as the reference's transposed einsum does).
   """
   wb = _head_blocks(head, plan.layout, plan.nb, plan.cv)
   mm_dtype = jnp.promote_types(hidden.dtype, head.dtype)
-  xs = tuple(_token_chunks(a, plan.nt, plan.ct) for a in (hidden, targets, lse, g_logp, g_lse))
-  dw_names = (None, "embed", "vocab") if plan.layout == "dv" else (None, "vocab", "embed")
+  padded = plan.nt * plan.ct
+  hidden, targets, lse, g_logp, g_lse = (_pad_tokens(a, padded)
+                                         for a in (hidden, targets, lse, g_logp, g_lse))
   dh_spec = "bck,dk->bcd" if plan.layout == "dv" else "bck,kd->bcd"
   dw_spec = "bcd,bck->dk" if plan.layout == "dv" else "bcd,bck->kd"
+  dw_names = ("embed", "vocab") if plan.layout == "dv" else ("vocab", "embed")
 
-  def chunk(dw, xs):
-    h, t, lse_c, g_lp, g_ls = xs
-    h = _constrain(h, ("act_batch", None, "act_embed"))
+  def block(dh, ys):
+    j, w = ys
 
-    def block(carry, ys):
+    def chunk(carry, i):
       dh, dw = carry
-      j, w = ys
+      h = _constrain(_chunk(hidden, i, plan.ct), ("act_batch", None, "act_embed"))
+      t, lse_c, g_lp, g_ls = (_chunk(a, i, plan.ct) for a in (targets, lse, g_logp, g_lse))
       z = plan.tile(h, w, j)
       p = jnp.exp(z - lse_c[..., None])
       dz = (g_ls - g_lp)[..., None] * p + jnp.where(plan.hits(t, j), g_lp[..., None], 0.0)
       dz = (dz / plan.temperature).astype(mm_dtype)
-      dh = dh + jnp.einsum(dh_spec, dz, w, preferred_element_type=jnp.float32)
-      dw_j = jnp.einsum(dw_spec, h, dz, preferred_element_type=jnp.float32)
-      dw = _constrain(dw.at[j].add(dw_j), dw_names)
-      return (dh, dw), None
+      dh_c = _chunk(dh, i, plan.ct) + jnp.einsum(dh_spec, dz, w,
+                                                 preferred_element_type=jnp.float32)
+      dh = jax.lax.dynamic_update_slice_in_dim(dh, dh_c, i * plan.ct, axis=1)
+      dw = dw + jnp.einsum(dw_spec, h, dz, preferred_element_type=jnp.float32)
+      return (dh, _constrain(dw, dw_names)), None
 
-    dh0 = jnp.zeros(h.shape, jnp.float32)
-    (dh, dw), _ = jax.lax.scan(block, (dh0, dw), (jnp.arange(plan.nb), wb))
-    return dw, dh.astype(hidden.dtype)
+    dw0 = _constrain(jnp.zeros(w.shape, jnp.float32), dw_names)
+    (dh, dw), _ = jax.lax.scan(chunk, (dh, dw0), jnp.arange(plan.nt))
+    return dh, dw.astype(head.dtype)
 
-  dw0 = _constrain(jnp.zeros(wb.shape, jnp.float32), dw_names)
-  dw, dh = jax.lax.scan(chunk, dw0, xs)
-  d_head = _head_unblock(dw, plan.layout, plan.vocab).astype(head.dtype)
-  return _token_unchunk(dh, plan.length), d_head
+  dh0 = _constrain(jnp.zeros(hidden.shape, jnp.float32), ("act_batch", "act_seq", "act_embed"))
+  dh, dw = jax.lax.scan(block, dh0, (jnp.arange(plan.nb), wb))
+  d_head = _head_unblock(dw, plan.layout, plan.vocab)
+  return dh[:, :plan.length].astype(hidden.dtype), d_head
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
