@@ -79,6 +79,8 @@ def optim_config(model: Any, *, lr: float, warmup_steps: int, total_steps: int,
 
   compute_dtype "bfloat16": bf16 forward on fp32 master params. The MoE aux coefficients follow
   the model section; expert_bias_rate is the aux-loss-free router-bias step (0 = off).
+  vocab_tiling: SFT/RL logprobs from the final hidden state in token x vocab tiles
+  (kernels/vocab), never a [B, L, V] fp32 logits buffer.
   """
   return ml_collections.ConfigDict(dict(
       lr=lr,                          # Peak learning rate (AdamW).
@@ -94,7 +96,10 @@ def optim_config(model: Any, *, lr: float, warmup_steps: int, total_steps: int,
       compute_dtype=compute_dtype,    # "bfloat16": bf16 forward on fp32 master params.
       lb_coef=model.get("lb_loss_coef", 1e-3),  # MoE load-balance loss weight (model section).
       z_coef=model.get("z_loss_coef", 1e-4),    # Router z-loss weight (model section).
-      expert_bias_rate=1e-3))         # Aux-loss-free balancing of the router bias; 0 = off.
+      expert_bias_rate=1e-3,          # Aux-loss-free balancing of the router bias; 0 = off.
+      vocab_tiling=True,              # Loss from hidden states by vocab tiles; False: logits.
+      vocab_chunk_tokens=2048,        # Positions per tile (vocab_tiling).
+      vocab_chunk_vocab=8192))        # Vocabulary columns per tile, about (vocab_tiling).
 
 
 def curriculum_config(limits: str, stage_steps: int, name: str) -> ml_collections.ConfigDict:

@@ -137,6 +137,13 @@ class Embedder(nnx.Module):
     x = jnp.take(self.embed_vd[...], tokens, axis=0).astype(self.dtype)
     return constrain(x, ("act_batch", "act_seq", "act_embed"))
 
+  def head(self) -> tuple[jax.Array, str]:
+    """(output head in the compute dtype, its layout): `lm_head_dv` [D, V] as "dv", or the tied
+    `embed_vd` [V, D] as "vd"; for losses that tile the vocab (`kernels/vocab`)."""
+    if self.tie:
+      return self.embed_vd[...].astype(self.dtype), "vd"
+    return self.lm_head_dv[...].astype(self.dtype), "dv"
+
   def decode(self, x: jax.Array) -> jax.Array:
     if self.tie:
       logits = jnp.einsum("btd,vd->btv", x, self.embed_vd[...].astype(self.dtype),

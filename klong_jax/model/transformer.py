@@ -124,9 +124,12 @@ class Transformer(nnx.Module):
     self.final_norm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
 
   def __call__(self, tokens: jax.Array, positions: jax.Array,
-               segment_ids: jax.Array | None = None, routing: jax.Array | None = None
-               ) -> tuple[jax.Array, dict[str, jax.Array]]:
+               segment_ids: jax.Array | None = None, routing: jax.Array | None = None,
+               *, return_hidden: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
     """tokens/positions [B,T] int -> (logits [B,T,V] fp32, aux).
+
+    With `return_hidden`: (final-normed hidden [B,T,D] in the compute dtype, aux) instead of the
+    logits, for losses that apply `head()` by tiles (`kernels/vocab`).
 
     `routing` [B,T,num_moe_layers,k] (routing replay, R3): expert ids recorded by the sampler;
     a token whose ids in a layer are all in [0, E) uses them instead of its own top-k there
@@ -155,7 +158,12 @@ class Transformer(nnx.Module):
       aux = {name: jnp.mean(layer_aux[name]) for name in AUX_SCALARS}
       aux["moe_expert_load"] = layer_aux["moe_expert_load"]
       aux["moe_routing"] = jnp.moveaxis(layer_aux["moe_routing"], 0, 2)
-    return self.embedder.decode(self.final_norm(x)), aux
+    x = self.final_norm(x)
+    return (x if return_hidden else self.embedder.decode(x)), aux
+
+  def head(self) -> tuple[jax.Array, str]:
+    """(output head weight in the compute dtype, layout "dv" [D,V] or tied "vd" [V,D])."""
+    return self.embedder.head()
 
   def init_cache(self, batch: int, max_len: int, dtype: Any = jnp.float32) -> KVCache:
     """An empty cache for `batch` rows of up to `max_len` positions."""

@@ -25,6 +25,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from klong_jax.kernels import vocab
 from klong_jax.rl import losses as rl_losses
 from klong_jax.train import losses, optim
 from klong_jax.train import step as step_lib
@@ -62,34 +63,45 @@ def _temperature(rl: ml_collections.ConfigDict) -> float:
 
 def policy_logprobs(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
                     batch: Mapping[str, jax.Array], *, compute_dtype: Any,
-                    rl: ml_collections.ConfigDict) -> tuple[jax.Array, dict[str, jax.Array]]:
+                    rl: ml_collections.ConfigDict, vocab_loss: vocab.VocabLoss | None = None
+                    ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Tempered log-probs [B, L] of each next token (logits positions) under `params`, and the
   model's aux. Behaviour logprobs are log softmax(logits / T) under the sampling temperature T
-  (inference/sampling.py "tempered"): policy, proximal and reference policies use the same T."""
+  (inference/sampling.py "tempered"): policy, proximal and reference policies use the same T.
+  With `vocab_loss` they come from the final hidden state by vocab tiles (`kernels/vocab`: no
+  [B, L, V] fp32 logits); None uses the model's logits."""
   temperature = _temperature(rl)
   model = nnx.merge(graphdef, optim.cast_for_compute(params, compute_dtype), rest)
   routing = batch.get("routing") if routing_replay(rl) else None
-  logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"], routing)
+  inputs = (batch["tokens"], batch["positions"], batch["segment_ids"], routing)
   targets, _ = losses.shift_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"])
-  return losses.token_logprobs(logits.astype(jnp.float32) / temperature, targets), aux
+  if vocab_loss is None:
+    logits, aux = model(*inputs)
+    return losses.token_logprobs(logits.astype(jnp.float32) / temperature, targets), aux
+  hidden, aux = model(*inputs, return_hidden=True)
+  head, layout = model.head()
+  return vocab.token_logprobs_from_hidden(hidden, head, targets, head_layout=layout,
+                                          temperature=temperature, vocab_loss=vocab_loss), aux
 
 
 def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_params: nnx.State,
             batch: Mapping[str, jax.Array], *, compute_dtype: Any,
-            rl: ml_collections.ConfigDict, lb_coef: float, z_coef: float
-            ) -> tuple[jax.Array, dict[str, jax.Array]]:
+            rl: ml_collections.ConfigDict, lb_coef: float, z_coef: float,
+            vocab_loss: vocab.VocabLoss | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """PPO clipped loss (+ kl_coef * KL to `ref_params`) + MoE load-balance and z losses.
 
-  With rl.off_policy="decoupled" the batch carries `prox_logp` (logits positions, from
+  Log-probs by `policy_logprobs` (tiled over the vocab with `vocab_loss`). With
+  rl.off_policy="decoupled" the batch carries `prox_logp` (logits positions, from
   `make_logprob_fn` on the params at the start of the step) and the loss is decoupled PPO."""
   routing = batch.get("routing") if routing_replay(rl) else None
-  logp, aux = policy_logprobs(graphdef, params, rest, batch, compute_dtype=compute_dtype, rl=rl)
+  logp, aux = policy_logprobs(graphdef, params, rest, batch, compute_dtype=compute_dtype, rl=rl,
+                              vocab_loss=vocab_loss)
   _, weights = losses.shift_targets(batch["tokens"], batch["segment_ids"], batch["loss_mask"])
   kl_coef = float(rl.get("kl_coef", 0.0))
   ref_logp = None
   if kl_coef:
     ref_logp, _ = policy_logprobs(graphdef, jax.lax.stop_gradient(ref_params), rest, batch,
-                                  compute_dtype=compute_dtype, rl=rl)
+                                  compute_dtype=compute_dtype, rl=rl, vocab_loss=vocab_loss)
     ref_logp = jax.lax.stop_gradient(ref_logp)
   decoupled = off_policy(rl) == "decoupled"
   if decoupled and "prox_logp" not in batch:
@@ -133,12 +145,13 @@ def make_rl_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
   compute_dtype = optim.resolve_dtype(optim_cfg.get("compute_dtype", "float32"))
   lb_coef, z_coef = float(optim_cfg.get("lb_coef", 0.0)), float(optim_cfg.get("z_coef", 0.0))
   bias_rate = float(optim_cfg.get("expert_bias_rate", 0.0))
+  vocab_loss = vocab.VocabLoss.from_config(optim_cfg)
 
   def step(state: step_lib.TrainState, ref_params: nnx.State, batch: Mapping[str, jax.Array]):
     grad_fn = jax.value_and_grad(rl_loss, argnums=1, has_aux=True)
     (_, metrics), grads = grad_fn(graphdef, state.params, state.rest, ref_params, batch,
                                   compute_dtype=compute_dtype, rl=rl_cfg, lb_coef=lb_coef,
-                                  z_coef=z_coef)
+                                  z_coef=z_coef, vocab_loss=vocab_loss)
     load = metrics.pop("moe_expert_load")
     new_rest = step_lib.update_expert_bias(state.rest, load, bias_rate)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -169,10 +182,11 @@ def make_logprob_fn(graphdef: nnx.GraphDef, optim_cfg: ml_collections.ConfigDict
   (logits positions): the proximal policy of decoupled PPO, computed once per element before its
   updates. No gradient, nothing donated."""
   compute_dtype = optim.resolve_dtype(optim_cfg.get("compute_dtype", "float32"))
+  vocab_loss = vocab.VocabLoss.from_config(optim_cfg)
 
   def fn(params: nnx.State, rest: nnx.State, batch: Mapping[str, jax.Array]) -> jax.Array:
     return policy_logprobs(graphdef, params, rest, batch, compute_dtype=compute_dtype,
-                           rl=rl_cfg)[0]
+                           rl=rl_cfg, vocab_loss=vocab_loss)[0]
 
   jitted = jax.jit(fn, in_shardings=(shardings.params, shardings.rest, batch_sharding),
                    out_shardings=batch_sharding)

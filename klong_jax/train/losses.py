@@ -5,13 +5,17 @@ Conventions (packed batch, every array [B, L]): `segment_ids` is 0 on padding an
 `loss_mask[t] == 1` marks a token the policy generated, so it is a *target*: the logit at position
 t-1 predicts token t, and that prediction counts iff `loss_mask[t]` and t-1, t lie in the same
 non-pad segment. `logprobs[t]` (behaviour policy) and `advantages[t]` are aligned with tokens the
-same way. All functions are pure; reductions run in float32 whatever the logits dtype.
+same way. All functions are pure; reductions run in float32 whatever the logits dtype. The
+`*_from_hidden` forms take the final hidden state and the head instead of logits
+(`kernels/vocab`: tiled, without full-vocabulary fp32 logits).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from klong_jax.kernels import vocab
 
 
 def shift_targets(tokens: jax.Array, segment_ids: jax.Array, loss_mask: jax.Array
@@ -49,7 +53,23 @@ def cross_entropy(logits: jax.Array, tokens: jax.Array, segment_ids: jax.Array,
   re-normalise across micro-batches or hosts exactly.
   """
   targets, weights = shift_targets(tokens, segment_ids, loss_mask)
-  nll = -token_logprobs(logits, targets) * weights
+  return _masked_nll(token_logprobs(logits, targets), weights)
+
+
+def cross_entropy_from_hidden(hidden: jax.Array, head: tuple[jax.Array, str], tokens: jax.Array,
+                              segment_ids: jax.Array, loss_mask: jax.Array, *,
+                              vocab_loss: vocab.VocabLoss = vocab.VocabLoss()
+                              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`cross_entropy` from the final hidden [B, L, D] and `head` = (weight, layout) as the model's
+  `head()` gives them, by `vocab_loss` (tiled: no [B, L, V] fp32 logits)."""
+  targets, weights = shift_targets(tokens, segment_ids, loss_mask)
+  logp = vocab.token_logprobs_from_hidden(hidden, head[0], targets, head_layout=head[1],
+                                          vocab_loss=vocab_loss)
+  return _masked_nll(logp, weights)
+
+
+def _masked_nll(logp: jax.Array, weights: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+  nll = -logp * weights
   count = weights.sum()
   nll_sum = nll.sum()
   loss = nll_sum / jnp.maximum(count, 1.0)

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from klong_jax.kernels import vocab
 from klong_jax.model import moe_router, sharded
 from klong_jax.model.config import from_config_dict
 from klong_jax.model.moe import ExpertBias
@@ -113,11 +114,22 @@ def update_expert_bias(rest: nnx.State, load: jax.Array, rate: float) -> nnx.Sta
 
 def sft_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
              batch: Mapping[str, jax.Array], *, compute_dtype: Any, lb_coef: float,
-             z_coef: float) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Masked CE (per loss token) + lb_coef * MoE load-balance + z_coef * router z-loss."""
+             z_coef: float, vocab_loss: vocab.VocabLoss | None = None
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Masked CE (per loss token) + lb_coef * MoE load-balance + z_coef * router z-loss.
+
+  With `vocab_loss` the CE comes from the final hidden state by vocab tiles (`kernels/vocab`),
+  never materialising [B, L, V] fp32 logits; None uses the model's logits.
+  """
   model = nnx.merge(graphdef, optim.cast_for_compute(params, compute_dtype), rest)
-  logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])
-  ce, m = losses.cross_entropy(logits, batch["tokens"], batch["segment_ids"], batch["loss_mask"])
+  args = (batch["tokens"], batch["segment_ids"], batch["loss_mask"])
+  if vocab_loss is None:
+    logits, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    ce, m = losses.cross_entropy(logits, *args)
+  else:
+    hidden, aux = model(batch["tokens"], batch["positions"], batch["segment_ids"],
+                        return_hidden=True)
+    ce, m = losses.cross_entropy_from_hidden(hidden, model.head(), *args, vocab_loss=vocab_loss)
   lb = jnp.asarray(aux.get("moe_lb_loss", 0.0), jnp.float32)
   z = jnp.asarray(aux.get("router_z_loss", 0.0), jnp.float32)
   loss = ce + lb_coef * lb + z_coef * z
@@ -136,10 +148,12 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                                 tuple[TrainState, dict[str, jax.Array]]]:
   """Returns the jitted `step(state, batch) -> (state, metrics)`; `state` is donated.
 
-  `cfg` is the `optim` section (compute_dtype, lb_coef, z_coef, expert_bias_rate). The batch is
-  the four `BATCH_KEYS` arrays [B, L]; metrics are replicated scalars.
+  `cfg` is the `optim` section (compute_dtype, lb_coef, z_coef, expert_bias_rate, vocab_tiling,
+  vocab_chunk_tokens, vocab_chunk_vocab). The batch is the four `BATCH_KEYS` arrays [B, L];
+  metrics are replicated scalars.
   """
   compute_dtype = optim.resolve_dtype(cfg.compute_dtype)
+  vocab_loss = vocab.VocabLoss.from_config(cfg)
   lb_coef, z_coef = float(cfg.lb_coef), float(cfg.z_coef)
   bias_rate = float(cfg.expert_bias_rate)
 
@@ -147,7 +161,7 @@ def make_sft_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
     grad_fn = jax.value_and_grad(sft_loss, argnums=1, has_aux=True)
     (_, metrics), grads = grad_fn(
         graphdef, state.params, state.rest, batch, compute_dtype=compute_dtype,
-        lb_coef=lb_coef, z_coef=z_coef)
+        lb_coef=lb_coef, z_coef=z_coef, vocab_loss=vocab_loss)
     load = metrics.pop("moe_expert_load")
     new_rest = update_expert_bias(state.rest, load, bias_rate)
     if load.size:
