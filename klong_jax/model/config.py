@@ -12,7 +12,8 @@ from collections.abc import Mapping
 from typing import Any
 
 ROUTER_SCORES = ("sigmoid", "softmax")
-MOE_IMPLS = ("auto", "ragged", "blocked", "dense", "capacity")
+MOE_IMPLS = ("auto", "ragged", "gmm", "blocked", "dense", "capacity")
+MOE_DISPATCHES = ("auto", "allgather", "a2a")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -52,6 +53,9 @@ class ModelConfig:
   routed_scaling_factor: float = 1.0
   tie_embeddings: bool = False
   moe_impl: str = "auto"  # "auto": ragged_dot on GPU/TPU, block-padded grouped matmul on CPU.
+  # Expert-parallel dispatch: "allgather" (reference), "a2a" (all-to-all, model/moe_a2a.py), or
+  # "auto" (a2a where tokens are sharded over the expert axis and moe_impl is dropless).
+  moe_dispatch: str = "auto"
   moe_block_size: int = 128  # Row block of the block-padded grouped matmul (benchmarks/moe.py).
   # moe_impl="capacity" (token dropping): each expert takes ceil(factor * tokens * top_k / E)
   # copies per dispatch group; the rest are dropped (aux "moe_drop_rate").
@@ -100,6 +104,11 @@ class ModelConfig:
       raise ConfigError("router_score", f"{self.router_score!r} not in {ROUTER_SCORES}")
     if self.moe_impl not in MOE_IMPLS:
       raise ConfigError("moe_impl", f"{self.moe_impl!r} not in {MOE_IMPLS}")
+    if self.moe_dispatch not in MOE_DISPATCHES:
+      raise ConfigError("moe_dispatch", f"{self.moe_dispatch!r} not in {MOE_DISPATCHES}")
+    if self.moe_dispatch == "a2a" and self.moe_impl == "capacity":
+      raise ConfigError("moe_dispatch", "'a2a' has no token-dropping path: with "
+                        "moe_impl='capacity' use moe_dispatch='allgather' or 'auto'")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError("remat_policy", f"{self.remat_policy!r} not in {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):
