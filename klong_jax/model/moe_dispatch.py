@@ -216,5 +216,6 @@ def local_experts(impl: str, x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax
     return ragged_ffn(x, idx, w, wg, wu, wd, offset)
   if impl == "blocked":
     return blocked_ffn(x, idx, w, wg, wu, wd, offset, block_size)
-  raise ValueError(f"moe_impl {impl!r} is not one of auto/dense/ragged/gmm/blocked (the token-dropping "
-                   "'capacity' path is capacity_ffn, which also returns the drop count)")
+  raise ValueError(f"moe_impl {impl!r} is not one of auto/dense/ragged/gmm/blocked (the "
+                   "token-dropping 'capacity' path is capacity_ffn, which also returns the drop "
+                   "count)")

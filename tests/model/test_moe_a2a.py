@@ -156,8 +156,8 @@ def test_transformer_logits_and_grads_equal_between_dispatches():
     model = create_sharded_model(dataclasses.replace(cfg, moe_dispatch=dispatch), mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-    def loss(p):
-      logits, aux = nnx.merge(graphdef, p, rest)(tokens, positions)
+    def loss(p, graphdef=graphdef, rest=rest):
+      logits, _ = nnx.merge(graphdef, p, rest)(tokens, positions)
       return jnp.mean(jax.nn.logsumexp(logits, axis=-1)), logits
 
     with jax.set_mesh(mesh):
