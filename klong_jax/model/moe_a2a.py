@@ -1,4 +1,4 @@
-"""All-to-all expert parallelism: send each token copy to its expert's device and back.
+"""All-to-all expert parallelism: send each token to the devices holding its experts, and back.
 
 Runs per device inside the `shard_map` of `moe.routed_experts` (the all-gather dispatch there is
 the reference). Mesh axes that shard both tokens and experts (`gather`, e.g. `expert`) form the
@@ -6,20 +6,22 @@ exchange group of size G; expert axes that do not shard tokens (`rest`) see the 
 every device, so each device keeps only the copies whose expert lives on its `rest` coordinate
 and the partial outputs are psum'd over `rest` afterwards (in `moe.routed_experts`). Per device:
 
-1. sort its n*k token copies by (destination device, local expert): counts [G, E_local];
-2. exchange counts (small `all_to_all`) then rows, compute the received rows with the grouped
-   matmul (`moe_dispatch.local_experts`, one copy per row, weight 1), return them by the reverse
-   exchange, un-sort and combine with the gate weights.
+1. one row per (token, destination device) pair that has any of the token's k copies there, with
+   the k expert slots (local id, or E_local = not there) and gate weights: a token is sent once
+   per device, not once per copy (k*(G-1)/G copies vs at most G-1 pairs: fewer bytes than a
+   per-copy exchange whenever a device holds two of a token's experts);
+2. exchange row counts (small `all_to_all`), then rows, ids and weights; the receiver runs its
+   experts on the rows (`moe_dispatch.local_experts`, combining the copies it holds), sends one
+   output row per pair back by the reverse exchange; the owner sums its tokens' rows.
 
 Row exchange, chosen by `exchange` ("auto": ragged off CPU, padded on CPU):
-- "ragged": `jax.lax.ragged_all_to_all` (TPU v4+/GPU; XLA:CPU lacks it) sends exactly the copies;
-  the receive buffer holds the worst case, G*n*min(k, E_local) rows (every copy of the group for
-  this device's experts; a token picks distinct experts, `moe_router.replay_experts` enforces it
-  for recorded ids), so nothing can overflow: exactly dropless.
-- "padded": `jax.lax.all_to_all` of fixed [G, C, D] buffers, C = n*min(k, E_local) per device
-  pair, also the worst case: exactly dropless, but it moves and computes G*C rows per device
-  whatever the routing, about the all-gather path's cost. There is no capacity-bounded variant:
-  token dropping stays `moe_impl="capacity"` on the all-gather path.
+- "ragged": `jax.lax.ragged_all_to_all` (TPU v4+/GPU; XLA:CPU lacks it) sends only real pairs;
+  the receive buffer holds the worst case, G*n rows (every token of the group has a copy here),
+  so nothing can overflow: exactly dropless.
+- "padded": `jax.lax.all_to_all` of fixed [G, n, D] blocks, also the worst case: exactly
+  dropless, but it moves G*n rows per device whatever the routing, the all-gather path's volume.
+  There is no capacity-bounded variant: token dropping stays `moe_impl="capacity"`.
+The local compute sees G*n rows with k slots each, as on the all-gather path.
 """
 
 from __future__ import annotations
@@ -90,15 +92,6 @@ def emulated_ragged_all_to_all(operand: jax.Array, output: jax.Array, input_offs
   return jnp.where(covered[:, None], got, output)
 
 
-def _row_experts(counts: jax.Array, rows: int) -> jax.Array:
-  """Local expert of each row of a buffer holding segments (source, expert) back to back with
-  sizes counts [G, L], in row-major order; rows past the segments get L (no expert)."""
-  num_local = counts.shape[1]
-  ends = jnp.cumsum(counts.reshape(-1))
-  segment = jnp.searchsorted(ends, jnp.arange(rows), side="right")
-  return jnp.where(segment < ends.shape[0], segment % num_local, num_local).astype(jnp.int32)
-
-
 def a2a_experts(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu: jax.Array,
                 wd: jax.Array, *, exp_axes: tuple[str, ...], gather: tuple[str, ...],
                 impl: str = "auto", block_size: int = 64, exchange: str = "auto",
@@ -111,47 +104,56 @@ def a2a_experts(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu: j
   """
   exchange = resolve_exchange(exchange)
   n, k = idx.shape
+  d = x.shape[1]
   num_local = wg.shape[0]
   size = math.prod(jax.lax.axis_size(a) for a in gather)
   rest = tuple(a for a in exp_axes if a not in gather)
   dest, dest_rest = _split_shard(idx // num_local, exp_axes, gather)
-  valid = (dest_rest == _index(rest)).reshape(-1) if rest else jnp.ones((n * k,), bool)
-  key = jnp.where(valid, (dest * num_local + idx % num_local).reshape(-1), size * num_local)
-  order = jnp.argsort(key, stable=True)
-  counts = jnp.bincount(key, length=size * num_local + 1)[:-1].reshape(size, num_local)
-  counts = counts.astype(jnp.int32)
-  send = jnp.sum(counts, axis=1)
-  recv_counts = jax.lax.all_to_all(counts, gather, 0, 0, tiled=True)  # [source, local expert]
-  recv = jnp.sum(recv_counts, axis=1)
-  xs = jnp.take(x, order // k, axis=0)
-  per_pair = n * min(k, num_local)  # Worst case copies one device sends to one device.
-  d = x.shape[1]
-  ones = jnp.ones((size * per_pair, 1), jnp.float32)
+  mine = dest_rest == _index(rest) if rest else jnp.ones(idx.shape, bool)  # [n, k]
+  # One row per (token, destination device) pair that has copies there: [n, G, k] masks.
+  here = (dest[:, None, :] == jnp.arange(size)[None, :, None]) & mine[:, None, :]
+  present = jnp.any(here, axis=-1)  # [n, G]
+  order = jnp.argsort(jnp.where(present, jnp.arange(size)[None, :], size).reshape(-1),
+                      stable=True)  # Pairs t*G + j grouped by destination j; absent pairs last.
+  send = jnp.sum(present, axis=0).astype(jnp.int32)  # [G] rows to each device.
+  recv = jax.lax.all_to_all(send, gather, 0, 0, tiled=True)  # [G] rows from each device.
+  token = order // size
+  xs = jnp.take(x, token, axis=0)
+  sel = here.reshape(n * size, k)[order]
+  ids = jnp.where(sel, idx[token] % num_local, num_local).astype(jnp.int32)  # L = not here.
+  ws = jnp.where(sel, w[token], 0).astype(w.dtype)
+  buf_rows = size * n  # Worst case: every token of the group has copies on this device.
   if exchange == "ragged":
     a2a = jax.lax.ragged_all_to_all if ragged_fn is None else ragged_fn
     in_off = jnp.cumsum(send) - send
-    table = jax.lax.all_gather(send, gather)  # [source, destination] copy counts.
+    table = jax.lax.all_gather(send, gather)  # [source, destination] row counts.
     out_off = (jnp.cumsum(table, axis=0) - table)[_index(gather)]
-    buf = a2a(xs, jnp.zeros((size * per_pair, d), x.dtype), in_off, send, out_off, recv,
-              axis_name=gather)
-    ids = _row_experts(recv_counts, size * per_pair)
-    rows = moe_dispatch.local_experts(impl, buf, ids[:, None], ones, wg, wu, wd, 0, block_size)
+
+    def there(a: jax.Array, fill: float | int) -> jax.Array:
+      out = jnp.full((buf_rows,) + a.shape[1:], fill, a.dtype)
+      return a2a(a, out, in_off, send, out_off, recv, axis_name=gather)
+
+    rows = moe_dispatch.local_experts(impl, there(xs, 0), there(ids, num_local), there(ws, 0),
+                                      wg, wu, wd, 0, block_size)
     recv_off = jnp.cumsum(recv) - recv
-    back_off = jax.lax.all_to_all(in_off, gather, 0, 0, tiled=True)  # My slice in each source.
-    per_copy = a2a(rows, jnp.zeros((n * k, d), rows.dtype), recv_off, recv, back_off, send,
+    back_off = jax.lax.all_to_all(in_off, gather, 0, 0, tiled=True)  # My rows in each source.
+    per_pair = a2a(rows, jnp.zeros((n * size, d), rows.dtype), recv_off, recv, back_off, send,
                    axis_name=gather)
   else:
-    sorted_dest = jnp.minimum(key[order] // num_local, size - 1)
     start = jnp.cumsum(send) - send
-    slot = jnp.where(key[order] < size * num_local,
-                     sorted_dest * per_pair + jnp.arange(n * k) - start[sorted_dest],
-                     size * per_pair)
-    buf = jnp.zeros((size * per_pair, d), x.dtype).at[slot].set(xs, mode="drop")
-    buf = jax.lax.all_to_all(buf.reshape(size, per_pair, d), gather, 0, 0, tiled=True)
-    ids = jax.vmap(lambda c: _row_experts(c[None], per_pair))(recv_counts).reshape(-1)
-    rows = moe_dispatch.local_experts(impl, buf.reshape(size * per_pair, d), ids[:, None], ones,
+    sorted_dest = jnp.searchsorted(jnp.cumsum(send), jnp.arange(n * size), side="right")
+    safe = jnp.minimum(sorted_dest, size - 1)  # Row r of the sorted pairs -> slot in [G, n].
+    slot = jnp.where(sorted_dest < size, safe * n + jnp.arange(n * size) - start[safe], buf_rows)
+
+    def there(a: jax.Array, fill: float | int) -> jax.Array:
+      out = jnp.full((buf_rows,) + a.shape[1:], fill, a.dtype).at[slot].set(a, mode="drop")
+      out = jax.lax.all_to_all(out.reshape((size, n) + a.shape[1:]), gather, 0, 0, tiled=True)
+      return out.reshape((buf_rows,) + a.shape[1:])
+
+    rows = moe_dispatch.local_experts(impl, there(xs, 0), there(ids, num_local), there(ws, 0),
                                       wg, wu, wd, 0, block_size)
-    rows = jax.lax.all_to_all(rows.reshape(size, per_pair, d), gather, 0, 0, tiled=True)
-    per_copy = jnp.take(rows.reshape(size * per_pair, d), slot, axis=0, mode="fill",
-                        fill_value=0)
-  return moe_dispatch.combine(per_copy, order, valid, w, x.dtype)
+    rows = jax.lax.all_to_all(rows.reshape(size, n, d), gather, 0, 0, tiled=True)
+    per_pair = jnp.take(rows.reshape(buf_rows, d), slot, axis=0, mode="fill", fill_value=0)
+  # Un-sort the pairs and sum each token's per-device partial outputs.
+  per_pair = per_pair[jnp.argsort(order)].reshape(n, size, d)
+  return jnp.sum(per_pair, axis=1, dtype=jnp.float32).astype(x.dtype)

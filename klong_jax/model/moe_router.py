@@ -38,16 +38,13 @@ def gate_weights(scores: jax.Array, idx: jax.Array, norm_topk_prob: bool,
 
 
 def _recorded(replay: jax.Array, num_experts: int) -> jax.Array:
-  """[N] rows of `replay` [N,k] that are a full record: k distinct ids in [0, E)."""
-  in_range = jnp.all((replay >= 0) & (replay < num_experts), axis=-1)
-  ordered = jnp.sort(replay, axis=-1)
-  return in_range & jnp.all(ordered[:, 1:] != ordered[:, :-1], axis=-1)
+  """[N] rows of `replay` [N,k] that are a full record (every id in [0, E))."""
+  return jnp.all((replay >= 0) & (replay < num_experts), axis=-1)
 
 
 def replay_experts(idx: jax.Array, replay: jax.Array, num_experts: int) -> jax.Array:
-  """Routing replay (R3): the recorded ids `replay` [N,k] where a token has a full record (k
-  distinct ids in [0, E), as top-k gives), the router's own choice `idx` elsewhere (e.g. -1 rows;
-  repeated ids, which the all-to-all dispatch's worst-case buffers do not allow for)."""
+  """Routing replay (R3): the recorded ids `replay` [N,k] where a token has a full valid record,
+  the router's own choice `idx` elsewhere (rows holding any id outside [0, E), e.g. -1)."""
   replay = replay.astype(jnp.int32)
   return jnp.where(_recorded(replay, num_experts)[:, None], replay, idx)
 
