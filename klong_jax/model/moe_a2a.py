@@ -39,7 +39,7 @@ EXCHANGES = ("auto", "ragged", "padded")
 def resolve_exchange(exchange: str) -> str:
   """"auto": ragged_all_to_all off CPU (XLA:CPU has no ragged-all-to-all), padded on CPU."""
   if exchange == "auto":
-    return "padded" if jax.default_backend() == "cpu" else "ragged"
+    return "padded" if moe_dispatch.target_platform() == "cpu" else "ragged"
   if exchange not in EXCHANGES:
     raise ValueError(f"exchange {exchange!r} not in {EXCHANGES}")
   return exchange

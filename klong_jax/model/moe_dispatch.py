@@ -2,10 +2,9 @@
 
 Four interchangeable dropless implementations of the same function (tested equal):
 - `dense`: every local expert on every token, combined by one-hot weights (reference; E/k x FLOPs).
-- `ragged`: `jax.lax.ragged_dot` over token copies sorted by expert (the GPU path, and TPU's:
-  benchmarks/moe_dispatch.py compiles it against megablox gmm for TPU).
-- `gmm`: the same sorted copies through the megablox Pallas kernel (TPU; interpret mode elsewhere,
-  for tests only).
+- `ragged`: `jax.lax.ragged_dot` over token copies sorted by expert (the GPU path).
+- `gmm`: the same sorted copies through the megablox Pallas kernel (the TPU path, chosen from the
+  TPU compiler's flops and memory, `resolve_impl`; interpret mode elsewhere, for tests only).
 - `blocked`: the sorted copies are padded so each expert's group fills whole row blocks, each
   block gathers its expert's weights and one batched matmul runs over blocks. ~k/E of the dense
   FLOPs plus < block rows of padding per expert; fast on CPU, where ragged_dot is lowered densely.
@@ -98,7 +97,7 @@ def gmm_ffn(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu: jax.A
   in_groups = (jnp.arange(padded) < jnp.sum(sizes))[:, None]
   xs = jnp.take(x, order // k, axis=0)
   xs = jnp.where(in_groups, jnp.pad(xs, ((0, padded - rows), (0, 0))), 0)
-  interpret = jax.default_backend() != "tpu"
+  interpret = target_platform() != "tpu"
 
   def mm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     tile = _gmm_tiling(padded, lhs.shape[1], rhs.shape[2])
@@ -195,12 +194,27 @@ def capacity_ffn(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu: 
   return y, jnp.sum(valid & ~kept).astype(jnp.float32)
 
 
+def target_platform() -> str:
+  """Platform being compiled for: the devices of the mesh set by `jax.set_mesh` (so an AOT compile
+  for a TPU topology on a CPU host picks the TPU paths), else JAX's default backend."""
+  try:
+    from jax._src.mesh import get_concrete_mesh  # No public getter works inside jit.
+    mesh = get_concrete_mesh()
+    if mesh is not None and not mesh.empty:
+      return mesh.devices.flat[0].platform
+  except (ImportError, AttributeError):
+    pass
+  return jax.default_backend()
+
+
 def resolve_impl(impl: str) -> str:
-  """"auto" by platform: blocked on CPU (ragged_dot is lowered densely there), ragged_dot on GPU
-  and TPU (TPU: smaller temporaries than megablox gmm for glm45_air, benchmarks/moe_dispatch.py)."""
+  """"auto" by platform: blocked on CPU (ragged_dot is lowered densely there), ragged_dot on GPU,
+  megablox gmm on TPU: for glm45_air experts (fwd+bwd, one v5p chip) the TPU compiler costs
+  ragged_dot at 6x the matmul flops (its weight gradient runs densely over the 16 groups) and
+  2.27 GiB of temporaries, gmm at 1.0x and 1.68 GiB (benchmarks/moe_dispatch.py)."""
   if impl != "auto":
     return impl
-  return "blocked" if jax.default_backend() == "cpu" else "ragged"
+  return {"cpu": "blocked", "tpu": "gmm"}.get(target_platform(), "ragged")
 
 
 def local_experts(impl: str, x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array,
