@@ -3,6 +3,7 @@ on 8 fake CPU devices, and MoE statistics that ignore padding tokens."""
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -233,3 +234,46 @@ def test_drop_rate_counts_real_tokens_only():
       dropped += counts[e] >= capacity
       counts[e] += 1
   np.testing.assert_allclose(rates[0], dropped / (keep.sum() * 2), rtol=1e-6)
+
+
+def test_auto_paths_follow_the_mesh_platform():
+  with jax.set_mesh(make_mesh({"expert": 8})):
+    assert moe_dispatch.resolve_impl("auto") == "blocked"
+    assert moe_a2a.resolve_exchange("auto") == "padded"
+  assert moe_dispatch.resolve_impl("ragged") == "ragged"
+
+
+def _tpu_devices():
+  pytest.importorskip("libtpu")
+  from jax.experimental import topologies
+  for name, value in (("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                      ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
+    os.environ.setdefault(name, value)
+  try:
+    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1",
+                                        chip_config_name="default",
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
+  except Exception as err:  # noqa: BLE001 - no usable libtpu here.
+    pytest.skip(f"no TPU topology: {err}")
+  return list(topo.devices)
+
+
+@pytest.mark.slow
+def test_tpu_hlo_has_ragged_all_to_all_and_no_token_all_gather():
+  """Compiled for v5p:2x2x1 (expert=4) by the TPU compiler: the auto dispatch exchanges tokens
+  with ragged-all-to-all and gathers none; the all-gather path does gather them."""
+  mesh = make_mesh({"expert": 4}, devices=_tpu_devices())
+  sharded = jax.sharding.NamedSharding(mesh, jax.P("expert"))
+  shapes = [((N, 128), jnp.bfloat16), ((N, K), jnp.int32), ((N, K), jnp.float32),
+            ((E, 128, 128), jnp.bfloat16), ((E, 128, 128), jnp.bfloat16),
+            ((E, 128, 128), jnp.bfloat16)]
+  args = [jax.ShapeDtypeStruct(s, d, sharding=sharded) for s, d in shapes]
+  texts = {}
+  with jax.set_mesh(mesh):
+    assert moe_dispatch.resolve_impl("auto") == "gmm"
+    assert moe_a2a.resolve_exchange("auto") == "ragged"
+    for dispatch in ("auto", "allgather"):
+      fn = lambda *a, dispatch=dispatch: routed_experts(*a, dispatch=dispatch)[0]
+      texts[dispatch] = jax.jit(fn).lower(*args).compile().as_text()
+  assert "ragged-all-to-all" in texts["auto"] and "all-gather" not in texts["auto"]
+  assert "all-gather" in texts["allgather"] and "ragged-all-to-all" not in texts["allgather"]
