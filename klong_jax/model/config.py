@@ -53,9 +53,7 @@ class ModelConfig:
   routed_scaling_factor: float = 1.0
   tie_embeddings: bool = False
   moe_impl: str = "auto"  # "auto": megablox gmm on TPU, ragged_dot on GPU, blocked matmul on CPU.
-  # Expert-parallel dispatch: "allgather" (reference), "a2a" (all-to-all, model/moe_a2a.py), or
-  # "auto" (a2a where tokens are sharded over the expert axis and moe_impl is dropless).
-  moe_dispatch: str = "auto"  # "allgather" | "a2a" (all-to-all) | "auto" (a2a where it applies).
+  moe_dispatch: str = "auto"  # "allgather" | "a2a" (model/moe_a2a.py) | "auto": a2a if it applies.
   moe_block_size: int = 128  # Row block of the block-padded grouped matmul (benchmarks/moe.py).
   # moe_impl="capacity" (token dropping): each expert takes ceil(factor * tokens * top_k / E)
   # copies per dispatch group; the rest are dropped (aux "moe_drop_rate").
