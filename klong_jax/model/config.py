@@ -12,8 +12,9 @@ from collections.abc import Mapping
 from typing import Any
 
 ROUTER_SCORES = ("sigmoid", "softmax")
-MOE_IMPLS = ("auto", "ragged", "blocked", "dense", "capacity")
 ATTENTION_IMPLS = ("auto", "reference", "blockwise", "splash", "cudnn")
+MOE_IMPLS = ("auto", "ragged", "gmm", "blocked", "dense", "capacity")
+MOE_DISPATCHES = ("auto", "allgather", "a2a")
 REMAT_POLICIES = ("none", "full", "save_dots")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -52,7 +53,8 @@ class ModelConfig:
   norm_topk_prob: bool = True
   routed_scaling_factor: float = 1.0
   tie_embeddings: bool = False
-  moe_impl: str = "auto"  # "auto": ragged_dot on GPU/TPU, block-padded grouped matmul on CPU.
+  moe_impl: str = "auto"  # "auto": megablox gmm on TPU, ragged_dot on GPU, blocked matmul on CPU.
+  moe_dispatch: str = "auto"  # "allgather" | "a2a" (model/moe_a2a.py) | "auto": a2a if it applies.
   moe_block_size: int = 128  # Row block of the block-padded grouped matmul (benchmarks/moe.py).
   # moe_impl="capacity" (token dropping): each expert takes ceil(factor * tokens * top_k / E)
   # copies per dispatch group; the rest are dropped (aux "moe_drop_rate").
@@ -112,6 +114,11 @@ class ModelConfig:
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise ConfigError(name, f"must be an int >= 0 (0 = backend default), got {value!r}")
+    if self.moe_dispatch not in MOE_DISPATCHES:
+      raise ConfigError("moe_dispatch", f"{self.moe_dispatch!r} not in {MOE_DISPATCHES}")
+    if self.moe_dispatch == "a2a" and self.moe_impl == "capacity":
+      raise ConfigError("moe_dispatch", "'a2a' has no token-dropping path: with "
+                        "moe_impl='capacity' use moe_dispatch='allgather' or 'auto'")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError("remat_policy", f"{self.remat_policy!r} not in {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):

@@ -45,11 +45,11 @@ class Block(nnx.Module):
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg, rngs=rngs)
     self.mlp = MoE(cfg, rngs=rngs) if moe else MLP(cfg, cfg.intermediate_size, rngs=rngs)
 
-  def _ffn(self, x: jax.Array, replay: jax.Array | None = None
+  def _ffn(self, x: jax.Array, replay: jax.Array | None = None, mask: jax.Array | None = None
            ) -> tuple[jax.Array, dict[str, jax.Array]]:
     h = self.post_attention_layernorm(x)
     if self.is_moe:
-      y, aux = self.mlp(h, replay)
+      y, aux = self.mlp(h, replay, mask)
     else:
       y, aux = self.mlp(h), {}
     return constrain(x + y, ("act_batch", "act_seq", "act_embed")), aux
@@ -57,7 +57,8 @@ class Block(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, segment_ids: jax.Array | None,
                replay: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
     x = x + self.attn(self.input_layernorm(x), positions, segment_ids)
-    return self._ffn(x, replay)
+    # MoE statistics count real tokens only (segment id 0 = padding).
+    return self._ffn(x, replay, None if segment_ids is None else segment_ids > 0)
 
   def decode(self, x: jax.Array, positions: jax.Array, k: jax.Array, v: jax.Array,
              layer: jax.Array | int

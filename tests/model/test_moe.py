@@ -47,7 +47,7 @@ def test_dense_reference_matches_loop():
                              atol=1e-5)
 
 
-@pytest.mark.parametrize("impl,block", [("ragged", 0), ("blocked", 1), ("blocked", 4),
+@pytest.mark.parametrize("impl,block", [("ragged", 0), ("gmm", 0), ("blocked", 1), ("blocked", 4),
                                         ("blocked", 64)])
 def test_dropless_paths_equal_dense(impl, block):
   args = _inputs()
