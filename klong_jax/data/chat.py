@@ -1,14 +1,23 @@
-"""Chat format: OpenAI-style messages (incl. tool calls and results) <-> token ids with loss masks.
+"""Chat format: OpenAI-style messages (incl. tool calls, results, reasoning) <-> token ids + masks.
 
-Layout, one turn per message: `<|role|>` body `<|end|>`. An assistant body is its content followed
-by one `<|tool_call|>{"name": ..., "arguments": {...}}<|/tool_call|>` per call; the model generates
-that text and stops on `<|end|>`. Tool specs, when given, form a `<|tools|>` JSON `<|end|>` block
-before the first message. No JAX imports (the agent scaffold and inference server use this).
+One code path for every model: the tokenizer directory's Jinja chat template (chat_template.py;
+GLM-4.5, Qwen3, or klong's own `assets/klong_chat_template.jinja`, where each message is `<|role|>`
+body `<|end|>` and calls are `<|tool_call|>{json}<|/tool_call|>`). A conversation is rendered
+incrementally, turn by turn: the prompt of assistant turn k is the template's rendering of the
+messages before it plus its generation prompt; the turn itself is its sampled ids (`token_ids` /
+`klong.token_ids`) verbatim, or the template's rendering of it as the newest message, cut after
+the first stop token (Qwen `<|im_end|>`, klong `<|end|>`; GLM ends a turn with the next role
+token, which joins the turn's loss mask). Where the template re-renders history differently from
+what was generated (Qwen drops earlier reasoning after a new user query, GLM re-serializes
+arguments), the generated form is kept and the turn is listed in `Rendered.drift`; without drift
+the tokens equal transformers' `apply_chat_template(..., sanitize_control_tokens=True)`.
+No JAX imports (the agent scaffold and inference server use this).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 from collections.abc import Mapping, Sequence
@@ -16,7 +25,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from klong_jax.data.tokenizer import Tokenizer
+from klong_jax.data import chat_template as ct
+from klong_jax.data.tokenizer import CHAT_SPECIAL_TOKENS, KLONG_TEMPLATE, Tokenizer, TokenizerError
+
+log = logging.getLogger(__name__)
 
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>",
                "tool": "<|tool|>"}
@@ -31,6 +43,8 @@ class Rendered(NamedTuple):
   tokens: np.ndarray  # int32 [n]
   loss_mask: np.ndarray  # int32 [n], 1 only on assistant-generated tokens
   turn_starts: list[int]  # token index where message i starts
+  drift: tuple[int, ...] = ()  # assistant turns the template later re-rendered differently
+  sampled: dict[int, tuple[int, int]] | None = None  # message -> (start, count) of sampled ids
 
 
 class ParsedAssistant(tuple):
@@ -89,33 +103,82 @@ def assistant_text(message: Mapping[str, Any]) -> str:
   return text + "".join(tool_call_text(c) for c in message.get("tool_calls") or [])
 
 
-class ChatFormat:
-  """Renders conversations for training and generation and parses generated assistant text."""
+class _Ctx(NamedTuple):
+  template: str
+  ctrl: re.Pattern[str]
+  tools: Any
+  kwargs: dict[str, Any]
 
-  def __init__(self, tok: Tokenizer):
+
+def _lcp(a: str, b: str) -> int:
+  n = min(len(a), len(b))
+  i = 0
+  while i < n and a[i] == b[i]:
+    i += 1
+  return i
+
+
+class ChatFormat:
+  """Renders conversations for training and generation with the model's chat template, and
+  parses generated klong-format assistant text."""
+
+  def __init__(self, tok: Tokenizer, spec: ct.ChatSpec | None = None):
     self.tok = tok
-    self.role_ids = {role: tok.special_id(t) for role, t in ROLE_TOKENS.items()}
-    self.end_id = tok.special_id(END)
-    self.tools_id = tok.special_id(TOOLS)
-    self.call_open_id = tok.special_id(CALL_OPEN)
-    self.call_close_id = tok.special_id(CALL_CLOSE)
+    self.is_klong = all(tok.piece_to_id(t) is not None for t in CHAT_SPECIAL_TOKENS)
+    if spec is None and tok.chat_dir:
+      spec = ct.load_spec(tok.chat_dir)
+    if spec is None:
+      if not self.is_klong:
+        raise TokenizerError(
+            f"tokenizer {tok.path} comes with no chat template: put the model's "
+            "tokenizer_config.json (with `chat_template`) or chat_template.jinja beside it, or "
+            "load the model directory itself")
+      spec = ct.ChatSpec(KLONG_TEMPLATE.read_text(encoding="utf-8"), {}, None, {}, "klong")
+    self.spec = spec
+    if self.is_klong:
+      self.role_ids = {role: tok.special_id(t) for role, t in ROLE_TOKENS.items()}
+      self.end_id = tok.special_id(END)
+      self.tools_id = tok.special_id(TOOLS)
+      self.call_open_id = tok.special_id(CALL_OPEN)
+      self.call_close_id = tok.special_id(CALL_CLOSE)
+    stops = spec.stop_ids
+    if stops is None:
+      stops = (self.end_id, tok.eos_id) if self.is_klong else (tok.eos_id,)
+    self._stops = frozenset(int(s) for s in stops)
+    added = tok.added_tokens()
+    strings = [tok.decode([s]) for s in self._stops]
+    strings = [s for s in strings if s in added]
+    self._stop_re = re.compile(f"(?<!{ct.MARK_START})(" + "|".join(
+        re.escape(s) for s in sorted(strings, key=len, reverse=True)) + ")" if strings else "(?!)")
+    self._added_re = ct.control_regex(list(added))
 
   @property
   def stop_token_ids(self) -> list[int]:
-    """Generation stops on end-of-turn (and on the tokenizer's eos)."""
-    return sorted({self.end_id, self.tok.eos_id})
+    """Generation stops on these ids (generation_config.json eos_token_id, else end and eos)."""
+    return sorted(self._stops)
+
+  # ---- klong-format helpers (the scaffold's context window, synthetic data) --------------
+
+  def _klong(self, what: str) -> None:
+    if not self.is_klong:
+      raise ValueError(f"ChatFormat.{what} is the klong format's; for {self.spec.source} use "
+                       "render(messages, tools).turn_starts")
 
   @property
   def assistant_header(self) -> list[int]:
+    self._klong("assistant_header")
     return [self.role_ids["assistant"]]
 
   def tools_block(self, tools: Sequence[Mapping[str, Any]] | None) -> list[int]:
-    """The `<|tools|>` block for tool specs (empty when there are none)."""
+    """The `<|tools|>` block for tool specs (empty when there are none; klong format)."""
+    self._klong("tools_block")
     if not tools:
       return []
-    return [self.tools_id] + self.tok.encode_untrusted(json.dumps(list(tools))) + [self.end_id]
+    c = self._context()
+    return self._encode(f"{TOOLS}{ct._tojson(ct.mark(ct._plain(list(tools)), c.ctrl), True)}{END}")
 
   def header(self, message: Mapping[str, Any], index: int = 0) -> list[int]:
+    self._klong("header")
     role = message.get("role") if isinstance(message, Mapping) else None
     if role not in self.role_ids:
       raise ValueError(f"message {index} has bad role {role!r}; expected one of "
@@ -123,11 +186,22 @@ class ChatFormat:
     return [self.role_ids[role]]
 
   def body(self, message: Mapping[str, Any]) -> list[int]:
-    """Token ids of a message body (without header and end token)."""
-    if message["role"] == "assistant":
-      return self.tok.encode(assistant_text(message))
-    # System, user and tool text comes from outside the model: never as special tokens.
-    return self.tok.encode_untrusted(message_text(message.get("content")))
+    """Token ids of a message's rendered text (without header and end token; klong format)."""
+    self.header(message)
+    c = self._context()
+    return self._encode(self._text(c, ct.mark(ct.normalize_messages([message]), c.ctrl)))[1:-1]
+
+  def message_tokens(self, message: Mapping[str, Any], index: int = 0) -> tuple[list[int], int]:
+    """(ids, header length) of one rendered klong message: header, body, end-of-turn token."""
+    self.header(message, index)
+    ids = self.sampled_ids(message)
+    if ids is not None:
+      if not ids or ids[-1] not in self._stops:
+        ids = ids + [self.end_id]  # the turn ended without the stop token (length cut): close it
+      return self.header(message, index) + ids, 1
+    return self.header(message, index) + self.body(message) + [self.end_id], 1
+
+  # ---- rendering ---------------------------------------------------------------------------
 
   def sampled_ids(self, message: Mapping[str, Any]) -> list[int] | None:
     """The exact ids an assistant turn was sampled as (`token_ids`, or the worker's `klong`).
@@ -143,39 +217,135 @@ class ChatFormat:
     if ids is None:
       return None
     if not isinstance(ids, Sequence) or isinstance(ids, str) or not all(
-        isinstance(t, int) and 0 <= t < self.tok.vocab_size for t in ids):
+        isinstance(t, (int, np.integer)) and 0 <= t < self.tok.vocab_size for t in ids):
       raise ValueError(f"assistant token_ids must be a list of ids in [0, "
                        f"{self.tok.vocab_size}), got {str(ids)[:80]}")
     return [int(t) for t in ids]
 
-  def message_tokens(self, message: Mapping[str, Any], index: int = 0) -> tuple[list[int], int]:
-    """(ids, header length) of one rendered message: header, body, end-of-turn token."""
-    head = self.header(message, index)
-    ids = self.sampled_ids(message)
-    if ids is None:
-      return head + self.body(message) + [self.end_id], len(head)
-    if not ids or ids[-1] != self.end_id:
-      ids = ids + [self.end_id]  # the turn ended without the stop token (length cut): close it
-    return head + ids, len(head)
+  def _context(self, tools: Any = None, kwargs: Mapping[str, Any] | None = None) -> _Ctx:
+    """Template, control-token regex and marked tools/kwargs for one rendering."""
+    tpl = self.spec.template_for(tools)
+    ctrl = ct.control_regex(ct.control_tokens(tpl, self.tok.added_tokens()))
+    marked_tools = None if tools is None else ct.mark(ct._plain(list(tools)), ctrl)
+    kw = {**self.spec.special_tokens, **ct.mark(ct._plain(dict(kwargs or {})), ctrl)}
+    return _Ctx(tpl, ctrl, marked_tools, kw)
+
+  @staticmethod
+  def _text(c: _Ctx, messages: list[dict[str, Any]], gen: bool = False) -> str:
+    return ct.render(c.template, messages, c.tools, gen, **c.kwargs)
+
+  def _encode(self, text: str) -> list[int]:
+    return ct.encode(self.tok, text)
+
+  def _joins(self, left: str, right: str) -> bool:
+    """Whether encoding `left` and `right` apart equals encoding them together."""
+    if not left or not right:
+      return True
+    tail = self._added_re.split(left)[-1]  # text after the last added token (encoded apart)
+    if not tail or self._added_re.match(right):
+      return True
+    return self._encode(tail + right) == self._encode(tail) + self._encode(right)
+
+  def _tail(self, x: str, base: str, pending: bool) -> tuple[str, bool]:
+    """`x` after the part aligned with `base` (the rendering the stream holds); drift when the
+    template rendered that history differently, realigned on the stop tokens (roles)."""
+    if x.startswith(base):
+      return x[len(base):], False
+    want = [m.group(0) for m in self._stop_re.finditer(base)]
+    got = list(self._stop_re.finditer(x))
+    n = len(want)
+    if len(got) < n + pending or [m.group(0) for m in got[:n]] != want or (not n and not pending):
+      raise ValueError("the chat template re-renders earlier turns with other turn boundaries; "
+                       "cannot align it with the generated history")
+    cut = got[n].start() if pending else got[n - 1].end()
+    return x[cut:], True
+
+  def _build(self, messages: Sequence[Mapping[str, Any]], tools: Any, gen_prompt: bool,
+             starts: bool, kwargs: Mapping[str, Any]) -> Rendered:
+    c = self._context(tools, kwargs)
+    marked = ct.mark(ct.normalize_messages(messages), c.ctrl)
+    n = len(marked)
+    assistants = [i for i, m in enumerate(marked) if m.get("role") == "assistant"]
+    ids: list[int] = []
+    mask: list[int] = []
+    turn_starts = [0] * n
+    sampled: dict[int, tuple[int, int]] = {}
+    drift: list[int] = []
+    base, prev_turn, done = "", "", 0
+    pending: tuple[str, int | None] | None = None  # the previous turn's terminator is to come
+    for a in assistants + [n]:
+      x = self._text(c, marked, gen_prompt) if a == n else self._text(c, marked[:a], True)
+      tail, drifted = self._tail(x, base, pending is not None)
+      if (drifted or not self._joins(prev_turn, tail)) and done:
+        drift.append(done - 1)
+      tail_ids = self._encode(tail)
+      tail_start, dropped = len(ids), 0
+      if pending is not None and tail_ids and tail_ids[0] in self._stops:
+        kind, stop = pending
+        if kind == "teacher":  # GLM: the next role token ends the turn; the model emits it
+          ids.append(tail_ids.pop(0))
+          mask.append(1)
+          tail_start += 1
+          dropped = 1
+        elif stop == tail_ids[0]:  # the sampled stop token already stands for it
+          tail_ids.pop(0)
+          dropped = 1
+      if starts:
+        offset = len(x) - len(tail)
+        for i in range(done, min(a + 1, n)):
+          rel = max(0, _lcp(self._text(c, marked[:i]), x) - offset)
+          k = len(self._encode(tail[:rel])) if rel else 0
+          turn_starts[i] = max(0, tail_start - dropped + min(k, len(tail_ids) + dropped))
+      ids += tail_ids
+      mask += [0] * len(tail_ids)
+      if a == n:
+        break
+      q = self._text(c, marked[:a + 1])
+      if not q.startswith(x):
+        raise ValueError(f"the chat template does not render message {a} after its generation "
+                         "prompt, so what the model generates for it is undefined")
+      g = q[len(x):]
+      m = self._stop_re.search(g)
+      turn = g if m is None else g[:m.end()]
+      s_ids = self.sampled_ids(messages[a])
+      if s_ids is None:
+        if not self._joins(x, turn):
+          drift.append(a)
+        t_ids = self._encode(turn)
+        ids += t_ids
+        mask += [1] * len(t_ids)
+        pending = ("teacher", None) if m is None else None
+      else:
+        sampled[a] = (len(ids), len(s_ids))
+        ids += s_ids
+        mask += [1] * len(s_ids)
+        stop = s_ids[-1] if s_ids and s_ids[-1] in self._stops else None
+        pending = None
+        if m is None:
+          pending = ("sampled", stop)
+        elif stop is None:  # length cut: close the turn with the template's terminator, untrained
+          ids.append(self._encode(turn)[-1])
+          mask.append(0)
+      base, prev_turn, done = x + turn, turn, a + 1
+    if drift:
+      log.debug("chat template re-rendered assistant turns %s differently; kept what was "
+                "generated", drift)
+    return Rendered(np.asarray(ids, np.int32), np.asarray(mask, np.int32), turn_starts,
+                    tuple(sorted(set(drift))), sampled)
 
   def render(self, messages: Sequence[Mapping[str, Any]],
-             tools: Sequence[Mapping[str, Any]] | None = None) -> Rendered:
-    """Token ids + loss mask (1 on assistant body and its end token) + message start indices."""
-    ids, mask, starts = [], [], []
-    block = self.tools_block(tools)
-    ids += block
-    mask += [0] * len(block)
-    for i, m in enumerate(messages):
-      starts.append(len(ids))
-      toks, head = self.message_tokens(m, i)
-      ids += toks
-      mask += [0] * head + [int(m["role"] == "assistant")] * (len(toks) - head)
-    return Rendered(np.asarray(ids, np.int32), np.asarray(mask, np.int32), starts)
+             tools: Sequence[Mapping[str, Any]] | None = None, **template_kwargs: Any) -> Rendered:
+    """Token ids + loss mask (1 on what each assistant turn generates, its stop token included)
+    + message start indices + drifted turns. `template_kwargs` reach the template
+    (e.g. enable_thinking)."""
+    return self._build(messages, tools, False, True, template_kwargs)
 
   def render_prompt(self, messages: Sequence[Mapping[str, Any]],
-                    tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
-    """Prompt ids for generation: the rendered conversation plus the assistant header."""
-    return self.render(messages, tools).tokens.tolist() + self.assistant_header
+                    tools: Sequence[Mapping[str, Any]] | None = None,
+                    **template_kwargs: Any) -> list[int]:
+    """Prompt ids for generation: the conversation as `render` builds it plus the generation
+    prompt, so the next turn's prompt begins with this one's exact ids."""
+    return self._build(messages, tools, True, False, template_kwargs).tokens.tolist()
 
   def parse_assistant(self, text: str) -> ParsedAssistant:
     """Splits generated text into content and OpenAI-shaped tool calls; never raises.
