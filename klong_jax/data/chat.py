@@ -292,8 +292,12 @@ class ChatFormat:
           dropped = 1
       if starts:
         offset = len(x) - len(tail)
+        rel = 0
         for i in range(done, min(a + 1, n)):
-          rel = max(0, _lcp(self._text(c, marked[:i]), x) - offset)
+          try:  # message i starts where the rendering of the messages before it stops matching
+            rel = max(rel, _lcp(self._text(c, marked[:i]), x) - offset)
+          except ValueError:  # the template cannot render that prefix (e.g. no messages)
+            pass
           k = len(self._encode(tail[:rel])) if rel else 0
           turn_starts[i] = max(0, tail_start - dropped + min(k, len(tail_ids) + dropped))
       ids += tail_ids
