@@ -15,6 +15,7 @@ import logging
 import os
 import pathlib
 import re
+import shutil
 import tempfile
 from collections.abc import Sequence
 
@@ -272,6 +273,25 @@ def write_klong_chat_files(directory: str | os.PathLike, tok: Tokenizer) -> None
     tmp = d / f".{name}.tmp"
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, d / name)
+
+
+def copy_tokenizer_files(source: str | os.PathLike, out: str | os.PathLike) -> str:
+  """Copies a tokenizer (a dir, or a file) into `out` so that it loads as a model directory
+  here and in transformers: tokenizer.json|.model plus the chat files beside it (template,
+  tokenizer_config.json, generation_config.json). A klong model without them gets them written.
+  Returns the tokenizer file's name."""
+  tok = load(source)
+  src, dst = pathlib.Path(tok.path), pathlib.Path(out)
+  dst.mkdir(parents=True, exist_ok=True)
+  name = "tokenizer.json" if src.suffix == ".json" else "tokenizer.model"
+  shutil.copyfile(src, dst / name)
+  copied = [n for n in CHAT_FILES if tok.chat_dir and (pathlib.Path(tok.chat_dir) / n).is_file()]
+  for n in copied:
+    shutil.copyfile(pathlib.Path(tok.chat_dir) / n, dst / n)
+  if not copied and name == "tokenizer.model" and all(
+      tok.piece_to_id(t) is not None for t in CHAT_SPECIAL_TOKENS):
+    write_klong_chat_files(dst, tok)
+  return name
 
 
 def train_tokenizer_dir(corpus_path: str | os.PathLike, directory: str | os.PathLike,

@@ -7,7 +7,6 @@ them as plain text (plain apply_chat_template would turn them into special ids: 
 conversations without such text are compared with plain apply_chat_template too (both agree).
 """
 
-import importlib.util
 import json
 import pathlib
 import random
@@ -22,10 +21,10 @@ from klong_jax.data import tokenizer as tok_lib
 from klong_jax.data.chat import ChatFormat
 from klong_jax.data.render import render_trajectory
 from tests.data import klong_reference
+from tests.data.chat_templates import build_family_dirs
 
 transformers = pytest.importorskip("transformers")
 
-HERE = pathlib.Path(__file__).resolve().parent
 TOOLS = [
     {"type": "function", "function": {
         "name": "bash", "description": "Run a shell command.",
@@ -87,15 +86,7 @@ def _as_strings(msgs):
 
 @pytest.fixture(scope="module")
 def family_dirs(tmp_path_factory):
-  spec = importlib.util.spec_from_file_location(
-      "make_tokenizer_dirs", HERE / "chat_templates" / "make_tokenizer_dirs.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  out = tmp_path_factory.mktemp("families")
-  corpus = out / "corpus.txt"
-  corpus.write_text(tok_lib.BUNDLED_CORPUS.read_text(encoding="utf-8")
-                    + "\nRésumé ünïcode 😀 日本語 данные\n", encoding="utf-8")
-  return {f: mod.build(str(corpus), str(out), f) for f in mod.FAMILIES}
+  return build_family_dirs(tmp_path_factory.mktemp("families"))
 
 
 @pytest.fixture(scope="module", params=["glm45", "qwen3"])
@@ -322,3 +313,16 @@ def test_bare_klong_model_falls_back_to_the_bundled_template(tok, tmp_path):
   msgs = _demo_conversations()[0]
   assert fmt.render(msgs).tokens.tolist() == ChatFormat(tok).render(msgs).tokens.tolist()
   assert fmt.stop_token_ids == ChatFormat(tok).stop_token_ids
+
+
+def test_klong_dir_loads_in_transformers_with_the_same_ids(tok):
+  """The klong tokenizer dir (SentencePiece + template) is a model dir transformers reads."""
+  hf = transformers.AutoTokenizer.from_pretrained(tok.chat_dir)
+  fmt = ChatFormat(tok)
+  for msgs in _demo_conversations()[:3]:
+    msgs = json.loads(json.dumps(msgs))
+    for m in msgs:
+      for c in m.get("tool_calls") or []:
+        c["function"]["arguments"] = json.loads(c["function"]["arguments"])
+    assert fmt.render(msgs, synthetic.TOOLS).tokens.tolist() == _hf(hf, msgs, synthetic.TOOLS)
+    assert fmt.render_prompt(msgs[:3]) == _hf(hf, msgs[:3], add_generation_prompt=True)
