@@ -16,9 +16,13 @@ No JAX imports (the agent scaffold and inference server use this).
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import hashlib
 import json
 import logging
 import re
+import threading
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
@@ -34,6 +38,7 @@ ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assis
                "tool": "<|tool|>"}
 END, TOOLS = "<|end|>", "<|tools|>"
 CALL_OPEN, CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
+CACHE_SIZE = 16  # conversations whose rendering a later, longer request resumes
 _CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
 
 
@@ -111,11 +116,36 @@ class _Ctx(NamedTuple):
 
 
 def _lcp(a: str, b: str) -> int:
-  n = min(len(a), len(b))
-  i = 0
-  while i < n and a[i] == b[i]:
-    i += 1
-  return i
+  """Length of the common prefix (slice comparisons run in C; binary search)."""
+  if b.startswith(a):
+    return len(a)
+  lo, hi = 0, min(len(a), len(b))
+  while lo < hi:
+    mid = (lo + hi + 1) // 2
+    if a[:mid] == b[:mid]:
+      lo = mid
+    else:
+      hi = mid - 1
+  return lo
+
+
+@dataclasses.dataclass
+class _State:
+  """Where a turn-by-turn rendering stands after an assistant turn (cached to resume from)."""
+
+  ids: list[int]
+  mask: list[int]
+  starts: list[int]
+  sampled: dict[int, tuple[int, int]]
+  drift: list[int]
+  base: str  # the template text the stream stands for
+  prev_turn: str  # the last turn's template text
+  done: int  # messages rendered
+  pending: tuple[str, int | None] | None  # the last turn's terminator is still to come (GLM)
+
+  def copy(self) -> _State:
+    return _State(list(self.ids), list(self.mask), list(self.starts), dict(self.sampled),
+                  list(self.drift), self.base, self.prev_turn, self.done, self.pending)
 
 
 class ChatFormat:
@@ -151,6 +181,8 @@ class ChatFormat:
     self._stop_re = re.compile(f"(?<!{ct.MARK_START})(" + "|".join(
         re.escape(s) for s in sorted(strings, key=len, reverse=True)) + ")" if strings else "(?!)")
     self._added_re = ct.control_regex(list(added))
+    self._cache: collections.OrderedDict[tuple[bool, str], _State] = collections.OrderedDict()
+    self._lock = threading.Lock()
 
   @property
   def stop_token_ids(self) -> list[int]:
@@ -260,28 +292,50 @@ class ChatFormat:
     cut = got[n].start() if pending else got[n - 1].end()
     return x[cut:], True
 
+  def _digests(self, c: _Ctx, messages: Sequence[Mapping[str, Any]],
+               marked: list[dict[str, Any]]) -> list[str]:
+    """d[k] identifies the rendering inputs of messages[:k] (template, tools, kwargs, ids)."""
+    h = hashlib.sha1(json.dumps([c.template, c.tools, c.kwargs], sort_keys=True,
+                                default=str).encode())
+    out = [h.hexdigest()]
+    for raw, m in zip(messages, marked, strict=True):
+      h.update(json.dumps([m, self.sampled_ids(raw)], sort_keys=True, default=str).encode())
+      out.append(h.hexdigest())
+    return out
+
   def _build(self, messages: Sequence[Mapping[str, Any]], tools: Any, gen_prompt: bool,
              starts: bool, kwargs: Mapping[str, Any]) -> Rendered:
     c = self._context(tools, kwargs)
     marked = ct.mark(ct.normalize_messages(messages), c.ctrl)
     n = len(marked)
     assistants = [i for i, m in enumerate(marked) if m.get("role") == "assistant"]
-    ids: list[int] = []
-    mask: list[int] = []
-    turn_starts = [0] * n
-    sampled: dict[int, tuple[int, int]] = {}
-    drift: list[int] = []
-    base, prev_turn, done = "", "", 0
-    pending: tuple[str, int | None] | None = None  # the previous turn's terminator is to come
-    for a in assistants + [n]:
-      x = self._text(c, marked, gen_prompt) if a == n else self._text(c, marked[:a], True)
-      tail, drifted = self._tail(x, base, pending is not None)
-      if (drifted or not self._joins(prev_turn, tail)) and done:
-        drift.append(done - 1)
+    digests = self._digests(c, messages, marked)
+    st = _State([], [], [0] * n, {}, [], "", "", 0, None)
+    with self._lock:  # resume after the newest cached assistant turn of this conversation
+      for a in reversed(assistants):
+        hit = self._cache.get((starts, digests[a + 1]))
+        if hit is not None:
+          self._cache.move_to_end((starts, digests[a + 1]))
+          st = hit.copy()
+          st.starts += [0] * (n - len(st.starts))
+          break
+    texts: dict[tuple[int, bool], str] = {}
+
+    def text(k: int, gen: bool = False) -> str:
+      if (k, gen) not in texts:
+        texts[k, gen] = self._text(c, marked[:k], gen)
+      return texts[k, gen]
+
+    ids, mask = st.ids, st.mask
+    for a in [i for i in assistants if i >= st.done] + [n]:
+      x = text(n, gen_prompt) if a == n else text(a, True)
+      tail, drifted = self._tail(x, st.base, st.pending is not None)
+      if (drifted or not self._joins(st.prev_turn, tail)) and st.done:
+        st.drift.append(st.done - 1)
       tail_ids = self._encode(tail)
       tail_start, dropped = len(ids), 0
-      if pending is not None and tail_ids and tail_ids[0] in self._stops:
-        kind, stop = pending
+      if st.pending is not None and tail_ids and tail_ids[0] in self._stops:
+        kind, stop = st.pending
         if kind == "teacher":  # GLM: the next role token ends the turn; the model emits it
           ids.append(tail_ids.pop(0))
           mask.append(1)
@@ -293,18 +347,18 @@ class ChatFormat:
       if starts:
         offset = len(x) - len(tail)
         rel = 0
-        for i in range(done, min(a + 1, n)):
+        for i in range(st.done, min(a + 1, n)):
           try:  # message i starts where the rendering of the messages before it stops matching
-            rel = max(rel, _lcp(self._text(c, marked[:i]), x) - offset)
+            rel = max(rel, _lcp(text(i), x) - offset)
           except ValueError:  # the template cannot render that prefix (e.g. no messages)
             pass
           k = len(self._encode(tail[:rel])) if rel else 0
-          turn_starts[i] = max(0, tail_start - dropped + min(k, len(tail_ids) + dropped))
+          st.starts[i] = max(0, tail_start - dropped + min(k, len(tail_ids) + dropped))
       ids += tail_ids
       mask += [0] * len(tail_ids)
       if a == n:
         break
-      q = self._text(c, marked[:a + 1])
+      q = text(a + 1)
       if not q.startswith(x):
         raise ValueError(f"the chat template does not render message {a} after its generation "
                          "prompt, so what the model generates for it is undefined")
@@ -314,28 +368,35 @@ class ChatFormat:
       s_ids = self.sampled_ids(messages[a])
       if s_ids is None:
         if not self._joins(x, turn):
-          drift.append(a)
+          st.drift.append(a)
         t_ids = self._encode(turn)
         ids += t_ids
         mask += [1] * len(t_ids)
-        pending = ("teacher", None) if m is None else None
+        st.pending = ("teacher", None) if m is None else None
       else:
-        sampled[a] = (len(ids), len(s_ids))
+        st.sampled[a] = (len(ids), len(s_ids))
         ids += s_ids
         mask += [1] * len(s_ids)
         stop = s_ids[-1] if s_ids and s_ids[-1] in self._stops else None
-        pending = None
+        st.pending = None
         if m is None:
-          pending = ("sampled", stop)
+          st.pending = ("sampled", stop)
         elif stop is None:  # length cut: close the turn with the template's terminator, untrained
           ids.append(self._encode(turn)[-1])
           mask.append(0)
-      base, prev_turn, done = x + turn, turn, a + 1
-    if drift:
+      st.base, st.prev_turn, st.done = x + turn, turn, a + 1
+      if a == assistants[-1]:
+        snap = st.copy()
+        snap.starts = snap.starts[:a + 1]
+        with self._lock:
+          self._cache[starts, digests[a + 1]] = snap
+          while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+    if st.drift:
       log.debug("chat template re-rendered assistant turns %s differently; kept what was "
-                "generated", drift)
-    return Rendered(np.asarray(ids, np.int32), np.asarray(mask, np.int32), turn_starts,
-                    tuple(sorted(set(drift))), sampled)
+                "generated", st.drift)
+    return Rendered(np.asarray(ids, np.int32), np.asarray(mask, np.int32), st.starts,
+                    tuple(sorted(set(st.drift))), st.sampled)
 
   def render(self, messages: Sequence[Mapping[str, Any]],
              tools: Sequence[Mapping[str, Any]] | None = None, **template_kwargs: Any) -> Rendered:

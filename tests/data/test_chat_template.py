@@ -326,3 +326,22 @@ def test_klong_dir_loads_in_transformers_with_the_same_ids(tok):
         c["function"]["arguments"] = json.loads(c["function"]["arguments"])
     assert fmt.render(msgs, synthetic.TOOLS).tokens.tolist() == _hf(hf, msgs, synthetic.TOOLS)
     assert fmt.render_prompt(msgs[:3]) == _hf(hf, msgs[:3], add_generation_prompt=True)
+
+
+def test_resumed_rendering_equals_a_fresh_one(family):
+  """A longer conversation resumes from the cached state of its prefix: same ids and starts."""
+  name, fmt, _ = family
+  msgs = _sampled_history(fmt, name) + [{"role": "user", "content": "more"}]
+  fresh = ChatFormat(fmt.tok)
+  for k in (3, 6, 7, 9):
+    fmt.render_prompt(msgs[:k], TOOLS)
+    fmt.render(msgs[:k], TOOLS)
+  for k in (6, 8, 9):
+    a, b = fmt.render(msgs[:k], TOOLS), fresh.render(msgs[:k], TOOLS)
+    assert a.tokens.tolist() == b.tokens.tolist() and a.turn_starts == b.turn_starts
+    assert a.loss_mask.tolist() == b.loss_mask.tolist() and a.drift == b.drift
+    assert a.sampled == b.sampled
+    assert fmt.render_prompt(msgs[:k], TOOLS) == fresh.render_prompt(msgs[:k], TOOLS)
+  edited = [dict(m) for m in msgs]
+  edited[5]["token_ids"] = edited[5]["token_ids"][:-1]  # other ids: no stale cache hit
+  assert fmt.render(edited, TOOLS).tokens.tolist() == fresh.render(edited, TOOLS).tokens.tolist()
