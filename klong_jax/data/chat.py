@@ -7,7 +7,7 @@ incrementally, turn by turn: the prompt of assistant turn k is the template's re
 messages before it plus its generation prompt; the turn itself is its sampled ids (`token_ids` /
 `klong.token_ids`) verbatim, or the template's rendering of it as the newest message, cut after
 the first stop token (Qwen `<|im_end|>`, klong `<|end|>`; GLM ends a turn with the next role
-token, which joins the turn's loss mask). Where the template re-renders history differently from
+token, which joins the turn's loss mask and span: the next message starts after it). Where the template re-renders history differently from
 what was generated (Qwen drops earlier reasoning after a new user query, GLM re-serializes
 arguments), the generated form is kept and the turn is listed in `Rendered.drift`; without drift
 the tokens equal transformers' `apply_chat_template(..., sanitize_control_tokens=True)`.
@@ -47,7 +47,7 @@ class Rendered(NamedTuple):
 
   tokens: np.ndarray  # int32 [n]
   loss_mask: np.ndarray  # int32 [n], 1 only on assistant-generated tokens
-  turn_starts: list[int]  # token index where message i starts
+  turn_starts: list[int]  # token index where message i starts (after the previous turn's stop)
   drift: tuple[int, ...] = ()  # assistant turns the template later re-rendered differently
   sampled: dict[int, tuple[int, int]] | None = None  # message -> (start, count) of sampled ids
 
@@ -352,8 +352,8 @@ class ChatFormat:
             rel = max(rel, _lcp(text(i), x) - offset)
           except ValueError:  # the template cannot render that prefix (e.g. no messages)
             pass
-          k = len(self._encode(tail[:rel])) if rel else 0
-          st.starts[i] = max(0, tail_start - dropped + min(k, len(tail_ids) + dropped))
+          k = len(self._encode(tail[:rel])) - dropped if rel else 0
+          st.starts[i] = tail_start + max(0, min(k, len(tail_ids)))
       ids += tail_ids
       mask += [0] * len(tail_ids)
       if a == n:

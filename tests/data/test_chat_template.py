@@ -179,6 +179,12 @@ def test_turn_starts_point_at_each_message(family):
   for a in (2, 5, 7):
     assert fmt.tok.decode(r.tokens[starts[a]:starts[a] + 1]) == head
     assert fmt.render_prompt(msgs[:a], TOOLS)[:starts[a]] == r.tokens[:starts[a]].tolist()
+  # Each assistant message's span holds all it generates, its stop token included (GLM: the
+  # next role token; the tool message then starts after it), so spans with loss = actions.
+  for i, (b, e) in enumerate(zip(starts, starts[1:] + [len(r.tokens)], strict=True)):
+    assert bool(r.loss_mask[b:e].any()) == (msgs[i]["role"] == "assistant"), i
+  first_tool = fmt.tok.decode(r.tokens[starts[3]:starts[3] + 3])
+  assert first_tool.startswith("\n<tool_response>" if name == "glm45" else "<|im_start|>user")
 
 
 def test_drift_reasoning_dropped_after_a_new_user_message(family):
