@@ -7,10 +7,12 @@ incrementally, turn by turn: the prompt of assistant turn k is the template's re
 messages before it plus its generation prompt; the turn itself is its sampled ids (`token_ids` /
 `klong.token_ids`) verbatim, or the template's rendering of it as the newest message, cut after
 the first stop token (Qwen `<|im_end|>`, klong `<|end|>`; GLM ends a turn with the next role
-token, which joins the turn's loss mask and span: the next message starts after it). Where the template re-renders history differently from
-what was generated (Qwen drops earlier reasoning after a new user query, GLM re-serializes
-arguments), the generated form is kept and the turn is listed in `Rendered.drift`; without drift
-the tokens equal transformers' `apply_chat_template(..., sanitize_control_tokens=True)`.
+token, which joins the turn's loss mask and span: the next message starts after it). Where the
+template re-renders history differently from what was generated (Qwen drops earlier reasoning
+after a new user query, GLM drops it too), the generated form is kept and the turn is listed in
+`Rendered.drift`; without drift the tokens equal transformers'
+`apply_chat_template(..., sanitize_control_tokens=True)`. A GLM teacher turn that ends the
+conversation has no stop token (the template renders none); sampled turns keep theirs.
 No JAX imports (the agent scaffold and inference server use this).
 """
 

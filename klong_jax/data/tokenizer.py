@@ -280,17 +280,27 @@ def copy_tokenizer_files(source: str | os.PathLike, out: str | os.PathLike) -> s
   here and in transformers: tokenizer.json|.model plus the chat files beside it (template,
   tokenizer_config.json, generation_config.json). A klong model without them gets them written.
   Returns the tokenizer file's name."""
-  tok = load(source)
-  src, dst = pathlib.Path(tok.path), pathlib.Path(out)
+  src = pathlib.Path(source)
+  if src.is_dir():
+    src = next((src / n for n in _CANONICAL if (src / n).is_file()), src / "tokenizer.json")
+  if not src.is_file():
+    raise FileNotFoundError(f"tokenizer file {src} does not exist")
+  dst = pathlib.Path(out)
   dst.mkdir(parents=True, exist_ok=True)
   name = "tokenizer.json" if src.suffix == ".json" else "tokenizer.model"
   shutil.copyfile(src, dst / name)
-  copied = [n for n in CHAT_FILES if tok.chat_dir and (pathlib.Path(tok.chat_dir) / n).is_file()]
+  chat_dir = src.parent if src.name in _CANONICAL else None
+  copied = [n for n in CHAT_FILES if chat_dir is not None and (chat_dir / n).is_file()]
   for n in copied:
-    shutil.copyfile(pathlib.Path(tok.chat_dir) / n, dst / n)
-  if not copied and name == "tokenizer.model" and all(
-      tok.piece_to_id(t) is not None for t in CHAT_SPECIAL_TOKENS):
-    write_klong_chat_files(dst, tok)
+    shutil.copyfile(chat_dir / n, dst / n)
+  if not copied and name == "tokenizer.model":
+    try:
+      tok = load(dst / name)
+    except TokenizerError as e:
+      logging.warning("%s: no chat files written (%s)", src, e)
+      return name
+    if all(tok.piece_to_id(t) is not None for t in CHAT_SPECIAL_TOKENS):
+      write_klong_chat_files(dst, tok)
   return name
 
 

@@ -351,3 +351,67 @@ def test_resumed_rendering_equals_a_fresh_one(family):
   edited = [dict(m) for m in msgs]
   edited[5]["token_ids"] = edited[5]["token_ids"][:-1]  # other ids: no stale cache hit
   assert fmt.render(edited, TOOLS).tokens.tolist() == fresh.render(edited, TOOLS).tokens.tolist()
+
+
+def test_forty_turn_glm_episode_token_in_token_out(family_dirs):
+  """A scripted 40-turn GLM episode as the server and worker run it: each prompt is rendered
+  from the history (sampled turns sent back as ids), the "model" samples GLM-format text ending
+  in its stop token, reminders and a continue message arrive as user turns (the template then
+  drops earlier reasoning: drift). Every prompt begins with the previous prompt + its sampled
+  ids, and the trajectory (render_trajectory, split) holds exactly those tokens and masks."""
+  from klong_jax.data import schema
+  from klong_jax.data.splitting import SplitConfig, split_trajectory
+
+  fmt = ChatFormat(tok_lib.load(family_dirs["glm45"]))
+  tok = fmt.tok
+  obs, user = tok.piece_to_id("<|observation|>"), tok.piece_to_id("<|user|>")
+  msgs = agent_conversation()[:2]
+  r = random.Random(0)
+  turns = []  # (prompt ids, sampled ids)
+  for k in range(40):
+    prompt = fmt.render_prompt(msgs, TOOLS)
+    if turns:
+      prev_prompt, prev_ids = turns[-1]
+      assert prompt[:len(prev_prompt) + len(prev_ids)] == prev_prompt + prev_ids
+    arg = r.choice(['"quoted" ünï', 42, {"a": [1, {"b": None}]}, "multi\nline"])
+    value = arg if isinstance(arg, str) else json.dumps(arg)
+    final = k % 13 == 12
+    text = f"\n<think>step {k}: think {r.random():.3f}</think>\n"
+    if final:
+      text += f"Result so far: {k}."
+      ids = tok.encode(text) + [user]
+    else:
+      text += (f"Running {k}.\n<tool_call>bash\n<arg_key>cmd</arg_key>\n<arg_value>{value}"
+               "</arg_value>\n</tool_call>")
+      ids = tok.encode(text) + ([obs] if k != 20 else [])  # turn 20: cut by length
+    turns.append((prompt, ids))
+    m = {"role": "assistant", "reasoning_content": f"step {k}", "content": f"Running {k}.",
+         "klong": {"token_ids": ids, "logprobs": [-0.1] * len(ids), "policy_version": k}}
+    if not final:
+      m["tool_calls"] = [_call(k, "bash", cmd=arg)]
+    msgs.append(m)
+    if final:
+      msgs.append({"role": "user", "content": scaffold.CONTINUE_MESSAGE})
+    else:
+      msgs.append({"role": "tool", "tool_call_id": f"call_{k}",
+                   "content": f"out {k} <|user|> ok" if k % 7 == 3 else f"out {k}"})
+      if k % 10 == 9:
+        msgs.append({"role": "user", "content": f"Info: {k} min elapsed."})
+  f = render_trajectory(msgs, fmt, TOOLS, prefix_messages=2)
+  tokens = f["tokens"].tolist()
+  trained = 0
+  for prompt, ids in turns:
+    assert tokens[:len(prompt)] == prompt
+    assert tokens[len(prompt):len(prompt) + len(ids)] == ids
+    assert f["loss_mask"][len(prompt):len(prompt) + len(ids)].all()
+    trained += len(ids)
+  assert int(f["loss_mask"].sum()) == trained  # nothing else is trained
+  assert (f["policy_version"] >= 0).sum() == trained
+  assert fmt.render(msgs, TOOLS).drift  # the template's own re-rendering differs
+  traj = schema.validate(dict(f, id="glm40", task_id="t", messages=msgs), tok.vocab_size)
+  chunks = split_trajectory(traj, SplitConfig(max_len=len(tokens) + 64))
+  last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+  end = f["turn_starts"][last + 1]  # the window ends after the last action, its stop token in
+  assert tok.decode(tokens[end - 1:end]) in ("<|observation|>", "<|user|>")
+  assert len(chunks) == 1 and chunks[0].tokens.tolist() == tokens[:end]
+  assert chunks[0].loss_mask.tolist() == f["loss_mask"][:end].tolist()
