@@ -185,6 +185,7 @@ class ChatFormat:
     self._added_re = ct.control_regex(list(added))
     self._cache: collections.OrderedDict[tuple[bool, str], _State] = collections.OrderedDict()
     self._lock = threading.Lock()
+    self._drift_logged = False
 
   @property
   def stop_token_ids(self) -> list[int]:
@@ -394,9 +395,11 @@ class ChatFormat:
           self._cache[starts, digests[a + 1]] = snap
           while len(self._cache) > CACHE_SIZE:
             self._cache.popitem(last=False)
-    if st.drift:
-      log.debug("chat template re-rendered assistant turns %s differently; kept what was "
-                "generated", st.drift)
+    if st.drift and not self._drift_logged:
+      self._drift_logged = True
+      log.info("%s: the chat template re-renders earlier assistant turns differently from how "
+               "they were generated (turns %s); rendering turn by turn keeps what was generated "
+               "(reported once per format; see Rendered.drift)", self.spec.source, st.drift[:5])
     return Rendered(np.asarray(ids, np.int32), np.asarray(mask, np.int32), st.starts,
                     tuple(sorted(set(st.drift))), st.sampled)
 

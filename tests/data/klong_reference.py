@@ -8,11 +8,26 @@ special-token strings encoded as `<` + the rest. Tests check the template render
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>",
                "tool": "<|tool|>"}
+
+
+SPECIALS = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>", "<|end|>", "<|tool_call|>",
+            "<|/tool_call|>", "<|tools|>")
+_SPECIAL_RE = re.compile("(" + "|".join(re.escape(t) for t in SPECIALS) + ")")
+
+
+def _untrusted(tok: Any, text: str) -> list[int]:
+  """Each special-token string as `<` + the rest, the text between encoded apart."""
+  ids: list[int] = []
+  for i, part in enumerate(_SPECIAL_RE.split(text)):
+    if part:
+      ids += tok.encode(part[0]) + tok.encode(part[1:]) if i % 2 else tok.encode(part)
+  return ids
 
 
 def _text(content: Any) -> str:
@@ -41,7 +56,7 @@ def render(tok: Any, messages: Sequence[Mapping[str, Any]],
   end = tok.special_id("<|end|>")
   ids, mask = [], []
   if tools:
-    block = [tok.special_id("<|tools|>")] + tok.encode_untrusted(json.dumps(list(tools))) + [end]
+    block = [tok.special_id("<|tools|>")] + _untrusted(tok, json.dumps(list(tools))) + [end]
     ids += block
     mask += [0] * len(block)
   for m in messages:
@@ -56,7 +71,7 @@ def render(tok: Any, messages: Sequence[Mapping[str, Any]],
     if m["role"] == "assistant":
       body = tok.encode(_assistant_text(m)) + [end]
     else:
-      body = tok.encode_untrusted(_text(m.get("content"))) + [end]
+      body = _untrusted(tok, _text(m.get("content"))) + [end]
     ids += body
     mask += [int(m["role"] == "assistant")] * len(body)
   return ids, mask
