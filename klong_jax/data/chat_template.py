@@ -224,7 +224,8 @@ DROP_KEYS = ("klong", "token_ids", "meta")  # bookkeeping the template never nee
 
 def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
   """Messages as the template sees them: None-valued and bookkeeping keys dropped, reasoning
-  under `reasoning_content` (aliases `thinking`/`reasoning`), tool-call arguments as objects."""
+  under `reasoning_content` (aliases `thinking`/`reasoning`), tool-call arguments as objects,
+  an assistant's missing content as ""."""
   out = []
   for i, m in enumerate(messages):
     if not isinstance(m, Mapping):
@@ -235,6 +236,8 @@ def normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, 
       m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
     if m.get("tool_calls"):
       m["tool_calls"] = [_parse_arguments(c) for c in m["tool_calls"]]
+    if m.get("role") == "assistant":  # OpenAI sends content None with tool calls; templates
+      m.setdefault("content", "")  # (Qwen3's) index it as a string
     out.append(_plain(m))
   return out
 

@@ -111,6 +111,9 @@ def test_equal_to_transformers_on_agent_conversation(family):
     assert fmt.render_prompt(msgs[:k], TOOLS) == _hf(hf, msgs[:k], TOOLS,
                                                      add_generation_prompt=True)
   assert fmt.render(msgs).tokens.tolist() == _hf(hf, msgs)  # no tools
+  wire = _as_strings(msgs)
+  wire[5]["content"] = None  # as OpenAI sends a tool-call-only turn back
+  assert fmt.render(wire, TOOLS).tokens.tolist() == _hf(hf, msgs, TOOLS)
 
 
 def test_enable_thinking_kwarg_reaches_the_template(family):
