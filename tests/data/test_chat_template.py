@@ -418,3 +418,11 @@ def test_forty_turn_glm_episode_token_in_token_out(family_dirs):
   assert tok.decode(tokens[end - 1:end]) in ("<|observation|>", "<|user|>")
   assert len(chunks) == 1 and chunks[0].tokens.tolist() == tokens[:end]
   assert chunks[0].loss_mask.tolist() == f["loss_mask"][:end].tolist()
+
+
+def test_rendering_imports_neither_transformers_nor_jax():
+  import subprocess
+  import sys
+  code = ("import sys, klong_jax.data.chat, klong_jax.data.chat_template, klong_jax.data.render; "
+          "sys.exit(int('transformers' in sys.modules or 'jax' in sys.modules))")
+  assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
