@@ -421,8 +421,11 @@ def test_forty_turn_glm_episode_token_in_token_out(family_dirs):
 
 
 def test_rendering_imports_neither_transformers_nor_jax():
+  import os
   import subprocess
   import sys
+  root = str(pathlib.Path(__file__).resolve().parents[2])
+  env = {**os.environ, "PYTHONPATH": root}
   code = ("import sys, klong_jax.data.chat, klong_jax.data.chat_template, klong_jax.data.render; "
           "sys.exit(int('transformers' in sys.modules or 'jax' in sys.modules))")
-  assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0
+  assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
