@@ -136,8 +136,7 @@ def test_distill_with_scripted_teacher(tmp_path):
   from klong_jax.factory.teacher import ScriptedTeacher
   from klong_jax.tasks import bundled_tasks_dir
 
-  default_tokenizer(tmp_path / "tok", 512)
-  tok = next(str(p) for p in (tmp_path / "tok").glob("*.model"))
+  tok = default_tokenizer(tmp_path / "tok", 512).path
   teacher = ScriptedTeacher(0.5, seed=2)
   calls = []
   url, stop = serve_in_thread(lambda m, t: calls.append(1) or teacher(m, t))
@@ -193,8 +192,7 @@ def test_distill_infra_failures_fail_loudly_and_resume(tmp_path, monkeypatch):
   from klong_jax.sandbox import base as sandbox_lib
   from klong_jax.tasks import bundled_tasks_dir
 
-  default_tokenizer(tmp_path / "tok", 512)
-  tok = next(str(p) for p in (tmp_path / "tok").glob("*.model"))
+  tok = default_tokenizer(tmp_path / "tok", 512).path
   url, stop = serve_in_thread(ScriptedTeacher(1.0, seed=0))
   real, made = sandbox_lib.make_sandbox, []
   broken = {"on": True}
