@@ -4,17 +4,12 @@ calls as errors, family detection, and streaming deltas adding up to the whole-t
 every split point."""
 
 import json
-import pathlib
 import random
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import pytest
 
 from klong_jax.data import tool_parsers as tp
-
-TEMPLATES = pathlib.Path(__file__).parent / "parser_templates"
+from tests.data.chat_testlib import TEMPLATES, render
 
 TOOLS = [
     {"type": "function", "function": {
@@ -44,21 +39,6 @@ CALLS = [
 ]
 REASONING = "The user wants files listed.\nI'll run ls — then write ✓."
 CONTENT = "Let me look at the files."
-
-
-def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-  return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                    sort_keys=sort_keys)
-
-
-def render(family, messages, tools=None, **kw):
-  """The template rendered as transformers renders chat templates (sandboxed, trim/lstrip
-  blocks, tojson without ASCII escapes)."""
-  env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                                     extensions=[jinja2.ext.loopcontrols])
-  env.filters["tojson"] = _tojson
-  text = (TEMPLATES / f"{family}.jinja").read_text()
-  return env.from_string(text).render(messages=messages, tools=tools, **kw)
 
 
 def generated_turn(family, message, tools=TOOLS):
