@@ -6,7 +6,8 @@ context policy the trainer's splitter replays (data/context.py), measured in rea
 policy's chat format, while the FULL message log is kept for the trajectory. Sampled assistant
 turns go back to the server as their exact `token_ids`. Without a chat format (a foreign endpoint
 whose tokenizer we lack) the history is trimmed oldest-first by a chars/token estimate. Time
-reminders every N steps; step/token/wall budgets; malformed tool calls are answered with an error;
+reminders every N steps; step/token/wall budgets; malformed tool calls (bad arguments, unknown
+tools, or tool-call text the server could not parse: `tool_call_error`) are answered with an error;
 "no early end": an early submit is refused (KLong) until a configurable share of the time budget
 is used.
 """
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from klong_jax.agent import client as client_lib
-from klong_jax.agent.tools import REGISTRY, ToolRegistry
+from klong_jax.agent.tools import REGISTRY, ToolRegistry, malformed_call_message
 from klong_jax.data.context import ContextPolicy
 from klong_jax.sandbox.base import SUBMISSION, Sandbox
 
@@ -280,12 +281,17 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     usage = info.get("usage") or {}
     tokens += int(usage.get("completion_tokens") or len((reply.get("klong") or {}).get(
         "token_ids") or []) or estimate_tokens([reply], cfg.chars_per_token))
+    parse_error = reply.pop("tool_call_error", None)
     reply["meta"] = {"step": steps, "t": round(elapsed(), 3),
                      "finish_reason": info.get("finish_reason")}
+    if parse_error:
+      reply["meta"]["tool_call_error"] = parse_error
     add(reply)
     calls = reply.get("tool_calls") or []
     if not calls:
-      add({"role": "user", "content": CONTINUE_MESSAGE})
+      malformed += int(bool(parse_error))
+      add({"role": "user", "content": malformed_call_message(parse_error) if parse_error
+           else CONTINUE_MESSAGE})
       continue
     submitted = False
     for call in calls:

@@ -128,3 +128,31 @@ def test_wall_stop_and_server_failure(run):
                            scaffold.AgentConfig(request_retries=1, retry_backoff_s=0.01))
     stop2()
   stop_server()
+
+
+def test_unparsable_tool_call_becomes_error_observation_and_reasoning_is_kept(run):
+  err = ("tool call 0 ('bash'): <arg_key>cmd</arg_key> has no <arg_value> after it; expected "
+         "each tool call as <tool_call>NAME\n<arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value>"
+         "\n</tool_call>")
+  raw = "Running.\n<tool_call>bash\n<arg_key>cmd</arg_key>\n</tool_call>"
+  pol = Script([
+      {"role": "assistant", "content": raw, "reasoning_content": "List first.",
+       "tool_call_error": err},
+      {"role": "assistant", "content": "<think>Fixed form.</think>\nAgain.",
+       "tool_calls": [_call("bash", {"cmd": "echo fixed"})]},
+  ])
+  ep = run(pol, reminder_every=0)
+  bad, obs = ep.messages[4], ep.messages[5]
+  assert bad["content"] == raw and bad["reasoning_content"] == "List first."
+  assert "tool_call_error" not in bad and bad["meta"]["tool_call_error"] == err
+  assert obs["role"] == "user" and "could not be parsed" in obs["content"]
+  assert "has no <arg_value>" in obs["content"] and "<arg_key>KEY</arg_key>" in obs["content"]
+  # An endpoint that leaves <think> in the content: split into reasoning_content.
+  good = ep.messages[6]
+  assert (good["reasoning_content"], good["content"]) == ("Fixed form.", "Again.")
+  assert ep.messages[7]["content"] == "fixed" and ep.malformed_calls == 1
+  # Reasoning goes back to the server in history (the template decides whether to render it);
+  # the parse error is bookkeeping and does not.
+  sent = pol.seen[-1]
+  assert sent[4]["reasoning_content"] == "List first." and "tool_call_error" not in sent[4]
+  assert sent[5]["content"] == obs["content"]

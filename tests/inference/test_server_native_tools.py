@@ -40,23 +40,29 @@ BAD = ("\n<think>Run it.</think>\nRunning.\n<tool_call>bash\n<arg_key>cmd</arg_k
 
 
 class ScriptedSampler:
-  """A Sampler stand-in whose every row generates `script` (token ids), then `stop`."""
+  """A Sampler stand-in: each admitted request generates the next of `scripts` (token ids; the
+  last one repeats), then `stop`."""
 
-  def __init__(self, stop: int, max_batch: int = 4, max_len: int = 2048):
+  def __init__(self, stop: int, max_batch: int = 4, max_len: int = 4096):
     self.max_batch, self.max_len, self.stop = max_batch, max_len, stop
     self.min_prefill_bucket, self.min_prefill_rows = 16, 1
     self.policy_version, self.vocab_size = 0, 1 << 16
     self.top_logprobs = self.routing = self.model_cfg = None
-    self.script: list[int] = []
+    self.scripts: list[list[int]] = [[]]
+    self._rows: dict[int, list[int]] = {}
 
-  def _next(self, i: int) -> int:
-    return self.script[i] if i < len(self.script) else self.stop
+  def _next(self, row: int, i: int) -> int:
+    script = self._rows.get(row, [])
+    return script[i] if i < len(script) else self.stop
 
   def prefill(self, rows, prompts, settings, starts=None):
-    return np.full(len(rows), self._next(0), np.int64), np.zeros((3, len(rows)), np.float32)
+    for row in rows:
+      self._rows[row] = self.scripts.pop(0) if len(self.scripts) > 1 else self.scripts[0]
+    return (np.asarray([self._next(row, 0) for row in rows]),
+            np.zeros((3, len(rows)), np.float32))
 
   def decode(self, tokens, positions, settings, counters):
-    return (np.asarray([self._next(int(c)) for c in counters]),
+    return (np.asarray([self._next(row, int(c)) for row, c in enumerate(counters)]),
             np.full((3, len(counters)), -0.5, np.float32))
 
 
@@ -83,13 +89,14 @@ def glm(tmp_path_factory):
   server = Server(engine, tok, renderer, model_name="glm-tiny", tool_parser=family)
   running = Running(server)
   client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
-  yield dict(tok=tok, sampler=sampler, renderer=renderer, client=client, family=family)
+  yield dict(tok=tok, sampler=sampler, renderer=renderer, client=client, family=family,
+             url=running.url)
   running.stop()
 
 
-def _script(glm, text):
-  glm["sampler"].script = glm["tok"].encode(text)
-  return glm["sampler"].script + [glm["sampler"].stop]
+def _script(glm, *texts):
+  glm["sampler"].scripts = [glm["tok"].encode(t) for t in texts]
+  return glm["sampler"].scripts[0] + [glm["sampler"].stop]
 
 
 def _calls(tool_calls):
@@ -172,3 +179,31 @@ def test_prompt_that_opens_think(glm):
     assert (reasoning, content) == ("still planning", "Done, nothing to run.")
   finally:
     glm["renderer"].open_think = False
+
+
+def test_scaffold_answers_a_malformed_glm_call_with_an_error_observation(glm):
+  from klong_jax.agent import client as client_lib
+  from klong_jax.agent import scaffold
+  from klong_jax.sandbox.base import make_sandbox
+  turns = ["\n<think>List it.</think>\n<tool_call>bash\n<arg_key>cmd</arg_key>\n</tool_call>",
+           "\n<think>Now in the right form.</think>\n<tool_call>bash\n<arg_key>cmd</arg_key>\n"
+           "<arg_value>echo glm ✓</arg_value>\n</tool_call>",
+           "\n<think>Done.</think>\nSubmitting.\n<tool_call>submit\n<arg_key>end_message</arg_key>"
+           "\n<arg_value>bye</arg_value>\n</tool_call>"]
+  first_ids = _script(glm, *turns)
+  prefix = scaffold.initial_messages("Do the task.", "PAPER TEXT", "", 60)
+  with make_sandbox("local") as sb:
+    cfg = scaffold.AgentConfig(model="glm-tiny", reminder_every=0, max_completion_tokens=256,
+                               retry_backoff_s=0.01)
+    ep = scaffold.run_episode(client_lib.make_client(glm["url"] + "/v1"), sb, prefix, cfg)
+  bad, obs, fixed, out, done = ep.messages[4:9]
+  assert bad["content"] == turns[0].split("</think>\n")[1] and "tool_calls" not in bad
+  assert bad["reasoning_content"] == "List it." and bad["klong"]["token_ids"] == first_ids
+  assert "has no <arg_value>" in bad["meta"]["tool_call_error"]
+  assert obs["role"] == "user" and "could not be parsed" in obs["content"]
+  assert "has no <arg_value>" in obs["content"] and "<arg_key>KEY</arg_key>" in obs["content"]
+  assert fixed["reasoning_content"] == "Now in the right form."
+  assert json.loads(fixed["tool_calls"][0]["function"]["arguments"]) == {"cmd": "echo glm ✓"}
+  assert out["role"] == "tool" and out["content"] == "glm ✓"
+  assert done["content"] == "Submitting." and ep.messages[-1]["content"] == "Submitted. bye"
+  assert ep.status == "completed" and ep.malformed_calls == 1
