@@ -58,8 +58,13 @@ def extract_klong(choice: dict[str, Any], response: dict[str, Any]) -> dict[str,
   return out or None
 
 
-def assistant_message(msg: dict[str, Any]) -> dict[str, Any]:
-  """The history form of a response message: role, content, reasoning, tool calls, parse error."""
+def assistant_message(msg: dict[str, Any], parser: tool_parsers.ToolParser | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+  """The history form of a response message: role, content, reasoning, tool calls, parse error.
+
+  With `parser` (the model family's, data/tool_parsers.py), tool-call text an endpoint left in
+  the content unparsed (one serving without a tool parser) is parsed here.
+  """
   content = msg.get("content") or ""
   reasoning = msg.get("reasoning_content") or msg.get("reasoning")
   if not reasoning and tool_parsers.THINK_CLOSE in content:
@@ -76,17 +81,27 @@ def assistant_message(msg: dict[str, Any]) -> dict[str, Any]:
         for i, tc in enumerate(msg["tool_calls"])]
   elif msg.get("tool_call_error"):
     out["tool_call_error"] = str(msg["tool_call_error"])
+  elif parser is not None and (parser.call_open in content or parser.call_close in content):
+    parsed = parser.parse(content, tools)
+    out["content"] = parsed.content
+    if parsed.reasoning_content and "reasoning_content" not in out:
+      out["reasoning_content"] = parsed.reasoning_content
+    if parsed.tool_calls:
+      out["tool_calls"] = parsed.tool_calls
+    if parsed.error:
+      out["tool_call_error"] = parsed.error
   return out
 
 
 def chat(client: openai.OpenAI, model: str, messages: list[dict[str, Any]],
          tools: list[dict[str, Any]] | None, max_tokens: int, temperature: float = 1.0,
-         retries: int = 3, backoff_s: float = 1.0, routing_from: int | None = None
-         ) -> tuple[dict[str, Any], dict[str, Any]]:
+         retries: int = 3, backoff_s: float = 1.0, routing_from: int | None = None,
+         parser: tool_parsers.ToolParser | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
   """One chat completion; returns (assistant message dict, info with usage/finish_reason/latency).
 
   `routing_from` (routing replay): ask the server for the MoE expert ids of the prompt tokens
-  from this index on and of the sampled tokens (None: do not ask).
+  from this index on and of the sampled tokens (None: do not ask). `parser`: see
+  assistant_message.
   Connection errors, timeouts, 5xx and 429 are retried with exponential backoff, then raise
   InfraError; a context-length rejection raises ContextLengthError (the caller trims).
   """
@@ -107,7 +122,7 @@ def chat(client: openai.OpenAI, model: str, messages: list[dict[str, Any]],
       if not data.get("choices"):
         raise InfraError(f"server returned no choices: {str(data)[:300]}")
       choice = data["choices"][0]
-      out = assistant_message(choice.get("message") or {})
+      out = assistant_message(choice.get("message") or {}, parser, tools)
       klong = extract_klong(choice, data)
       if klong:
         out["klong"] = klong

@@ -200,14 +200,15 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
                 should_stop: Callable[[], bool] | None = None,
                 state: dict[str, Any] | None = None, fmt: Any = None,
                 on_request: Callable[[list[dict[str, Any]]], None] | None = None,
-                registry: ToolRegistry | None = None) -> EpisodeResult:
+                registry: ToolRegistry | None = None, parser: Any = None) -> EpisodeResult:
   """Runs the agent until submit or a budget runs out; server failures raise InfraError.
 
   `fmt` (a data.chat.ChatFormat of the served model) turns on the shared context policy;
   `should_stop` (the worker's outer wall guard) ends the episode as "wall_timeout"; `state`
   receives a live reference to the message log (kept if the episode raises); `on_request` sees
   each request's messages (tests). Tool calls run through `registry` (default: the agent's
-  `tools.REGISTRY`), whose schemas are offered unless `tools` is given.
+  `tools.REGISTRY`), whose schemas are offered unless `tools` is given. `parser` (the model
+  family's data/tool_parsers parser) parses tool-call text an endpoint left in the content.
   """
   registry = REGISTRY if registry is None else registry
   tools = registry.schemas if tools is None else tools
@@ -266,7 +267,7 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
         reply, info = client_lib.chat(
             client, cfg.model, wire, tools, cfg.max_completion_tokens,
             cfg.temperature, retries=cfg.request_retries, backoff_s=cfg.retry_backoff_s,
-            routing_from=_routing_from(context) if cfg.return_routing else None)
+            routing_from=_routing_from(context) if cfg.return_routing else None, parser=parser)
         retry_s += max(0.0, (clock() - t0) - info["latency_s"])
         break
       except client_lib.ContextLengthError:

@@ -7,6 +7,7 @@ import pytest
 from klong_jax.agent import client as client_lib
 from klong_jax.agent import scaffold
 from klong_jax.agent.policy_server import serve_in_thread
+from klong_jax.data import tool_parsers
 from klong_jax.sandbox.base import make_sandbox
 
 
@@ -33,7 +34,7 @@ class Script:
 def run():
   stops = []
 
-  def go(policy, **cfg):
+  def go(policy, parser=None, **cfg):
     url, stop = serve_in_thread(policy)
     stops.append(stop)
     client = client_lib.make_client(url)
@@ -41,7 +42,7 @@ def run():
     with make_sandbox("local") as sb:
       sb.exec("mkdir -p /workspace/submission", 10)
       return scaffold.run_episode(client, sb, prefix, scaffold.AgentConfig(
-          retry_backoff_s=0.01, **cfg))
+          retry_backoff_s=0.01, **cfg), parser=parser)
   yield go
   for s in stops:
     s()
@@ -156,3 +157,20 @@ def test_unparsable_tool_call_becomes_error_observation_and_reasoning_is_kept(ru
   sent = pol.seen[-1]
   assert sent[4]["reasoning_content"] == "List first." and "tool_call_error" not in sent[4]
   assert sent[5]["content"] == obs["content"]
+
+
+def test_scaffold_parses_tool_call_text_an_endpoint_left_unparsed(run):
+  pol = Script([
+      {"role": "assistant", "content": '<think>\nplan\n</think>\n\nGo.\n<tool_call>\n{"name": '
+       '"bash", "arguments": {"cmd": "echo q"}}\n</tool_call>'},
+      {"role": "assistant", "content": '<tool_call>\n{"name": "bash", "arguments": {"cmd": oops}}'
+       "\n</tool_call>"},
+  ])
+  ep = run(pol, parser=tool_parsers.get_parser("qwen3"), reminder_every=0)
+  first = ep.messages[4]
+  assert (first["reasoning_content"], first["content"]) == ("plan", "Go.")
+  assert json.loads(first["tool_calls"][0]["function"]["arguments"]) == {"cmd": "echo q"}
+  assert ep.messages[5]["content"] == "q"
+  obs = ep.messages[7]["content"]
+  assert "not valid JSON" in obs and '{"name": NAME, "arguments"' in obs
+  assert ep.malformed_calls == 1 and ep.status == "completed"
