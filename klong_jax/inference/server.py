@@ -408,6 +408,7 @@ def build(config: Any = None, *, bundle: str | None = None,
                      f"{cfg.vocab_size}; export the matching tokenizer")
   chat = ChatFormat(tok)
   family = serve.tool_parser or tool_parsers.family_for(tok_path)
+  parser = tool_parsers.get_parser(family, chat_format=chat)
   log.info("tool-call parser: %s%s", family, "" if serve.tool_parser else " (detected)")
   mesh = make_mesh(mesh_cfg)
   log.info("building %s on mesh %s", name, dict(mesh.shape))
@@ -437,7 +438,7 @@ def build(config: Any = None, *, bundle: str | None = None,
       log.warning("no policy under %s yet: serving freshly initialised weights as version 0",
                   root)
   return Server(engine, tok, chat, model_name=name, max_body_bytes=serve.max_body_bytes,
-                watcher=watcher, tool_parser=tool_parsers.get_parser(family, chat_format=chat))
+                watcher=watcher, tool_parser=parser)
 
 
 class Running:

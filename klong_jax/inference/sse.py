@@ -29,9 +29,8 @@ def stream_response(server: Server, req: Any, prompt: list[int], chat: bool) -> 
   handles = [server.submit(prompt, server.sampling(req, i)) for i in range(req.n)]
   rid = protocol.new_id("chatcmpl" if chat else "cmpl")
   obj = "chat.completion.chunk" if chat else "text_completion"
-  if chat:
-    in_think = server.prompt_in_think(prompt)
-    parsers = [server.parser.stream(req.tools, in_think) for _ in handles]
+  in_think = chat and server.prompt_in_think(prompt)
+  parsers = [server.parser.stream(req.tools, in_think) for _ in handles] if chat else []
   want_lp = bool(req.logprobs) if chat else req.logprobs is not None
 
   def chunk(choice: dict[str, Any], usage: dict | None = None,
