@@ -148,28 +148,29 @@ def trim_context(messages: list[dict[str, Any]], prefix: int, budget: int,
 
 
 class _Window:
-  """The live side of the context policy: real token lengths of the history, the open window."""
+  """The live side of the context policy: real token starts of the history (the chat format's
+  `render(...).turn_starts`, resumed from its cached prefix each step), the open window."""
 
   def __init__(self, fmt: Any, prefix: list[dict[str, Any]], tools: list[dict[str, Any]],
                cfg: AgentConfig):
-    self.fmt = fmt
+    self.fmt, self.tools, self.n_prefix = fmt, tools, len(prefix)
     self.policy = ContextPolicy(cfg.context_tokens, cfg.context_overlap,
                                 cfg.max_completion_tokens)
-    self.prefix_len = len(fmt.tools_block(tools)) + sum(
-        len(fmt.message_tokens(m, i)[0]) for i, m in enumerate(prefix))
+    self.prefix_len = len(fmt.render(prefix, tools).tokens)
     self.policy.check_prefix(self.prefix_len, "the task's fixed prefix (system + task + paper)")
-    self.starts = [0]
-    self.can_start: list[bool] = []
     self.first = 0
 
-  def add(self, m: dict[str, Any]) -> None:
-    self.starts.append(self.starts[-1] + len(self.fmt.message_tokens(m)[0]))
-    self.can_start.append(m.get("role") != "tool")
-
-  def open(self) -> int:
-    """First history message the next action sees (the splitter replays the same choice)."""
-    self.first = self.policy.window_start(self.prefix_len, self.starts, self.can_start,
-                                          self.first, len(self.can_start))
+  def open(self, messages: list[dict[str, Any]]) -> int:
+    """First history message the next action sees (the splitter replays the same choice): a
+    window never starts on a tool result nor on a message whose role token the previous turn
+    generated (`Rendered.joined`, GLM)."""
+    r = self.fmt.render(messages, self.tools)
+    p = r.turn_starts[self.n_prefix] if len(messages) > self.n_prefix else len(r.tokens)
+    starts = [s - p for s in r.turn_starts[self.n_prefix:]] + [len(r.tokens) - p]
+    joined = set(r.joined)
+    can_start = [m.get("role") != "tool" and i not in joined
+                 for i, m in enumerate(messages) if i >= self.n_prefix]
+    self.first = self.policy.window_start(p, starts, can_start, self.first, len(can_start))
     return self.first
 
 
@@ -229,8 +230,6 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
   def add(m: dict[str, Any]) -> None:
     messages.append(m)
     context.append(m)
-    if window is not None:
-      window.add(m)
 
   add(budget_message(cfg.time_limit_s))
   while True:
@@ -252,7 +251,7 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
           "improving your submission and commit your work with git regularly.")})
     budget = cfg.context_tokens - cfg.max_completion_tokens
     if window is not None:
-      first = window.open()
+      first = window.open(messages)
       trims = first
       context = messages[:n_prefix] + messages[n_prefix + first:]
     else:

@@ -52,6 +52,8 @@ class Rendered(NamedTuple):
   turn_starts: list[int]  # token index where message i starts (after the previous turn's stop)
   drift: tuple[int, ...] = ()  # assistant turns the template later re-rendered differently
   sampled: dict[int, tuple[int, int]] | None = None  # message -> (start, count) of sampled ids
+  joined: tuple[int, ...] = ()  # messages whose role token ended the previous turn (GLM): it is
+  # in that turn's loss span, so a context window cannot start at them
 
 
 class ParsedAssistant(tuple):
@@ -140,6 +142,7 @@ class _State:
   starts: list[int]
   sampled: dict[int, tuple[int, int]]
   drift: list[int]
+  joined: list[int]
   base: str  # the template text the stream stands for
   prev_turn: str  # the last turn's template text
   done: int  # messages rendered
@@ -147,7 +150,8 @@ class _State:
 
   def copy(self) -> _State:
     return _State(list(self.ids), list(self.mask), list(self.starts), dict(self.sampled),
-                  list(self.drift), self.base, self.prev_turn, self.done, self.pending)
+                  list(self.drift), list(self.joined), self.base, self.prev_turn, self.done,
+                  self.pending)
 
 
 class ChatFormat:
@@ -313,7 +317,7 @@ class ChatFormat:
     n = len(marked)
     assistants = [i for i, m in enumerate(marked) if m.get("role") == "assistant"]
     digests = self._digests(c, messages, marked)
-    st = _State([], [], [0] * n, {}, [], "", "", 0, None)
+    st = _State([], [], [0] * n, {}, [], [], "", "", 0, None)
     with self._lock:  # resume after the newest cached assistant turn of this conversation
       for a in reversed(assistants):
         hit = self._cache.get((starts, digests[a + 1]))
@@ -344,9 +348,11 @@ class ChatFormat:
           mask.append(1)
           tail_start += 1
           dropped = 1
+          st.joined += [st.done] if st.done < n else []
         elif stop == tail_ids[0]:  # the sampled stop token already stands for it
           tail_ids.pop(0)
           dropped = 1
+          st.joined += [st.done] if st.done < n else []
       if starts:
         offset = len(x) - len(tail)
         rel = 0
@@ -401,7 +407,7 @@ class ChatFormat:
                "they were generated (turns %s); rendering turn by turn keeps what was generated "
                "(reported once per format; see Rendered.drift)", self.spec.source, st.drift[:5])
     return Rendered(np.asarray(ids, np.int32), np.asarray(mask, np.int32), st.starts,
-                    tuple(sorted(set(st.drift))), st.sampled)
+                    tuple(sorted(set(st.drift))), st.sampled, tuple(st.joined))
 
   def render(self, messages: Sequence[Mapping[str, Any]],
              tools: Sequence[Mapping[str, Any]] | None = None, **template_kwargs: Any) -> Rendered:

@@ -48,7 +48,8 @@ def render_trajectory(messages: Sequence[Mapping[str, Any]], fmt: ChatFormat,
 
   Returns tokens, loss_mask, logprobs, policy_version (numpy arrays), prefix_end (token index of
   message `prefix_messages`, or the length if all messages are prefix), turn_starts and routing
-  ([n, moe_layers, k] int16, or None when no turn recorded any).
+  ([n, moe_layers, k] int16, or None when no turn recorded any) and `joined` (messages whose
+  role token the previous assistant turn generated; windows never start there).
   """
   if not 0 <= prefix_messages <= len(messages):
     raise ValueError(f"prefix_messages={prefix_messages} must be in [0, {len(messages)}]")
@@ -86,5 +87,6 @@ def render_trajectory(messages: Sequence[Mapping[str, Any]], fmt: ChatFormat,
       "policy_version": pvs,
       "prefix_end": int(prefix_end),
       "turn_starts": starts,
+      "joined": list(r.joined),
       "routing": routing,
   }
