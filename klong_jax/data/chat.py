@@ -299,6 +299,22 @@ class ChatFormat:
     cut = got[n].start() if pending else got[n - 1].end()
     return x[cut:], True
 
+  def _start_in(self, text: Any, i: int, x: str, offset: int, tail: str, st: _State) -> int:
+    """Where message i starts in `tail` (= x[offset:]): the end of the rendering of the
+    messages before it, aligned with the stream like `tail` (so re-rendered history before the
+    tail, e.g. GLM dropping reasoning, does not move it); else where that rendering stops
+    matching x."""
+    try:
+      ti = self._tail(text(i), st.base, st.pending is not None)[0]
+      if tail.startswith(ti):
+        return len(ti)
+    except ValueError:  # no pending stop yet (i == done), or the template cannot render it
+      pass
+    try:
+      return _lcp(text(i), x) - offset
+    except ValueError:  # the template cannot render that prefix (e.g. no messages)
+      return 0
+
   def _digests(self, c: _Ctx, messages: Sequence[Mapping[str, Any]],
                marked: list[dict[str, Any]]) -> list[str]:
     """d[k] identifies the rendering inputs of messages[:k] (template, tools, kwargs, ids)."""
@@ -357,10 +373,7 @@ class ChatFormat:
         offset = len(x) - len(tail)
         rel = 0
         for i in range(st.done, min(a + 1, n)):
-          try:  # message i starts where the rendering of the messages before it stops matching
-            rel = max(rel, _lcp(text(i), x) - offset)
-          except ValueError:  # the template cannot render that prefix (e.g. no messages)
-            pass
+          rel = max(rel, self._start_in(text, i, x, offset, tail, st))
           k = len(self._encode(tail[:rel])) - dropped if rel else 0
           st.starts[i] = tail_start + max(0, min(k, len(tail_ids)))
       ids += tail_ids

@@ -190,6 +190,27 @@ def test_turn_starts_point_at_each_message(family):
   assert first_tool.startswith("\n<tool_response>" if name == "glm45" else "<|im_start|>user")
 
 
+def test_joined_messages_and_starts_under_drift(family):
+  """GLM: the message after an action starts after the role token the action emitted and is
+  listed in `joined` (no context window may start there); Qwen has none. A user message after
+  a tool result still starts after that result when the template drops earlier reasoning."""
+  name, fmt, _ = family
+  msgs = agent_conversation()[:7] + [
+      {"role": "user", "content": "Info: 5 min elapsed."},
+      {"role": "assistant", "reasoning_content": "Note.", "content": "Noted."},
+      {"role": "user", "content": "Continue."}]
+  r = fmt.render(msgs, TOOLS)
+  assert r.joined == ((3, 6, 9) if name == "glm45" else ())
+  ends = [*r.turn_starts[1:], len(r.tokens)]
+  assert all(b < e for b, e in zip(r.turn_starts, ends, strict=True))  # no empty message
+  user = fmt.tok.decode(r.tokens[r.turn_starts[7]:ends[7]].tolist()).strip()
+  assert user.startswith("<|user|>" if name == "glm45" else "<|im_start|>user")
+  assert user.endswith("Info: 5 min elapsed." if name == "glm45" else "elapsed.<|im_end|>")
+  if name == "glm45":
+    for j in r.joined:
+      assert r.loss_mask[r.turn_starts[j] - 1] == 1
+
+
 def test_drift_reasoning_dropped_after_a_new_user_message(family):
   """Both templates drop earlier turns' reasoning once a new user message arrives: the rendering
   keeps what was generated (and says so), and every prompt begins with the previous stream."""

@@ -1,0 +1,156 @@
+"""Issue 29's must-show: a >= 40-turn scripted episode in GLM-4.5 (and Qwen3) format through the
+real scaffold, where every model input equals its split chunk's context token for token.
+
+The scripted teacher (thinking, `reasoning=True`) is served on the OpenAI API (policy_server).
+Like our inference server, the endpoint renders each request with the model dir's chat template
+(ChatFormat.render_prompt, its own instance), "samples" the teacher's reply as native text
+(GLM: `<think>`, `<tool_call>NAME <arg_key>/<arg_value>`, ending by emitting `<|observation|>` or
+`<|user|>`; Qwen3: JSON calls, `<|im_end|>`), tokenizes it, and answers with the family parser's
+reasoning_content / tool_calls plus the sampled `token_ids`. The finished trajectory is split with
+the scaffold's context policy; each recorded prompt must be the start of the chunk that trains
+that action, the sampled ids must follow it, and the loss masks must cover exactly the sampled ids.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from klong_jax.agent import client as client_lib
+from klong_jax.agent import scaffold
+from klong_jax.agent.policy_server import serve_in_thread
+from klong_jax.agent.tools import TOOLS
+from klong_jax.data import tokenizer as tok_lib
+from klong_jax.data import tool_parsers
+from klong_jax.data.chat import ChatFormat
+from klong_jax.data.render import render_trajectory
+from klong_jax.data.schema import Trajectory
+from klong_jax.data.splitting import SplitConfig, split_trajectory
+from klong_jax.factory.teacher import ScriptedTeacher
+from klong_jax.rollout import episode
+from klong_jax.sandbox.base import make_sandbox
+from tests.agent.test_context_policy import _sweep_task
+from tests.data.chat_templates import build_family_dirs
+
+OVERLAP, COMPLETION, WINDOW = 256, 480, 2000  # WINDOW: history tokens a chunk holds
+
+
+@pytest.fixture(scope="module")
+def family_dirs(tmp_path_factory):
+  return build_family_dirs(tmp_path_factory.mktemp("families"))
+
+
+def _native_text(family, msg):
+  """The teacher's message as the family's model would generate it (before the stop token)."""
+  think = f"<think>{msg.get('reasoning_content') or ''}</think>"
+  calls = []
+  for tc in msg.get("tool_calls") or []:
+    fn = tc["function"]
+    args = json.loads(fn["arguments"]) if isinstance(fn["arguments"], str) else fn["arguments"]
+    if family == "glm45":
+      pairs = "".join(f"<arg_key>{k}</arg_key>\n<arg_value>"
+                      f"{v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)}"
+                      "</arg_value>\n" for k, v in args.items())
+      calls.append(f"\n<tool_call>{fn['name']}\n{pairs}</tool_call>")
+    else:
+      calls.append("\n<tool_call>\n" + json.dumps({"name": fn["name"], "arguments": args},
+                                                  ensure_ascii=False) + "\n</tool_call>")
+  if family == "glm45":
+    return f"\n{think}\n{msg.get('content') or ''}" + "".join(calls)
+  return f"{think}\n\n{msg.get('content') or ''}" + "".join(calls)
+
+
+class NativeEndpoint:
+  """The policy as a server on `family`'s format: renders the prompt, samples native ids, parses."""
+
+  def __init__(self, family, path):
+    self.family, self.fmt = family, ChatFormat(tok_lib.load(path))  # the server's own format
+    self.parser = tool_parsers.get_parser(family)
+    self.teacher = ScriptedTeacher(skill=1.0, reasoning=True)
+    self.turns = []  # (prompt ids, sampled ids) per request
+    self.last_tool = None
+
+  def __call__(self, messages, tools):
+    prompt = self.fmt.render_prompt(messages, tools)
+    if len(self.turns) % 6 == 5:  # a long turn without a call: the scaffold answers as the user
+      note = " ".join(f"check {k}: the runs so far look consistent." for k in range(12))
+      msg = {"role": "assistant", "content": note, "reasoning_content": "Take stock first."}
+    else:  # the teacher reads the history without the notes and their answers, and its last
+      notes = {i + k for i, m in enumerate(messages) if m.get("role") == "assistant"  # output
+               and str(m.get("content")).startswith("check 0:") for k in (0, 1)}  # (a note can
+      seen = [m for i, m in enumerate(messages) if i not in notes]  # push it out of the window)
+      tools_seen = [m for m in seen if m["role"] == "tool"]
+      self.last_tool = tools_seen[-1] if tools_seen else self.last_tool
+      msg = self.teacher(seen + ([self.last_tool] if self.last_tool and not tools_seen else []),
+                         tools)
+    text = _native_text(self.family, msg)
+    tok = self.fmt.tok
+    if self.family == "glm45":
+      stop = tok.piece_to_id("<|observation|>" if msg.get("tool_calls") else "<|user|>")
+    else:
+      stop = tok.piece_to_id("<|im_end|>")
+    ids = tok.encode(text) + [stop]
+    assert len(ids) <= COMPLETION  # within max_tokens, as a server would cut it
+    self.turns.append((prompt, ids))
+    parsed = self.parser.parse(tok.decode(ids), tools)
+    assert parsed.error is None, parsed.error
+    out = {"role": "assistant", "content": parsed.content,
+           "reasoning_content": parsed.reasoning_content, "tool_calls": parsed.tool_calls,
+           "klong": {"token_ids": ids, "logprobs": [-0.25] * len(ids), "policy_version": 7}}
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["glm45", "qwen3"])
+def test_native_scaffold_inputs_equal_split_chunk_contexts(family, family_dirs, tmp_path):
+  task = _sweep_task(str(tmp_path), runs=40)
+  fmt = ChatFormat(tok_lib.load(family_dirs[family]))  # the scaffold's (and trainer's) format
+  prefix = scaffold.initial_messages("Reproduce the paper.", task.paper_md, task.addendum_md)
+  max_len = len(fmt.render(prefix, TOOLS).tokens) + WINDOW
+  endpoint = NativeEndpoint(family, family_dirs[family])
+  url, stop = serve_in_thread(endpoint)
+  requests = []
+  cfg = scaffold.AgentConfig(max_steps=80, time_limit_s=600, reminder_every=5,
+                             context_tokens=max_len, context_overlap=OVERLAP,
+                             max_completion_tokens=COMPLETION, tool_timeout_s=60)
+  try:
+    with make_sandbox("local") as sb:
+      episode.prepare_sandbox(sb, task)
+      ep = scaffold.run_episode(client_lib.make_client(url), sb, prefix, cfg, tools=TOOLS,
+                                fmt=fmt, on_request=requests.append)
+  finally:
+    stop()
+  assert ep.status == "completed", ep.messages[-3:]
+  assert ep.malformed_calls == 0
+  actions = [i for i, m in enumerate(ep.messages) if m["role"] == "assistant"]
+  assert len(actions) == len(requests) == len(endpoint.turns) >= 42  # 40 runs, notes, submit
+  assert all(ep.messages[i].get("reasoning_content") for i in actions)  # kept in history
+  fields = render_trajectory(ep.messages, fmt, tools=TOOLS, prefix_messages=ep.prefix_messages)
+  traj = Trajectory(id="ep", task_id=task.id, messages=ep.messages, **fields)
+  if family == "glm45":  # every message after an action starts after the role token it emitted
+    assert traj.joined == [i + 1 for i in actions if i + 1 < len(ep.messages)]
+  chunks = split_trajectory(traj, SplitConfig(max_len, OVERLAP, COMPLETION, keep_positions=True))
+  assert len(chunks) >= 3, len(chunks)
+  trained = np.zeros(len(traj), bool)
+  starts = {c.positions[len(traj.tokens[:traj.prefix_end])] for c in chunks[1:]}
+  barred = {traj.turn_starts[j] for j in traj.joined}
+  assert not starts & barred  # no window opens on a role token the previous turn emitted
+  windows_seen = set()
+  for i, (prompt, ids) in zip(actions, endpoint.turns, strict=True):
+    start = traj.turn_starts[i]  # the action's first token (its role token / header)
+    sampled = np.flatnonzero(traj.loss_mask[start:])[0] + start
+    (chunk,) = [c for c in chunks if np.any(c.positions[c.loss_mask == 1] == sampled)]
+    assert len(prompt) + COMPLETION <= max_len
+    assert chunk.tokens[:len(prompt)].tolist() == prompt  # the model input, token for token
+    assert chunk.tokens[len(prompt):len(prompt) + len(ids)].tolist() == ids
+    assert chunk.loss_mask[len(prompt):len(prompt) + len(ids)].all()
+    trained[chunk.positions[len(prompt):len(prompt) + len(ids)]] = True
+    windows_seen.add(chunk.chunk_index)
+  assert windows_seen == set(range(len(chunks)))
+  in_chunks = np.zeros(len(traj), bool)
+  for c in chunks:
+    assert not in_chunks[c.positions[c.loss_mask == 1]].any()  # each loss token trained once
+    in_chunks[c.positions[c.loss_mask == 1]] = True
+  np.testing.assert_array_equal(in_chunks, trained)  # the masks cover exactly the sampled ids
+  np.testing.assert_array_equal(traj.loss_mask.astype(bool), trained)
+  assert int(trained.sum()) == sum(len(ids) for _, ids in endpoint.turns)
