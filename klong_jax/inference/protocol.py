@@ -63,6 +63,7 @@ class ChatCompletionRequest(SamplingFields):
   top_logprobs: int | None = pydantic.Field(default=None, ge=0, le=20)
   max_completion_tokens: int | None = pydantic.Field(default=None, ge=1)
   response_format: dict[str, Any] | None = None
+  chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: e.g. {"enable_thinking": false}
 
   def token_limit(self) -> int | None:
     """max_completion_tokens (new name) wins over max_tokens (deprecated name)."""

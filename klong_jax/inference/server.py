@@ -70,6 +70,9 @@ class _EngineCollector:
       yield g
 
 
+_RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "documents", "add_generation_prompt")
+
+
 class Server:
   """Request handling state: engine, tokenizer, chat format, names and limits."""
 
@@ -198,8 +201,15 @@ class Server:
                      "{'type': 'text'}", param="response_format", code="unsupported_value")
 
   def chat_prompt(self, req: protocol.ChatCompletionRequest) -> list[int]:
+    """The prompt ids: the served model's chat template over messages and tools, with the
+    request's `chat_template_kwargs` (as vLLM takes them, e.g. enable_thinking)."""
+    kwargs = req.chat_template_kwargs or {}
+    bad = sorted(k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
+    if bad:
+      raise ApiError(400, f"chat_template_kwargs may not set {bad}: the server passes messages, "
+                     "tools and add_generation_prompt itself", param="chat_template_kwargs")
     try:
-      return self.chat.render_prompt(req.messages, req.tools)
+      return self.chat.render_prompt(req.messages, req.tools, **kwargs)
     except (ValueError, KeyError, TypeError) as e:
       raise ApiError(400, f"cannot render messages: {e}", param="messages") from e
 

@@ -1,5 +1,5 @@
 """Tool-call and reasoning parsers per family: each reads back what its chat template renders
-(templates in parser_templates/, rendered as transformers renders them), typed GLM values, malformed
+(templates in chat_templates/, rendered as transformers renders them), typed GLM values, malformed
 calls as errors, family detection, and streaming deltas adding up to the whole-turn parse for
 every split point."""
 
@@ -9,7 +9,7 @@ import random
 import pytest
 
 from klong_jax.data import tool_parsers as tp
-from tests.data.chat_testlib import TEMPLATES, render
+from tests.data.chat_templates import TEMPLATES, render
 
 TOOLS = [
     {"type": "function", "function": {

@@ -1,19 +1,24 @@
 """The OpenAI server on a GLM-4.5-shaped tokenizer directory, answering the official `openai` client
 with parsed `tool_calls` and `reasoning_content`, streaming included, and with `tool_call_error`
 for malformed calls. The model is scripted (ScriptedSampler emits fixed token ids through the
-real engine, detokenizer and stop ids); the parser is the one the tokenizer dir's template names."""
+real engine, detokenizer and stop ids); prompts are rendered by the real ChatFormat over the dir's
+template (with the request's chat_template_kwargs); the parser is the one the template names."""
 
+import dataclasses
 import json
+import pathlib
 
 import numpy as np
 import openai
 import pytest
 
+from klong_jax.data import chat_template as ct
 from klong_jax.data import tokenizer as tokenizer_lib
 from klong_jax.data import tool_parsers
+from klong_jax.data.chat import ChatFormat
 from klong_jax.inference.engine import Engine
 from klong_jax.inference.server import Running, Server
-from tests.data.chat_testlib import make_tokenizer_dir, render
+from tests.data.chat_templates import build_family_dirs
 
 
 def _tool(name, **props):
@@ -66,31 +71,34 @@ class ScriptedSampler:
             np.full((3, len(counters)), -0.5, np.float32))
 
 
-class TemplateRenderer:
-  """Renders prompts with the family's Jinja template (stands in for the native renderer)."""
+GEN_PROMPT = ("<|assistant|>{{- '\\n<think></think>' if (enable_thinking is defined and not "
+              "enable_thinking) else '' -}}")
 
-  def __init__(self, tok, family):
-    self.tok, self.family, self.open_think = tok, family, False
 
-  def render_prompt(self, messages, tools=None):
-    text = render(self.family, messages, tools, add_generation_prompt=True)
-    return self.tok.encode(text + ("\n<think>" if self.open_think else ""))
+def think_opening_format(tok, d):
+  """The dir's ChatFormat with a template whose generation prompt opens `<think>` (as thinking
+  models' templates such as DeepSeek-R1's do): the model continues inside the block."""
+  spec = ct.load_spec(d)
+  assert GEN_PROMPT in spec.template
+  opened = GEN_PROMPT.replace("else ''", "else '\\n<think>'")
+  return ChatFormat(tok, dataclasses.replace(spec, template=spec.template.replace(GEN_PROMPT,
+                                                                                  opened)))
 
 
 @pytest.fixture(scope="module")
 def glm(tmp_path_factory):
-  d = make_tokenizer_dir(tmp_path_factory.mktemp("glm45"), "glm45")
+  d = build_family_dirs(tmp_path_factory.mktemp("families"))["glm45"]
   tok = tokenizer_lib.load(d)
-  stops = json.loads((d / "generation_config.json").read_text())["eos_token_id"]
+  stops = json.loads((pathlib.Path(d) / "generation_config.json").read_text())["eos_token_id"]
   sampler = ScriptedSampler(stop=tok.piece_to_id("<|observation|>"))
   engine = Engine(sampler, tok, stop_token_ids=stops)
-  renderer = TemplateRenderer(tok, "glm45")
+  fmt = ChatFormat(tok)
   family = tool_parsers.family_for(d)
-  server = Server(engine, tok, renderer, model_name="glm-tiny", tool_parser=family)
+  server = Server(engine, tok, fmt, model_name="glm-tiny", tool_parser=family)
   running = Running(server)
   client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
-  yield dict(tok=tok, sampler=sampler, renderer=renderer, client=client, family=family,
-             url=running.url)
+  yield dict(tok=tok, sampler=sampler, fmt=fmt, client=client, family=family, dir=d,
+             url=running.url, server=server)
   running.stop()
 
 
@@ -142,7 +150,25 @@ def test_tool_calls_and_reasoning(glm):
                                                   "notes — in ünïcode ✓.")
   assert _calls(msg.tool_calls) == GOOD_CALLS and "tool_call_error" not in msg.model_extra
   assert all(c.id.startswith("call_") and c.type == "function" for c in msg.tool_calls)
-  assert resp.usage.prompt_tokens == len(glm["renderer"].render_prompt(MSGS, TOOLS))
+  assert resp.usage.prompt_tokens == len(glm["fmt"].render_prompt(MSGS, TOOLS))
+
+
+def test_chat_template_kwargs_reach_the_template(glm):
+  """vLLM's `chat_template_kwargs` (extra body): enable_thinking=false renders GLM's empty think
+  block after the generation prompt; the answer then has no reasoning."""
+  _script(glm, "Nothing to think about.")
+  off = glm["fmt"].render_prompt(MSGS, TOOLS, enable_thinking=False)
+  assert off != glm["fmt"].render_prompt(MSGS, TOOLS)
+  assert glm["tok"].decode(off).endswith("<|assistant|>\n<think></think>")
+  resp = glm["client"].chat.completions.create(
+      model="glm-tiny", messages=MSGS, tools=TOOLS,
+      extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+  assert resp.usage.prompt_tokens == len(off)
+  msg = resp.choices[0].message
+  assert msg.content == "Nothing to think about." and "reasoning_content" not in msg.model_extra
+  with pytest.raises(openai.BadRequestError, match="chat_template_kwargs may not set"):
+    glm["client"].chat.completions.create(model="glm-tiny", messages=MSGS,
+                                          extra_body={"chat_template_kwargs": {"tools": []}})
 
 
 def test_streaming_matches_and_sends_no_partial_tags(glm):
@@ -169,7 +195,7 @@ def test_malformed_call_is_content_with_an_error(glm):
 
 
 def test_prompt_that_opens_think(glm):
-  glm["renderer"].open_think = True
+  glm["server"].chat = think_opening_format(glm["tok"], glm["dir"])
   try:
     _script(glm, "still planning</think>\nDone, nothing to run.")
     msg = glm["client"].chat.completions.create(model="glm-tiny", messages=MSGS).choices[0]
@@ -178,7 +204,7 @@ def test_prompt_that_opens_think(glm):
     reasoning, content, *_ = _streamed(glm, messages=MSGS)
     assert (reasoning, content) == ("still planning", "Done, nothing to run.")
   finally:
-    glm["renderer"].open_think = False
+    glm["server"].chat = glm["fmt"]
 
 
 def test_scaffold_answers_a_malformed_glm_call_with_an_error_observation(glm):
@@ -230,12 +256,12 @@ def test_real_tiny_model_on_the_glm_tokenizer_never_breaks_the_parser(glm):
   engine = Engine(Sampler(Transformer(cfg.validate(), rngs=nnx.Rngs(0)), max_batch=4,
                           max_len=256, min_prefill_bucket=64, min_prefill_rows=4), tok,
                   stop_token_ids=sorted(stops))
-  server = Server(engine, tok, glm["renderer"], model_name="glm-tiny", tool_parser="glm45")
+  server = Server(engine, tok, glm["fmt"], model_name="glm-tiny", tool_parser="glm45")
   running = Running(server)
   parser = tool_parsers.get_parser("glm45")
   try:
     client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
-    kw = dict(model="glm-tiny", messages=MSGS, max_tokens=48, temperature=1.5)
+    kw = dict(model="glm-tiny", messages=MSGS, max_tokens=120, temperature=1.5)
     seen_tags = 0
     for seed in range(3):
       resp = client.chat.completions.create(n=4, seed=seed, **kw)
