@@ -41,8 +41,9 @@ class Trajectory:
   that produced it (-1 where not sampled). `prefix_end` is the index where the fixed prefix
   (system + task spec + paper reading) ends. `turn_starts` are token indices where each message
   starts; splitting prefers to cut there, never at a `joined` message (one whose role token the
-  previous assistant turn generated, e.g. GLM's `<|observation|>`). `routing` [n, moe_layers, k] int16 (or None) holds the
-  sampler's expert ids per token for routing replay, -1 where none were recorded.
+  previous assistant turn generated, e.g. GLM's `<|observation|>`). `routing` [n, moe_layers, k]
+  int16 (or None) holds the sampler's expert ids per token for routing replay, -1 where none were
+  recorded.
   """
 
   id: str
