@@ -162,6 +162,14 @@ def test_klong_family_is_chat_py_parse(fmt, text):
   assert with_think.reasoning_content == "why" and len(with_think.tool_calls) == 2
 
 
+def test_klong_leaves_tool_names_to_the_registry():
+  """klong: a name outside the offered tools (a registry alias such as `end_task`) is a call,
+  not a parse error; the agent's registry resolves it (GLM/Qwen name errors stay)."""
+  text = '<|tool_call|>{"name": "end_task", "arguments": {"end_message": "ok"}}<|/tool_call|>'
+  got = tp.get_parser("klong").parse(text, TOOLS)
+  assert got.error is None and [c["function"]["name"] for c in got.tool_calls] == ["end_task"]
+
+
 GLM_BAD = [
     ("<tool_call>bash\n<arg_key>cmd</arg_key>\n<arg_value>ls</arg_value>\n", "no closing"),
     ("<tool_call>bash\n<arg_key>cmd</arg_key>\n</tool_call>", "has no <arg_value>"),

@@ -287,3 +287,38 @@ def test_real_tiny_model_on_the_glm_tokenizer_never_breaks_the_parser(glm):
     assert seen_tags >= 3  # The soup did contain the parser's tags.
   finally:
     running.stop()
+
+
+def test_klong_server_keeps_the_registry_aliases(tmp_path):
+  """The klong format through the real server and scaffold: calls named by the tool registry's
+  aliases (`python-tool`, `web_search`, `end_task`; not in the offered schemas) still reach the
+  registry and run, as before native parsing; an unknown name is answered by the registry."""
+  from klong_jax.agent import client as client_lib
+  from klong_jax.agent import scaffold
+  from klong_jax.sandbox.base import make_sandbox
+  tok = tokenizer_lib.load(tokenizer_lib.default_tokenizer(tmp_path / "tok").path)
+  fmt = ChatFormat(tok)
+  sampler = ScriptedSampler(stop=fmt.end_id)
+  server = Server(Engine(sampler, tok, stop_token_ids=fmt.stop_token_ids), tok, fmt,
+                  model_name="klong-tiny", tool_parser="klong")
+  call = '<|tool_call|>{{"name": "{}", "arguments": {}}}<|/tool_call|>'.format
+  turns = [call("python-tool", json.dumps({"code": "print(6 * 7)"})),
+           call("web_search", json.dumps({"query": "x"})), call("shout", "{}"),
+           "Done. " + call("end_task", json.dumps({"end_message": "bye"}))]
+  sampler.scripts = [tok.encode(t) for t in turns]
+  running = Running(server)
+  try:
+    with make_sandbox("local") as sb:
+      cfg = scaffold.AgentConfig(model="klong-tiny", reminder_every=0, max_completion_tokens=128,
+                                 context_tokens=2048,
+                                 retry_backoff_s=0.01)
+      ep = scaffold.run_episode(client_lib.make_client(running.url + "/v1"), sb,
+                                scaffold.initial_messages("Do it.", "PAPER"), cfg, fmt=fmt)
+  finally:
+    running.stop()
+  out = [m for m in ep.messages if m["role"] == "tool"]
+  assert [m["name"] for m in out] == ["python-tool", "web_search", "shout", "end_task"]
+  assert out[0]["content"].strip() == "42" and "offline" in out[1]["content"].lower()
+  assert "unknown tool 'shout'" in out[2]["content"]
+  assert ep.end_reason == "submitted" and ep.malformed_calls == 2  # offline search, shout
+  assert not any(m.get("meta", {}).get("tool_call_error") for m in ep.messages)
