@@ -319,6 +319,26 @@ def test_klong_template_renders_the_old_ids(tok):
       assert fmt.render_prompt(msgs, tools) == ids + [tok.special_id("<|assistant|>")]
 
 
+def test_klong_template_renders_reasoning_as_a_think_block(tok):
+  """A thinking teacher's reasoning is trained in the klong format too: `<think>...</think>`
+  before the content, in the turn's loss span, read back by the klong parser; turns without
+  reasoning keep their old ids (above)."""
+  from klong_jax.data import tool_parsers
+  fmt = ChatFormat(tok)
+  msgs = _demo_conversations()[-1]
+  plain = fmt.render(msgs, synthetic.TOOLS)
+  last = len(msgs) - 1
+  msgs[last] = dict(msgs[last], reasoning_content="Check the table <|end|> twice.")
+  r = fmt.render(msgs, synthetic.TOOLS)
+  assert r.tokens[:r.turn_starts[last]].tolist() == plain.tokens[:plain.turn_starts[last]].tolist()
+  turn = tok.decode(r.tokens[r.turn_starts[last] + 1:].tolist())
+  assert turn == "<think>Check the table <|end|> twice.</think>Done: 93.1.<|end|>"
+  assert r.loss_mask[r.turn_starts[last] + 1:].all() and r.drift == ()
+  assert r.tokens[r.turn_starts[last]:].tolist().count(tok.special_id("<|end|>")) == 1
+  got = tool_parsers.get_parser("klong", chat_format=fmt).parse(turn)
+  assert (got.reasoning_content, got.content) == ("Check the table <|end|> twice.", "Done: 93.1.")
+
+
 def test_klong_template_sampled_turns_match_old_render(tok):
   fmt = ChatFormat(tok)
   fields = [t for t in synthetic.make_synthetic_trajectories(fmt, 4, seed=1, sampled=True)]
