@@ -16,7 +16,6 @@ import json
 import numpy as np
 import pytest
 
-from klong_jax.agent import client as client_lib
 from klong_jax.agent import scaffold
 from klong_jax.agent.policy_server import serve_in_thread
 from klong_jax.agent.tools import TOOLS
@@ -27,9 +26,7 @@ from klong_jax.data.render import render_trajectory
 from klong_jax.data.schema import Trajectory
 from klong_jax.data.splitting import SplitConfig, split_trajectory
 from klong_jax.factory.teacher import ScriptedTeacher
-from klong_jax.rollout import episode
-from klong_jax.sandbox.base import make_sandbox
-from tests.agent.test_context_policy import _sweep_task
+from tests.agent.test_context_policy import _sweep_task, run_served
 from tests.data.chat_templates import build_family_dirs
 
 OVERLAP, COMPLETION, WINDOW = 256, 480, 2000  # WINDOW: history tokens a chunk holds
@@ -113,13 +110,7 @@ def test_native_scaffold_inputs_equal_split_chunk_contexts(family, family_dirs, 
   cfg = scaffold.AgentConfig(max_steps=80, time_limit_s=600, reminder_every=5,
                              context_tokens=max_len, context_overlap=OVERLAP,
                              max_completion_tokens=COMPLETION, tool_timeout_s=60)
-  try:
-    with make_sandbox("local") as sb:
-      episode.prepare_sandbox(sb, task)
-      ep = scaffold.run_episode(client_lib.make_client(url), sb, prefix, cfg, tools=TOOLS,
-                                fmt=fmt, on_request=requests.append)
-  finally:
-    stop()
+  ep = run_served(url, stop, task, cfg, fmt, requests)
   assert ep.status == "completed", ep.messages[-3:]
   assert ep.malformed_calls == 0
   actions = [i for i, m in enumerate(ep.messages) if m["role"] == "assistant"]
@@ -132,7 +123,7 @@ def test_native_scaffold_inputs_equal_split_chunk_contexts(family, family_dirs, 
   chunks = split_trajectory(traj, SplitConfig(max_len, OVERLAP, COMPLETION, keep_positions=True))
   assert len(chunks) >= 3, len(chunks)
   trained = np.zeros(len(traj), bool)
-  starts = {c.positions[len(traj.tokens[:traj.prefix_end])] for c in chunks[1:]}
+  starts = {c.positions[traj.prefix_end] for c in chunks[1:]}  # where each window opens
   barred = {traj.turn_starts[j] for j in traj.joined}
   assert not starts & barred  # no window opens on a role token the previous turn emitted
   windows_seen = set()
