@@ -41,6 +41,7 @@ ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assis
 END, TOOLS = "<|end|>", "<|tools|>"
 CALL_OPEN, CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
 CACHE_SIZE = 16  # conversations whose rendering a later, longer request resumes
+TEXT_CACHE_SIZE = 32  # template renderings of conversation prefixes, reused across requests
 _CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
 
 
@@ -188,6 +189,7 @@ class ChatFormat:
         re.escape(s) for s in sorted(strings, key=len, reverse=True)) + ")" if strings else "(?!)")
     self._added_re = ct.control_regex(list(added))
     self._cache: collections.OrderedDict[tuple[bool, str], _State] = collections.OrderedDict()
+    self._texts: collections.OrderedDict[tuple[str, bool], str] = collections.OrderedDict()
     self._lock = threading.Lock()
     self._drift_logged = False
 
@@ -255,11 +257,13 @@ class ChatFormat:
       ids = message["klong"].get("token_ids")
     if ids is None:
       return None
-    if not isinstance(ids, Sequence) or isinstance(ids, str) or not all(
-        isinstance(t, (int, np.integer)) and 0 <= t < self.tok.vocab_size for t in ids):
+    arr = np.asarray(ids) if isinstance(ids, (Sequence, np.ndarray)) and not isinstance(
+        ids, str) else None  # vectorized check: every request validates the whole history
+    if arr is None or arr.ndim != 1 or (arr.size and (
+        arr.dtype.kind not in "iub" or arr.min() < 0 or arr.max() >= self.tok.vocab_size)):
       raise ValueError(f"assistant token_ids must be a list of ids in [0, "
                        f"{self.tok.vocab_size}), got {str(ids)[:80]}")
-    return [int(t) for t in ids]
+    return arr.astype(np.int64).tolist()
 
   def _context(self, tools: Any = None, kwargs: Mapping[str, Any] | None = None) -> _Ctx:
     """Template, control-token regex and marked tools/kwargs for one rendering."""
@@ -346,7 +350,16 @@ class ChatFormat:
 
     def text(k: int, gen: bool = False) -> str:
       if (k, gen) not in texts:
-        texts[k, gen] = self._text(c, marked[:k], gen)
+        key = (digests[k], gen)  # a later, longer request renders the same prefixes again
+        with self._lock:
+          hit = self._texts.get(key)
+        if hit is None:
+          hit = self._text(c, marked[:k], gen)
+          with self._lock:
+            self._texts[key] = hit
+            while len(self._texts) > TEXT_CACHE_SIZE:
+              self._texts.popitem(last=False)
+        texts[k, gen] = hit
       return texts[k, gen]
 
     ids, mask = st.ids, st.mask
