@@ -84,6 +84,7 @@ def run_served(url, stop, task, cfg, fmt, requests):
     stop()
 
 
+@pytest.mark.slow
 def test_scaffold_inputs_equal_split_chunk_contexts(fmt, tmp_path):
   task = _sweep_task(str(tmp_path), runs=42)
   url, stop = serve_in_thread(CharIds(ScriptedTeacher(skill=1.0), fmt))

@@ -185,6 +185,7 @@ def test_cli_ingest_and_jax_free(tmp_path):
   assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
 
 
+@pytest.mark.slow
 def test_distill_infra_failures_fail_loudly_and_resume(tmp_path, monkeypatch):
   """A broken setup (here: every sandbox fails) stops distill after a few tasks with an error
   naming the cause; infra-only tasks are not marked done, so the re-run after the fix does
