@@ -211,6 +211,18 @@ def test_joined_messages_and_starts_under_drift(family):
       assert r.loss_mask[r.turn_starts[j] - 1] == 1
 
 
+def test_synthetic_sampled_trajectories_in_native_formats(family):
+  """Synthetic sampler ids come from the format's own rendering (no klong-only helpers): each
+  turn's ids are what the template says it generates, stop token included."""
+  name, fmt, _ = family
+  trajs = synthetic.make_synthetic_trajectories(fmt, 2, seed=4, sampled=True)
+  for t in trajs:
+    sampled = [m["klong"]["token_ids"] for m in t.messages if m.get("klong")]
+    assert sampled and all(ids[-1] in fmt.stop_token_ids for ids in sampled)
+    n = sum(map(len, sampled))  # (teacher turns inside the fixed prefix are trained too)
+    assert t.loss_mask[t.prefix_end:].sum() == n == (t.policy_version >= 0).sum()
+
+
 def test_drift_reasoning_dropped_after_a_new_user_message(family):
   """Both templates drop earlier turns' reasoning once a new user message arrives: the rendering
   keeps what was generated (and says so), and every prompt begins with the previous stream."""
