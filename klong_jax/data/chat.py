@@ -198,50 +198,6 @@ class ChatFormat:
     """Generation stops on these ids (generation_config.json eos_token_id, else end and eos)."""
     return sorted(self._stops)
 
-  # ---- klong-format helpers (the scaffold's context window, synthetic data) --------------
-
-  def _klong(self, what: str) -> None:
-    if not self.is_klong:
-      raise ValueError(f"ChatFormat.{what} is the klong format's; for {self.spec.source} use "
-                       "render(messages, tools).turn_starts")
-
-  @property
-  def assistant_header(self) -> list[int]:
-    self._klong("assistant_header")
-    return [self.role_ids["assistant"]]
-
-  def tools_block(self, tools: Sequence[Mapping[str, Any]] | None) -> list[int]:
-    """The `<|tools|>` block for tool specs (empty when there are none; klong format)."""
-    self._klong("tools_block")
-    if not tools:
-      return []
-    c = self._context()
-    return self._encode(f"{TOOLS}{ct._tojson(ct.mark(ct._plain(list(tools)), c.ctrl), True)}{END}")
-
-  def header(self, message: Mapping[str, Any], index: int = 0) -> list[int]:
-    self._klong("header")
-    role = message.get("role") if isinstance(message, Mapping) else None
-    if role not in self.role_ids:
-      raise ValueError(f"message {index} has bad role {role!r}; expected one of "
-                       f"{sorted(self.role_ids)}")
-    return [self.role_ids[role]]
-
-  def body(self, message: Mapping[str, Any]) -> list[int]:
-    """Token ids of a message's rendered text (without header and end token; klong format)."""
-    self.header(message)
-    c = self._context()
-    return self._encode(self._text(c, ct.mark(ct.normalize_messages([message]), c.ctrl)))[1:-1]
-
-  def message_tokens(self, message: Mapping[str, Any], index: int = 0) -> tuple[list[int], int]:
-    """(ids, header length) of one rendered klong message: header, body, end-of-turn token."""
-    self.header(message, index)
-    ids = self.sampled_ids(message)
-    if ids is not None:
-      if not ids or ids[-1] not in self._stops:
-        ids = ids + [self.end_id]  # the turn ended without the stop token (length cut): close it
-      return self.header(message, index) + ids, 1
-    return self.header(message, index) + self.body(message) + [self.end_id], 1
-
   # ---- rendering ---------------------------------------------------------------------------
 
   def sampled_ids(self, message: Mapping[str, Any]) -> list[int] | None:
