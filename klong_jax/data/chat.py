@@ -41,7 +41,7 @@ ROLE_TOKENS = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assis
 END, TOOLS = "<|end|>", "<|tools|>"
 CALL_OPEN, CALL_CLOSE = "<|tool_call|>", "<|/tool_call|>"
 CACHE_SIZE = 16  # conversations whose rendering a later, longer request resumes
-TEXT_CACHE_SIZE = 32  # template renderings of conversation prefixes, reused across requests
+TEXT_CACHE_SIZE = 64  # template renderings of conversation prefixes, reused across requests
 _CALL_RE = re.compile(re.escape(CALL_OPEN) + r"(.*?)" + re.escape(CALL_CLOSE), re.DOTALL)
 
 
