@@ -1,14 +1,16 @@
 """Issue 29's must-show: a >= 40-turn scripted episode in GLM-4.5 (and Qwen3) format through the
 real scaffold, where every model input equals its split chunk's context token for token.
 
-The scripted teacher (thinking, `reasoning=True`) is served on the OpenAI API (policy_server).
-Like our inference server, the endpoint renders each request with the model dir's chat template
-(ChatFormat.render_prompt, its own instance), "samples" the teacher's reply as native text
-(GLM: `<think>`, `<tool_call>NAME <arg_key>/<arg_value>`, ending by emitting `<|observation|>` or
-`<|user|>`; Qwen3: JSON calls, `<|im_end|>`), tokenizes it, and answers with the family parser's
-reasoning_content / tool_calls plus the sampled `token_ids`. The finished trajectory is split with
-the scaffold's context policy; each recorded prompt must be the start of the chunk that trains
-that action, the sampled ids must follow it, and the loss masks must cover exactly the sampled ids.
+The scripted teacher (thinking, `reasoning=True`) is the model behind our real OpenAI server
+(inference/server.py on the family's tokenizer dir: ChatFormat over its template, the engine and
+stop ids, the family's tool-call parser): for each request the server's prompt ids are recorded
+and the teacher's reply is generated as native token ids (GLM: `<think>`, `<tool_call>NAME
+<arg_key>/<arg_value>`, ending by emitting `<|observation|>` or `<|user|>`; Qwen3: JSON calls,
+`<|im_end|>`), which a scripted sampler feeds through the engine. Every sixth turn is a long note
+without a call (the scaffold answers as the user: on GLM that message's role token was emitted by
+the note, so no window may open there). The finished trajectory is split with the scaffold's
+context policy; each recorded prompt must be the start of the chunk that trains that action, the
+sampled ids must follow it, and the loss masks must cover exactly the sampled ids.
 """
 
 import json
@@ -17,17 +19,18 @@ import numpy as np
 import pytest
 
 from klong_jax.agent import scaffold
-from klong_jax.agent.policy_server import serve_in_thread
 from klong_jax.agent.tools import TOOLS
 from klong_jax.data import tokenizer as tok_lib
-from klong_jax.data import tool_parsers
 from klong_jax.data.chat import ChatFormat
 from klong_jax.data.render import render_trajectory
 from klong_jax.data.schema import Trajectory
 from klong_jax.data.splitting import SplitConfig, split_trajectory
 from klong_jax.factory.teacher import ScriptedTeacher
+from klong_jax.inference.engine import Engine
+from klong_jax.inference.server import Running, Server
 from tests.agent.test_context_policy import _sweep_task, run_served
 from tests.data.chat_templates import build_family_dirs
+from tests.inference.test_server_native_tools import ScriptedSampler
 
 OVERLAP, COMPLETION, WINDOW = 256, 480, 2000  # WINDOW: history tokens a chunk holds
 
@@ -57,18 +60,16 @@ def _native_text(family, msg):
   return f"{think}\n\n{msg.get('content') or ''}" + "".join(calls)
 
 
-class NativeEndpoint:
-  """The policy as a server on `family`'s format: renders the prompt, samples native ids, parses."""
+class TeacherModel:
+  """The scripted thinking teacher as a model of `family`: its next turn as native token ids."""
 
-  def __init__(self, family, path):
-    self.family, self.fmt = family, ChatFormat(tok_lib.load(path))  # the server's own format
-    self.parser = tool_parsers.get_parser(family)
+  def __init__(self, family, tok):
+    self.family, self.tok = family, tok
     self.teacher = ScriptedTeacher(skill=1.0, reasoning=True)
     self.turns = []  # (prompt ids, sampled ids) per request
     self.last_tool = None
 
-  def __call__(self, messages, tools):
-    prompt = self.fmt.render_prompt(messages, tools)
+  def sample(self, prompt, messages, tools):
     if len(self.turns) % 6 == 5:  # a long turn without a call: the scaffold answers as the user
       note = " ".join(f"check {k}: the runs so far look consistent." for k in range(12))
       msg = {"role": "assistant", "content": note, "reasoning_content": "Take stock first."}
@@ -80,21 +81,33 @@ class NativeEndpoint:
       self.last_tool = tools_seen[-1] if tools_seen else self.last_tool
       msg = self.teacher(seen + ([self.last_tool] if self.last_tool and not tools_seen else []),
                          tools)
-    text = _native_text(self.family, msg)
-    tok = self.fmt.tok
     if self.family == "glm45":
-      stop = tok.piece_to_id("<|observation|>" if msg.get("tool_calls") else "<|user|>")
+      stop = self.tok.piece_to_id("<|observation|>" if msg.get("tool_calls") else "<|user|>")
     else:
-      stop = tok.piece_to_id("<|im_end|>")
-    ids = tok.encode(text) + [stop]
-    assert len(ids) <= COMPLETION  # within max_tokens, as a server would cut it
+      stop = self.tok.piece_to_id("<|im_end|>")
+    ids = self.tok.encode(_native_text(self.family, msg)) + [stop]
+    assert len(ids) <= COMPLETION  # within max_tokens, as a real model's turn would be
     self.turns.append((prompt, ids))
-    parsed = self.parser.parse(tok.decode(ids), tools)
-    assert parsed.error is None, parsed.error
-    out = {"role": "assistant", "content": parsed.content,
-           "reasoning_content": parsed.reasoning_content, "tool_calls": parsed.tool_calls,
-           "klong": {"token_ids": ids, "logprobs": [-0.25] * len(ids), "policy_version": 7}}
-    return out
+    return ids
+
+
+class TeacherServer(Server):
+  """Our OpenAI server (the real ChatFormat over the dir's template, engine, stop ids, family
+  parser); the model is TeacherModel, replayed through the engine by a ScriptedSampler."""
+
+  def __init__(self, family, path, max_len):
+    tok = tok_lib.load(path)
+    fmt = ChatFormat(tok)  # the server's own instance
+    self.model = TeacherModel(family, tok)
+    self.sampler = ScriptedSampler(stop=fmt.stop_token_ids[0], max_len=max_len)
+    super().__init__(Engine(self.sampler, tok, stop_token_ids=fmt.stop_token_ids), tok, fmt,
+                     model_name="policy", tool_parser=family)
+
+  def chat_prompt(self, req):
+    prompt = super().chat_prompt(req)  # the model input, as served
+    ids = self.model.sample(prompt, req.messages, req.tools)
+    self.sampler.scripts, self.sampler.stop = [ids[:-1]], ids[-1]
+    return prompt
 
 
 @pytest.mark.slow
@@ -104,13 +117,14 @@ def test_native_scaffold_inputs_equal_split_chunk_contexts(family, family_dirs, 
   fmt = ChatFormat(tok_lib.load(family_dirs[family]))  # the scaffold's (and trainer's) format
   prefix = scaffold.initial_messages("Reproduce the paper.", task.paper_md, task.addendum_md)
   max_len = len(fmt.render(prefix, TOOLS).tokens) + WINDOW
-  endpoint = NativeEndpoint(family, family_dirs[family])
-  url, stop = serve_in_thread(endpoint)
+  server = TeacherServer(family, family_dirs[family], max_len + 64)
+  running = Running(server)
+  endpoint = server.model
   requests = []
   cfg = scaffold.AgentConfig(max_steps=80, time_limit_s=600, reminder_every=5,
                              context_tokens=max_len, context_overlap=OVERLAP,
                              max_completion_tokens=COMPLETION, tool_timeout_s=60)
-  ep = run_served(url, stop, task, cfg, fmt, requests)
+  ep = run_served(running.url + "/v1", running.stop, task, cfg, fmt, requests)
   assert ep.status == "completed", ep.messages[-3:]
   assert ep.malformed_calls == 0
   actions = [i for i, m in enumerate(ep.messages) if m["role"] == "assistant"]
