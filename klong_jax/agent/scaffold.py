@@ -6,7 +6,8 @@ context policy the trainer's splitter replays (data/context.py), measured in rea
 policy's chat format, while the FULL message log is kept for the trajectory. Sampled assistant
 turns go back to the server as their exact `token_ids`. Without a chat format (a foreign endpoint
 whose tokenizer we lack) the history is trimmed oldest-first by a chars/token estimate. Time
-reminders every N steps; step/token/wall budgets; malformed tool calls are answered with an error;
+reminders every N steps; step/token/wall budgets; malformed tool calls (bad arguments, unknown
+tools, or tool-call text the server could not parse: `tool_call_error`) are answered with an error;
 "no early end": an early submit is refused (KLong) until a configurable share of the time budget
 is used.
 """
@@ -20,7 +21,7 @@ from collections.abc import Callable
 from typing import Any
 
 from klong_jax.agent import client as client_lib
-from klong_jax.agent.tools import REGISTRY, ToolRegistry
+from klong_jax.agent.tools import REGISTRY, ToolRegistry, malformed_call_message
 from klong_jax.data.context import ContextPolicy
 from klong_jax.sandbox.base import SUBMISSION, Sandbox
 
@@ -147,28 +148,29 @@ def trim_context(messages: list[dict[str, Any]], prefix: int, budget: int,
 
 
 class _Window:
-  """The live side of the context policy: real token lengths of the history, the open window."""
+  """The live side of the context policy: real token starts of the history (the chat format's
+  `render(...).turn_starts`, resumed from its cached prefix each step), the open window."""
 
   def __init__(self, fmt: Any, prefix: list[dict[str, Any]], tools: list[dict[str, Any]],
                cfg: AgentConfig):
-    self.fmt = fmt
+    self.fmt, self.tools, self.n_prefix = fmt, tools, len(prefix)
     self.policy = ContextPolicy(cfg.context_tokens, cfg.context_overlap,
                                 cfg.max_completion_tokens)
-    self.prefix_len = len(fmt.tools_block(tools)) + sum(
-        len(fmt.message_tokens(m, i)[0]) for i, m in enumerate(prefix))
+    self.prefix_len = len(fmt.render(prefix, tools).tokens)
     self.policy.check_prefix(self.prefix_len, "the task's fixed prefix (system + task + paper)")
-    self.starts = [0]
-    self.can_start: list[bool] = []
     self.first = 0
 
-  def add(self, m: dict[str, Any]) -> None:
-    self.starts.append(self.starts[-1] + len(self.fmt.message_tokens(m)[0]))
-    self.can_start.append(m.get("role") != "tool")
-
-  def open(self) -> int:
-    """First history message the next action sees (the splitter replays the same choice)."""
-    self.first = self.policy.window_start(self.prefix_len, self.starts, self.can_start,
-                                          self.first, len(self.can_start))
+  def open(self, messages: list[dict[str, Any]]) -> int:
+    """First history message the next action sees (the splitter replays the same choice): a
+    window never starts on a tool result nor on a message whose role token the previous turn
+    generated (`Rendered.joined`, GLM)."""
+    r = self.fmt.render(messages, self.tools)
+    p = r.turn_starts[self.n_prefix] if len(messages) > self.n_prefix else len(r.tokens)
+    starts = [s - p for s in r.turn_starts[self.n_prefix:]] + [len(r.tokens) - p]
+    joined = set(r.joined)
+    can_start = [m.get("role") != "tool" and i not in joined
+                 for i, m in enumerate(messages) if i >= self.n_prefix]
+    self.first = self.policy.window_start(p, starts, can_start, self.first, len(can_start))
     return self.first
 
 
@@ -199,14 +201,15 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
                 should_stop: Callable[[], bool] | None = None,
                 state: dict[str, Any] | None = None, fmt: Any = None,
                 on_request: Callable[[list[dict[str, Any]]], None] | None = None,
-                registry: ToolRegistry | None = None) -> EpisodeResult:
+                registry: ToolRegistry | None = None, parser: Any = None) -> EpisodeResult:
   """Runs the agent until submit or a budget runs out; server failures raise InfraError.
 
   `fmt` (a data.chat.ChatFormat of the served model) turns on the shared context policy;
   `should_stop` (the worker's outer wall guard) ends the episode as "wall_timeout"; `state`
   receives a live reference to the message log (kept if the episode raises); `on_request` sees
   each request's messages (tests). Tool calls run through `registry` (default: the agent's
-  `tools.REGISTRY`), whose schemas are offered unless `tools` is given.
+  `tools.REGISTRY`), whose schemas are offered unless `tools` is given. `parser` (the model
+  family's data/tool_parsers parser) parses tool-call text an endpoint left in the content.
   """
   registry = REGISTRY if registry is None else registry
   tools = registry.schemas if tools is None else tools
@@ -227,8 +230,6 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
   def add(m: dict[str, Any]) -> None:
     messages.append(m)
     context.append(m)
-    if window is not None:
-      window.add(m)
 
   add(budget_message(cfg.time_limit_s))
   while True:
@@ -250,7 +251,7 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
           "improving your submission and commit your work with git regularly.")})
     budget = cfg.context_tokens - cfg.max_completion_tokens
     if window is not None:
-      first = window.open()
+      first = window.open(messages)
       trims = first
       context = messages[:n_prefix] + messages[n_prefix + first:]
     else:
@@ -265,7 +266,7 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
         reply, info = client_lib.chat(
             client, cfg.model, wire, tools, cfg.max_completion_tokens,
             cfg.temperature, retries=cfg.request_retries, backoff_s=cfg.retry_backoff_s,
-            routing_from=_routing_from(context) if cfg.return_routing else None)
+            routing_from=_routing_from(context) if cfg.return_routing else None, parser=parser)
         retry_s += max(0.0, (clock() - t0) - info["latency_s"])
         break
       except client_lib.ContextLengthError:
@@ -280,12 +281,17 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     usage = info.get("usage") or {}
     tokens += int(usage.get("completion_tokens") or len((reply.get("klong") or {}).get(
         "token_ids") or []) or estimate_tokens([reply], cfg.chars_per_token))
+    parse_error = reply.pop("tool_call_error", None)
     reply["meta"] = {"step": steps, "t": round(elapsed(), 3),
                      "finish_reason": info.get("finish_reason")}
+    if parse_error:
+      reply["meta"]["tool_call_error"] = parse_error
     add(reply)
     calls = reply.get("tool_calls") or []
     if not calls:
-      add({"role": "user", "content": CONTINUE_MESSAGE})
+      malformed += int(bool(parse_error))
+      add({"role": "user", "content": malformed_call_message(parse_error) if parse_error
+           else CONTINUE_MESSAGE})
       continue
     submitted = False
     for call in calls:

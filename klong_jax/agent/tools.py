@@ -174,6 +174,13 @@ def parse_arguments(raw: Any) -> dict[str, Any]:
   return val
 
 
+def malformed_call_message(error: str) -> str:
+  """The observation for a turn whose tool-call text the server could not parse: what was
+  wrong and the expected form (the server's error names both); nothing was run."""
+  return (f"Error: your tool call could not be parsed, so no tool was run. {error.strip()}. "
+          "Write the call again in that form.")
+
+
 def _format(res: ExecResult) -> str:
   text = res.output.rstrip("\n")
   notes = []

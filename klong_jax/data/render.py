@@ -1,5 +1,8 @@
 """Messages -> Trajectory fields, using the sampler's exact token ids where the turn carries them.
 
+Tokens, loss mask and message starts come from `ChatFormat.render` (the model's chat template,
+rendered turn by turn); this module adds the sampled turns' logprobs, policy versions and routing.
+
 An assistant message may hold `"klong": {"token_ids", "logprobs", "policy_version"}`, the ids the
 sampler generated for that turn; they are used verbatim (never re-tokenized, DESIGN.md 4). Without
 it (teacher data) the text is tokenized, with logprob 0 and policy version -1. A sampled turn
@@ -45,52 +48,45 @@ def render_trajectory(messages: Sequence[Mapping[str, Any]], fmt: ChatFormat,
 
   Returns tokens, loss_mask, logprobs, policy_version (numpy arrays), prefix_end (token index of
   message `prefix_messages`, or the length if all messages are prefix), turn_starts and routing
-  ([n, moe_layers, k] int16, or None when no turn recorded any).
+  ([n, moe_layers, k] int16, or None when no turn recorded any) and `joined` (messages whose
+  role token the previous assistant turn generated; windows never start there).
   """
   if not 0 <= prefix_messages <= len(messages):
     raise ValueError(f"prefix_messages={prefix_messages} must be in [0, {len(messages)}]")
-  ids: list[int] = []
-  mask: list[int] = []
-  lps: list[float] = []
-  pvs: list[int] = []
-
-  def add(new_ids, m, lp=None, pv=None):
-    ids.extend(new_ids)
-    mask.extend([m] * len(new_ids) if isinstance(m, int) else m)
-    lps.extend([0.0] * len(new_ids) if lp is None else lp)
-    pvs.extend([-1] * len(new_ids) if pv is None else pv)
-
-  add(fmt.tools_block(tools), 0)
-  starts = []
-  routed: list[tuple[dict[str, Any], int, int]] = []  # (record, body start, sampled count)
-  for i, msg in enumerate(messages):
-    starts.append(len(ids))
-    add(fmt.header(msg, i), 0)
-    if msg["role"] == "assistant" and msg.get("klong") is not None:
-      s_ids, s_lps, s_pvs = _sampled(msg, i)
-      if isinstance(msg["klong"].get("routed_experts"), Mapping):
-        routed.append((msg["klong"]["routed_experts"], len(ids), len(s_ids)))
-      add(s_ids, 1, s_lps, s_pvs)
-      if not s_ids or s_ids[-1] != fmt.end_id:
-        add([fmt.end_id], 0)  # the turn ended without the stop token (length cut): close it
-    else:
-      add(fmt.body(msg) + [fmt.end_id], int(msg["role"] == "assistant"))
-  prefix_end = starts[prefix_messages] if prefix_messages < len(messages) else len(ids)
+  for i, msg in enumerate(messages):  # validate the sampled turns' bookkeeping first
+    if msg.get("role") == "assistant" and msg.get("klong") is not None:
+      _sampled(msg, i)
+  r = fmt.render(messages, tools)
+  n = len(r.tokens)
+  lps = np.zeros(n, np.float32)
+  pvs = np.full(n, -1, np.int32)
   routing = None
-  for i, (record, body_start, num_sampled) in enumerate(routed):
+  for i, (start, count) in sorted((r.sampled or {}).items()):
+    msg = messages[i]
+    if msg.get("klong") is None:
+      continue  # ids sent back as `token_ids` only: no logprobs or versions to keep
+    _, s_lps, s_pvs = _sampled(msg, i)
+    lps[start:start + count] = s_lps
+    pvs[start:start + count] = s_pvs
+    record = msg["klong"].get("routed_experts")
+    if not isinstance(record, Mapping):
+      continue
     if routing is None:
       shape = record.get("shape") or [0, 0, 0]
-      routing = routing_lib.empty(len(ids), int(shape[1]), int(shape[2]))
+      routing = routing_lib.empty(n, int(shape[1]), int(shape[2]))
     try:
-      routing_lib.place_turn(routing, record, ids, body_start, num_sampled)
+      routing_lib.place_turn(routing, record, r.tokens.tolist(), start, count)
     except ValueError as e:  # A malformed record loses its turn's routing, not the rollout.
       log.warning("sampled turn %d: routed_experts ignored: %s", i, e)
+  starts = list(r.turn_starts)
+  prefix_end = starts[prefix_messages] if prefix_messages < len(messages) else n
   return {
-      "tokens": np.asarray(ids, np.int32),
-      "loss_mask": np.asarray(mask, np.int32),
-      "logprobs": np.asarray(lps, np.float32),
-      "policy_version": np.asarray(pvs, np.int32),
+      "tokens": r.tokens,
+      "loss_mask": r.loss_mask,
+      "logprobs": lps,
+      "policy_version": pvs,
       "prefix_end": int(prefix_end),
       "turn_starts": starts,
+      "joined": list(r.joined),
       "routing": routing,
   }

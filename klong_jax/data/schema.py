@@ -40,8 +40,10 @@ class Trajectory:
   log-probability of that token (0 where not sampled) and `policy_version[i]` the weights version
   that produced it (-1 where not sampled). `prefix_end` is the index where the fixed prefix
   (system + task spec + paper reading) ends. `turn_starts` are token indices where each message
-  starts; splitting prefers to cut there. `routing` [n, moe_layers, k] int16 (or None) holds the
-  sampler's expert ids per token for routing replay, -1 where none were recorded.
+  starts; splitting prefers to cut there, never at a `joined` message (one whose role token the
+  previous assistant turn generated, e.g. GLM's `<|observation|>`). `routing` [n, moe_layers, k]
+  int16 (or None) holds the sampler's expert ids per token for routing replay, -1 where none were
+  recorded.
   """
 
   id: str
@@ -61,6 +63,7 @@ class Trajectory:
   sandbox: dict[str, Any] = dataclasses.field(default_factory=dict)
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
   routing: np.ndarray | None = None
+  joined: list[int] = dataclasses.field(default_factory=list)
   schema: int = SCHEMA_VERSION
 
   def __len__(self) -> int:
@@ -76,6 +79,8 @@ class Trajectory:
     for k in ("tokens", "loss_mask", "policy_version"):
       d[k] = np.asarray(getattr(self, k)).astype(np.int64).tolist()
     d["logprobs"] = np.asarray(self.logprobs, np.float32).astype(float).tolist()
+    if not self.joined:
+      d.pop("joined")  # klong-format records stay as they were
     if routing is None:
       d.pop("routing")
     else:
@@ -203,7 +208,7 @@ def validate(rec: Mapping[str, Any], vocab_size: int | None = None) -> Trajector
       reward=None if reward is None else float(reward), messages=list(messages),
       turn_starts=turn_starts, timings=dict(rec.get("timings", {})),
       sandbox=dict(rec.get("sandbox", {})), metadata=dict(rec.get("metadata", {})),
-      routing=routing,
+      routing=routing, joined=[int(j) for j in rec.get("joined", [])],
   )
 
 

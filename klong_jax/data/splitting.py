@@ -58,13 +58,15 @@ def _history(traj: Trajectory) -> tuple[list[int], list[bool], list[bool]]:
   p, n = traj.prefix_end, len(traj)
   roles = ([m.get("role") for m in traj.messages]
            if len(traj.messages) == len(traj.turn_starts) else [None] * len(traj.turn_starts))
-  marks = [(b, r) for b, r in zip(traj.turn_starts, roles, strict=True) if p <= b < n]
+  joined = set(traj.joined)
+  marks = [(b, r != "tool" and i not in joined)
+           for i, (b, r) in enumerate(zip(traj.turn_starts, roles, strict=True)) if p <= b < n]
   if not marks or marks[0][0] > p:  # History not starting on a recorded message start.
-    marks.insert(0, (p, None))
+    marks.insert(0, (p, True))
   ends = [b for b, _ in marks[1:]] + [n]
   lengths = [e - b for (b, _), e in zip(marks, ends, strict=True)]
   is_action = [bool(traj.loss_mask[b:e].any()) for (b, _), e in zip(marks, ends, strict=True)]
-  return lengths, is_action, [r != "tool" for _, r in marks]
+  return lengths, is_action, [ok for _, ok in marks]
 
 
 def plan_chunks(traj: Trajectory, cfg: SplitConfig) -> list[Window]:

@@ -68,11 +68,18 @@ def synthetic_messages(r: random.Random, task: int, min_steps: int = 2,
 
 def _as_sampled(msgs: list[dict[str, Any]], fmt: ChatFormat, r: random.Random,
                 version: int) -> list[dict[str, Any]]:
-  """Adds `klong` sampler ids (rendered body + stop token) to assistant turns after the prefix."""
+  """Adds `klong` sampler ids to assistant turns after the prefix: what the chat format says each
+  turn generates (its loss-masked span, stop token included; a turn without one gets eos)."""
+  rendered = fmt.render(msgs, TOOLS)
+  ends = [*rendered.turn_starts[1:], len(rendered.tokens)]
   out = []
   for i, m in enumerate(msgs):
     if m["role"] == "assistant" and i >= PREFIX_MESSAGES:
-      ids = fmt.body(m) + [fmt.end_id]
+      span = slice(rendered.turn_starts[i], ends[i])
+      ids = rendered.tokens[span][rendered.loss_mask[span] == 1].tolist()
+      if not ids or ids[-1] not in fmt.stop_token_ids:
+        ids.append(fmt.tok.eos_id if fmt.tok.eos_id in fmt.stop_token_ids
+                   else fmt.stop_token_ids[0])
       m = dict(m, klong={"token_ids": ids,
                          "logprobs": [-r.uniform(0.0, 3.0) for _ in ids],
                          "policy_version": version})

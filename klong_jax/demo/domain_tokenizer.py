@@ -59,24 +59,24 @@ def domain_texts(task_dirs: list[str], repeat: int = 20) -> list[str]:
 
 def domain_tokenizer(cache_dir: str, vocab_size: int, task_dirs: list[str],
                      repeat: int = 20, max_piece_length: int = 16) -> tok_lib.Tokenizer:
-  """Trains (once; cached by content hash) and loads the domain tokenizer."""
+  """Trains (once; cached by content hash) and loads the domain tokenizer: a directory with
+  tokenizer.model and the klong chat template (tokenizer.train_tokenizer_dir)."""
   texts = domain_texts(sorted(task_dirs), repeat)
   base = tok_lib.BUNDLED_CORPUS.read_text(encoding="utf-8")
   # One document per line for SentencePiece: newlines inside a document become spaces would
   # lose code structure, so keep them and let max_sentence_length bound each line instead.
   corpus = base + "\n" + "\n".join(texts) + "\n"
-  digest = hashlib.sha256(corpus.encode("utf-8")).hexdigest()[:12]
-  prefix = pathlib.Path(cache_dir) / f"klong_domain_{vocab_size}_{max_piece_length}_{digest}"
-  path = pathlib.Path(str(prefix) + ".model")
-  if not path.exists():
+  digest = hashlib.sha256(corpus.encode("utf-8") + tok_lib.KLONG_TEMPLATE.read_bytes()
+                          ).hexdigest()[:12]
+  directory = pathlib.Path(cache_dir) / f"klong_domain_{vocab_size}_{max_piece_length}_{digest}"
+  if not (directory / "tokenizer.model").exists():
     os.makedirs(cache_dir, exist_ok=True)
     corpus_path = pathlib.Path(cache_dir) / f"corpus_{digest}.txt"
     tmp = corpus_path.with_suffix(".tmp")
     tmp.write_text(corpus, encoding="utf-8")
     os.replace(tmp, corpus_path)
-    tok_lib.train_sentencepiece(corpus_path, prefix, vocab_size, max_piece_length)
-  return tok_lib.load(path)
-
+    tok_lib.train_tokenizer_dir(corpus_path, directory, vocab_size, max_piece_length)
+  return tok_lib.load(directory)
 
 def from_config(c: Any, tasks_root: str, cache_dir: str) -> tok_lib.Tokenizer:
   """The demo config's tokenizer (`c.tokenizer`): domain-adapted on `tasks_root`'s TRAIN split,

@@ -37,6 +37,8 @@ _define("float", "teacher_skill", 0.9, "distill: scripted teacher skill when --s
 _define("string", "teacher_mistakes", "",
         "distill: per-kind mistake rates of the scripted teacher, e.g. 'wrong_fn=0.3'.")
 _define("integer", "seed", 0, "distill: scripted teacher seed.")
+_define("bool", "teacher_reasoning", False,
+        "distill: the scripted teacher also sends reasoning_content (a thinking teacher).")
 _define("string", "tokenizer", None, "distill: tokenizer model path (for rendering).")
 _define("integer", "episodes_per_task", 2, "distill: teacher episodes per task.")
 _define("float", "threshold", 0.5, "distill: keep trajectories scoring at least this.")
@@ -94,7 +96,7 @@ def run_distill() -> None:
     from klong_jax.agent.policy_server import serve_in_thread
     from klong_jax.factory.teacher import ScriptedTeacher, parse_rates
     teacher = ScriptedTeacher(FLAGS.teacher_skill, FLAGS.seed,
-                              parse_rates(FLAGS.teacher_mistakes))
+                              parse_rates(FLAGS.teacher_mistakes), FLAGS.teacher_reasoning)
     server, stop = serve_in_thread(teacher, model_name="teacher")
   try:
     res = distill(DistillConfig(
@@ -109,7 +111,8 @@ def run_distill() -> None:
     if stop is not None:
       stop()
   print(format_histogram(res["scores"]))
-  print(f"kept {res['kept']} trajectories in {len(res['shards'])} shards under {FLAGS.out}")
+  print(f"kept {res['kept']} trajectories in {len(res['shards'])} shards under {FLAGS.out} "
+        f"({res['reasoning_turns']} assistant turns with reasoning)")
 
 
 def main(argv: list[str]) -> None:

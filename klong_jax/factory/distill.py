@@ -1,6 +1,10 @@
 """Distill: run a teacher endpoint through the real agent scaffold + sandbox on tasks, grade,
 keep trajectories scoring >= a threshold, and write SFT shards (one ArrayRecord shard per task).
 
+Trajectories keep each assistant turn's `reasoning_content` (a thinking teacher's reasoning, as
+the agent client received it); the state counts the kept turns that carry it, so a teacher
+endpoint whose reasoning is lost (e.g. no reasoning parser) shows up as 0.
+
 Resumable and idempotent: `distill_state.json` (atomic) records finished tasks; a task's shard is
 published atomically before it is marked, and a re-run rewrites it under the same name, so no
 trajectory is lost or duplicated.
@@ -71,6 +75,11 @@ class DistillInfraError(RuntimeError):
   """Some tasks got no graded episode (sandbox, server or image missing); re-run to resume."""
 
 
+def reasoning_turns(messages: list[dict[str, Any]]) -> int:
+  """Assistant turns of a trajectory that carry the model's reasoning."""
+  return sum(1 for m in messages if m.get("role") == "assistant" and m.get("reasoning_content"))
+
+
 def _load_state(path: str) -> dict[str, Any]:
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
@@ -79,7 +88,8 @@ def _load_state(path: str) -> dict[str, Any]:
 
 
 def distill(cfg: DistillConfig) -> dict[str, Any]:
-  """Runs the stage; returns {"scores", "kept", "shards", "histogram"} over all finished tasks."""
+  """Runs the stage; returns {"scores", "kept", "reasoning_turns", "shards", "histogram"} over
+  all finished tasks."""
   from klong_jax.data.shards import ShardWriter  # noqa: PLC0415
   from klong_jax.rollout.worker import Worker, WorkerConfig  # noqa: PLC0415
   from klong_jax.tasks import list_tasks, load_task  # noqa: PLC0415
@@ -101,7 +111,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
       continue
     if len(infra) >= INFRA_FAIL_FAST and not graded:
       break  # The first tasks all failed the same way: the setup is broken, not the tasks.
-    records, scores, statuses = [], [], []
+    records, scores, statuses, reasoning = [], [], [], 0
     for i in range(cfg.episodes_per_task):
       r = worker.rollout_with_retries(task, 0, cfg.episode.time_limit_s)
       statuses.append(r["status"])
@@ -110,6 +120,7 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
       scores.append(float(r["reward"]))
       if r["reward"] >= cfg.threshold:
         records.append(worker.to_record(r, task.id, f"distill-{task.id}", 0, i, 0))
+        reasoning += reasoning_turns(r["messages"])
     if not scores and all(st == "infra_error" for st in statuses):
       infra[task.id] = str((r.get("metadata") or {}).get("error", "infra_error"))
       logging.warning("distill %s: infra failures only; left for the next run", task.id)
@@ -122,9 +133,10 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         for rec in records:
           w.write(rec)
     state["tasks"][task.id] = {"scores": scores, "statuses": statuses, "kept": len(records),
-                               "shard": shard}
+                               "reasoning_turns": reasoning, "shard": shard}
     atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
-    logging.info("distill %s: scores %s, kept %d", task.id, scores, len(records))
+    logging.info("distill %s: scores %s, kept %d (%d turns with reasoning)", task.id, scores,
+                 len(records), reasoning)
   if infra:
     first = next(iter(infra.items()))
     raise DistillInfraError(
@@ -133,5 +145,6 @@ def distill(cfg: DistillConfig) -> dict[str, Any]:
         f"finished task(s) in {state_path} are kept, not redone")
   all_scores = [s for t in state["tasks"].values() for s in t["scores"]]
   return {"scores": all_scores, "kept": sum(t["kept"] for t in state["tasks"].values()),
+          "reasoning_turns": sum(t.get("reasoning_turns", 0) for t in state["tasks"].values()),
           "shards": sorted(t["shard"] for t in state["tasks"].values() if t["shard"]),
           "histogram": score_histogram(all_scores)}

@@ -7,6 +7,8 @@ it, and submits. With skill < 1 it makes task-relevant mistakes (wrong parameter
 name, missing reproduce.sh, wrong metric key, crashing code), so graded scores spread out;
 `mistake_rates` sets the rate of chosen kinds (e.g. raise the partial-credit ones that
 distillation keeps, so SFT imitates them and RL has something to unlearn; off in the demo).
+With `reasoning=True` it is a thinking teacher: each turn also carries `reasoning_content` (why
+it acts), as a reasoning model served with a reasoning parser answers, so distillation keeps it.
 Serve it with `klong_jax.agent.policy_server.serve_in_thread(teacher)`.
 """
 
@@ -125,10 +127,10 @@ class ScriptedTeacher:
   """
 
   def __init__(self, skill: float = 1.0, seed: int = 0,
-               mistake_rates: Mapping[str, float] | None = None):
+               mistake_rates: Mapping[str, float] | None = None, reasoning: bool = False):
     if not 0.0 <= skill <= 1.0:
       raise ValueError(f"skill must be in [0, 1], got {skill}")
-    self.skill = skill
+    self.skill, self.reasoning = skill, reasoning
     self.rates = {m: (1.0 - skill) / 2 for m in MISTAKES}
     for kind, rate in (mistake_rates or {}).items():
       if kind not in self.rates:
@@ -152,8 +154,11 @@ class ScriptedTeacher:
     return {"id": cid, "type": "function",
             "function": {"name": name, "arguments": json.dumps({arg: value})}}
 
-  def _message(self, content: str, call: dict[str, Any] | None) -> dict[str, Any]:
+  def _message(self, content: str, call: dict[str, Any] | None,
+               why: str = "") -> dict[str, Any]:
     msg: dict[str, Any] = {"role": "assistant", "content": content}
+    if self.reasoning and why:
+      msg["reasoning_content"] = why
     if call is not None:
       msg["tool_calls"] = [call]
     return msg
@@ -204,11 +209,13 @@ class ScriptedTeacher:
       m = _SUBMISSION.search(all_text)
       sub = m.group(1) if m else DEFAULT_SUBMISSION_DIR
       content, script = sweep_teacher.sweep_action(*sweep, messages, sub, self.mistakes())
+      why = (f"This is a long-horizon sweep; {len(messages)} messages so far. Next: "
+             f"{content[:1].lower()}{content[1:]}")
       if script is not None:
-        return self._message(content, self._shell(bash, script))
+        return self._message(content, self._shell(bash, script), why)
       if submit is not None:
-        return self._message(content, self._call(*submit, content))
-      return self._message(content + " Done.", None)
+        return self._message(content, self._call(*submit, content), why)
+      return self._message(content + " Done.", None, why)
     acted = [c for m in messages if m.get("role") == "assistant"
              for c in (m.get("tool_calls") or [])]
     solved = any(SOLUTION_FILE in c.get("function", {}).get("arguments", "") for c in acted)
@@ -217,17 +224,23 @@ class ScriptedTeacher:
       why = ("The solution is written and reproduce.sh was run." if solved else
              "I have no shell or python tool to work with." if bash is None else
              "I could not find the task parameters in the paper.")
+      think = f"{why} Nothing more I can do here, so I end the task."
       if submit is None:
-        return self._message(why + " Done.", None)
-      return self._message(why + " Submitting.", self._call(*submit, why))
+        return self._message(why + " Done.", None, think)
+      return self._message(why + " Submitting.", self._call(*submit, why), think)
     if found is None:
       m = _PAPER_PATH.search(all_text)
       path = m.group(1) if m else "paper.md"
       return self._message("I will read the paper first.",
-                           self._shell(bash, f"cat {shlex.quote(path)}"))
+                           self._shell(bash, f"cat {shlex.quote(path)}"),
+                           f"The task parameters are not in the conversation yet; {path} "
+                           "has them, so I read it before writing any code.")
     family, params = found
     m = _SUBMISSION.search(all_text)
     sub = m.group(1) if m else DEFAULT_SUBMISSION_DIR
     script = self.solution_script(family, params, sub, self.mistakes())
+    shown = ", ".join(f"{k}={v!r}" for k, v in params.items())
     return self._message(f"The paper asks for `{family.fn}`; I will implement and run it.",
-                         self._shell(bash, script))
+                         self._shell(bash, script),
+                         f"The paper defines `{family.fn}` with {shown}. I write {SOLUTION_FILE} "
+                         f"and reproduce.sh in {sub}, run it and check {METRICS_FILE}.")

@@ -1,13 +1,15 @@
-"""Serving bundle export: params-only Orbax checkpoint (optionally bf16), model config, tokenizer,
-chat format name — everything `server --bundle=DIR` needs, nothing else.
+"""Serving bundle export: params-only Orbax checkpoint (optionally bf16), model config, tokenizer
+with its chat template — everything `server --bundle=DIR` needs, nothing else.
 
 Layout of DIR (written to DIR.tmp-* and renamed, so a bundle dir is always complete):
   bundle.json          {"format": 1, "model_name", "chat_format", "tokenizer", "policy_version",
                         "dtype", "hf"}
   model_config.json    the ModelConfig fields
-  tokenizer.model|json copy of the tokenizer file
+  tokenizer.model|json copy of the tokenizer file, with its chat files beside it:
+  tokenizer_config.json, chat_template.jinja, generation_config.json (stop ids)
   policy/<version>/    params (reload.save_policy format); doubles as a hot-reload root
-  hf/                  HF safetensors export (model.hf.export_hf; skipped with hf=False)
+  hf/                  HF safetensors export (model.hf.export_hf; skipped with hf=False) with the
+                       same tokenizer and chat files, so it loads in transformers/vLLM/SGLang as is
 
 Usage: python -m klong_jax.inference.export --config=configs/serve_tiny.py \
          --policy=RUN/policy [--version=N] [--bf16] --out=DIR
@@ -36,7 +38,7 @@ from klong_jax.model.config import from_config_dict
 from klong_jax.model.transformer import Transformer
 
 BUNDLE_FORMAT = 1
-CHAT_FORMATS = ("klong",)
+CHAT_FORMATS = ("template", "klong")  # "template": the tokenizer dir's; "klong": older bundles
 
 
 @dataclasses.dataclass
@@ -54,7 +56,7 @@ class Bundle:
 
 
 def write_bundle(out: str | os.PathLike, model: Any, model_config: Any, tokenizer_path: str,
-                 *, version: int = 0, bf16: bool = False, chat_format: str = "klong",
+                 *, version: int = 0, bf16: bool = False, chat_format: str = "template",
                  model_name: str = "klong-tiny", hf: bool = True,
                  hf_config: Mapping[str, Any] | None = None) -> pathlib.Path:
   """Writes a serving bundle for `model` (nnx module / State / params dict) to `out`.
@@ -64,7 +66,7 @@ def write_bundle(out: str | os.PathLike, model: Any, model_config: Any, tokenize
   if chat_format not in CHAT_FORMATS:
     raise ValueError(f"chat format {chat_format!r} unknown; choose one of {CHAT_FORMATS}")
   tok = pathlib.Path(tokenizer_path)
-  if not tok.is_file():
+  if not tok.exists():
     raise FileNotFoundError(f"tokenizer file {tok} does not exist")
   out = pathlib.Path(out)
   if out.exists():
@@ -75,10 +77,10 @@ def write_bundle(out: str | os.PathLike, model: Any, model_config: Any, tokenize
     reload.save_policy(tmp / "policy", version, model, dtype=jnp.bfloat16 if bf16 else None)
     cfg_dict = dataclasses.asdict(model_config)
     (tmp / "model_config.json").write_text(json.dumps(cfg_dict, indent=1))
-    tok_name = "tokenizer.json" if tok.suffix == ".json" else "tokenizer.model"
-    shutil.copyfile(tok, tmp / tok_name)
+    tok_name = tokenizer_lib.copy_tokenizer_files(tok, tmp)
     if hf:
       hf_lib.export_hf(model, model_config, str(tmp / "hf"), hf_config=hf_config)
+      tokenizer_lib.copy_tokenizer_files(tmp / tok_name, tmp / "hf")
     meta = {"format": BUNDLE_FORMAT, "model_name": model_name, "chat_format": chat_format,
             "tokenizer": tok_name, "policy_version": int(version),
             "dtype": "bfloat16" if bf16 else None, "hf": bool(hf)}
@@ -148,7 +150,7 @@ def _define_flags() -> None:
   flags.DEFINE_integer("version", None, "Version under --policy (default: newest).")
   flags.DEFINE_string("out", None, "Bundle directory to create.")
   flags.DEFINE_bool("bf16", False, "Store params as bfloat16.")
-  flags.DEFINE_string("tokenizer", None, "Tokenizer file (default: the bundled one).")
+  flags.DEFINE_string("tokenizer", None, "Tokenizer dir or file (default: the bundled one).")
   flags.DEFINE_string("model_name", None, "Served model name (default: serve.model_name).")
   flags.DEFINE_integer("seed", 0, "Init seed when --policy is not given.")
 

@@ -7,7 +7,9 @@
 
 The tensors go through `model.hf` (streamed import, layer-at-a-time export); the policy format is
 `inference.reload`'s. The imported config.json is kept beside the versions so an export keeps its
-fields.
+fields, and the checkpoint's tokenizer and chat files (tokenizer.json, tokenizer_config.json,
+chat_template.jinja, generation_config.json) go to `<policy root>/tokenizer/`, from where an
+export (or `--tokenizer=DIR`) copies them into the HF dir, which then loads in transformers as is.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from flax import nnx
 
 from klong_jax import fileio
 from klong_jax.config_util import parse_mesh
+from klong_jax.data import tokenizer as tokenizer_lib
 from klong_jax.inference import reload
 from klong_jax.model.config import ModelConfig, from_config_dict
 from klong_jax.model.hf import (
@@ -39,6 +42,8 @@ from klong_jax.model.hf import (
   tree_set,
 )
 from klong_jax.parallel.mesh import make_mesh
+
+TOKENIZER_DIR = "tokenizer"  # beside the policy versions: the imported checkpoint's tokenizer
 
 
 def convert_import(import_dir: str | os.PathLike, out: str | os.PathLike, version: int = 0,
@@ -56,7 +61,16 @@ def convert_import(import_dir: str | os.PathLike, out: str | os.PathLike, versio
   fileio.atomic_write_json(pathlib.Path(out) / "model_config.json",
                            dataclasses.asdict(model.cfg), 1)
   fileio.atomic_write_json(pathlib.Path(out) / ORIGINAL_CONFIG, read_hf_config(import_dir), 1)
+  if any((pathlib.Path(import_dir) / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+    tokenizer_lib.copy_tokenizer_files(import_dir, pathlib.Path(out) / TOKENIZER_DIR)
   return path
+
+
+def policy_tokenizer(policy: str | os.PathLike) -> pathlib.Path | None:
+  """The tokenizer dir saved by `convert_import` for a policy root or version dir, if any."""
+  path = pathlib.Path(policy)
+  return next((d / TOKENIZER_DIR for d in (path, path.parent)
+               if (d / TOKENIZER_DIR).is_dir()), None)
 
 
 def original_hf_config(policy: str | os.PathLike) -> dict[str, Any] | None:
@@ -92,10 +106,12 @@ def load_policy_tree(policy: str | os.PathLike, cfg: ModelConfig) -> dict[str, A
 
 
 def convert_export(policy: str | os.PathLike, out: str | os.PathLike,
-                   model_config: str | os.PathLike | None = None, **kwargs: Any) -> pathlib.Path:
+                   model_config: str | os.PathLike | None = None,
+                   tokenizer: str | os.PathLike | None = None, **kwargs: Any) -> pathlib.Path:
   """Policy checkpoint -> HF dir; the ModelConfig comes from `model_config` (json) or
   `<policy root>/model_config.json`, the original config.json (if imported) from
-  `<policy root>/hf_config.json`. `kwargs` go to `export_hf` (arch, dtype, max_shard_bytes)."""
+  `<policy root>/hf_config.json`, the tokenizer and chat files from `tokenizer` (a dir or file)
+  or `<policy root>/tokenizer/`. `kwargs` go to `export_hf` (arch, dtype, max_shard_bytes)."""
   policy = pathlib.Path(policy)
   candidates = [pathlib.Path(model_config)] if model_config else [
       policy / "model_config.json", policy.parent / "model_config.json"]
@@ -105,7 +121,14 @@ def convert_export(policy: str | os.PathLike, out: str | os.PathLike,
                             "--model_config=FILE.json (ModelConfig fields)")
   cfg = from_config_dict(json.loads(found.read_text()))
   kwargs.setdefault("hf_config", original_hf_config(policy))
-  return export_hf(load_policy_tree(policy, cfg), cfg, out, **kwargs)
+  tokenizer = tokenizer or policy_tokenizer(policy)
+  path = export_hf(load_policy_tree(policy, cfg), cfg, out, **kwargs)
+  if tokenizer is not None:
+    tokenizer_lib.copy_tokenizer_files(tokenizer, path)
+  else:
+    logging.warning("no tokenizer for %s: pass --tokenizer=DIR so that %s loads in "
+                    "transformers", policy, path)
+  return path
 
 
 def main(argv: Sequence[str]) -> None:
@@ -113,7 +136,8 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.export:
     if not (FLAGS.policy and FLAGS.out):
       raise app.UsageError("--export needs --policy=RUN/policy[/N] and --out=HF_DIR")
-    path = convert_export(FLAGS.policy, FLAGS.out, FLAGS.model_config, arch=FLAGS.arch,
+    path = convert_export(FLAGS.policy, FLAGS.out, FLAGS.model_config, FLAGS.tokenizer,
+                          arch=FLAGS.arch,
                           dtype=FLAGS.dtype, max_shard_bytes=int(FLAGS.max_shard_gb * 2**30))
   else:
     if not (FLAGS.import_dir and FLAGS.out):
@@ -141,6 +165,8 @@ if __name__ == "__main__":
   flags.DEFINE_string("policy", None, "Export: policy root or version dir.")
   flags.DEFINE_string("model_config", None, "Export: ModelConfig json (default: "
                       "<policy root>/model_config.json).")
+  flags.DEFINE_string("tokenizer", None, "Export: tokenizer dir or file whose tokenizer and chat "
+                      "files go into the HF dir (default: <policy root>/tokenizer).")
   flags.DEFINE_string("arch", None, "Export: glm4_moe or qwen3_moe (default: inferred).")
   flags.DEFINE_float("max_shard_gb", 4.0, "Export: max size of one safetensors shard (GiB).")
   app.run(main)

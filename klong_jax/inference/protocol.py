@@ -3,7 +3,10 @@
 Requests accept the OpenAI fields we act on and ignore unknown ones (clients send many). Responses
 follow the OpenAI shapes; each choice also carries `token_ids` (the exact generated ids, including
 the stop token when generation stopped on one) and `policy_version` (an int when one weights
-version produced every token, else a per-token list), which the rollout scaffold reads.
+version produced every token, else a per-token list), which the rollout scaffold reads. A chat
+message (or the last streamed delta) also carries `reasoning_content` when the model reasoned (the
+vLLM/SGLang convention) and `tool_call_error` when its tool-call text was malformed (the text is
+then the content and there are no tool_calls); the scaffold answers that with an error observation.
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ class ChatCompletionRequest(SamplingFields):
   top_logprobs: int | None = pydantic.Field(default=None, ge=0, le=20)
   max_completion_tokens: int | None = pydantic.Field(default=None, ge=1)
   response_format: dict[str, Any] | None = None
+  chat_template_kwargs: dict[str, Any] | None = None  # vLLM's: e.g. {"enable_thinking": false}
 
   def token_limit(self) -> int | None:
     """max_completion_tokens (new name) wins over max_tokens (deprecated name)."""
@@ -84,6 +88,31 @@ class CompletionRequest(SamplingFields):
   def num_top_logprobs(self) -> int:
     """Alternatives to return per token (the legacy `logprobs: N`)."""
     return self.logprobs or 0
+
+
+def chat_message(parsed: Any) -> dict[str, Any]:
+  """The assistant message of a parsed turn (data/tool_parsers.Parsed); content is None when
+  the turn is only tool calls, as OpenAI sends it."""
+  message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+  if parsed.reasoning_content:
+    message["reasoning_content"] = parsed.reasoning_content
+  if parsed.tool_calls:
+    message["tool_calls"] = parsed.tool_calls
+    message["content"] = parsed.content or None
+  if parsed.error:
+    message["tool_call_error"] = parsed.error
+  return message
+
+
+def last_chat_delta(rest: dict[str, str], parsed: Any) -> dict[str, Any]:
+  """The final streamed delta: text still due (`rest`), the tool calls with their stream index,
+  and the tool-call error if any."""
+  delta: dict[str, Any] = dict(rest)
+  if parsed.tool_calls:
+    delta["tool_calls"] = [dict(tc, index=k) for k, tc in enumerate(parsed.tool_calls)]
+  if parsed.error:
+    delta["tool_call_error"] = parsed.error
+  return delta
 
 
 def new_id(prefix: str) -> str:

@@ -26,6 +26,7 @@ SERVE_DEFAULTS: dict[str, Any] = dict(
     seed=0,  # Init seed when no policy exists yet.
     tokenizer="",  # Tokenizer file; "" = the bundled SentencePiece model.
     tokenizer_cache="/tmp/klong_tokenizer",
+    tool_parser="",  # Tool-call/reasoning parser: klong|glm45|qwen3; "" = from the tokenizer dir.
     prefix_cache_mb=64,  # KV of prompts' leading blocks, reused by later prompts (0 = off).
     prefix_block=16,  # Tokens per cached block (a prompt reuses whole blocks only).
 )

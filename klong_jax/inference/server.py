@@ -6,7 +6,11 @@ tools/tool_calls for chat), GET /v1/models, GET /health, GET /metrics (Prometheu
 `policy_version` besides the OpenAI fields; responses and chunks carry a `system_fingerprint` (model
 name + policy version). With `return_routed_experts: true` (extra body) a choice also carries
 `routed_experts`: the MoE expert ids of its prompt and sampled tokens for routing replay (R3,
-data/routing.py). Bad requests get 4xx with an OpenAI error body.
+data/routing.py). Chat answers are parsed by the served model's tool-call family
+(data/tool_parsers.py: klong, glm45, qwen3; `serve.tool_parser`, else detected from the tokenizer
+directory): `reasoning_content` apart from `content`, OpenAI `tool_calls`, and for malformed
+tool-call text `tool_call_error` (the text stays content). Bad requests get 4xx with an OpenAI
+error body.
 
 Run: `python -m klong_jax.inference.server --bundle=DIR` or `--config=configs/serve_tiny.py
 --policy_dir=RUN/policy`. FastAPI/uvicorn: the well-kept async stack with pydantic models, SSE via
@@ -28,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from klong_jax.data import routing as routing_lib
+from klong_jax.data import tool_parsers
 from klong_jax.inference import protocol, serve_config, sse
 from klong_jax.inference.engine import Completion, ContextLengthError, Engine
 from klong_jax.inference.sampler import SamplingParams
@@ -65,12 +70,18 @@ class _EngineCollector:
       yield g
 
 
+_RESERVED_TEMPLATE_KWARGS = ("messages", "tools", "documents", "add_generation_prompt")
+
+
 class Server:
   """Request handling state: engine, tokenizer, chat format, names and limits."""
 
   def __init__(self, engine: Engine, tokenizer: Any, chat_format: Any, *, model_name: str,
-               max_body_bytes: int = 4 << 20, watcher: Any = None):
+               max_body_bytes: int = 4 << 20, watcher: Any = None,
+               tool_parser: str | tool_parsers.ToolParser = "klong"):
     self.engine, self.tokenizer, self.chat = engine, tokenizer, chat_format
+    self.parser = (tool_parsers.get_parser(tool_parser, chat_format=chat_format)
+                   if isinstance(tool_parser, str) else tool_parser)
     self.model_name, self.max_body_bytes, self.watcher = model_name, max_body_bytes, watcher
     self.created = protocol.now()
     self.registry = prometheus_client.CollectorRegistry()
@@ -190,21 +201,30 @@ class Server:
                      "{'type': 'text'}", param="response_format", code="unsupported_value")
 
   def chat_prompt(self, req: protocol.ChatCompletionRequest) -> list[int]:
+    """The prompt ids: the served model's chat template over messages and tools, with the
+    request's `chat_template_kwargs` (as vLLM takes them, e.g. enable_thinking)."""
+    kwargs = req.chat_template_kwargs or {}
+    bad = sorted(k for k in kwargs if k in _RESERVED_TEMPLATE_KWARGS or not k.isidentifier())
+    if bad:
+      raise ApiError(400, f"chat_template_kwargs may not set {bad}: the server passes messages, "
+                     "tools and add_generation_prompt itself", param="chat_template_kwargs")
     try:
-      return self.chat.render_prompt(req.messages, req.tools)
+      return self.chat.render_prompt(req.messages, req.tools, **kwargs)
     except (ValueError, KeyError, TypeError) as e:
       raise ApiError(400, f"cannot render messages: {e}", param="messages") from e
 
-  def chat_choice(self, i: int, c: Completion, logprobs: bool,
-                  routing_start: int = 0) -> dict[str, Any]:
-    parsed = self.chat.parse_assistant(c.text)
-    message: dict[str, Any] = {"role": "assistant", "content": parsed.content}
+  def prompt_in_think(self, prompt: list[int]) -> bool:
+    """Whether the rendered prompt opened a `<think>` block the model continues."""
+    return tool_parsers.opens_think(self.tokenizer.decode(prompt[-16:])) if prompt else False
+
+  def chat_choice(self, i: int, c: Completion, logprobs: bool, routing_start: int = 0,
+                  tools: list[dict[str, Any]] | None = None,
+                  in_think: bool = False) -> dict[str, Any]:
+    parsed = self.parser.parse(c.text, tools, in_think)
     reason = c.finish_reason
-    if parsed.tool_calls:
-      message["tool_calls"] = parsed.tool_calls
-      message["content"] = parsed.content or None
-      reason = "tool_calls" if reason == "stop" else reason
-    choice = {"index": i, "message": message, "finish_reason": reason,
+    if parsed.tool_calls and reason == "stop":
+      reason = "tool_calls"
+    choice = {"index": i, "message": protocol.chat_message(parsed), "finish_reason": reason,
               "logprobs": (protocol.chat_logprobs(self.token_texts(c.token_ids), c.logprobs,
                                                   self.top_texts(c.top_logprobs))
                            if logprobs else None)}
@@ -218,10 +238,12 @@ class Server:
     if req.stream:
       return self.stream(req, prompt, chat=True)
     comps = await self.wait_all(prompt, req)
+    in_think = self.prompt_in_think(prompt)
     return {"id": protocol.new_id("chatcmpl"), "object": "chat.completion",
             "created": protocol.now(), "model": self.model_name,
             "system_fingerprint": self.fingerprint(comps),
-            "choices": [self.chat_choice(i, c, req.logprobs, req.routed_experts_start)
+            "choices": [self.chat_choice(i, c, req.logprobs, req.routed_experts_start,
+                                         req.tools, in_think)
                         for i, c in enumerate(comps)],
             "usage": protocol.usage(len(prompt), sum(len(c.token_ids) for c in comps))}
 
@@ -395,6 +417,9 @@ def build(config: Any = None, *, bundle: str | None = None,
     raise ValueError(f"tokenizer {tok_path} has {tok.vocab_size} ids but the model only "
                      f"{cfg.vocab_size}; export the matching tokenizer")
   chat = ChatFormat(tok)
+  family = serve.tool_parser or tool_parsers.family_for(tok_path)
+  parser = tool_parsers.get_parser(family, chat_format=chat)
+  log.info("tool-call parser: %s%s", family, "" if serve.tool_parser else " (detected)")
   mesh = make_mesh(mesh_cfg)
   log.info("building %s on mesh %s", name, dict(mesh.shape))
   model = create_sharded_model(cfg, mesh, seed=serve.seed)
@@ -423,7 +448,7 @@ def build(config: Any = None, *, bundle: str | None = None,
       log.warning("no policy under %s yet: serving freshly initialised weights as version 0",
                   root)
   return Server(engine, tok, chat, model_name=name, max_body_bytes=serve.max_body_bytes,
-                watcher=watcher)
+                watcher=watcher, tool_parser=parser)
 
 
 class Running:
@@ -496,7 +521,7 @@ def main(argv: list[str]) -> None:
     if "serve" not in config:
       config.serve = serve_config.serve_defaults()
     for name in ("host", "port", "max_batch", "max_len", "min_prefill_bucket",
-                 "min_prefill_rows", "prefix_cache_mb"):
+                 "min_prefill_rows", "prefix_cache_mb", "tool_parser"):
       if f[name].present:
         config.serve[name] = f[name].value
   if not f.bundle and "model" not in config:
@@ -524,6 +549,9 @@ def _define_flags() -> None:
   flags.DEFINE_float("prefix_cache_mb", d["prefix_cache_mb"], "KV budget of automatic prefix "
                      "caching (reuses the K/V of a prompt's cached leading blocks; 0 = off; "
                      "overrides serve.*).")
+  flags.DEFINE_enum("tool_parser", d["tool_parser"], ["", *tool_parsers.FAMILIES],
+                    "Tool-call/reasoning parser family ('' = detect from the tokenizer dir; "
+                    "overrides serve.tool_parser).")
 
 
 def entry() -> None:

@@ -1,7 +1,7 @@
 """Server-sent events for `stream: true`: one chunk per token, then the final choice and [DONE].
 
-Split from server.py: the per-token chunk shapes (chat vs completion, logprobs, tool-call
-buffering) are the one part of the HTTP layer that is about streaming only.
+Split from server.py: the per-token chunk shapes (chat vs completion, logprobs, reasoning and
+tool-call deltas) are the one part of the HTTP layer that is about streaming only.
 """
 
 from __future__ import annotations
@@ -22,13 +22,15 @@ if TYPE_CHECKING:
 def stream_response(server: Server, req: Any, prompt: list[int], chat: bool) -> StreamingResponse:
   """SSE: one chunk per token (text delta, logprob, token id, version), then [DONE].
 
-  Chat requests with `tools` buffer the content and send content + tool_calls in the final
-  chunk, since tool-call markup can only be parsed once complete.
+  Chat text goes through the server's tool-call parser as it streams (data/tool_stream.py):
+  deltas carry `reasoning_content` and `content` once certain (no partial tags); tool calls,
+  and any `tool_call_error`, come in the final chunk, when the turn can be parsed whole.
   """
   handles = [server.submit(prompt, server.sampling(req, i)) for i in range(req.n)]
   rid = protocol.new_id("chatcmpl" if chat else "cmpl")
   obj = "chat.completion.chunk" if chat else "text_completion"
-  buffered = chat and bool(req.tools)
+  in_think = chat and server.prompt_in_think(prompt)
+  parsers = [server.parser.stream(req.tools, in_think) for _ in handles] if chat else []
   want_lp = bool(req.logprobs) if chat else req.logprobs is not None
 
   def chunk(choice: dict[str, Any], usage: dict | None = None,
@@ -44,14 +46,14 @@ def stream_response(server: Server, req: Any, prompt: list[int], chat: bool) -> 
   def token_choice(i: int, ev: TokenEvent) -> dict[str, Any]:
     has_tok = ev.token_id >= 0
     ids = [ev.token_id] if has_tok else []
-    text = "" if buffered else ev.text
     top = server.top_texts([ev.top_logprobs or []])
     if chat:
-      choice = {"index": i, "delta": {"content": text}, "finish_reason": None}
+      choice = {"index": i, "delta": parsers[i].feed(ev.text) or {"content": ""},
+                "finish_reason": None}
       if want_lp and has_tok:
         choice["logprobs"] = protocol.chat_logprobs(server.token_texts(ids), [ev.logprob], top)
     else:
-      choice = {"index": i, "text": text, "finish_reason": None}
+      choice = {"index": i, "text": ev.text, "finish_reason": None}
       if want_lp and has_tok:
         choice["logprobs"] = protocol.completion_logprobs(server.token_texts(ids), [ev.logprob],
                                                           top=top)
@@ -62,14 +64,11 @@ def stream_response(server: Server, req: Any, prompt: list[int], chat: bool) -> 
   def final_choice(i: int, c: Completion) -> dict[str, Any]:
     reason = c.finish_reason
     if chat:
-      delta: dict[str, Any] = {}
-      if buffered:
-        parsed = server.chat.parse_assistant(c.text)
-        delta["content"] = parsed.content or None
-        if parsed.tool_calls:
-          delta["tool_calls"] = [dict(tc, index=k) for k, tc in enumerate(parsed.tool_calls)]
-          reason = "tool_calls" if reason == "stop" else reason
-      choice = {"index": i, "delta": delta, "finish_reason": reason}
+      rest, parsed = parsers[i].finish()
+      if parsed.tool_calls and reason == "stop":
+        reason = "tool_calls"
+      choice = {"index": i, "delta": protocol.last_chat_delta(rest, parsed),
+                "finish_reason": reason}
     else:
       choice = {"index": i, "text": "", "finish_reason": reason}
     choice.update(server.extra(c, req.routed_experts_start))

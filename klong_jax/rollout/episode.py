@@ -37,10 +37,11 @@ def prepare_sandbox(sb: Any, task: Any) -> None:
 
 def run_guarded(client: Any, sb: Any, prefix: list[dict[str, Any]], acfg: scaffold.AgentConfig,
                 wall_s: float, state: dict[str, Any] | None = None,
-                fmt: Any = None) -> scaffold.EpisodeResult:
+                fmt: Any = None, parser: Any = None) -> scaffold.EpisodeResult:
   """Runs the scaffold; after `wall_s` the outer guard stops it and interrupts running commands
   (the episode then ends as wall_timeout and is still graded). `fmt`: the served model's chat
-  format, for the shared context policy (scaffold.run_episode)."""
+  format, for the shared context policy (scaffold.run_episode); `parser`: its tool-call family's
+  parser (data/tool_parsers.py), for tool-call text an endpoint left unparsed."""
   stop = threading.Event()
 
   def guard() -> None:
@@ -54,6 +55,6 @@ def run_guarded(client: Any, sb: Any, prefix: list[dict[str, Any]], acfg: scaffo
   timer.start()
   try:
     return scaffold.run_episode(client, sb, prefix, acfg, tools=TOOLS, should_stop=stop.is_set,
-                                state=state, fmt=fmt)
+                                state=state, fmt=fmt, parser=parser)
   finally:
     timer.cancel()

@@ -144,12 +144,15 @@ class Worker:
   """One rollout process."""
 
   def __init__(self, cfg: WorkerConfig):
+    from klong_jax.data import tool_parsers
     from klong_jax.data.chat import ChatFormat
     from klong_jax.data.tokenizer import load as load_tokenizer
     self.cfg = cfg
     self.name = cfg.worker or f"{socket.gethostname()}.{os.getpid()}"
     self.stream = open_stream(cfg.stream, self.name, cfg.claim_lease_s)
     self.fmt = ChatFormat(load_tokenizer(cfg.tokenizer))
+    family = tool_parsers.family_for(self.fmt.tok.chat_dir or cfg.tokenizer)
+    self.parser = tool_parsers.get_parser(family, chat_format=self.fmt)
     self.client = client_lib.make_client(cfg.server)
     self.judge = None
     if cfg.judge_url:
@@ -173,7 +176,7 @@ class Worker:
     with ep_cfg.sandbox() as sb:
       episode.prepare_sandbox(sb, task)
       ep = episode.run_guarded(self.client, sb, prefix, acfg, ep_cfg.wall_s(time_limit_s),
-                               state=state, fmt=self.fmt)
+                               state=state, fmt=self.fmt, parser=self.parser)
       host_sub = tmp.name
       files, failure = sandbox_lib.collect_submission(sb, host_sub)
     agent_s = time.time() - t0

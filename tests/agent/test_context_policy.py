@@ -71,6 +71,20 @@ class CharIds:
     return msg
 
 
+def run_served(url, stop, task, cfg, fmt, requests):
+  """One episode of the real scaffold (local sandbox) against the policy served at `url`
+  (stopped after); `requests` receives each request's messages."""
+  prefix = scaffold.initial_messages("Reproduce the paper.", task.paper_md, task.addendum_md)
+  try:
+    with make_sandbox("local") as sb:
+      episode.prepare_sandbox(sb, task)
+      return scaffold.run_episode(client_lib.make_client(url), sb, prefix, cfg, tools=TOOLS,
+                                  fmt=fmt, on_request=requests.append)
+  finally:
+    stop()
+
+
+@pytest.mark.slow
 def test_scaffold_inputs_equal_split_chunk_contexts(fmt, tmp_path):
   task = _sweep_task(str(tmp_path), runs=42)
   url, stop = serve_in_thread(CharIds(ScriptedTeacher(skill=1.0), fmt))
@@ -78,14 +92,7 @@ def test_scaffold_inputs_equal_split_chunk_contexts(fmt, tmp_path):
   cfg = scaffold.AgentConfig(max_steps=80, time_limit_s=600, reminder_every=5,
                              context_tokens=MAX_LEN, context_overlap=OVERLAP,
                              max_completion_tokens=COMPLETION, tool_timeout_s=60)
-  prefix = scaffold.initial_messages("Reproduce the paper.", task.paper_md, task.addendum_md)
-  try:
-    with make_sandbox("local") as sb:
-      episode.prepare_sandbox(sb, task)
-      ep = scaffold.run_episode(client_lib.make_client(url), sb, prefix, cfg, tools=TOOLS,
-                                fmt=fmt, on_request=requests.append)
-  finally:
-    stop()
+  ep = run_served(url, stop, task, cfg, fmt, requests)
   assert ep.status == "completed", ep.messages[-3:]
   actions = [m for m in ep.messages if m["role"] == "assistant"]
   assert len(actions) == len(requests) >= 44  # 42 runs + reproduce + submit

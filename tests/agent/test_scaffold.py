@@ -7,6 +7,7 @@ import pytest
 from klong_jax.agent import client as client_lib
 from klong_jax.agent import scaffold
 from klong_jax.agent.policy_server import serve_in_thread
+from klong_jax.data import tool_parsers
 from klong_jax.sandbox.base import make_sandbox
 
 
@@ -33,7 +34,7 @@ class Script:
 def run():
   stops = []
 
-  def go(policy, **cfg):
+  def go(policy, parser=None, **cfg):
     url, stop = serve_in_thread(policy)
     stops.append(stop)
     client = client_lib.make_client(url)
@@ -41,7 +42,7 @@ def run():
     with make_sandbox("local") as sb:
       sb.exec("mkdir -p /workspace/submission", 10)
       return scaffold.run_episode(client, sb, prefix, scaffold.AgentConfig(
-          retry_backoff_s=0.01, **cfg))
+          retry_backoff_s=0.01, **cfg), parser=parser)
   yield go
   for s in stops:
     s()
@@ -128,3 +129,48 @@ def test_wall_stop_and_server_failure(run):
                            scaffold.AgentConfig(request_retries=1, retry_backoff_s=0.01))
     stop2()
   stop_server()
+
+
+def test_unparsable_tool_call_becomes_error_observation_and_reasoning_is_kept(run):
+  err = ("tool call 0 ('bash'): <arg_key>cmd</arg_key> has no <arg_value> after it; expected "
+         "each tool call as <tool_call>NAME\n<arg_key>KEY</arg_key>\n<arg_value>VALUE</arg_value>"
+         "\n</tool_call>")
+  raw = "Running.\n<tool_call>bash\n<arg_key>cmd</arg_key>\n</tool_call>"
+  pol = Script([
+      {"role": "assistant", "content": raw, "reasoning_content": "List first.",
+       "tool_call_error": err},
+      {"role": "assistant", "content": "<think>Fixed form.</think>\nAgain.",
+       "tool_calls": [_call("bash", {"cmd": "echo fixed"})]},
+  ])
+  ep = run(pol, reminder_every=0)
+  bad, obs = ep.messages[4], ep.messages[5]
+  assert bad["content"] == raw and bad["reasoning_content"] == "List first."
+  assert "tool_call_error" not in bad and bad["meta"]["tool_call_error"] == err
+  assert obs["role"] == "user" and "could not be parsed" in obs["content"]
+  assert "has no <arg_value>" in obs["content"] and "<arg_key>KEY</arg_key>" in obs["content"]
+  # An endpoint that leaves <think> in the content: split into reasoning_content.
+  good = ep.messages[6]
+  assert (good["reasoning_content"], good["content"]) == ("Fixed form.", "Again.")
+  assert ep.messages[7]["content"] == "fixed" and ep.malformed_calls == 1
+  # Reasoning goes back to the server in history (the template decides whether to render it);
+  # the parse error is bookkeeping and does not.
+  sent = pol.seen[-1]
+  assert sent[4]["reasoning_content"] == "List first." and "tool_call_error" not in sent[4]
+  assert sent[5]["content"] == obs["content"]
+
+
+def test_scaffold_parses_tool_call_text_an_endpoint_left_unparsed(run):
+  pol = Script([
+      {"role": "assistant", "content": '<think>\nplan\n</think>\n\nGo.\n<tool_call>\n{"name": '
+       '"bash", "arguments": {"cmd": "echo q"}}\n</tool_call>'},
+      {"role": "assistant", "content": '<tool_call>\n{"name": "bash", "arguments": {"cmd": oops}}'
+       "\n</tool_call>"},
+  ])
+  ep = run(pol, parser=tool_parsers.get_parser("qwen3"), reminder_every=0)
+  first = ep.messages[4]
+  assert (first["reasoning_content"], first["content"]) == ("plan", "Go.")
+  assert json.loads(first["tool_calls"][0]["function"]["arguments"]) == {"cmd": "echo q"}
+  assert ep.messages[5]["content"] == "q"
+  obs = ep.messages[7]["content"]
+  assert "not valid JSON" in obs and '{"name": NAME, "arguments"' in obs
+  assert ep.malformed_calls == 1 and ep.status == "completed"

@@ -128,6 +128,7 @@ def test_corrupt_shard_named_at_pipeline_start(tmp_path):
     pipeline.make_sft_iterator([str(p)], cfg())
 
 
+@pytest.mark.slow
 def test_worker_processes(data):
   d, trajs = data
   c = cfg(num_workers=2)

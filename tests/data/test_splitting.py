@@ -169,3 +169,20 @@ def test_truncate_never_cuts_the_prefix():
   traj = agent_traj(30, [(6, [2])] * 4)  # A 30-token prefix: the agent always keeps it whole.
   with pytest.raises(SplitError, match="fixed prefix alone is 30 tokens"):
     split_trajectory(traj, SplitConfig(max_len=20, truncate=True, min_new_frac=0.0))
+
+
+def test_windows_never_start_at_joined_messages():
+  """A message whose role token the previous action generated (GLM, `Trajectory.joined`) cannot
+  open a window: the window opens at the next startable message instead (here the action)."""
+  # prefix 10; action 20 (its last token is the user message's role token), user 30, action 20.
+  starts, roles = [0, 10, 30, 60], ["system", "assistant", "user", "assistant"]
+  mask = [0] * 10 + [0] + [1] * 19 + [0] * 30 + [0] + [1] * 19
+  traj = make_traj(80, 10, mask, starts, roles=roles)
+  cfg = SplitConfig(max_len=10 + 60, overlap=40, completion_tokens=0, min_new_frac=0.0)
+  assert [w.start for w in plan_chunks(traj, cfg)] == [0, 20]  # opens at the user message
+  traj.joined = [2]
+  assert [w.start for w in plan_chunks(traj, cfg)] == [0, 50]  # opens at the action itself
+  from klong_jax.data import schema
+  again = schema.from_bytes(traj.to_bytes())  # `joined` survives serialization
+  assert again.joined == [2] and "joined" not in make_traj(80, 10, mask, starts).to_json()
+  assert split_trajectory(again, cfg)[1].tokens[10:].tolist() == traj.tokens[60:].tolist()

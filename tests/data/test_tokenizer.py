@@ -1,6 +1,7 @@
 """Tokenizer loading, round trips, chat special tokens and clear errors for bad files."""
 
 import json
+import pathlib
 import subprocess
 import sys
 
@@ -21,10 +22,15 @@ def test_sentencepiece_roundtrip_and_specials(tok):
 
 def test_default_tokenizer_is_cached(tmp_path):
   a = tokenizer.default_tokenizer(tmp_path, vocab_size=512)
-  mtime = (tmp_path / a.path.split("/")[-1]).stat().st_mtime_ns
+  d = pathlib.Path(a.chat_dir)
+  mtime = pathlib.Path(a.path).stat().st_mtime_ns
   b = tokenizer.default_tokenizer(tmp_path, vocab_size=512)
-  assert b.path == a.path and (tmp_path / a.path.split("/")[-1]).stat().st_mtime_ns == mtime
-  assert [p.name for p in tmp_path.iterdir()] == [a.path.split("/")[-1]]  # no temp leftovers
+  assert b.path == a.path and pathlib.Path(a.path).stat().st_mtime_ns == mtime
+  assert [p.name for p in tmp_path.iterdir()] == [d.name]  # no temp leftovers
+  assert sorted(p.name for p in d.iterdir()) == [  # the klong chat format travels with it
+      "chat_template.jinja", "generation_config.json", "tokenizer.model", "tokenizer_config.json"]
+  assert json.loads((d / "generation_config.json").read_text())["eos_token_id"] == sorted(
+      {a.special_id("<|end|>"), a.eos_id})
 
 
 def test_missing_and_corrupt_files_name_the_file(tmp_path):

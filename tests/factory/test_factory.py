@@ -136,9 +136,8 @@ def test_distill_with_scripted_teacher(tmp_path):
   from klong_jax.factory.teacher import ScriptedTeacher
   from klong_jax.tasks import bundled_tasks_dir
 
-  default_tokenizer(tmp_path / "tok", 512)
-  tok = next(str(p) for p in (tmp_path / "tok").glob("*.model"))
-  teacher = ScriptedTeacher(0.5, seed=2)
+  tok = default_tokenizer(tmp_path / "tok", 512).path
+  teacher = ScriptedTeacher(0.5, seed=2, reasoning=True)  # A thinking teacher.
   calls = []
   url, stop = serve_in_thread(lambda m, t: calls.append(1) or teacher(m, t))
   try:
@@ -148,14 +147,18 @@ def test_distill_with_scripted_teacher(tmp_path):
     res = distill(cfg)
     n_calls = len(calls)
     assert len(res["scores"]) == 4 and sum(res["histogram"]) == 4
-    kept = 0
+    kept = thought = 0
     for shard in res["shards"]:
       for raw in read_shard(shard):
         traj = from_bytes(raw)
         assert traj.reward >= 0.5 and traj.num_loss_tokens > 0
-        assert any(m.get("tool_calls") for m in traj.messages if m["role"] == "assistant")
+        assistant = [m for m in traj.messages if m["role"] == "assistant"]
+        assert any(m.get("tool_calls") for m in assistant)
+        assert all(m["reasoning_content"] for m in assistant)  # The teacher's reasoning is kept.
+        thought += len(assistant)
         kept += 1
     assert kept == res["kept"] == sum(s >= 0.5 for s in res["scores"])
+    assert res["reasoning_turns"] == thought >= 2 * kept > 0
     assert distill(cfg)["scores"] == res["scores"] and len(calls) == n_calls  # resumable
   finally:
     stop()
@@ -182,6 +185,7 @@ def test_cli_ingest_and_jax_free(tmp_path):
   assert subprocess.run([sys.executable, "-c", code], env=env, timeout=120).returncode == 0
 
 
+@pytest.mark.slow
 def test_distill_infra_failures_fail_loudly_and_resume(tmp_path, monkeypatch):
   """A broken setup (here: every sandbox fails) stops distill after a few tasks with an error
   naming the cause; infra-only tasks are not marked done, so the re-run after the fix does
@@ -193,8 +197,7 @@ def test_distill_infra_failures_fail_loudly_and_resume(tmp_path, monkeypatch):
   from klong_jax.sandbox import base as sandbox_lib
   from klong_jax.tasks import bundled_tasks_dir
 
-  default_tokenizer(tmp_path / "tok", 512)
-  tok = next(str(p) for p in (tmp_path / "tok").glob("*.model"))
+  tok = default_tokenizer(tmp_path / "tok", 512).path
   url, stop = serve_in_thread(ScriptedTeacher(1.0, seed=0))
   real, made = sandbox_lib.make_sandbox, []
   broken = {"on": True}

@@ -115,3 +115,17 @@ def test_python_tool_only_and_no_tools():
   compile(code, "<teacher>", "exec")
   done = ScriptedTeacher(1.0)(msgs, None)
   assert "tool_calls" not in done and done["role"] == "assistant"
+
+
+def test_thinking_teacher_adds_reasoning_and_acts_the_same():
+  task = _tasks()[13]
+  plain, _ = run_episode(ScriptedTeacher(0.5, seed=3), task, paper_in_prompt=False)
+  thinking, _ = run_episode(ScriptedTeacher(0.5, seed=3, reasoning=True), task,
+                            paper_in_prompt=False)
+  strip = lambda ms: [(m["role"], m["content"], [c["function"] for c in m.get("tool_calls", [])])
+                      for m in ms]
+  assert strip(plain) == strip(thinking)  # Same actions and mistakes: reasoning is added only.
+  turns = [m for m in thinking if m["role"] == "assistant"]
+  assert len(turns) >= 3 and all(m["reasoning_content"] for m in turns)
+  assert "paper.md" in turns[0]["reasoning_content"]
+  assert not any("reasoning_content" in m for m in plain)

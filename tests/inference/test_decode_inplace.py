@@ -19,6 +19,7 @@ def _nbytes(tree) -> int:
   return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [True, False])
 def test_decode_step_aliases_the_cache_and_copies_at_most_one_layer(scan):
   from flax import nnx

@@ -22,6 +22,7 @@ def sampler(tiny_model):
   return Sampler(tiny_model, max_batch=4, max_len=64, **FIXED)
 
 
+@pytest.mark.slow
 def test_greedy_equals_full_forward_argmax(tiny_model, sampler):
   out = Engine(sampler).generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=12))
   for p, c in zip(PROMPTS, out, strict=True):
@@ -84,6 +85,7 @@ def test_stops_and_limits(tok, sampler):
   assert c.finish_reason == "length" and len(c.token_ids) == 5  # Filled the context.
 
 
+@pytest.mark.slow
 def test_weight_swap_between_steps(tiny_model):
   graphdef, params, rest = nnx.split(tiny_model, nnx.Param, ...)
   new_params = jax.tree.map(lambda x: x * 1.5, params)
@@ -103,6 +105,7 @@ def test_weight_swap_between_steps(tiny_model):
   assert after[0].token_ids == argmax and after[0].policy_versions == [5] * 6
 
 
+@pytest.mark.slow
 def test_sharded_equals_unsharded(tiny_cfg, tiny_model, sampler):
   import ml_collections
   mesh = make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, expert=2, tensor=2)))

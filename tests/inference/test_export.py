@@ -48,6 +48,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_server_from_bundle_under_load(tiny_model, tiny_cfg, tok, tmp_path):
   bundle = export.write_bundle(tmp_path / "bundle", tiny_model, tiny_cfg, tok.path, version=4,

@@ -146,6 +146,7 @@ def test_byte_budget(sampler, tiny_cfg):
     PrefixCache(sampler, block_size=BLOCK)
 
 
+@pytest.mark.slow
 def test_sharded_cached_equals_unsharded_uncached(tiny_cfg, sampler):
   """The pool and its copy kernels under a 2x2x2 mesh (KV cache sharded over 8 devices)."""
   import ml_collections  # noqa: PLC0415

@@ -95,8 +95,7 @@ def test_sigkill_mid_write_then_restart(tmp_path, teacher_url, where, request):
   On gs:// (emulator) the shard is staged locally and uploaded; nothing partial reaches GCS."""
   from klong_jax.data.tokenizer import default_tokenizer
   from klong_jax.tasks import bundled_tasks_dir
-  default_tokenizer(tmp_path / "tok")
-  tok = glob.glob(str(tmp_path / "tok" / "*.model"))[0]
+  tok = default_tokenizer(tmp_path / "tok").path
   tasks = tmp_path / "tasks"
   for t in sorted(os.listdir(bundled_tasks_dir()))[:2]:
     shutil.copytree(os.path.join(bundled_tasks_dir(), t), tasks / t)
