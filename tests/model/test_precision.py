@@ -22,7 +22,8 @@ def model():
 
 
 def _dtypes(tree):
-  return {jax.tree_util.keystr(p): x.dtype for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {jax.tree_util.keystr(p): x.dtype for p, x in flat}
 
 
 def test_policy_keeps_router_bias_norms_fp32(model):
