@@ -1,6 +1,7 @@
 """AOT plan of the real SFT step on fake CPU devices vs what a real step leaves live in memory."""
 
 import gc
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -197,3 +198,11 @@ def test_tpu_compile_of_the_real_step_on_v5p_2x2x1(step):
   assert all(c.bytes > 0 for c in p.collectives.values())
   text = p.report()
   assert "FITS" in text and "collectives" in text and "all-gather" in text
+
+
+def test_libtpu_missing_is_detected_and_named(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` now raises ImportError.
+  problem = topo_lib.libtpu_status()
+  assert problem and "libtpu cannot be imported" in problem and "jax[tpu]" in problem
+  with pytest.raises(RuntimeError, match="libtpu cannot be imported"):
+    topo_lib.devices(topo_lib.parse_topology("v5p:2x2x1"))
