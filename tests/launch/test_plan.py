@@ -206,3 +206,14 @@ def test_libtpu_missing_is_detected_and_named(monkeypatch):
   assert problem and "libtpu cannot be imported" in problem and "jax[tpu]" in problem
   with pytest.raises(RuntimeError, match="libtpu cannot be imported"):
     topo_lib.devices(topo_lib.parse_topology("v5p:2x2x1"))
+
+
+@pytest.mark.parametrize("spec,sizes", [("v5p-256", {"fsdp": 16, "expert": 8}),
+                                        ("v6e-256", {"fsdp": 32, "expert": 8})])
+def test_pod_meshes_build_on_the_real_torus(spec, sizes):
+  """The pod configs' meshes on the slices' physical tori (v6e-256 = 16x16 must split an axis)."""
+  problem = topo_lib.libtpu_status()
+  if problem:
+    pytest.skip(problem)
+  mesh = mesh_lib.make_mesh(sizes, devices=topo_lib.devices(topo_lib.parse_topology(spec)))
+  assert {k: v for k, v in mesh.shape.items() if v > 1} == sizes
