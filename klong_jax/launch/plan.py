@@ -477,7 +477,7 @@ def _define_flags() -> None:
                                            "data.row_len, else 1024).")
   _FLAGS["step"] = flags.DEFINE_list("step", ["sft"], "Steps to compile: sft, rl or sft,rl.")
   _FLAGS["hbm_gib"] = flags.DEFINE_float("hbm_gib", None, "Per-device HBM in GiB (default: "
-                                         "the topology's chip; v5p 95, v6e 32).")
+                                         "the topology's chip; v5p 95.74, v6e 31.25).")
   _FLAGS["probe"] = flags.DEFINE_enum("probe_layers", "auto", ["auto", "yes", "no"],
                                       "Compile 2 and 4 MoE layers, extrapolate (auto: > 8 layers).")
   _FLAGS["moe_impl"] = flags.DEFINE_string("moe_impl", "", "Override model.moe_impl.")

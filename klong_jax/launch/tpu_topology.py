@@ -16,8 +16,10 @@ from typing import Any
 
 GIB = float(1 << 30)
 # version -> (TensorCores per chip counted in the accelerator name, HBM GiB per chip, 3-D torus).
-VERSIONS = {"v4": (2, 32.0, True), "v5p": (2, 95.0, True), "v5e": (1, 16.0, False),
-            "v5litepod": (1, 16.0, False), "v6e": (1, 32.0, False)}
+# v5p and v6e: the HBM the TPU compiler reports available (its out-of-memory messages, libtpu
+# 0.0.42: "available HBM (95.74G)", "(31.25G)"); v4 / v5e: the nominal size.
+VERSIONS = {"v4": (2, 32.0, True), "v5p": (2, 95.74, True), "v5e": (1, 16.0, False),
+            "v5litepod": (1, 16.0, False), "v6e": (1, 31.25, False)}
 # libtpu's topology name prefix per version (v5litepod is v5e's accelerator-type spelling).
 _TOPO_PREFIX = {"v4": "v4", "v5p": "v5p", "v5e": "v5e", "v5litepod": "v5e", "v6e": "v6e"}
 COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "ragged-all-to-all",
