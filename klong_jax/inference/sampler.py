@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 
 from klong_jax.inference import sampling
+from klong_jax.model import precision
 
 TOP_LOGPROBS = 20  # Alternatives computed per sampled token (OpenAI's top_logprobs maximum).
 
@@ -185,6 +186,11 @@ class Sampler:
     self.model_cfg = getattr(model, "cfg", None)  # MoE shape of the recorded routing.
     # All variables but RNG state are weights: nnx Params and e.g. the MoE router's expert bias.
     self.graphdef, self.params, self.rest = nnx.split(model, nnx.Not(nnx.RngState), ...)
+    # The trainer's compute-dtype policy (model/precision.py): matmul weights in the model's
+    # compute dtype, router / expert bias / norms / biases fp32, so both compute the same
+    # routing and logprobs; later loads (load_params) are cast to these dtypes.
+    if self.model_cfg is not None:
+      self.params = precision.cast_params(self.params, self.model_cfg.dtype)
     self._batch_axes = _cache_batch_axes(model, cache_dtype)
     one = jnp.zeros((1, 1), jnp.int32)
     self.vocab_size = int(jax.eval_shape(lambda: model(one, one)[0]).shape[-1])

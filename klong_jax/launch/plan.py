@@ -1,10 +1,16 @@
-"""AOT memory plan: will this model + mesh + batch fit? Compiles the real SFT step on fake devices.
+"""AOT memory plan: will this model + mesh + batch fit? Compiles the real SFT / RL step.
 
-  python -m klong_jax.launch.plan --config=configs/glm45_air.py:remat=full \
-      --config.model.moe_block_size=2048 --mesh=fsdp:64,expert:8,tensor:4 \
-      --batch=512 --seq_len=4096 --hbm_gib=95
+  python -m klong_jax.launch.plan --config=configs/sft_glm45_air.py --topology=v5p-256 \
+      --mesh=fsdp:16,expert:8 --batch=128 --seq_len=8192 --step=sft,rl
 
-The train step from `train/step.py` is lowered against `ShapeDtypeStruct`s carrying the real
+With `--topology` (v5p-8/16/128/256, v6e-8/256, or a libtpu topology such as v5p:2x2x1) the step
+is compiled by the real TPU compiler (libtpu, the `jax[tpu]` extra; no TPU needed: see
+launch/tpu_topology.py): per-chip bytes against that chip's HBM, the collectives in the TPU HLO,
+and DOES NOT FIT with the compiler's own figure when it refuses. Configs that cannot start (mesh
+vs chips, batch vs the batch axes, experts/heads vs their axes) are refused before compiling
+(launch/checks.py). Without `--topology`, or where libtpu cannot be imported:
+
+the train step from `train/step.py` is lowered against `ShapeDtypeStruct`s carrying the real
 shardings on a mesh of fake CPU devices (`--xla_force_host_platform_device_count`, set by
 re-executing this module when the device count differs from the mesh size) and compiled; nothing
 is allocated. Per device it reports parameters, optimizer state and batch (exact, from the
@@ -24,6 +30,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -31,13 +38,18 @@ import ml_collections
 from absl import app, flags, logging
 
 from klong_jax import config_util
+from klong_jax.launch import checks
+from klong_jax.launch import tpu_topology as topo_lib
 
 GIB = float(1 << 30)
 # MoE-layer counts compiled when extrapolating. Not 1: XLA simplifies a one-trip scan, which
 # changes buffer assignment (measured on glm45_air: temp at 1 layer > at 2). 2 -> 4 averages the
 # per-layer step over two layers (XLA:CPU's buffer assignment is not exactly affine).
 PROBES = (2, 4)
+STEPS = ("sft", "rl")
+TPU_AUTO_MOE_IMPL = "ragged"  # What model.moe_impl="auto" runs on a TPU (model/moe_dispatch.py).
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
+_FAKE_CPU = "CPU, fake devices"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,18 +64,24 @@ class Plan:
   optimizer: float
   model_state: float  # Non-param variables (MoE router bias).
   batch_inputs: float
-  arguments: float  # XLA: all step inputs (= the above four, a cross-check).
+  arguments: float  # XLA: all step inputs (= the persistent figures, a cross-check).
   temp: float  # XLA: activations kept for the backward pass + workspace.
   output_not_aliased: float  # XLA: outputs not written into donated inputs (metrics).
   hbm: float | None
   probed_layers: tuple[int, ...] = ()  # MoE-layer counts compiled when extrapolating.
   compile_seconds: float = 0.0
   notes: tuple[str, ...] = ()  # Settings that shape temp (MoE path, remat), printed last.
+  step: str = "sft"  # "sft" (train/step.py) or "rl" (rl/step.py: policy + reference).
+  reference: float = 0.0  # RL: the reference policy's params (a second, non-donated tree).
+  device: str = _FAKE_CPU  # What compiled it: fake CPU devices or a TPU topology.
+  collectives: Mapping[str, topo_lib.Collective] = dataclasses.field(default_factory=dict)
+  refused: str = ""  # The TPU compiler's out-of-HBM message when it refused to compile.
+  required: float | None = None  # The compiler's own figure in that message (bytes).
 
   @property
   def persistent(self) -> float:
     """State + batch bytes held across steps (the step's inputs)."""
-    return self.params + self.optimizer + self.model_state + self.batch_inputs
+    return self.params + self.optimizer + self.model_state + self.batch_inputs + self.reference
 
   @property
   def peak(self) -> float:
@@ -71,34 +89,56 @@ class Plan:
 
     (XLA:CPU's own `peak_memory_in_bytes` leaves temp out, so it is not used.)
     """
+    if self.refused:
+      return max(self.required or 0.0, self.persistent)
     return self.arguments + self.output_not_aliased + self.temp
 
   @property
   def fits(self) -> bool | None:
+    if self.refused:
+      return False
     return None if self.hbm is None else self.peak <= self.hbm
 
   def report(self) -> str:
     """The human-readable table printed by the CLI."""
     rows = [("parameters (fp32 master)", self.params), ("optimizer state", self.optimizer),
-            ("model state", self.model_state), ("batch inputs", self.batch_inputs),
-            ("activations + temp (XLA)", self.temp), ("peak", self.peak)]
+            ("model state", self.model_state), ("batch inputs", self.batch_inputs)]
+    if self.step == "rl":
+      rows.append(("reference params", self.reference))
+    if not self.refused:
+      rows += [("activations + temp (XLA)", self.temp), ("peak", self.peak)]
     mesh = ",".join(f"{k}:{v}" for k, v in self.mesh.items() if v != 1) or "single device"
-    lines = [f"plan: mesh {mesh} ({math.prod(self.mesh.values())} devices), global batch "
-             f"{self.batch} x seq_len {self.seq_len}, {self.num_layers} layers"]
-    if self.probed_layers:
+    lines = [f"plan ({self.step.upper()} step on {self.device}): mesh {mesh} "
+             f"({math.prod(self.mesh.values())} devices), global batch {self.batch} x seq_len "
+             f"{self.seq_len}, {self.num_layers} layers"]
+    if self.probed_layers and self.refused:
+      lines.append(f"  probed at {self.probed_layers[0]} MoE layers (depth cut to "
+                   "extrapolate); the compiler refused that already, so the full depth cannot "
+                   "fit either")
+    elif self.probed_layers:
       lines.append(f"  compiled at {self.probed_layers} MoE layers; compiled figures scaled "
                    f"linearly to {self.num_layers} layers (params/optimizer/batch are exact)")
-    unit, scale = ("GiB", GIB) if self.peak >= GIB / 4 else ("MiB", float(1 << 20))
+    unit, scale = ("GiB", GIB) if max(self.peak, self.persistent) >= GIB / 4 else (
+        "MiB", float(1 << 20))
     lines.append(f"  {'per-device memory':32s} {unit:>9s}")
     lines += [f"  {name:32s} {value / scale:9.3f}" for name, value in rows]
-    if abs(self.arguments - self.persistent) > 0.01 * max(self.persistent, 1.0):
+    if not self.refused and abs(self.arguments - self.persistent) > 0.01 * max(
+        self.persistent, 1.0):
       lines.append(f"  note: XLA counts {self.arguments / scale:.3f} {unit} of step inputs, the "
                    f"shardings {self.persistent / scale:.3f} {unit}")
-    if self.hbm is not None:
+    if self.refused:
+      need = "" if self.required is None else f" ({self.required / GIB:.1f} GiB of temporaries)"
+      lines.append(f"  the TPU compiler refused{need}: {self.refused}")
+      lines.append(f"  compile time {self.compile_seconds:.1f} s until the refusal")
+    if self.hbm is not None or self.refused:
       verdict = "FITS" if self.fits else "DOES NOT FIT"
-      lines.append(f"  HBM {self.hbm / GIB:.1f} GiB: {verdict} "
-                   f"({100 * self.peak / self.hbm:.0f}% of HBM)")
-    lines.append(f"  compile time {self.compile_seconds:.1f} s (CPU, fake devices)")
+      hbm = f"HBM {self.hbm / GIB:.1f} GiB: " if self.hbm is not None else ""
+      share = f" ({100 * self.peak / self.hbm:.0f}% of HBM)" if self.hbm and self.peak else ""
+      lines.append(f"  {hbm}{verdict}{share}")
+    if self.collectives:
+      lines += topo_lib.collectives_table(dict(self.collectives))
+    if not self.refused:
+      lines.append(f"  compile time {self.compile_seconds:.1f} s ({self.device})")
     lines += [f"  note: {n}" for n in self.notes]
     return "\n".join(lines)
 
@@ -120,6 +160,13 @@ def default_optim() -> ml_collections.ConfigDict:
       lb_coef=1e-3, z_coef=1e-4, expert_bias_rate=1e-3))
 
 
+def default_rl() -> ml_collections.ConfigDict:
+  """RL section used when the config has none: KL to the reference on, routing replay on."""
+  return ml_collections.ConfigDict(dict(
+      clip_low=0.2, clip_high=0.28, kl_coef=0.001, kl_estimator="k3", kl_clamp=10.0,
+      ratio_cap=4.0, normalization="token", temperature=1.0, routing_replay=True, minibatches=1))
+
+
 def _sharded_bytes(tree: Any, shardings: Any) -> float:
   """Bytes one device holds of `tree` (abstract leaves) laid out by matching `shardings`."""
   import jax
@@ -135,15 +182,19 @@ def _sharded_bytes(tree: Any, shardings: Any) -> float:
 
 @dataclasses.dataclass
 class CompiledStep:
-  """The compiled SFT step and what built it (so a test can run it on real arrays)."""
+  """The compiled step and what built it (so a test can run it on real arrays)."""
 
-  compiled: Any  # jax.stages.Compiled: call it as compiled(state, batch).
+  compiled: Any  # jax.stages.Compiled: call it as compiled(state, batch) (RL: state, ref, batch).
   persistent: dict[str, float]  # Per-device bytes of params/optimizer/model_state/batch_inputs.
   seconds: float  # Lower + compile wall time.
   graphdef: Any
   tx: Any
   state_shardings: Any
   batch_sharding: Any
+
+
+class CompilerRefused(RuntimeError):
+  """The TPU compiler refused the step for lack of HBM; the message is the compiler's."""
 
 
 def _abstract_state(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh: Any,
@@ -170,48 +221,85 @@ def _abstract_state(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh: 
   return graphdef, shapes, tx, state_sh, rules_lib.batch_sharding(mesh, rules)
 
 
-def _persistent(shapes: Any, state_sh: Any, batch_abs: Mapping[str, Any], batch_sh: Any
-                ) -> dict[str, float]:
-  """Per-device bytes of what lives across steps: params, optimizer, model state, the batch."""
-  return {
+def _batch_abstract(step: str, model_cfg: Any, rl_cfg: Any, batch: int, seq_len: int,
+                    sharding: Any = None) -> dict[str, Any]:
+  """The step's batch arrays as ShapeDtypeStructs (RL: behaviour logprobs, advantages, routing)."""
+  import jax
+  import jax.numpy as jnp
+
+  from klong_jax.rl import step as rl_step
+  from klong_jax.train import step as step_lib
+
+  keys = step_lib.BATCH_KEYS if step == "sft" else rl_step.batch_keys(rl_cfg)
+  out = {}
+  for k in keys:
+    shape = (batch, seq_len)
+    dtype = jnp.float32 if k in ("logprobs", "advantages") else jnp.int32
+    if k == "routing":  # The sampler's expert ids per token and MoE layer.
+      shape += (model_cfg.num_moe_layers, model_cfg.num_experts_per_tok)
+    out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+  return out
+
+
+def _persistent(shapes: Any, state_sh: Any, batch_abs: Mapping[str, Any], batch_sh: Any,
+                step: str = "sft") -> dict[str, float]:
+  """Per-device bytes of what lives across steps: params, optimizer, model state, the batch
+  (RL: and the reference params)."""
+  out = {
       "params": _sharded_bytes(shapes.params, state_sh.params),
       "optimizer": _sharded_bytes(shapes.opt_state, state_sh.opt_state),
       "model_state": _sharded_bytes((shapes.step, shapes.rest), (state_sh.step, state_sh.rest)),
       "batch_inputs": _sharded_bytes(batch_abs, {k: batch_sh for k in batch_abs}),
   }
+  if step == "rl":
+    out["reference"] = out["params"]
+  return out
+
+
+def _lower_compile(lowered_fn: Any) -> Any:
+  """Compiles; a TPU out-of-HBM refusal becomes CompilerRefused with the compiler's sentence."""
+  try:
+    return lowered_fn()
+  except Exception as e:  # noqa: BLE001 (XlaRuntimeError / JaxRuntimeError vary by version)
+    message = topo_lib.compiler_oom(e)
+    if message is None:
+      raise
+    raise CompilerRefused(message) from e
 
 
 def compile_step(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh: Any,
-                 rules: Sequence[tuple[str, Any]], batch: int, seq_len: int) -> CompiledStep:
-  """Lowers + compiles the real SFT step (`train.step.make_sft_step`) on abstract inputs."""
-  import time
-
+                 rules: Sequence[tuple[str, Any]], batch: int, seq_len: int, *,
+                 step: str = "sft", rl_cfg: ml_collections.ConfigDict | None = None
+                 ) -> CompiledStep:
+  """Lowers + compiles the real SFT step (`train.step.make_sft_step`) or RL step
+  (`rl.step.make_rl_step`: policy + reference params, behaviour logprobs, advantages, routing)
+  on abstract inputs."""
   import jax
-  import jax.numpy as jnp
   from flax import nnx
 
+  from klong_jax.rl import step as rl_step
   from klong_jax.train import step as step_lib
 
+  if step not in STEPS:
+    raise ValueError(f"step {step!r} unknown; use one of {STEPS}")
+  rl_cfg = rl_cfg if rl_cfg is not None else default_rl()
   graphdef, shapes, tx, state_sh, batch_sh = _abstract_state(model_cfg, optim_cfg, mesh, rules)
   state_abs = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                            shapes, state_sh)
-  rows = math.prod(mesh.shape[a] for a in _flat(batch_sh.spec[0]))
-  if batch % rows:
-    raise ValueError(f"--batch={batch} does not divide over the batch mesh axes "
-                     f"{batch_sh.spec[0]} (size {rows}); use a multiple of {rows}")
-  batch_abs = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp.int32, sharding=batch_sh)
-               for k in step_lib.BATCH_KEYS}
-  step = step_lib.make_sft_step(graphdef, tx, optim_cfg, state_sh, batch_sh, rules)
+  checks.check_batch(batch, dict(mesh.shape), rules, field="--batch")
+  batch_abs = _batch_abstract(step, model_cfg, rl_cfg, batch, seq_len, batch_sh)
   t0 = time.perf_counter()
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-    compiled = step.jitted.lower(state_abs, batch_abs).compile()
+    if step == "sft":
+      fn = step_lib.make_sft_step(graphdef, tx, optim_cfg, state_sh, batch_sh, rules)
+      lowered = fn.jitted.lower(state_abs, batch_abs)
+    else:
+      fn = rl_step.make_rl_step(graphdef, tx, optim_cfg, rl_cfg, state_sh, batch_sh, rules)
+      lowered = fn.jitted.lower(state_abs, state_abs.params, batch_abs)
+    compiled = _lower_compile(lowered.compile)
   seconds = time.perf_counter() - t0
-  return CompiledStep(compiled, _persistent(shapes, state_sh, batch_abs, batch_sh), seconds,
-                      graphdef, tx, state_sh, batch_sh)
-
-
-def _flat(axes: Any) -> tuple[str, ...]:
-  return () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  return CompiledStep(compiled, _persistent(shapes, state_sh, batch_abs, batch_sh, step),
+                      seconds, graphdef, tx, state_sh, batch_sh)
 
 
 def _compiled_figures(compiled: Any) -> dict[str, float]:
@@ -220,13 +308,27 @@ def _compiled_figures(compiled: Any) -> dict[str, float]:
           "output_not_aliased": float(m.output_size_in_bytes - m.alias_size_in_bytes)}
 
 
+def _notes(model_cfg: Any, device: str) -> tuple[str, ...]:
+  if device == _FAKE_CPU:
+    impl = model_cfg.moe_impl if model_cfg.moe_impl != "auto" else "blocked (auto on CPU)"
+    return (f"temp is XLA:CPU's figure: MoE path {impl}, moe_block_size "
+            f"{model_cfg.moe_block_size}, remat {model_cfg.remat_policy}; TPU/GPU run ragged_dot "
+            f"and fuse differently (docs/performance.md)",)
+  return (f"temp is the TPU compiler's figure: MoE path {model_cfg.moe_impl} (auto's TPU "
+          f"choice unless --moe_impl), remat "
+          f"{model_cfg.remat_policy}, dtype {model_cfg.dtype}; collective counts are static HLO "
+          "instructions (a scanned layer's appear once)",)
+
+
 def plan(config: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int], batch: int,
          seq_len: int, *, hbm_gib: float | None = None, probe_layers: bool | None = None,
-         moe_impl: str | None = None) -> Plan:
-  """Compiles the SFT step of `config` on the current (fake) devices and returns its Plan.
+         moe_impl: str | None = None, step: str = "sft", devices: Sequence[Any] | None = None,
+         device: str = _FAKE_CPU) -> Plan:
+  """Compiles the SFT or RL step of `config` on `devices` (default: the current fake CPU
+  devices) and returns its Plan.
 
-  The mesh uses the first mesh-size devices; the CLI re-executes itself so that JAX has exactly
-  that many fake CPU devices.
+  The CLI re-executes itself so that JAX has exactly the mesh size of fake CPU devices; a TPU
+  plan passes the topology's devices (`plan_topology`).
   `probe_layers`: compile at PROBES MoE layers and extrapolate (None: when > 8 layers).
   """
   import jax
@@ -236,48 +338,105 @@ def plan(config: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int], batch
   from klong_jax.parallel import rules as rules_lib
 
   size = math.prod(mesh_sizes.values())
-  if jax.device_count() < size:
-    raise ValueError(f"mesh {dict(mesh_sizes)} needs {size} devices but JAX has "
-                     f"{jax.device_count()}; run via `python -m klong_jax.launch.plan` (it sets "
-                     f"XLA_FLAGS={_COUNT_FLAG}={size}) or set that flag before importing jax")
+  if devices is None:
+    if jax.device_count() < size:
+      raise ValueError(f"mesh {dict(mesh_sizes)} needs {size} devices but JAX has "
+                       f"{jax.device_count()}; run via `python -m klong_jax.launch.plan` (it "
+                       f"sets XLA_FLAGS={_COUNT_FLAG}={size}) or set that flag before importing "
+                       "jax")
+    devices = jax.devices()[:size]
   model_cfg = from_config_dict(config.model)
   if moe_impl:
     model_cfg = model_cfg.replace(moe_impl=moe_impl)
+  elif device != _FAKE_CPU and model_cfg.moe_impl == "auto":
+    # "auto" resolves by jax.default_backend() at trace time, which is CPU when compiling for a
+    # topology: pin what it picks on a TPU (moe_dispatch: "ragged"), not the CPU blocked path.
+    model_cfg = model_cfg.replace(moe_impl=TPU_AUTO_MOE_IMPL)
   optim_cfg = config.optim if "optim" in config else default_optim()
-  rules = tuple(config.rules or rules_lib.LOGICAL_RULES)
-  mesh = mesh_lib.make_mesh(dict(mesh_sizes), devices=jax.devices()[:size])
+  rl_cfg = config.rl if "rl" in config else default_rl()
+  rules = tuple(config.get("rules") or rules_lib.LOGICAL_RULES)
+  checks.check_startable(model_cfg, dict(mesh_sizes), batch, chips=len(devices),
+                         where=device, rules=rules)
+  mesh = mesh_lib.make_mesh(dict(mesh_sizes), devices=list(devices)[:size])
   if probe_layers is None:
     probe_layers = model_cfg.num_layers > 8
   probe_layers = probe_layers and model_cfg.num_moe_layers > PROBES[1]
-
-  impl = model_cfg.moe_impl if model_cfg.moe_impl != "auto" else "blocked (auto on CPU)"
-  notes = (f"temp is XLA:CPU's figure: MoE path {impl}, moe_block_size "
-           f"{model_cfg.moe_block_size}, remat {model_cfg.remat_policy}; TPU/GPU run ragged_dot "
-           f"and fuse differently (docs/performance.md)",)
+  hbm = None if hbm_gib is None else hbm_gib * GIB
+  base = dict(mesh=dict(mesh_sizes), batch=batch, seq_len=seq_len,
+              num_layers=model_cfg.num_layers, hbm=hbm, step=step, device=device,
+              notes=_notes(model_cfg, device))
+  depths = PROBES if probe_layers else (None,)
+  runs, secs, last = [], 0.0, None
+  for m in depths:
+    cfg = model_cfg if m is None else model_cfg.replace(num_layers=model_cfg.first_k_dense + m)
+    if m is not None:
+      logging.info("plan: compiling the %s step with %d MoE layer(s)", step, m)
+    t0 = time.perf_counter()
+    try:
+      last = compile_step(cfg, optim_cfg, mesh, rules, batch, seq_len, step=step, rl_cfg=rl_cfg)
+    except CompilerRefused as e:
+      secs += time.perf_counter() - t0
+      # Persistent bytes are exact at full depth from abstract shapes alone.
+      full = _persistent_only(model_cfg, optim_cfg, mesh, rules, batch, seq_len, step, rl_cfg)
+      at = "" if m is None else f" already at {m} MoE layers"
+      return Plan(**base, **full, arguments=0.0, temp=0.0, output_not_aliased=0.0,
+                  refused=f"{e}{at}", required=topo_lib.required_bytes(str(e)),
+                  compile_seconds=secs,
+                  probed_layers=() if m is None else (m,))
+    runs.append(_compiled_figures(last.compiled))
+    secs += last.seconds
+  found = topo_lib.collectives(last.compiled.as_text()) if device != _FAKE_CPU else {}
   if not probe_layers:
-    one = compile_step(model_cfg, optim_cfg, mesh, rules, batch, seq_len)
-    return dataclasses.replace(
-        plan_from_compiled(one, mesh_sizes, batch, seq_len, model_cfg.num_layers, hbm_gib),
-        notes=notes)
-  else:
-    # Exact persistent bytes at full depth (abstract only), compiled figures at PROBES depths.
-    full = _persistent_only(model_cfg, optim_cfg, mesh, rules, batch, seq_len)
-    probed = PROBES
-    runs, secs = [], 0.0
-    for m in probed:
-      small = model_cfg.replace(num_layers=model_cfg.first_k_dense + m)
-      logging.info("plan: compiling with %d MoE layer(s)", m)
-      one = compile_step(small, optim_cfg, mesh, rules, batch, seq_len)
-      runs.append(_compiled_figures(one.compiled))
-      secs += one.seconds
-    extra = (model_cfg.num_moe_layers - probed[0]) / (probed[1] - probed[0])
-    figures = {k: runs[0][k] + extra * (runs[1][k] - runs[0][k]) for k in runs[0]}
-    persistent = full
-  return Plan(mesh=dict(mesh_sizes), batch=batch, seq_len=seq_len,
-              num_layers=model_cfg.num_layers, **persistent, arguments=figures["arguments"],
-              temp=figures["temp"], output_not_aliased=figures["output_not_aliased"],
-              hbm=None if hbm_gib is None else hbm_gib * GIB, probed_layers=probed,
-              compile_seconds=secs, notes=notes)
+    return Plan(**base, **last.persistent, **runs[0], compile_seconds=secs, collectives=found)
+  # Exact persistent bytes at full depth (abstract only), compiled figures at PROBES depths.
+  full = _persistent_only(model_cfg, optim_cfg, mesh, rules, batch, seq_len, step, rl_cfg)
+  extra = (model_cfg.num_moe_layers - PROBES[0]) / (PROBES[1] - PROBES[0])
+  figures = {k: runs[0][k] + extra * (runs[1][k] - runs[0][k]) for k in runs[0]}
+  return Plan(**base, **full, **figures, probed_layers=PROBES, compile_seconds=secs,
+              collectives=found)
+
+
+def plan_topology(config: ml_collections.ConfigDict, topology: str,
+                  mesh_sizes: Mapping[str, int] | None, batch: int, seq_len: int, *,
+                  hbm_gib: float | None = None, probe_layers: bool | None = None,
+                  moe_impl: str | None = None, step: str = "sft") -> Plan:
+  """`plan` compiled by the TPU compiler for `topology` (e.g. "v5p-256", "v5p:2x2x1").
+
+  `mesh_sizes` None: the config's mesh section resolved against the slice's chips (-1 fills).
+  Refuses (checks.StartupError, before compiling) configs that cannot start.
+  """
+  from klong_jax.model.config import from_config_dict
+  from klong_jax.parallel import rules as rules_lib
+
+  topo = topo_lib.parse_topology(topology)
+  mesh_sizes = resolve_mesh(config, mesh_sizes, topo.chips)
+  rules = tuple(config.get("rules") or rules_lib.LOGICAL_RULES)
+  checks.check_startable(from_config_dict(config.model), mesh_sizes, batch, chips=topo.chips,
+                         where=topo.accelerator, rules=rules)
+  devs = topo_lib.devices(topo)
+  return plan(config, mesh_sizes, batch, seq_len, probe_layers=probe_layers, moe_impl=moe_impl,
+              step=step, devices=devs, device=topo_lib.describe(topo, devs),
+              hbm_gib=topo.hbm_gib if hbm_gib is None else hbm_gib)
+
+
+def resolve_mesh(config: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int] | None,
+                 chips: int) -> dict[str, int]:
+  """Explicit sizes, or the config's mesh section (-1 filled) against `chips`."""
+  from klong_jax.parallel.mesh import mesh_shape
+
+  if mesh_sizes is not None:
+    return dict(mesh_sizes)
+  sizes = config.mesh.to_dict() if "mesh" in config else {"fsdp": -1}
+  return dict(zip(config_util.MESH_AXES, mesh_shape(sizes, chips), strict=True))
+
+
+def _persistent_only(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh: Any,
+                     rules: Sequence[tuple[str, Any]], batch: int, seq_len: int,
+                     step: str = "sft", rl_cfg: Any = None) -> dict[str, float]:
+  """Per-device params / optimizer / model-state / batch bytes from abstract shapes alone."""
+  _, shapes, _, state_sh, batch_sh = _abstract_state(model_cfg, optim_cfg, mesh, rules)
+  batch_abs = _batch_abstract(step, model_cfg, rl_cfg or default_rl(), batch, seq_len)
+  return _persistent(shapes, state_sh, batch_abs, batch_sh, step)
 
 
 def plan_from_compiled(one: CompiledStep, mesh_sizes: Mapping[str, int], batch: int,
@@ -286,21 +445,7 @@ def plan_from_compiled(one: CompiledStep, mesh_sizes: Mapping[str, int], batch: 
   figures = _compiled_figures(one.compiled)
   return Plan(mesh=dict(mesh_sizes), batch=batch, seq_len=seq_len, num_layers=num_layers,
               **one.persistent, **figures, hbm=None if hbm_gib is None else hbm_gib * GIB,
-              compile_seconds=one.seconds)
-
-
-def _persistent_only(model_cfg: Any, optim_cfg: ml_collections.ConfigDict, mesh: Any,
-                     rules: Sequence[tuple[str, Any]], batch: int, seq_len: int
-                     ) -> dict[str, float]:
-  """Per-device params / optimizer / model-state / batch bytes from abstract shapes alone."""
-  import jax
-  import jax.numpy as jnp
-
-  from klong_jax.train import step as step_lib
-
-  _, shapes, _, state_sh, batch_sh = _abstract_state(model_cfg, optim_cfg, mesh, rules)
-  batch_abs = {k: jax.ShapeDtypeStruct((batch, seq_len), jnp.int32) for k in step_lib.BATCH_KEYS}
-  return _persistent(shapes, state_sh, batch_abs, batch_sh)
+              compile_seconds=one.seconds, step="rl" if "reference" in one.persistent else "sft")
 
 
 def device_env(num_devices: int, environ: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -326,32 +471,83 @@ def _define_flags() -> None:
   from ml_collections import config_flags
 
   _FLAGS["config"] = config_flags.DEFINE_config_file("config", None, "Experiment/model config.")
-  _FLAGS["mesh"] = flags.DEFINE_string("mesh", "fsdp:8", "Mesh as axis:size list, e.g. "
-                                       "fsdp:64,expert:8,tensor:4.")
-  _FLAGS["batch"] = flags.DEFINE_integer("batch", 8, "Global batch (rows).")
-  _FLAGS["seq_len"] = flags.DEFINE_integer("seq_len", 1024, "Tokens per row.")
-  _FLAGS["hbm_gib"] = flags.DEFINE_float("hbm_gib", None, "Per-device HBM in GiB (v5p: 95).")
+  _FLAGS["topology"] = flags.DEFINE_string(
+      "topology", "", "Compile with the TPU compiler for this slice: v5p-256, v5p-8, v6e-256, "
+      "v5p:2x2x1 ... (needs libtpu; without it the fake-CPU plan runs and says so).")
+  _FLAGS["mesh"] = flags.DEFINE_string("mesh", "", "Mesh as axis:size list, e.g. "
+                                       "fsdp:16,expert:8 (default: the config's mesh on the "
+                                       "topology; fsdp:8 on fake CPUs).")
+  _FLAGS["batch"] = flags.DEFINE_integer("batch", None, "Global rows per compiled step "
+                                         "(default: data.batch_size; RL: / rl.minibatches).")
+  _FLAGS["seq_len"] = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: "
+                                           "data.row_len, else 1024).")
+  _FLAGS["step"] = flags.DEFINE_list("step", ["sft"], "Steps to compile: sft, rl or sft,rl.")
+  _FLAGS["hbm_gib"] = flags.DEFINE_float("hbm_gib", None, "Per-device HBM in GiB (default: "
+                                         "the topology's chip; v5p 95.74, v6e 31.25).")
   _FLAGS["probe"] = flags.DEFINE_enum("probe_layers", "auto", ["auto", "yes", "no"],
                                       "Compile 2 and 4 MoE layers, extrapolate (auto: > 8 layers).")
   _FLAGS["moe_impl"] = flags.DEFINE_string("moe_impl", "", "Override model.moe_impl.")
 
 
+def _defaults(config: ml_collections.ConfigDict, step: str, batch: int | None,
+              seq_len: int | None) -> tuple[int, int]:
+  data = config.get("data") or {}
+  if batch is None:
+    batch = int(data.get("batch_size", 8))
+    if step == "rl" and "rl" in config:
+      batch //= max(1, int(config.rl.get("minibatches", 1)))
+  return batch, int(seq_len or data.get("row_len", 1024))
+
+
 def main(argv: list[str]) -> None:
   del argv
   f = {k: v.value for k, v in _FLAGS.items()}
-  size = math.prod(parse_mesh(f["mesh"]).values())
-  if not _has_device_count(size):
-    # JAX fixes its device count at import: restart this module with the right fake devices.
-    logging.info("plan: re-executing with %d fake CPU devices", size)
-    sys.stdout.flush()
-    os.execve(sys.executable, [sys.executable, "-m", "klong_jax.launch.plan", *sys.argv[1:]],
-              device_env(size))
   if f["config"] is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
+  bad = [s for s in f["step"] if s not in STEPS]
+  if bad:
+    raise app.UsageError(f"--step={','.join(bad)}: use sft, rl or sft,rl")
+  topology, hbm = f["topology"], f["hbm_gib"]
+  if topology:
+    problem = topo_lib.libtpu_status()
+    topo = topo_lib.parse_topology(topology)
+    if problem:  # No TPU compiler here: the fake-CPU plan of the same mesh, said so.
+      print(f"plan: {problem}; planning on fake CPU devices instead", flush=True)
+      topology, hbm = "", topo.hbm_gib if hbm is None else hbm
+      f["mesh"] = f["mesh"] or ",".join(
+          f"{k}:{v}" for k, v in resolve_mesh(f["config"], None, topo.chips).items())
+  if not topology:
+    size = math.prod(parse_mesh(f["mesh"] or "fsdp:8").values())
+    need = _has_device_count(size)
+  else:
+    need = os.environ.get("JAX_PLATFORMS") == "cpu"
+    size = 1
+  if not need:
+    # JAX fixes its device count / platform at import: restart with fake CPU devices.
+    logging.info("plan: re-executing with %d fake CPU devices", size)
+    sys.stdout.flush()
+    env = device_env(size)  # JAX on CPU (a TPU plan compiles for the topology from there).
+    os.execve(sys.executable, [sys.executable, "-m", "klong_jax.launch.plan", *sys.argv[1:]],
+              env)
   probe = {"auto": None, "yes": True, "no": False}[f["probe"]]
-  result = plan(f["config"], parse_mesh(f["mesh"]), f["batch"], f["seq_len"],
-                hbm_gib=f["hbm_gib"], probe_layers=probe, moe_impl=f["moe_impl"] or None)
-  print(result.report())
+  failed = False
+  for step in f["step"]:
+    batch, seq_len = _defaults(f["config"], step, f["batch"], f["seq_len"])
+    kw = dict(probe_layers=probe, moe_impl=f["moe_impl"] or None, step=step)
+    try:
+      if topology:
+        result = plan_topology(f["config"], topology, parse_mesh(f["mesh"]) if f["mesh"]
+                               else None, batch, seq_len, hbm_gib=hbm, **kw)
+      else:
+        result = plan(f["config"], parse_mesh(f["mesh"] or "fsdp:8"), batch, seq_len,
+                      hbm_gib=hbm, **kw)
+    except checks.StartupError as e:
+      print(f"plan ({step.upper()} step): REFUSED, this config cannot start: {e}", flush=True)
+      failed = True
+      continue
+    print(result.report(), flush=True)
+  if failed:
+    sys.exit(2)
 
 
 def entry() -> None:

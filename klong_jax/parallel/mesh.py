@@ -54,8 +54,16 @@ def make_mesh(sizes: Mapping[str, int] | Any | None = None,
     sizes = sizes.to_dict()
   devices = list(devices) if devices is not None else jax.devices()
   shape = mesh_shape(sizes, len(devices))
-  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * 4,
-                       devices=devices)
+  auto = (jax.sharding.AxisType.Auto,) * 4
+  try:
+    return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
+  except NotImplementedError:
+    # A TPU torus whose physical axes cannot each hold whole mesh axes (v6e-256 is 16x16:
+    # fsdp 32 x expert 8 must split a physical axis); allow the split rather than fail.
+    from jax.experimental import mesh_utils
+
+    grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(grid, MESH_AXES, axis_types=auto)
 
 
 def maybe_initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,

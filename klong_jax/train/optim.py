@@ -2,7 +2,8 @@
 
 Pure builders from the `optim` config section, so the SFT and RL trainers share one recipe.
 Mixed precision keeps fp32 master weights in the train state and the optimizer; the forward pass
-runs on a `compute_dtype` copy (see `cast_for_compute`), so updates never round through bf16.
+runs on a copy cast by the shared compute-dtype policy (`model/precision.py`, see
+`cast_for_compute`), so updates never round through bf16 and the sampler computes the same thing.
 """
 
 from __future__ import annotations
@@ -10,20 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import optax
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from klong_jax.model import precision
 
-
-def resolve_dtype(name: str | Any) -> Any:
-  """Maps a config dtype name ('float32', 'bfloat16') to a jnp dtype; raises on unknown names."""
-  if not isinstance(name, str):
-    return name
-  if name not in _DTYPES:
-    raise ValueError(f"unknown dtype {name!r} in config; use one of {sorted(_DTYPES)}")
-  return _DTYPES[name]
+resolve_dtype = precision.resolve_dtype  # Config dtype name -> jnp dtype (raises on unknown).
 
 
 def make_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
@@ -68,13 +61,12 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
 
 
 def cast_for_compute(params: Any, dtype: Any) -> Any:
-  """Casts floating leaves to the compute dtype (bf16 forward on fp32 master weights).
+  """The forward's params under the shared policy (`precision.cast_params`): matmul weights in
+  the compute dtype, router / expert bias / norm scales / biases fp32, as the sampler has them.
 
   Differentiating through the cast returns fp32 gradients for the fp32 masters.
   """
-  dtype = resolve_dtype(dtype)
-  return jax.tree.map(
-      lambda p: p.astype(dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
+  return precision.cast_params(params, dtype)
 
 
 def learning_rate(cfg: ml_collections.ConfigDict, step: int) -> float:

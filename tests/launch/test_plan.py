@@ -1,6 +1,7 @@
 """AOT plan of the real SFT step on fake CPU devices vs what a real step leaves live in memory."""
 
 import gc
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs import sft_tiny
+from klong_jax.launch import checks
 from klong_jax.launch import plan as plan_lib
+from klong_jax.launch import tpu_topology as topo_lib
 from klong_jax.model import sharded
 from klong_jax.model.config import from_config_dict
 from klong_jax.parallel import mesh as mesh_lib
@@ -94,3 +97,125 @@ def test_bad_inputs_name_the_fix():
   env = plan_lib.device_env(16, {"XLA_FLAGS": "--foo --xla_force_host_platform_device_count=8"})
   assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=16"
   assert env["JAX_PLATFORMS"] == "cpu"
+
+
+# ---- TPU topologies: refusals before compiling, the HLO parser, a real TPU compile ----------
+
+def _tiny_bf16():
+  config = sft_tiny.get_config()
+  config.model.dtype = "bfloat16"
+  return config
+
+
+@pytest.mark.parametrize("spec,dims,chips,bounds,hbm", [
+    ("v5p-8", (2, 2, 1), 4, (2, 2, 1), 95.74), ("v5p-16", (2, 2, 2), 8, (2, 2, 1), 95.74),
+    ("v5p-128", (4, 4, 4), 64, (2, 2, 1), 95.74), ("v5p-256", (4, 4, 8), 128, (2, 2, 1), 95.74),
+    ("v6e-8", (2, 4), 8, (2, 4, 1), 31.25), ("v6e-256", (16, 16), 256, (2, 2, 1), 31.25),
+    ("v5p:2x2x1", (2, 2, 1), 4, (2, 2, 1), 95.74)])
+def test_topology_names(spec, dims, chips, bounds, hbm):
+  t = topo_lib.parse_topology(spec)
+  assert (t.dims, t.chips, t.chips_per_host_bounds, t.hbm_gib) == (dims, chips, bounds, hbm)
+  assert t.name == f"{spec.split('-')[0].split(':')[0]}:{'x'.join(map(str, dims))}"
+
+
+def test_topology_bad_names():
+  for bad in ("v9-8", "tpu-256", "v5p-3", "v5p-24"):
+    with pytest.raises(ValueError, match="v5p"):
+      topo_lib.parse_topology(bad)
+
+
+def test_refuses_configs_that_cannot_start_before_compiling():
+  """Each refusal names the fix; none needs libtpu or devices (raised before compiling)."""
+  config = _tiny_bf16()  # 8 experts, 4 heads, 2 kv heads.
+  cases = [
+      (dict(fsdp=2, expert=2), 6, r"data.batch_size=6 does not divide over the batch mesh axes "
+       r"data\*fsdp\*expert = 4 devices.*use data.batch_size=8"),
+      (dict(fsdp=1, expert=4), 4, None),
+      (dict(fsdp=1, tensor=4), 4, r"num_kv_heads=2"),
+      (dict(fsdp=4, expert=2), 8, r"has 8 devices but v5p:2x2x1 has 4 chips"),
+  ]
+  for sizes, batch, match in cases:
+    mesh = {**dict.fromkeys(("data", "fsdp", "expert", "tensor"), 1), **sizes}
+    if match is None:  # This one can start: the checks pass (nothing is compiled here).
+      checks.check_startable(from_config_dict(config.model), mesh, batch, chips=4)
+      continue
+    with pytest.raises(checks.StartupError, match=match):
+      plan_lib.plan_topology(config, "v5p:2x2x1", mesh, batch, 64)
+  # On fake CPU devices too (3 of the 8): experts vs the expert axis.
+  with pytest.raises(checks.StartupError, match=r"\('expert',\) \(size 3\).*num_experts=8"):
+    plan_lib.plan(config, plan_lib.parse_mesh("expert:3"), 6, 64)
+  with pytest.raises(checks.StartupError, match=r"rl.minibatches"):
+    checks.check_startable(from_config_dict(config.model), {"fsdp": 4}, 8,
+                           rl={"minibatches": 4})
+
+
+def test_collectives_and_compiler_oom_parsing():
+  hlo = """
+  %all-gather.1 = bf16[512,1024]{1,0:T(8,128)(2,1)} all-gather(%convert), channel_id=2
+  %ags = (bf16[64,1024]{1,0}, bf16[512,1024]{1,0}) all-gather-start(%p), channel_id=3
+  %agd = bf16[512,1024]{1,0} all-gather-done(%ags)
+  ROOT %all-reduce = f32[512]{0:T(512)} all-reduce(%fusion), channel_id=4
+  %a2a = (bf16[8,16]{1,0}, bf16[8,16]{1,0}) all-to-all(%x, %y), channel_id=5
+  %cp = f32[4,4]{1,0} collective-permute(%z), source_target_pairs={{0,1}}
+  %rs = f32[128]{0} reduce-scatter(%w), dimensions={0}
+  %f = f32[4]{0} fusion(%all-gather.1), kind=kLoop
+  """
+  found = topo_lib.collectives(hlo)
+  assert {k: v.count for k, v in found.items()} == {
+      "all-gather": 2, "all-reduce": 1, "all-to-all": 1, "collective-permute": 1,
+      "reduce-scatter": 1}
+  assert found["all-gather"].bytes == 2 * 512 * 1024 * 2  # The start's result, not its operand.
+  assert found["all-to-all"].bytes == 2 * 8 * 16 * 2 and found["all-reduce"].bytes == 512 * 4
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (582.16G) exceeds available HBM (95.74G).")
+  assert msg in topo_lib.compiler_oom(RuntimeError("XlaRuntimeError: " + msg))
+  assert topo_lib.compiler_oom(RuntimeError("INVALID_ARGUMENT: bad shape")) is None
+  assert topo_lib.required_bytes(msg) == pytest.approx(582.16 * 2**30)
+  refused = plan_lib.Plan(mesh={"fsdp": 128}, batch=128, seq_len=32768, num_layers=46,
+                          params=1.0, optimizer=2.0, model_state=0.0, batch_inputs=0.0,
+                          arguments=0.0, temp=0.0, output_not_aliased=0.0, hbm=95 * 2**30,
+                          refused=msg, required=topo_lib.required_bytes(msg))
+  assert refused.fits is False and "DOES NOT FIT" in refused.report()
+  assert "582.2 GiB" in refused.report()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["sft", "rl"])
+def test_tpu_compile_of_the_real_step_on_v5p_2x2x1(step):
+  """The TPU compiler (libtpu, no TPU) compiles the real SFT / RL step of the tiny bf16 model on a
+  4-chip v5p topology: positive per-chip memory, a populated collective table, FITS."""
+  problem = topo_lib.libtpu_status()
+  if problem:
+    pytest.skip(problem)
+  p = plan_lib.plan_topology(_tiny_bf16(), "v5p:2x2x1", {"data": 1, "fsdp": 2, "expert": 2,
+                                                          "tensor": 1}, 4, 128, step=step)
+  print(p.report())
+  assert "TPU v5" in p.device and p.hbm == 95.74 * 2**30
+  # moe_impl "auto" would trace the CPU path here (JAX runs on CPU): the plan pins TPU's choice.
+  assert f"MoE path {plan_lib.TPU_AUTO_MOE_IMPL}" in p.notes[0]
+  assert p.params > 0 and p.optimizer > 0 and p.batch_inputs > 0 and p.temp > 0
+  assert p.arguments >= p.persistent and p.fits
+  assert (p.reference == p.params) if step == "rl" else p.reference == 0.0
+  assert p.collectives["all-gather"].count > 0 and p.collectives["all-reduce"].count > 0
+  assert all(c.bytes > 0 for c in p.collectives.values())
+  text = p.report()
+  assert "FITS" in text and "collectives" in text and "all-gather" in text
+
+
+def test_libtpu_missing_is_detected_and_named(monkeypatch):
+  monkeypatch.setitem(sys.modules, "libtpu", None)  # `import libtpu` now raises ImportError.
+  problem = topo_lib.libtpu_status()
+  assert problem and "libtpu cannot be imported" in problem and "jax[tpu]" in problem
+  with pytest.raises(RuntimeError, match="libtpu cannot be imported"):
+    topo_lib.devices(topo_lib.parse_topology("v5p:2x2x1"))
+
+
+@pytest.mark.parametrize("spec,sizes", [("v5p-256", {"fsdp": 16, "expert": 8}),
+                                        ("v6e-256", {"fsdp": 32, "expert": 8})])
+def test_pod_meshes_build_on_the_real_torus(spec, sizes):
+  """The pod configs' meshes on the slices' physical tori (v6e-256 = 16x16 must split an axis)."""
+  problem = topo_lib.libtpu_status()
+  if problem:
+    pytest.skip(problem)
+  mesh = mesh_lib.make_mesh(sizes, devices=topo_lib.devices(topo_lib.parse_topology(spec)))
+  assert {k: v for k, v in mesh.shape.items() if v > 1} == sizes

@@ -12,7 +12,8 @@ from launch import k8s, tpu
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 GLM = os.path.join(ROOT, "configs", "glm45_air.py")
-TRAINER = os.path.join(ROOT, "configs", "rl_tiny.py") + ":steps=200"
+TRAINER = os.path.join(ROOT, "configs", "rl_glm45_air.py") + ":steps=200"
+SFT_POD = os.path.join(ROOT, "configs", "sft_glm45_air.py")
 
 
 def _plan(**kw):
@@ -48,9 +49,9 @@ def test_glm_on_v5p_256_plan():
   assert {e["KLONG_COORDINATOR"] for e in envs} == {"${COORDINATOR}:8476"}
   argv = plan.trainer.executable.argv("python3")
   assert argv[:3] == ["python3", "-m", "klong_jax.rl.train"]
-  # The preset's model/mesh reach the RL trainer as config overrides; global batch splits by host.
-  assert "--config.model.num_experts=128" in argv and "--config.mesh.expert=8" in argv
-  assert "--config.data.batch_size=32" in argv and plan.notes
+  # The pod RL config starts as it is: its batch divides over the batch axes (no override).
+  assert not any("data.batch_size" in a for a in argv) and not plan.notes
+  assert "start-up checks passed" in plan.checks and "--topology=v5p-256" in plan.checks
   # Run state is used as gs:// natively (no gcsfuse): trainer, servers and workers alike.
   assert "--workdir=gs://bkt/runs/r1" in argv and "--stream=gs://bkt/runs/r1/stream" in argv
   assert "--policy_dir=gs://bkt/runs/r1/policy" in plan.servers[0].executable.argv()
@@ -115,6 +116,41 @@ def test_bad_inputs_name_the_fix():
     k8s.FleetSpec(name="x", image="i", replicas=1, bucket="b", runtime="kata")
 
 
+@pytest.mark.parametrize("tpu_type", ["v5p-256", "v5p-128"])
+def test_pod_configs_pass_the_start_up_checks(tpu_type):
+  """Both pod configs as they are (fsdp=-1 x expert=8) pass the checks `--dry_run` runs."""
+  s = tpu.parse_slice(tpu_type)
+  for spec in (SFT_POD, TRAINER):
+    assert "start-up checks passed" in tpu.validate(config_util.load_config(spec), s)
+
+
+def test_a_batch_that_cannot_start_is_refused_with_the_fix():
+  # 32 rows over data x fsdp x expert = 128 chips: the configs' old default.
+  with pytest.raises(ValueError, match=r"data.batch_size=32 does not divide over the batch mesh "
+                     r"axes data\*fsdp\*expert = 128 devices.*use data.batch_size=128"):
+    _plan(overrides={"data.batch_size": 32})
+  # 128 rows are 4 RL minibatches of 32: each must still divide over the 128 chips.
+  with pytest.raises(ValueError, match=r"RL minibatch of data.batch_size / rl.minibatches = "
+                     r"128/4 = 32 rows.*use data.batch_size=512"):
+    _plan(overrides={"data.batch_size": 128})
+  # Moving devices to the tensor axis makes 128 rows (32 per minibatch) start.
+  plan = _plan(overrides={"data.batch_size": 128, "mesh.tensor": 4})
+  assert plan.mesh == {"data": 1, "fsdp": 4, "expert": 8, "tensor": 4}
+  with pytest.raises(ValueError, match="data.batch_size=32 does not divide"):
+    tpu.validate(config_util.load_config(SFT_POD, "batch=32"), tpu.parse_slice("v5p-256"))
+
+
+@pytest.mark.subprocess
+def test_cli_dry_run_refuses_a_bad_batch():
+  r = subprocess.run(
+      [sys.executable, "launch/tpu.py", "--config=configs/glm45_air.py", "--tpu=v5p-256",
+       "--workdir=gs://bkt/runs/r1", "--dry_run", "--trainer_config=configs/rl_glm45_air.py",
+       "--sweep=data.batch_size=32"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode != 0
+  assert "use data.batch_size=128" in r.stderr, r.stderr[-2000:]
+
+
 def test_sweep_work_units():
   preset = config_util.load_config(GLM)
   plans = tpu.sweep_plans(preset, "gs://bkt/sweep", ["rl.kl_coef=0.02", "mesh.expert=16"],
@@ -150,4 +186,5 @@ def test_cli_dry_run():
   assert out.count("=== work unit") == 2
   assert "mesh {'data': 1, 'fsdp': 16, 'expert': 8, 'tensor': 1}" in out
   assert "32 hosts x 4 chips" in out and "kind: Deployment" in out
+  assert out.count("start-up checks passed") == 2
   assert "wrote " not in out  # dry run writes nothing
