@@ -47,7 +47,6 @@ GIB = float(1 << 30)
 # per-layer step over two layers (XLA:CPU's buffer assignment is not exactly affine).
 PROBES = (2, 4)
 STEPS = ("sft", "rl")
-TPU_AUTO_MOE_IMPL = "ragged"  # What model.moe_impl="auto" runs on a TPU (model/moe_dispatch.py).
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
 _FAKE_CPU = "CPU, fake devices"
 
@@ -314,10 +313,11 @@ def _notes(model_cfg: Any, device: str) -> tuple[str, ...]:
     return (f"temp is XLA:CPU's figure: MoE path {impl}, moe_block_size "
             f"{model_cfg.moe_block_size}, remat {model_cfg.remat_policy}; TPU/GPU run ragged_dot "
             f"and fuse differently (docs/performance.md)",)
-  return (f"temp is the TPU compiler's figure: MoE path {model_cfg.moe_impl} (auto's TPU "
-          f"choice unless --moe_impl), remat "
-          f"{model_cfg.remat_policy}, dtype {model_cfg.dtype}; collective counts are static HLO "
-          "instructions (a scanned layer's appear once)",)
+  return (f"temp is the TPU compiler's figure: attention {model_cfg.attention_impl}, MoE "
+          f"{model_cfg.moe_impl} experts with {model_cfg.moe_dispatch} dispatch ('auto' = the TPU "
+          f"kernels: splash, megablox gmm, all-to-all), remat {model_cfg.remat_policy}, dtype "
+          f"{model_cfg.dtype}; collective counts are static HLO instructions (a scanned layer's "
+          "appear once)",)
 
 
 def plan(config: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int], batch: int,
@@ -348,10 +348,8 @@ def plan(config: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int], batch
   model_cfg = from_config_dict(config.model)
   if moe_impl:
     model_cfg = model_cfg.replace(moe_impl=moe_impl)
-  elif device != _FAKE_CPU and model_cfg.moe_impl == "auto":
-    # "auto" resolves by jax.default_backend() at trace time, which is CPU when compiling for a
-    # topology: pin what it picks on a TPU (moe_dispatch: "ragged"), not the CPU blocked path.
-    model_cfg = model_cfg.replace(moe_impl=TPU_AUTO_MOE_IMPL)
+  # "auto" switches (attention_impl, moe_impl, moe_dispatch) resolve from the platform of the
+  # mesh's devices at trace time, so a topology compile on a CPU host picks the TPU kernels.
   optim_cfg = config.optim if "optim" in config else default_optim()
   rl_cfg = config.rl if "rl" in config else default_rl()
   rules = tuple(config.get("rules") or rules_lib.LOGICAL_RULES)
