@@ -52,7 +52,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl = ml_collections.ConfigDict()
   config.rl.mode = "async"
   config.rl.groups_per_step = args.groups
-  config.rl.max_staleness = 1
+  # Multi-hour rollouts live through many publishes: the decoupled loss below keeps them with
+  # bounded weights, and max_staleness is only the hard cap on a trajectory's oldest version
+  # (a 6 h rollout at a few minutes per step spans tens of versions).
+  config.rl.max_staleness = 64
   config.rl.publish_every = 1
   config.rl.ppo_epochs = 1
   config.rl.minibatches = 4
@@ -68,6 +71,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl.routing_replay = True
   config.rl.ratio_cap = 4.0
   config.rl.normalization = "token"
+  # Off-policy correction (rl/losses.py): clip vs the proximal policy (the params at the start of
+  # each step, recomputed on the element), tokens weighted by pi_prox / mu truncated at is_cap.
+  config.rl.off_policy = "decoupled"
+  config.rl.is_level = "token"
+  config.rl.is_mode = "truncate"
+  config.rl.is_cap = 2.0
   config.rl.prev_stage = "drain"
   config.rl.poll_s = 1.0
   config.rl.wait_timeout_s = 4 * 3600.0  # A stage's rollouts take hours.

@@ -33,15 +33,19 @@ def test_sft_and_rl_split_alike_and_never_truncate_the_prefix():
 POD = {"sft": "configs/sft_glm45_air.py", "rl": "configs/rl_glm45_air.py"}
 
 
+# v6e-256 has 256 chips (batch axes 32 x 8): SFT needs >= 256 rows, RL 4 minibatches of 256.
 @pytest.mark.parametrize("kind", sorted(POD))
-@pytest.mark.parametrize("tpu_type,fsdp,arg", [("v5p-256", 16, ""), ("v6e-256", 32, "batch=64")])
-def test_pod_configs_load_and_fit_the_mesh(kind, tpu_type, fsdp, arg):
-  c = config_util.load_config(POD[kind], arg)  # v6e-256 has 64 hosts: one row per host at least.
+@pytest.mark.parametrize("tpu_type,fsdp,args", [("v5p-256", 16, {}),
+                                                ("v6e-256", 32, {"sft": "batch=256",
+                                                                 "rl": "batch=1024"})])
+def test_pod_configs_load_and_fit_the_mesh(kind, tpu_type, fsdp, args):
+  c = config_util.load_config(POD[kind], args.get(kind, ""))
   assert from_config_dict(c.model) == get_preset("glm45_air").replace(remat_policy="full")
-  mesh = tpu.resolve_mesh(c.mesh, tpu.parse_slice(tpu_type).chips)
+  trainer_slice = tpu.parse_slice(tpu_type)
+  mesh = tpu.resolve_mesh(c.mesh, trainer_slice.chips)
   assert mesh == {"data": 1, "fsdp": fsdp, "expert": 8, "tensor": 1}
   rules_lib.check_divisible(c.model, mesh, tuple(c.rules or rules_lib.LOGICAL_RULES))
-  assert c.data.batch_size % tpu.parse_slice(tpu_type).hosts == 0
+  assert "start-up checks passed" in tpu.validate(c, trainer_slice, mesh)  # batch vs batch axes
   assert c.data.max_len == c.data.row_len == 32768 and c.optim.compute_dtype == "bfloat16"
 
 

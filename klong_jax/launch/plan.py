@@ -233,7 +233,7 @@ def _batch_abstract(step: str, model_cfg: Any, rl_cfg: Any, batch: int, seq_len:
   out = {}
   for k in keys:
     shape = (batch, seq_len)
-    dtype = jnp.float32 if k in ("logprobs", "advantages") else jnp.int32
+    dtype = jnp.float32 if k in ("logprobs", "advantages", "prox_logp") else jnp.int32
     if k == "routing":  # The sampler's expert ids per token and MoE layer.
       shape += (model_cfg.num_moe_layers, model_cfg.num_experts_per_tok)
     out[k] = jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
