@@ -5,7 +5,7 @@
 
 Part 1 compiles out, vjp(q, k, v) of one attention call (1 row x 8 heads, 2 kv heads, head_dim
 128, bf16, causal + segment ids) with the real TPU compiler for one chip of a v5p:2x2x1 topology
-(libtpu on a CPU host; ../shared/PLATFORM_NOTES.md) for reference, blockwise and splash, and
+(libtpu on a CPU host, as launch/tpu_topology.py does) for reference, blockwise and splash, and
 records temp bytes per chip and the HLO buffers with two dims >= T (a refused compile records the
 compiler's message). Part 2 times jit fwd and fwd+grad on this CPU for reference and blockwise at
 small sizes and writes the ratios (how "auto" was chosen for CPU). Writes JSON atomically.

@@ -12,7 +12,7 @@
 3. Expected bytes each dispatch moves per chip for glm45_air routing (E=128, top-8) at expert
    parallelism 4/8/16, uniform routing (the all-to-all is data dependent).
 4. CPU wall time of both dispatches on 8 fake devices (expert=8), forward and forward+grad.
-TPU numbers need libtpu (`pip install "jax[tpu]"`); recipe in ../shared/PLATFORM_NOTES.md.
+TPU numbers need libtpu (`pip install "jax[tpu]"`); recipe in launch/tpu_topology.py.
 """
 
 from __future__ import annotations
