@@ -32,9 +32,9 @@ from benchmarks import _results  # noqa: E402
 from klong_jax.kernels import attention as kernels  # noqa: E402
 from klong_jax.kernels.attention import blockwise, reference, splash  # noqa: E402
 from klong_jax.kernels.attention.dispatch import DEFAULT_BLOCKS  # noqa: E402
+from klong_jax.launch import tpu_topology  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 8, 2, 128
-_SHAPE = re.compile(r"\b(?:pred|[suf]\d+|bf16)\[([\d,]+)\]")
 
 
 def _impls(tpu: bool) -> dict:
@@ -53,16 +53,6 @@ def _fwd_bwd(fn):
     out, pullback = jax.vjp(lambda q, k, v: fn(q, k, v, seg), q, k, v)
     return (out, *pullback(do))
   return step
-
-
-def _big_buffers(hlo: str, length: int) -> list[str]:
-  """Distinct HLO shapes with at least two dims >= length, largest first."""
-  found = set()
-  for m in _SHAPE.finditer(hlo):
-    dims = [int(d) for d in m.group(1).split(",") if d]
-    if sum(d >= length for d in dims) >= 2:
-      found.add(m.group(0))
-  return sorted(found, key=lambda s: -len(s))
 
 
 def tpu_compile(impl: str, length: int, devices) -> dict:
@@ -85,7 +75,7 @@ def tpu_compile(impl: str, length: int, devices) -> dict:
     print(f"{impl:10s} T={length:6d} refused: {msg[:120]}", flush=True)
     return row
   mem = compiled.memory_analysis()
-  big = _big_buffers(compiled.as_text(), length)
+  big = tpu_topology.square_buffers(compiled.as_text(), length)
   row.update(compiled=True, compile_s=time.perf_counter() - start,
              temp_bytes=int(mem.temp_size_in_bytes),
              argument_bytes=int(mem.argument_size_in_bytes),
@@ -116,7 +106,7 @@ def tpu_compile_auto(length: int, devices) -> dict:
          "compile_s": time.perf_counter() - start,
          "temp_bytes": int(compiled.memory_analysis().temp_size_in_bytes),
          "mosaic_custom_call": "tpu_custom_call" in hlo,
-         "has_t_by_t_buffer": bool(_big_buffers(hlo, length))}
+         "has_t_by_t_buffer": bool(tpu_topology.square_buffers(hlo, length))}
   print(f"auto (4 chips) T={length:6d} temp {row['temp_bytes'] / 2**20:10.1f} MiB per chip, "
         f"splash kernel in HLO: {row['mosaic_custom_call']}", flush=True)
   return row

@@ -76,6 +76,8 @@ class Plan:
   collectives: Mapping[str, topo_lib.Collective] = dataclasses.field(default_factory=dict)
   refused: str = ""  # The TPU compiler's out-of-HBM message when it refused to compile.
   required: float | None = None  # The compiler's own figure in that message (bytes).
+  # TPU HLO shapes with two dims >= seq_len (a [T, T] score): none with linear-memory kernels.
+  square_buffers: tuple[str, ...] = ()
 
   @property
   def persistent(self) -> float:
@@ -136,6 +138,8 @@ class Plan:
       lines.append(f"  {hbm}{verdict}{share}")
     if self.collectives:
       lines += topo_lib.collectives_table(dict(self.collectives))
+      square = ", ".join(self.square_buffers[:4]) or "none"
+      lines.append(f"  HLO buffers with two dims >= seq_len {self.seq_len}: {square}")
     if not self.refused:
       lines.append(f"  compile time {self.compile_seconds:.1f} s ({self.device})")
     lines += [f"  note: {n}" for n in self.notes]
@@ -383,15 +387,19 @@ def plan(config: ml_collections.ConfigDict, mesh_sizes: Mapping[str, int], batch
                   probed_layers=() if m is None else (m,))
     runs.append(_compiled_figures(last.compiled))
     secs += last.seconds
-  found = topo_lib.collectives(last.compiled.as_text()) if device != _FAKE_CPU else {}
+  found, square = {}, ()
+  if device != _FAKE_CPU:
+    hlo = last.compiled.as_text()
+    found, square = topo_lib.collectives(hlo), tuple(topo_lib.square_buffers(hlo, seq_len))
   if not probe_layers:
-    return Plan(**base, **last.persistent, **runs[0], compile_seconds=secs, collectives=found)
+    return Plan(**base, **last.persistent, **runs[0], compile_seconds=secs, collectives=found,
+                square_buffers=square)
   # Exact persistent bytes at full depth (abstract only), compiled figures at PROBES depths.
   full = _persistent_only(model_cfg, optim_cfg, mesh, rules, batch, seq_len, step, rl_cfg)
   extra = (model_cfg.num_moe_layers - PROBES[0]) / (PROBES[1] - PROBES[0])
   figures = {k: runs[0][k] + extra * (runs[1][k] - runs[0][k]) for k in runs[0]}
   return Plan(**base, **full, **figures, probed_layers=PROBES, compile_seconds=secs,
-              collectives=found)
+              collectives=found, square_buffers=square)
 
 
 def plan_topology(config: ml_collections.ConfigDict, topology: str,

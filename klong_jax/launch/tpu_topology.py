@@ -145,6 +145,20 @@ def collectives(hlo_text: str) -> dict[str, Collective]:
   return {k: Collective(int(c), b) for k, (c, b) in out.items() if c}
 
 
+_SHAPE = re.compile(r"\b(?:pred|[suf]\d+|bf16)\[([\d,]+)\]")
+
+
+def square_buffers(hlo_text: str, length: int) -> list[str]:
+  """Distinct HLO shapes with at least two dims >= `length` (e.g. a [T, T] attention score),
+  largest first: the buffers whose size grows with the square of the sequence."""
+  found = set()
+  for m in _SHAPE.finditer(hlo_text):
+    dims = [int(d) for d in m.group(1).split(",") if d]
+    if sum(d >= length for d in dims) >= 2:
+      found.add(m.group(0))
+  return sorted(found, key=lambda s: -len(s))
+
+
 def collectives_table(found: dict[str, Collective]) -> list[str]:
   """Report lines: one per collective kind present."""
   if not found:

@@ -194,6 +194,7 @@ def test_tpu_compile_of_the_real_step_on_v5p_2x2x1(step):
   # The "auto" switches follow the mesh's platform although JAX runs on CPU here: the MoE tokens
   # travel by ragged all-to-all (expert axis 2 shares the token axes), TPU's dispatch.
   assert p.collectives["ragged-all-to-all"].count > 0, p.collectives
+  assert p.square_buffers == ()  # splash + tiled vocab loss: nothing [T, T] in the TPU HLO
   assert p.params > 0 and p.optimizer > 0 and p.batch_inputs > 0 and p.temp > 0
   assert p.arguments >= p.persistent and p.fits
   assert (p.reference == p.params) if step == "rl" else p.reference == 0.0
@@ -220,3 +221,10 @@ def test_pod_meshes_build_on_the_real_torus(spec, sizes):
     pytest.skip(problem)
   mesh = mesh_lib.make_mesh(sizes, devices=topo_lib.devices(topo_lib.parse_topology(spec)))
   assert {k: v for k, v in mesh.shape.items() if v > 1} == sizes
+
+
+def test_square_buffers_finds_t_by_t_shapes_in_hlo():
+  hlo = ("%a = bf16[1,2,4,8192,8192]{4,3,2,1,0} fusion(...)\n"
+         "%b = f32[8192,4096]{1,0} dot(...)\n%c = pred[2,8192,8192]{2,1,0} compare(...)")
+  assert topo_lib.square_buffers(hlo, 8192) == ["bf16[1,2,4,8192,8192]", "pred[2,8192,8192]"]
+  assert topo_lib.square_buffers(hlo, 8193) == []
