@@ -90,6 +90,12 @@ def gmm_ffn(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu: jax.A
   from jax.experimental.pallas.ops.tpu.megablox import ops as megablox  # TPU-only kernel.
   k = idx.shape[1]
   num_local, d, f = wg.shape
+  interpret = target_platform() != "tpu"
+  if not interpret and (d % 128 or f % 128):
+    # Mosaic needs 128-multiples on both matmul dims in every pass (the backward tiles the model
+    # dim by the expert-hidden tile), e.g. glm45_air's F=1408 split over tensor=2 is 704: there
+    # ragged_dot is the grouped matmul.
+    return ragged_ffn(x, idx, w, wg, wu, wd, offset)
   order, _, sizes, valid = sort_by_expert(idx, num_local, offset)
   rows = idx.size
   tiling = _gmm_tiling(rows, d, f)
@@ -97,7 +103,6 @@ def gmm_ffn(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu: jax.A
   in_groups = (jnp.arange(padded) < jnp.sum(sizes))[:, None]
   xs = jnp.take(x, order // k, axis=0)
   xs = jnp.where(in_groups, jnp.pad(xs, ((0, padded - rows), (0, 0))), 0)
-  interpret = target_platform() != "tpu"
 
   def mm(lhs: jax.Array, rhs: jax.Array) -> jax.Array:
     tile = _gmm_tiling(padded, lhs.shape[1], rhs.shape[2])
