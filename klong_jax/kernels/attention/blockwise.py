@@ -1,7 +1,10 @@
 """Blockwise online-softmax (flash-style) attention in pure JAX: no T x S buffer, any backend.
 
-Queries go in blocks of `block_q` (a scan), keys/values in blocks of `block_kv` (a fori_loop whose
-upper bound skips blocks wholly after the block's last query position). Scores live per
+Queries go in blocks of `block_q` (a scan), keys/values in blocks of `block_kv` (a fori_loop). For
+causal training rows (q_pos = token index) the loop stops after the block's last query index, a
+bound computed from the scan's block index alone: a bound read from the (batch-sharded) positions
+made sharded CPU runs deadlock in a collective inside the loop when devices ran different trip
+counts. Other callers (KV-cache prefill) loop over every kv block. Scores live per
 [block_q, block_kv] tile in fp32 with a running max / sum; the backward pass (`jax.custom_vjp`)
 recomputes each tile from q, k, v and the saved log-sum-exp, so neither pass holds a T x S array.
 GQA is a [K, G] split of the query heads; K/V heads are never repeated.
@@ -32,16 +35,19 @@ def _tile_mask(qp: jax.Array, qs: jax.Array, kv_seg: jax.Array, j: jax.Array,
   return mask[:, None, None]
 
 
-def _kv_blocks(qp: jax.Array, bk: int, nk: int) -> jax.Array:
-  """Number of kv blocks a query block needs: up to its largest position (0 for padding)."""
-  return jnp.clip(jnp.max(qp) // bk + 1, 0, nk)
+def _kv_blocks(i: jax.Array, bq: int, bk: int, nk: int, causal_index: bool) -> jax.Array | int:
+  """kv blocks query block `i` reads: up to its last token index when q_pos is the token index
+  (device-uniform: depends on the block index only), else all `nk`."""
+  if not causal_index:
+    return nk
+  return jnp.clip(((i + 1) * bq - 1) // bk + 1, 0, nk)
 
 
 def _scores(qi: jax.Array, kj: jax.Array, scale: float) -> jax.Array:
   return jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
 
 
-def _fwd_block(qi, qp, qs, k, v, kv_seg, bk: int):
+def _fwd_block(qi, qp, qs, k, v, kv_seg, bk: int, n_blocks):
   """One query block [B,bq,K,G,H] -> (out [B,bq,K,G,H] in q's dtype, lse [B,K,G,bq] fp32)."""
   b, bq, nkv, g, h = qi.shape
   scale = h ** -0.5
@@ -62,14 +68,14 @@ def _fwd_block(qi, qp, qs, k, v, kv_seg, bk: int):
 
   init = (jnp.zeros((b, nkv, g, bq, h), jnp.float32), jnp.full((b, nkv, g, bq), NEG, jnp.float32),
           jnp.zeros((b, nkv, g, bq), jnp.float32))
-  o, m, den = jax.lax.fori_loop(0, _kv_blocks(qp, bk, k.shape[1] // bk), body, init)
+  o, m, den = jax.lax.fori_loop(0, n_blocks, body, init)
   safe = jnp.where(den > 0, den, 1.0)
   out = o / safe[..., None]
   lse = jnp.where(den > 0, m + jnp.log(safe), _NO_ROW)
   return jnp.einsum("bkgqh->bqkgh", out).astype(qi.dtype), lse
 
 
-def _bwd_block(qi, qp, qs, do, o, lse, k, v, kv_seg, dk, dv, bk: int):
+def _bwd_block(qi, qp, qs, do, o, lse, k, v, kv_seg, dk, dv, bk: int, n_blocks):
   """Gradients of one query block: returns (dq [B,bq,K,G,H] fp32, dk, dv) with dk/dv
   [B,S,K,H] fp32 accumulated in place over the kv blocks this query block sees."""
   h = qi.shape[-1]
@@ -97,7 +103,7 @@ def _bwd_block(qi, qp, qs, do, o, lse, k, v, kv_seg, dk, dv, bk: int):
     return dq, dk, dv
 
   init = (jnp.zeros(qi.shape, jnp.float32), dk, dv)
-  return jax.lax.fori_loop(0, _kv_blocks(qp, bk, k.shape[1] // bk), body, init)
+  return jax.lax.fori_loop(0, n_blocks, body, init)
 
 
 def _blocks(x: jax.Array, bq: int) -> jax.Array:
@@ -110,32 +116,41 @@ def _unblocks(x: jax.Array) -> jax.Array:
   return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _flash(q, k, v, q_pos, q_seg, kv_seg, bq: int, bk: int):
-  return _flash_fwd(q, k, v, q_pos, q_seg, kv_seg, bq, bk)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+def _flash(q, k, v, q_pos, q_seg, kv_seg, bq: int, bk: int, causal_index: bool):
+  return _flash_fwd(q, k, v, q_pos, q_seg, kv_seg, bq, bk, causal_index)[0]
 
 
-def _flash_fwd(q, k, v, q_pos, q_seg, kv_seg, bq, bk):
+def _flash_fwd(q, k, v, q_pos, q_seg, kv_seg, bq, bk, causal_index):
+  nk = k.shape[1] // bk
+
   def step(_, xs):
-    return None, _fwd_block(*xs, k, v, kv_seg, bk)
+    i, qi, qp, qs = xs
+    return None, _fwd_block(qi, qp, qs, k, v, kv_seg, bk,
+                            _kv_blocks(i, bq, bk, nk, causal_index))
 
-  _, (o, lse) = jax.lax.scan(step, None, (_blocks(q, bq), _blocks(q_pos, bq), _blocks(q_seg, bq)))
+  blocks = _blocks(q, bq)
+  _, (o, lse) = jax.lax.scan(step, None, (jnp.arange(blocks.shape[0]), blocks,
+                                          _blocks(q_pos, bq), _blocks(q_seg, bq)))
   out = _unblocks(o)
   return out, (q, k, v, q_pos, q_seg, kv_seg, out, lse)
 
 
-def _flash_bwd(bq, bk, res, g):
+def _flash_bwd(bq, bk, causal_index, res, g):
   q, k, v, q_pos, q_seg, kv_seg, out, lse = res
+  nk = k.shape[1] // bk
 
   def step(carry, xs):
     dk, dv = carry
-    qi, qp, qs, do, o, lse_i = xs
-    dq, dk, dv = _bwd_block(qi, qp, qs, do, o, lse_i, k, v, kv_seg, dk, dv, bk)
+    i, qi, qp, qs, do, o, lse_i = xs
+    dq, dk, dv = _bwd_block(qi, qp, qs, do, o, lse_i, k, v, kv_seg, dk, dv, bk,
+                            _kv_blocks(i, bq, bk, nk, causal_index))
     return (dk, dv), dq.astype(q.dtype)  # Complete for this block: store in q's dtype.
 
   zeros = jnp.zeros(k.shape, jnp.float32)
-  xs = (_blocks(q, bq), _blocks(q_pos, bq), _blocks(q_seg, bq), _blocks(g, bq), _blocks(out, bq),
-        lse)
+  qb = _blocks(q, bq)
+  xs = (jnp.arange(qb.shape[0]), qb, _blocks(q_pos, bq), _blocks(q_seg, bq), _blocks(g, bq),
+        _blocks(out, bq), lse)
   (dk, dv), dq = jax.lax.scan(step, (zeros, zeros), xs)
   return (_unblocks(dq), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None)
 
@@ -157,9 +172,12 @@ def _round_up(n: int, m: int) -> int:
 def blockwise_attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array,
                      q_segment_ids: jax.Array | None = None,
                      kv_segment_ids: jax.Array | None = None, *,
-                     block_q: int = 512, block_kv: int = 512) -> jax.Array:
+                     block_q: int = 512, block_kv: int = 512,
+                     causal_index: bool = False) -> jax.Array:
   """q [B,T,N,H] at positions [B,T] over k/v [B,S,K,H] (slot s sees iff s <= position, same
-  segment); lengths need not divide the blocks (padded; padded queries see nothing)."""
+  segment); lengths need not divide the blocks (padded; padded queries see nothing).
+  `causal_index`: q_positions are the token indices 0..T-1 (training), so each query block reads
+  only the kv blocks up to its own index."""
   b, t, n, h = q.shape
   s, nkv = k.shape[1], k.shape[2]
   bq, bk = min(block_q, t), min(block_kv, s)
@@ -171,7 +189,7 @@ def blockwise_attend(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
   q_pos = _pad(q_positions.astype(jnp.int32), tp, -1)  # Padded queries see nothing,
   kv_seg = _pad(kv_segment_ids.astype(jnp.int32), sp, _PAD_SEGMENT)  # padded slots no one.
   out = _flash(qg, _pad(k, sp), _pad(v, sp), q_pos, _pad(q_segment_ids.astype(jnp.int32), tp),
-               kv_seg, bq, bk)
+               kv_seg, bq, bk, causal_index)
   return out[:, :t].reshape(b, t, n, h).astype(v.dtype)
 
 
@@ -181,11 +199,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array |
   b, t = q.shape[:2]
   pos = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   return blockwise_attend(q, k, v, pos, segment_ids, segment_ids, block_q=block_q,
-                          block_kv=block_kv)
+                          block_kv=block_kv, causal_index=True)
 
 
 def cache_attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, positions: jax.Array, *,
                     block_q: int = 512, block_kv: int = 512) -> jax.Array:
   """Queries at `positions` [B,T] over cache slots [B,S,K,H] (same as reference.cache_attention);
-  kv blocks past the largest position are not read."""
+  every kv block is read (masked), whatever the positions."""
   return blockwise_attend(q, k_cache, v_cache, positions, block_q=block_q, block_kv=block_kv)
