@@ -21,21 +21,10 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import _results  # noqa: E402
+from benchmarks import _results, _timing  # noqa: E402
 from klong_jax.model import moe_dispatch  # noqa: E402
 from klong_jax.model.config import get_preset  # noqa: E402
 from klong_jax.model.transformer import Transformer  # noqa: E402
-
-
-def _time(fn, *args, repeats: int = 5) -> float:
-  """Best wall-clock seconds of `repeats` calls after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
 
 
 def bench_paths(tokens: int, experts: int, top_k: int, hidden: int, ffn: int) -> dict:
@@ -56,7 +45,8 @@ def bench_paths(tokens: int, experts: int, top_k: int, hidden: int, ffn: int) ->
     grad = jax.jit(jax.grad(lambda x, idx, w, wg, wu, wd, f=fwd: jnp.sum(
         f(x, idx, w, wg, wu, wd) ** 2), argnums=(0, 3, 4, 5)))
     args = (x, idx, w, wg, wu, wd)  # idx is an argument so the routing sort is timed too.
-    t_fwd, t_grad = _time(fwd, *args), _time(grad, *args, repeats=3)
+    t_fwd = _timing.best_time(fwd, *args, repeats=5)
+    t_grad = _timing.best_time(grad, *args, repeats=3)
     results[name] = {"fwd_s": t_fwd, "fwd_tokens_per_s": tokens / t_fwd,
                      "fwd_grad_s": t_grad, "fwd_grad_tokens_per_s": tokens / t_grad}
     print(f"{name:14s} fwd {t_fwd * 1e3:8.2f} ms  fwd+grad {t_grad * 1e3:8.2f} ms", flush=True)
@@ -73,7 +63,7 @@ def bench_preset(name: str, batch: int, length: int) -> dict:
   tokens = jax.random.randint(jax.random.key(1), (batch, length), 0, cfg.vocab_size)
   positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
   fwd = nnx.jit(lambda m, t, p: m(t, p)[0])
-  seconds = _time(fwd, model, tokens, positions, repeats=3)
+  seconds = _timing.best_time(fwd, model, tokens, positions, repeats=3)
   print(f"{name:6s} forward {batch}x{length}: {batch * length / seconds:,.0f} tokens/s", flush=True)
   return {"batch": batch, "length": length, "fwd_s": seconds,
           "fwd_tokens_per_s": batch * length / seconds, "moe_impl": cfg.moe_impl}

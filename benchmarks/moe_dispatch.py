@@ -35,7 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks import _results  # noqa: E402
+from benchmarks import _results, _timing  # noqa: E402
 from klong_jax.model import moe_dispatch  # noqa: E402
 from klong_jax.model.moe import routed_experts  # noqa: E402
 from klong_jax.parallel.mesh import make_mesh  # noqa: E402
@@ -182,15 +182,6 @@ def expected_bytes(tokens_per_chip: int = 8192) -> dict:
   return {"tokens_per_chip": tokens_per_chip, "hidden": d, "experts": e, "top_k": k, **out}
 
 
-def _time(fn, *args, repeats: int = 3) -> float:
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
-
 
 def cpu_dispatch(tokens: int, experts: int = 64, top_k: int = 8, hidden: int = 256,
                  ffn: int = 128) -> dict:
@@ -211,7 +202,8 @@ def cpu_dispatch(tokens: int, experts: int = 64, top_k: int = 8, hidden: int = 2
       fwd = jax.jit(lambda *a, dispatch=dispatch: routed_experts(
           *a, impl="blocked", block_size=64, dispatch=dispatch, exchange="padded")[0])
       grad = jax.jit(jax.grad(lambda *a, f=fwd: jnp.sum(f(*a) ** 2), argnums=(0, 2, 3, 4, 5)))
-      results[dispatch] = {"fwd_s": _time(fwd, *args), "fwd_grad_s": _time(grad, *args)}
+      results[dispatch] = {"fwd_s": _timing.best_time(fwd, *args),
+                           "fwd_grad_s": _timing.best_time(grad, *args)}
       print(f"cpu {dispatch:9s} {results[dispatch]}", flush=True)
   results["a2a_over_allgather_fwd"] = results["a2a"]["fwd_s"] / results["allgather"]["fwd_s"]
   results["a2a_over_allgather_fwd_grad"] = (results["a2a"]["fwd_grad_s"] /

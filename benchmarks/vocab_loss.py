@@ -25,7 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks import _results  # noqa: E402
+from benchmarks import _results, _timing  # noqa: E402
 from klong_jax.kernels import vocab  # noqa: E402
 from klong_jax.parallel.mesh import MESH_AXES  # noqa: E402
 from klong_jax.parallel.rules import LOGICAL_RULES  # noqa: E402
@@ -91,16 +91,6 @@ def tpu_memory(topology: str, mesh_name: str, length: int, impl: vocab.VocabLoss
   return out
 
 
-def _time(fn, *args, repeats: int = 3) -> float:
-  """Best wall-clock seconds of `repeats` calls after one warm-up (compile) call."""
-  jax.block_until_ready(fn(*args))
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    best = min(best, time.perf_counter() - start)
-  return best
-
 
 def cpu_speed(tokens: int, dim: int, vocab_size: int, tiles: vocab.VocabLoss) -> dict:
   """CPU seconds of the masked CE's value_and_grad, reference vs tiled, fp32."""
@@ -114,7 +104,7 @@ def cpu_speed(tokens: int, dim: int, vocab_size: int, tiles: vocab.VocabLoss) ->
          "chunk_vocab": tiles.chunk_vocab}
   for impl in (vocab.VocabLoss("reference"), tiles):
     fn = jax.jit(jax.value_and_grad(masked_ce(impl), argnums=(0, 1)))
-    out[f"{impl.impl}_s"] = _time(fn, *args)
+    out[f"{impl.impl}_s"] = _timing.best_time(fn, *args)
     print(f"  cpu {impl.impl:9s} fwd+grad {out[f'{impl.impl}_s'] * 1e3:8.1f} ms", flush=True)
   out["tiled_over_reference"] = out["tiled_s"] / out["reference_s"]
   return out
