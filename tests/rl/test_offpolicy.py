@@ -145,70 +145,27 @@ def test_with_forced_staleness_the_decoupled_loss_learns_like_on_policy_and_ppo_
   import collections
 
   import ml_collections
-  from flax import nnx
 
-  from klong_jax.model.config import get_preset
-  from klong_jax.model.sharded import create_sharded_model
-  from klong_jax.parallel.mesh import make_mesh
-  from klong_jax.parallel.rules import LOGICAL_RULES, batch_sharding
   from klong_jax.rl.advantage import group_advantages
-  from klong_jax.train import optim
-  from klong_jax.train import step as step_lib
+  from tests.rl import bandit as bandit_lib
 
   def run(mode, lag, steps=5):
-    mesh = make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1)))
-    graphdef, params, rest = step_lib.split_model(create_sharded_model(get_preset("tiny"), mesh,
-                                                                       seed=1))
-    ocfg = ml_collections.ConfigDict(dict(
-        lr=1e-2, warmup_steps=1, total_steps=100, clip_norm=1.0, weight_decay=0.0, b1=0.9,
-        b2=0.95, eps=1e-8, final_lr_ratio=1.0, lb_coef=0.0, z_coef=0.0, expert_bias_rate=0.0,
-        compute_dtype="float32", grad_accum=1))
-    rl = ml_collections.ConfigDict(dict(
+    bandit = bandit_lib.Bandit(ml_collections.ConfigDict(dict(
         clip_low=0.2, clip_high=0.28, kl_coef=0.0, kl_estimator="k3", ratio_cap=4.0,
         normalization="token", temperature=1.0, off_policy=mode, is_cap=2.0, is_level="token",
-        is_mode="truncate"))
-    tx = optim.make_optimizer(ocfg)
-    sh = step_lib.state_shardings(params, rest, tx, mesh, LOGICAL_RULES)
-    state = step_lib.init_state(params, rest, tx, sh)
-    ref = rl_step.copy_params(state.params, sh.params)
-    bsh = batch_sharding(mesh, LOGICAL_RULES)
-    step = rl_step.make_rl_step(graphdef, tx, ocfg, rl, sh, bsh, LOGICAL_RULES)
-    logp_fn = rl_step.make_logprob_fn(graphdef, ocfg, rl, sh, bsh, LOGICAL_RULES)
-    prompt, arm_a, arm_b, g = np.arange(5, 13, dtype=np.int32), 40, 41, 16
-    n = len(prompt) + 1
-
-    def policy(params):
-      logits, _ = nnx.merge(graphdef, params, state.rest)(
-          jnp.asarray(prompt[None]), jnp.arange(len(prompt))[None],
-          jnp.ones((1, len(prompt)), jnp.int32))
-      return np.asarray(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32)), np.float64)
-
-    def update(state, ys, adv, logp):
-      tokens = np.concatenate([np.tile(prompt, (g, 1)), ys[:, None]], axis=1).astype(np.int32)
-      mask = np.zeros((g, n), np.int32)
-      mask[:, -1] = 1
-      batch = {"tokens": tokens, "positions": np.tile(np.arange(n, dtype=np.int32), (g, 1)),
-               "segment_ids": np.ones((g, n), np.int32), "loss_mask": mask,
-               "logprobs": np.where(mask > 0, logp[tokens], 0.0).astype(np.float32),
-               "advantages": (mask * np.asarray(adv, np.float32)[:, None]).astype(np.float32)}
-      if mode == "decoupled":
-        batch["prox_logp"] = np.asarray(logp_fn(state, batch))
-      return step(state, ref, batch)[0]
-
-    both = np.array([arm_a, arm_b] * (g // 2))
-    for _ in range(30):  # imitation: A and B equally
-      state = update(state, both, np.ones(g), policy(state.params))
+        is_mode="truncate")))
+    bandit.imitate()
     rng = np.random.default_rng(0)
-    old = collections.deque([policy(state.params)] * (lag + 1), maxlen=lag + 1)
-    curve = []
+    old = collections.deque([bandit.policy()] * (lag + 1), maxlen=lag + 1)
+    curve, g = [], bandit_lib.GROUP
     for _ in range(steps):
       logp = old[0]  # the policy `lag` updates ago samples this batch
       probs = np.exp(logp) / np.exp(logp).sum()
       ys = rng.choice(len(probs), size=g, p=probs)
-      adv, _, _ = group_advantages(list((ys == arm_a).astype(float)), ["g"] * g)
-      state = update(state, ys, adv, logp)
-      old.append(policy(state.params))
-      curve.append(float(np.exp(old[-1])[arm_a]))
+      adv, _, _ = group_advantages(list((ys == bandit_lib.ARM_A).astype(float)), ["g"] * g)
+      bandit.update(ys, adv, logp)
+      old.append(bandit.policy())
+      curve.append(float(np.exp(old[-1])[bandit_lib.ARM_A]))
     return np.asarray(curve)
 
   on_policy = run("none", 0)

@@ -75,60 +75,23 @@ def test_rl_step_learns_a_two_armed_bandit():
   policy that picks token A or B after a fixed prompt about 50/50 (imitation first, through the
   same step with advantage 1 on both); then sampled rollouts, reward 1 for A, group-mean
   advantages, PPO + KL. P(A) must climb near 1 (loss, advantage and logprob plumbing agree)."""
-  import jax
-  from flax import nnx
-
-  from klong_jax.parallel.rules import LOGICAL_RULES, batch_sharding
   from klong_jax.rl.advantage import group_advantages
-  from klong_jax.train import optim
+  from tests.rl import bandit as bandit_lib
 
-  mesh = make_mesh(ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1, tensor=1)))
-  model = create_sharded_model(get_preset("tiny"), mesh, seed=1)
-  graphdef, params, rest = step_lib.split_model(model)
-  ocfg = ml_collections.ConfigDict(dict(lr=1e-2, warmup_steps=1, total_steps=100, clip_norm=1.0,
-                                        weight_decay=0.0, b1=0.9, b2=0.95, eps=1e-8,
-                                        final_lr_ratio=1.0, lb_coef=0.0, z_coef=0.0,
-                                        expert_bias_rate=0.0, compute_dtype="float32",
-                                        grad_accum=1))
-  tx = optim.make_optimizer(ocfg)
-  sh = step_lib.state_shardings(params, rest, tx, mesh, LOGICAL_RULES)
-  state = step_lib.init_state(params, rest, tx, sh)
-  ref = rl_step.copy_params(state.params, sh.params)
-  step = rl_step.make_rl_step(graphdef, tx, ocfg, _rl(kl_coef=0.001), sh,
-                              batch_sharding(mesh, LOGICAL_RULES), LOGICAL_RULES)
-  prompt, arm_a, arm_b, g = np.arange(5, 13, dtype=np.int32), 40, 41, 16
-  n = len(prompt) + 1
-
-  def policy(params):
-    logits, _ = nnx.merge(graphdef, params, state.rest)(
-        jnp.asarray(prompt[None]), jnp.arange(len(prompt))[None],
-        jnp.ones((1, len(prompt)), jnp.int32))
-    return np.asarray(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32)), np.float64)
-
-  def update(state, ys, adv, logp):
-    tokens = np.concatenate([np.tile(prompt, (g, 1)), ys[:, None]], axis=1).astype(np.int32)
-    mask = np.zeros((g, n), np.int32)
-    mask[:, -1] = 1
-    batch = {"tokens": tokens, "positions": np.tile(np.arange(n, dtype=np.int32), (g, 1)),
-             "segment_ids": np.ones((g, n), np.int32), "loss_mask": mask,
-             "logprobs": np.where(mask > 0, logp[tokens], 0.0).astype(np.float32),
-             "advantages": (mask * np.asarray(adv, np.float32)[:, None]).astype(np.float32)}
-    return step(state, ref, batch)[0]
-
-  both = np.array([arm_a, arm_b] * (g // 2))
-  for _ in range(30):  # imitation: A and B equally (advantage 1 on each)
-    state = update(state, both, np.ones(g), policy(state.params))
-  p = np.exp(policy(state.params))
-  assert p[arm_a] + p[arm_b] > 0.9 and 0.25 < p[arm_a] < 0.75, (p[arm_a], p[arm_b])
-  start = p[arm_a]
+  bandit = bandit_lib.Bandit(_rl(kl_coef=0.001))
+  start = bandit.imitate()
+  p = np.exp(bandit.policy())
+  assert p[bandit_lib.ARM_A] + p[bandit_lib.ARM_B] > 0.9 and 0.25 < start < 0.75, (
+      p[bandit_lib.ARM_A], p[bandit_lib.ARM_B])
   rng = np.random.default_rng(0)
+  g = bandit_lib.GROUP
   for _ in range(15):  # RL: reward 1 for A
-    logp = policy(state.params)
+    logp = bandit.policy()
     probs = np.exp(logp) / np.exp(logp).sum()
     ys = rng.choice(len(probs), size=g, p=probs)
-    adv, _, _ = group_advantages(list((ys == arm_a).astype(float)), ["g"] * g)
-    state = update(state, ys, adv, logp)
-  end = np.exp(policy(state.params))[arm_a]
+    adv, _, _ = group_advantages(list((ys == bandit_lib.ARM_A).astype(float)), ["g"] * g)
+    bandit.update(ys, adv, logp)
+  end = np.exp(bandit.policy())[bandit_lib.ARM_A]
   assert end > 0.9 and end > start + 0.3, (start, end)
 
 
