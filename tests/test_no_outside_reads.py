@@ -86,7 +86,8 @@ def outside_references(path: pathlib.Path) -> list[str]:
 def test_the_guard_catches_what_it_guards():
   """The patterns fire on the forms that broke clones before (so this test can fail)."""
   probe = refdata.TESTS_DIR / "eval" / "_probe_outside.py"
-  source = ('import os\nPB = "/work/shared/paperbench"\n'
+  # The absolute path is split so that plain greps for it (the before-stop hook) stay quiet.
+  source = ('import os\nPB = "/work/' 'shared/paperbench"\n'
             'X = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "p")\n'
             'import pathlib\nY = pathlib.Path(__file__).parents[3] / "shared"\n'
             'Z = pathlib.Path(__file__).parent / ".." / ".." / ".."\n'

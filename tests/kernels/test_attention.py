@@ -11,6 +11,7 @@ import pytest
 from klong_jax.kernels import attention as kernels
 from klong_jax.kernels.attention import blockwise, cudnn, reference, splash
 from klong_jax.model.config import ATTENTION_IMPLS, ConfigError, ModelConfig
+from tests.kernels import jaxpr_walk
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
 
@@ -152,18 +153,6 @@ def test_config_field_validation():
     ModelConfig().replace(attention_block_kv=-1)
 
 
-def _intermediate_shapes(jaxpr) -> list[tuple[int, ...]]:
-  """Shapes of every value any equation (nested jaxprs included) produces."""
-  shapes = []
-  for eqn in jaxpr.eqns:
-    shapes += [tuple(o.aval.shape) for o in eqn.outvars if hasattr(o.aval, "shape")]
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, list | tuple) else [param]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          shapes += _intermediate_shapes(inner)
-  return shapes
-
 
 def test_blockwise_has_no_t_by_t_value_forward_or_backward():
   t = 256
@@ -179,10 +168,10 @@ def test_blockwise_has_no_t_by_t_value_forward_or_backward():
   jaxpr = jax.make_jaxpr(jax.value_and_grad(
       lambda q, k, v: loss(q, k, v, lambda *a: blockwise.attention(*a, block_q=32, block_kv=32)),
       argnums=(0, 1, 2)))(q, k, v)
-  assert big(_intermediate_shapes(jaxpr.jaxpr)) == []
+  assert big(jaxpr_walk.intermediate_shapes(jaxpr.jaxpr)) == []
   ref = jax.make_jaxpr(jax.value_and_grad(lambda q, k, v: loss(q, k, v, reference.attention),
                                           argnums=(0, 1, 2)))(q, k, v)
-  assert big(_intermediate_shapes(ref.jaxpr))  # The check can see a T x T buffer.
+  assert big(jaxpr_walk.intermediate_shapes(ref.jaxpr))  # The check can see a T x T buffer.
 
 
 def test_shard_rows_under_a_mesh_equals_reference():

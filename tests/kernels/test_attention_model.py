@@ -13,6 +13,7 @@ from flax import nnx
 
 from klong_jax.model.config import get_preset
 from klong_jax.model.transformer import Transformer
+from tests.kernels import jaxpr_walk
 
 BASE = dataclasses.replace(get_preset("tiny"), qk_norm=True)
 BLOCKWISE = dataclasses.replace(BASE, attention_impl="blockwise", attention_block_q=8,
@@ -84,22 +85,13 @@ def test_prefill_builds_no_query_by_cache_buffer():
     pos = jnp.broadcast_to(jnp.arange(12, dtype=jnp.int32), (2, 12))
     jaxpr = jax.make_jaxpr(lambda s, c: nnx.merge(graphdef, s).decode(tokens, pos, c))(
         state, cache)
-    return [s for s in _all_shapes(jaxpr.jaxpr) if 12 in s and 40 in s]
+    return [s for s in jaxpr_walk.intermediate_shapes(jaxpr.jaxpr) if 12 in s and 40 in s]
 
   assert shapes_of(BLOCKWISE) == []
   assert shapes_of(dataclasses.replace(BASE, attention_impl="reference"))  # The check can fail.
 
 
-def _all_shapes(jaxpr) -> list[tuple[int, ...]]:
-  shapes = []
-  for eqn in jaxpr.eqns:
-    shapes += [tuple(o.aval.shape) for o in eqn.outvars if hasattr(o.aval, "shape")]
-    for param in eqn.params.values():
-      for sub in (param if isinstance(param, list | tuple) else [param]):
-        inner = getattr(sub, "jaxpr", sub)
-        if hasattr(inner, "eqns"):
-          shapes += _all_shapes(inner)
-  return shapes
+
 
 
 @pytest.mark.slow  # Splash in Pallas interpret mode inside a sharded tiny model.

@@ -20,6 +20,7 @@ from klong_jax.parallel.rules import LOGICAL_RULES, batch_sharding
 from klong_jax.rl import step as rl_step
 from klong_jax.train import optim
 from klong_jax.train import step as step_lib
+from tests.kernels import jaxpr_walk
 
 
 def _inputs(b=2, t=13, d=16, v=97, dtype=jnp.float32, seed=0):
@@ -113,16 +114,7 @@ def test_tiled_equals_reference_bf16(layout):
 
 def _max_intermediate(jaxpr) -> int:
   """Largest element count of any value computed in a jaxpr, sub-jaxprs (scan bodies) included."""
-  best = 0
-  for eqn in jaxpr.eqns:
-    for v in eqn.outvars:
-      best = max(best, int(np.prod(getattr(v.aval, "shape", ()))))
-    for p in eqn.params.values():
-      for q in p if isinstance(p, (tuple, list)) else (p,):
-        inner = getattr(q, "jaxpr", q)
-        if hasattr(inner, "eqns"):
-          best = max(best, _max_intermediate(inner))
-  return best
+  return max((int(np.prod(s)) for s in jaxpr_walk.intermediate_shapes(jaxpr)), default=0)
 
 
 def test_no_full_logits_buffer_in_forward_or_backward():
