@@ -74,6 +74,45 @@ class EpisodeResult:
   malformed_calls: int
 
 
+@dataclasses.dataclass
+class EpisodeState:
+  """Everything run_episode keeps between steps, taken at a step boundary: enough to resume an
+  interrupted episode (rollout/episode_ckpt.py persists it with the sandbox workspace)."""
+
+  messages: list[dict[str, Any]]   # The full log, prefix included, with each turn's `klong`.
+  prefix_messages: int
+  steps: int                       # Actions completed (the resumed episode goes on at steps+1).
+  completion_tokens: int
+  trims: int
+  malformed_calls: int
+  refusals: int                    # Early submits refused so far (no early end).
+  retry_s: float                   # Server retry time so far (not agent time).
+  context_start: int               # Untrimmed path: context = prefix + messages[context_start:].
+  window_first: int                # Context policy path: the open window's first message.
+  clock: dict[str, float]          # clock_snapshot(): the agent time used so far.
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, d: dict[str, Any]) -> EpisodeState:
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(d) != names:
+      raise ValueError(f"episode state fields {sorted(d)} differ from {sorted(names)}: a "
+                       "checkpoint of another klong-jax version; delete it to rerun the episode")
+    return cls(**d)
+
+
+def clock_snapshot(elapsed_s: float) -> dict[str, float]:
+  """The budget clock as persisted in a checkpoint (the one place its format is defined)."""
+  return {"elapsed_s": float(elapsed_s)}
+
+
+def clock_elapsed(snapshot: dict[str, float]) -> float:
+  """Agent time a `clock_snapshot` recorded."""
+  return float(snapshot["elapsed_s"])
+
+
 def format_progress_time(seconds: float) -> str:
   """h:mm:ss with space-padded hours, like PaperBench's reminders."""
   m, s = divmod(int(seconds), 60)
@@ -201,7 +240,9 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
                 should_stop: Callable[[], bool] | None = None,
                 state: dict[str, Any] | None = None, fmt: Any = None,
                 on_request: Callable[[list[dict[str, Any]]], None] | None = None,
-                registry: ToolRegistry | None = None, parser: Any = None) -> EpisodeResult:
+                registry: ToolRegistry | None = None, parser: Any = None,
+                resume: EpisodeState | None = None,
+                on_step: Callable[[EpisodeState], None] | None = None) -> EpisodeResult:
   """Runs the agent until submit or a budget runs out; server failures raise InfraError.
 
   `fmt` (a data.chat.ChatFormat of the served model) turns on the shared context policy;
@@ -210,18 +251,32 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
   each request's messages (tests). Tool calls run through `registry` (default: the agent's
   `tools.REGISTRY`), whose schemas are offered unless `tools` is given. `parser` (the model
   family's data/tool_parsers parser) parses tool-call text an endpoint left in the content.
+  `resume` continues an interrupted episode from its state (its prefix must equal `prefix`; the
+  agent time already used counts against the budget); `on_step` receives the state after every
+  completed action (the worker's episode checkpoints, rollout/episode_ckpt.py).
   """
   registry = REGISTRY if registry is None else registry
   tools = registry.schemas if tools is None else tools
-  messages = [dict(m) for m in prefix]
+  messages = [dict(m) for m in (prefix if resume is None else resume.messages)]
   if state is not None:
     state["messages"] = messages
-  n_prefix = len(messages)
-  window = _Window(fmt, messages, tools, cfg) if fmt is not None else None
+  n_prefix = len(prefix) if resume is None else resume.prefix_messages
+  if resume is not None and [_wire(m) for m in messages[:n_prefix]] != [_wire(m) for m in prefix]:
+    raise ValueError("the resumed episode's fixed prefix differs from this task's: its "
+                     "checkpoint belongs to another task or paper version; delete it")
+  window = _Window(fmt, messages[:n_prefix], tools, cfg) if fmt is not None else None
   context = list(messages)
   start = clock()
   retry_s = 0.0
   steps = tokens = trims = malformed = refusals = 0
+  if resume is not None:
+    steps, tokens, trims = resume.steps, resume.completion_tokens, resume.trims
+    malformed, refusals, retry_s = resume.malformed_calls, resume.refusals, resume.retry_s
+    context = messages[:n_prefix] + messages[resume.context_start:]
+    if window is not None:
+      window.first = resume.window_first
+    start -= clock_elapsed(resume.clock) + retry_s  # elapsed() goes on from the checkpoint.
+  reported = steps
   end_reason = ""
 
   def elapsed() -> float:
@@ -231,8 +286,17 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     messages.append(m)
     context.append(m)
 
-  add(budget_message(cfg.time_limit_s))
+  if resume is None:
+    add(budget_message(cfg.time_limit_s))
   while True:
+    if on_step is not None and steps > reported:
+      reported = steps
+      on_step(EpisodeState(
+          messages=messages, prefix_messages=n_prefix, steps=steps, completion_tokens=tokens,
+          trims=trims, malformed_calls=malformed, refusals=refusals, retry_s=retry_s,
+          context_start=len(messages) - (len(context) - n_prefix),
+          window_first=window.first if window is not None else 0,
+          clock=clock_snapshot(elapsed())))
     if should_stop is not None and should_stop():
       end_reason = "wall_timeout"
     elif steps >= cfg.max_steps:

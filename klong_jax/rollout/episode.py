@@ -37,11 +37,13 @@ def prepare_sandbox(sb: Any, task: Any) -> None:
 
 def run_guarded(client: Any, sb: Any, prefix: list[dict[str, Any]], acfg: scaffold.AgentConfig,
                 wall_s: float, state: dict[str, Any] | None = None,
-                fmt: Any = None, parser: Any = None) -> scaffold.EpisodeResult:
+                fmt: Any = None, parser: Any = None, resume: scaffold.EpisodeState | None = None,
+                on_step: Any = None) -> scaffold.EpisodeResult:
   """Runs the scaffold; after `wall_s` the outer guard stops it and interrupts running commands
   (the episode then ends as wall_timeout and is still graded). `fmt`: the served model's chat
   format, for the shared context policy (scaffold.run_episode); `parser`: its tool-call family's
-  parser (data/tool_parsers.py), for tool-call text an endpoint left unparsed."""
+  parser (data/tool_parsers.py), for tool-call text an endpoint left unparsed. `resume` and
+  `on_step`: episode checkpoints (scaffold.run_episode, rollout/episode_ckpt.py)."""
   stop = threading.Event()
 
   def guard() -> None:
@@ -55,6 +57,7 @@ def run_guarded(client: Any, sb: Any, prefix: list[dict[str, Any]], acfg: scaffo
   timer.start()
   try:
     return scaffold.run_episode(client, sb, prefix, acfg, tools=TOOLS, should_stop=stop.is_set,
-                                state=state, fmt=fmt, parser=parser)
+                                state=state, fmt=fmt, parser=parser, resume=resume,
+                                on_step=on_step)
   finally:
     timer.cancel()

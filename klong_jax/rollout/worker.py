@@ -40,7 +40,7 @@ from klong_jax.data import storage
 from klong_jax.data.schema import Trajectory
 from klong_jax.data.shards import SUFFIX as SHARD_SUFFIX
 from klong_jax.grading import reproduce as reproduce_lib
-from klong_jax.rollout import episode, episode_config
+from klong_jax.rollout import episode, episode_ckpt, episode_config
 from klong_jax.rollout.episode_config import ROLE_DEFAULTS, EpisodeConfig
 from klong_jax.rollout.stream import open_stream, read_control
 from klong_jax.sandbox import base as sandbox_lib
@@ -74,6 +74,11 @@ class WorkerConfig:
   pause_before_publish_s: float = 0.0  # Test hook (SIGKILL window).
   version_poll_s: float = 0.5          # Sync-mode gate: how often to ask the server its version.
   claim_lease_s: float = 300.0         # gs:// streams: a claim not renewed this long is stale.
+  # Episode checkpoints (rollout/episode_ckpt.py): after an action, every this many actions
+  # and/or seconds of agent time (0 = that trigger off; both 0 = no checkpoints). A crashed or
+  # preempted rollout resumes from its last one, losing at most one interval of agent work.
+  ckpt_every_steps: int = 0
+  ckpt_every_s: float = 600.0
 
   @classmethod
   def from_fields(cls, **fields: Any) -> WorkerConfig:
@@ -164,8 +169,10 @@ class Worker:
 
   # -- one rollout ------------------------------------------------------------------------------
 
-  def rollout(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:
-    """One episode + grading; returns fields for the Trajectory (raises on infra failure)."""
+  def rollout(self, task: Any, stage: int, time_limit_s: float,
+              ckpt: episode_ckpt.EpisodeCheckpointer | None = None) -> dict[str, Any]:
+    """One episode + grading; returns fields for the Trajectory (raises on infra failure).
+    With `ckpt` the episode resumes from its last checkpoint and checkpoints as it runs."""
     ep_cfg = self.cfg.episode
     acfg = ep_cfg.agent_config(time_limit_s)
     prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
@@ -175,8 +182,17 @@ class Worker:
     tmp = tempfile.TemporaryDirectory(prefix="klong-sub-")
     with ep_cfg.sandbox() as sb:
       episode.prepare_sandbox(sb, task)
-      ep = episode.run_guarded(self.client, sb, prefix, acfg, ep_cfg.wall_s(time_limit_s),
-                               state=state, fmt=self.fmt, parser=self.parser)
+      resume, wall_s, on_step = None, ep_cfg.wall_s(time_limit_s), None
+      if ckpt is not None:
+        resume = ckpt.resume(sb)
+        if resume is not None:  # The outer guard keeps bounding the whole episode's agent time.
+          logging.info("%s: %s resumed after step %d", self.name, task.id, resume.steps)
+          wall_s = max(ep_cfg.wall_slack_s, wall_s - scaffold.clock_elapsed(resume.clock))
+
+        def on_step(st: scaffold.EpisodeState) -> None:
+          ckpt.on_step(st, sb)
+      ep = episode.run_guarded(self.client, sb, prefix, acfg, wall_s, state=state, fmt=self.fmt,
+                               parser=self.parser, resume=resume, on_step=on_step)
       host_sub = tmp.name
       files, failure = sandbox_lib.collect_submission(sb, host_sub)
     agent_s = time.time() - t0
@@ -205,15 +221,18 @@ class Worker:
             "metadata": {"end_reason": ep.end_reason, "steps": ep.steps, "trims": ep.trims,
                          "malformed_calls": ep.malformed_calls, "grade": details,
                          "reproduce_exit": res.exit_code, "temperature": ep_cfg.temperature,
-                         **failure},
+                         **(ckpt.metadata() if ckpt is not None else {}), **failure},
             "sandbox": {"backend": ep_cfg.backend}}
 
-  def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:
-    """Retries infra failures with backoff; after the last one returns an infra_error record."""
+  def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float,
+                           ckpt: episode_ckpt.EpisodeCheckpointer | None = None
+                           ) -> dict[str, Any]:
+    """Retries infra failures with backoff (from the last checkpoint, with `ckpt`); after the
+    last one returns an infra_error record."""
     err: Exception | None = None
     for attempt in range(self.cfg.infra_retries + 1):
       try:
-        return self.rollout(task, stage, time_limit_s)
+        return self.rollout(task, stage, time_limit_s, ckpt)
       except (sandbox_lib.SandboxError, client_lib.InfraError, OSError) as e:
         err = e
         logging.warning("%s: infra failure on %s (attempt %d): %s", self.name, task.id,
@@ -289,6 +308,23 @@ class Worker:
 
   # -- the loop ---------------------------------------------------------------------------------
 
+  def run_group(self, task: Any, group_id: str, ctl: Any, limit: float) -> list[bytes]:
+    """The group's G records: each rollout resumed from its checkpoint, and one that already
+    finished (a worker died later in the group) taken as recorded, not rerun or regraded."""
+    ck = episode_ckpt.CkptConfig(self.cfg.ckpt_every_steps, self.cfg.ckpt_every_s)
+    records = []
+    for i in range(self.cfg.group_size):
+      ckpt = (episode_ckpt.EpisodeCheckpointer(self.cfg.stream, group_id, i, self.name, ck)
+              if ck.enabled else None)
+      rec = ckpt.load_record() if ckpt is not None else None
+      if rec is None:
+        r = self.rollout_with_retries(task, ctl.stage, limit, ckpt)
+        rec = self.to_record(r, task.id, group_id, ctl.stage, i, ctl.policy_min_version)
+        if ckpt is not None:
+          ckpt.save_record(rec)
+      records.append(rec)
+    return records
+
   def run(self, task_dirs: list[str]) -> int:
     """Runs every unclaimed group; returns the number of groups this process published."""
     from klong_jax.tasks import load_task
@@ -320,16 +356,18 @@ class Worker:
           continue
         if self.stream.published(shard):
           self.stream.mark_done(group_id, shard, -1)
+          episode_ckpt.delete_group(self.cfg.stream, group_id)
           continue
         limit = ctl.time_limit_s or self.cfg.episode.time_limit_s
         logging.info("%s: group %s (G=%d, limit %.0fs)", self.name, group_id,
                      self.cfg.group_size, limit)
-        records = []
-        for i in range(self.cfg.group_size):
-          r = self.rollout_with_retries(task, ctl.stage, limit)
-          records.append(self.to_record(r, task.id, group_id, ctl.stage, i,
-                                        ctl.policy_min_version))
+        try:
+          records = self.run_group(task, group_id, ctl, limit)
+        except episode_ckpt.CheckpointFenced as e:
+          logging.warning("%s: group %s abandoned: %s", self.name, group_id, e)
+          continue
         self.stream.publish(group_id, shard, records, self.cfg.pause_before_publish_s)
+        episode_ckpt.delete_group(self.cfg.stream, group_id)
         published += 1
     return published
 
@@ -386,6 +424,10 @@ def _define_flags() -> None:
   flags.DEFINE_string("judge_url", "", "OpenAI-compatible judge endpoint for rubric leaves "
                       "without a programmatic check.")
   flags.DEFINE_string("judge_model", "judge", "Judge model name.")
+  flags.DEFINE_integer("ckpt_every_steps", 0, "Episode checkpoint every this many actions "
+                       "(0: off); a crashed rollout resumes from its last checkpoint.")
+  flags.DEFINE_float("ckpt_every_s", 600.0, "Episode checkpoint every this many seconds of "
+                     "agent time (0: off).")
   flags.DEFINE_float("claim_lease_s", 300.0, "gs:// streams: claims are renewed every third of "
                      "this; one not renewed this long is re-run elsewhere.")
   episode_config.define_flags("rl")
@@ -406,7 +448,8 @@ def main(argv: list[str]) -> None:
                      worker=FLAGS.worker or f"{socket.gethostname()}-{uuid.uuid4().hex[:4]}",
                      episode=ep_cfg, pause_before_publish_s=FLAGS.pause_before_publish_s,
                      judge_url=FLAGS.judge_url, judge_model=FLAGS.judge_model,
-                     claim_lease_s=FLAGS.claim_lease_s)
+                     claim_lease_s=FLAGS.claim_lease_s, ckpt_every_steps=FLAGS.ckpt_every_steps,
+                     ckpt_every_s=FLAGS.ckpt_every_s)
   run_fleet(cfg, FLAGS.num_workers)
 
 

@@ -1,0 +1,274 @@
+"""Episode checkpoints: a running rollout persists its state so a crash or preemption resumes it.
+
+Layout under the stream (local dir or gs://), one directory per rollout of a claimed group:
+  ledger/episodes/<group_id>/<index>/state.json         the last checkpoint (below)
+  ledger/episodes/<group_id>/<index>/workspace-<n>.tar  the sandbox's /workspace at that step
+  ledger/episodes/<group_id>/<index>/progress.json      steps done / agent time, every step
+  ledger/episodes/<group_id>/<index>/record.bin         the finished, graded Trajectory bytes
+state.json = {"episode": scaffold.EpisodeState (messages with exact token ids, logprobs and
+policy versions; counters; window; "clock": {"elapsed_s"}), "workspace": its tar, "resumes":
+[one entry per resume], "owner", "seq"}. The tar is written first under a new name, then
+state.json names it (local: temp + rename; gs://: if-absent upload, then a compare-and-swap on
+state.json's generation), so a reader always finds a state and the workspace of the same step.
+
+A worker that claims a group (fresh, restarted, or taking over a stale claim: stream.py) resumes
+each unfinished rollout from its checkpoint: the workspace is unpacked into a fresh sandbox and
+generation goes on with the server's current policy (recorded tokens keep their versions); the
+agent clock goes on from the recorded elapsed time, so downtime is not charged. A finished
+rollout's record is kept, so a restarted group neither reruns nor regrades it; the directory is
+deleted once the group's shard is published. On gs:// a worker whose claim was taken over fails
+its next compare-and-swap (CheckpointFenced) and abandons the group instead of racing the new
+owner. Only files are restored: processes the agent left running are gone (the agent is told).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from typing import Any
+
+from klong_jax.agent import scaffold
+from klong_jax.data import storage
+from klong_jax.sandbox import base as sandbox_lib
+
+log = logging.getLogger(__name__)
+
+SCRATCH = f"{sandbox_lib.WORKSPACE}/.klong_ckpt"  # In-sandbox staging dir for the archive.
+RESUMED_NOTE = (
+    "Note: this episode was interrupted (infrastructure) and resumed from a checkpoint after "
+    "step {step}. Your files in /workspace are as they were then; processes you had started "
+    "are no longer running.")
+
+
+class CheckpointFenced(RuntimeError):
+  """Another worker took this episode over (its claim went stale): stop, publish nothing."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CkptConfig:
+  """When a running episode is checkpointed (after an action; 0 disables that trigger)."""
+
+  every_steps: int = 0
+  every_s: float = 0.0
+
+  def __post_init__(self) -> None:
+    if self.every_steps < 0 or self.every_s < 0:
+      raise ValueError(f"episode checkpoint interval must be >= 0, got every_steps="
+                       f"{self.every_steps}, every_s={self.every_s} (0 = off)")
+
+  @property
+  def enabled(self) -> bool:
+    return bool(self.every_steps or self.every_s)
+
+
+def episode_dir(stream: str, group_id: str, index: int | None = None) -> str:
+  """Where a group's (or one rollout's) checkpoints live in the stream."""
+  parts = ["ledger", "episodes", group_id] + ([str(index)] if index is not None else [])
+  return storage.join(stream, *parts)
+
+
+def delete_group(stream: str, group_id: str) -> None:
+  """Removes a group's checkpoints (after its shard is published: they are never read again)."""
+  d = episode_dir(stream, group_id)
+  if storage.is_gcs(d):
+    storage.delete_prefix(d + "/")
+  else:
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _read(path: str) -> tuple[bytes, int] | None:
+  if storage.is_gcs(path):
+    return storage.read(path)
+  try:
+    with open(path, "rb") as f:
+      return f.read(), 0
+  except FileNotFoundError:
+    return None
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+  """Local: temp + rename; gs://: one object write (atomic)."""
+  if storage.is_gcs(path):
+    storage.write(path, data)
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+  with open(tmp, "wb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _delete(path: str) -> None:
+  if storage.is_gcs(path):
+    storage.delete(path)
+  else:
+    try:
+      os.unlink(path)
+    except FileNotFoundError:
+      pass
+
+
+def archive_workspace(sb: Any, host_tar: str) -> None:
+  """Tars the sandbox's /workspace (inside it: modes, links and .git kept) into `host_tar`."""
+  r = sb.exec(f"rm -rf {SCRATCH} && mkdir -p {SCRATCH} && tar -C {sandbox_lib.WORKSPACE} "
+              f"--exclude=./.klong_ckpt -cf {SCRATCH}/ws.tar .", timeout_s=600)
+  if not r.ok:
+    raise sandbox_lib.SandboxError(f"archiving the workspace failed: {r.output[-500:]}")
+  with tempfile.TemporaryDirectory(prefix="klong-ckpt-") as d:
+    try:
+      sb.get_dir(SCRATCH, d)
+    finally:
+      sb.exec(f"rm -rf {SCRATCH}", timeout_s=60)
+    shutil.move(os.path.join(d, "ws.tar"), host_tar)
+
+
+def restore_workspace(sb: Any, data: bytes) -> None:
+  """Unpacks an `archive_workspace` tar over the sandbox's /workspace."""
+  sb.put_files({"ws.tar": data}, dest=SCRATCH)
+  r = sb.exec(f"tar -C {sandbox_lib.WORKSPACE} -xpf {SCRATCH}/ws.tar && rm -rf {SCRATCH}",
+              timeout_s=600)
+  if not r.ok:
+    raise sandbox_lib.SandboxError(f"restoring the workspace failed: {r.output[-500:]}")
+
+
+class EpisodeCheckpointer:
+  """Checkpoints of one rollout (`index`) of a claimed group, written by worker `owner`."""
+
+  def __init__(self, stream: str, group_id: str, index: int, owner: str, cfg: CkptConfig):
+    self.dir = episode_dir(stream, group_id, index)
+    self.owner, self.cfg = owner, cfg
+    self.state_path = storage.join(self.dir, "state.json")
+    self.gcs = storage.is_gcs(self.dir)
+    self._gen: int | None = None    # state.json generation we last wrote or read (gs:// fence).
+    self._workspace: str | None = None
+    self._seq = 0
+    self.resumes: list[dict[str, Any]] = []
+    self._last_step = 0
+    self._last_s = 0.0
+    self.saves = self.skipped = 0
+
+  # -- finished records -------------------------------------------------------------------------
+
+  def load_record(self) -> bytes | None:
+    got = _read(storage.join(self.dir, "record.bin"))
+    return None if got is None else got[0]
+
+  def save_record(self, record: bytes) -> None:
+    _write_atomic(storage.join(self.dir, "record.bin"), record)
+
+  # -- resume -----------------------------------------------------------------------------------
+
+  def resume(self, sb: Any) -> scaffold.EpisodeState | None:
+    """Loads the last checkpoint into `sb` (workspace) and returns its state, or None if none.
+
+    Records the resume (worker, step, agent time; the steps a dead worker did after the
+    checkpoint, from progress.json) in state.json at once, which also takes the gs:// fence.
+    """
+    got = _read(self.state_path)
+    if got is None:
+      return None
+    try:
+      doc = json.loads(got[0])
+      ep = scaffold.EpisodeState.from_json(doc["episode"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+      raise ValueError(f"{self.state_path} is not an episode checkpoint ({e}); delete it") from None
+    self._gen = got[1]
+    self._workspace, self._seq = doc.get("workspace"), int(doc.get("seq", 0))
+    if self._workspace:
+      tar = _read(storage.join(self.dir, self._workspace))
+      if tar is None:
+        raise FileNotFoundError(f"{self.state_path} names {self._workspace}, which is missing")
+      restore_workspace(sb, tar[0])
+    elapsed = scaffold.clock_elapsed(ep.clock)
+    prog = _read(storage.join(self.dir, "progress.json"))
+    p = json.loads(prog[0]) if prog is not None else {}
+    lost_steps = max(0, int(p.get("step", ep.steps)) - ep.steps)
+    lost_s = max(0.0, float(p.get("elapsed_s", elapsed)) - elapsed) if lost_steps else 0.0
+    self.resumes = list(doc.get("resumes") or []) + [{
+        "worker": self.owner, "from_worker": doc.get("owner"), "at_step": ep.steps,
+        "not_repeated": [1, ep.steps] if ep.steps else [], "elapsed_s": round(elapsed, 3),
+        "lost_steps": lost_steps, "lost_s": round(lost_s, 3), "time": time.time()}]
+    self._last_step, self._last_s = ep.steps, elapsed
+    ep.messages.append({"role": "user", "content": RESUMED_NOTE.format(step=ep.steps)})
+    self._put_state(doc["episode"], self._workspace)  # (the note is added on the next save)
+    return ep
+
+  def metadata(self) -> dict[str, Any]:
+    """What the trajectory records about resumes: whether, how often, which steps were kept."""
+    if not self.resumes:
+      return {"resumed": False}
+    return {"resumed": True, "resume_count": len(self.resumes), "resumes": self.resumes,
+            "checkpoints": self.saves, "checkpoints_skipped": self.skipped}
+
+  # -- saving -----------------------------------------------------------------------------------
+
+  def due(self, st: scaffold.EpisodeState) -> bool:
+    c = self.cfg
+    return ((c.every_steps and st.steps - self._last_step >= c.every_steps) or
+            (c.every_s and scaffold.clock_elapsed(st.clock) - self._last_s >= c.every_s))
+
+  def on_step(self, st: scaffold.EpisodeState, sb: Any) -> None:
+    """The scaffold's per-action hook: progress always, a checkpoint when one is due."""
+    elapsed = scaffold.clock_elapsed(st.clock)
+    _write_atomic(storage.join(self.dir, "progress.json"), json.dumps(
+        {"owner": self.owner, "step": st.steps, "elapsed_s": elapsed}).encode())
+    if self.cfg.enabled and self.due(st):
+      self.save(st, sb)
+
+  def save(self, st: scaffold.EpisodeState, sb: Any) -> None:
+    """Archives the workspace, then points state.json at it (never one without the other)."""
+    self._seq += 1
+    name = f"workspace-{self._seq:06d}-{uuid.uuid4().hex[:6]}.tar"
+    path = storage.join(self.dir, name)
+    with tempfile.TemporaryDirectory(prefix="klong-ckpt-") as d:
+      tar = os.path.join(d, "ws.tar")
+      try:
+        archive_workspace(sb, tar)
+      except sandbox_lib.SubmissionError as e:  # Over max_get_bytes/files: keep the last one.
+        self.skipped += 1
+        log.warning("%s: episode checkpoint skipped at step %d: %s", self.dir, st.steps, e)
+        return
+      if self.gcs:
+        if not storage.upload(tar, path):
+          raise CheckpointFenced(f"{path} exists: another worker writes this episode")
+      else:
+        os.makedirs(self.dir, exist_ok=True)
+        tmp = storage.join(self.dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+        shutil.copyfile(tar, tmp)
+        os.replace(tmp, path)
+    old = self._workspace
+    try:
+      self._put_state(st.to_json(), name)
+    except CheckpointFenced:
+      _delete(path)
+      raise
+    if old and old != name:
+      _delete(storage.join(self.dir, old))
+    self._workspace = name
+    self._last_step, self._last_s = st.steps, scaffold.clock_elapsed(st.clock)
+    self.saves += 1
+
+  def _put_state(self, episode: dict[str, Any], workspace: str | None) -> None:
+    data = json.dumps({"format": 1, "owner": self.owner, "seq": self._seq,
+                       "workspace": workspace, "episode": episode, "resumes": self.resumes,
+                       "saved": time.time()}).encode()
+    if not self.gcs:
+      _write_atomic(self.state_path, data)
+      return
+    gen = (storage.create(self.state_path, data) if self._gen is None else
+           storage.replace(self.state_path, data, self._gen))
+    if gen is None:
+      cur = storage.read(self.state_path)  # A retried request of ours may have won.
+      if cur is None or cur[0] != data:
+        raise CheckpointFenced(f"{self.state_path} was rewritten by another worker (claim "
+                               "taken over): abandoning this episode")
+      gen = cur[1]
+    self._gen = gen
