@@ -1,0 +1,191 @@
+"""Episode checkpoints (rollout/episode_ckpt.py): an episode interrupted after a checkpoint and
+resumed in a fresh sandbox ends exactly as the uninterrupted reference run (same actions, tool
+results, token ids and logprobs, budget reminders), with downtime not charged to the agent."""
+
+import json
+
+import pytest
+
+from klong_jax.agent import client as client_lib
+from klong_jax.agent import scaffold
+from klong_jax.agent.policy_server import serve_in_thread
+from klong_jax.data import storage
+from klong_jax.rollout import episode_ckpt
+from klong_jax.sandbox.base import make_sandbox
+
+WORK = 9      # Actions that append to the workspace before the submit.
+STEP_S = 100  # Agent seconds each action takes on the fake clock (advanced by the step hook).
+
+
+class Clock:
+  def __init__(self):
+    self.t = 0.0
+
+  def __call__(self):
+    return self.t
+
+
+class Policy:
+  """Action k (= assistant turns so far + 1) appends k to work.log and prints its line count,
+  so a tool result shows whether the workspace matches the message log; then submits."""
+
+  def __init__(self, clock):
+    self.clock, self.version, self.calls = clock, 0, 0
+
+  def __call__(self, messages, tools):
+    self.calls += 1
+    k = sum(m["role"] == "assistant" for m in messages) + 1
+    klong = {"token_ids": [100 + k, 7, 8], "logprobs": [-0.01 * k, -0.5, -0.25],
+             "policy_version": self.version}
+    if k > WORK:
+      call = {"name": "submit", "arguments": json.dumps({"end_message": "done"})}
+    else:
+      call = {"name": "bash", "arguments": json.dumps(
+          {"cmd": f"echo {k} >> /workspace/submission/work.log && wc -l < "
+                  "/workspace/submission/work.log"})}
+    return {"role": "assistant", "content": f"step {k}", "klong": klong,
+            "tool_calls": [{"id": f"c{k}", "type": "function", "function": call}]}
+
+
+class Killed(Exception):
+  pass
+
+
+@pytest.fixture
+def served():
+  clock = Clock()
+  policy = Policy(clock)
+  url, stop = serve_in_thread(policy)
+  yield clock, policy, client_lib.make_client(url)
+  stop()
+
+
+PREFIX = scaffold.initial_messages("Do the task.", "PAPER", "")
+CFG = scaffold.AgentConfig(reminder_every=4, time_limit_s=1e5, retry_backoff_s=0.01)
+
+
+def _ticking(clock, hook=None):
+  """The step hook: the action took STEP_S of agent time, then `hook` (a checkpointer's)."""
+  def on_step(st):
+    clock.t += STEP_S
+    st.clock = scaffold.clock_snapshot(scaffold.clock_elapsed(st.clock) + STEP_S)
+    if hook is not None:
+      hook(st)
+  return on_step
+
+
+def _run(client, clock, ckpt=None):
+  with make_sandbox("local") as sb:
+    sb.exec("mkdir -p /workspace/submission", 10)
+    resume = ckpt.resume(sb) if ckpt is not None else None
+    hook = (lambda st: ckpt.on_step(st, sb)) if ckpt is not None else None
+    try:
+      ep = scaffold.run_episode(client, sb, PREFIX, CFG, clock=clock, resume=resume,
+                                on_step=_ticking(clock, hook))
+    finally:
+      log = sb.exec("cat /workspace/submission/work.log", 10).output
+  return ep, log
+
+
+def _strip(messages):
+  """Messages without the run-specific bits (versions, the resume note, wall-clock meta)."""
+  out = []
+  for m in messages:
+    if m.get("content", "").startswith("Note: this episode was interrupted"):
+      continue
+    m = {k: v for k, v in m.items() if k != "meta"}
+    if "klong" in m:
+      m["klong"] = {k: v for k, v in m["klong"].items() if k != "policy_version"}
+    out.append(m)
+  return out
+
+
+@pytest.mark.parametrize("where", ["local", pytest.param("gcs", marks=pytest.mark.gcs)])
+def test_resumed_episode_matches_uninterrupted(served, tmp_path, where, request):
+  clock, policy, client = served
+  ref, ref_log = _run(client, clock)
+  assert ref.steps == WORK + 1 and ref.status == "completed"
+  assert ref_log.split() == [str(k) for k in range(1, WORK + 1)]
+
+  root = request.getfixturevalue("gcs_root") if where == "gcs" else str(tmp_path)
+  ck = episode_ckpt.CkptConfig(every_steps=3)
+  clock.t, policy.calls = 0.0, 0
+  first = episode_ckpt.EpisodeCheckpointer(root, "g", 0, "w-a", ck)
+
+  def killed_after_5(st):
+    first.on_step(st, sb_holder[0])
+    if st.steps == 5:
+      raise Killed  # The worker dies after action 5; its last checkpoint is after action 3.
+
+  sb_holder = []
+  with make_sandbox("local") as sb:
+    sb_holder.append(sb)
+    sb.exec("mkdir -p /workspace/submission", 10)
+    assert first.resume(sb) is None
+    with pytest.raises(Killed):
+      scaffold.run_episode(client, sb, PREFIX, CFG, clock=clock,
+                           on_step=_ticking(clock, killed_after_5))
+  assert first.saves == 1
+  clock.t += 1e4  # Downtime: not agent time.
+  policy.version = 7  # The trainer published meanwhile: new actions use the current policy.
+  second = episode_ckpt.EpisodeCheckpointer(root, "g", 0, "w-b", ck)
+  ep, log = _run(client, clock, ckpt=second)
+
+  assert log == ref_log  # The workspace went on from action 3: no action lost or doubled.
+  assert _strip(ep.messages) == _strip(ref.messages)  # Same actions, ids, logprobs, reminders.
+  versions = [m["klong"]["policy_version"] for m in ep.messages if "klong" in m]
+  assert versions == [0] * 3 + [7] * (WORK + 1 - 3)  # Recorded tokens keep their versions.
+  assert (ep.steps, ep.completion_tokens) == (ref.steps, ref.completion_tokens)
+  assert ep.wall_s == pytest.approx(ref.wall_s)  # The budget clock skipped the downtime.
+  meta = second.metadata()
+  assert meta["resumed"] and meta["resume_count"] == 1
+  (r,) = meta["resumes"]
+  assert (r["at_step"], r["not_repeated"], r["lost_steps"]) == (3, [1, 3], 2)
+  assert r["lost_s"] == pytest.approx(2 * STEP_S) and r["from_worker"] == "w-a"
+  assert second.saves == 2  # After actions 6 and 9.
+  # The last checkpoint holds one workspace archive; the group's directory is removed at publish.
+  d = episode_ckpt.episode_dir(root, "g", 0)
+  names = ([o.path.rsplit("/", 1)[1] for o in storage.list_objects(d + "/")] if where == "gcs"
+           else [p.name for p in tmp_path.joinpath("ledger/episodes/g/0").iterdir()])
+  assert sorted(n.split("-")[0] for n in names) == ["progress.json", "state.json", "workspace"]
+  episode_ckpt.delete_group(root, "g")
+  assert (not storage.list_objects(d + "/")) if where == "gcs" else \
+      not tmp_path.joinpath("ledger/episodes/g").exists()
+
+
+def test_resume_rejects_another_tasks_checkpoint(served, tmp_path):
+  _, _, client = served
+  st = scaffold.EpisodeState(
+      messages=scaffold.initial_messages("Other task.", "P", ""), prefix_messages=3, steps=1,
+      completion_tokens=1, trims=0, malformed_calls=0, refusals=0, retry_s=0.0,
+      context_start=3, window_first=0, clock=scaffold.clock_snapshot(5.0))
+  with make_sandbox("local") as sb, pytest.raises(ValueError, match="another task"):
+    scaffold.run_episode(client, sb, PREFIX, CFG, resume=st)
+  with pytest.raises(ValueError, match="another klong-jax version"):
+    scaffold.EpisodeState.from_json({"messages": []})
+  with pytest.raises(ValueError, match="must be >= 0"):
+    episode_ckpt.CkptConfig(every_steps=-1)
+
+
+@pytest.mark.gcs
+def test_gcs_takeover_fences_the_old_writer(served, gcs_root):
+  """A worker that looked dead and lost its claim fails its next checkpoint write."""
+  _, _, client = served
+  ck = episode_ckpt.CkptConfig(every_steps=1)
+  old = episode_ckpt.EpisodeCheckpointer(gcs_root, "g", 0, "old", ck)
+  new = episode_ckpt.EpisodeCheckpointer(gcs_root, "g", 0, "new", ck)
+  with make_sandbox("local") as sb:
+    sb.exec("mkdir -p /workspace/submission", 10)
+    hits = []
+
+    def on_step(st):
+      if st.steps == 2:
+        assert new.resume(sb) is not None  # Took over after action 1.
+      hits.append(st.steps)
+      old.on_step(st, sb)
+    with pytest.raises(episode_ckpt.CheckpointFenced, match="another worker"):
+      scaffold.run_episode(client, sb, PREFIX, CFG, on_step=on_step)
+  assert hits == [1, 2]
+  doc = json.loads(storage.read(f"{gcs_root}/ledger/episodes/g/0/state.json")[0])
+  assert doc["owner"] == "new" and doc["episode"]["steps"] == 1
+  assert len([o for o in storage.list_objects(gcs_root + "/") if "workspace-" in o.path]) == 1
