@@ -165,3 +165,37 @@ def test_batches_carry_recorded_routing_aligned_with_tokens(tmp_path):
     if it.last_info["element_last"]:
       break
   assert seen > 0
+
+
+def test_resumed_rollout_spanning_a_kill_is_judged_by_its_oldest_token(tmp_path):
+  """An episode checkpointed, killed and resumed (rollout/episode_ckpt.py) mixes tokens sampled
+  before the kill (version 2) and after it (version 9, the policy current at the resume): the
+  hard cap measures its oldest token, and a kept one reaches the batch with per-token versions
+  (what the decoupled loss and the staleness metrics read)."""
+  from klong_jax.data import shards
+  from tests.rl.fakes import make_trajectory
+
+  def publish(name, seed, resumed):
+    trajs = []
+    for i in range(2):
+      t = make_trajectory(f"{name}-{i}", f"t{name}-s0", float(i), version=2 if resumed else 9,
+                          seed=seed + i, metadata={"resumed": resumed})
+      sampled = np.flatnonzero(t.policy_version >= 0)
+      t.policy_version[sampled[len(sampled) // 2:]] = 9  # generated after the resume
+      trajs.append(t)
+    path = os.path.join(tmp_path, "0", f"{name}.array_record")
+    shards.write_shard(path, [t.to_bytes() for t in trajs])
+    os.utime(path, ns=(seed + 1, seed + 1))
+
+  publish("a", 0, resumed=True)
+  publish("b", 10, resumed=False)
+  it = iter(StreamDataset(_cfg(tmp_path, groups_per_step=1, batch_size=8, max_staleness=7)))
+  it.set_policy_version(10)
+  next(it)  # group a: 10 - 2 > 7, dropped whole (the hard cap); then the fresh group b
+  assert it.counters["dropped_stale"] == 2 and it.counters["trajectories_used"] == 2
+  it2 = iter(StreamDataset(_cfg(tmp_path, groups_per_step=1, batch_size=8, max_staleness=8)))
+  it2.set_policy_version(10)
+  batch = next(it2)
+  assert it2.counters["dropped_stale"] == 0 and it2.counters["trajectories_used"] == 2
+  pv = batch["policy_version"][batch["loss_mask"] > 0]
+  assert set(np.unique(pv).tolist()) == {2, 9}

@@ -31,7 +31,7 @@ pytestmark = pytest.mark.subprocess
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TASKS = ("arith-1", "collatz-1", "arith-2")  # N = 3 episodes (group size 1).
-WORK = 8      # Work actions per episode before the scripted teacher solves and submits.
+WORK = 7      # Work actions per episode before the scripted teacher solves and submits.
 EVERY = 3     # ckpt_every_steps.
 KILLS = 3     # K.
 
@@ -54,7 +54,7 @@ class LongPolicy:
              "policy_version": self.version}
     if k <= WORK:
       cmd = (f"cd /workspace/submission && echo {k} >> work.log && wc -l < work.log"
-             + (f" && echo {uuid.uuid4().hex} > tag.txt" if k == 1 else "") + " && sleep 0.1")
+             + (f" && echo {uuid.uuid4().hex} > tag.txt" if k == 1 else "") + " && sleep 0.05")
       return {"role": "assistant", "content": f"Work step {k}.", "klong": klong,
               "tool_calls": [{"id": f"w{k}", "type": "function", "function": {
                   "name": "bash", "arguments": json.dumps({"cmd": cmd})}}]}
