@@ -189,3 +189,27 @@ def test_gcs_takeover_fences_the_old_writer(served, gcs_root):
   doc = json.loads(storage.read(f"{gcs_root}/ledger/episodes/g/0/state.json")[0])
   assert doc["owner"] == "new" and doc["episode"]["steps"] == 1
   assert len([o for o in storage.list_objects(gcs_root + "/") if "workspace-" in o.path]) == 1
+
+
+@pytest.mark.parametrize("backend", ["local", pytest.param("docker", marks=pytest.mark.docker)])
+def test_workspace_archive_restores_into_a_fresh_sandbox(backend, tmp_path, request):
+  """The checkpoint's workspace archive keeps what a file copy would lose: modes, symlinks, a
+  git history; the archive's staging dir never stays in the workspace."""
+  limits = {"image": request.getfixturevalue("image")} if backend == "docker" else {}
+  setup = ("cd /workspace/submission && printf '#!/bin/sh\\necho ran\\n' > run && chmod 755 run "
+           "&& ln -s run link && mkdir -p d/e && echo deep > d/e/f && git init -q . && "
+           "git -c user.email=a@b -c user.name=a add -A && "
+           "git -c user.email=a@b -c user.name=a commit -qm first")
+  check = ("cd /workspace/submission && ./link && test -x run && test -L link && cat d/e/f && "
+           "git log --format=%s && ls -a /workspace")
+  tar = str(tmp_path / "ws.tar")
+  with make_sandbox(backend, **limits) as sb:
+    assert sb.exec(f"mkdir -p /workspace/submission && {setup}", 60).ok
+    want = sb.exec(check, 60)
+    episode_ckpt.archive_workspace(sb, tar)
+    assert ".klong_ckpt" not in sb.exec("ls -a /workspace", 30).output
+  with make_sandbox(backend, **limits) as fresh:
+    episode_ckpt.restore_workspace(fresh, open(tar, "rb").read())
+    got = fresh.exec(check, 60)
+  assert want.ok and got.ok, (want.output, got.output)
+  assert got.output == want.output and "ran\ndeep\nfirst" in got.output
