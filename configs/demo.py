@@ -116,6 +116,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.workers.max_steps = 40
   c.workers.time_limit_s = 60.0     # Used before the trainer writes control.json.
   c.workers.reproduce_timeout_s = 30.0
+  c.workers.ckpt_every_s = 600.0    # Episode checkpoint interval, agent seconds (0 = none).
   # Sampling temperature of the RL rollouts; the trainer's rl.temperature is set to it. At 1.0
   # the tiny policy garbles long code (held-out reward 0.11 after SFT, seed 0); at 0.6 it is
   # 0.31 and RL groups have reward spread to learn from.

@@ -104,4 +104,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.workers.group_size = 8      # Rollouts per task (the RL group).
   config.workers.max_steps = 1000
   config.workers.time_limit_s = 7200.0  # Used before the trainer writes control.json.
+  # Episode checkpoints (rollout/episode_ckpt.py) every this many seconds of agent time: a
+  # preempted or crashed multi-hour rollout resumes there, losing at most this much agent work.
+  config.workers.ckpt_every_s = 600.0
   return config

@@ -324,6 +324,8 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
         "group_size": ctx.get("group_size", 8), "rounds": 1_000_000, "num_workers": 1,
         "max_steps": ctx.get("max_steps", 1000),
         "time_limit_s": ctx.get("time_limit_s", 7200.0),
+        # Episode checkpoints in the bucket: a restarted or replacing pod resumes the rollout.
+        "ckpt_every_s": ctx.get("ckpt_every_s", 600.0),
         # The trainer's context policy and temperature: chunks = the contexts sampled under.
         "context_tokens": merged.data.max_len, "context_overlap": merged.data.overlap,
         "max_completion_tokens": merged.data.completion_tokens,

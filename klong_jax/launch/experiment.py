@@ -235,6 +235,7 @@ def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, token
       "shuffle_seed": c.workers.shuffle_seed,
       "backend": c.backend, "max_steps": max_steps, "time_limit_s": time_limit_s,
       "reproduce_timeout_s": c.workers.reproduce_timeout_s,
+      "ckpt_every_s": c.workers.get("ckpt_every_s", 600.0),
       **context_flags(c),
       "temperature": temperature, "routing_replay": routing_replay,
       # Rubrics with LLM-graded leaves: the judge endpoint (key from $KLONG_JUDGE_API_KEY).
