@@ -116,6 +116,11 @@ def _delete(path: str) -> None:
       pass
 
 
+def _plain(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """Messages without bookkeeping keys (for comparing a checkpoint's prefix with the task's)."""
+  return [{k: v for k, v in m.items() if k not in ("klong", "meta")} for m in messages]
+
+
 def archive_workspace(sb: Any, host_tar: str) -> None:
   """Tars the sandbox's /workspace (inside it: modes, links and .git kept) into `host_tar`."""
   r = sb.exec(f"rm -rf {SCRATCH} && mkdir -p {SCRATCH} && tar -C {sandbox_lib.WORKSPACE} "
@@ -166,21 +171,29 @@ class EpisodeCheckpointer:
 
   # -- resume -----------------------------------------------------------------------------------
 
-  def resume(self, sb: Any) -> scaffold.EpisodeState | None:
+  def resume(self, sb: Any, prefix: list[dict[str, Any]] | None = None
+             ) -> scaffold.EpisodeState | None:
     """Loads the last checkpoint into `sb` (workspace) and returns its state, or None if none.
 
     Records the resume (worker, step, agent time; the steps a dead worker did after the
     checkpoint, from progress.json) in state.json at once, which also takes the gs:// fence.
+    A checkpoint that cannot be used (unreadable, another klong-jax version, or a fixed prefix
+    other than `prefix`: the task changed) is logged and the episode starts afresh (a worker
+    fleet must not crash-loop on it); the fresh run's first checkpoint replaces it.
     """
     got = _read(self.state_path)
     if got is None:
       return None
+    self._gen = got[1]
     try:
       doc = json.loads(got[0])
       ep = scaffold.EpisodeState.from_json(doc["episode"])
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-      raise ValueError(f"{self.state_path} is not an episode checkpoint ({e}); delete it") from None
-    self._gen = got[1]
+      if prefix is not None and _plain(ep.messages[:ep.prefix_messages]) != _plain(prefix):
+        raise ValueError("its fixed prefix differs from the task's (the task changed)")
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+      log.error("%s is not a usable episode checkpoint (%s): the episode starts afresh",
+                self.state_path, e)
+      return None
     self._workspace, self._seq = doc.get("workspace"), int(doc.get("seq", 0))
     if self._workspace:
       tar = _read(storage.join(self.dir, self._workspace))

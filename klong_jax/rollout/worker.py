@@ -184,7 +184,7 @@ class Worker:
       episode.prepare_sandbox(sb, task)
       resume, wall_s, on_step = None, ep_cfg.wall_s(time_limit_s), None
       if ckpt is not None:
-        resume = ckpt.resume(sb)
+        resume = ckpt.resume(sb, prefix)
         if resume is not None:  # The outer guard keeps bounding the whole episode's agent time.
           logging.info("%s: %s resumed after step %d", self.name, task.id, resume.steps)
           wall_s = max(ep_cfg.wall_slack_s, wall_s - scaffold.clock_elapsed(resume.clock))
@@ -195,7 +195,9 @@ class Worker:
                                parser=self.parser, resume=resume, on_step=on_step)
       host_sub = tmp.name
       files, failure = sandbox_lib.collect_submission(sb, host_sub)
-    agent_s = time.time() - t0
+    agent_s = time.time() - t0  # (+ the agent time of the runs before a resume)
+    if ckpt is not None and resume is not None:
+      agent_s += scaffold.clock_elapsed(resume.clock)
     if failure:
       logging.warning("%s: %s: submission graded as empty: %s", self.name, task.id,
                       failure["failure_detail"])

@@ -163,6 +163,14 @@ def test_resume_rejects_another_tasks_checkpoint(served, tmp_path):
     scaffold.run_episode(client, sb, PREFIX, CFG, resume=st)
   with pytest.raises(ValueError, match="another klong-jax version"):
     scaffold.EpisodeState.from_json({"messages": []})
+  # A worker finding such a checkpoint (or a torn/foreign one) starts afresh, never crash-loops.
+  ck = episode_ckpt.EpisodeCheckpointer(str(tmp_path), "g", 0, "w", episode_ckpt.CkptConfig(1))
+  ck._put_state(st.to_json(), None)
+  with make_sandbox("local") as sb:
+    assert ck.resume(sb, PREFIX) is None and not ck.resumes
+    assert ck.resume(sb, st.messages[:3]).steps == 1  # its own task's prefix: resumed
+    (tmp_path / "ledger/episodes/g/0/state.json").write_text("{not json")
+    assert ck.resume(sb, PREFIX) is None
   with pytest.raises(ValueError, match="must be >= 0"):
     episode_ckpt.CkptConfig(every_steps=-1)
 
