@@ -74,8 +74,8 @@ def _ticking(clock, hook=None):
   return on_step
 
 
-def _run(client, clock, ckpt=None):
-  with make_sandbox("local") as sb:
+def _run(client, clock, ckpt=None, sandbox=("local", {})):
+  with make_sandbox(sandbox[0], **sandbox[1]) as sb:
     sb.exec("mkdir -p /workspace/submission", 10)
     resume = ckpt.resume(sb) if ckpt is not None else None
     hook = (lambda st: ckpt.on_step(st, sb)) if ckpt is not None else None
@@ -100,10 +100,14 @@ def _strip(messages):
   return out
 
 
-@pytest.mark.parametrize("where", ["local", pytest.param("gcs", marks=pytest.mark.gcs)])
+@pytest.mark.parametrize("where", ["local", pytest.param("gcs", marks=pytest.mark.gcs),
+                                   pytest.param("docker", marks=pytest.mark.docker)])
 def test_resumed_episode_matches_uninterrupted(served, tmp_path, where, request):
+  """Storage local or gs:// (local sandboxes), or local storage with docker sandboxes."""
   clock, policy, client = served
-  ref, ref_log = _run(client, clock)
+  sandbox = ("docker", {"image": request.getfixturevalue("image")}) if where == "docker" else \
+      ("local", {})
+  ref, ref_log = _run(client, clock, sandbox=sandbox)
   assert ref.steps == WORK + 1 and ref.status == "completed"
   assert ref_log.split() == [str(k) for k in range(1, WORK + 1)]
 
@@ -118,7 +122,7 @@ def test_resumed_episode_matches_uninterrupted(served, tmp_path, where, request)
       raise Killed  # The worker dies after action 5; its last checkpoint is after action 3.
 
   sb_holder = []
-  with make_sandbox("local") as sb:
+  with make_sandbox(sandbox[0], **sandbox[1]) as sb:
     sb_holder.append(sb)
     sb.exec("mkdir -p /workspace/submission", 10)
     assert first.resume(sb) is None
@@ -129,7 +133,7 @@ def test_resumed_episode_matches_uninterrupted(served, tmp_path, where, request)
   clock.t += 1e4  # Downtime: not agent time.
   policy.version = 7  # The trainer published meanwhile: new actions use the current policy.
   second = episode_ckpt.EpisodeCheckpointer(root, "g", 0, "w-b", ck)
-  ep, log = _run(client, clock, ckpt=second)
+  ep, log = _run(client, clock, ckpt=second, sandbox=sandbox)
 
   assert log == ref_log  # The workspace went on from action 3: no action lost or doubled.
   assert _strip(ep.messages) == _strip(ref.messages)  # Same actions, ids, logprobs, reminders.
