@@ -141,8 +141,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # default `limits`); a step = one element of 4 groups x 4 rollouts, trained in
   # ceil(loss rows / 8) updates of 8 packed rows (2 for most elements), a version published per
   # step. docs/results.md has the variants measured.
+  # off_policy: rl_tiny's rl.off_policy ("none" | "decoupled"), here so the command line can
+  # set it (--config.rl.args.off_policy=decoupled).
   c.rl.args = ml_collections.ConfigDict(dict(
-      steps=9, stage_steps=3, batch=16, groups=4, staleness=2, publish=1, minibatches=2))
+      steps=9, stage_steps=3, batch=16, groups=4, staleness=2, publish=1, minibatches=2,
+      off_policy="none"))
   # MoE routing replay (R3): workers record each token's expert ids, the trainer replays them.
   c.rl.routing_replay = True
   c.rl.mode = "async"               # async | sync (the baseline).
