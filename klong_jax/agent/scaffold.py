@@ -290,13 +290,14 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     add(budget_message(cfg.time_limit_s))
   while True:
     if on_step is not None and steps > reported:
-      reported = steps
+      reported, t0 = steps, clock()
       on_step(EpisodeState(
           messages=messages, prefix_messages=n_prefix, steps=steps, completion_tokens=tokens,
           trims=trims, malformed_calls=malformed, refusals=refusals, retry_s=retry_s,
           context_start=len(messages) - (len(context) - n_prefix),
           window_first=window.first if window is not None else 0,
           clock=clock_snapshot(elapsed())))
+      retry_s += clock() - t0  # Checkpointing is infra time, like retries: not the agent's.
     if should_stop is not None and should_stop():
       end_reason = "wall_timeout"
     elif steps >= cfg.max_steps:

@@ -229,12 +229,19 @@ class EpisodeCheckpointer:
             (c.every_s and scaffold.clock_elapsed(st.clock) - self._last_s >= c.every_s))
 
   def on_step(self, st: scaffold.EpisodeState, sb: Any) -> None:
-    """The scaffold's per-action hook: progress always, a checkpoint when one is due."""
+    """The scaffold's per-action hook: progress always, a checkpoint when one is due. A failed
+    write (sandbox, storage) is logged and skipped, never the episode's end; only a fence is."""
     elapsed = scaffold.clock_elapsed(st.clock)
-    _write_atomic(storage.join(self.dir, "progress.json"), json.dumps(
-        {"owner": self.owner, "step": st.steps, "elapsed_s": elapsed}).encode())
-    if self.cfg.enabled and self.due(st):
-      self.save(st, sb)
+    try:
+      _write_atomic(storage.join(self.dir, "progress.json"), json.dumps(
+          {"owner": self.owner, "step": st.steps, "elapsed_s": elapsed}).encode())
+      if self.cfg.enabled and self.due(st):
+        self.save(st, sb)
+    except CheckpointFenced:
+      raise
+    except Exception:  # noqa: BLE001 - the next interval retries; the episode goes on.
+      self.skipped += 1
+      log.exception("%s: episode checkpoint after step %d failed", self.dir, st.steps)
 
   def save(self, st: scaffold.EpisodeState, sb: Any) -> None:
     """Archives the workspace, then points state.json at it (never one without the other)."""

@@ -14,7 +14,7 @@ from klong_jax.rollout import episode_ckpt
 from klong_jax.sandbox.base import make_sandbox
 
 WORK = 9      # Actions that append to the workspace before the submit.
-STEP_S = 100  # Agent seconds each action takes on the fake clock (advanced by the step hook).
+STEP_S = 100  # Agent seconds each tool command takes on the fake clock.
 
 
 class Clock:
@@ -64,24 +64,30 @@ PREFIX = scaffold.initial_messages("Do the task.", "PAPER", "")
 CFG = scaffold.AgentConfig(reminder_every=4, time_limit_s=1e5, retry_backoff_s=0.01)
 
 
-def _ticking(clock, hook=None):
-  """The step hook: the action took STEP_S of agent time, then `hook` (a checkpointer's)."""
-  def on_step(st):
-    clock.t += STEP_S
-    st.clock = scaffold.clock_snapshot(scaffold.clock_elapsed(st.clock) + STEP_S)
-    if hook is not None:
-      hook(st)
-  return on_step
+class Ticking:
+  """The agent's view of a sandbox: each command takes STEP_S on the fake clock (the
+  checkpointer uses the sandbox itself, whose time the scaffold does not charge either)."""
+
+  def __init__(self, sb, clock):
+    self.sb, self.clock = sb, clock
+
+  def exec(self, *a, **kw):
+    self.clock.t += STEP_S
+    return self.sb.exec(*a, **kw)
+
+  def __getattr__(self, name):
+    return getattr(self.sb, name)
 
 
 def _run(client, clock, ckpt=None, sandbox=("local", {})):
   with make_sandbox(sandbox[0], **sandbox[1]) as sb:
     sb.exec("mkdir -p /workspace/submission", 10)
     resume = ckpt.resume(sb) if ckpt is not None else None
-    hook = (lambda st: ckpt.on_step(st, sb)) if ckpt is not None else None
+    # Checkpoints take (fake) time too: infra time, never charged to the agent's budget.
+    hook = (lambda st: ckpt.on_step(st, Ticking(sb, clock))) if ckpt is not None else None
     try:
-      ep = scaffold.run_episode(client, sb, PREFIX, CFG, clock=clock, resume=resume,
-                                on_step=_ticking(clock, hook))
+      ep = scaffold.run_episode(client, Ticking(sb, clock), PREFIX, CFG, clock=clock,
+                                resume=resume, on_step=hook)
     finally:
       log = sb.exec("cat /workspace/submission/work.log", 10).output
   return ep, log
@@ -127,8 +133,8 @@ def test_resumed_episode_matches_uninterrupted(served, tmp_path, where, request)
     sb.exec("mkdir -p /workspace/submission", 10)
     assert first.resume(sb) is None
     with pytest.raises(Killed):
-      scaffold.run_episode(client, sb, PREFIX, CFG, clock=clock,
-                           on_step=_ticking(clock, killed_after_5))
+      scaffold.run_episode(client, Ticking(sb, clock), PREFIX, CFG, clock=clock,
+                           on_step=killed_after_5)
   assert first.saves == 1
   clock.t += 1e4  # Downtime: not agent time.
   policy.version = 7  # The trainer published meanwhile: new actions use the current policy.
@@ -140,7 +146,9 @@ def test_resumed_episode_matches_uninterrupted(served, tmp_path, where, request)
   versions = [m["klong"]["policy_version"] for m in ep.messages if "klong" in m]
   assert versions == [0] * 3 + [7] * (WORK + 1 - 3)  # Recorded tokens keep their versions.
   assert (ep.steps, ep.completion_tokens) == (ref.steps, ref.completion_tokens)
-  assert ep.wall_s == pytest.approx(ref.wall_s)  # The budget clock skipped the downtime.
+  # The budget clock skipped the downtime and the checkpoints' own time (2 execs each).
+  assert ep.wall_s - ep.retry_s == pytest.approx(ref.wall_s - ref.retry_s)
+  assert ep.retry_s == pytest.approx(2 * 2 * STEP_S) and ref.retry_s == 0
   meta = second.metadata()
   assert meta["resumed"] and meta["resume_count"] == 1
   (r,) = meta["resumes"]
