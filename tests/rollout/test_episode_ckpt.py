@@ -233,3 +233,53 @@ def test_workspace_archive_restores_into_a_fresh_sandbox(backend, tmp_path, requ
     got = fresh.exec(check, 60)
   assert want.ok and got.ok, (want.output, got.output)
   assert got.output == want.output and "ran\ndeep\nfirst" in got.output
+
+
+class FailsOnce:
+  """LongPolicy whose server fails every request for action 5 until the episode was resumed:
+  an infrastructure failure the worker retries (from the last checkpoint)."""
+
+  def __init__(self, gradelog):
+    from tests.rollout.test_episode_faults import LongPolicy
+    self.inner = LongPolicy(gradelog)
+
+  def __call__(self, messages, tools):
+    k = sum(m.get("role") == "assistant" for m in messages) + 1
+    if k == 5 and not any("was interrupted" in str(m.get("content")) for m in messages):
+      raise RuntimeError("server down")
+    return self.inner(messages, tools)
+
+
+def test_worker_infra_retry_resumes_from_the_checkpoint(tmp_path):
+  """A rollout whose model server fails mid-episode is retried from its last checkpoint (not
+  from the prompt), graded once, and its checkpoints are gone after the publish."""
+  import shutil
+
+  from klong_jax.data.schema import from_bytes
+  from klong_jax.data.shards import list_shards, read_shard
+  from klong_jax.data.tokenizer import default_tokenizer
+  from klong_jax.rollout.worker import Worker, WorkerConfig
+  from klong_jax.tasks import bundled_tasks_dir
+  from tests.rollout.test_episode_faults import WORK
+
+  tasks = tmp_path / "tasks"
+  shutil.copytree(f"{bundled_tasks_dir()}/arith-1", tasks / "arith-1")
+  policy = FailsOnce(tmp_path / "grades.log")
+  url, stop = serve_in_thread(policy)
+  try:
+    w = Worker(WorkerConfig.from_fields(
+        server=url, tasks=str(tasks), stream=str(tmp_path / "s"),
+        tokenizer=default_tokenizer(tmp_path / "tok").path, group_size=1, backend="local",
+        max_steps=WORK + 4, time_limit_s=600.0, reproduce_timeout_s=60.0, worker="w",
+        request_retries=0, infra_backoff_s=0.0, ckpt_every_steps=3, ckpt_every_s=0.0,
+        routing_replay=False))
+    assert w.run([str(tasks / "arith-1")]) == 1
+  finally:
+    stop()
+  (t,) = [from_bytes(r) for s in list_shards(str(tmp_path / "s")) for r in read_shard(s)]
+  assert t.status == "completed" and t.reward == 1.0, t.metadata
+  assert t.metadata["resume_count"] == 1 and t.metadata["resumes"][0]["at_step"] == 3
+  reqs = [policy.inner.requests[k] for k in sorted(policy.inner.requests)]
+  assert reqs == [1, 1, 1, 2] + [1] * (len(reqs) - 4)  # action 4 was lost (after the ckpt)
+  assert (tmp_path / "grades.log").read_text().count("\n") == 1
+  assert not (tmp_path / "s" / "ledger" / "episodes" / "arith-1-s0-r0").exists()
