@@ -190,15 +190,16 @@ class EpisodeCheckpointer:
       ep = scaffold.EpisodeState.from_json(doc["episode"])
       if prefix is not None and _plain(ep.messages[:ep.prefix_messages]) != _plain(prefix):
         raise ValueError("its fixed prefix differs from the task's (the task changed)")
+      workspace = doc.get("workspace")
+      tar = _read(storage.join(self.dir, workspace)) if workspace else None
+      if workspace and tar is None:
+        raise ValueError(f"its workspace archive {workspace} is missing")
     except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
       log.error("%s is not a usable episode checkpoint (%s): the episode starts afresh",
                 self.state_path, e)
       return None
-    self._workspace, self._seq = doc.get("workspace"), int(doc.get("seq", 0))
-    if self._workspace:
-      tar = _read(storage.join(self.dir, self._workspace))
-      if tar is None:
-        raise FileNotFoundError(f"{self.state_path} names {self._workspace}, which is missing")
+    self._workspace, self._seq = workspace, int(doc.get("seq", 0))
+    if tar is not None:
       restore_workspace(sb, tar[0])
     elapsed = scaffold.clock_elapsed(ep.clock)
     prog = _read(storage.join(self.dir, "progress.json"))

@@ -181,6 +181,8 @@ def test_resume_rejects_another_tasks_checkpoint(served, tmp_path):
   with make_sandbox("local") as sb:
     assert ck.resume(sb, PREFIX) is None and not ck.resumes
     assert ck.resume(sb, st.messages[:3]).steps == 1  # its own task's prefix: resumed
+    ck._put_state(st.to_json(), "workspace-gone.tar")  # its archive was removed
+    assert ck.resume(sb, st.messages[:3]) is None
     (tmp_path / "ledger/episodes/g/0/state.json").write_text("{not json")
     assert ck.resume(sb, PREFIX) is None
   with pytest.raises(ValueError, match="must be >= 0"):
