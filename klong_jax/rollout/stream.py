@@ -5,6 +5,8 @@ Layout under `<stream>`:
   <stage>/<worker>-<seq>.array_record one shard per finished group (temp name + rename)
   ledger/claims/<group_id>.json      who runs a group and which shard path it will publish
   ledger/done/<group_id>.json        written after the shard is published
+  ledger/episodes/<group_id>/<i>/    a running rollout's checkpoints (episode_ckpt.py), deleted
+                                     after the group's shard is published
 Exactly-once: a group's shard path is fixed when it is first claimed; a restarted worker that
 finds the shard already published only writes the done entry, otherwise it re-runs the group
 and publishes to the same path. Claims are taken with an atomic hard link (local filesystems);
