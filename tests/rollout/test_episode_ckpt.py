@@ -285,3 +285,65 @@ def test_worker_infra_retry_resumes_from_the_checkpoint(tmp_path):
   assert reqs == [1, 1, 1, 2] + [1] * (len(reqs) - 4)  # action 4 was lost (after the ckpt)
   assert (tmp_path / "grades.log").read_text().count("\n") == 1
   assert not (tmp_path / "s" / "ledger" / "episodes" / "arith-1-s0-r0").exists()
+
+
+class Kill(BaseException):
+  """A stand-in for SIGKILL inside the process: nothing catches it."""
+
+
+def test_group_killed_in_its_second_rollout_keeps_the_first_as_graded(tmp_path, monkeypatch):
+  """G=2: the worker dies during rollout 1; the worker taking the claim over publishes rollout
+  0's recorded trajectory (not rerun, not regraded) and resumes rollout 1 from its checkpoint."""
+  import shutil
+
+  from klong_jax.data.schema import from_bytes
+  from klong_jax.data.shards import list_shards, read_shard
+  from klong_jax.data.tokenizer import default_tokenizer
+  from klong_jax.rollout.worker import Worker, WorkerConfig
+  from klong_jax.tasks import bundled_tasks_dir
+  from tests.rollout.test_episode_faults import WORK, LongPolicy
+
+  tasks = tmp_path / "tasks"
+  shutil.copytree(f"{bundled_tasks_dir()}/arith-1", tasks / "arith-1")
+  policy = LongPolicy(tmp_path / "grades.log")
+  url, stop = serve_in_thread(policy)
+  real = episode_ckpt.EpisodeCheckpointer.on_step
+  killed = []
+
+  def on_step(self, st, sb):
+    real(self, st, sb)
+    if self.dir.endswith("/1") and st.steps == 4 and not killed:
+      killed.append(st.steps)
+      raise Kill
+
+  monkeypatch.setattr(episode_ckpt.EpisodeCheckpointer, "on_step", on_step)
+  tok = default_tokenizer(tmp_path / "tok").path
+
+  def worker(name):
+    return Worker(WorkerConfig.from_fields(
+        server=url, tasks=str(tasks), stream=str(tmp_path / "s"), tokenizer=tok, group_size=2,
+        backend="local", max_steps=WORK + 4, time_limit_s=600.0, reproduce_timeout_s=60.0,
+        worker=name, ckpt_every_steps=3, ckpt_every_s=0.0, routing_replay=False))
+  try:
+    with pytest.raises(Kill):
+      worker("a").run([str(tasks / "arith-1")])
+    claim = tmp_path / "s" / "ledger" / "claims" / "arith-1-s0-r0.json"
+    doc = json.loads(claim.read_text())
+    claim.write_text(json.dumps(dict(doc, pid=doc["pid"] + 10_000_000)))  # "a" is dead
+    assert worker("b").run([str(tasks / "arith-1")]) == 1
+  finally:
+    stop()
+  recs = [from_bytes(r) for s in list_shards(str(tmp_path / "s")) for r in read_shard(s)]
+  assert sorted(t.id for t in recs) == ["arith-1-s0-r0-0", "arith-1-s0-r0-1"]
+  assert all(t.status == "completed" and t.reward == 1.0 for t in recs)
+  first, second = sorted(recs, key=lambda t: t.id)
+  assert first.metadata["resumed"] is False  # recorded by "a", published by "b" as it was
+  assert second.metadata["resume_count"] == 1
+  (ev,) = second.metadata["resumes"]
+  assert (ev["worker"], ev["from_worker"], ev["at_step"], ev["lost_steps"]) == ("b", "a", 3, 1)
+  # Requests per action over both rollouts: each action twice, action 4 of rollout 1 (lost
+  # after the checkpoint) three times; rollout 0 was not rerun (that would make them all 3).
+  reqs = [policy.requests[k] for k in sorted(policy.requests, key=lambda pk: pk[1])]
+  assert reqs == [2, 2, 2, 3] + [2] * (len(reqs) - 4)
+  assert (tmp_path / "grades.log").read_text().count("\n") == 2  # each rollout graded once
+  assert not any((tmp_path / "s" / "ledger" / "episodes").iterdir())
