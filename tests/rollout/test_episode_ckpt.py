@@ -106,6 +106,7 @@ def _strip(messages):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["local", pytest.param("gcs", marks=pytest.mark.gcs),
                                    pytest.param("docker", marks=pytest.mark.docker)])
 def test_resumed_episode_matches_uninterrupted(served, tmp_path, where, request):
@@ -252,6 +253,7 @@ class FailsOnce:
     return self.inner(messages, tools)
 
 
+@pytest.mark.slow
 def test_worker_infra_retry_resumes_from_the_checkpoint(tmp_path):
   """A rollout whose model server fails mid-episode is retried from its last checkpoint (not
   from the prompt), graded once, and its checkpoints are gone after the publish."""
@@ -291,6 +293,7 @@ class Kill(BaseException):
   """A stand-in for SIGKILL inside the process: nothing catches it."""
 
 
+@pytest.mark.slow
 def test_group_killed_in_its_second_rollout_keeps_the_first_as_graded(tmp_path, monkeypatch):
   """G=2: the worker dies during rollout 1; the worker taking the claim over publishes rollout
   0's recorded trajectory (not rerun, not regraded) and resumes rollout 1 from its checkpoint."""
