@@ -180,7 +180,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # cuts most rollouts part way (graded as they stand), the last lets them finish.
     c.rl.args = ml_collections.ConfigDict(dict(
         steps=6, stage_steps=2, batch=16, groups=2, staleness=2, publish=1, minibatches=2,
-        limits="15:30:60"))
+        limits="15:30:60", off_policy="none"))
     c.rl.timeout_s = 2400.0
     c.budgets_s.update(dict(distill=185, sft=410, eval_sft=300, rl=600, eval_rl=300))
 
@@ -211,7 +211,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.workers.max_steps = 2
     c.eval.episodes_per_task = 1
     c.eval.max_steps = 2
-    c.rl.args = ml_collections.ConfigDict(dict(runlocal=True, steps=6, stage_steps=3))
+    c.rl.args = ml_collections.ConfigDict(dict(runlocal=True, steps=6, stage_steps=3,
+                                               off_policy="none"))
     c.budgets_s = ml_collections.ConfigDict(dict(
         tokenizer=1, distill=10, sft=30, eval_sft=20, rl=40, eval_rl=20, export=15, summary=2))
   return c
