@@ -350,3 +350,29 @@ def test_group_killed_in_its_second_rollout_keeps_the_first_as_graded(tmp_path, 
   assert reqs == [2, 2, 2, 3] + [2] * (len(reqs) - 4)
   assert (tmp_path / "grades.log").read_text().count("\n") == 2  # each rollout graded once
   assert not any((tmp_path / "s" / "ledger" / "episodes").iterdir())
+
+
+def test_interval_in_actions_and_or_agent_seconds(tmp_path):
+  """Due after `every_steps` actions or `every_s` agent seconds since the last checkpoint,
+  whichever comes first; both 0 = never."""
+  def st(steps, elapsed):
+    return scaffold.EpisodeState(
+        messages=[], prefix_messages=0, steps=steps, completion_tokens=0, trims=0,
+        malformed_calls=0, refusals=0, retry_s=0.0, context_start=0, window_first=0,
+        clock=scaffold.clock_snapshot(elapsed))
+
+  def due(every_steps, every_s, points):
+    ck = episode_ckpt.EpisodeCheckpointer(str(tmp_path), "g", 0, "w",
+                                          episode_ckpt.CkptConfig(every_steps, every_s))
+    out = []
+    for steps, elapsed in points:
+      if ck.cfg.enabled and ck.due(st(steps, elapsed)):
+        out.append(steps)
+        ck._last_step, ck._last_s = steps, elapsed  # what save() records
+    return out
+
+  points = [(k, 100.0 * k if k < 5 else 400 + 10.0 * (k - 4)) for k in range(1, 13)]
+  assert due(0, 250.0, points) == [3]  # 300 s; then 10 s actions never reach 250 s more
+  assert due(4, 0.0, points) == [4, 8, 12]
+  assert due(4, 250.0, points) == [3, 7, 11]
+  assert due(0, 0.0, points) == []
