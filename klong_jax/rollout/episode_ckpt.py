@@ -3,6 +3,7 @@
 Layout under the stream (local dir or gs://), one directory per rollout of a claimed group:
   ledger/episodes/<group_id>/<index>/state.json         the last checkpoint (below)
   ledger/episodes/<group_id>/<index>/workspace-<n>.tar  the sandbox's /workspace at that step
+                                                        (docker: the engine's archive stream)
   ledger/episodes/<group_id>/<index>/progress.json      steps done / agent time, every step
   ledger/episodes/<group_id>/<index>/record.bin         the finished, graded Trajectory bytes
 state.json = {"episode": scaffold.EpisodeState (messages with exact token ids, logprobs and
@@ -24,10 +25,12 @@ owner. Only files are restored: processes the agent left running are gone (the a
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
 import shutil
+import tarfile
 import tempfile
 import time
 import uuid
@@ -39,7 +42,6 @@ from klong_jax.sandbox import base as sandbox_lib
 
 log = logging.getLogger(__name__)
 
-SCRATCH = f"{sandbox_lib.WORKSPACE}/.klong_ckpt"  # In-sandbox staging dir for the archive.
 RESUMED_NOTE = (
     "Note: this episode was interrupted (infrastructure) and resumed from a checkpoint after "
     "step {step}. Your files in /workspace are as they were then; processes you had started "
@@ -121,27 +123,45 @@ def _plain(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return [{k: v for k, v in m.items() if k not in ("klong", "meta")} for m in messages]
 
 
+def _backend(sb: Any) -> str:
+  backend = (sb.info() if hasattr(sb, "info") else {}).get("backend")
+  if backend not in ("docker", "local"):
+    raise ValueError(f"episode checkpoints archive docker and local sandboxes; {sb!r} is "
+                     f"{backend!r}: turn them off (--ckpt_every_steps=0 --ckpt_every_s=0)")
+  return backend
+
+
 def archive_workspace(sb: Any, host_tar: str) -> None:
-  """Tars the sandbox's /workspace (inside it: modes, links and .git kept) into `host_tar`."""
-  r = sb.exec(f"rm -rf {SCRATCH} && mkdir -p {SCRATCH} && tar -C {sandbox_lib.WORKSPACE} "
-              f"--exclude=./.klong_ckpt -cf {SCRATCH}/ws.tar .", timeout_s=600)
-  if not r.ok:
-    raise sandbox_lib.SandboxError(f"archiving the workspace failed: {r.output[-500:]}")
-  with tempfile.TemporaryDirectory(prefix="klong-ckpt-") as d:
+  """Tars the sandbox's /workspace into `host_tar` (modes, symlinks, .git kept; entries `./...`).
+
+  Docker: the engine streams the archive out (nothing staged inside the size-limited
+  workspace); local: the mapped host directory is tarred directly.
+  """
+  if _backend(sb) == "docker":
     try:
-      sb.get_dir(SCRATCH, d)
-    finally:
-      sb.exec(f"rm -rf {SCRATCH}", timeout_s=60)
-    shutil.move(os.path.join(d, "ws.tar"), host_tar)
+      chunks, _ = sb.container.get_archive(f"{sandbox_lib.WORKSPACE}/.")
+      with open(host_tar, "wb") as f:
+        for chunk in chunks:
+          f.write(chunk)
+    except Exception as e:  # noqa: BLE001 - any engine failure is the sandbox's
+      raise sandbox_lib.SandboxError(f"archiving the workspace of {sb.name} failed: {e}") from e
+    return
+  with tarfile.open(host_tar, "w") as tar:
+    tar.add(sb.root, arcname=".")
 
 
 def restore_workspace(sb: Any, data: bytes) -> None:
   """Unpacks an `archive_workspace` tar over the sandbox's /workspace."""
-  sb.put_files({"ws.tar": data}, dest=SCRATCH)
-  r = sb.exec(f"tar -C {sandbox_lib.WORKSPACE} -xpf {SCRATCH}/ws.tar && rm -rf {SCRATCH}",
-              timeout_s=600)
-  if not r.ok:
-    raise sandbox_lib.SandboxError(f"restoring the workspace failed: {r.output[-500:]}")
+  if _backend(sb) == "docker":
+    try:
+      ok = sb.container.put_archive(sandbox_lib.WORKSPACE, data)
+    except Exception as e:  # noqa: BLE001
+      raise sandbox_lib.SandboxError(f"restoring the workspace of {sb.name} failed: {e}") from e
+    if not ok:
+      raise sandbox_lib.SandboxError(f"restoring the workspace of {sb.name} was refused")
+    return
+  with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+    tar.extractall(sb.root, filter="tar")  # (no absolute paths, nothing outside the root)
 
 
 class EpisodeCheckpointer:
@@ -251,12 +271,7 @@ class EpisodeCheckpointer:
     path = storage.join(self.dir, name)
     with tempfile.TemporaryDirectory(prefix="klong-ckpt-") as d:
       tar = os.path.join(d, "ws.tar")
-      try:
-        archive_workspace(sb, tar)
-      except sandbox_lib.SubmissionError as e:  # Over max_get_bytes/files: keep the last one.
-        self.skipped += 1
-        log.warning("%s: episode checkpoint skipped at step %d: %s", self.dir, st.steps, e)
-        return
+      archive_workspace(sb, tar)
       if self.gcs:
         if not storage.upload(tar, path):
           raise CheckpointFenced(f"{path} exists: another worker writes this episode")
