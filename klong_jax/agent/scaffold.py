@@ -92,7 +92,8 @@ class EpisodeState:
   clock: dict[str, float]          # clock_snapshot(): the agent time used so far.
 
   def to_json(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """Its fields as JSON-ready values (shallow: the message dicts are shared, not copied)."""
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
   @classmethod
   def from_json(cls, d: dict[str, Any]) -> EpisodeState:

@@ -4,13 +4,16 @@ Layout under the stream (local dir or gs://), one directory per rollout of a cla
   ledger/episodes/<group_id>/<index>/state.json         the last checkpoint (below)
   ledger/episodes/<group_id>/<index>/workspace-<n>.tar  the sandbox's /workspace at that step
                                                         (docker: the engine's archive stream)
+  ledger/episodes/<group_id>/<index>/messages-<n>.json  the log's messages since the previous
+                                                        checkpoint (written once, never again)
   ledger/episodes/<group_id>/<index>/progress.json      steps done / agent time, every step
   ledger/episodes/<group_id>/<index>/record.bin         the finished, graded Trajectory bytes
-state.json = {"episode": scaffold.EpisodeState (messages with exact token ids, logprobs and
-policy versions; counters; window; "clock": {"elapsed_s"}), "workspace": its tar, "resumes":
-[one entry per resume], "owner", "seq"}. The tar is written first under a new name, then
-state.json names it (local: temp + rename; gs://: if-absent upload, then a compare-and-swap on
-state.json's generation), so a reader always finds a state and the workspace of the same step.
+state.json = {"episode": scaffold.EpisodeState but its messages (counters; window; "clock":
+{"elapsed_s"}), "segments": the message segments (exact token ids, logprobs and policy versions
+per sampled turn), "workspace": its tar, "resumes": [one entry per resume], "owner", "seq"}.
+The tar and the new segment are written first under new names, then state.json names them
+(local: temp + rename; gs://: then a compare-and-swap on state.json's generation), so a reader
+always finds a state with the workspace and the log of the same step.
 
 A worker that claims a group (fresh, restarted, or taking over a stale claim: stream.py) resumes
 each unfinished rollout from its checkpoint: the workspace is unpacked into a fresh sandbox and
@@ -174,6 +177,8 @@ class EpisodeCheckpointer:
     self.gcs = storage.is_gcs(self.dir)
     self._gen: int | None = None    # state.json generation we last wrote or read (gs:// fence).
     self._workspace: str | None = None
+    self._segments: list[str] = []  # messages-*.json objects holding the log, in order
+    self._n_saved = 0               # messages they hold
     self._seq = 0
     self.resumes: list[dict[str, Any]] = []
     self._last_step = 0
@@ -207,7 +212,19 @@ class EpisodeCheckpointer:
     self._gen = got[1]
     try:
       doc = json.loads(got[0])
-      ep = scaffold.EpisodeState.from_json(doc["episode"])
+      episode = dict(doc["episode"])
+      segments = list(doc.get("segments") or [])
+      if segments:
+        episode["messages"] = []
+        for seg in segments:
+          part = _read(storage.join(self.dir, seg))
+          if part is None:
+            raise ValueError(f"its message segment {seg} is missing")
+          episode["messages"] += json.loads(part[0])
+        if len(episode["messages"]) != doc["n_messages"]:
+          raise ValueError(f"its segments hold {len(episode['messages'])} messages, not "
+                           f"{doc['n_messages']}")
+      ep = scaffold.EpisodeState.from_json(episode)
       if prefix is not None and _plain(ep.messages[:ep.prefix_messages]) != _plain(prefix):
         raise ValueError("its fixed prefix differs from the task's (the task changed)")
       workspace = doc.get("workspace")
@@ -219,6 +236,7 @@ class EpisodeCheckpointer:
                 self.state_path, e)
       return None
     self._workspace, self._seq = workspace, int(doc.get("seq", 0))
+    self._segments, self._n_saved = segments, len(ep.messages) if segments else 0
     if tar is not None:
       restore_workspace(sb, tar[0])
     elapsed = scaffold.clock_elapsed(ep.clock)
@@ -232,7 +250,8 @@ class EpisodeCheckpointer:
         "lost_steps": lost_steps, "lost_s": round(lost_s, 3), "time": time.time()}]
     self._last_step, self._last_s = ep.steps, elapsed
     ep.messages.append({"role": "user", "content": RESUMED_NOTE.format(step=ep.steps)})
-    self._put_state(doc["episode"], self._workspace)  # (the note is added on the next save)
+    self._put_state(doc["episode"], self._workspace, self._segments, doc.get("n_messages"))
+    # (the note is in the next save's segment)
     return ep
 
   def metadata(self) -> dict[str, Any]:
@@ -265,7 +284,9 @@ class EpisodeCheckpointer:
       log.exception("%s: episode checkpoint after step %d failed", self.dir, st.steps)
 
   def save(self, st: scaffold.EpisodeState, sb: Any) -> None:
-    """Archives the workspace, then points state.json at it (never one without the other)."""
+    """Archives the workspace and appends the new messages as a segment, then points
+    state.json at both (never one without the other). The log is written once, in segments,
+    not again at every checkpoint: a multi-hour log with routing records is large."""
     self._seq += 1
     name = f"workspace-{self._seq:06d}-{uuid.uuid4().hex[:6]}.tar"
     path = storage.join(self.dir, name)
@@ -280,21 +301,33 @@ class EpisodeCheckpointer:
         tmp = storage.join(self.dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
         shutil.copyfile(tar, tmp)
         os.replace(tmp, path)
+    new = st.messages[self._n_saved:]
+    segments = list(self._segments)
+    if new:
+      segments.append(f"messages-{self._seq:06d}-{uuid.uuid4().hex[:6]}.json")
+      _write_atomic(storage.join(self.dir, segments[-1]), json.dumps(new).encode())
+    episode = {k: v for k, v in st.to_json().items() if k != "messages"}
     old = self._workspace
     try:
-      self._put_state(st.to_json(), name)
+      self._put_state(episode, name, segments, len(st.messages))
     except CheckpointFenced:
       _delete(path)
+      if new:
+        _delete(storage.join(self.dir, segments[-1]))
       raise
+    self._segments, self._n_saved = segments, len(st.messages)
     if old and old != name:
       _delete(storage.join(self.dir, old))
     self._workspace = name
     self._last_step, self._last_s = st.steps, scaffold.clock_elapsed(st.clock)
     self.saves += 1
 
-  def _put_state(self, episode: dict[str, Any], workspace: str | None) -> None:
+  def _put_state(self, episode: dict[str, Any], workspace: str | None,
+                 segments: list[str] | None = None, n_messages: int | None = None) -> None:
+    """state.json: the episode (its messages inline, or in `segments`), workspace, resumes."""
     data = json.dumps({"format": 1, "owner": self.owner, "seq": self._seq,
-                       "workspace": workspace, "episode": episode, "resumes": self.resumes,
+                       "workspace": workspace, "episode": episode, "segments": segments or [],
+                       "n_messages": n_messages, "resumes": self.resumes,
                        "saved": time.time()}).encode()
     if not self.gcs:
       _write_atomic(self.state_path, data)

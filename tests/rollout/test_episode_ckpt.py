@@ -163,7 +163,12 @@ def test_resumed_episode_matches_uninterrupted(served, tmp_path, where, request)
   d = episode_ckpt.episode_dir(root, "g", 0)
   names = ([o.path.rsplit("/", 1)[1] for o in storage.list_objects(d + "/")] if where == "gcs"
            else [p.name for p in tmp_path.joinpath("ledger/episodes/g/0").iterdir()])
-  assert sorted(n.split("-")[0] for n in names) == ["progress.json", "state.json", "workspace"]
+  assert sorted(n.split("-")[0] for n in names) == [
+      "messages"] * 3 + ["progress.json", "state.json", "workspace"]  # 1 archive, 3 log segments
+  doc = json.loads(storage.read(f"{d}/state.json")[0] if where == "gcs"
+                   else (tmp_path / "ledger/episodes/g/0/state.json").read_bytes())
+  assert "messages" not in doc["episode"]  # the log lives in the segments
+  assert doc["n_messages"] == len(ep.messages) - 2  # as of action 9
   episode_ckpt.delete_group(root, "g")
   assert (not storage.list_objects(d + "/")) if where == "gcs" else \
       not tmp_path.joinpath("ledger/episodes/g").exists()
@@ -186,6 +191,9 @@ def test_resume_rejects_another_tasks_checkpoint(served, tmp_path):
     assert ck.resume(sb, PREFIX) is None and not ck.resumes
     assert ck.resume(sb, st.messages[:3]).steps == 1  # its own task's prefix: resumed
     ck._put_state(st.to_json(), "workspace-gone.tar")  # its archive was removed
+    assert ck.resume(sb, st.messages[:3]) is None
+    no_log = {k: v for k, v in st.to_json().items() if k != "messages"}
+    ck._put_state(no_log, None, ["messages-gone.json"], 3)  # a log segment was removed
     assert ck.resume(sb, st.messages[:3]) is None
     (tmp_path / "ledger/episodes/g/0/state.json").write_text("{not json")
     assert ck.resume(sb, PREFIX) is None
@@ -214,7 +222,8 @@ def test_gcs_takeover_fences_the_old_writer(served, gcs_root):
   assert hits == [1, 2]
   doc = json.loads(storage.read(f"{gcs_root}/ledger/episodes/g/0/state.json")[0])
   assert doc["owner"] == "new" and doc["episode"]["steps"] == 1
-  assert len([o for o in storage.list_objects(gcs_root + "/") if "workspace-" in o.path]) == 1
+  objs = [o.path for o in storage.list_objects(gcs_root + "/")]
+  assert [sum(k in o for o in objs) for k in ("workspace-", "messages-")] == [1, 1]
 
 
 @pytest.mark.parametrize("backend", ["local", pytest.param("docker", marks=pytest.mark.docker)])
