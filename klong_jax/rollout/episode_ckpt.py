@@ -290,17 +290,20 @@ class EpisodeCheckpointer:
     self._seq += 1
     name = f"workspace-{self._seq:06d}-{uuid.uuid4().hex[:6]}.tar"
     path = storage.join(self.dir, name)
-    with tempfile.TemporaryDirectory(prefix="klong-ckpt-") as d:
-      tar = os.path.join(d, "ws.tar")
-      archive_workspace(sb, tar)
-      if self.gcs:
-        if not storage.upload(tar, path):
+    if self.gcs:  # Staged on local disk, then one if-absent upload.
+      with tempfile.TemporaryDirectory(prefix="klong-ckpt-") as d:
+        archive_workspace(sb, os.path.join(d, "ws.tar"))
+        if not storage.upload(os.path.join(d, "ws.tar"), path):
           raise CheckpointFenced(f"{path} exists: another worker writes this episode")
-      else:
-        os.makedirs(self.dir, exist_ok=True)
-        tmp = storage.join(self.dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
-        shutil.copyfile(tar, tmp)
+    else:  # Temp name in place, then rename.
+      os.makedirs(self.dir, exist_ok=True)
+      tmp = storage.join(self.dir, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+      try:
+        archive_workspace(sb, tmp)
         os.replace(tmp, path)
+      finally:
+        if os.path.exists(tmp):
+          os.unlink(tmp)
     new = st.messages[self._n_saved:]
     segments = list(self._segments)
     if new:
