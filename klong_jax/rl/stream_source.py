@@ -34,6 +34,7 @@ from absl import logging
 from klong_jax.data import packing, schema, shards, storage
 from klong_jax.data.splitting import SplitConfig, SplitError, split_trajectory
 from klong_jax.rl import advantage as adv_lib
+from klong_jax.rl import minibatch
 
 PrevStageRule = Literal["drain", "drop"]
 # time_limited: trajectories trained on that a stage time limit ended (status agent_timeout).
@@ -82,6 +83,12 @@ class StreamConfig:
   # Turns cut at the token limit (Trajectory.cut_turns): "mask" = no loss on their tokens,
   # "train" = trained like any turn.
   length_cut: LengthCutRule = "train"
+  # > 0: deal the element's trajectories into this many minibatches (rl/minibatch.py), each
+  # packed into its own rows (padded to a multiple of `micro_rows`, 0 = batch_size) and marked in
+  # the rows' `minibatch`; the trainer makes one optimizer update per minibatch. 0: one packing.
+  updates_per_step: int = 0
+  micro_rows: int = 0
+  seed: int = 0                    # Seeds the dealing into minibatches (with the element's shards).
 
   def __post_init__(self):
     if self.split.max_len > self.row_len:
@@ -94,6 +101,11 @@ class StreamConfig:
       raise ValueError(f"prev_stage must be 'drain' or 'drop', got {self.prev_stage!r}")
     if self.length_cut not in ("train", "mask"):
       raise ValueError(f"rl.length_cut must be 'train' or 'mask', got {self.length_cut!r}")
+    micro = self.micro_rows or self.batch_size
+    if self.updates_per_step < 0 or micro < 1 or self.batch_size % micro:
+      raise ValueError(f"rl.updates_per_step ({self.updates_per_step}) must be >= 0 and the "
+                       f"micro-batch rows ({micro}) must divide data.batch_size "
+                       f"({self.batch_size})")
     if self.dynamic_sampling_max_reads < 0 or self.family_lookahead < 0:
       raise ValueError("rl.dynamic_sampling_max_reads and rl.family_lookahead must be >= 0 "
                        f"(0 = off), got {self.dynamic_sampling_max_reads}, "
@@ -374,6 +386,7 @@ class StreamIterator(grain.DatasetIterator):
                                                              dict[str, Any]]:
     """Deterministically splits + packs an element's kept trajectories into batches."""
     chunks, ids, rewards, versions, time_limited = [], [], [], [], 0
+    per_traj: list[list[schema.Chunk]] = []
     cut_turns = cut_tokens = 0
     for s in element["shards"]:
       trajs, adv = self._read_group(s["path"])
@@ -385,17 +398,27 @@ class StreamIterator(grain.DatasetIterator):
         if self.cfg.length_cut == "mask" and t.cut_turns:
           t, masked = mask_cut_turns(t)
           cut_turns, cut_tokens = cut_turns + len(t.cut_turns), cut_tokens + masked
-        chunks.extend(c for c in split_trajectory(t, self.cfg.split, float(adv[i]))
-                      if c.loss_mask.any())
+        per_traj.append([c for c in split_trajectory(t, self.cfg.split, float(adv[i]))
+                         if c.loss_mask.any()])
+        chunks.extend(per_traj[-1])
         ids.append(t.id)
         time_limited += t.status == "agent_timeout"
         rewards.append(float(t.reward))
         versions.append(trajectory_version(t))
-    rows = packing.pack_chunks(chunks, self.cfg.row_len, routing_shape=self.cfg.routing_shape)
+    if self.cfg.updates_per_step:
+      key = "|".join(sh["path"] for sh in element["shards"])
+      rows = minibatch.pack_minibatches(
+          per_traj, self.cfg.updates_per_step, self.cfg.micro_rows or self.cfg.batch_size,
+          self.cfg.row_len, minibatch.element_rng(self.cfg.seed, key), self.cfg.routing_shape)
+    else:
+      rows = packing.pack_chunks(chunks, self.cfg.row_len,
+                                 routing_shape=self.cfg.routing_shape)
     n = rows["tokens"].shape[0]
     b = self.cfg.batch_size
     nb = max(1, -(-n // b))
     pad = packing.empty_rows(nb * b - n, self.cfg.row_len, self.cfg.routing_shape)
+    if "minibatch" in rows:
+      pad["minibatch"] = np.full((nb * b - n,), -1, np.int32)  # in no minibatch
     full = {k: np.concatenate([rows[k], pad[k]]) for k in rows}
     batches = [{k: v[j * b:(j + 1) * b] for k, v in full.items()} for j in range(nb)]
     info = {"ids": ids, "rewards": rewards, "versions": versions, "chunks": len(chunks),
