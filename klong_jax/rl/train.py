@@ -115,14 +115,19 @@ def stream_config(config: ml_collections.ConfigDict, stream: str, sync: bool) ->
       normalize_std=r.normalize_std, vocab_size=config.model.vocab_size,
       prev_stage=r.prev_stage, poll_s=r.poll_s, wait_timeout_s=r.wait_timeout_s,
       temperature=float(r.get("temperature", 1.0)), routing_shape=_routing_shape(config),
-      **signal_fields(config))
+      **signal_fields(config, sync))
 
 
-def signal_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def signal_fields(config: ml_collections.ConfigDict, sync: bool = False) -> dict[str, Any]:
   """The StreamConfig fields of issue #31's coverage and signal switches (rl.*; absent = off):
-  dynamic sampling, family mixing, length-cut masking, minibatches formed by trajectories."""
+  dynamic sampling, family mixing, length-cut masking, minibatches formed by trajectories.
+  Sync mode has no dynamic sampling: its workers make one group per worker and policy version,
+  so a step that asked for more would wait forever."""
   r = config.rl
-  return dict(dynamic_sampling=bool(r.get("dynamic_sampling", False)),
+  dynamic = bool(r.get("dynamic_sampling", False))
+  if dynamic and sync:
+    logging.info("rl.dynamic_sampling is off in sync mode (one group per worker and version)")
+  return dict(dynamic_sampling=dynamic and not sync,
               dynamic_sampling_max_reads=int(r.get("dynamic_sampling_max_reads", 0)),
               family_lookahead=int(r.get("family_lookahead", 0)),
               length_cut=str(r.get("length_cut", "train")),
