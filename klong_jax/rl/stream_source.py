@@ -321,8 +321,9 @@ class StreamIterator(grain.DatasetIterator):
     """The oldest fresh shard, or with `family_lookahead` the oldest of the first few whose
     family is not in `avoid` (the element's families so far), so a step's groups mix families."""
     if self.cfg.family_lookahead and avoid:
+      stage = _stage_of(fresh[0])  # older stages are still drained first
       for rel in fresh[:self.cfg.family_lookahead]:
-        if self._shard_family(rel) not in avoid:
+        if _stage_of(rel) == stage and self._shard_family(rel) not in avoid:
           return rel
     return fresh[0]
 
