@@ -114,24 +114,20 @@ def curriculum_config(limits: str, stage_steps: int, name: str) -> ml_collection
   return ml_collections.ConfigDict(dict(window=4, stages=stages))
 
 
+
 def rl_signal_config(rl: ml_collections.ConfigDict, *, groups_per_step: int,
                      updates_per_step: int) -> None:
-  """Sets the coverage-and-signal fields of an `rl` section (issue #31; rl/stream_source.py,
-  rl/minibatch.py); every field's off value restores the earlier behaviour."""
-  # Dynamic sampling (DAPO): groups whose members all score alike (advantage 0 everywhere) are
-  # left out of the batch and the loss denominator, and more groups are read instead; after
-  # `dynamic_sampling_max_reads` shards for one step (0 = no bound) the step takes the
-  # zero-variance groups read, so a policy whose groups all score alike still trains.
-  rl.dynamic_sampling = True
-  rl.dynamic_sampling_max_reads = 2 * groups_per_step
-  # Among the oldest this-many fresh group shards, prefer one of a task family the step does not
-  # hold yet (the workers already interleave families; 0 = publish order only).
-  rl.family_lookahead = 8
-  # Turns whose generation stopped at max_tokens (finish_reason "length", Trajectory.cut_turns):
-  # "mask" = no loss on their tokens; "train" = trained with the rollout's advantage.
-  rl.length_cut = "mask"
-  # > 0: exactly ppo_epochs x this many optimizer updates per step, minibatches formed by whole
-  # trajectories (all chunks of a rollout in one update, gradients summed over micro-batches of
-  # data.batch_size / rl.minibatches rows), LR schedule stretched by exactly that.
-  # 0: ceil(loss rows / minibatch rows) updates per epoch (grows with the chunks per rollout).
-  rl.updates_per_step = updates_per_step
+  """Sets the coverage-and-signal fields of an `rl` section (issue #31; docs/architecture.md
+  "Coverage and signal in RL"); each field's off value restores the earlier behaviour."""
+  # dynamic_sampling (DAPO): a group whose members all score alike (advantage 0) leaves the batch
+  # and the loss denominator, and more groups are read, up to dynamic_sampling_max_reads shards
+  # per step, then the zero-variance groups read fill it. updates_per_step: exactly ppo_epochs x
+  # this many optimizer updates per step, minibatches of whole trajectories (micro-batches of
+  # data.batch_size / rl.minibatches rows summed); 0 = ceil(loss rows / minibatch rows) / epoch.
+  max_reads = 2 * groups_per_step
+  rl.update(dict(
+      dynamic_sampling=True,          # Drop zero-variance groups (no signal), read more instead.
+      dynamic_sampling_max_reads=max_reads,  # Shards read per step before zero-var. ones fill it.
+      family_lookahead=8,             # Prefer, of the oldest N fresh shards, a new family; 0 off.
+      length_cut="mask",              # Turns stopped at max_tokens: "mask" (no loss) or "train".
+      updates_per_step=updates_per_step))  # Updates per step over whole trajectories; 0 = rows.
