@@ -112,3 +112,22 @@ def curriculum_config(limits: str, stage_steps: int, name: str) -> ml_collection
   stages = [dict(time_limit_s=t, steps=stage_steps) for t in times[:-1]]
   stages.append(dict(time_limit_s=times[-1]))
   return ml_collections.ConfigDict(dict(window=4, stages=stages))
+
+
+
+def rl_signal_config(rl: ml_collections.ConfigDict, *, groups_per_step: int,
+                     updates_per_step: int) -> None:
+  """Sets the coverage-and-signal fields of an `rl` section (issue #31; docs/architecture.md
+  "Coverage and signal in RL"); each field's off value restores the earlier behaviour."""
+  # dynamic_sampling (DAPO): a group whose members all score alike (advantage 0) leaves the batch
+  # and the loss denominator, and more groups are read, up to dynamic_sampling_max_reads shards
+  # per step, then the zero-variance groups read fill it. updates_per_step: exactly ppo_epochs x
+  # this many optimizer updates per step, minibatches of whole trajectories (micro-batches of
+  # data.batch_size / rl.minibatches rows summed); 0 = ceil(loss rows / minibatch rows) / epoch.
+  max_reads = 2 * groups_per_step
+  rl.update(dict(
+      dynamic_sampling=True,          # Drop zero-variance groups (no signal), read more instead.
+      dynamic_sampling_max_reads=max_reads,  # Shards read per step before zero-var. ones fill it.
+      family_lookahead=8,             # Prefer, of the oldest N fresh shards, a new family; 0 off.
+      length_cut="mask",              # Turns stopped at max_tokens: "mask" (no loss) or "train".
+      updates_per_step=updates_per_step))  # Updates per step over whole trajectories; 0 = rows.

@@ -110,9 +110,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.workers.num = 2                 # Worker processes (>= 2 for the demo).
   c.workers.group_size = 4          # Rollouts per task per group (the RL group).
   c.workers.rounds = 1000           # Passes over the task list; the launcher stops them.
-  # Per-round task order (-1: directory order, as measured; the rl split's 30 tasks x 4 fit one
-  # round of the demo's 144 rollouts; >= 0 for larger splits such as rl_split="train").
-  c.workers.shuffle_seed = -1
+  # Per-round task order seed (-1: directory order). The workers deal tasks round-robin over
+  # their families (rollout/task_sampling.py, --interleave_families, on by default), each family's
+  # tasks and the family order shuffled by this seed: in directory order a demo RL run saw 5 of
+  # the 10 families (issue #31). Every window of 10 groups covers the 10 families.
+  c.workers.shuffle_seed = 0
   c.workers.max_steps = 40
   c.workers.time_limit_s = 60.0     # Used before the trainer writes control.json.
   c.workers.reproduce_timeout_s = 30.0

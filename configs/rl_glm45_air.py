@@ -78,6 +78,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl.is_mode = "truncate"
   config.rl.is_cap = 2.0
   config.rl.prev_stage = "drain"
+  # Coverage and signal (configs/common.py): 4 optimizer updates per step over whole trajectories.
+  common.rl_signal_config(config.rl, groups_per_step=args.groups, updates_per_step=4)
   config.rl.poll_s = 1.0
   config.rl.wait_timeout_s = 4 * 3600.0  # A stage's rollouts take hours.
 

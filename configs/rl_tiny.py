@@ -4,8 +4,10 @@
       --init_checkpoint=runs/sft_tiny [--mode=async|sync]
 
 Arg string (comma-separated key=value, all optional): `steps=40`, `batch=2`, `row_len=512`,
-`groups=1` (groups per step = one element), `epochs=1` and `minibatches=1` (an element is
-trained in epochs x ceil(loss rows / (batch / minibatches)) optimizer updates), `staleness=1`,
+`groups=1` (groups per step = one element), `epochs=1`, `updates=2` (an element is trained in
+epochs x updates optimizer updates, each over whole trajectories in micro-batches of
+batch / minibatches rows; updates=0: epochs x ceil(loss rows / (batch / minibatches))),
+`minibatches=1`, `staleness=1`,
 `publish=2`, `mode=async`, `off_policy=none|decoupled` (rl.off_policy), `limits=20:40:60` (stage
 time limits, seconds), `runlocal` (tests: a few steps, checkpoint every step, two short stages).
 Sections: model + mesh (configs/tiny.py), data, rl, curriculum, optim, train, checkpoint.
@@ -20,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The tiny progressive-RL experiment; see the module docstring for the arg string."""
   args = common.parse_arg(arg, steps=40, batch=2, row_len=512, groups=1, staleness=1, publish=2,
                           mode="async", off_policy="none", stage_steps=20, epochs=1,
-                          minibatches=1,
+                          minibatches=1, updates=2,
                           limits="20:40:60", runlocal=False)
   config = tiny.get_config()
   config.seed = 0
@@ -71,6 +73,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (gate weights still from its own router, so the router learns). Tokens without a record
   # (teacher data, an endpoint that returns none) use the router's own top-k. False: recompute.
   config.rl.routing_replay = True
+  # Coverage and signal (configs/common.py): dynamic sampling, family mixing, length-cut
+  # masking, `updates` optimizer updates per step (x ppo_epochs) over trajectory minibatches.
+  common.rl_signal_config(config.rl, groups_per_step=args.groups, updates_per_step=args.updates)
   config.rl.poll_s = 0.2
   config.rl.wait_timeout_s = 900.0
 

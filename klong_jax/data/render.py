@@ -7,7 +7,9 @@ An assistant message may hold `"klong": {"token_ids", "logprobs", "policy_versio
 sampler generated for that turn; they are used verbatim (never re-tokenized, DESIGN.md 4). Without
 it (teacher data) the text is tokenized, with logprob 0 and policy version -1. A sampled turn
 may also carry `"routed_experts"` (the server's recorded MoE routing of its prompt and sampled
-tokens, data/routing.py): the trajectory then gets `routing` for routing replay. No JAX imports.
+tokens, data/routing.py): the trajectory then gets `routing` for routing replay. An assistant turn
+whose `meta.finish_reason` is "length" (generation stopped at max_tokens: a cut, likely malformed
+action) is recorded in `cut_turns`, so the RL trainer can leave it out of the loss. No JAX imports.
 """
 
 from __future__ import annotations
@@ -48,8 +50,9 @@ def render_trajectory(messages: Sequence[Mapping[str, Any]], fmt: ChatFormat,
 
   Returns tokens, loss_mask, logprobs, policy_version (numpy arrays), prefix_end (token index of
   message `prefix_messages`, or the length if all messages are prefix), turn_starts and routing
-  ([n, moe_layers, k] int16, or None when no turn recorded any) and `joined` (messages whose
-  role token the previous assistant turn generated; windows never start there).
+  ([n, moe_layers, k] int16, or None when no turn recorded any), `joined` (messages whose
+  role token the previous assistant turn generated; windows never start there) and `cut_turns`
+  (`length_cut_turns`).
   """
   if not 0 <= prefix_messages <= len(messages):
     raise ValueError(f"prefix_messages={prefix_messages} must be in [0, {len(messages)}]")
@@ -89,4 +92,19 @@ def render_trajectory(messages: Sequence[Mapping[str, Any]], fmt: ChatFormat,
       "turn_starts": starts,
       "joined": list(r.joined),
       "routing": routing,
+      "cut_turns": length_cut_turns(messages, starts, n),
   }
+
+
+def length_cut_turns(messages: Sequence[Mapping[str, Any]], turn_starts: Sequence[int],
+                     num_tokens: int) -> list[list[int]]:
+  """[start, end) token spans of the assistant turns whose generation stopped at max_tokens
+  (`meta.finish_reason == "length"`, as the agent scaffold records it per reply)."""
+  out = []
+  for i, msg in enumerate(messages):
+    meta = msg.get("meta")
+    if msg.get("role") == "assistant" and isinstance(meta, Mapping) and \
+        meta.get("finish_reason") == "length":
+      end = turn_starts[i + 1] if i + 1 < len(turn_starts) else num_tokens
+      out.append([int(turn_starts[i]), int(end)])
+  return out

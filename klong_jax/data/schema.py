@@ -43,7 +43,8 @@ class Trajectory:
   starts; splitting prefers to cut there, never at a `joined` message (one whose role token the
   previous assistant turn generated, e.g. GLM's `<|observation|>`). `routing` [n, moe_layers, k]
   int16 (or None) holds the sampler's expert ids per token for routing replay, -1 where none were
-  recorded.
+  recorded. `cut_turns` are [start, end) token spans of assistant turns whose generation stopped
+  at the token limit (finish_reason "length"); the RL trainer can mask them (rl.length_cut).
   """
 
   id: str
@@ -64,6 +65,7 @@ class Trajectory:
   metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
   routing: np.ndarray | None = None
   joined: list[int] = dataclasses.field(default_factory=list)
+  cut_turns: list[list[int]] = dataclasses.field(default_factory=list)
   schema: int = SCHEMA_VERSION
 
   def __len__(self) -> int:
@@ -81,6 +83,8 @@ class Trajectory:
     d["logprobs"] = np.asarray(self.logprobs, np.float32).astype(float).tolist()
     if not self.joined:
       d.pop("joined")  # klong-format records stay as they were
+    if not self.cut_turns:
+      d.pop("cut_turns")
     if routing is None:
       d.pop("routing")
     else:
@@ -200,6 +204,11 @@ def validate(rec: Mapping[str, Any], vocab_size: int | None = None) -> Trajector
   turn_starts = [int(t) for t in rec.get("turn_starts", [])]
   _require(all(0 <= t <= n for t in turn_starts) and turn_starts == sorted(turn_starts), rid,
            "'turn_starts' must be sorted token indices within the trajectory")
+  cut_turns = rec.get("cut_turns") or []
+  _require(isinstance(cut_turns, list) and all(
+      isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(x, int) for x in c)
+      and 0 <= c[0] <= c[1] <= n for c in cut_turns), rid,
+      f"'cut_turns' must be [start, end] token spans within the trajectory, got {cut_turns!r}")
   return Trajectory(
       id=rid, task_id=str(rec["task_id"]), tokens=tokens.astype(np.int32),
       loss_mask=loss_mask.astype(np.int32), logprobs=logprobs,
@@ -209,6 +218,7 @@ def validate(rec: Mapping[str, Any], vocab_size: int | None = None) -> Trajector
       turn_starts=turn_starts, timings=dict(rec.get("timings", {})),
       sandbox=dict(rec.get("sandbox", {})), metadata=dict(rec.get("metadata", {})),
       routing=routing, joined=[int(j) for j in rec.get("joined", [])],
+      cut_turns=[[int(a), int(b)] for a, b in cut_turns],
   )
 
 

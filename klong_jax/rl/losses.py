@@ -101,15 +101,21 @@ def importance_weights(prox_logp: jax.Array, behaviour_logp: jax.Array, weights:
 
 
 def _normalize(per_token: jax.Array, weights: jax.Array, segment_ids: jax.Array,
-               normalization: Normalization) -> jax.Array:
-  """Reduces a per-token loss to a scalar: mean over loss tokens, or mean of per-sequence means."""
+               normalization: Normalization, denominator: jax.Array | None = None) -> jax.Array:
+  """Reduces a per-token loss to a scalar: mean over loss tokens, or mean of per-sequence means.
+
+  `denominator` replaces this batch's own count (loss tokens, or chunks with loss tokens) when
+  the batch is one micro-batch of a larger update: the micro-batch losses then sum to the
+  update's mean (gradient accumulation, rl/minibatch.py)."""
   if normalization == "token":
-    return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    den = weights.sum() if denominator is None else denominator
+    return (per_token * weights).sum() / jnp.maximum(den, 1.0)
   if normalization == "sequence":
     seg_sum, seg_cnt, _ = _segment_sums(per_token, weights, segment_ids)
     has = seg_cnt > 0
     seg_mean = jnp.where(has, seg_sum / jnp.maximum(seg_cnt, 1.0), 0.0)
-    return seg_mean.sum() / jnp.maximum(has.sum(), 1)
+    den = has.sum() if denominator is None else denominator
+    return seg_mean.sum() / jnp.maximum(den, 1)
   raise ValueError(f"unknown loss normalization {normalization!r}; use 'token' or 'sequence'")
 
 
@@ -132,6 +138,7 @@ def ppo_loss(
     is_level: ISLevel = "token",
     is_mode: ISMode = "truncate",
     is_cap: float = 2.0,
+    denominator: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Per-token PPO clipped surrogate against the sampler's logprobs, plus a KL penalty (no critic).
 
@@ -149,6 +156,8 @@ def ppo_loss(
   With `prox_logp` (decoupled PPO, module docstring) r = exp(logp - prox_logp) and the surrogate
   is multiplied by `importance_weights(prox_logp, behaviour_logp, ...)`; `ratio_cap` then bounds
   r against the proximal policy. Without it: today's single ratio against the sampler.
+  `denominator`: the whole update's count when this batch is one of its micro-batches
+  (`_normalize`).
   """
   if ratio_cap is not None and ratio_cap <= 1.0 + clip_high:
     raise ValueError(f"ratio_cap ({ratio_cap}) must exceed 1 + clip_high ({1.0 + clip_high}) "
@@ -178,7 +187,7 @@ def ppo_loss(
       kl = jnp.clip(kl, -kl_clamp, kl_clamp)
     per_token = per_token + kl_coef * kl
     metrics["kl"] = (kl * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-  loss = _normalize(per_token, weights, segment_ids, normalization)
+  loss = _normalize(per_token, weights, segment_ids, normalization, denominator)
   denom = jnp.maximum(weights.sum(), 1.0)
   is_clipped = ((advantages > 0) & (ratio > 1.0 + clip_high)) | (
       (advantages < 0) & (ratio < 1.0 - clip_low))

@@ -14,7 +14,7 @@ still from the trainer's router), so a token is trained under the experts that s
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -87,8 +87,13 @@ def policy_logprobs(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State,
 def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_params: nnx.State,
             batch: Mapping[str, jax.Array], *, compute_dtype: Any,
             rl: ml_collections.ConfigDict, lb_coef: float, z_coef: float,
-            vocab_loss: vocab.VocabLoss | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+            vocab_loss: vocab.VocabLoss | None = None, denominator: jax.Array | None = None,
+            aux_scale: jax.Array | float = 1.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """PPO clipped loss (+ kl_coef * KL to `ref_params`) + MoE load-balance and z losses.
+
+  As one micro-batch of a larger update (`make_rl_accum_step`): the PPO term is divided by the
+  update's `denominator` and the MoE terms scaled by `aux_scale` (1 / micro-batches), so the
+  micro-batch losses sum to the update's loss.
 
   Log-probs by `policy_logprobs` (tiled over the vocab with `vocab_loss`). With
   rl.off_policy="decoupled" the batch carries `prox_logp` (logits positions, from
@@ -116,10 +121,10 @@ def rl_loss(graphdef: nnx.GraphDef, params: nnx.State, rest: nnx.State, ref_para
       normalization=rl.get("normalization", "token"),
       prox_logp=batch["prox_logp"] if decoupled else None,
       is_level=rl.get("is_level", "token"), is_mode=rl.get("is_mode", "truncate"),
-      is_cap=float(rl.get("is_cap", 2.0)))
+      is_cap=float(rl.get("is_cap", 2.0)), denominator=denominator)
   lb = jnp.asarray(aux.get("moe_lb_loss", 0.0), jnp.float32)
   z = jnp.asarray(aux.get("router_z_loss", 0.0), jnp.float32)
-  loss = pg + lb_coef * lb + z_coef * z
+  loss = pg + aux_scale * (lb_coef * lb + z_coef * z)
   m = dict(m, loss=loss, pg_loss=pg, moe_lb_loss=lb, router_z_loss=z,
            moe_drop_rate=jnp.asarray(aux.get("moe_drop_rate", 0.0), jnp.float32),
            tokens=(batch["segment_ids"] > 0).sum().astype(jnp.float32),
@@ -172,6 +177,87 @@ def make_rl_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
       return jitted(state, ref_params, {k: batch[k] for k in keys if k in batch})
   run.jitted = jitted
   return run
+
+
+class AccumStep(NamedTuple):
+  """The jitted pieces of one optimizer update over several micro-batches (rl/minibatch.py):
+  `grad(state, ref, batch, denominator, aux_scale) -> (grads, metrics)`, `add(a, b)` (a is
+  donated) and `apply(state, grads, load) -> (state, grad_norm)` (state donated)."""
+
+  grad: Callable[..., tuple[nnx.State, dict[str, jax.Array]]]
+  add: Callable[[nnx.State, nnx.State], nnx.State]
+  apply: Callable[..., tuple[step_lib.TrainState, jax.Array]]
+
+
+def make_rl_accum_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+                       optim_cfg: ml_collections.ConfigDict, rl_cfg: ml_collections.ConfigDict,
+                       shardings: step_lib.TrainState, batch_sharding: NamedSharding,
+                       rules: Sequence[tuple[str, Any]]) -> AccumStep:
+  """`make_rl_step` cut in three, so one optimizer update can sum the gradients of any number of
+  micro-batches (each normalised by the whole update's denominator): what a minibatch formed by
+  trajectories needs, whose chunks fill a varying number of fixed-shape micro-batches."""
+  compute_dtype = optim.resolve_dtype(optim_cfg.get("compute_dtype", "float32"))
+  lb_coef, z_coef = float(optim_cfg.get("lb_coef", 0.0)), float(optim_cfg.get("z_coef", 0.0))
+  bias_rate = float(optim_cfg.get("expert_bias_rate", 0.0))
+  vocab_loss = vocab.VocabLoss.from_config(optim_cfg)
+  mesh = batch_sharding.mesh
+  repl = NamedSharding(mesh, P())
+  keys = batch_keys(rl_cfg)
+
+  def grad(params, rest, ref_params, batch, denominator, aux_scale):
+    grad_fn = jax.value_and_grad(rl_loss, argnums=1, has_aux=True)
+    (_, metrics), grads = grad_fn(graphdef, params, rest, ref_params, batch,
+                                  compute_dtype=compute_dtype, rl=rl_cfg, lb_coef=lb_coef,
+                                  z_coef=z_coef, vocab_loss=vocab_loss, denominator=denominator,
+                                  aux_scale=aux_scale)
+    return grads, metrics
+
+  def apply(state: step_lib.TrainState, grads: nnx.State, load: jax.Array):
+    new_rest = step_lib.update_expert_bias(state.rest, load, bias_rate)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    return step_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                               rest=new_rest), optax.global_norm(grads)
+
+  grad_j = jax.jit(grad, in_shardings=(shardings.params, shardings.rest, shardings.params,
+                                       batch_sharding, repl, repl),
+                   out_shardings=(shardings.params, repl))
+  add_j = jax.jit(lambda a, b: jax.tree.map(jnp.add, a, b),
+                  in_shardings=(shardings.params, shardings.params),
+                  out_shardings=shardings.params, donate_argnums=(0,))
+  apply_j = jax.jit(apply, in_shardings=(shardings, shardings.params, repl),
+                    out_shardings=(shardings, repl), donate_argnums=(0,))
+
+  def run_grad(state, ref_params, batch, denominator, aux_scale):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      return grad_j(state.params, state.rest, ref_params,
+                    {k: batch[k] for k in keys if k in batch},
+                    jnp.float32(denominator), jnp.float32(aux_scale))
+
+  def run_add(a, b):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      return add_j(a, b)
+
+  def run_apply(state, grads, load):
+    with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
+      return apply_j(state, grads, load)
+  return AccumStep(run_grad, run_add, run_apply)
+
+
+def merge_micro_metrics(ms: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """One update's metrics from its micro-batches': the losses (each already divided by the
+  update's denominator) and token counts summed, the rest averaged, `*_max` the max and
+  `is/raw_min` the min."""
+  out = {k: float(np.mean([float(m[k]) for m in ms])) for k in ms[0]}
+  for k in ("loss", "pg_loss", "tokens", "loss_tokens"):
+    if k in ms[0]:
+      out[k] = float(sum(float(m[k]) for m in ms))
+  for k in ("kl_max", "logprob_gap_max", "is/weight_max", "is/raw_max"):
+    if k in ms[0]:
+      out[k] = max(float(m[k]) for m in ms)
+  if "is/raw_min" in ms[0]:
+    out["is/raw_min"] = min(float(m["is/raw_min"]) for m in ms)
+  return out
 
 
 def make_logprob_fn(graphdef: nnx.GraphDef, optim_cfg: ml_collections.ConfigDict,

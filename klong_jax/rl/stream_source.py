@@ -34,11 +34,19 @@ from absl import logging
 from klong_jax.data import packing, schema, shards, storage
 from klong_jax.data.splitting import SplitConfig, SplitError, split_trajectory
 from klong_jax.rl import advantage as adv_lib
+from klong_jax.rl import minibatch
 
 PrevStageRule = Literal["drain", "drop"]
 # time_limited: trajectories trained on that a stage time limit ended (status agent_timeout).
+# dropped_zero_var: groups with no signal (every kept member's advantage 0) left out of the batch
+# by dynamic sampling (their trajectories in dropped_zero_var_trajectories); zero_var_kept: such
+# groups taken anyway after `dynamic_sampling_max_reads`; cut_turns_masked / cut_tokens_masked:
+# turns stopped at the token limit (and their loss tokens) masked out of the loss.
 COUNTERS = ("groups", "trajectories_used", "time_limited", "dropped_stale", "dropped_stage",
-            "dropped_infra", "dropped_invalid", "zero_groups", "chunks", "wait_s")
+            "dropped_infra", "dropped_invalid", "zero_groups", "chunks", "wait_s",
+            "dropped_zero_var", "dropped_zero_var_trajectories", "zero_var_kept",
+            "cut_turns_masked", "cut_tokens_masked")
+LengthCutRule = Literal["train", "mask"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +71,24 @@ class StreamConfig:
   cache_dir: str | None = None     # gs:// streams: local shard copies (default: a temp dir).
   # Routing replay: (MoE layers, top-k); batches then carry `routing` [rows, row_len, L, k].
   routing_shape: tuple[int, int] | None = None
+  # Dynamic sampling (DAPO): a group whose kept members all have advantage 0 (no policy-gradient
+  # signal) is left out of the batch and the loss denominator, and more groups are read instead.
+  dynamic_sampling: bool = False
+  # With dynamic sampling: after reading this many shards for one element (0 = no bound), fill
+  # it with the zero-variance groups read, so a policy whose groups all score alike still trains.
+  dynamic_sampling_max_reads: int = 0
+  # Prefer, among the oldest `family_lookahead` fresh shards, one whose task family (trajectory
+  # metadata `family`, else its task id) the element does not hold yet (0 = publish order only).
+  family_lookahead: int = 0
+  # Turns cut at the token limit (Trajectory.cut_turns): "mask" = no loss on their tokens,
+  # "train" = trained like any turn.
+  length_cut: LengthCutRule = "train"
+  # > 0: deal the element's trajectories into this many minibatches (rl/minibatch.py), each
+  # packed into its own rows (padded to a multiple of `micro_rows`, 0 = batch_size) and marked in
+  # the rows' `minibatch`; the trainer makes one optimizer update per minibatch. 0: one packing.
+  updates_per_step: int = 0
+  micro_rows: int = 0
+  seed: int = 0                    # Seeds the dealing into minibatches (with the element's shards).
 
   def __post_init__(self):
     if self.split.max_len > self.row_len:
@@ -73,12 +99,38 @@ class StreamConfig:
       raise ValueError(f"max_staleness must be >= 0, got {self.max_staleness}")
     if self.prev_stage not in ("drain", "drop"):
       raise ValueError(f"prev_stage must be 'drain' or 'drop', got {self.prev_stage!r}")
+    if self.length_cut not in ("train", "mask"):
+      raise ValueError(f"rl.length_cut must be 'train' or 'mask', got {self.length_cut!r}")
+    micro = self.micro_rows or self.batch_size
+    if self.updates_per_step < 0 or micro < 1 or self.batch_size % micro:
+      raise ValueError(f"rl.updates_per_step ({self.updates_per_step}) must be >= 0 and the "
+                       f"micro-batch rows ({micro}) must divide data.batch_size "
+                       f"({self.batch_size})")
+    if self.dynamic_sampling_max_reads < 0 or self.family_lookahead < 0:
+      raise ValueError("rl.dynamic_sampling_max_reads and rl.family_lookahead must be >= 0 "
+                       f"(0 = off), got {self.dynamic_sampling_max_reads}, "
+                       f"{self.family_lookahead}")
 
 
 def trajectory_version(traj: schema.Trajectory) -> int:
   """The oldest policy version that sampled any of the trajectory's tokens (-1: none sampled)."""
   pv = traj.policy_version[traj.policy_version >= 0]
   return int(pv.min()) if pv.size else -1
+
+
+def mask_cut_turns(traj: schema.Trajectory) -> tuple[schema.Trajectory, int]:
+  """The trajectory with no loss on its turns cut at the token limit, and the tokens masked."""
+  if not traj.cut_turns:
+    return traj, 0
+  mask = traj.loss_mask.copy()
+  for start, end in traj.cut_turns:
+    mask[start:end] = 0
+  return dataclasses.replace(traj, loss_mask=mask), int(traj.loss_mask.sum() - mask.sum())
+
+
+def trajectory_family(traj: schema.Trajectory) -> str:
+  """The task family of a trajectory: metadata `family` (rollout workers set it), else task id."""
+  return str(traj.metadata.get("family") or traj.task_id)
 
 
 def _stage_of(rel: str) -> int:
@@ -108,6 +160,7 @@ class StreamIterator(grain.DatasetIterator):
     self.counters = {k: 0.0 for k in COUNTERS}
     self.last_info: dict[str, Any] = {}
     self._cleared_stage: int | None = None
+    self._families: dict[str, str] = {}  # shard -> task family (family_lookahead)
     self.on_element: Callable[[StreamIterator], None] | None = None
 
   # -- control from the trainer -----------------------------------------------------------------
@@ -215,9 +268,10 @@ class StreamIterator(grain.DatasetIterator):
       adv[[i for i, t in enumerate(trajs) if t is not None]] = a
     return trajs, adv
 
-  def _select(self, rel: str) -> list[int]:
-    """Reads a fresh shard, counts it, and returns the indices of the trajectories to train on."""
-    trajs, _ = self._read_group(rel)
+  def _select(self, rel: str) -> tuple[list[int], bool]:
+    """Reads a fresh shard, counts it, and returns the indices of the trajectories to train on
+    and whether any of them has a nonzero advantage (the group carries signal)."""
+    trajs, adv = self._read_group(rel)
     ok = [t for t in trajs if t is not None]
     self.counters["dropped_invalid"] += len(trajs) - len(ok)
     _, _, stats = adv_lib.group_advantages([t.reward for t in ok], [t.group_id for t in ok])
@@ -248,17 +302,40 @@ class StreamIterator(grain.DatasetIterator):
         self.counters["dropped_invalid"] += 1
         continue
       keep.append(i)
-    return keep
+    return keep, bool(np.any(adv[keep] != 0)) if keep else False
 
-  def _wait_for_shard(self) -> str:
-    """The oldest fresh shard; polls while none exists, raising after `wait_timeout_s`."""
+  def _shard_family(self, rel: str) -> str:
+    """The task family of a shard's group (its first readable trajectory), cached."""
+    if rel not in self._families:
+      fam = rel
+      for raw in shards.read_shard(self._local(rel)):
+        try:
+          fam = trajectory_family(schema.from_bytes(raw, self.cfg.vocab_size))
+          break
+        except schema.TrajectoryError:
+          continue
+      self._families[rel] = fam
+    return self._families[rel]
+
+  def _pick(self, fresh: list[str], avoid: set[str]) -> str:
+    """The oldest fresh shard, or with `family_lookahead` the oldest of the first few whose
+    family is not in `avoid` (the element's families so far), so a step's groups mix families."""
+    if self.cfg.family_lookahead and avoid:
+      stage = _stage_of(fresh[0])  # older stages are still drained first
+      for rel in fresh[:self.cfg.family_lookahead]:
+        if _stage_of(rel) == stage and self._shard_family(rel) not in avoid:
+          return rel
+    return fresh[0]
+
+  def _wait_for_shard(self, avoid: set[str] | None = None) -> str:
+    """A fresh shard (`_pick`); polls while none exists, raising after `wait_timeout_s`."""
     t0 = time.monotonic()
     last_log = t0
     while True:
       fresh = self._fresh()
       if fresh:
         self.counters["wait_s"] += time.monotonic() - t0
-        return fresh[0]
+        return self._pick(fresh, avoid or set())
       now = time.monotonic()
       if now - t0 > self.cfg.wait_timeout_s:
         raise TimeoutError(
@@ -274,22 +351,44 @@ class StreamIterator(grain.DatasetIterator):
   # -- elements ---------------------------------------------------------------------------------
 
   def _new_element(self) -> dict[str, Any]:
-    """Consumes shards until `groups_per_step` groups with trainable trajectories are taken."""
+    """Consumes shards until `groups_per_step` groups with trainable trajectories are taken;
+    with dynamic sampling, groups without signal are dropped and more groups read."""
     taken: list[dict[str, Any]] = []
+    no_signal: list[dict[str, Any]] = []  # zero-variance groups read for this element
+    families: set[str] = set()
+    reads = dropped = 0
+    cap = self.cfg.dynamic_sampling_max_reads
     while len(taken) < self.cfg.groups_per_step:
-      rel = self._wait_for_shard()
-      keep = self._select(rel)
+      if no_signal and cap and reads >= cap:
+        taken.append(no_signal.pop(0))  # bounded search: fill with the no-signal groups read
+        self.counters["zero_var_kept"] += 1
+        continue
+      rel = self._wait_for_shard(families)
+      keep, signal = self._select(rel)
       self._consumed.add(rel)
-      if keep:
-        taken.append({"path": rel, "keep": keep})
+      reads += 1
+      if not keep:
+        continue
+      if self.cfg.dynamic_sampling and not signal:
+        no_signal.append({"path": rel, "keep": keep})
+        continue
+      taken.append({"path": rel, "keep": keep})
+      if self.cfg.family_lookahead:
+        families.add(self._shard_family(rel))
+    for s in no_signal:  # read, not taken: out of the batch and the loss denominator
+      dropped += 1
+      self.counters["dropped_zero_var_trajectories"] += len(s["keep"])
+    self.counters["dropped_zero_var"] += dropped
     self.counters["groups"] += len(taken)
     self.counters["trajectories_used"] += sum(len(s["keep"]) for s in taken)
-    return {"shards": taken, "next": 0}
+    return {"shards": taken, "next": 0, "dropped_zero_var": dropped}
 
   def _build_batches(self, element: dict[str, Any]) -> tuple[list[dict[str, np.ndarray]],
                                                              dict[str, Any]]:
     """Deterministically splits + packs an element's kept trajectories into batches."""
     chunks, ids, rewards, versions, time_limited = [], [], [], [], 0
+    per_traj: list[list[schema.Chunk]] = []
+    cut_turns = cut_tokens = 0
     for s in element["shards"]:
       trajs, adv = self._read_group(s["path"])
       for i in s["keep"]:
@@ -297,21 +396,36 @@ class StreamIterator(grain.DatasetIterator):
         if t is None:
           raise ValueError(f"stream shard {s['path']} record {i} no longer parses; shards must "
                            "be immutable once published")
-        chunks.extend(c for c in split_trajectory(t, self.cfg.split, float(adv[i]))
-                      if c.loss_mask.any())
+        if self.cfg.length_cut == "mask" and t.cut_turns:
+          t, masked = mask_cut_turns(t)
+          cut_turns, cut_tokens = cut_turns + len(t.cut_turns), cut_tokens + masked
+        per_traj.append([c for c in split_trajectory(t, self.cfg.split, float(adv[i]))
+                         if c.loss_mask.any()])
+        chunks.extend(per_traj[-1])
         ids.append(t.id)
         time_limited += t.status == "agent_timeout"
         rewards.append(float(t.reward))
         versions.append(trajectory_version(t))
-    rows = packing.pack_chunks(chunks, self.cfg.row_len, routing_shape=self.cfg.routing_shape)
+    if self.cfg.updates_per_step:
+      key = "|".join(sh["path"] for sh in element["shards"])
+      rows = minibatch.pack_minibatches(
+          per_traj, self.cfg.updates_per_step, self.cfg.micro_rows or self.cfg.batch_size,
+          self.cfg.row_len, minibatch.element_rng(self.cfg.seed, key), self.cfg.routing_shape)
+    else:
+      rows = packing.pack_chunks(chunks, self.cfg.row_len,
+                                 routing_shape=self.cfg.routing_shape)
     n = rows["tokens"].shape[0]
     b = self.cfg.batch_size
     nb = max(1, -(-n // b))
     pad = packing.empty_rows(nb * b - n, self.cfg.row_len, self.cfg.routing_shape)
+    if "minibatch" in rows:
+      pad["minibatch"] = np.full((nb * b - n,), -1, np.int32)  # in no minibatch
     full = {k: np.concatenate([rows[k], pad[k]]) for k in rows}
     batches = [{k: v[j * b:(j + 1) * b] for k, v in full.items()} for j in range(nb)]
     info = {"ids": ids, "rewards": rewards, "versions": versions, "chunks": len(chunks),
-            "num_batches": nb, "time_limited": time_limited}
+            "num_batches": nb, "time_limited": time_limited,
+            "dropped_zero_var": int(element.get("dropped_zero_var", 0)),
+            "cut_turns_masked": cut_turns, "cut_tokens_masked": cut_tokens}
     return batches, info
 
   def __next__(self) -> dict[str, np.ndarray]:
@@ -323,6 +437,8 @@ class StreamIterator(grain.DatasetIterator):
       self._evict([sh["path"] for sh in self._element["shards"]])
       self.counters["chunks"] += self._info["chunks"]
       self.counters["time_limited"] += self._info["time_limited"]
+      self.counters["cut_turns_masked"] += self._info["cut_turns_masked"]
+      self.counters["cut_tokens_masked"] += self._info["cut_tokens_masked"]
       if self.on_element is not None:
         self.on_element(self)
     k = self._element["next"]
@@ -331,6 +447,8 @@ class StreamIterator(grain.DatasetIterator):
     self.last_info = {
         "ids": info["ids"] if k == 0 else [], "rewards": info["rewards"] if k == 0 else [],
         "element_first": k == 0, "element_last": k + 1 == info["num_batches"],
+        # This element's groups dropped for zero variance (dynamic sampling), first batch only.
+        "dropped_zero_var": info["dropped_zero_var"] if k == 0 else 0,
         "min_version": min(info["versions"]) if info["versions"] else -1, "stage": self.stage}
     return self._batches[k]
 

@@ -38,6 +38,7 @@ from klong_jax.parallel import mesh as mesh_lib
 from klong_jax.parallel import rules as rules_lib
 from klong_jax.perf import devices, flops
 from klong_jax.rl import curriculum as curriculum_lib
+from klong_jax.rl import minibatch
 from klong_jax.rl import step as rl_step
 from klong_jax.rl.stream_source import StreamConfig, StreamDataset, StreamIterator
 from klong_jax.rollout.stream import write_json_atomic
@@ -113,7 +114,26 @@ def stream_config(config: ml_collections.ConfigDict, stream: str, sync: bool) ->
       groups_per_step=r.groups_per_step, max_staleness=0 if sync else r.max_staleness,
       normalize_std=r.normalize_std, vocab_size=config.model.vocab_size,
       prev_stage=r.prev_stage, poll_s=r.poll_s, wait_timeout_s=r.wait_timeout_s,
-      temperature=float(r.get("temperature", 1.0)), routing_shape=_routing_shape(config))
+      temperature=float(r.get("temperature", 1.0)), routing_shape=_routing_shape(config),
+      **signal_fields(config, sync))
+
+
+def signal_fields(config: ml_collections.ConfigDict, sync: bool = False) -> dict[str, Any]:
+  """The StreamConfig fields of issue #31's coverage and signal switches (rl.*; absent = off):
+  dynamic sampling, family mixing, length-cut masking, minibatches formed by trajectories.
+  Sync mode has no dynamic sampling: its workers make one group per worker and policy version,
+  so a step that asked for more would wait forever."""
+  r = config.rl
+  dynamic = bool(r.get("dynamic_sampling", False))
+  if dynamic and sync:
+    logging.info("rl.dynamic_sampling is off in sync mode (one group per worker and version)")
+  return dict(dynamic_sampling=dynamic and not sync,
+              dynamic_sampling_max_reads=int(r.get("dynamic_sampling_max_reads", 0)),
+              family_lookahead=int(r.get("family_lookahead", 0)),
+              length_cut=str(r.get("length_cut", "train")),
+              updates_per_step=int(r.get("updates_per_step", 0)),
+              micro_rows=config.data.batch_size // int(r.get("minibatches", 1)),
+              seed=int(config.get("seed", 0)))
 
 
 def _routing_shape(config: ml_collections.ConfigDict) -> tuple[int, int] | None:
@@ -190,9 +210,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   mb_rows = rl_step.minibatch_rows(config.rl, config.data.batch_size,
                                    rules_lib.data_parallel_size(batch_sh))
   epochs = int(config.rl.get("ppo_epochs", 1))
-  updates = epochs * int(config.rl.get("minibatches", 1))
+  per_step = int(config.rl.get("updates_per_step", 0))  # > 0: exact (rl/minibatch.py)
+  updates = updates_per_element(config.rl)
   if updates > 1:  # optim step counts are in elements; the schedule counts optimizer updates
-    config = ml_collections.ConfigDict(config.to_dict())  # (nominal: an element that fits).
+    config = ml_collections.ConfigDict(config.to_dict())  # (legacy: nominal, an element that fits).
     config.optim.total_steps *= updates
     config.optim.warmup_steps *= updates
   model_cfg, graphdef, params, rest, tx, state_sh = step_lib.build_trainer_parts(config, mesh,
@@ -214,6 +235,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   del params, rest
   train_step = rl_step.make_rl_step(graphdef, tx, config.optim, config.rl, state_sh, batch_sh,
                                     rules)
+  accum = (rl_step.make_rl_accum_step(graphdef, tx, config.optim, config.rl, state_sh, batch_sh,
+                                      rules) if per_step else None)
   # Decoupled PPO: the proximal policy = the params at the start of each element's updates.
   logp_fn = (rl_step.make_logprob_fn(graphdef, config.optim, config.rl, state_sh, batch_sh, rules)
              if rl_step.off_policy(config.rl) == "decoupled" else None)
@@ -271,13 +294,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
       stale = rl_step.staleness_metrics(batch["policy_version"], batch["loss_mask"], pub.version)
       if logp_fn is not None:
         batch["prox_logp"] = _proximal_logp(logp_fn, state, batch, mb_rows, batch_sh)
-      n_mb = _max_over_hosts(rl_step.num_minibatches(batch["loss_mask"], mb_rows))
-      for rows in rl_step.update_plan(batch["loss_mask"], mb_rows=mb_rows, epochs=epochs,
-                                      seed=config.seed, step=step + 1, minibatches=n_mb):
-        mb = {k: batch[k][rows] for k in rl_step.batch_keys(config.rl) if k in batch}
-        state, m_i = train_step(state, ref, _global_batch(mb, batch_sh))
-        ms.append(m_i)
+      if accum is not None:
+        state, ms, skipped = train_by_trajectories(accum, state, ref, batch, config, mb_rows,
+                                                   step + 1, batch_sh)
+      else:
+        n_mb = _max_over_hosts(rl_step.num_minibatches(batch["loss_mask"], mb_rows))
+        for rows in rl_step.update_plan(batch["loss_mask"], mb_rows=mb_rows, epochs=epochs,
+                                        seed=config.seed, step=step + 1, minibatches=n_mb):
+          mb = {k: batch[k][rows] for k in rl_step.batch_keys(config.rl) if k in batch}
+          state, m_i = train_step(state, ref, _global_batch(mb, batch_sh))
+          ms.append(m_i)
       m = rl_step.combine_update_metrics(jax.device_get(ms), epochs)
+      if accum is not None:  # real optimizer updates, and minibatches no rollout filled
+        m["ppo/updates"], m["ppo/updates_skipped"] = float(len(ms)), float(skipped)
       t2 = time.perf_counter()
       step += 1
       wait_s += t1 - t0
@@ -288,6 +317,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
       reward = float(np.mean(info["rewards"])) if info["rewards"] else None
       elapsed = time.perf_counter() - t_start
       m = dict(m, **data_iter.stats(), **stale, policy_version=pub.version, stage=cur.index,
+               **{"dyn/dropped_zero_var_groups": float(info.get("dropped_zero_var", 0))},
                lag=pub.version - info["min_version"], lr=optim.learning_rate(
                    config.optim, (int(state.step) - 1) // int(config.optim.get("grad_accum", 1))),
                utilisation=train_s / max(train_s + wait_s, 1e-9), step_s=t2 - t1,
@@ -340,6 +370,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
   return dict(summary, state=state, graphdef=graphdef)
 
 
+def updates_per_element(rl: ml_collections.ConfigDict) -> int:
+  """Optimizer updates one trainer step makes, as the LR schedule is stretched by: exactly
+  ppo_epochs x rl.updates_per_step, or (legacy, updates_per_step 0) the nominal ppo_epochs x
+  rl.minibatches (really ceil(loss rows / minibatch rows) per epoch, rl/step.py)."""
+  per_step = int(rl.get("updates_per_step", 0))
+  return int(rl.get("ppo_epochs", 1)) * (per_step or int(rl.get("minibatches", 1)))
+
+
 def _next_element(data_iter: StreamIterator) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
   """The next element's packed batches concatenated along rows (one trainer step trains a whole
   element), and the stream's info for it (ids, rewards, versions: from its first batch)."""
@@ -350,12 +388,66 @@ def _next_element(data_iter: StreamIterator) -> tuple[dict[str, np.ndarray], dic
   return {k: np.concatenate([np.asarray(b[k]) for b in batches]) for k in batches[0]}, info
 
 
-def _max_over_hosts(n: int) -> int:
-  """Max of a host-local count over all processes (hosts must run the same number of updates)."""
+def _max_over_hosts(n: Any) -> Any:
+  """Max of a host-local count (or array of counts) over all processes (hosts must run the same
+  number of updates)."""
   if jax.process_count() == 1:
     return n
   from jax.experimental import multihost_utils  # noqa: PLC0415
-  return int(np.max(multihost_utils.process_allgather(np.asarray(n, np.int32))))
+  out = np.max(multihost_utils.process_allgather(np.asarray(n)), axis=0)
+  return int(out) if np.ndim(n) == 0 else out
+
+
+def _sum_over_hosts(x: np.ndarray) -> np.ndarray:
+  """Sum of a host-local array over all processes (a global batch's loss denominators)."""
+  if jax.process_count() == 1:
+    return x
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+  return np.sum(multihost_utils.process_allgather(np.asarray(x)), axis=0)
+
+
+def train_by_trajectories(accum: rl_step.AccumStep, state: Any, ref: Any,
+                          batch: dict[str, np.ndarray], config: ml_collections.ConfigDict,
+                          mb_rows: int, step: int, sharding: jax.sharding.NamedSharding
+                          ) -> tuple[Any, list[dict[str, Any]], int]:
+  """Trains one element whose rows carry `minibatch` (rl.updates_per_step): ppo_epochs x N
+  optimizer updates, one per minibatch (its micro-batches' gradients summed, each normalised by
+  the minibatch's denominator). Returns (state, per-update metrics, updates skipped: minibatches
+  that no trajectory filled)."""
+  n, epochs = int(config.rl.updates_per_step), int(config.rl.get("ppo_epochs", 1))
+  keys = [k for k in rl_step.batch_keys(config.rl) if k in batch]
+  norm = str(config.rl.get("normalization", "token"))
+  rows_of = [np.flatnonzero(batch["minibatch"] == j) for j in range(n)]
+  micro = _max_over_hosts(np.asarray([len(r) // mb_rows for r in rows_of], np.int64))
+  den = _sum_over_hosts(np.asarray([minibatch.loss_denominator(
+      batch["segment_ids"][r], batch["loss_mask"][r], norm) for r in rows_of], np.float64))
+  ms, skipped = [], 0
+  for j in minibatch.update_order(n, epochs, int(config.seed), step):
+    k = int(micro[j])
+    if k == 0:
+      skipped += 1
+      continue
+    grads, loads, parts = None, [], []
+    for i in range(k):
+      rows = rows_of[j][i * mb_rows:(i + 1) * mb_rows]
+      mb = {key: _pad_rows(batch[key][rows], mb_rows, -1 if key == "routing" else 0)
+            for key in keys}  # short only on a host with fewer rows in this minibatch
+      g, m_i = accum.grad(state, ref, _global_batch(mb, sharding), den[j], 1.0 / k)
+      grads = g if grads is None else accum.add(grads, g)
+      loads.append(m_i.pop("moe_expert_load"))
+      parts.append(m_i)
+    state, gnorm = accum.apply(state, grads, sum(loads) / len(loads))
+    ms.append(dict(rl_step.merge_micro_metrics(jax.device_get(parts)),
+                   grad_norm=float(gnorm), micro_batches=float(k)))
+  return state, ms, skipped
+
+
+def _pad_rows(x: np.ndarray, rows: int, fill: int) -> np.ndarray:
+  """`x` with padding rows (value `fill`) appended up to `rows`."""
+  if x.shape[0] >= rows:
+    return x
+  pad = np.full((rows - x.shape[0], *x.shape[1:]), fill, x.dtype)
+  return np.concatenate([x, pad])
 
 
 def _proximal_logp(logp_fn: Any, state: Any, batch: dict[str, np.ndarray], mb_rows: int,

@@ -22,7 +22,6 @@ import dataclasses
 import fnmatch
 import multiprocessing
 import os
-import random
 import re
 import socket
 import tempfile
@@ -40,9 +39,10 @@ from klong_jax.data import storage
 from klong_jax.data.schema import Trajectory
 from klong_jax.data.shards import SUFFIX as SHARD_SUFFIX
 from klong_jax.grading import reproduce as reproduce_lib
-from klong_jax.rollout import episode, episode_ckpt, episode_config
+from klong_jax.rollout import episode, episode_ckpt, episode_config, task_sampling
 from klong_jax.rollout.episode_config import ROLE_DEFAULTS, EpisodeConfig
 from klong_jax.rollout.stream import open_stream, read_control
+from klong_jax.rollout.task_sampling import round_order  # noqa: F401 (re-export)
 from klong_jax.sandbox import base as sandbox_lib
 
 
@@ -60,6 +60,9 @@ class WorkerConfig:
   # worker (verl/Tunix shuffle their prompt sets per epoch); -1: directory order. Matters when a
   # run's budget is shorter than a round: in order, it only ever sees the first families.
   shuffle_seed: int = -1
+  # Deal the tasks round-robin over their families (task_sampling.py), so every window of F
+  # groups covers the F families; False: the plain (shuffled or directory) order.
+  interleave_families: bool = True
   worker: str = ""
   # Budgets, sampling, context policy and sandbox of each episode (the one episode config).
   episode: EpisodeConfig = dataclasses.field(default_factory=lambda: ROLE_DEFAULTS["rl"])
@@ -321,6 +324,7 @@ class Worker:
       rec = ckpt.load_record() if ckpt is not None else None
       if rec is None:
         r = self.rollout_with_retries(task, ctl.stage, limit, ckpt)
+        r["metadata"].setdefault("family", task_sampling.task_family(task))
         rec = self.to_record(r, task.id, group_id, ctl.stage, i, ctl.policy_min_version)
         if ckpt is not None:
           ckpt.save_record(rec)
@@ -348,7 +352,8 @@ class Worker:
                            "$KLONG_JUDGE_API_KEY)")
     published = 0
     for rnd in range(self.cfg.rounds):
-      for _, task in round_order(tasks, self.cfg.shuffle_seed, rnd):
+      for task in task_sampling.task_order([t for _, t in tasks], self.cfg.shuffle_seed, rnd,
+                                           interleave=self.cfg.interleave_families):
         ctl = self.wait_for_policy()
         if ctl.tasks and not any(fnmatch.fnmatchcase(task.id, pat) for pat in ctl.tasks):
           continue  # Not in this stage's task mix.
@@ -372,14 +377,6 @@ class Worker:
         episode_ckpt.delete_group(self.cfg.stream, group_id)
         published += 1
     return published
-
-
-def round_order(tasks: list[Any], seed: int, rnd: int) -> list[Any]:
-  """The task order of round `rnd`: as given for seed < 0, else shuffled by (seed, rnd)."""
-  out = list(tasks)
-  if seed >= 0:
-    random.Random(f"{seed}:{rnd}").shuffle(out)
-  return out
 
 
 def run_worker(cfg: WorkerConfig) -> int:
@@ -421,6 +418,8 @@ def _define_flags() -> None:
   flags.DEFINE_integer("num_workers", 1, "Worker processes on this host.")
   flags.DEFINE_integer("rounds", 1, "Passes over the task list.")
   flags.DEFINE_integer("shuffle_seed", -1, "Per-round task order seed (-1: in order).")
+  flags.DEFINE_bool("interleave_families", True, "Visit tasks round-robin over their families "
+                    "(config.yaml `family`); false: the plain order.")
   flags.DEFINE_string("worker", "", "Worker name prefix (default: hostname).")
   flags.DEFINE_float("pause_before_publish_s", 0.0, "Test hook: sleep before publishing.")
   flags.DEFINE_string("judge_url", "", "OpenAI-compatible judge endpoint for rubric leaves "
@@ -447,6 +446,7 @@ def main(argv: list[str]) -> None:
   cfg = WorkerConfig(server=FLAGS.server, tasks=FLAGS.tasks, stream=FLAGS.stream,
                      tokenizer=FLAGS.tokenizer, group_size=FLAGS.group_size, rounds=FLAGS.rounds,
                      shuffle_seed=FLAGS.shuffle_seed,
+                     interleave_families=FLAGS.interleave_families,
                      worker=FLAGS.worker or f"{socket.gethostname()}-{uuid.uuid4().hex[:4]}",
                      episode=ep_cfg, pause_before_publish_s=FLAGS.pause_before_publish_s,
                      judge_url=FLAGS.judge_url, judge_model=FLAGS.judge_model,

@@ -56,3 +56,18 @@ def test_klong_length_mismatch_is_named(fmt):
     render_trajectory([SYS, bad], fmt)
   with pytest.raises(ValueError, match="prefix_messages=5"):
     render_trajectory([SYS], fmt, prefix_messages=5)
+
+
+def test_render_records_turns_stopped_at_max_tokens(fmt):
+  msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "task"},
+          {"role": "assistant", "content": "done", "meta": {"finish_reason": "stop"}},
+          {"role": "user", "content": "more"},
+          {"role": "assistant", "content": "long unfinish", "meta": {"finish_reason": "length"}},
+          {"role": "user", "content": "again"}]
+  f = render_trajectory(msgs, fmt, prefix_messages=2)
+  ts = f["turn_starts"]
+  assert f["cut_turns"] == [[ts[4], ts[5]]]
+  assert f["loss_mask"][ts[4]:ts[5]].any()
+  t = schema.validate(dict(f, id="r", task_id="t"))
+  assert t.cut_turns == [[ts[4], ts[5]]]
+  assert np.asarray(t.loss_mask).sum() == np.asarray(f["loss_mask"]).sum()

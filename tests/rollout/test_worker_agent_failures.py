@@ -122,3 +122,8 @@ def test_worker_start_removes_its_interrupted_shard_write(tmp_path, teacher_url,
   assert w.run([str(tasks / "arith-1")]) == 1
   assert not left.exists()
   assert [p.name for p in left.parent.iterdir()] == ["w-000000.array_record"]
+  # The record carries the task's family (config.yaml), for family-mixed RL steps.
+  from klong_jax.data.schema import from_bytes  # noqa: PLC0415
+  from klong_jax.data.shards import read_shard  # noqa: PLC0415
+  recs = [from_bytes(r) for r in read_shard(str(left.parent / "w-000000.array_record"))]
+  assert [r.metadata["family"] for r in recs] == ["arith"]
