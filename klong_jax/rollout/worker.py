@@ -7,8 +7,11 @@
 Episode flags (budgets, context policy, temperature, sandbox limits) are the one EpisodeConfig
 (episode_config.py), shared with the eval and distill CLIs.
 
-Each group (task x round) is claimed in the stream ledger, rolled out, graded, rendered and
-published as one shard (see stream.py for the exactly-once rules). Status rules: agent budget out
+Each group (task x round) is claimed in the stream ledger, rolled out (its G members concurrently,
+each model call seeded by (task, group, member, turn): agent/budget.request_seed), graded, rendered
+and published as one shard (see stream.py for the exactly-once rules). Time limits are on the
+clock `--budget_clock` names (wall | tokens); each trajectory records both (timings `agent_s`,
+`budget_s`; metadata `budget`). Status rules: agent budget out
 -> agent_timeout (graded); the outer wall guard -> wall_timeout (graded); sandbox or server
 failures are retried with backoff, then the rollout is written as infra_error with reward None.
 A submission the agent made uncollectable (too large, too many files, unreadable, missing) is its
@@ -18,6 +21,7 @@ and `failure_detail` (message).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import fnmatch
 import multiprocessing
@@ -164,10 +168,12 @@ class Worker:
 
   # -- one rollout ------------------------------------------------------------------------------
 
-  def rollout(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:
-    """One episode + grading; returns fields for the Trajectory (raises on infra failure)."""
+  def rollout(self, task: Any, stage: int, time_limit_s: float,
+              seed_key: tuple[str, str, int] | None = None) -> dict[str, Any]:
+    """One episode + grading; returns fields for the Trajectory (raises on infra failure).
+    `seed_key` (task, group, member) seeds the model calls (None: the server draws seeds)."""
     ep_cfg = self.cfg.episode
-    acfg = ep_cfg.agent_config(time_limit_s)
+    acfg = ep_cfg.agent_config(time_limit_s, seed_key=seed_key)
     prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
                                        task.paper_md, task.addendum_md)
     state: dict[str, Any] = {}
@@ -201,19 +207,24 @@ class Worker:
       status, reward = "infra_error", None
     return {"messages": ep.messages, "prefix": ep.prefix_messages, "status": status,
             "reward": reward,
-            "timings": {"agent_s": agent_s, "total_s": time.time() - t0, "retry_s": ep.retry_s},
+            "timings": {"agent_s": agent_s, "total_s": time.time() - t0, "retry_s": ep.retry_s,
+                        "budget_s": ep.budget_s,
+                        "token_clock_s": float(ep.clock.get("tokens", {}).get("elapsed_s", 0.0))},
             "metadata": {"end_reason": ep.end_reason, "steps": ep.steps, "trims": ep.trims,
+                         "budget": dict(ep.clock, time_limit_s=time_limit_s),
+                         "seed_key": list(seed_key) if seed_key else None,
                          "malformed_calls": ep.malformed_calls, "grade": details,
                          "reproduce_exit": res.exit_code, "temperature": ep_cfg.temperature,
                          **failure},
             "sandbox": {"backend": ep_cfg.backend}}
 
-  def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float) -> dict[str, Any]:
+  def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float,
+                           seed_key: tuple[str, str, int] | None = None) -> dict[str, Any]:
     """Retries infra failures with backoff; after the last one returns an infra_error record."""
     err: Exception | None = None
     for attempt in range(self.cfg.infra_retries + 1):
       try:
-        return self.rollout(task, stage, time_limit_s)
+        return self.rollout(task, stage, time_limit_s, seed_key)
       except (sandbox_lib.SandboxError, client_lib.InfraError, OSError) as e:
         err = e
         logging.warning("%s: infra failure on %s (attempt %d): %s", self.name, task.id,
@@ -242,6 +253,16 @@ class Worker:
         timings=r["timings"],
         sandbox=r["sandbox"], metadata=meta, **rendered)
     return traj.to_bytes()
+
+  def rollout_group(self, task: Any, group_id: str, stage: int,
+                    time_limit_s: float) -> list[dict[str, Any]]:
+    """The group's G members, concurrently (one thread each: they wait on the server and the
+    sandbox), member i seeded by (task, group, i); results in member order."""
+    n = self.cfg.group_size
+    with concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="member") as ex:
+      futs = [ex.submit(self.rollout_with_retries, task, stage, time_limit_s,
+                        (task.id, group_id, i)) for i in range(n)]
+      return [f.result() for f in futs]
 
   # -- sync-mode gate ---------------------------------------------------------------------------
 
@@ -324,11 +345,8 @@ class Worker:
         limit = ctl.time_limit_s or self.cfg.episode.time_limit_s
         logging.info("%s: group %s (G=%d, limit %.0fs)", self.name, group_id,
                      self.cfg.group_size, limit)
-        records = []
-        for i in range(self.cfg.group_size):
-          r = self.rollout_with_retries(task, ctl.stage, limit)
-          records.append(self.to_record(r, task.id, group_id, ctl.stage, i,
-                                        ctl.policy_min_version))
+        records = [self.to_record(r, task.id, group_id, ctl.stage, i, ctl.policy_min_version)
+                   for i, r in enumerate(self.rollout_group(task, group_id, ctl.stage, limit))]
         self.stream.publish(group_id, shard, records, self.cfg.pause_before_publish_s)
         published += 1
     return published
