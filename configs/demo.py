@@ -115,6 +115,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.workers.shuffle_seed = -1
   c.workers.max_steps = 40
   c.workers.time_limit_s = 60.0     # Used before the trainer writes control.json.
+  # Clock of the time limits (RL stages, eval), reminders and statuses: "tokens" (deterministic,
+  # agent/budget.py: the same cuts on an idle or a loaded box) or "wall" (pods). Rates: seconds
+  # per uncached prefill / generated token, tool calls by the fixed table (bit-reproducible;
+  # "cpu" charges the sandbox's CPU time). Both clocks are recorded in every trajectory.
+  c.workers.budget_clock = "tokens"
+  c.workers.prefill_s_per_token = 0.0005
+  c.workers.decode_s_per_token = 0.01
+  c.workers.tool_cost = "table"
+  c.workers.tool_costs = ("bash=0.5,python=0.5,read_file_chunk=0.1,search_file=0.1,submit=0,"
+                          "default=0.1")
   c.workers.reproduce_timeout_s = 30.0
   # Sampling temperature of the RL rollouts; the trainer's rl.temperature is set to it. At 1.0
   # the tiny policy garbles long code (held-out reward 0.11 after SFT, seed 0); at 0.6 it is

@@ -104,4 +104,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.workers.group_size = 8      # Rollouts per task (the RL group).
   config.workers.max_steps = 1000
   config.workers.time_limit_s = 7200.0  # Used before the trainer writes control.json.
+  # Clock of the stage limits: "wall" on a dedicated pod; "tokens" is the deterministic one
+  # (agent/budget.py), whose rates each trajectory's metadata `budget` lets a pod run calibrate.
+  config.workers.budget_clock = "wall"
+  config.workers.prefill_s_per_token = 0.0005
+  config.workers.decode_s_per_token = 0.02
+  config.workers.tool_cost = "cpu"     # Token clock: tools by sandbox CPU time (or the table).
+  config.workers.tool_costs = "default=1.0"
   return config

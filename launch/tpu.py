@@ -324,6 +324,8 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
         "group_size": ctx.get("group_size", 8), "rounds": 1_000_000, "num_workers": 1,
         "max_steps": ctx.get("max_steps", 1000),
         "time_limit_s": ctx.get("time_limit_s", 7200.0),
+        # The clock of the stage limits (agent/budget.py) and the token clock's rates.
+        **{k: ctx[k] for k in xp.BUDGET_FLAGS if k in ctx},
         # The trainer's context policy and temperature: chunks = the contexts sampled under.
         "context_tokens": merged.data.max_len, "context_overlap": merged.data.overlap,
         "max_completion_tokens": merged.data.completion_tokens,
