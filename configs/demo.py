@@ -120,11 +120,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # per uncached prefill / generated token, tool calls by the fixed table (bit-reproducible;
   # "cpu" charges the sandbox's CPU time). Both clocks are recorded in every trajectory.
   c.workers.budget_clock = "tokens"
-  c.workers.prefill_s_per_token = 0.0005
-  c.workers.decode_s_per_token = 0.01
-  c.workers.tool_cost = "table"
-  c.workers.tool_costs = ("bash=0.5,python=0.5,read_file_chunk=0.1,search_file=0.1,submit=0,"
-                          "default=0.1")
+  c.workers.prefill_s_per_token = 0.0005  # Token clock: s per prefill token not reused.
+  c.workers.decode_s_per_token = 0.01     # Token clock: s per generated token.
+  c.workers.tool_cost = "table"           # Token clock: tools by "table" or sandbox "cpu" time.
+  c.workers.tool_costs = (  # Token clock: per-tool seconds NAME=S,... (default: the rest).
+      "bash=0.5,python=0.5,read_file_chunk=0.1,search_file=0.1,submit=0,default=0.1")
   c.workers.reproduce_timeout_s = 30.0
   # Sampling temperature of the RL rollouts; the trainer's rl.temperature is set to it. At 1.0
   # the tiny policy garbles long code (held-out reward 0.11 after SFT, seed 0); at 0.6 it is

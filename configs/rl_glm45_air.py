@@ -107,8 +107,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Clock of the stage limits: "wall" on a dedicated pod; "tokens" is the deterministic one
   # (agent/budget.py), whose rates each trajectory's metadata `budget` lets a pod run calibrate.
   config.workers.budget_clock = "wall"
-  config.workers.prefill_s_per_token = 0.0005
-  config.workers.decode_s_per_token = 0.02
+  config.workers.prefill_s_per_token = 0.0005  # Token clock: s per prefill token not reused.
+  config.workers.decode_s_per_token = 0.02     # Token clock: s per generated token.
   config.workers.tool_cost = "cpu"     # Token clock: tools by sandbox CPU time (or the table).
-  config.workers.tool_costs = "default=1.0"
+  config.workers.tool_costs = "default=1.0"  # Token clock: per-tool seconds NAME=S,...
   return config
