@@ -165,6 +165,10 @@ class TokenClock:
             "tool_s": self.tool_s, "rates": dataclasses.asdict(self.rates)}
 
   def restore(self, state: Mapping[str, Any]) -> None:
+    """Continues from a snapshot, with the rates the episode started under."""
+    if state.get("rates"):
+      self.rates = TokenRates(**state["rates"])
+      self._costs = parse_costs(self.rates.tool_costs)
     for key in ("prefill_tokens", "decode_tokens", "prompt_tokens", "model_calls", "tool_calls",
                 "tool_calls_cpu"):
       setattr(self, key, int(state.get(key, 0)))
