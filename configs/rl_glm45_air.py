@@ -83,6 +83,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # `limits=A:B:C`: one stage per rollout time limit; one limit = fixed-limit RL.
   config.curriculum = common.curriculum_config(args.limits, args.stage_steps, "rl_glm45_air")
+  config.curriculum.budget_clock = "wall"  # Stage limits in wall seconds (a dedicated pod).
 
   config.optim = common.optim_config(config.model, lr=1e-6, warmup_steps=5,
                                      total_steps=args.steps, final_lr_ratio=0.5,

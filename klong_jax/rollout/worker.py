@@ -169,10 +169,14 @@ class Worker:
   # -- one rollout ------------------------------------------------------------------------------
 
   def rollout(self, task: Any, stage: int, time_limit_s: float,
-              seed_key: tuple[str, str, int] | None = None) -> dict[str, Any]:
+              seed_key: tuple[str, str, int] | None = None,
+              budget_clock: str = "") -> dict[str, Any]:
     """One episode + grading; returns fields for the Trajectory (raises on infra failure).
-    `seed_key` (task, group, member) seeds the model calls (None: the server draws seeds)."""
+    `seed_key` (task, group, member) seeds the model calls (None: the server draws seeds);
+    `budget_clock` (the trainer's control.json) overrides the clock of `--budget_clock`."""
     ep_cfg = self.cfg.episode
+    if budget_clock and budget_clock != ep_cfg.budget_clock:
+      ep_cfg = ep_cfg.replace(budget_clock=budget_clock)
     acfg = ep_cfg.agent_config(time_limit_s, seed_key=seed_key)
     prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
                                        task.paper_md, task.addendum_md)
@@ -219,12 +223,13 @@ class Worker:
             "sandbox": {"backend": ep_cfg.backend}}
 
   def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float,
-                           seed_key: tuple[str, str, int] | None = None) -> dict[str, Any]:
+                           seed_key: tuple[str, str, int] | None = None,
+                           budget_clock: str = "") -> dict[str, Any]:
     """Retries infra failures with backoff; after the last one returns an infra_error record."""
     err: Exception | None = None
     for attempt in range(self.cfg.infra_retries + 1):
       try:
-        return self.rollout(task, stage, time_limit_s, seed_key)
+        return self.rollout(task, stage, time_limit_s, seed_key, budget_clock)
       except (sandbox_lib.SandboxError, client_lib.InfraError, OSError) as e:
         err = e
         logging.warning("%s: infra failure on %s (attempt %d): %s", self.name, task.id,
@@ -254,14 +259,14 @@ class Worker:
         sandbox=r["sandbox"], metadata=meta, **rendered)
     return traj.to_bytes()
 
-  def rollout_group(self, task: Any, group_id: str, stage: int,
-                    time_limit_s: float) -> list[dict[str, Any]]:
+  def rollout_group(self, task: Any, group_id: str, stage: int, time_limit_s: float,
+                    budget_clock: str = "") -> list[dict[str, Any]]:
     """The group's G members, concurrently (one thread each: they wait on the server and the
     sandbox), member i seeded by (task, group, i); results in member order."""
     n = self.cfg.group_size
     with concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="member") as ex:
       futs = [ex.submit(self.rollout_with_retries, task, stage, time_limit_s,
-                        (task.id, group_id, i)) for i in range(n)]
+                        (task.id, group_id, i), budget_clock) for i in range(n)]
       return [f.result() for f in futs]
 
   # -- sync-mode gate ---------------------------------------------------------------------------
@@ -343,10 +348,11 @@ class Worker:
           self.stream.mark_done(group_id, shard, -1)
           continue
         limit = ctl.time_limit_s or self.cfg.episode.time_limit_s
-        logging.info("%s: group %s (G=%d, limit %.0fs)", self.name, group_id,
-                     self.cfg.group_size, limit)
+        logging.info("%s: group %s (G=%d, limit %.0fs on the %s clock)", self.name, group_id,
+                     self.cfg.group_size, limit, ctl.budget_clock or self.cfg.episode.budget_clock)
         records = [self.to_record(r, task.id, group_id, ctl.stage, i, ctl.policy_min_version)
-                   for i, r in enumerate(self.rollout_group(task, group_id, ctl.stage, limit))]
+                   for i, r in enumerate(self.rollout_group(task, group_id, ctl.stage, limit,
+                                                            ctl.budget_clock))]
         self.stream.publish(group_id, shard, records, self.cfg.pause_before_publish_s)
         published += 1
     return published

@@ -214,10 +214,27 @@ def test_group_members_run_concurrently_with_their_seed_keys():
   w.cfg = types.SimpleNamespace(group_size=3)
   barrier = threading.Barrier(3, timeout=30)  # Sequential members would never all arrive.
 
-  def rollout(task, stage, limit, seed_key):
+  def rollout(task, stage, limit, seed_key, budget_clock):
     barrier.wait()
-    return {"key": seed_key, "stage": stage, "limit": limit}
+    return {"key": seed_key, "stage": stage, "limit": limit, "clock": budget_clock}
 
   w.rollout_with_retries = rollout
-  out = w.rollout_group(types.SimpleNamespace(id="t1"), "t1-s0-r0", 0, 20.0)
+  out = w.rollout_group(types.SimpleNamespace(id="t1"), "t1-s0-r0", 0, 20.0, "tokens")
   assert [r["key"] for r in out] == [("t1", "t1-s0-r0", i) for i in range(3)]
+  assert {r["clock"] for r in out} == {"tokens"}
+
+
+def test_control_carries_the_curriculums_clock(tmp_path):
+  from klong_jax.rl.curriculum import Curriculum, Stage
+  from klong_jax.rollout.stream import read_control, write_json_atomic
+  cur = Curriculum([Stage(time_limit_s=15.0)], budget_clock="tokens")
+  write_json_atomic(tmp_path / "control.json", cur.control(3))
+  ctl = read_control(str(tmp_path))
+  assert (ctl.budget_clock, ctl.time_limit_s, ctl.policy_min_version) == ("tokens", 15.0, 3)
+  write_json_atomic(tmp_path / "control.json", Curriculum([Stage(time_limit_s=1.0)]).control())
+  assert read_control(str(tmp_path)).budget_clock == ""  # The workers' own clock.
+  write_json_atomic(tmp_path / "control.json", {"budget_clock": "cpu"})
+  with pytest.raises(ValueError, match="budget_clock 'cpu' must be one of"):
+    read_control(str(tmp_path))
+  with pytest.raises(ValueError, match="curriculum.budget_clock 'cpu'"):
+    Curriculum([Stage(time_limit_s=1.0)], budget_clock="cpu")
