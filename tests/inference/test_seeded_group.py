@@ -67,3 +67,14 @@ def test_seeded_group_is_token_identical_across_runs(url):
   assert [b for _, _, b in second] == [b for _, _, b in first]
   assert all(len(t) == 3 and all(t) for t, _, _ in first)
   assert len({tuple(t[0]) for t, _, _ in first}) == G  # Members differ (their own seeds).
+
+
+@pytest.mark.slow  # Shares the module's server (compiles) with the test above.
+def test_usage_reports_prefix_cache_hits(url):
+  client = openai.OpenAI(base_url=url, api_key="none", max_retries=0)
+  msgs = [{"role": "user", "content": "A prompt long enough to fill two cache blocks. " * 3}]
+  first = client.chat.completions.create(model="klong-tiny", messages=msgs, max_tokens=2)
+  again = client.chat.completions.create(model="klong-tiny", messages=msgs, max_tokens=2)
+  n = first.usage.prompt_tokens
+  assert n >= 32 and first.usage.prompt_tokens_details.cached_tokens == 0
+  assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // 16 * 16  # >= 1 prefilled
