@@ -37,6 +37,8 @@ _BUSY = flags.DEFINE_integer("busy", 0, "CPU-bound processes to run beside the R
 _CLOCK = flags.DEFINE_string("clock", "", "workers.budget_clock ('' = the demo config's).")
 _RL_ARGS = flags.DEFINE_string("rl_args", "", "Overrides of the demo's rl.args, k=v,...")
 _COMPARE = flags.DEFINE_string("compare", "", "RUN_A,RUN_B: compare two finished runs.")
+_COLLECT = flags.DEFINE_bool("collect", False, "Only (re)write --out's result from its stream "
+                             "(a run stopped early: wall_s is then null).")
 RESULT = "budget_clock_load.json"
 
 
@@ -51,19 +53,24 @@ def _record(t: Any) -> dict[str, Any]:
           "tokens_sha": hashlib.sha256(t.tokens.tobytes()).hexdigest()[:16]}
 
 
-def run_once() -> dict[str, Any]:
+def demo_config() -> Any:
+  """configs/demo.py with --rl_args and --clock applied."""
   from configs import demo
   from klong_jax import config_util
-  from klong_jax.demo import rewards
-  from klong_jax.launch import experiment as xp
-  from klong_jax.tasks import long_suite
-
   c = demo.get_config("")
   if _RL_ARGS.value:
     for k, v in config_util.parse_items(_RL_ARGS.value):
       c.rl.args[k] = config_util.parse_value(v, c.rl.args.get(k), k)
   if _CLOCK.value:
     c.workers.budget_clock = _CLOCK.value
+  return c
+
+
+def run_once() -> dict[str, Any]:
+  from klong_jax.launch import experiment as xp
+  from klong_jax.tasks import long_suite
+
+  c = demo_config()
   base, out = os.path.abspath(_BASE.value), os.path.abspath(_OUT.value)
   os.environ["XLA_FLAGS"] = c.xla_flags
   tok = glob.glob(os.path.join(base, "tokenizer", "*", "tokenizer.model"))[0]
@@ -79,7 +86,12 @@ def run_once() -> dict[str, Any]:
     for p in busy:
       p.kill()
       p.wait()
-  wall = time.time() - t0
+  return collect(out, c, time.time() - t0)
+
+
+def collect(out: str, c: Any, wall: float | None) -> dict[str, Any]:
+  """The run's result from its stream, written to OUT/budget_clock_load.json."""
+  from klong_jax.demo import rewards
   stream = os.path.join(out, "stream")
   res = {"busy": _BUSY.value, "clock": c.workers.budget_clock, "rl_args": c.rl.args.to_dict(),
          "wall_s": wall, "endings": rewards.endings_by_stage(stream),
@@ -117,6 +129,10 @@ def main(argv: list[str]) -> None:
           for s, v in r["endings"].items()))
     print(f"{res['token_identical']} / {res['shared_at_same_versions']} trajectories sampled at "
           f"the same policy versions in both runs are token-identical")
+    return
+  if _COLLECT.value:
+    res = collect(os.path.abspath(_OUT.value), demo_config(), None)
+    print(json.dumps({"endings": res["endings"]}, indent=1))
     return
   if not (_BASE.value and _OUT.value):
     raise app.UsageError("--base and --out are required (or --compare=A,B)")
