@@ -61,8 +61,9 @@ def demo_config() -> Any:
   if _RL_ARGS.value:
     for k, v in config_util.parse_items(_RL_ARGS.value):
       c.rl.args[k] = config_util.parse_value(v, c.rl.args.get(k), k)
-  if _CLOCK.value:
+  if _CLOCK.value:  # The workers' clock and the one the trainer's stage limits name.
     c.workers.budget_clock = _CLOCK.value
+    c.rl.overrides.curriculum = {"budget_clock": _CLOCK.value}
   return c
 
 
