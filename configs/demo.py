@@ -125,6 +125,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.workers.tool_cost = "table"           # Token clock: tools by "table" or sandbox "cpu" time.
   c.workers.tool_costs = (  # Token clock: per-tool seconds NAME=S,... (default: the rest).
       "bash=0.5,python=0.5,read_file_chunk=0.1,search_file=0.1,submit=0,default=0.1")
+  # Token clock: the outer wall guard (hang guard) is this x the wall clock's (time_limit_s x 1.5
+  # + 60 s): 4 cut 15 s-stage episodes at ~350 s on a box at load 22 (8 episodes, one server).
+  c.workers.hang_factor = 20.0
   c.workers.reproduce_timeout_s = 30.0
   # Sampling temperature of the RL rollouts; the trainer's rl.temperature is set to it. At 1.0
   # the tiny policy garbles long code (held-out reward 0.11 after SFT, seed 0); at 0.6 it is

@@ -224,7 +224,7 @@ def server_job(c: Any, name: str, policy_dir: str, tokenizer: str, port: int) ->
 
 
 BUDGET_FLAGS = ("budget_clock", "prefill_s_per_token", "decode_s_per_token", "tool_cost",
-                "tool_costs")
+                "tool_costs", "hang_factor")
 
 
 def budget_flags(c: Any) -> dict[str, Any]:
