@@ -3,8 +3,8 @@ token identity of the groups both runs sampled at one policy version.
 
   # once: a demo workdir through SFT
   python -m klong_jax.demo --workdir=BASE --config.stop_after=sft
-  python -m benchmarks.budget_clock_load --base=BASE --out=RUN_IDLE --busy=0
-  python -m benchmarks.budget_clock_load --base=BASE --out=RUN_LOAD --busy=4
+  python -m benchmarks.budget_clock_load --base=BASE --run=RUN_IDLE --busy=0
+  python -m benchmarks.budget_clock_load --base=BASE --run=RUN_LOAD --busy=4
   python -m benchmarks.budget_clock_load --compare=RUN_IDLE,RUN_LOAD
 
 Each run starts the RL phase of configs/demo.py (trainer + server + workers, `--rl_args`
@@ -12,8 +12,9 @@ overriding its arg string, `--clock` its workers.budget_clock) from BASE's SFT c
 `--busy` CPU-bound processes beside it, and writes RUN/budget_clock_load.json: wall time, the
 per-stage endings (rewards.endings_by_stage), and per trajectory its group, member, stage,
 status, steps, both clocks, policy versions and a digest of its tokens. `--compare` writes
-benchmarks/results/budget_clock_load.json: the two runs' cut shares side by side and how many
-trajectories both runs sampled at one policy version are token-identical.
+benchmarks/results/budget_clock_load.json (or --out): the two runs' cut shares side by side and
+how many trajectories both runs sampled at one policy version are token-identical. Without
+--base or --compare (`make bench`) it writes a "skipped" result: a run needs a demo workdir.
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ from absl import app, flags
 from benchmarks._results import write_json
 
 _BASE = flags.DEFINE_string("base", "", "Demo workdir with the tokenizer, tasks and SFT done.")
-_OUT = flags.DEFINE_string("out", "", "This run's RL workdir.")
+_RUN = flags.DEFINE_string("run", "", "This run's RL workdir.")
+_OUT = flags.DEFINE_string("out", "", "Result JSON of --compare (default benchmarks/results/).")
 _BUSY = flags.DEFINE_integer("busy", 0, "CPU-bound processes to run beside the RL phase.")
 _CLOCK = flags.DEFINE_string("clock", "", "workers.budget_clock ('' = the demo config's).")
 _RL_ARGS = flags.DEFINE_string("rl_args", "", "Overrides of the demo's rl.args, k=v,...")
@@ -72,7 +74,7 @@ def run_once() -> dict[str, Any]:
   from klong_jax.tasks import long_suite
 
   c = demo_config()
-  base, out = os.path.abspath(_BASE.value), os.path.abspath(_OUT.value)
+  base, out = os.path.abspath(_BASE.value), os.path.abspath(_RUN.value)
   os.environ["XLA_FLAGS"] = c.xla_flags
   tok = glob.glob(os.path.join(base, "tokenizer", "*", "tokenizer.model"))[0]
   tasks = xp.link_rl_tasks(c, c.tasks.root or long_suite.suite_dir(), out)
@@ -116,7 +118,7 @@ def compare(a_dir: str, b_dir: str) -> dict[str, Any]:
          "shared_at_same_versions": len(both), "token_identical": len(same),
          "same_status": len(same_status),
          "differing": [{"key": list(k), "a": a[k], "b": b[k]} for k in both if k not in same]}
-  write_json(os.path.join("benchmarks", "results", RESULT), res)
+  write_json(_OUT.value or os.path.join("benchmarks", "results", RESULT), res)
   return res
 
 
@@ -132,11 +134,15 @@ def main(argv: list[str]) -> None:
           f"the same policy versions in both runs are token-identical")
     return
   if _COLLECT.value:
-    res = collect(os.path.abspath(_OUT.value), demo_config(), None)
+    res = collect(os.path.abspath(_RUN.value), demo_config(), None)
     print(json.dumps({"endings": res["endings"]}, indent=1))
     return
-  if not (_BASE.value and _OUT.value):
-    raise app.UsageError("--base and --out are required (or --compare=A,B)")
+  if not (_BASE.value and _RUN.value):
+    if _OUT.value:  # `make bench` (run_all passes only --out): this needs a demo workdir.
+      write_json(_OUT.value, {"status": "skipped", "reason": "needs --base (a demo workdir "
+                              "through SFT) and --run; see the module docstring"})
+      return
+    raise app.UsageError("--base and --run are required (or --compare=A,B)")
   res = run_once()
   print(json.dumps({"wall_s": res["wall_s"], "endings": res["endings"]}, indent=1))
 
