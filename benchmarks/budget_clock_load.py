@@ -127,7 +127,8 @@ def main(argv: list[str]) -> None:
   if _COMPARE.value:
     res = compare(*_COMPARE.value.split(","))
     for r in res["runs"]:
-      print(f"busy={r['busy']} clock={r['clock']} wall {r['wall_s']:.0f}s: " + "; ".join(
+      wall = "stopped early" if r["wall_s"] is None else f"{r['wall_s']:.0f}s"
+      print(f"busy={r['busy']} clock={r['clock']} wall {wall}: " + "; ".join(
           f"stage {s}: {v['time_limit_share']:.0%} of {v['n']} cut"
           for s, v in r["endings"].items()))
     print(f"{res['token_identical']} / {res['shared_at_same_versions']} trajectories sampled at "
