@@ -111,7 +111,9 @@ def curriculum_config(limits: str, stage_steps: int, name: str) -> ml_collection
     raise ValueError(f"{name}: limits={limits!r} must be colon-separated seconds, e.g. 20:40")
   stages = [dict(time_limit_s=t, steps=stage_steps) for t in times[:-1]]
   stages.append(dict(time_limit_s=times[-1]))
-  return ml_collections.ConfigDict(dict(window=4, stages=stages))
+  # budget_clock: the clock of the stage limits, sent to the workers in control.json (wall |
+  # tokens: agent/budget.py; "" = the workers' own --budget_clock).
+  return ml_collections.ConfigDict(dict(window=4, stages=stages, budget_clock=""))
 
 
 

@@ -117,6 +117,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.workers.shuffle_seed = 0
   c.workers.max_steps = 40
   c.workers.time_limit_s = 60.0     # Used before the trainer writes control.json.
+  # Clock of the time limits (RL stages, eval), reminders and statuses: "tokens" (deterministic,
+  # agent/budget.py: the same cuts on an idle or a loaded box) or "wall" (pods). Rates: seconds
+  # per uncached prefill / generated token, tool calls by the fixed table (bit-reproducible;
+  # "cpu" charges the sandbox's CPU time). Both clocks are recorded in every trajectory.
+  c.workers.budget_clock = "tokens"
+  c.workers.prefill_s_per_token = 0.0005  # Token clock: s per prefill token not reused.
+  c.workers.decode_s_per_token = 0.01     # Token clock: s per generated token.
+  c.workers.tool_cost = "table"           # Token clock: tools by "table" or sandbox "cpu" time.
+  c.workers.tool_costs = (  # Token clock: per-tool seconds NAME=S,... (default: the rest).
+      "bash=0.5,python=0.5,read_file_chunk=0.1,search_file=0.1,submit=0,default=0.1")
+  # Token clock: the outer wall guard (hang guard) is this x the wall clock's (time_limit_s x 1.5
+  # + 60 s): 4 cut 15 s-stage episodes at ~350 s on a box at load 22 (8 episodes, one server).
+  c.workers.hang_factor = 20.0
   c.workers.reproduce_timeout_s = 30.0
   c.workers.ckpt_every_s = 600.0    # Episode checkpoint interval, agent seconds (0 = none).
   # Sampling temperature of the RL rollouts; the trainer's rl.temperature is set to it. At 1.0

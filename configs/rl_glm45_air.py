@@ -85,6 +85,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # `limits=A:B:C`: one stage per rollout time limit; one limit = fixed-limit RL.
   config.curriculum = common.curriculum_config(args.limits, args.stage_steps, "rl_glm45_air")
+  config.curriculum.budget_clock = "wall"  # Stage limits in wall seconds (a dedicated pod).
 
   config.optim = common.optim_config(config.model, lr=1e-6, warmup_steps=5,
                                      total_steps=args.steps, final_lr_ratio=0.5,
@@ -109,4 +110,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Episode checkpoints (rollout/episode_ckpt.py) every this many seconds of agent time: a
   # preempted or crashed multi-hour rollout resumes there, losing at most this much agent work.
   config.workers.ckpt_every_s = 600.0
+  # Clock of the stage limits: "wall" on a dedicated pod; "tokens" is the deterministic one
+  # (agent/budget.py), whose rates each trajectory's metadata `budget` lets a pod run calibrate.
+  config.workers.budget_clock = "wall"
+  config.workers.prefill_s_per_token = 0.0005  # Token clock: s per prefill token not reused.
+  config.workers.decode_s_per_token = 0.02     # Token clock: s per generated token.
+  config.workers.tool_cost = "cpu"     # Token clock: tools by sandbox CPU time (or the table).
+  config.workers.tool_costs = "default=1.0"  # Token clock: per-tool seconds NAME=S,...
   return config

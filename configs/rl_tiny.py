@@ -81,6 +81,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   # `limits=A:B:C`: one stage per rollout time limit; one limit = fixed-limit RL.
   config.curriculum = common.curriculum_config(args.limits, args.stage_steps, "rl_tiny")
+  # Stage limits on the deterministic token clock (agent/budget.py; the workers' rates): the
+  # same cuts on an idle or a loaded box.
+  config.curriculum.budget_clock = "tokens"
 
   config.optim = common.optim_config(config.model, lr=3e-4, warmup_steps=2,
                                      total_steps=args.steps, final_lr_ratio=0.5,

@@ -326,6 +326,8 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
         "time_limit_s": ctx.get("time_limit_s", 7200.0),
         # Episode checkpoints in the bucket: a restarted or replacing pod resumes the rollout.
         "ckpt_every_s": ctx.get("ckpt_every_s", 600.0),
+        # The clock of the stage limits (agent/budget.py) and the token clock's rates.
+        **{k: ctx[k] for k in xp.BUDGET_FLAGS if k in ctx},
         # The trainer's context policy and temperature: chunks = the contexts sampled under.
         "context_tokens": merged.data.max_len, "context_overlap": merged.data.overlap,
         "max_completion_tokens": merged.data.completion_tokens,

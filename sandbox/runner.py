@@ -7,8 +7,11 @@ host can kill the group from outside, keeps the first and last bytes of the merg
 a grace period) and when the command returns (background jobs must `setsid` to outlive it), and
 ends its output with one trailer line the host parses:
 `\\n<TRAILER> {"exit_code": .., "timed_out": .., "truncated": .., "output_bytes": ..,
-"pids_limited": .., "pids_max": ..}`. With --cgroup_pids (docker), `pids_limited` says a fork
-failed at the container's pids limit while the command ran (the cgroup's `max` event counter grew).
+"pids_limited": .., "pids_max": .., "cpu_usec": ..}`. With --cgroup_pids (docker), `pids_limited`
+says a fork failed at the container's pids limit while the command ran (the cgroup's `max` event
+counter grew) and `cpu_usec` is the container cgroup's cpu.stat usage_usec over the command;
+without it (local), the CPU time of the command's waited-for processes (rusage). `cpu_usec` is
+null when neither can be read (the token budget clock then charges a fixed cost).
 """
 
 import argparse
@@ -48,6 +51,35 @@ def _pids_events() -> tuple[int, int] | None:
   return None
 
 
+def _cgroup_cpu_usec() -> int | None:
+  """usage_usec of this cgroup's cpu.stat (v2), or cpuacct.usage (v1, ns); None if unreadable."""
+  try:
+    with open("/sys/fs/cgroup/cpu.stat") as f:
+      for line in f:
+        key, _, value = line.partition(" ")
+        if key == "usage_usec":
+          return int(value)
+  except (OSError, ValueError):
+    pass
+  for path in ("/sys/fs/cgroup/cpuacct/cpuacct.usage", "/sys/fs/cgroup/cpu,cpuacct/cpuacct.usage"):
+    try:
+      with open(path) as f:
+        return int(f.read().strip()) // 1000
+    except (OSError, ValueError):
+      continue
+  return None
+
+
+def _children_cpu_usec() -> int:
+  """CPU time (user + system) of this process's waited-for children, in microseconds."""
+  ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return int((ru.ru_utime + ru.ru_stime) * 1e6)
+
+
+def _cpu_usec(cgroup: bool) -> int | None:
+  return _cgroup_cpu_usec() if cgroup else _children_cpu_usec()
+
+
 def _limits(args: argparse.Namespace):
   """Returns a preexec function applying rlimits (used by the non-isolating local backend)."""
   def apply() -> None:
@@ -67,6 +99,7 @@ def run(args: argparse.Namespace) -> dict:
   head, tail = bytearray(), bytearray()
   total = 0
   pids_before = _pids_events() if args.cgroup_pids else None
+  cpu_before = _cpu_usec(args.cgroup_pids)
   try:
     proc = subprocess.Popen(
         ["/bin/bash", "-c", args.cmd], cwd=args.cwd, stdin=subprocess.DEVNULL,
@@ -138,13 +171,17 @@ def run(args: argparse.Namespace) -> dict:
   truncated = total > len(head) + len(tail)
   pids_after = _pids_events() if pids_before is not None else None
   pids_limited = pids_after is not None and pids_after[0] > pids_before[0]
+  cpu_after = _cpu_usec(args.cgroup_pids)
+  cpu_usec = (cpu_after - cpu_before if cpu_before is not None and cpu_after is not None
+              else None)
   body = bytes(head)
   if truncated:
     body += MARKER.format(n=total - len(head) - len(tail)).encode()
   body += bytes(tail)
   return _emit(body, {"exit_code": exit_code, "timed_out": timed_out, "truncated": truncated,
                       "output_bytes": total, "pids_limited": pids_limited,
-                      "pids_max": pids_after[1] if pids_after else 0}, args.pidfile)
+                      "pids_max": pids_after[1] if pids_after else 0, "cpu_usec": cpu_usec},
+               args.pidfile)
 
 
 def _emit(body: bytes, status: dict, pidfile: str) -> dict:

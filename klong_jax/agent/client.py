@@ -96,12 +96,14 @@ def assistant_message(msg: dict[str, Any], parser: tool_parsers.ToolParser | Non
 def chat(client: openai.OpenAI, model: str, messages: list[dict[str, Any]],
          tools: list[dict[str, Any]] | None, max_tokens: int, temperature: float = 1.0,
          retries: int = 3, backoff_s: float = 1.0, routing_from: int | None = None,
-         parser: tool_parsers.ToolParser | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+         parser: tool_parsers.ToolParser | None = None,
+         seed: int | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
   """One chat completion; returns (assistant message dict, info with usage/finish_reason/latency).
 
   `routing_from` (routing replay): ask the server for the MoE expert ids of the prompt tokens
   from this index on and of the sampled tokens (None: do not ask). `parser`: see
-  assistant_message.
+  assistant_message. `seed`: the request's sampling seed (OpenAI's `seed`; our server makes a
+  request's tokens a function of its prompt, weights and seed); None: the server draws one.
   Connection errors, timeouts, 5xx and 429 are retried with exponential backoff, then raise
   InfraError; a context-length rejection raises ContextLengthError (the caller trims).
   """
@@ -117,6 +119,8 @@ def chat(client: openai.OpenAI, model: str, messages: list[dict[str, Any]],
                                 "extra_body": extra}
       if tools:
         kwargs["tools"] = tools
+      if seed is not None:
+        kwargs["seed"] = int(seed)
       resp = client.chat.completions.create(**kwargs)
       data = resp.model_dump()
       if not data.get("choices"):

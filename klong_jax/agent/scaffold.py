@@ -6,8 +6,10 @@ context policy the trainer's splitter replays (data/context.py), measured in rea
 policy's chat format, while the FULL message log is kept for the trajectory. Sampled assistant
 turns go back to the server as their exact `token_ids`. Without a chat format (a foreign endpoint
 whose tokenizer we lack) the history is trimmed oldest-first by a chars/token estimate. Time
-reminders every N steps; step/token/wall budgets; malformed tool calls (bad arguments, unknown
-tools, or tool-call text the server could not parse: `tool_call_error`) are answered with an error;
+reminders every N steps; step/token/time budgets, time on the clock the config names
+(agent/budget.py: wall, or the deterministic token clock; both are recorded); malformed tool
+calls (bad arguments, unknown tools, or tool-call text the server could not parse:
+`tool_call_error`) are answered with an error;
 "no early end": an early submit is refused (KLong) until a configurable share of the time budget
 is used.
 """
@@ -20,6 +22,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from klong_jax.agent import budget as budget_lib
 from klong_jax.agent import client as client_lib
 from klong_jax.agent.tools import REGISTRY, ToolRegistry, malformed_call_message
 from klong_jax.data.context import ContextPolicy
@@ -56,6 +59,13 @@ class AgentConfig:
   request_retries: int = 3
   retry_backoff_s: float = 1.0
   chars_per_token: float = 3.5         # Token estimate when the server sends no usage.
+  # The clock of time_limit_s, the reminders and min_submit_fraction: "wall" | "tokens"
+  # (agent/budget.py); `token_rates` are the token clock's (recorded either way).
+  budget_clock: str = "wall"
+  token_rates: budget_lib.TokenRates = dataclasses.field(default_factory=budget_lib.TokenRates)
+  # (task, group, member): each model call sends seed request_seed(task, group, member, turn);
+  # None: the server draws one.
+  seed_key: tuple[str, str, int] | None = None
 
 
 @dataclasses.dataclass
@@ -72,6 +82,9 @@ class EpisodeResult:
   retry_s: float
   trims: int
   malformed_calls: int
+  budget_s: float = 0.0        # Time used on the binding clock (`budget_clock`).
+  budget_clock: str = "wall"
+  clock: dict[str, Any] = dataclasses.field(default_factory=dict)  # EpisodeClock.snapshot().
 
 
 @dataclasses.dataclass
@@ -89,7 +102,7 @@ class EpisodeState:
   retry_s: float                   # Server retry time so far (not agent time).
   context_start: int               # Untrimmed path: context = prefix + messages[context_start:].
   window_first: int                # Context policy path: the open window's first message.
-  clock: dict[str, float]          # clock_snapshot(): the agent time used so far.
+  clock: dict[str, Any]            # The budget clock's snapshot (clock_snapshot()).
 
   def to_json(self) -> dict[str, Any]:
     """Its fields as JSON-ready values (shallow: the message dicts are shared, not copied)."""
@@ -104,14 +117,21 @@ class EpisodeState:
     return cls(**d)
 
 
-def clock_snapshot(elapsed_s: float) -> dict[str, float]:
-  """The budget clock as persisted in a checkpoint (the one place its format is defined)."""
-  return {"elapsed_s": float(elapsed_s)}
+def clock_snapshot(clock: budget_lib.BudgetClock | float) -> dict[str, Any]:
+  """The budget clock as persisted in a checkpoint: its `snapshot()` (both clocks); a number is
+  a wall clock at that many agent seconds (tests, hand-made states)."""
+  if isinstance(clock, (int, float)):
+    c = budget_lib.EpisodeClock("wall", now=lambda: 0.0)
+    c.wall.restore({"total_s": float(clock)})
+    return c.snapshot()
+  return clock.snapshot()
 
 
-def clock_elapsed(snapshot: dict[str, float]) -> float:
-  """Agent time a `clock_snapshot` recorded."""
-  return float(snapshot["elapsed_s"])
+def clock_elapsed(snapshot: dict[str, Any]) -> float:
+  """Wall-clock agent seconds a `clock_snapshot` recorded (retries excluded): what the outer
+  wall guard and the checkpoint interval count, whichever clock binds the budget."""
+  wall = snapshot["wall"]
+  return float(wall["total_s"]) - float(wall.get("retry_s", 0.0))
 
 
 def format_progress_time(seconds: float) -> str:
@@ -236,7 +256,7 @@ def _routing_from(context: list[dict[str, Any]]) -> int:
 
 def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg: AgentConfig,
                 tools: list[dict[str, Any]] | None = None,
-                clock: Callable[[], float] = time.monotonic,
+                clock: budget_lib.BudgetClock | Callable[[], float] | None = None,
                 workdir: str = SUBMISSION,
                 should_stop: Callable[[], bool] | None = None,
                 state: dict[str, Any] | None = None, fmt: Any = None,
@@ -255,6 +275,8 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
   `resume` continues an interrupted episode from its state (its prefix must equal `prefix`; the
   agent time already used counts against the budget); `on_step` receives the state after every
   completed action (the worker's episode checkpoints, rollout/episode_ckpt.py).
+  `clock`: the budget clock (default: an EpisodeClock of `cfg.budget_clock`); a bare callable is
+  taken as the wall clock's time source (tests); `state["clock"]` is the live clock.
   """
   registry = REGISTRY if registry is None else registry
   tools = registry.schemas if tools is None else tools
@@ -267,7 +289,13 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
                      "checkpoint belongs to another task or paper version; delete it")
   window = _Window(fmt, messages[:n_prefix], tools, cfg) if fmt is not None else None
   context = list(messages)
-  start = clock()
+  now: Callable[[], float] = time.monotonic
+  if clock is None or callable(clock) and not hasattr(clock, "elapsed"):
+    now = clock or time.monotonic
+    clock = budget_lib.EpisodeClock(cfg.budget_clock, cfg.token_rates, now=now)
+  if state is not None:
+    state["clock"] = clock
+  start = now()
   retry_s = 0.0
   steps = tokens = trims = malformed = refusals = 0
   if resume is not None:
@@ -276,12 +304,14 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     context = messages[:n_prefix] + messages[resume.context_start:]
     if window is not None:
       window.first = resume.window_first
-    start -= clock_elapsed(resume.clock) + retry_s  # elapsed() goes on from the checkpoint.
+    clock.restore(resume.clock)  # elapsed() goes on from the checkpoint; downtime not counted.
+    start -= float(resume.clock["wall"]["total_s"])
   reported = steps
   end_reason = ""
+  last_call: tuple[int, int] | None = None  # (window start or trims, prompt + completion tokens)
 
   def elapsed() -> float:
-    return clock() - start - retry_s
+    return clock.elapsed()
 
   def add(m: dict[str, Any]) -> None:
     messages.append(m)
@@ -291,14 +321,16 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     add(budget_message(cfg.time_limit_s))
   while True:
     if on_step is not None and steps > reported:
-      reported, t0 = steps, clock()
+      reported, t0 = steps, now()
       on_step(EpisodeState(
           messages=messages, prefix_messages=n_prefix, steps=steps, completion_tokens=tokens,
           trims=trims, malformed_calls=malformed, refusals=refusals, retry_s=retry_s,
           context_start=len(messages) - (len(context) - n_prefix),
           window_first=window.first if window is not None else 0,
-          clock=clock_snapshot(elapsed())))
-      retry_s += clock() - t0  # Checkpointing is infra time, like retries: not the agent's.
+          clock=clock_snapshot(clock)))
+      dt = now() - t0  # Checkpointing is infra time, like retries: not the agent's.
+      retry_s += dt
+      clock.exclude(dt)
     if should_stop is not None and should_stop():
       end_reason = "wall_timeout"
     elif steps >= cfg.max_steps:
@@ -323,8 +355,9 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     else:
       context, dropped = trim_context(context, n_prefix, budget, cfg.chars_per_token)
       trims += dropped
+    seed = budget_lib.request_seed(*cfg.seed_key, steps) if cfg.seed_key else None
     for attempt in range(3):
-      t0 = clock()
+      t0 = now()
       try:
         wire = [_wire(m) for m in context]
         if on_request is not None:
@@ -332,8 +365,10 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
         reply, info = client_lib.chat(
             client, cfg.model, wire, tools, cfg.max_completion_tokens,
             cfg.temperature, retries=cfg.request_retries, backoff_s=cfg.retry_backoff_s,
-            routing_from=_routing_from(context) if cfg.return_routing else None, parser=parser)
-        retry_s += max(0.0, (clock() - t0) - info["latency_s"])
+            routing_from=_routing_from(context) if cfg.return_routing else None, parser=parser,
+            seed=seed)
+        call_retry_s = max(0.0, (now() - t0) - info["latency_s"])
+        retry_s += call_retry_s
         break
       except client_lib.ContextLengthError:
         if window is not None:  # Measured in the server's own tokens: the configs disagree.
@@ -345,10 +380,21 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
         context, dropped = trim_context(context, n_prefix, budget, cfg.chars_per_token, 0.3)
         trims += dropped
     usage = info.get("usage") or {}
-    tokens += int(usage.get("completion_tokens") or len((reply.get("klong") or {}).get(
+    completion = int(usage.get("completion_tokens") or len((reply.get("klong") or {}).get(
         "token_ids") or []) or estimate_tokens([reply], cfg.chars_per_token))
+    tokens += completion
+    prompt = int(usage.get("prompt_tokens") or estimate_tokens(context, cfg.chars_per_token))
+    # The episode's own prefix cache: an extended context reuses the last call's tokens, a moved
+    # window only the fixed prefix (budget.uncached_prefill).
+    reused = 0
+    if last_call is not None:
+      reused = (last_call[1] if last_call[0] == trims
+                else window.prefix_len if window is not None else 0)
+    clock.charge_model(prompt, budget_lib.uncached_prefill(prompt, reused), completion,
+                       retry_s=call_retry_s)
+    last_call = (trims, prompt + completion)
     parse_error = reply.pop("tool_call_error", None)
-    reply["meta"] = {"step": steps, "t": round(elapsed(), 3),
+    reply["meta"] = {"step": steps, "t": round(elapsed(), 3), "seed": seed,
                      "finish_reason": info.get("finish_reason")}
     if parse_error:
       reply["meta"]["tool_call_error"] = parse_error
@@ -365,6 +411,7 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
       name = fn.get("name") or ""
       out = registry.execute(sandbox, name, fn.get("arguments"), cfg.tool_timeout_s,
                              workdir=workdir)
+      clock.charge_tool(name, out.cpu_s)
       content = out.content
       malformed += int(out.error)
       if out.submitted:
@@ -382,8 +429,10 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
       break
   return EpisodeResult(messages=messages, prefix_messages=n_prefix,
                        status=END_STATUS[end_reason], end_reason=end_reason, steps=steps,
-                       completion_tokens=tokens, wall_s=clock() - start, retry_s=retry_s,
-                       trims=trims, malformed_calls=malformed)
+                       completion_tokens=tokens, wall_s=now() - start, retry_s=retry_s,
+                       trims=trims, malformed_calls=malformed, budget_s=clock.elapsed(),
+                       budget_clock=getattr(clock, "name", cfg.budget_clock),
+                       clock=clock.snapshot())
 
 
 # How an episode ended -> trajectory status: the time limit (what progressive RL stages bind) is

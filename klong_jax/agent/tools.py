@@ -36,6 +36,7 @@ class ToolOutcome:
   submitted: bool = False
   error: bool = False
   timed_out: bool = False
+  cpu_s: float | None = None  # CPU seconds the sandbox spent on it (None: not measured).
 
 
 # Shared head of the in-sandbox file scripts: refuses non-regular files and streams lines in
@@ -194,13 +195,18 @@ def _format(res: ExecResult) -> str:
   return "\n".join([text, *notes]).strip() or "(no output)"
 
 
+def _cpu(res: ExecResult) -> float | None:
+  """The command's CPU seconds (None from a sandbox that does not measure them)."""
+  return getattr(res, "cpu_s", None)
+
+
 
 # --- The tools: each is a function (sandbox, args, timeout_s, workdir) -> ToolOutcome. ---------
 
 
 def _bash(sandbox: Sandbox, args: dict[str, Any], timeout_s: float, workdir: str) -> ToolOutcome:
   res = sandbox.exec(_str_arg(args, "cmd"), timeout_s=timeout_s, workdir=workdir)
-  return ToolOutcome(_format(res), timed_out=res.timed_out)
+  return ToolOutcome(_format(res), timed_out=res.timed_out, cpu_s=_cpu(res))
 
 
 def _python(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
@@ -210,7 +216,7 @@ def _python(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
   cmd = (f"d=$(mktemp -d) && cat > \"$d/code.py\" <<'{delim}'\n{code}\n{delim}\n"
          "python3 \"$d/code.py\"; rc=$?; rm -rf \"$d\"; exit $rc")
   res = sandbox.exec(cmd, timeout_s=timeout_s, workdir=workdir)
-  return ToolOutcome(_format(res), timed_out=res.timed_out)
+  return ToolOutcome(_format(res), timed_out=res.timed_out, cpu_s=_cpu(res))
 
 
 def _read_file_chunk(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
@@ -221,7 +227,7 @@ def _read_file_chunk(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
   cmd = " ".join(["python3", "-c", shlex.quote(_READ_CHUNK), shlex.quote(path), str(start),
                   str(n)])
   res = sandbox.exec(cmd, timeout_s=min(timeout_s, 60), workdir=workdir)
-  return ToolOutcome(_format(res), error=res.exit_code != 0)
+  return ToolOutcome(_format(res), error=res.exit_code != 0, cpu_s=_cpu(res))
 
 
 def _search_file(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
@@ -235,7 +241,7 @@ def _search_file(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,
   cmd = " ".join(["python3", "-c", shlex.quote(_SEARCH), shlex.quote(path), shlex.quote(query),
                   str(ctx), str(per), str(page)])
   res = sandbox.exec(cmd, timeout_s=min(timeout_s, 60), workdir=workdir)
-  return ToolOutcome(_format(res), error=res.exit_code != 0)
+  return ToolOutcome(_format(res), error=res.exit_code != 0, cpu_s=_cpu(res))
 
 
 def _submit(sandbox: Sandbox, args: dict[str, Any], timeout_s: float,

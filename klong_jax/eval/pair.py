@@ -189,7 +189,7 @@ def run_pair(task: Any, seed: int, st: PairSettings, client: Any, judge: Any,
       "reproduce": final["reproduce"], "submit_time_s": end_s, "steps": ep.steps,
       "agent_retry_s": ep.retry_s, "commits": [{"sha": s, "t_s": t} for s, t in commits],
       "timeline": timeline, **failure, "variant": st.variant, "model": st.episode.model,
-      "budget_s": st.budget_s,
+      "budget_s": st.budget_s, "budget_clock": ep.clock,
       "started_at": started_at, "finished_at": time.time(),
       "snapshots": {sha: {k: v for k, v in rec.items() if k != "reproduce"}
                     for sha, rec in snap_scores.items()},

@@ -62,6 +62,7 @@ class Completion:
   # Routing replay: expert ids [prompt + generated tokens, moe_layers, k] int16 (-1: none
   # recorded, e.g. the last generated token, which no step fed back), when requested.
   routing: np.ndarray | None = None
+  cached_tokens: int = 0  # Prompt tokens served from the prefix cache (not prefilled).
 
 
 class Request:
@@ -82,6 +83,7 @@ class Request:
     self.detok = IncrementalDetokenizer(decode) if decode else None
     self.matcher = StopMatcher(params.stop)
     self.row = -1
+    self.cached_tokens = 0
     self.cancelled = False
     self.submitted = time.monotonic()
     self.completion: Completion | None = None
@@ -279,6 +281,7 @@ class Engine:
       if req.params.return_routing:
         self._restore_routing(req, keys[:len(ids)])
       self.stats["prefix_cache_hit_tokens_total"] += start
+      req.cached_tokens = start
       wave.append((req, start))
     return wave, later
 
@@ -406,7 +409,7 @@ class Engine:
       req.on_event(TokenEvent(-1, 0.0, self.sampler.policy_version, tail))
     req.completion = Completion(req.prompt_ids, req.token_ids, req.logprobs, req.versions,
                                 req.matcher.text, reason, error, req.top_logprobs,
-                                self._completion_routing(req))
+                                self._completion_routing(req), req.cached_tokens)
     self.stats[f"finished_{reason}_total"] += 1
     req._done.set()
     if req.on_event is not None:

@@ -174,9 +174,21 @@ def system_fingerprint(model_name: str, policy_version: int) -> str:
   return f"fp_{digest[:10]}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-  return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-          "total_tokens": prompt_tokens + completion_tokens}
+def usage(prompt_tokens: int, completion_tokens: int,
+          cached_tokens: int | None = None) -> dict[str, Any]:
+  """OpenAI usage; `cached_tokens` (prompt tokens the prefix cache served) goes in
+  `prompt_tokens_details` as OpenAI and vLLM report it."""
+  out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}
+  if cached_tokens is not None:
+    out["prompt_tokens_details"] = {"cached_tokens": int(cached_tokens)}
+  return out
+
+
+def cached_tokens(completions: list[Any]) -> int:
+  """Prompt tokens served from the prefix cache for a request's choices: the fewest of any
+  choice (each choice is its own engine request on the one prompt)."""
+  return min((int(getattr(c, "cached_tokens", 0)) for c in completions), default=0)
 
 
 def version_field(versions: list[int], current: int) -> int | list[int]:

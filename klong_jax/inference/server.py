@@ -245,7 +245,8 @@ class Server:
             "choices": [self.chat_choice(i, c, req.logprobs, req.routed_experts_start,
                                          req.tools, in_think)
                         for i, c in enumerate(comps)],
-            "usage": protocol.usage(len(prompt), sum(len(c.token_ids) for c in comps))}
+            "usage": protocol.usage(len(prompt), sum(len(c.token_ids) for c in comps),
+                                   protocol.cached_tokens(comps))}
 
   # ---- text completions ----------------------------------------------------------------------
 
@@ -282,7 +283,8 @@ class Server:
     return {"id": protocol.new_id("cmpl"), "object": "text_completion",
             "created": protocol.now(), "model": self.model_name,
             "system_fingerprint": self.fingerprint(comps), "choices": choices,
-            "usage": protocol.usage(len(prompt), sum(len(c.token_ids) for c in comps))}
+            "usage": protocol.usage(len(prompt), sum(len(c.token_ids) for c in comps),
+                                   protocol.cached_tokens(comps))}
 
   # ---- streaming -----------------------------------------------------------------------------
 

@@ -95,7 +95,8 @@ def stream_response(server: Server, req: Any, prompt: list[int], chat: bool) -> 
             break
           yield chunk(token_choice(i, ev), version=ev.policy_version)
       if (req.stream_options or {}).get("include_usage"):
-        yield chunk({}, protocol.usage(len(prompt), sum(len(c.token_ids) for c in done)))
+        yield chunk({}, protocol.usage(len(prompt), sum(len(c.token_ids) for c in done),
+                                        protocol.cached_tokens(done)))
       yield "data: [DONE]\n\n"
     finally:
       for handle, _ in handles:

@@ -223,6 +223,15 @@ def server_job(c: Any, name: str, policy_dir: str, tokenizer: str, port: int) ->
       ready=f"http://127.0.0.1:{port}/health", ready_timeout_s=c.server.ready_timeout_s)
 
 
+BUDGET_FLAGS = ("budget_clock", "prefill_s_per_token", "decode_s_per_token", "tool_cost",
+                "tool_costs", "hang_factor")
+
+
+def budget_flags(c: Any) -> dict[str, Any]:
+  """The workers' budget clock flags (agent/budget.py) from `c.workers`, those it sets."""
+  return {k: c.workers[k] for k in BUDGET_FLAGS if k in c.workers}
+
+
 def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, tokenizer: str,
                 group_size: int, rounds: int, max_steps: int, time_limit_s: float,
                 primary: bool = False, temperature: float = 1.0,
@@ -236,6 +245,7 @@ def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, token
       "backend": c.backend, "max_steps": max_steps, "time_limit_s": time_limit_s,
       "reproduce_timeout_s": c.workers.reproduce_timeout_s,
       "ckpt_every_s": c.workers.get("ckpt_every_s", 600.0),
+      **budget_flags(c),
       **context_flags(c),
       "temperature": temperature, "routing_replay": routing_replay,
       # Rubrics with LLM-graded leaves: the judge endpoint (key from $KLONG_JUDGE_API_KEY).

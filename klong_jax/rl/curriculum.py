@@ -1,6 +1,7 @@
 """Progressive RL curriculum (KLong): stages with growing rollout time limits, framework-free.
 
-A stage has a rollout time limit (paper: 2 h -> 4 h -> 6 h; the demo: seconds), an end rule (a
+A stage has a rollout time limit (paper: 2 h -> 4 h -> 6 h; the demo: seconds, on the clock
+`budget_clock` names, sent to the workers with it: agent/budget.py), an end rule (a
 step count, and/or a promotion rule: mean reward over the last `window` elements >= a threshold
 after `min_steps`) and a task mix (task-id globs sent to the fleet). The trainer asks `observe()`
 after every step; when it says the stage is over, the trainer calls `advance()`, resets the
@@ -54,9 +55,13 @@ def stages_from_config(items: Sequence[Mapping[str, Any]]) -> list[Stage]:
 class Curriculum:
   """Tracks the current stage and decides promotions; its state is JSON for the checkpoint."""
 
-  def __init__(self, stages: Sequence[Stage], window: int = 4):
+  def __init__(self, stages: Sequence[Stage], window: int = 4, budget_clock: str = ""):
     if window < 1:
       raise ValueError(f"curriculum window must be >= 1, got {window}")
+    if budget_clock not in ("", "wall", "tokens"):
+      raise ValueError(f"curriculum.budget_clock {budget_clock!r} must be 'wall', 'tokens' or "
+                       "'' (the workers' own)")
+    self.budget_clock = budget_clock
     self.stages = list(stages)
     self.window = window
     self.index = 0
@@ -101,6 +106,8 @@ class Curriculum:
                            "policy_min_version": int(policy_min_version)}
     if self.stage.tasks:
       out["tasks"] = list(self.stage.tasks)
+    if self.budget_clock:
+      out["budget_clock"] = self.budget_clock
     return out
 
   def state_dict(self) -> dict[str, Any]:

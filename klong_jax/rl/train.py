@@ -243,7 +243,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
 
   logging.info("[5/7] stream source %s", stream)
   cur = curriculum_lib.Curriculum(curriculum_lib.stages_from_config(config.curriculum.stages),
-                                  window=config.curriculum.window)
+                                  window=config.curriculum.window,
+                                  budget_clock=config.curriculum.get("budget_clock", ""))
   data_iter: StreamIterator = iter(StreamDataset(stream_config(config, stream, sync)))
   pub = Publisher(workdir, stream, cur, sync)
 

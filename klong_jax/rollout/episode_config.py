@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from klong_jax import config_util
+from klong_jax.agent import budget as budget_lib
 from klong_jax.agent import scaffold
 from klong_jax.sandbox import base as sandbox_lib
 
@@ -32,6 +33,17 @@ class EpisodeConfig:
   time_limit_s: float = 600.0
   wall_factor: float = 1.5             # Outer guard = time_limit_s * wall_factor + wall_slack_s.
   wall_slack_s: float = 60.0
+  # The clock of time_limit_s (stage limits, reminders, min-submit, statuses): "wall", or
+  # "tokens", deterministic (agent/budget.py): uncached prefill tokens x prefill_s_per_token +
+  # generated tokens x decode_s_per_token + tool calls by sandbox CPU time ("cpu") or the
+  # tool_costs table ("table", or when CPU time is unmeasured). Both are recorded.
+  budget_clock: str = "wall"
+  prefill_s_per_token: float = 0.0005
+  decode_s_per_token: float = 0.02
+  tool_cost: str = "cpu"
+  tool_costs: str = "default=1.0"      # Per-tool seconds NAME=S,...; `default`: unlisted tools.
+  # Token clock: the outer wall guard is a hang guard, hang_factor x the wall clock's guard.
+  hang_factor: float = 4.0
   tool_timeout_s: float = 120.0        # Per tool call (capped at the time limit).
   reproduce_timeout_s: float = 300.0   # reproduce.sh in a fresh sandbox; 0 = the task's value.
   # The context policy (data/context.py) shared with the trainer's splitter: context_tokens =
@@ -49,6 +61,9 @@ class EpisodeConfig:
   limits: Limits = ()                  # sandbox.base.Limits overrides, e.g. (("pids", 128),).
 
   def __post_init__(self) -> None:
+    if self.budget_clock not in budget_lib.CLOCKS:
+      raise ValueError(f"budget_clock {self.budget_clock!r} must be one of {budget_lib.CLOCKS}")
+    self.token_rates()  # Bad rates or cost tables fail here, naming the field.
     if isinstance(self.limits, Mapping):
       object.__setattr__(self, "limits", tuple(sorted(self.limits.items())))
     sandbox_lib.Limits.from_kwargs(**dict(self.limits))  # Unknown limit names fail here.
@@ -56,10 +71,18 @@ class EpisodeConfig:
   def replace(self, **changes: Any) -> EpisodeConfig:
     return dataclasses.replace(self, **changes)
 
-  def agent_config(self, time_limit_s: float | None = None) -> scaffold.AgentConfig:
-    """The scaffold's AgentConfig for an episode limited to `time_limit_s` (default: ours)."""
+  def token_rates(self) -> budget_lib.TokenRates:
+    """The token clock's rates."""
+    return budget_lib.TokenRates(self.prefill_s_per_token, self.decode_s_per_token,
+                                 self.tool_cost, self.tool_costs)
+
+  def agent_config(self, time_limit_s: float | None = None,
+                   seed_key: tuple[str, str, int] | None = None) -> scaffold.AgentConfig:
+    """The scaffold's AgentConfig for an episode limited to `time_limit_s` (default: ours);
+    `seed_key` (task, group, member) seeds its model calls (budget.request_seed)."""
     t = self.time_limit_s if time_limit_s is None else time_limit_s
     return scaffold.AgentConfig(
+        budget_clock=self.budget_clock, token_rates=self.token_rates(), seed_key=seed_key,
         model=self.model, max_steps=self.max_steps, time_limit_s=t,
         tool_timeout_s=min(self.tool_timeout_s, t), context_tokens=self.context_tokens,
         context_overlap=self.context_overlap, max_completion_tokens=self.max_completion_tokens,
@@ -67,9 +90,11 @@ class EpisodeConfig:
         return_routing=self.routing_replay)
 
   def wall_s(self, time_limit_s: float | None = None) -> float:
-    """The outer wall-clock guard of an episode limited to `time_limit_s`."""
+    """The outer wall-clock guard of an episode limited to `time_limit_s` (with the token
+    clock a hang guard only, `hang_factor` times longer, so load does not cut episodes)."""
     t = self.time_limit_s if time_limit_s is None else time_limit_s
-    return t * self.wall_factor + self.wall_slack_s
+    guard = t * self.wall_factor + self.wall_slack_s
+    return guard * self.hang_factor if self.budget_clock == "tokens" else guard
 
   def reproduce_timeout(self, task: Any = None) -> float:
     """reproduce.sh limit: ours, or (when 0) the task's config value, else 3600 s."""
@@ -100,6 +125,15 @@ _HELP = {
     "time_limit_s": "Agent time budget (RL: when control.json sets none).",
     "wall_factor": "Outer wall guard = time_limit_s * wall_factor + wall_slack_s.",
     "wall_slack_s": "Outer wall guard slack (seconds).",
+    "budget_clock": "Clock of the time budget (stage limits, reminders, statuses): wall | tokens "
+                    "(deterministic: token counts and sandbox CPU time; agent/budget.py).",
+    "prefill_s_per_token": "Token clock: seconds per prefill token not reused from the "
+                           "episode's previous call.",
+    "decode_s_per_token": "Token clock: seconds per generated token.",
+    "tool_cost": "Token clock: tool calls cost their sandbox CPU time (cpu) or the tool_costs "
+                 "table (table; also when CPU time is unmeasured).",
+    "tool_costs": "Token clock: per-tool seconds NAME=S,... ('default' for the rest).",
+    "hang_factor": "Token clock: the outer wall guard is this many times the wall clock's.",
     "tool_timeout_s": "Per tool call time limit (capped at the time budget).",
     "reproduce_timeout_s": "reproduce.sh limit; 0 = the task's config value.",
     "context_tokens": "Model context = the trainer's data.max_len (history is windowed to fit).",

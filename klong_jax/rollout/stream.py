@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from klong_jax.agent.budget import CLOCKS
 from klong_jax.data import storage
 from klong_jax.data.shards import ShardWriter
 from klong_jax.sandbox.base import pid_alive
@@ -38,6 +39,8 @@ class Control:
   time_limit_s: float | None = None
   policy_min_version: int = -1
   tasks: tuple[str, ...] = ()  # Task-id globs of the stage's task mix (empty: every task).
+  # The clock time_limit_s is on (agent/budget.py: wall | tokens); "": the workers' own.
+  budget_clock: str = ""
 
 
 def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
@@ -73,11 +76,14 @@ def read_control(stream: str) -> Control:
   unknown = set(d) - {f.name for f in dataclasses.fields(Control)}
   if unknown:
     raise ValueError(f"{p}: unknown keys {sorted(unknown)}; allowed: stage, time_limit_s, "
-                     "policy_min_version, tasks")
+                     "policy_min_version, tasks, budget_clock")
+  clock = str(d.get("budget_clock") or "")
+  if clock and clock not in CLOCKS:
+    raise ValueError(f"{p}: budget_clock {clock!r} must be one of {CLOCKS} (or absent)")
   tl = d.get("time_limit_s")
   return Control(stage=int(d.get("stage", 0)), time_limit_s=None if tl is None else float(tl),
                  policy_min_version=int(d.get("policy_min_version", -1)),
-                 tasks=tuple(str(t) for t in d.get("tasks") or ()))
+                 tasks=tuple(str(t) for t in d.get("tasks") or ()), budget_clock=clock)
 
 
 class Stream:

@@ -7,8 +7,11 @@
 Episode flags (budgets, context policy, temperature, sandbox limits) are the one EpisodeConfig
 (episode_config.py), shared with the eval and distill CLIs.
 
-Each group (task x round) is claimed in the stream ledger, rolled out, graded, rendered and
-published as one shard (see stream.py for the exactly-once rules). Status rules: agent budget out
+Each group (task x round) is claimed in the stream ledger, rolled out (its G members concurrently,
+each model call seeded by (task, group, member, turn): agent/budget.request_seed), graded, rendered
+and published as one shard (see stream.py for the exactly-once rules). Time limits are on the
+clock `--budget_clock` names (wall | tokens); each trajectory records both (timings `agent_s`,
+`budget_s`; metadata `budget`). Status rules: agent budget out
 -> agent_timeout (graded); the outer wall guard -> wall_timeout (graded); sandbox or server
 failures are retried with backoff, then the rollout is written as infra_error with reward None.
 A submission the agent made uncollectable (too large, too many files, unreadable, missing) is its
@@ -18,6 +21,7 @@ and `failure_detail` (message).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import fnmatch
 import multiprocessing
@@ -173,11 +177,17 @@ class Worker:
   # -- one rollout ------------------------------------------------------------------------------
 
   def rollout(self, task: Any, stage: int, time_limit_s: float,
-              ckpt: episode_ckpt.EpisodeCheckpointer | None = None) -> dict[str, Any]:
+              ckpt: episode_ckpt.EpisodeCheckpointer | None = None,
+              seed_key: tuple[str, str, int] | None = None,
+              budget_clock: str = "") -> dict[str, Any]:
     """One episode + grading; returns fields for the Trajectory (raises on infra failure).
-    With `ckpt` the episode resumes from its last checkpoint and checkpoints as it runs."""
+    With `ckpt` the episode resumes from its last checkpoint and checkpoints as it runs;
+    `seed_key` (task, group, member) seeds the model calls (None: the server draws seeds);
+    `budget_clock` (the trainer's control.json) overrides the clock of `--budget_clock`."""
     ep_cfg = self.cfg.episode
-    acfg = ep_cfg.agent_config(time_limit_s)
+    if budget_clock and budget_clock != ep_cfg.budget_clock:
+      ep_cfg = ep_cfg.replace(budget_clock=budget_clock)
+    acfg = ep_cfg.agent_config(time_limit_s, seed_key=seed_key)
     prefix = scaffold.initial_messages(task.config.get("instructions", "Reproduce the paper."),
                                        task.paper_md, task.addendum_md)
     state: dict[str, Any] = {}
@@ -222,22 +232,27 @@ class Worker:
       status, reward = "infra_error", None
     return {"messages": ep.messages, "prefix": ep.prefix_messages, "status": status,
             "reward": reward,
-            "timings": {"agent_s": agent_s, "total_s": time.time() - t0, "retry_s": ep.retry_s},
+            "timings": {"agent_s": agent_s, "total_s": time.time() - t0, "retry_s": ep.retry_s,
+                        "budget_s": ep.budget_s,
+                        "token_clock_s": float(ep.clock.get("tokens", {}).get("elapsed_s", 0.0))},
             "metadata": {"end_reason": ep.end_reason, "steps": ep.steps, "trims": ep.trims,
+                         "budget": dict(ep.clock, time_limit_s=time_limit_s),
+                         "seed_key": list(seed_key) if seed_key else None,
                          "malformed_calls": ep.malformed_calls, "grade": details,
                          "reproduce_exit": res.exit_code, "temperature": ep_cfg.temperature,
                          **(ckpt.metadata() if ckpt is not None else {}), **failure},
             "sandbox": {"backend": ep_cfg.backend}}
 
   def rollout_with_retries(self, task: Any, stage: int, time_limit_s: float,
-                           ckpt: episode_ckpt.EpisodeCheckpointer | None = None
-                           ) -> dict[str, Any]:
+                           ckpt: episode_ckpt.EpisodeCheckpointer | None = None,
+                           seed_key: tuple[str, str, int] | None = None,
+                           budget_clock: str = "") -> dict[str, Any]:
     """Retries infra failures with backoff (from the last checkpoint, with `ckpt`); after the
     last one returns an infra_error record."""
     err: Exception | None = None
     for attempt in range(self.cfg.infra_retries + 1):
       try:
-        return self.rollout(task, stage, time_limit_s, ckpt)
+        return self.rollout(task, stage, time_limit_s, ckpt, seed_key, budget_clock)
       except (sandbox_lib.SandboxError, client_lib.InfraError, OSError) as e:
         err = e
         logging.warning("%s: infra failure on %s (attempt %d): %s", self.name, task.id,
@@ -314,22 +329,29 @@ class Worker:
   # -- the loop ---------------------------------------------------------------------------------
 
   def run_group(self, task: Any, group_id: str, ctl: Any, limit: float) -> list[bytes]:
-    """The group's G records: each rollout resumed from its checkpoint, and one that already
-    finished (a worker died later in the group) taken as recorded, not rerun or regraded."""
+    """The group's G records, members concurrently (one thread each: they wait on the server
+    and the sandbox), member i seeded by (task, group, i); each rollout resumes from its
+    checkpoint, and one that already finished (a worker died later in the group) is taken as
+    recorded, not rerun or regraded. Records in member order."""
     ck = episode_ckpt.CkptConfig(self.cfg.ckpt_every_steps, self.cfg.ckpt_every_s)
-    records = []
-    for i in range(self.cfg.group_size):
+
+    def member(i: int) -> bytes:
       ckpt = (episode_ckpt.EpisodeCheckpointer(self.cfg.stream, group_id, i, self.name, ck)
               if ck.enabled else None)
       rec = ckpt.load_record() if ckpt is not None else None
       if rec is None:
-        r = self.rollout_with_retries(task, ctl.stage, limit, ckpt)
+        r = self.rollout_with_retries(task, ctl.stage, limit, ckpt=ckpt,
+                                      seed_key=(task.id, group_id, i),
+                                      budget_clock=ctl.budget_clock)
         r["metadata"].setdefault("family", task_sampling.task_family(task))
         rec = self.to_record(r, task.id, group_id, ctl.stage, i, ctl.policy_min_version)
         if ckpt is not None:
           ckpt.save_record(rec)
-      records.append(rec)
-    return records
+      return rec
+
+    n = self.cfg.group_size
+    with concurrent.futures.ThreadPoolExecutor(n, thread_name_prefix="member") as ex:
+      return [f.result() for f in [ex.submit(member, i) for i in range(n)]]
 
   def run(self, task_dirs: list[str]) -> int:
     """Runs every unclaimed group; returns the number of groups this process published."""
@@ -366,8 +388,8 @@ class Worker:
           episode_ckpt.delete_group(self.cfg.stream, group_id)
           continue
         limit = ctl.time_limit_s or self.cfg.episode.time_limit_s
-        logging.info("%s: group %s (G=%d, limit %.0fs)", self.name, group_id,
-                     self.cfg.group_size, limit)
+        logging.info("%s: group %s (G=%d, limit %.0fs on the %s clock)", self.name, group_id,
+                     self.cfg.group_size, limit, ctl.budget_clock or self.cfg.episode.budget_clock)
         try:
           records = self.run_group(task, group_id, ctl, limit)
         except episode_ckpt.CheckpointFenced as e:

@@ -53,6 +53,9 @@ class ExecResult:
   duration_s: float
   pids_limited: bool = False  # A fork failed at the sandbox's process limit during the command.
   pids_max: int = 0           # That limit (0: unknown).
+  # CPU seconds the command used: the container cgroup's cpu.stat usage_usec over the exec
+  # (docker) or the command's rusage (local); None when the runner could not measure it.
+  cpu_s: float | None = None
 
   @property
   def ok(self) -> bool:
@@ -133,7 +136,9 @@ def exec_result(text: str, status: dict, duration_s: float) -> ExecResult:
                     timed_out=bool(status.get("timed_out")),
                     truncated=bool(status.get("truncated")), duration_s=duration_s,
                     pids_limited=bool(status.get("pids_limited")),
-                    pids_max=int(status.get("pids_max") or 0))
+                    pids_max=int(status.get("pids_max") or 0),
+                    cpu_s=(None if status.get("cpu_usec") is None
+                           else int(status["cpu_usec"]) / 1e6))
 
 
 # Run in the sandbox (python3 -c SCRIPT DIR MAX_ENTRIES): one JSON line {entries, bytes, largest},

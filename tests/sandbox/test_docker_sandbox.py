@@ -194,3 +194,12 @@ def test_leaked_containers_collected(image):
       c.remove(force=True)
     except docker.errors.NotFound:
       pass
+
+
+def test_cpu_time_from_the_container_cgroup(sb):
+  """The budget clock's tool charge: cgroup cpu.stat usage over the exec, not wall time."""
+  busy = sb.exec("python3 -c 'import time\nt = time.process_time()\n"
+                 "while time.process_time() - t < 0.3: pass'", 60)
+  idle = sb.exec("sleep 0.5", 60)
+  assert busy.ok and busy.cpu_s is not None and busy.cpu_s >= 0.28, busy
+  assert idle.ok and idle.cpu_s is not None and idle.cpu_s < 0.2, idle
