@@ -226,8 +226,8 @@ def server_job(c: Any, name: str, policy_dir: str, tokenizer: str, port: int) ->
 def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, tokenizer: str,
                 group_size: int, rounds: int, max_steps: int, time_limit_s: float,
                 primary: bool = False, temperature: float = 1.0,
-                routing_replay: bool = False) -> list[Job]:
-  """`c.workers.num` rollout worker processes sharing one stream (distinct names)."""
+                routing_replay: bool = False, num: int = 0) -> list[Job]:
+  """`num` (0: `c.workers.num`) rollout worker processes sharing one stream (distinct names)."""
   return [Job(f"{prefix}{i}", Executable("klong_jax.rollout.worker", {
       "server": server, "tasks": tasks, "stream": stream, "tokenizer": tokenizer,
       "model": c.server.model_name,
@@ -240,7 +240,7 @@ def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, token
       # Rubrics with LLM-graded leaves: the judge endpoint (key from $KLONG_JUDGE_API_KEY).
       **({"judge_url": c.workers.judge_url, "judge_model": c.workers.judge_model}
          if c.workers.judge_url else {})}), primary=primary)
-      for i in range(c.workers.num)]
+      for i in range(num or c.workers.num)]
 
 
 def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str, tasks: str,
@@ -273,15 +273,17 @@ def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str,
 
 
 def eval_experiment(c: Any, workdir: str, *, policy_dir: str, tokenizer: str, tasks: str,
-                    port: int | None = None) -> Experiment:
-  """Held-out evaluation: a server on `policy_dir` and N workers, one pass over `tasks`."""
+                    port: int | None = None, episodes_per_task: int = 0) -> Experiment:
+  """Evaluation: a server on `policy_dir` and `eval.workers` workers (0: `workers.num`), one
+  pass over `tasks`, `episodes_per_task` (0: `eval.episodes_per_task`) rollouts per task."""
   workdir = os.path.abspath(workdir)
   port = port or free_port()
   exp = Experiment(f"{c.name}-eval", workdir, python=c.python)
   exp.add(server_job(c, "server", policy_dir, tokenizer, port))
   for j in worker_jobs(c, "eval", f"http://127.0.0.1:{port}/v1", tasks,
-                       os.path.join(workdir, "stream"), tokenizer, c.eval.episodes_per_task, 1,
+                       os.path.join(workdir, "stream"), tokenizer,
+                       episodes_per_task or c.eval.episodes_per_task, 1,
                        c.eval.max_steps, c.eval.time_limit_s, primary=True,
-                       temperature=c.eval.temperature):
+                       temperature=c.eval.temperature, num=int(c.eval.get("workers", 0))):
     exp.add(j)
   return exp
