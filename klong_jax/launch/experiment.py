@@ -274,15 +274,17 @@ def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str,
 
 def eval_experiment(c: Any, workdir: str, *, policy_dir: str, tokenizer: str, tasks: str,
                     port: int | None = None, episodes_per_task: int = 0) -> Experiment:
-  """Evaluation: a server on `policy_dir` and `eval.workers` workers (0: `workers.num`), one
-  pass over `tasks`, `episodes_per_task` (0: `eval.episodes_per_task`) rollouts per task."""
+  """Evaluation: a server on `policy_dir` and `eval.workers` workers (0: `workers.num`),
+  `episodes_per_task` (0: `eval.episodes_per_task`) rounds over `tasks` of one rollout each: a
+  claim is one episode, so the workers stay busy to the end, and episode k of task t has the
+  id `<t>-s0-r<k>-0` in every eval (arms pair on it)."""
   workdir = os.path.abspath(workdir)
   port = port or free_port()
   exp = Experiment(f"{c.name}-eval", workdir, python=c.python)
   exp.add(server_job(c, "server", policy_dir, tokenizer, port))
   for j in worker_jobs(c, "eval", f"http://127.0.0.1:{port}/v1", tasks,
-                       os.path.join(workdir, "stream"), tokenizer,
-                       episodes_per_task or c.eval.episodes_per_task, 1,
+                       os.path.join(workdir, "stream"), tokenizer, 1,
+                       episodes_per_task or c.eval.episodes_per_task,
                        c.eval.max_steps, c.eval.time_limit_s, primary=True,
                        temperature=c.eval.temperature, num=int(c.eval.get("workers", 0))):
     exp.add(j)
