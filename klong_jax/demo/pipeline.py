@@ -301,7 +301,9 @@ def _summarize(workdir: str, rl_dir: str, teacher: rewards.RewardStats,
       {"phase": "after RL (held-out)", "mean reward": ev_rl.mean, "n": len(ev_rl.rewards),
        "infra errors": ev_rl.infra_errors},
   ]
-  print(summary.format_table(rows, ["phase", "mean reward", "n", "infra errors"],
+  for row, st in zip(rows, (teacher, ev_sft, rl_stream, ev_rl), strict=True):
+    row["95% CI"] = summary.ci_cell(st.rewards)
+  print(summary.format_table(rows, ["phase", "mean reward", "95% CI", "n", "infra errors"],
                              title="== held-out reward before/after RL =="))
   stage_rows = []
   for step_rec in hist:
