@@ -148,19 +148,20 @@ def test_budget_matching_nominal_and_measured(tmp_path):
   assert ablation.nominal_budget(base) == nominal
   n, how = ablation.matched_steps(base, None)
   assert n == round(nominal / (per * limits[-1])) and how.startswith("nominal")
-  # Measured: 16 consumed rollouts costing 10 each in stage 0 and 40 each in the last stage.
+  # Measured: 16 rollouts costing 10 each in stage 0, 17 costing 40 in the last (one unconsumed).
   rl = tmp_path / "rl"
   trajs = ([_traj(f"a-s0-r0-{i}", "arith-sweep1", 0.5, stage=0, cost=10.0) for i in range(16)]
            + [_traj(f"a-s2-r0-{i}", "arith-sweep1", 0.5, stage=2, cost=40.0) for i in range(16)]
-           + [_traj("a-s2-r1-0", "arith-sweep1", 0.5, stage=2, cost=1000.0)])  # not consumed
+           + [_traj("a-s2-r1-0", "arith-sweep1", 0.5, stage=2, cost=40.0)])  # not consumed
   _write_stream(str(rl / "stream"), trajs)
   (rl / "consumed.jsonl").write_text(json.dumps({"step": 1, "ids": [t.id for t in trajs[:-1]]})
                                      + "\n")
   b = ablation.rep_lib.rl_budget(str(rl), "wall")
-  assert (b["consumed"], b["consumed_n"], b["generated_n"]) == (800.0, 32, 33)
+  assert (b["consumed"], b["consumed_n"], b["generated"], b["generated_n"]) == (800.0, 32, 840.0,
+                                                                                 33)
   assert b["final_stage_mean"] == 40.0 and b["by_stage"]["0"] == {"sum": 160.0, "n": 16}
   n, how = ablation.matched_steps(base, str(rl))
-  assert n == round(20 / per) and how.startswith("measured")  # 800 / 40 = 20 rollouts
+  assert n == round(21 / per) and how.startswith("measured")  # 840 / 40 = 21 rollouts
   fixed = ablation.arm_config(base, "rl_fixed", 0, fixed_steps=3)
   assert fixed.rl.args.steps == 3 and ablation.stage_limits(fixed) == limits[-1:]
   assert ablation.rep_lib.rl_budget(str(rl), "tokens")["missing_cost"] == 33  # not recorded
@@ -220,4 +221,4 @@ def test_write_report_pairs_arms_per_family_and_plots_by_step(tmp_path):
   md = (out / "ablation.md").read_text()
   assert "held-out tasks (heldout)" in md and "RL tasks (rl)" in md
   assert "split SFT + progressive RL, after stage0" in md and "paired diff" in md
-  assert "RL rollout budget in the `wall` clock" in md
+  assert "RL rollout budget in the `wall` clock" in md and "s1: 30 over 6 rollouts" in md
