@@ -45,6 +45,9 @@ from klong_jax.demo import pipeline
 from klong_jax.launch import experiment as xp
 
 ARMS = ("truncated", "split", "rl_prog", "rl_fixed", "rl_prog_no_r3")
+# The issue-31 ablation: R3 on vs off was measured (docs/results.md) and costs an RL run plus
+# its stage evals per seed; `--arms` adds it back.
+DEFAULT_ARMS = ARMS[:4]
 LABELS = {"truncated": "SFT, truncated (no splitting)", "split": "SFT, trajectory splitting",
           "rl_prog": "split SFT + progressive RL", "rl_fixed": "split SFT + fixed-limit RL",
           "rl_prog_no_r3": "split SFT + progressive RL, no routing replay"}
@@ -61,7 +64,7 @@ def _define_flags() -> None:
   _FLAGS["only_seeds"] = flags.DEFINE_list(
       "only_seeds", [], "Run just these of the seeds (e.g. a second process on a spare core); "
       "the table still covers every seed < --seeds whose arms have finished.")
-  _FLAGS["arms"] = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, of {ARMS}.")
+  _FLAGS["arms"] = flags.DEFINE_list("arms", list(DEFAULT_ARMS), f"Arms to run, of {ARMS}.")
   _FLAGS["eval_episodes"] = flags.DEFINE_integer(
       "eval_episodes", 100, "Episodes per evaluated policy and task set (spread evenly over the "
       "set's tasks); 0 = the config's eval.episodes_per_task per task.")
