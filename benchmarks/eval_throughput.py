@@ -2,11 +2,14 @@
 (server + workers + docker sandboxes, as the demo and the ablation run it).
 
   python -m benchmarks.eval_throughput --run=runs/demo [--episodes=100] [--bench_workers=2,4]
+      [--minutes=0]
 
 `--run` is a `klong_jax.demo` workdir whose SFT phase finished. Writes
 benchmarks/results/eval_throughput.json: seconds, episodes/min and mean reward per worker count,
-and each count's time as a ratio to the first count's (the baseline, measured in the same run).
-Wall times depend on the box's load: the load average is recorded beside them.
+and each count's episodes/min as a ratio to the first count's (the baseline, measured in the
+same run). `--minutes` > 0 stops each eval after that long (episodes in flight are lost, so the
+rate is a slight underestimate) and extrapolates the time of the full `--episodes`. Wall times
+depend on the box's load: the load average is recorded beside them.
 """
 
 import glob
@@ -22,6 +25,7 @@ _RUN = flags.DEFINE_string("run", None, "Demo workdir with a finished SFT phase.
 _EPISODES = flags.DEFINE_integer("episodes", 100, "Episodes per eval (spread over the tasks).")
 _WORKERS = flags.DEFINE_list("bench_workers", ["2", "4"], "Eval worker counts; first = baseline.")
 _CONFIG_ARG = flags.DEFINE_string("config_arg", "", "Arg string of configs/demo.py.")
+_MINUTES = flags.DEFINE_float("minutes", 0.0, "Stop each eval after this long (0 = finish).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/eval_throughput.json", "Result file.")
 
 
@@ -57,22 +61,36 @@ def main(argv):
   res = {"episodes_target": _EPISODES.value, "tasks": len(os.listdir(heldout)),
          "episodes_per_task": pipeline.episodes_per_task(c, heldout), "runs": {}}
   base = None
+  from klong_jax.demo import rewards
+  from klong_jax.launch import procs
+  if _MINUTES.value > 0:
+    c.eval.timeout_s = 60.0 * _MINUTES.value
   for w in (int(x) for x in _WORKERS.value):
     c.eval.workers = w
     out = os.path.join(run, "bench_eval", f"w{w}")
     shutil.rmtree(out, ignore_errors=True)
     load0 = os.getloadavg()[0]
     t = time.time()
-    stats = pipeline._evaluate(c, out, policy, toks[0], heldout)  # noqa: SLF001
+    try:
+      pipeline._evaluate(c, out, policy, toks[0], heldout)  # noqa: SLF001
+      finished = True
+    except procs.RoleError:
+      if _MINUTES.value <= 0:
+        raise
+      finished = False
     dt = time.time() - t
-    base = base or dt
-    res["runs"][str(w)] = {"seconds": dt, "episodes": len(stats.rewards),
-                           "infra_errors": stats.infra_errors,
-                           "episodes_per_min": 60 * len(stats.rewards) / dt,
-                           "mean_reward": stats.mean, "time_vs_first": dt / base,
+    stats = rewards.read_rewards(os.path.join(out, "stream"))
+    rate = 60 * len(stats.rewards) / dt
+    base = base or rate
+    res["runs"][str(w)] = {"seconds": dt, "finished": finished, "episodes": len(stats.rewards),
+                           "infra_errors": stats.infra_errors, "episodes_per_min": rate,
+                           "minutes_for_target": _EPISODES.value / rate if rate else None,
+                           "mean_reward": stats.mean,
+                           "rate_vs_first": rate / base if base else None,
                            "load_avg_start": load0, "load_avg_end": os.getloadavg()[0]}
-    print(f"{w} workers: {len(stats.rewards)} episodes in {dt:.0f} s "
-          f"({60 * len(stats.rewards) / dt:.1f}/min), mean reward {stats.mean:.3f}", flush=True)
+    print(f"{w} workers: {len(stats.rewards)} episodes in {dt:.0f} s ({rate:.2f}/min; "
+          f"{_EPISODES.value} would take {_EPISODES.value / rate if rate else float('nan'):.0f} "
+          f"min), mean reward {stats.mean:.3f}", flush=True)
   write_json(_OUT.value, res)
 
 
