@@ -20,7 +20,7 @@ task set of `--eval_sets` (held-out and the RL tasks), the same task x episode k
 so arms are compared by paired differences (ablation_report.py: per family, per failure mode,
 t and bootstrap intervals, over seeds). Progressive RL is also evaluated after each stage
 (`--stage_evals`). Equal budget (`--budget=matched`): the fixed-limit arm gets the number of RL
-steps whose rollouts cost what the progressive arm's generated, in the config's budget clock
+steps whose rollouts cost what the progressive arm's consumed, in the config's budget clock
 (`workers.budget_clock`, default wall seconds), estimated from the progressive arm's final stage
 (same limit); both arms' measured budgets are in the table. Writes `<out>/ablation.json`,
 `<out>/ablation.md`, `<out>/ablation.png` and `<out>/ablation_rl_by_step.png`.
@@ -120,19 +120,20 @@ def nominal_budget(c: ml_collections.ConfigDict) -> float:
 
 
 def matched_steps(c: ml_collections.ConfigDict, prog_rl_dir: str | None) -> tuple[int, str]:
-  """RL steps at the final limit whose rollouts cost what the progressive run's generated.
+  """RL steps at the final limit whose rollouts cost what the progressive run's consumed.
 
-  Measured (the progressive run's budget / its final stage's mean cost per rollout, i.e. what a
-  rollout at the final limit costs) when that run recorded costs in the clock, else nominal
-  (every rollout to its limit). Returns (steps >= 1, how it was computed)."""
+  Measured (the progressive run's consumed budget / its final stage's mean cost per rollout,
+  i.e. what a rollout at the final limit costs; ablation_report.rl_budget) when that run
+  recorded costs in the clock, else nominal (every rollout to its limit). Returns (steps >= 1,
+  how it was computed)."""
   per = rollouts_per_step(c)
   if prog_rl_dir and os.path.isdir(os.path.join(prog_rl_dir, "stream")):
     b = rep_lib.rl_budget(prog_rl_dir, budget_clock(c))
-    if b["generated_n"] and b["final_stage_mean"]:
-      rollouts = b["generated"] / b["final_stage_mean"]
+    if b["consumed_n"] and b["final_stage_mean"]:
+      rollouts = b["consumed"] / b["final_stage_mean"]
       return max(1, round(rollouts / per)), (
-          f"measured: progressive used {b['generated']:.1f} {b['clock']} over "
-          f"{b['generated_n']} rollouts; a final-limit rollout costs {b['final_stage_mean']:.2f}")
+          f"measured: progressive consumed {b['consumed']:.1f} {b['clock']} over "
+          f"{b['consumed_n']} rollouts; a final-limit rollout costs {b['final_stage_mean']:.2f}")
   final = stage_limits(c)[-1]
   return max(1, round(nominal_budget(c) / (per * final))), (
       f"nominal: progressive limit budget {nominal_budget(c):g} / ({per} rollouts x {final:g})")
@@ -420,13 +421,13 @@ def write_report(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Se
 
 
 def budget_markdown(b: dict[str, Any]) -> str:
-  """The RL arms' rollout budgets in the budget clock (generated / consumed by the trainer)."""
-  rows = [f"| {LABELS[arm]} | s{s}: {r['generated']:.0f} over {r['generated_n']} rollouts "
-          f"(consumed by the trainer: {r['consumed']:.0f} over {r['consumed_n']}) |"
+  """The RL arms' rollout budgets in the budget clock (consumed by the trainer / generated)."""
+  rows = [f"| {LABELS[arm]} | s{s}: {r['consumed']:.0f} over {r['consumed_n']} rollouts "
+          f"(generated: {r['generated']:.0f} over {r['generated_n']}) |"
           for arm, by_seed in b["arms"].items() for s, r in by_seed.items()]
   head = (f"RL rollout budget in the `{b['clock']}` clock (progressive nominal, every rollout at "
           f"its stage limit: {b['nominal_progressive']:g}):")
-  return "\n".join([head, "", "| arm | generated (consumed) |", "|---|---|",
+  return "\n".join([head, "", "| arm | consumed by the trainer (generated) |", "|---|---|",
                     *rows]) if rows else head + " no RL run finished."
 
 

@@ -161,7 +161,7 @@ def test_budget_matching_nominal_and_measured(tmp_path):
                                                                                  33)
   assert b["final_stage_mean"] == 40.0 and b["by_stage"]["0"] == {"sum": 160.0, "n": 16}
   n, how = ablation.matched_steps(base, str(rl))
-  assert n == round(21 / per) and how.startswith("measured")  # 840 / 40 = 21 rollouts
+  assert n == round(20 / per) and how.startswith("measured")  # 800 consumed / 40 = 20 rollouts
   fixed = ablation.arm_config(base, "rl_fixed", 0, fixed_steps=3)
   assert fixed.rl.args.steps == 3 and ablation.stage_limits(fixed) == limits[-1:]
   assert ablation.rep_lib.rl_budget(str(rl), "tokens")["missing_cost"] == 33  # not recorded
