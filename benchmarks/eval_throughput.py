@@ -80,6 +80,9 @@ def main(argv):
       finished = False
     dt = time.time() - t
     stats = rewards.read_rewards(os.path.join(out, "stream"))
+    trajs = list(rewards.iter_trajectories(os.path.join(out, "stream")))
+    ep_s = [float(t.timings["total_s"]) for t in trajs if "total_s" in t.timings]
+    turns = [sum(m.get("role") == "assistant" for m in t.messages) for t in trajs]
     rate = 60 * len(stats.rewards) / dt
     base = base or rate
     res["runs"][str(w)] = {"seconds": dt, "finished": finished, "episodes": len(stats.rewards),
@@ -87,7 +90,12 @@ def main(argv):
                            "minutes_for_target": _EPISODES.value / rate if rate else None,
                            "mean_reward": stats.mean,
                            "rate_vs_first": rate / base if base else None,
-                           "load_avg_start": load0, "load_avg_end": os.getloadavg()[0]}
+                           "load_avg_start": load0, "load_avg_end": os.getloadavg()[0],
+                           # Not biased by the episodes a --minutes cut loses: w / episode time.
+                           "episode_s_mean": sum(ep_s) / len(ep_s) if ep_s else None,
+                           "steady_episodes_per_min": 60 * w * len(ep_s) / sum(ep_s)
+                           if ep_s else None,
+                           "turns_mean": sum(turns) / len(turns) if turns else None}
     print(f"{w} workers: {len(stats.rewards)} episodes in {dt:.0f} s ({rate:.2f}/min; "
           f"{_EPISODES.value} would take {_EPISODES.value / rate if rate else float('nan'):.0f} "
           f"min), mean reward {stats.mean:.3f}", flush=True)
