@@ -75,6 +75,8 @@ def _define_flags() -> None:
       "eval_workers", 0, "Worker processes per eval (0 = the config's eval.workers).")
   _FLAGS["stage_evals"] = flags.DEFINE_bool(
       "stage_evals", True, "Evaluate progressive RL after each stage, not only at the end.")
+  _FLAGS["report_only"] = flags.DEFINE_bool(
+      "report_only", False, "Only rewrite the tables and plots from the finished arms and evals.")
   _FLAGS["budget"] = flags.DEFINE_enum(
       "budget", "matched", list(BUDGETS), "matched: the fixed-limit arm's RL steps match the "
       "progressive arm's rollout budget in the budget clock; steps: the same number of steps.")
@@ -436,9 +438,12 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   base = with_evals(_FLAGS["config"].value, _FLAGS["eval_episodes"].value,
                     _FLAGS["eval_sets"].value, _FLAGS["eval_workers"].value)
-  t = run(base, *(_FLAGS[k].value for k in ("out", "seeds", "arms")),
-          only_seeds=[int(s) for s in _FLAGS["only_seeds"].value],
-          stage_evals=_FLAGS["stage_evals"].value, budget=_FLAGS["budget"].value)
+  out, seeds, arms = (_FLAGS[k].value for k in ("out", "seeds", "arms"))
+  if _FLAGS["report_only"].value:
+    t = write_report(base, out, seeds, arms, collect(out, seeds, arms))
+  else:
+    t = run(base, out, seeds, arms, only_seeds=[int(s) for s in _FLAGS["only_seeds"].value],
+            stage_evals=_FLAGS["stage_evals"].value, budget=_FLAGS["budget"].value)
   print(markdown(t))
 
 
