@@ -149,6 +149,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.eval.max_steps = 40
   c.eval.timeout_s = 900.0
   c.eval.temperature = 0.6          # Held-out sampling temperature (same for SFT and RL).
+  # Task sets each eval phase scores, comma-separated: heldout, rl (the RL tasks: did RL optimise
+  # what it trained on, apart from whether it generalised). The ablation evaluates both.
+  c.eval.sets = "heldout"
+  # > 0: episodes per task set (per task = ceil(episodes / tasks), the same for every task and
+  # arm, so arms pair episode by episode); 0 = eval.episodes_per_task per task.
+  c.eval.episodes = 0
+  c.eval.workers = 0                # Worker processes of an eval (0 = workers.num).
 
   c.rl = ml_collections.ConfigDict()
   c.rl.config = "configs/rl_tiny.py"

@@ -13,12 +13,22 @@ held-out reward after the arm, per seed:
              config, default on; each RL arm also records the sampler-vs-trainer mismatch).
 Every arm of a seed shares that seed's tokenizer and distilled trajectories; the RL arms start
 from the split arm's checkpoint. Each arm is a `klong_jax.demo` run in its own dir (phases that
-finished are skipped on a re-run, so an interrupted ablation resumes). Writes
-`<out>/ablation.json`, `<out>/ablation.md` and `<out>/ablation.png`.
+finished are skipped on a re-run, so an interrupted ablation resumes).
+
+Evals (issue #31): every evaluated policy runs `--eval_episodes` episodes (default 100) on each
+task set of `--eval_sets` (held-out and the RL tasks), the same task x episode keys in every arm,
+so arms are compared by paired differences (ablation_report.py: per family, per failure mode,
+t and bootstrap intervals, over seeds). Progressive RL is also evaluated after each stage
+(`--stage_evals`). Equal budget (`--budget=matched`): the fixed-limit arm gets the number of RL
+steps whose rollouts cost what the progressive arm's consumed, in the config's budget clock
+(`workers.budget_clock`, default wall seconds), estimated from the progressive arm's final stage
+(same limit); both arms' measured budgets are in the table. Writes `<out>/ablation.json`,
+`<out>/ablation.md`, `<out>/ablation.png` and `<out>/ablation_rl_by_step.png`.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -30,9 +40,14 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from klong_jax import config_util, fileio
+from klong_jax.demo import ablation_report as rep_lib
 from klong_jax.demo import pipeline
+from klong_jax.launch import experiment as xp
 
 ARMS = ("truncated", "split", "rl_prog", "rl_fixed", "rl_prog_no_r3")
+# The issue-31 ablation: R3 on vs off was measured (docs/results.md) and costs an RL run plus
+# its stage evals per seed; `--arms` adds it back.
+DEFAULT_ARMS = ARMS[:4]
 LABELS = {"truncated": "SFT, truncated (no splitting)", "split": "SFT, trajectory splitting",
           "rl_prog": "split SFT + progressive RL", "rl_fixed": "split SFT + fixed-limit RL",
           "rl_prog_no_r3": "split SFT + progressive RL, no routing replay"}
@@ -49,7 +64,82 @@ def _define_flags() -> None:
   _FLAGS["only_seeds"] = flags.DEFINE_list(
       "only_seeds", [], "Run just these of the seeds (e.g. a second process on a spare core); "
       "the table still covers every seed < --seeds whose arms have finished.")
-  _FLAGS["arms"] = flags.DEFINE_list("arms", list(ARMS), f"Arms to run, of {ARMS}.")
+  _FLAGS["arms"] = flags.DEFINE_list("arms", list(DEFAULT_ARMS), f"Arms to run, of {ARMS}.")
+  _FLAGS["eval_episodes"] = flags.DEFINE_integer(
+      "eval_episodes", 100, "Episodes per evaluated policy and task set (spread evenly over the "
+      "set's tasks); 0 = the config's eval.episodes_per_task per task.")
+  _FLAGS["eval_sets"] = flags.DEFINE_list("eval_sets", ["heldout", "rl"],
+                                          f"Task sets each policy is evaluated on, of "
+                                          f"{pipeline.EVAL_SETS}.")
+  _FLAGS["eval_workers"] = flags.DEFINE_integer(
+      "eval_workers", 4, "Worker processes per eval (0 = the config's eval.workers); 4 ran "
+      "1.6x the episodes/min of 2 (benchmarks/eval_throughput.py).")
+  _FLAGS["stage_evals"] = flags.DEFINE_bool(
+      "stage_evals", True, "Evaluate progressive RL after each stage, not only at the end.")
+  _FLAGS["report_only"] = flags.DEFINE_bool(
+      "report_only", False, "Only rewrite the tables and plots from the finished arms and evals.")
+  _FLAGS["budget"] = flags.DEFINE_enum(
+      "budget", "matched", list(BUDGETS), "matched: the fixed-limit arm's RL steps match the "
+      "progressive arm's rollout budget in the budget clock; steps: the same number of steps.")
+
+
+BUDGETS = ("matched", "steps")
+
+
+def with_evals(base: ml_collections.ConfigDict, episodes: int, sets: Sequence[str],
+               workers: int = 0) -> ml_collections.ConfigDict:
+  """The base config with the ablation's eval settings (a copy)."""
+  c = ml_collections.ConfigDict(base.to_dict())
+  c.eval.episodes = int(episodes)
+  c.eval.sets = ",".join(sets)
+  if workers:
+    c.eval.workers = int(workers)
+  pipeline.eval_sets(c)  # Refuses unknown sets before anything runs.
+  return c
+
+
+def budget_clock(c: ml_collections.ConfigDict) -> str:
+  """The clock stage limits are counted in (`workers.budget_clock`; wall seconds without it)."""
+  return str(c.workers.get("budget_clock", "wall"))
+
+
+def rollouts_per_step(c: ml_collections.ConfigDict) -> int:
+  """Rollouts one RL step consumes: groups per step x group size."""
+  rl = config_util.load_config(c.rl.config, config_util.format_arg(c.rl.args))
+  return int(rl.rl.groups_per_step) * int(c.workers.group_size)
+
+
+def stage_steps(c: ml_collections.ConfigDict) -> list[int]:
+  """RL steps per stage (the last stage runs to the total)."""
+  rl = config_util.load_config(c.rl.config, config_util.format_arg(c.rl.args))
+  steps = [int(st.get("steps", 0) or 0) for st in rl.curriculum.stages[:-1]]
+  return steps + [max(0, int(rl.train.steps) - sum(steps))]
+
+
+def nominal_budget(c: ml_collections.ConfigDict) -> float:
+  """The most rollout budget an RL config can use: every rollout running to its stage limit."""
+  per = rollouts_per_step(c)
+  return float(sum(n * per * lim for n, lim in zip(stage_steps(c), stage_limits(c), strict=True)))
+
+
+def matched_steps(c: ml_collections.ConfigDict, prog_rl_dir: str | None) -> tuple[int, str]:
+  """RL steps at the final limit whose rollouts cost what the progressive run's consumed.
+
+  Measured (the progressive run's consumed budget / its final stage's mean cost per rollout,
+  i.e. what a rollout at the final limit costs; ablation_report.rl_budget) when that run
+  recorded costs in the clock, else nominal (every rollout to its limit). Returns (steps >= 1,
+  how it was computed)."""
+  per = rollouts_per_step(c)
+  if prog_rl_dir and os.path.isdir(os.path.join(prog_rl_dir, "stream")):
+    b = rep_lib.rl_budget(prog_rl_dir, budget_clock(c))
+    if b["consumed_n"] and b["final_stage_mean"]:
+      rollouts = b["consumed"] / b["final_stage_mean"]
+      return max(1, round(rollouts / per)), (
+          f"measured: progressive consumed {b['consumed']:.1f} {b['clock']} over "
+          f"{b['consumed_n']} rollouts; a final-limit rollout costs {b['final_stage_mean']:.2f}")
+  final = stage_limits(c)[-1]
+  return max(1, round(nominal_budget(c) / (per * final))), (
+      f"nominal: progressive limit budget {nominal_budget(c):g} / ({per} rollouts x {final:g})")
 
 
 def stage_limits(c: ml_collections.ConfigDict) -> list[float]:
@@ -59,8 +149,9 @@ def stage_limits(c: ml_collections.ConfigDict) -> list[float]:
   return [float(stage["time_limit_s"]) for stage in rl.curriculum.stages]
 
 
-def arm_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_collections.ConfigDict:
-  """The demo config of one arm and seed."""
+def arm_config(base: ml_collections.ConfigDict, arm: str, seed: int,
+               fixed_steps: int = 0) -> ml_collections.ConfigDict:
+  """The demo config of one arm and seed (`fixed_steps` > 0: the fixed-limit arm's RL steps)."""
   c = ml_collections.ConfigDict(base.to_dict())
   c.seed = seed
   if arm == "truncated":
@@ -74,6 +165,8 @@ def arm_config(base: ml_collections.ConfigDict, arm: str, seed: int) -> ml_colle
     c.stop_after = "eval_rl"
     if arm == "rl_fixed":  # One stage at the final limit from the start.
       c.rl.args.limits = f"{stage_limits(c)[-1]:g}"
+      if fixed_steps > 0:
+        c.rl.args.steps = int(fixed_steps)
     elif arm == "rl_prog_no_r3":
       c.rl.routing_replay = False
   return c
@@ -98,6 +191,53 @@ def prepare_arm(root: str, arm: str) -> str:
     for name in ("sft", "eval_sft"):
       _share(os.path.join(split, name), os.path.join(wd, name))
   return wd
+
+
+def stage_end_versions(rl_dir: str) -> dict[int, int]:
+  """{stage: the policy version serving when the next stage began} of every stage but the last,
+  from the trainer's metrics.jsonl (a step's record holds the version it started from; with
+  `publish=1` that of the first step of stage s + 1 is stage s's final params)."""
+  path = os.path.join(rl_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    recs = [json.loads(ln) for ln in f if ln.strip()]
+  out: dict[int, int] = {}
+  prev = None
+  for r in recs:
+    if "loss" not in r or "stage" not in r or "policy_version" not in r:
+      continue
+    stage = int(r["stage"])
+    if prev is not None and stage != prev:
+      out[prev] = int(r["policy_version"])
+    prev = stage
+  return out
+
+
+def eval_stages(c: ml_collections.ConfigDict, wd: str) -> dict[int, dict[str, float]]:
+  """Evaluates an RL arm's policy at the end of each stage but the last (the last is eval_rl)
+  on the config's task sets; returns {stage: {set: mean reward}}."""
+  rl_dir = os.path.join(wd, "rl")
+  toks = sorted(glob.glob(os.path.join(wd, "tokenizer", "**", "tokenizer.model"),
+                          recursive=True))
+  if len(toks) != 1:
+    raise FileNotFoundError(f"expected one tokenizer.model under {wd}/tokenizer, found {toks}")
+  sets = {"heldout": os.path.join(wd, "tasks", "heldout"), "rl": xp.rl_tasks_dir(wd)}
+  res = {}
+  for stage, version in sorted(stage_end_versions(rl_dir).items()):
+    d = rep_lib.stage_dir(wd, stage)
+    src = os.path.join(rl_dir, "policy", str(version))
+    if not os.path.isdir(src):
+      raise FileNotFoundError(f"{src}: stage {stage}'s final policy version is gone; the RL "
+                              "run must keep its published versions for stage evals")
+    link = os.path.join(d, "policy", str(version))
+    if not os.path.lexists(link):
+      os.makedirs(os.path.dirname(link), exist_ok=True)
+      os.symlink(os.path.abspath(src), link)
+    print(f"== stage {stage} (policy version {version}): {d}", flush=True)
+    evs = pipeline.evaluate_sets(c, d, os.path.dirname(link), toks[0], sets)
+    res[stage] = {k: v.mean for k, v in evs.items()}
+  return res
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
@@ -223,11 +363,14 @@ def collect(out: str, seeds: int, arms: Sequence[str]) -> dict[str, dict[int, di
 
 
 def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[str],
-        only_seeds: Sequence[int] = ()) -> dict[str, Any]:
+        only_seeds: Sequence[int] = (), stage_evals: bool = False,
+        budget: str = "steps") -> dict[str, Any]:
   """Runs every (seed, arm) not yet finished (of `only_seeds` if given), then writes the table.
 
   The table covers every (seed, arm) finished by then, in this process or another.
   """
+  if budget not in BUDGETS:
+    raise ValueError(f"budget {budget!r}: choose from {BUDGETS}")
   bad = [a for a in arms if a not in ARMS]
   if bad:
     raise ValueError(f"unknown ablation arms {bad}; choose from {ARMS}")
@@ -241,22 +384,67 @@ def run(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[st
     root = os.path.join(out, f"seed{seed}")
     for arm in order:
       wd = prepare_arm(root, arm)
+      fixed = 0
+      if arm == "rl_fixed" and budget == "matched":
+        fixed, how = matched_steps(base, os.path.join(root, "rl_prog", "rl"))
+        print(f"== rl_fixed: {fixed} RL steps ({how})", flush=True)
       print(f"== ablation seed {seed}, arm {arm}: {wd}", flush=True)
-      pipeline.run(arm_config(base, arm, seed), wd)
+      pipeline.run(arm_config(base, arm, seed, fixed), wd)
+      if stage_evals and arm in ("rl_prog", "rl_prog_no_r3"):
+        eval_stages(arm_config(base, arm, seed), wd)
       fileio.atomic_write_json(os.path.join(out, "ablation.json"), table(collect(out, seeds, arms)))
   results = collect(out, seeds, arms)  # Read at the end: other processes' seeds count too.
+  return write_report(base, out, seeds, arms, results)
+
+
+def write_report(base: ml_collections.ConfigDict, out: str, seeds: int, arms: Sequence[str],
+                 results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+  """ablation.{json,md,png} and ablation_rl_by_step.png from every finished arm and eval."""
   t = table(results)
-  fileio.atomic_write_text(os.path.join(out, "ablation.md"), markdown(t))
+  clock = budget_clock(base)
+  t["budget"] = {"clock": clock, "nominal_progressive": nominal_budget(base), "arms": {
+      arm: {str(s): rep_lib.rl_budget(os.path.join(out, f"seed{s}", arm, "rl"), clock)
+            for s in range(seeds) if os.path.isdir(os.path.join(out, f"seed{s}", arm, "rl",
+                                                                  "stream"))}
+      for arm in arms if arm.startswith("rl_")}}
+  by_set = rep_lib.collect_episodes(out, seeds, arms, pipeline.eval_sets(base))
+  t["episodes"], ep_md = rep_lib.episode_report(by_set, LABELS)
+  curves = {arm: rep_lib.by_step_intervals(rep_lib.rl_reward_by_step(out, seeds, arm))
+            for arm in arms if arm.startswith("rl_")}
+  curves = {a: c for a, c in curves.items() if len(c) > 1}
+  t["rl_by_step"] = curves
+  note = budget_markdown(t["budget"]) + ("\n\n" + ep_md if ep_md else "")
+  fileio.atomic_write_text(os.path.join(out, "ablation.md"), markdown(t, note))
   t["plot"] = plot(t, os.path.join(out, "ablation.png"))
+  if curves:
+    t["plot_rl_by_step"] = rep_lib.plot_by_step(
+        curves, os.path.join(out, "ablation_rl_by_step.png"), LABELS)
   fileio.atomic_write_json(os.path.join(out, "ablation.json"), t)
   return t
+
+
+def budget_markdown(b: dict[str, Any]) -> str:
+  """The RL arms' rollout budgets in the budget clock (consumed by the trainer / generated)."""
+  rows = [f"| {LABELS[arm]} | s{s}: {r['consumed']:.0f} over {r['consumed_n']} rollouts "
+          f"(generated: {r['generated']:.0f} over {r['generated_n']}) |"
+          for arm, by_seed in b["arms"].items() for s, r in by_seed.items()]
+  head = (f"RL rollout budget in the `{b['clock']}` clock (progressive nominal, every rollout at "
+          f"its stage limit: {b['nominal_progressive']:g}):")
+  return "\n".join([head, "", "| arm | consumed by the trainer (generated) |", "|---|---|",
+                    *rows]) if rows else head + " no RL run finished."
 
 
 def main(argv: list[str]) -> None:
   del argv
   logging.set_verbosity(logging.WARNING)
-  t = run(*(_FLAGS[k].value for k in ("config", "out", "seeds", "arms")),
-          only_seeds=[int(s) for s in _FLAGS["only_seeds"].value])
+  base = with_evals(_FLAGS["config"].value, _FLAGS["eval_episodes"].value,
+                    _FLAGS["eval_sets"].value, _FLAGS["eval_workers"].value)
+  out, seeds, arms = (_FLAGS[k].value for k in ("out", "seeds", "arms"))
+  if _FLAGS["report_only"].value:
+    t = write_report(base, out, seeds, arms, collect(out, seeds, arms))
+  else:
+    t = run(base, out, seeds, arms, only_seeds=[int(s) for s in _FLAGS["only_seeds"].value],
+            stage_evals=_FLAGS["stage_evals"].value, budget=_FLAGS["budget"].value)
   print(markdown(t))
 
 

@@ -39,12 +39,47 @@ def _run_role(c: ml_collections.ConfigDict, workdir: str, name: str, module: str
                             f"{procs.log_tail(group.log_path(name))}")
 
 
+EVAL_SETS = ("heldout", "rl")
+
+
+def eval_sets(c: ml_collections.ConfigDict) -> list[str]:
+  """The task sets each eval phase scores (`eval.sets`: heldout, rl = the RL tasks)."""
+  sets = [x.strip() for x in str(c.eval.get("sets", "heldout")).split(",") if x.strip()]
+  bad = [x for x in sets if x not in EVAL_SETS]
+  if bad or not sets:
+    raise ValueError(f"eval.sets={c.eval.get('sets')!r}: each must be one of {EVAL_SETS}")
+  return sets
+
+
+def episodes_per_task(c: ml_collections.ConfigDict, tasks: str) -> int:
+  """Rollouts per task of an eval on `tasks`: `eval.episodes` spread over its tasks (rounded
+  up, so every task gets the same count), or `eval.episodes_per_task` when that is 0."""
+  total = int(c.eval.get("episodes", 0))
+  if total <= 0:
+    return int(c.eval.episodes_per_task)
+  n = len(os.listdir(tasks))
+  return max(1, -(-total // n))
+
+
+def eval_dir(phase_dir: str, task_set: str) -> str:
+  """Where an eval phase's run on one task set lives (held-out: the phase dir, as before)."""
+  return phase_dir if task_set == "heldout" else os.path.join(phase_dir, f"on_{task_set}")
+
+
+def evaluate_sets(c: ml_collections.ConfigDict, phase_dir: str, policy_dir: str, tokenizer: str,
+                  task_dirs: dict[str, str]) -> dict[str, rewards.RewardStats]:
+  """One eval of `policy_dir` per task set of `eval.sets`; their rewards by set."""
+  return {s: _evaluate(c, eval_dir(phase_dir, s), policy_dir, tokenizer, task_dirs[s])
+          for s in eval_sets(c)}
+
+
 def _evaluate(c: ml_collections.ConfigDict, out: str, policy_dir: str, tokenizer: str,
               tasks: str) -> rewards.RewardStats:
-  """Held-out eval: a server on `policy_dir` + workers, one pass; rewards from their shards."""
+  """One eval: a server on `policy_dir` + workers, one pass; rewards from their shards."""
   stream = os.path.join(out, "stream")
   if not os.path.exists(os.path.join(out, "done")):
-    exp = xp.eval_experiment(c, out, policy_dir=policy_dir, tokenizer=tokenizer, tasks=tasks)
+    exp = xp.eval_experiment(c, out, policy_dir=policy_dir, tokenizer=tokenizer, tasks=tasks,
+                             episodes_per_task=episodes_per_task(c, tasks))
     xp.run_local(exp, timeout_s=c.eval.timeout_s, printer=lambda s: print("  " + s, flush=True))
     with open(os.path.join(out, "done"), "w") as f:
       f.write("ok\n")
@@ -160,9 +195,13 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         **config_util.overrides_dict(c.sft.overrides)})
     cfg.seed = c.seed
     sft_policy.publish_sft_policy(cfg, ckpt_dir, sft_policy_dir, 0)
-  ev_sft = _evaluate(c, os.path.join(workdir, "eval_sft"), sft_policy_dir, tok, heldout)
+  sets = {"heldout": heldout, "rl": rl_tasks}
+  evs = evaluate_sets(c, os.path.join(workdir, "eval_sft"), sft_policy_dir, tok, sets)
+  ev_sft = evs.get("heldout") or next(iter(evs.values()))
   out["heldout_sft"], out["heldout_sft_n"] = ev_sft.mean, len(ev_sft.rewards)
-  prog.end(f"held-out mean reward {ev_sft.mean:.3f} over {len(ev_sft.rewards)} rollouts")
+  out["eval_sets_sft"] = {k: {"mean": v.mean, "n": len(v.rewards)} for k, v in evs.items()}
+  prog.end("; ".join(f"{k} mean reward {v.mean:.3f} over {len(v.rewards)} rollouts"
+                     for k, v in evs.items()))
   if c.stop_after == "eval_sft":
     return _finish(workdir, out, prog)
 
@@ -192,10 +231,13 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
            f"{mm['kl_max']:.2f}, routing flips {mm['routing_flip']:.1%}")
 
   prog.start("eval_rl", "RL policy on held-out tasks")
-  ev_rl = _evaluate(c, os.path.join(workdir, "eval_rl"), os.path.join(rl_dir, "policy"), tok,
-                    heldout)
+  evs = evaluate_sets(c, os.path.join(workdir, "eval_rl"), os.path.join(rl_dir, "policy"), tok,
+                      sets)
+  ev_rl = evs.get("heldout") or next(iter(evs.values()))
   out["heldout_rl"], out["heldout_rl_n"] = ev_rl.mean, len(ev_rl.rewards)
-  prog.end(f"held-out mean reward {ev_rl.mean:.3f} over {len(ev_rl.rewards)} rollouts")
+  out["eval_sets_rl"] = {k: {"mean": v.mean, "n": len(v.rewards)} for k, v in evs.items()}
+  prog.end("; ".join(f"{k} mean reward {v.mean:.3f} over {len(v.rewards)} rollouts"
+                     for k, v in evs.items()))
   if c.stop_after == "eval_rl":
     return _finish(workdir, out, prog)
 
@@ -259,7 +301,9 @@ def _summarize(workdir: str, rl_dir: str, teacher: rewards.RewardStats,
       {"phase": "after RL (held-out)", "mean reward": ev_rl.mean, "n": len(ev_rl.rewards),
        "infra errors": ev_rl.infra_errors},
   ]
-  print(summary.format_table(rows, ["phase", "mean reward", "n", "infra errors"],
+  for row, st in zip(rows, (teacher, ev_sft, rl_stream, ev_rl), strict=True):
+    row["95% CI"] = summary.ci_cell(st.rewards)
+  print(summary.format_table(rows, ["phase", "mean reward", "95% CI", "n", "infra errors"],
                              title="== held-out reward before/after RL =="))
   stage_rows = []
   for step_rec in hist:

@@ -72,6 +72,14 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
   return m, math.sqrt(sum((v - m) ** 2 for v in values) / len(values))
 
 
+def ci_cell(values: Sequence[float], level: float = 0.95) -> str:
+  """The t interval of the mean of `values` as a table cell: "[0.402, 0.471]" ("-" below 2)."""
+  from klong_jax.eval.stats import t_interval  # noqa: PLC0415
+
+  iv = t_interval(values, level)
+  return "-" if iv.lo is None else f"[{iv.lo:.3f}, {iv.hi:.3f}]"
+
+
 def plot_rewards(series: Mapping[str, Sequence[tuple[float, float]]], path: str,
                  title: str = "mean reward vs step",
                  marks: Mapping[str, float] | None = None,

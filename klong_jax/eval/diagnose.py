@@ -47,9 +47,64 @@ def _calls_and_outputs(messages: Sequence[Mapping[str, Any]]) -> tuple[str, str]
   return "\n".join(sent), "\n".join(seen)
 
 
+# Sweep failure modes (tasks/long_suite.py): the harness prints `run K: ...` per logged run and
+# the usage line after a malformed command.
+SWEEP_TAGS = ("time_limit", "step_limit", "bad_command", "skipped_run", "repeated_run",
+              "incomplete_sweep", "no_reproduce")
+_RUN_CMD = re.compile(r"python3? run\.py ?([^\s'\"\\;&|)]*)")
+_RUN_OUT = re.compile(r"^run (\d+): ", re.MULTILINE)
+_USAGE = re.compile(r"^usage: python3 run\.py", re.MULTILINE)
+
+
+def _sweep_size(messages: Sequence[Mapping[str, Any]]) -> int | None:
+  from klong_jax.factory.sweep_teacher import find_sweep  # noqa: PLC0415 - sweeps only
+
+  hit = find_sweep(list(messages))
+  return None if hit is None else hit[1]
+
+
+def classify_sweep(traj: schema.Trajectory) -> dict[str, Any] | None:
+  """Failure tags of one long-horizon sweep rollout (None if its paper is not a sweep).
+
+  `time_limit` / `step_limit`: ended by the time limit / the step or token budget (status);
+  `bad_command`: a harness command printed the usage line or crashed; `skipped_run`: a setting
+  below the highest one run was never logged; `repeated_run`: a setting run twice;
+  `incomplete_sweep`: fewer than N distinct settings logged; `no_reproduce`: no reproduce.sh
+  written. A rollout with no tag did the whole sweep and wrote reproduce.sh.
+  """
+  n = _sweep_size(traj.messages)
+  if n is None:
+    return None
+  sent, seen = _calls_and_outputs(traj.messages)
+  logged = [int(k) for k in _RUN_OUT.findall(seen)]
+  done = set(logged)
+  tags = []
+  if traj.status in ("agent_timeout", "wall_timeout"):
+    tags.append("time_limit")
+  elif traj.status == "step_limit":
+    tags.append("step_limit")
+  bad_args = [a for a in _RUN_CMD.findall(sent) if not (a.isdigit() or a == "table")]
+  if bad_args or _USAGE.search(seen) or "Traceback" in seen:
+    tags.append("bad_command")
+  if done and any(k not in done for k in range(1, max(done))):
+    tags.append("skipped_run")
+  if len(logged) > len(done):
+    tags.append("repeated_run")
+  if len(done) < n:
+    tags.append("incomplete_sweep")
+  if not _WRITES_REPRODUCE.search(sent):
+    tags.append("no_reproduce")
+  return {"task": traj.task_id, "reward": traj.reward, "status": traj.status, "tags": tags,
+          "runs_logged": len(done), "runs": n}
+
+
 def classify(traj: schema.Trajectory, task: tuple[Family, Mapping[str, Any]] | None
              ) -> dict[str, Any]:
-  """Failure tags of one rollout; `task` is its (family, parameters), None for an unknown task."""
+  """Failure tags of one rollout; `task` is its (family, parameters), None for an unknown task.
+  A long-horizon sweep rollout gets the sweep tags (`classify_sweep`)."""
+  sweep = classify_sweep(traj) if task is None else None
+  if sweep is not None:
+    return {**sweep, "calls": []}
   sent, seen = _calls_and_outputs(traj.messages)
   calls = [f"{fn}({args})" for fn, args in _CALL.findall(sent)]
   tags = []

@@ -5,6 +5,8 @@ one series per run, error bars = standard error across seeds.
 from __future__ import annotations
 
 import io
+import math
+import os
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -88,3 +90,45 @@ def score_vs_time(runs: Sequence[tuple[str, Mapping[str, Any]]]) -> str | None:
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=len(series))
   ax.grid(alpha=0.3)
   return _svg(fig)
+
+
+def reward_by_step_png(curves: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]],
+                       path: str, labels: Mapping[str, str], title: str) -> str:
+  """A PNG with one panel per family (and "all" last): per run, mean reward by step with its
+  interval (`lo`/`hi`, e.g. stats.t_interval) as a band, none where a step has no interval.
+  `curves`: {run: {family: [{"step", "mean", "lo", "hi"}]}}. Written atomically."""
+  plt = _pyplot()
+
+  fams = sorted({f for c in curves.values() for f in c if f != "all"})
+  fams += ["all"] if any("all" in c for c in curves.values()) else []
+  cols = 4
+  rows = max(1, math.ceil(len(fams) / cols))
+  fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False,
+                           sharex=True, sharey=True)
+  for ax, fam in zip(axes.flat, fams, strict=False):
+    for i, (arm, c) in enumerate(curves.items()):
+      pts = c.get(fam) or []
+      xs = [p["step"] for p in pts]
+      ax.plot(xs, [p["mean"] for p in pts], marker="o", ms=3, color=f"C{i}",
+              label=labels.get(arm, arm))
+      band = [p for p in pts if p["lo"] is not None]
+      if band:
+        ax.fill_between([p["step"] for p in band], [p["lo"] for p in band],
+                        [p["hi"] for p in band], color=f"C{i}", alpha=0.2, lw=0)
+    ax.set_title(fam, fontsize=9)
+    ax.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(fams):]:
+    ax.axis("off")
+  for ax in axes[-1]:
+    ax.set_xlabel("RL step (sampling policy version)", fontsize=8)
+  handles, names = axes.flat[0].get_legend_handles_labels()
+  if handles:
+    fig.legend(handles, names, loc="lower center", ncol=len(handles), fontsize=8)
+  fig.suptitle(title, fontsize=10)
+  fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+  tmp = f"{path}.tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path

@@ -154,7 +154,19 @@ def _md_compare(out: str, s: Mapping[str, Any], other_out: str,
                  _signed(d["diff"]), pct(d["se"]), _yn(d["exceeds_se"])])
   note = "" if c["same_tasks"] else "\n\n> **Warning:** the two runs cover different papers."
   return (f"## Comparison: A = {a_label} ({os.path.relpath(other_out, out)}), B = {b_label}\n\n"
-          + _md_table(["", "A", "B", "B − A", "se of diff", "diff > se?"], rows) + note)
+          + _md_table(["", "A", "B", "B − A", "se of diff", "diff > se?"], rows) + note
+          + _md_paired(c.get("paired")))
+
+
+def _md_paired(p: Mapping[str, Any] | None) -> str:
+  """The paired (paper x seed) difference line of a comparison ("" without per-pair scores)."""
+  if not p or not p["n_pairs"]:
+    return ""
+  from klong_jax.eval.stats import fmt  # noqa: PLC0415
+  return (f"\n\nPaired over {p['n_pairs']} (paper, seed) pairs run by both: B − A "
+          f"{fmt(p['paired_t'], signed=True)} (95% paired t; bootstrap "
+          f"{fmt(p['paired_bootstrap'], signed=True)}; unpaired Welch "
+          f"{fmt(p['welch'], signed=True)}).")
 
 
 def _yn(v: bool | None) -> str:

@@ -128,9 +128,25 @@ def _diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-  """Side-by-side of two summaries (e.g. SFT = a, RL = b): overall, per paper, per category."""
+  """Side-by-side of two summaries (e.g. SFT = a, RL = b): overall, per paper, per category,
+  and `paired`: B − A over the (paper, seed) pairs both ran (eval/stats.paired_difference: 95%
+  paired t and bootstrap intervals, the unpaired Welch interval beside them); None without
+  per-pair scores."""
   papers = {t: _diff(a["papers"].get(t, {}), b["papers"].get(t, {}))
             for t in list(dict.fromkeys(list(a["task_ids"]) + list(b["task_ids"])))}
   return {"overall": _diff(a["overall"], b["overall"]), "papers": papers,
           "categories": {c: _diff(a["categories"][c], b["categories"][c]) for c in CATEGORIES},
-          "same_tasks": list(a["task_ids"]) == list(b["task_ids"])}
+          "same_tasks": list(a["task_ids"]) == list(b["task_ids"]),
+          "paired": _paired(a, b)}
+
+
+def _paired(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any] | None:
+  from klong_jax.eval.stats import paired_difference  # noqa: PLC0415
+
+  pa = {k: float(v["score"]) for k, v in (a.get("pairs") or {}).items()
+        if v.get("score") is not None}
+  pb = {k: float(v["score"]) for k, v in (b.get("pairs") or {}).items()
+        if v.get("score") is not None}
+  if not pa or not pb:
+    return None
+  return paired_difference(pa, pb, cluster=lambda k: k.rsplit("/", 1)[-1])

@@ -235,8 +235,8 @@ def budget_flags(c: Any) -> dict[str, Any]:
 def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, tokenizer: str,
                 group_size: int, rounds: int, max_steps: int, time_limit_s: float,
                 primary: bool = False, temperature: float = 1.0,
-                routing_replay: bool = False) -> list[Job]:
-  """`c.workers.num` rollout worker processes sharing one stream (distinct names)."""
+                routing_replay: bool = False, num: int = 0) -> list[Job]:
+  """`num` (0: `c.workers.num`) rollout worker processes sharing one stream (distinct names)."""
   return [Job(f"{prefix}{i}", Executable("klong_jax.rollout.worker", {
       "server": server, "tasks": tasks, "stream": stream, "tokenizer": tokenizer,
       "model": c.server.model_name,
@@ -251,7 +251,7 @@ def worker_jobs(c: Any, prefix: str, server: str, tasks: str, stream: str, token
       # Rubrics with LLM-graded leaves: the judge endpoint (key from $KLONG_JUDGE_API_KEY).
       **({"judge_url": c.workers.judge_url, "judge_model": c.workers.judge_model}
          if c.workers.judge_url else {})}), primary=primary)
-      for i in range(c.workers.num)]
+      for i in range(num or c.workers.num)]
 
 
 def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str, tasks: str,
@@ -284,15 +284,19 @@ def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str,
 
 
 def eval_experiment(c: Any, workdir: str, *, policy_dir: str, tokenizer: str, tasks: str,
-                    port: int | None = None) -> Experiment:
-  """Held-out evaluation: a server on `policy_dir` and N workers, one pass over `tasks`."""
+                    port: int | None = None, episodes_per_task: int = 0) -> Experiment:
+  """Evaluation: a server on `policy_dir` and `eval.workers` workers (0: `workers.num`),
+  `episodes_per_task` (0: `eval.episodes_per_task`) rounds over `tasks` of one rollout each: a
+  claim is one episode, so the workers stay busy to the end, and episode k of task t has the
+  id `<t>-s0-r<k>-0` in every eval (arms pair on it)."""
   workdir = os.path.abspath(workdir)
   port = port or free_port()
   exp = Experiment(f"{c.name}-eval", workdir, python=c.python)
   exp.add(server_job(c, "server", policy_dir, tokenizer, port))
   for j in worker_jobs(c, "eval", f"http://127.0.0.1:{port}/v1", tasks,
-                       os.path.join(workdir, "stream"), tokenizer, c.eval.episodes_per_task, 1,
+                       os.path.join(workdir, "stream"), tokenizer, 1,
+                       episodes_per_task or c.eval.episodes_per_task,
                        c.eval.max_steps, c.eval.time_limit_s, primary=True,
-                       temperature=c.eval.temperature):
+                       temperature=c.eval.temperature, num=int(c.eval.get("workers", 0))):
     exp.add(j)
   return exp

@@ -96,3 +96,129 @@ def test_only_seeds_runs_its_seeds_and_tables_the_others_finished(tmp_path, monk
   assert ran == [(0, "split"), (0, "truncated")]
   assert t["arms"]["split"]["rewards"] == [0.5, 0.5]
   assert t["arms"]["truncated"]["rewards"] == [0.25, 0.25]
+
+
+def _write_stream(stream, trajs, name="w"):
+  from klong_jax.data import shards  # noqa: PLC0415
+  shards.write_shard(os.path.join(stream, "0", f"{name}.array_record"),
+                     [t.to_bytes() for t in trajs])
+
+
+def _traj(key, task, reward, version=0, stage=0, cost=None):
+  from tests.rl.fakes import make_trajectory  # noqa: PLC0415
+  t = make_trajectory(key, task + "-g", reward, version=version, stage=stage)
+  t.task_id = task
+  t.timings = {} if cost is None else {"agent_s": cost}
+  return t
+
+
+def test_eval_settings_and_sets():
+  base = demo_config.get_config("")
+  assert ablation.pipeline.eval_sets(base) == ["heldout"]  # make demo: held-out only
+  c = ablation.with_evals(base, 100, ["heldout", "rl"], workers=4)
+  assert (c.eval.episodes, c.eval.sets, c.eval.workers) == (100, "heldout,rl", 4)
+  assert base.eval.episodes == 0  # a copy
+  with pytest.raises(ValueError, match="eval.sets"):
+    ablation.with_evals(base, 100, ["heldout", "train"])
+
+
+def test_episodes_per_task_spreads_the_episode_count(tmp_path):
+  c = demo_config.get_config("")
+  tasks = tmp_path / "tasks"
+  for i in range(20):
+    (tasks / f"t{i}").mkdir(parents=True)
+  assert ablation.pipeline.episodes_per_task(c, str(tasks)) == c.eval.episodes_per_task
+  c.eval.episodes = 100
+  assert ablation.pipeline.episodes_per_task(c, str(tasks)) == 5
+  c.eval.episodes = 101  # rounded up: every task gets the same count
+  assert ablation.pipeline.episodes_per_task(c, str(tasks)) == 6
+  assert ablation.pipeline.eval_dir("/r/eval_sft", "heldout") == "/r/eval_sft"
+  assert ablation.pipeline.eval_dir("/r/eval_sft", "rl") == "/r/eval_sft/on_rl"
+
+
+def test_budget_matching_nominal_and_measured(tmp_path):
+  import json  # noqa: PLC0415
+  base = demo_config.get_config("")
+  assert ablation.budget_clock(base) == "wall"
+  per = ablation.rollouts_per_step(base)
+  assert per == base.rl.args.groups * base.workers.group_size
+  limits, steps = ablation.stage_limits(base), ablation.stage_steps(base)
+  assert sum(steps) == base.rl.args.steps and len(steps) == len(limits)
+  nominal = sum(n * per * lim for n, lim in zip(steps, limits, strict=True))
+  assert ablation.nominal_budget(base) == nominal
+  n, how = ablation.matched_steps(base, None)
+  assert n == round(nominal / (per * limits[-1])) and how.startswith("nominal")
+  # Measured: 16 rollouts costing 10 each in stage 0, 17 costing 40 in the last (one unconsumed).
+  rl = tmp_path / "rl"
+  trajs = ([_traj(f"a-s0-r0-{i}", "arith-sweep1", 0.5, stage=0, cost=10.0) for i in range(16)]
+           + [_traj(f"a-s2-r0-{i}", "arith-sweep1", 0.5, stage=2, cost=40.0) for i in range(16)]
+           + [_traj("a-s2-r1-0", "arith-sweep1", 0.5, stage=2, cost=40.0)])  # not consumed
+  _write_stream(str(rl / "stream"), trajs)
+  (rl / "consumed.jsonl").write_text(json.dumps({"step": 1, "ids": [t.id for t in trajs[:-1]]})
+                                     + "\n")
+  b = ablation.rep_lib.rl_budget(str(rl), "wall")
+  assert (b["consumed"], b["consumed_n"], b["generated"], b["generated_n"]) == (800.0, 32, 840.0,
+                                                                                 33)
+  assert b["final_stage_mean"] == 40.0 and b["by_stage"]["0"] == {"sum": 160.0, "n": 16}
+  n, how = ablation.matched_steps(base, str(rl))
+  assert n == round(20 / per) and how.startswith("measured")  # 800 consumed / 40 = 20 rollouts
+  fixed = ablation.arm_config(base, "rl_fixed", 0, fixed_steps=3)
+  assert fixed.rl.args.steps == 3 and ablation.stage_limits(fixed) == limits[-1:]
+  assert ablation.rep_lib.rl_budget(str(rl), "tokens")["missing_cost"] == 33  # not recorded
+
+
+def test_stage_end_versions(tmp_path):
+  import json  # noqa: PLC0415
+  recs = [{"step": 1, "loss": 0.1, "stage": 0, "policy_version": 0},
+          {"step": 1, "stage": "stage 1: time limit 30s"},  # a text event, skipped
+          {"step": 2, "loss": 0.1, "stage": 0, "policy_version": 1},
+          {"step": 3, "loss": 0.1, "stage": 1, "policy_version": 2},
+          {"step": 4, "loss": 0.1, "stage": 2, "policy_version": 3},
+          {"step": 5, "loss": 0.1, "stage": 2, "policy_version": 4}]
+  (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  assert ablation.stage_end_versions(str(tmp_path)) == {0: 2, 1: 3}
+  assert ablation.stage_end_versions(str(tmp_path / "none")) == {}
+
+
+def test_write_report_pairs_arms_per_family_and_plots_by_step(tmp_path):
+  """Finished evals of three points (split, progressive after stage 0, progressive) on two
+  task sets over two seeds: paired tables per set, the RL by-step curves and plot."""
+  import json  # noqa: PLC0415
+  out = tmp_path / "abl"
+  base = ablation.with_evals(demo_config.get_config(""), 4, ["heldout", "rl"])
+  shift = {"split": 0.0, "rl_prog@stage0": 0.1, "rl_prog": 0.2}
+  for seed in range(2):
+    for point, d in (("split", "split/eval_sft"), ("rl_prog@stage0", "rl_prog/eval_stage0"),
+                     ("rl_prog", "rl_prog/eval_rl")):
+      for s, tasks in (("heldout", ["arith-sweep6", "fib-sweep6"]),
+                       ("rl", ["arith-sweep4", "fib-sweep4"])):
+        phase = str(out / f"seed{seed}" / d)
+        ev = ablation.pipeline.eval_dir(phase, s)
+        trajs = [_traj(f"{t}-s0-r0-{i}", t, min(1.0, 0.3 + 0.1 * i + shift[point] + 0.05 * seed))
+                 for t in tasks for i in range(2)]
+        _write_stream(os.path.join(ev, "stream"), trajs)
+        open(os.path.join(ev, "done"), "w").close()
+    with open(out / f"seed{seed}" / "split" / "summary.json", "w") as f:
+      json.dump({"heldout_sft": 0.4}, f)
+    with open(out / f"seed{seed}" / "rl_prog" / "summary.json", "w") as f:
+      json.dump({"heldout_rl": 0.6}, f)
+    _write_stream(str(out / f"seed{seed}" / "rl_prog" / "rl" / "stream"),
+                  [_traj(f"{t}-s0-r{v}-0", t, 0.25 * v, version=v, cost=5.0)
+                   for t in ("arith-sweep4", "fib-sweep4") for v in range(3)])
+  arms = ["split", "rl_prog"]
+  t = ablation.write_report(base, str(out), 2, arms, ablation.collect(str(out), 2, arms))
+  held = t["episodes"]["heldout"]
+  assert list(held["arms"]) == ["split", "rl_prog@stage0", "rl_prog"]
+  assert held["arms"]["split"]["episodes"] == 8 and held["arms"]["split"]["seeds"] == [0, 1]
+  d = held["vs_baseline"]["rl_prog"]["reward"]
+  assert d["n_pairs"] == 8 and d["paired_t"]["mean"] == pytest.approx(0.2)
+  assert d["paired_t"]["hi"] - d["paired_t"]["lo"] < 1e-9  # a constant shift: no spread
+  assert "rl" in t["episodes"] and t["budget"]["arms"]["rl_prog"]["0"]["consumed"] == 30.0
+  curve = t["rl_by_step"]["rl_prog"]
+  assert [p["step"] for p in curve["arith"]] == [0, 1, 2]
+  assert curve["all"][2]["mean"] == 0.5 and curve["all"][2]["n"] == 4
+  assert os.path.exists(t["plot_rl_by_step"])
+  md = (out / "ablation.md").read_text()
+  assert "held-out tasks (heldout)" in md and "RL tasks (rl)" in md
+  assert "split SFT + progressive RL, after stage0" in md and "paired diff" in md
+  assert "RL rollout budget in the `wall` clock" in md and "s1: 30 over 6 rollouts" in md

@@ -82,3 +82,9 @@ def test_trainer_mismatch_digests_rl_metrics():
                                   for h in hist])
   assert math.isnan(off["routing_flip"]) and off["kl_max"] == 12.0
   assert math.isnan(summary.trainer_mismatch([])["logprob_gap_mean"])
+
+
+def test_ci_cell_is_the_t_interval():
+  # mean 3, se sqrt(0.5), t_{0.975,4} = 2.776445: [1.037, 4.963]
+  assert summary.ci_cell([1.0, 2.0, 3.0, 4.0, 5.0]) == "[1.037, 4.963]"
+  assert summary.ci_cell([0.5]) == "-" and summary.ci_cell([]) == "-"

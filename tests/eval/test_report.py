@@ -75,6 +75,8 @@ def test_markdown_and_html_with_comparison(two_runs):
   # Comparison: A = sft, B = rl; overall diff and per-paper diffs with the se test.
   diff = sb["overall"]["mean"] - sa["overall"]["mean"]
   assert f"{100 * diff:+.1f}" in md
+  # Paired over (paper, seed): diffs 0.6, 0.6, 0.0, 0.02 -> mean +0.305.
+  assert "Paired over 4 (paper, seed) pairs run by both: B − A +0.305 [" in md
   row = [ln for ln in md.splitlines() if ln.startswith("| p1 |")][-1]  # comparison table
   assert "+60.0" in row and row.rstrip(" |").endswith("yes")  # 0.85 vs 0.25, se ~7.1
   row = [ln for ln in md.splitlines() if ln.startswith("| p2 |")][-1]

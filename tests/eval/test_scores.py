@@ -178,3 +178,19 @@ def test_pick_sources_uses_newest_commit_before_each_cut():
   assert timeline.pick_sources(cuts, [], end_s=30) == [None, None, "final", "final", "final"]
   # The agent ran past the budget (slow last step): the budget cut still grades the final one.
   assert timeline.pick_sources(cuts, [("a", 5.0)], end_s=130)[-1] == "final"
+
+
+def test_compare_pairs_papers_and_seeds():
+  """Per-(paper, seed) scores both runs have are compared pairwise (paired t interval)."""
+  def summ(scores_by_pair):
+    return {"task_ids": ["A", "B"], "overall": {"mean": None, "se": None, "n": 0}, "papers": {},
+            "categories": {c: {"mean": None, "se": None} for c in scores.CATEGORIES},
+            "pairs": {k: {"score": v} for k, v in scores_by_pair.items()}}
+  a = summ({"A/0": 0.2, "A/1": 0.6, "B/0": 0.4, "B/1": 0.9})
+  b = summ({"A/0": 0.3, "A/1": 0.7, "B/0": 0.5, "B/1": 1.0, "B/2": 0.0})
+  p = scores.compare(a, b)["paired"]
+  assert p["n_pairs"] == 4 and p["only_b"] == 1
+  assert p["paired_t"]["mean"] == pytest.approx(0.1)
+  assert p["paired_t"]["hi"] - p["paired_t"]["lo"] == pytest.approx(0.0, abs=1e-9)
+  assert p["welch"]["hi"] - p["welch"]["lo"] > 0.5  # the unpaired one cannot tell
+  assert scores.compare({**a, "pairs": {}}, b)["paired"] is None

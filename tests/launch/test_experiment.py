@@ -25,3 +25,21 @@ def test_round_order_shuffles_per_round_and_agrees_across_workers():
   assert sorted(r0) == sorted(tasks) and r0 != tasks and r0 != r1
   assert round_order(tasks, 0, 0) == r0  # every worker computes the same order
   assert round_order(tasks, 1, 0) != r0
+
+
+def test_eval_experiment_claims_one_episode_at_a_time():
+  """Eval workers run `episodes_per_task` rounds of one episode (a claim each: no idle tail,
+  and episode k of task t has the same id in every eval); `eval.workers` sets their number."""
+  from configs import demo  # noqa: PLC0415
+  c = demo.get_config("")
+  exp = experiment.eval_experiment(c, "/tmp/unused-eval", policy_dir="/p", tokenizer="/t.model",
+                                   tasks="/tasks", port=1234, episodes_per_task=10)
+  workers = [j for j in exp.jobs if j.executable.module == "klong_jax.rollout.worker"]
+  assert len(workers) == c.workers.num
+  assert {(j.executable.args["group_size"], j.executable.args["rounds"]) for j in workers} == {
+      (1, 10)}
+  c.eval.workers = 5
+  exp = experiment.eval_experiment(c, "/tmp/unused-eval", policy_dir="/p", tokenizer="/t.model",
+                                   tasks="/tasks", port=1234)
+  workers = [j for j in exp.jobs if j.executable.module == "klong_jax.rollout.worker"]
+  assert len(workers) == 5 and workers[0].executable.args["rounds"] == c.eval.episodes_per_task
