@@ -9,7 +9,10 @@ On `gs://` (no directory rename) a version is written in place and then committe
 `<root>/<version>/_COMMITTED`; readers (`list_versions`, `latest_version`, `load_policy`) only
 see committed versions, and a re-save of an uncommitted version first clears its leftovers.
 `PolicyWatcher` polls the root and hands the newest version to the engine, which swaps it in
-between decode steps (no restart, no dropped requests).
+between decode steps (no restart, no dropped requests): `swap_in_place` drops the served weights
+before restoring the new ones, so a server never holds two full copies.
+`AsyncPublisher` is the trainer's side: it snapshots the params on device and uploads them from a
+background thread (training continues), one version in flight at a time.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ import re
 import shutil
 import threading
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -175,11 +181,122 @@ def remove_version(root: str | os.PathLike, version: int) -> None:
   shutil.rmtree(tmp)
 
 
+def _abstract(x: Any) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(jnp.shape(x), x.dtype, sharding=getattr(x, "sharding", None))
+
+
+def swap_in_place(sampler: Any, path: str | os.PathLike, version: int,
+                  root: str | os.PathLike | None = None) -> None:
+  """Replaces `sampler.params` by the policy at `path`, never holding two full copies.
+
+  Runs on the engine's thread between two steps. The served weights (every nnx Param; the small
+  non-Param variables such as the router's expert bias stay until replaced, so a Params-only
+  checkpoint still loads) are dropped first, so their buffers are freed before Orbax restores the
+  new ones into the same shapes, dtypes and shardings. Then `sampler.policy_version = version`.
+  If the restore fails, the previously served version is restored from `root` (when still
+  published) and the error is re-raised, so the engine fails the running batch, not silently.
+  """
+  params = sampler.params
+  old_version = int(sampler.policy_version)
+  if isinstance(params, nnx.State):
+    free = lambda x: _abstract(x) if isinstance(x, nnx.Param) else x  # noqa: E731
+    like = jax.tree.map(free, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+  else:
+    like = jax.tree.map(_abstract, params)
+  sampler.params = like  # The last reference to the old weights: their buffers go now.
+  del params
+  try:
+    restored = load_policy(path, like)
+  except Exception:
+    if root is not None and old_version in list_versions(root) and old_version != int(version):
+      log.exception("loading policy %s failed; restoring version %d", path, old_version)
+      swap_in_place(sampler, storage.join(os.fspath(root), str(old_version)), old_version)
+    raise
+  if isinstance(like, nnx.State):
+    new = jax.tree.map(lambda x: x, like)
+    new.replace_by_pure_dict(restored)
+    restored = new
+  sampler.params = restored
+  sampler.policy_version = int(version)
+
+
+def snapshot(params: Any, dtype: Any = None) -> Any:
+  """A device copy of `params` (pure dict) under the dtype policy for `dtype` (None: as is).
+
+  Fresh buffers, dispatched asynchronously: the trainer's next step may donate the originals
+  while the copy uploads. bf16 weights cost half the fp32 masters' memory while in flight.
+  """
+  def copy(path: tuple[Any, ...], x: Any) -> Any:
+    want = x.dtype if dtype is None else precision.leaf_dtype(path, x.dtype, dtype)
+    if isinstance(x, jax.Array):
+      return x.astype(want) if x.dtype != want else jnp.copy(x)
+    return np.array(x, dtype=want)
+
+  return jax.tree_util.tree_map_with_path(copy, params)
+
+
+class PublishError(RuntimeError):
+  """A background publish failed; raised by the next `publish`, `wait` or `close`."""
+
+
+class AsyncPublisher:
+  """Publishes policy versions from a background thread while the trainer keeps stepping.
+
+  `publish` waits for the previous upload (at most one in flight), snapshots the params on
+  device (cast by the dtype policy) and returns; a thread writes the snapshot with `writer`
+  (default `save_policy`: the rename / `_COMMITTED` object comes last, so readers never see a
+  partial version). A failed upload raises PublishError at the next publish / wait / close.
+  Multi-host: every process publishes the same versions in the same order, so Orbax's cross-host
+  syncs inside the background threads pair up.
+  """
+
+  def __init__(self, root: str | os.PathLike, dtype: Any = None,
+               writer: Callable[[Any, int, Any], Any] | None = None):
+    self.root, self.dtype = root, dtype
+    self._writer = writer or save_policy
+    self._thread: threading.Thread | None = None
+    self._error: tuple[int, BaseException] | None = None
+    self.in_flight: int | None = None  # The version uploading now.
+    self.done: list[int] = []  # Versions whose upload finished.
+
+  def publish(self, version: int, params: Any) -> None:
+    """Starts uploading `params` (module, State or pure dict) as `version`; returns at once."""
+    self.wait()
+    tree = snapshot(params_dict(params), self.dtype)
+    self.in_flight = int(version)
+    self._thread = threading.Thread(target=self._run, args=(int(version), tree),
+                                    name=f"klong-publish-{version}")
+    self._thread.start()
+
+  def _run(self, version: int, tree: Any) -> None:
+    try:
+      self._writer(self.root, version, tree)
+      self.done.append(version)
+    except BaseException as e:  # noqa: BLE001 (surfaced on the caller's thread)
+      self._error = (version, e)
+
+  def wait(self) -> None:
+    """Blocks until the upload in flight (if any) finished; raises its error."""
+    if self._thread is not None:
+      self._thread.join()
+      self._thread, self.in_flight = None, None
+    if self._error is not None:
+      (version, e), self._error = self._error, None
+      raise PublishError(f"publishing policy version {version} to {self.root} failed: "
+                         f"{type(e).__name__}: {e}") from e
+
+  def close(self) -> None:
+    """Waits for the last upload (call at exit: a version the fleet waits for must land)."""
+    self.wait()
+
+
 class PolicyWatcher:
   """Polls `root` and swaps the newest version into an engine (`engine.set_params`)."""
 
-  def __init__(self, engine: Any, root: str | os.PathLike, interval_s: float = 2.0):
+  def __init__(self, engine: Any, root: str | os.PathLike, interval_s: float = 2.0,
+               in_place: bool = True):
     self.engine, self.root, self.interval_s = engine, epath.Path(root), interval_s
+    self.in_place = in_place
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
     self._lock = threading.Lock()
@@ -194,9 +311,18 @@ class PolicyWatcher:
       return self.load(newest)
 
   def load(self, version: int) -> int:
-    """Loads `version` from the root and schedules it on the engine."""
-    params = load_policy(self.root / str(version), self.engine.sampler.params)
-    self.engine.set_params(params, version)
+    """Schedules `version` on the engine.
+
+    in_place (default): the engine runs `swap_in_place` between two steps (the old weights are
+    dropped before the new ones are read: ~1x weight memory, serving pauses for the load).
+    Otherwise the new weights are restored here, next to the served ones (2x), and handed over.
+    """
+    path = self.root / str(version)
+    if self.in_place:
+      sampler = self.engine.sampler
+      self.engine.set_params(lambda: swap_in_place(sampler, path, version, self.root), version)
+    else:
+      self.engine.set_params(load_policy(path, self.engine.sampler.params), version)
     self.loaded = version
     log.info("loaded policy version %d from %s", version, self.root)
     return version

@@ -441,7 +441,7 @@ def build(config: Any = None, *, bundle: str | None = None,
     watcher = reload.PolicyWatcher(engine, root, serve.reload_interval_s)
     latest = reload.latest_version(root)
     if latest is not None:
-      sampler.load_params(reload.load_policy(f"{root}/{latest}", sampler.params), latest)
+      reload.swap_in_place(sampler, f"{root}/{latest}", latest)  # Never two full copies.
       watcher.loaded = latest
       log.info("serving policy version %d from %s", latest, root)
     else:
