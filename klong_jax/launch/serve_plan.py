@@ -239,12 +239,15 @@ ENGINES: dict[str, dict[str, StepBuilder]] = {
 }
 
 
-def expert_weight_gathers(hlo_text: str, model_cfg: Any) -> list[str]:
+def expert_weight_gathers(hlo_text: str, model_cfg: Any,
+                          mesh_sizes: Mapping[str, int]) -> list[str]:
   """All-gather results in `hlo_text` shaped like (a stack of) expert weights: a dim of the
-  expert count, the model dim and the expert hidden dim (or their shards)."""
+  expert count (or its `expert` shard), the model dim and the expert hidden dim (or its `tensor`
+  shard)."""
   pattern = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+all-gather(?:-start)?\(", re.M)
-  shards = lambda n: {n // k for k in (1, 2, 4, 8, 16, 32) if n % k == 0}  # noqa: E731
-  experts, ffn = shards(model_cfg.num_experts), shards(model_cfg.moe_intermediate_size)
+  e, f = model_cfg.num_experts, model_cfg.moe_intermediate_size
+  experts = {e, e // mesh_sizes.get("expert", 1)}
+  ffn = {f, f // mesh_sizes.get("tensor", 1)}
   found = []
   for shape in pattern.findall(hlo_text):
     for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
@@ -320,7 +323,8 @@ def plan_serve(config: Any, mesh_sizes: Mapping[str, int], devices: Sequence[Any
     found, gathers = {}, ()
     if device != _FAKE_CPU:
       hlo = compiled.as_text()
-      found, gathers = topo_lib.collectives(hlo), tuple(expert_weight_gathers(hlo, model_cfg))
+      found = topo_lib.collectives(hlo)
+      gathers = tuple(expert_weight_gathers(hlo, model_cfg, mesh_sizes))
     out.append(ServePlan(
         **base, tokens=step.tokens, weights=step.weights, kv_cache=step.kv_cache,
         arguments=float(m.argument_size_in_bytes), temp=float(m.temp_size_in_bytes),
