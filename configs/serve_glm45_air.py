@@ -22,11 +22,14 @@ from configs import common
 from klong_jax.inference import serve_config
 from klong_jax.parallel import rules as rules_lib
 
-# slice -> (mesh axis sizes, max_batch, max_len). The mesh multiplies to the slice's chips.
+# slice -> (mesh axis sizes, max_batch, max_len). The mesh multiplies to the slice's chips;
+# max_len = the rollout context (configs/rl_glm45_air.py seq_len 32768); max_batch = the most
+# rows whose decode step AND prefill chunk the TPU compiler fits (today's dense engine copies the
+# whole cache once in prefill, so weights + 2 x KV + temporaries must fit; docs/serving.md).
 SLICES = {
-    "v5p-8": (dict(expert=2, tensor=2), 32, 16384),
-    "v5p-16": (dict(expert=4, tensor=2), 64, 32768),
-    "v6e-8": (dict(tensor=8), 8, 8192),
+    "v5p-8": (dict(expert=2, tensor=2), 8, 32768),
+    "v5p-16": (dict(expert=4, tensor=2), 32, 32768),
+    "v6e-8": (dict(tensor=8), 2, 32768),
 }
 
 
