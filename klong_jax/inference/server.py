@@ -429,6 +429,7 @@ def build(config: Any = None, *, bundle: str | None = None,
                     rules=rules, cache_dtype=jnp.dtype(serve.cache_dtype),
                     min_prefill_bucket=serve.min_prefill_bucket,
                     min_prefill_rows=serve.min_prefill_rows)
+  del model  # The sampler holds the weights: the policy load below then frees them first.
   prefix_cache = None
   if serve.prefix_cache_mb > 0:
     from klong_jax.inference.prefix_cache import PrefixCache

@@ -343,11 +343,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
                   step + 1, ckpt.latest_step())
     raise
   finally:
-    pub.close()
     ckpt.close()
     writer.close()
     consumed_log.close()
     _mirror_logs(logdir, workdir)
+    pub.close()  # Last: the version in flight lands (or its upload error is raised).
   elapsed = time.perf_counter() - t_start
   summary = {"step": step, "start": start, "version": pub.version, "stage": cur.index,
              "seconds": elapsed, "train_s": train_s, "wait_s": wait_s,
