@@ -199,7 +199,7 @@ def swap_in_place(sampler: Any, path: str | os.PathLike, version: int,
   params = sampler.params
   old_version = int(sampler.policy_version)
   if isinstance(params, nnx.State):
-    free = lambda x: _abstract(x) if isinstance(x, nnx.Param) else x  # noqa: E731
+    free = lambda x: x.replace(_abstract(x.get_value())) if isinstance(x, nnx.Param) else x  # noqa: E731
     like = jax.tree.map(free, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
   else:
     like = jax.tree.map(_abstract, params)

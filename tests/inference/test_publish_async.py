@@ -206,3 +206,18 @@ def test_failed_in_place_load_restores_the_served_version(tmp_path, tiny_cfg):
     reload.swap_in_place(sampler, tmp_path / "1", 1, tmp_path)
   assert sampler.policy_version == 0
   _assert_same(jax.device_get(sampler.params.to_pure_dict()), served)
+
+
+def test_in_place_swap_of_a_params_only_checkpoint_keeps_the_other_variables(tmp_path, tiny_cfg):
+  """A trainer checkpoint of nnx Params only (no router expert bias) swaps in: the Params are
+  the checkpoint's, the other variables keep their served values."""
+  sampler, _ = _sampler(tiny_cfg)
+  others = jax.device_get(sampler.params.filter(nnx.Not(nnx.Param)).to_pure_dict())
+  assert jax.tree.leaves(others)  # The tiny MoE has an expert bias.
+  new = jax.tree.map(lambda x: x * 1.5, sampler.params.filter(nnx.Param))
+  reload.save_policy(tmp_path, 2, new)
+  expected = jax.device_get(new.to_pure_dict())
+  reload.swap_in_place(sampler, tmp_path / "2", 2, tmp_path)
+  assert sampler.policy_version == 2
+  _assert_same(jax.device_get(sampler.params.filter(nnx.Param).to_pure_dict()), expected)
+  _assert_same(jax.device_get(sampler.params.filter(nnx.Not(nnx.Param)).to_pure_dict()), others)
