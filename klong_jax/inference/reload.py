@@ -11,8 +11,8 @@ see committed versions, and a re-save of an uncommitted version first clears its
 `PolicyWatcher` polls the root and hands the newest version to the engine, which swaps it in
 between decode steps (no restart, no dropped requests): `swap_in_place` drops the served weights
 before restoring the new ones, so a server never holds two full copies.
-`AsyncPublisher` is the trainer's side: it snapshots the params on device and uploads them from a
-background thread (training continues), one version in flight at a time.
+`AsyncPublisher` is the trainer's side: it starts each version's Orbax save (the arrays leave the
+devices) and commits it from a background thread (training continues), one version in flight.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
@@ -65,23 +64,69 @@ def save_policy(root: str | os.PathLike, version: int, params: Any,
   `dtype` (e.g. jnp.bfloat16) casts the matmul weights before saving (the compute-dtype policy:
   router, expert bias, norms and biases stay fp32, as the trainer computes them).
   """
+  return begin_save(root, version, params, dtype).finish()
+
+
+class PendingSave:
+  """A policy version whose Orbax save has started: `finish()` waits for the write, then commits
+  it (local: renames the temp dir into place; gs://: writes `_COMMITTED`), returning the path."""
+
+  def __init__(self, ckptr: Any, commit: Callable[[], Any]):
+    self._ckptr, self._commit = ckptr, commit
+
+  def finish(self) -> pathlib.Path | epath.Path:
+    try:
+      self._ckptr.wait_until_finished()
+    finally:
+      self._ckptr.close()
+    return self._commit()
+
+
+def begin_save(root: str | os.PathLike, version: int, params: Any,
+               dtype: Any = None) -> PendingSave:
+  """Starts writing `<root>/<version>` and returns once the arrays are copied off the devices
+  (Orbax's blocking part: the caller may then donate or change them); the upload continues in
+  Orbax's background thread and becomes visible only at `PendingSave.finish()`.
+
+  Saves are started on the caller's thread only: Orbax numbers its save operations process-wide,
+  so saves started concurrently from two threads (e.g. beside the trainer's checkpoint) collide.
+  """
   if int(version) < 0:
     raise ValueError(f"policy version must be >= 0, got {version}")
+  tree = _cast(params_dict(params), dtype)
+  ckptr = ocp.StandardCheckpointer()
   if storage.is_gcs(root):
-    return _save_gcs(os.fspath(root).rstrip("/"), int(version), _cast(params_dict(params), dtype))
+    root = os.fspath(root).rstrip("/")
+    final = storage.join(root, str(int(version)))
+    if storage.exists(storage.join(final, COMMITTED)):
+      raise FileExistsError(f"policy version {version} already exists at {final}; versions are "
+                            "immutable, publish a new version number")
+    primary = jax.process_index() == 0  # Multi-host: Orbax syncs the hosts around its writes.
+    stale = storage.delete_prefix(final + "/") if primary else 0  # An unfinished save: unseen.
+    if stale:
+      log.warning("removed %d objects of an unfinished save of policy version %d", stale, version)
+    ckptr.save(epath.Path(final) / "params", tree)
+
+    def commit() -> epath.Path:
+      if primary:
+        storage.write(storage.join(final, COMMITTED), f'{{"version": {int(version)}}}'.encode())
+      return epath.Path(final)
+
+    return PendingSave(ckptr, commit)
   root = pathlib.Path(root)
   root.mkdir(parents=True, exist_ok=True)
   final = root / str(int(version))
   if final.exists():
     raise FileExistsError(f"policy version {version} already exists at {final}; versions are "
                           "immutable, publish a new version number")
-  tree = _cast(params_dict(params), dtype)
   tmp = root / f".tmp-{version}-{uuid.uuid4().hex[:8]}"
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(tmp.absolute() / "params", tree)
-    ckptr.wait_until_finished()
-  os.replace(tmp, final)
-  return final
+  ckptr.save(tmp.absolute() / "params", tree)
+
+  def rename() -> pathlib.Path:
+    os.replace(tmp, final)
+    return final
+
+  return PendingSave(ckptr, rename)
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
@@ -90,24 +135,6 @@ def _cast(tree: Any, dtype: Any) -> Any:
   if dtype is None:
     return tree
   return precision.cast_params(tree, dtype)
-
-
-def _save_gcs(root: str, version: int, tree: Any) -> epath.Path:
-  """gs://: Orbax writes `<root>/<version>/params` in place, then the commit object is written."""
-  final = storage.join(root, str(version))
-  if storage.exists(storage.join(final, COMMITTED)):
-    raise FileExistsError(f"policy version {version} already exists at {final}; versions are "
-                          "immutable, publish a new version number")
-  primary = jax.process_index() == 0  # Multi-host: Orbax syncs the hosts around its writes.
-  stale = storage.delete_prefix(final + "/") if primary else 0  # An unfinished save: unseen.
-  if stale:
-    log.warning("removed %d objects of an unfinished save of policy version %d", stale, version)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(epath.Path(final) / "params", tree)
-    ckptr.wait_until_finished()
-  if primary:
-    storage.write(storage.join(final, COMMITTED), f'{{"version": {version}}}'.encode())
-  return epath.Path(final)
 
 
 def _committed(root: str, version: str) -> bool:
@@ -220,63 +247,49 @@ def swap_in_place(sampler: Any, path: str | os.PathLike, version: int,
   sampler.policy_version = int(version)
 
 
-def snapshot(params: Any, dtype: Any = None) -> Any:
-  """A device copy of `params` (pure dict) under the dtype policy for `dtype` (None: as is).
-
-  Fresh buffers, dispatched asynchronously: the trainer's next step may donate the originals
-  while the copy uploads. bf16 weights cost half the fp32 masters' memory while in flight.
-  """
-  def copy(path: tuple[Any, ...], x: Any) -> Any:
-    want = x.dtype if dtype is None else precision.leaf_dtype(path, x.dtype, dtype)
-    if isinstance(x, jax.Array):
-      return x.astype(want) if x.dtype != want else jnp.copy(x)
-    return np.array(x, dtype=want)
-
-  return jax.tree_util.tree_map_with_path(copy, params)
-
-
 class PublishError(RuntimeError):
   """A background publish failed; raised by the next `publish`, `wait` or `close`."""
 
 
 class AsyncPublisher:
-  """Publishes policy versions from a background thread while the trainer keeps stepping.
+  """Publishes policy versions while the trainer keeps stepping.
 
-  `publish` waits for the previous upload (at most one in flight), snapshots the params on
-  device (cast by the dtype policy) and returns; a thread writes the snapshot with `writer`
-  (default `save_policy`: the rename / `_COMMITTED` object comes last, so readers never see a
-  partial version). A failed upload raises PublishError at the next publish / wait / close.
-  Multi-host: every process publishes the same versions in the same order, so Orbax's cross-host
-  syncs inside the background threads pair up.
+  `publish` waits for the previous version (at most one in flight), starts its Orbax save on the
+  caller's thread (`begin_save`: returns once the arrays, cast by the dtype policy, are off the
+  devices, so the next train step may donate them) and returns; a thread then waits for the
+  upload and commits it (`finish`: the rename / `_COMMITTED` object comes last, so readers never
+  see a partial version). A failed upload raises PublishError at the next publish / wait / close.
+  `finish` (tests: a slow storage) is called on that thread with the PendingSave.
   """
 
   def __init__(self, root: str | os.PathLike, dtype: Any = None,
-               writer: Callable[[Any, int, Any], Any] | None = None):
+               finish: Callable[[PendingSave], Any] | None = None):
     self.root, self.dtype = root, dtype
-    self._writer = writer or save_policy
+    self._finish = finish or PendingSave.finish
     self._thread: threading.Thread | None = None
     self._error: tuple[int, BaseException] | None = None
     self.in_flight: int | None = None  # The version uploading now.
-    self.done: list[int] = []  # Versions whose upload finished.
+    self.done: list[int] = []  # Versions committed.
 
   def publish(self, version: int, params: Any) -> None:
-    """Starts uploading `params` (module, State or pure dict) as `version`; returns at once."""
+    """Starts uploading `params` (module, State or pure dict) as `version`; returns once the
+    arrays are off the devices."""
     self.wait()
-    tree = snapshot(params_dict(params), self.dtype)
+    pending = begin_save(self.root, int(version), params, self.dtype)
     self.in_flight = int(version)
-    self._thread = threading.Thread(target=self._run, args=(int(version), tree),
+    self._thread = threading.Thread(target=self._run, args=(int(version), pending),
                                     name=f"klong-publish-{version}")
     self._thread.start()
 
-  def _run(self, version: int, tree: Any) -> None:
+  def _run(self, version: int, pending: PendingSave) -> None:
     try:
-      self._writer(self.root, version, tree)
+      self._finish(pending)
       self.done.append(version)
     except BaseException as e:  # noqa: BLE001 (surfaced on the caller's thread)
       self._error = (version, e)
 
   def wait(self) -> None:
-    """Blocks until the upload in flight (if any) finished; raises its error."""
+    """Blocks until the upload in flight (if any) is committed; raises its error."""
     if self._thread is not None:
       self._thread.join()
       self._thread, self.in_flight = None, None

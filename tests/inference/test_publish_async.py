@@ -68,42 +68,44 @@ def test_async_publish_equals_sync_and_halves_bytes(tmp_path):
 
 
 def test_training_step_runs_while_the_upload_is_in_flight(tmp_path):
-  """A slow storage (an upload that waits for an event): publish returns, a donating train
-  step runs and finishes while the upload has not; the version holds the pre-step values."""
+  """A slow storage (an upload that cannot finish until an event is set): publish returns, a
+  donating train step runs and finishes while the version is not committed; the version then
+  holds the pre-step values; the next publish waits for the one in flight."""
   release, uploaded, started = threading.Event(), threading.Event(), threading.Event()
 
-  def slow_writer(root, version, tree):
+  def slow_storage(pending):
     started.set()
-    assert release.wait(30), "test did not release the upload"
-    reload.save_policy(root, version, tree)
+    assert release.wait(60), "test did not release the upload"
+    pending.finish()
     uploaded.set()
 
   step = jax.jit(lambda p: jax.tree.map(lambda x: x * 2 + 1, p), donate_argnums=0)
   params = _params()
-  before = jax.device_get(params)
-  pub = reload.AsyncPublisher(tmp_path, None, writer=slow_writer)
+  before = jax.device_get(jax.tree.map(jnp.copy, params))
+  pub = reload.AsyncPublisher(tmp_path, None, finish=slow_storage)
   pub.publish(0, params)
-  assert started.wait(30) and pub.in_flight == 0
+  assert started.wait(60) and pub.in_flight == 0
   params = jax.block_until_ready(step(params))  # Donates the published buffers.
   assert not uploaded.is_set() and reload.list_versions(tmp_path) == []
-  # The next publish waits for the one in flight (at most one upload at a time).
+  after = jax.device_get(jax.tree.map(jnp.copy, params))
   second = threading.Thread(target=pub.publish, args=(1, params))
   second.start()
-  second.join(0.2)
-  assert second.is_alive() and not uploaded.is_set()
+  second.join(0.5)
+  assert second.is_alive() and not uploaded.is_set()  # Waits: one upload at a time.
   release.set()
-  second.join(30)
+  second.join(60)
   pub.close()
   assert pub.done == [0, 1] and reload.list_versions(tmp_path) == [0, 1]
   _assert_same(_restore(tmp_path / "0"), before)
-  _assert_same(_restore(tmp_path / "1"), jax.device_get(params))
+  _assert_same(_restore(tmp_path / "1"), after)
 
 
 def test_publish_error_surfaces_on_next_publish_and_close(tmp_path):
-  def broken(root, version, tree):
-    raise OSError(f"bucket gone (version {version})")
+  def broken(pending):
+    pending.finish()
+    raise OSError("bucket gone")
 
-  pub = reload.AsyncPublisher(tmp_path, writer=broken)
+  pub = reload.AsyncPublisher(tmp_path, finish=broken)
   pub.publish(3, _params())
   with pytest.raises(reload.PublishError, match="version 3 .*bucket gone"):
     pub.publish(4, _params())  # Raises the previous error; version 4 is not started.
@@ -112,6 +114,23 @@ def test_publish_error_surfaces_on_next_publish_and_close(tmp_path):
   with pytest.raises(reload.PublishError, match="version 5"):
     pub.close()
   pub.close()  # Reported once.
+
+
+def test_async_publish_beside_an_async_trainer_checkpoint(tmp_path):
+  """Publishing while the trainer's Orbax CheckpointManager saves asynchronously (rl/train.py
+  does both every step): every save completes (saves started from two threads once collided on
+  Orbax's process-wide operation ids and timed out)."""
+  from klong_jax.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(str(tmp_path / "ckpt"), max_to_keep=5)
+  pub = reload.AsyncPublisher(tmp_path / "policy", jnp.bfloat16)
+  params = _params()
+  for i in range(3):
+    pub.publish(i, params)
+    ckpt.save(i + 1, {"train": params}, force=True)
+  pub.close()
+  ckpt.close()
+  assert reload.list_versions(tmp_path / "policy") == [0, 1, 2]
+  assert ckpt.latest_step() == 3
 
 
 def _live_bytes():
