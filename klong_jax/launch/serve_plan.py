@@ -341,5 +341,6 @@ def plan_serve_topology(config: Any, topology: str, **kw: Any) -> list[ServePlan
   topo = topo_lib.parse_topology(topology)
   mesh_sizes = resolve_mesh(config, kw.pop("mesh_sizes", None), topo.chips)
   devs = topo_lib.devices(topo)
-  kw.setdefault("hbm_gib", topo.hbm_gib)
+  if kw.get("hbm_gib") is None:  # The slice's chip (the CLI passes None when not overridden).
+    kw["hbm_gib"] = topo.hbm_gib
   return plan_serve(config, mesh_sizes, devs, device=topo_lib.describe(topo, devs), **kw)
