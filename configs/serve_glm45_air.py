@@ -10,8 +10,8 @@ Weights are born bf16 (`param_dtype`; the sampler keeps router / expert bias / n
 fp32, model/precision.py) and laid out by parallel/rules.SERVING_RULES: no FSDP, experts over
 `expert`, heads / expert hidden / vocab over `tensor`, so a decode step gathers no weight. The
 KV cache is bf16 (dense: max_batch x max_len slots per layer). Per-slice sizes: the rollout
-context (max_len 32768) and a power-of-two row count the TPU compiler's plan fits for both the decode step
-and a prefill chunk (docs/tpu_pod.md has the table):
+context (max_len 32768) and a power-of-two row count whose decode step and prefill chunk the TPU
+compiler's plan fits (docs/tpu_pod.md has the table):
   v5p-8  (4 chips x 95.74 GiB) expert 2 x tensor 2, 8 rows: weights 53.2 GiB, KV 11.5 GiB per chip
   v5p-16 (8 chips, 2 hosts)    expert 4 x tensor 2, 32 rows
   v6e-8  (8 chips x 31.25 GiB) tensor 8, 2 rows: ~26.5 GiB of weights leave little for KV
