@@ -48,5 +48,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.serve = serve_config.serve_section(
       model_name="klong-glm45_air", port=args.port, max_batch=args.max_batch or max_batch,
       max_len=args.max_len or max_len, cache_dtype="bfloat16")
-  config.serve_slice = args.slice  # The TPU slice these sizes were planned for.
   return config
