@@ -57,6 +57,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (a 6 h rollout at a few minutes per step spans tens of versions).
   config.rl.max_staleness = 64
   config.rl.publish_every = 1
+  config.rl.publish_async = True  # Upload versions in the background (training continues).
   config.rl.ppo_epochs = 1
   config.rl.minibatches = 4
   config.rl.normalize_std = False    # Advantage = reward - group mean (KLong: no std division).

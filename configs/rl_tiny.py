@@ -44,6 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rl.groups_per_step = args.groups  # Group shards packed into one element (>= 1 step).
   config.rl.max_staleness = args.staleness  # Async: drop trajectories > this many versions old.
   config.rl.publish_every = args.publish  # Async: publish a policy version every K steps.
+  config.rl.publish_async = True  # Upload versions in the background (training continues).
   # PPO epochs x minibatches per element (verl's ppo_epochs / mini-batches): each epoch
   # reshuffles the rows; optim step counts below are in elements, stretched by the trainer.
   config.rl.ppo_epochs = args.epochs

@@ -47,8 +47,10 @@ FLAGS = flags.FLAGS
 _TPU = flags.DEFINE_string("tpu", "v5p-256", "Trainer slice accelerator type (e.g. v5p-256).")
 _SERVER_TPU = flags.DEFINE_string("server_tpu", "v5p-8", "Single-host slice per server replica.")
 _SERVERS = flags.DEFINE_integer("servers", 2, "Inference server replicas (one slice each).")
-_SERVER_ARG = flags.DEFINE_string("server_arg", "max_batch=64,max_len=32768",
-                                  "Arg string for configs/serve_tiny.py (preset is added).")
+_SERVER_ARG = flags.DEFINE_string("server_arg", "",
+                                  "Arg string overrides for the server config: configs/"
+                                  "serve_<preset>.py:slice=<server_tpu> where it exists (sizes "
+                                  "planned per slice), else configs/serve_tiny.py:preset=<preset>.")
 _TRAINER_CONFIG = flags.DEFINE_string("trainer_config", "configs/rl_glm45_air.py",
                                       "RL config giving every section but model and mesh.")
 _FLEET = flags.DEFINE_integer("fleet", 64, "Rollout worker pods in total.")
@@ -271,6 +273,26 @@ def gcs_bucket(workdir: str) -> tuple[str, str]:
   return m.group(1), k8s.STREAM_MOUNT + (m.group(2) or "")
 
 
+def server_config_spec(preset: str, server_tpu: str, server_arg: str = "") -> tuple[str, str]:
+  """(the servers' --config, a note): configs/serve_<preset>.py:slice=<server_tpu> (bf16, serving
+  mesh, cache sized by the slice's TPU-compiler plan), else configs/serve_tiny.py:preset=..."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  own = f"configs/serve_{preset}.py"
+  path = os.path.join(repo, own)
+  per_slice = os.path.exists(path) and "\nSLICES = " in open(path, encoding="utf-8").read()
+  if not per_slice:  # (configs/serve_tiny.py is the generic one: preset=, no slice table.)
+    spec = f"configs/serve_tiny.py:preset={preset},{server_arg}".rstrip(",")
+    return spec, f"servers: {spec} (no per-slice serving config for {preset})"
+  spec = f"{own}:slice={server_tpu},{server_arg}".rstrip(",")
+  config = config_util.load_config(os.path.join(repo, spec))  # Names the slices it knows.
+  sizes = dict(zip(MESH_AXES, mesh_shape(config.mesh.to_dict(), parse_slice(server_tpu).chips),
+                   strict=True))
+  checks.check_batch(config.serve.max_batch, sizes, rules_lib.resolve_rules(config.rules),
+                     field="serve.max_batch")
+  return spec, (f"servers: {spec}, mesh {sizes}, checked; serving memory plan: python -m "
+                f"klong_jax.launch.plan --config={spec} --topology={server_tpu} --step=serve")
+
+
 def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: str, *,
                tpu: str, server_tpu: str, servers: int, server_arg: str, fleet: int,
                image: str, site: Site = Site(), init_checkpoint: str = "", tokenizer: str = "",
@@ -302,8 +324,11 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
       "config": trainer_spec, "workdir": run, "stream": stream,
       "init_checkpoint": init_checkpoint or None, **config_diff(base, merged)}), primary=True)
   preset_name = _preset_name(merged.model)
+  server_config, serve_note = server_config_spec(preset_name, server_slice.accelerator,
+                                                 server_arg)
+  checked += f"; {serve_note}"
   server_jobs = [xp.Job(f"server{i}", xp.Executable("klong_jax.inference.server", {
-      "config": f"configs/serve_tiny.py:preset={preset_name},{server_arg}".rstrip(","),
+      "config": server_config,
       "policy_dir": policy, "host": "0.0.0.0", "port": SERVER_PORT,
       "config.serve.host": "0.0.0.0", "config.serve.port": SERVER_PORT,
       "config.serve.tokenizer": tok, "config.serve.model_name": model_name}),

@@ -164,10 +164,19 @@ class Engine:
       self._lock.notify_all()
 
   def set_params(self, params: Any, version: int) -> None:
-    """Schedules a weight swap, applied between two steps (in-flight requests continue)."""
+    """Schedules a weight swap, applied between two steps (in-flight requests continue).
+
+    `params`: the new weights, or a callable run there that loads them into the sampler itself.
+    """
     with self._lock:
       self._pending_params = (params, int(version))
       self._lock.notify_all()
+
+  def on_new_version(self, version: int) -> None:
+    """Invalidates what the old weights computed: the prefix cache's blocks (keyed by version)."""
+    if self.prefix_cache is not None:
+      self.prefix_cache.clear(version)
+      self._routing_blocks.clear()
 
   @property
   def policy_version(self) -> int:
@@ -189,12 +198,14 @@ class Engine:
     with self._lock:
       pending, self._pending_params = self._pending_params, None
     if pending is not None:
-      self.sampler.load_params(*pending)
+      params, version = pending
+      if callable(params):  # A loader (reload.swap_in_place): frees the old weights, loads.
+        params()
+      else:
+        self.sampler.load_params(params, version)
       self.stats["reloads_total"] += 1
-      if self.prefix_cache is not None:
-        self.prefix_cache.clear(pending[1])  # Its KV came from the old weights.
-        self._routing_blocks.clear()
-      log.info("serving policy version %d", pending[1])
+      self.on_new_version(version)
+      log.info("serving policy version %d", version)
     self._retire_cancelled()
     self._admit()
     self._decode()

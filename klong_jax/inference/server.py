@@ -399,7 +399,7 @@ def build(config: Any = None, *, bundle: str | None = None,
   from klong_jax.model.config import from_config_dict
   from klong_jax.model.sharded import create_sharded_model
   from klong_jax.parallel.mesh import make_mesh
-  from klong_jax.parallel.rules import LOGICAL_RULES
+  from klong_jax.parallel.rules import resolve_rules
 
   serve = serve_config.resolve(config)
   mesh_cfg = config.mesh if config is not None and "mesh" in config else \
@@ -424,11 +424,14 @@ def build(config: Any = None, *, bundle: str | None = None,
   log.info("tool-call parser: %s%s", family, "" if serve.tool_parser else " (detected)")
   mesh = make_mesh(mesh_cfg)
   log.info("building %s on mesh %s", name, dict(mesh.shape))
-  model = create_sharded_model(cfg, mesh, seed=serve.seed)
+  # The config's rules (serve configs: parallel/rules.SERVING_RULES, no per-step weight gathers).
+  rules = resolve_rules(config.get("rules") if config is not None else None)
+  model = create_sharded_model(cfg, mesh, seed=serve.seed, rules=rules)
   sampler = Sampler(model, max_batch=serve.max_batch, max_len=serve.max_len, mesh=mesh,
-                    rules=LOGICAL_RULES, cache_dtype=jnp.dtype(serve.cache_dtype),
+                    rules=rules, cache_dtype=jnp.dtype(serve.cache_dtype),
                     min_prefill_bucket=serve.min_prefill_bucket,
                     min_prefill_rows=serve.min_prefill_rows)
+  del model  # The sampler holds the weights: the policy load below then frees them first.
   prefix_cache = None
   if serve.prefix_cache_mb > 0:
     from klong_jax.inference.prefix_cache import PrefixCache
@@ -443,7 +446,7 @@ def build(config: Any = None, *, bundle: str | None = None,
     watcher = reload.PolicyWatcher(engine, root, serve.reload_interval_s)
     latest = reload.latest_version(root)
     if latest is not None:
-      sampler.load_params(reload.load_policy(f"{root}/{latest}", sampler.params), latest)
+      reload.swap_in_place(sampler, f"{root}/{latest}", latest)  # Never two full copies.
       watcher.loaded = latest
       log.info("serving policy version %d from %s", latest, root)
     else:

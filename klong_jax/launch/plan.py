@@ -3,6 +3,8 @@
   python -m klong_jax.launch.plan --config=configs/sft_glm45_air.py --topology=v5p-256 \
       --mesh=fsdp:16,expert:8 --batch=128 --seq_len=8192 --step=sft,rl
 
+`--step=serve` with a serving config (configs/serve_glm45_air.py:slice=v5p-8) compiles the
+inference engine's decode step and a prefill chunk instead (launch/serve_plan.py).
 With `--topology` (v5p-8/16/128/256, v6e-8/256, or a libtpu topology such as v5p:2x2x1) the step
 is compiled by the real TPU compiler (libtpu, the `jax[tpu]` extra; no TPU needed: see
 launch/tpu_topology.py): per-chip bytes against that chip's HBM, the collectives in the TPU HLO,
@@ -47,6 +49,7 @@ GIB = float(1 << 30)
 # per-layer step over two layers (XLA:CPU's buffer assignment is not exactly affine).
 PROBES = (2, 4)
 STEPS = ("sft", "rl")
+SERVE = "serve"  # --step=serve: the inference engine's decode + prefill steps (serve_plan.py).
 _COUNT_FLAG = "--xla_force_host_platform_device_count"
 _FAKE_CPU = "CPU, fake devices"
 
@@ -487,7 +490,10 @@ def _define_flags() -> None:
                                          "(default: data.batch_size; RL: / rl.minibatches).")
   _FLAGS["seq_len"] = flags.DEFINE_integer("seq_len", None, "Tokens per row (default: "
                                            "data.row_len, else 1024).")
-  _FLAGS["step"] = flags.DEFINE_list("step", ["sft"], "Steps to compile: sft, rl or sft,rl.")
+  _FLAGS["step"] = flags.DEFINE_list("step", ["sft"], "Steps to compile: sft, rl or sft,rl; "
+                                     "serve: a serving config's decode step + a prefill chunk.")
+  _FLAGS["prefill_len"] = flags.DEFINE_integer("prefill_len", 1024, "--step=serve: prompt "
+                                               "tokens of the compiled prefill chunk.")
   _FLAGS["hbm_gib"] = flags.DEFINE_float("hbm_gib", None, "Per-device HBM in GiB (default: "
                                          "the topology's chip; v5p 95.74, v6e 31.25).")
   _FLAGS["probe"] = flags.DEFINE_enum("probe_layers", "auto", ["auto", "yes", "no"],
@@ -510,9 +516,12 @@ def main(argv: list[str]) -> None:
   f = {k: v.value for k, v in _FLAGS.items()}
   if f["config"] is None:
     raise app.UsageError("--config is required, e.g. --config=configs/tiny.py")
-  bad = [s for s in f["step"] if s not in STEPS]
+  bad = [s for s in f["step"] if s not in (*STEPS, SERVE)]
   if bad:
-    raise app.UsageError(f"--step={','.join(bad)}: use sft, rl or sft,rl")
+    raise app.UsageError(f"--step={','.join(bad)}: use sft, rl, sft,rl or serve")
+  if SERVE in f["step"] and not f["mesh"] and all(
+      v > 0 for v in (f["config"].get("mesh") or {"fsdp": -1}).values()):
+    f["mesh"] = ",".join(f"{k}:{v}" for k, v in f["config"].mesh.items())  # The serving mesh.
   topology, hbm = f["topology"], f["hbm_gib"]
   if topology:
     problem = topo_lib.libtpu_status()
@@ -538,6 +547,9 @@ def main(argv: list[str]) -> None:
   probe = {"auto": None, "yes": True, "no": False}[f["probe"]]
   failed = False
   for step in f["step"]:
+    if step == SERVE:
+      failed = not _serve_main(f, topology, hbm) or failed
+      continue
     batch, seq_len = _defaults(f["config"], step, f["batch"], f["seq_len"])
     kw = dict(probe_layers=probe, moe_impl=f["moe_impl"] or None, step=step)
     try:
@@ -554,6 +566,30 @@ def main(argv: list[str]) -> None:
     print(result.report(), flush=True)
   if failed:
     sys.exit(2)
+
+
+def _serve_main(f: dict[str, Any], topology: str, hbm: float | None) -> bool:
+  """--step=serve: prints the serving plans; False when the config cannot start or not fit."""
+  import jax
+
+  from klong_jax.launch import serve_plan
+
+  mesh = parse_mesh(f["mesh"]) if f["mesh"] else None
+  kw = dict(prefill_len=f["prefill_len"], max_batch=f["batch"], max_len=f["seq_len"])
+  try:
+    if topology:
+      plans = serve_plan.plan_serve_topology(f["config"], topology, mesh_sizes=mesh,
+                                             hbm_gib=hbm, **kw)
+    else:
+      mesh = mesh or parse_mesh("fsdp:8")
+      plans = serve_plan.plan_serve(f["config"], mesh, jax.devices()[:math.prod(mesh.values())],
+                                    hbm_gib=hbm, **kw)
+  except checks.StartupError as e:
+    print(f"plan (SERVE): REFUSED, this config cannot start: {e}", flush=True)
+    return False
+  for p in plans:
+    print(p.report(), flush=True)
+  return all(p.fits is not False for p in plans)
 
 
 def entry() -> None:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jax
+if TYPE_CHECKING:  # JAX-free at import: config files (loaded on fleet hosts) read the tables.
+  import jax
 
 Rules = tuple[tuple[str, Any], ...]
 
@@ -44,6 +45,44 @@ LOGICAL_RULES: Rules = (
     ("act_vocab", "tensor"),
 )
 
+# Serving (inference servers): no FSDP. Weights stay put across decode steps: experts split over
+# `expert` (expert parallelism: tokens travel by all-to-all, expert weights never gather), their
+# hidden dim and the attention heads / dense MLP / vocab over `tensor` (tensor parallelism), the
+# model dim of every weight unsharded. Activations and the KV cache rows split over the batch axes
+# (data, expert): attention is data-parallel over the `expert` axis. Same names as training's.
+SERVING_RULES: Rules = tuple(
+    (name, {"embed": None, "expert_embed": None, "act_batch": ("data", "expert")}.get(name, axes))
+    for name, axes in LOGICAL_RULES)
+NAMED_RULES: dict[str, Rules] = {"training": LOGICAL_RULES, "serving": SERVING_RULES}
+
+
+def resolve_rules(value: Any = None, default: Rules = LOGICAL_RULES) -> Rules:
+  """A config's `rules` field: a table name ("training", "serving"), a table, or None (default)."""
+  if value is None or value == "" or value == ():
+    return default
+  if isinstance(value, str):
+    if value not in NAMED_RULES:
+      raise ValueError(f"rules {value!r} unknown; use one of {sorted(NAMED_RULES)} or a table")
+    return NAMED_RULES[value]
+  return tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in value)
+
+
+def kv_cache_sharding(mesh: jax.sharding.Mesh, rules: Rules, shape: tuple[int, ...],
+                      batch_axis: int = 1) -> jax.sharding.NamedSharding:
+  """Sharding of a dense [layers, B, S, kv_heads, head_dim] KV-cache leaf: rows over the batch
+  axes (when they divide B), kv heads over the `act_kv_heads` axis (when it divides them); as the
+  serving Sampler lays its cache out."""
+  import jax  # noqa: PLC0415
+  batch = batch_sharding(mesh, rules).spec[0]
+  spec: list[Any] = [None] * len(shape)
+  spec[batch_axis] = batch if shape[batch_axis] % data_parallel_size(
+      batch_sharding(mesh, rules)) == 0 else None
+  kv = activation_sharding(mesh, ("act_kv_heads",), rules).spec[0]
+  kv_size = mesh.shape[kv] if isinstance(kv, str) else 1
+  if len(shape) == 5 and batch_axis == 1 and shape[3] % kv_size == 0:
+    spec[3] = kv
+  return jax.sharding.NamedSharding(mesh, jax.P(*spec))
+
 
 def _lookup(rules: Rules, name: str) -> tuple[str, ...]:
   value = dict(rules).get(name)
@@ -53,6 +92,7 @@ def _lookup(rules: Rules, name: str) -> tuple[str, ...]:
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_RULES
                    ) -> jax.sharding.NamedSharding:
   """NamedSharding for [B, T] model inputs (batch over the `act_batch` mesh axes)."""
+  import jax  # noqa: PLC0415
   axes = tuple(a for a in _lookup(rules, "act_batch") if a in mesh.axis_names)
   return jax.sharding.NamedSharding(mesh, jax.P(axes or None, None))
 
@@ -67,6 +107,7 @@ def data_parallel_size(sharding: jax.sharding.NamedSharding) -> int:
 def activation_sharding(mesh: jax.sharding.Mesh, names: tuple[str | None, ...],
                         rules: Rules = LOGICAL_RULES) -> jax.sharding.NamedSharding:
   """NamedSharding for an activation with logical dim `names` (e.g. act_batch, act_seq)."""
+  import jax  # noqa: PLC0415
   parts = []
   for name in names:
     axes = tuple(a for a in _lookup(rules, name) if a in mesh.axis_names) if name else ()
@@ -81,6 +122,7 @@ def check_divisible(cfg: Any, mesh: jax.sharding.Mesh | Mapping[str, int],
   `mesh` is a Mesh or its axis sizes ({"expert": 8, ...}, as a pod plan has them before any
   device exists): the one check the trainers, the HF importer and `launch/tpu.py` all run.
   """
+  import jax  # noqa: PLC0415
   shape = dict(mesh.shape) if isinstance(mesh, jax.sharding.Mesh) else dict(mesh)
   get = cfg.get if hasattr(cfg, "get") else lambda k, d=None: getattr(cfg, k, d)
   dims = {"vocab": "vocab_size", "embed": "hidden_size", "heads": "num_heads",

@@ -149,16 +149,32 @@ class Publisher:
   """Publishes params as policy versions under `<workdir>/policy` and writes control.json."""
 
   def __init__(self, workdir: str, stream: str, curriculum: curriculum_lib.Curriculum,
-               sync: bool):
+               sync: bool, dtype: Any = None, background: bool = True):
     self.root = str(reload.policy_root(workdir))
     self.stream, self.curriculum, self.sync = stream, curriculum, sync
     self.version = -1
+    # Versions hold the weights in the model's compute dtype (model/precision.py: bf16 matmul
+    # weights, fp32 router/norms/biases), what the servers compute with; uploaded in the
+    # background (rl.publish_async) while training continues, one in flight at a time.
+    self.dtype = dtype
+    self._async = reload.AsyncPublisher(self.root, dtype) if background else None
 
   def publish(self, params: Any, rest: Any) -> int:
+    if self._async is not None:
+      self._async.wait()  # The previous version landed (and its error, if any, surfaces here).
     self.version = max(self.version, reload.latest_version(self.root) or -1) + 1
-    reload.save_policy(self.root, self.version, policy_tree(params, rest))
-    logging.info("published policy version %d", self.version)
+    if self._async is not None:
+      self._async.publish(self.version, policy_tree(params, rest))
+    else:
+      reload.save_policy(self.root, self.version, policy_tree(params, rest), dtype=self.dtype)
+    logging.info("published policy version %d%s", self.version,
+                 " (uploading in the background)" if self._async is not None else "")
     return self.version
+
+  def close(self) -> None:
+    """Waits for the version uploading now (at exit; raises its error)."""
+    if self._async is not None:
+      self._async.close()
 
   def write_control(self, min_version: int | None = None) -> None:
     if min_version is None:
@@ -246,7 +262,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
                                   window=config.curriculum.window,
                                   budget_clock=config.curriculum.get("budget_clock", ""))
   data_iter: StreamIterator = iter(StreamDataset(stream_config(config, stream, sync)))
-  pub = Publisher(workdir, stream, cur, sync)
+  pub = Publisher(workdir, stream, cur, sync, dtype=model_cfg.dtype,
+                  background=bool(config.rl.get("publish_async", True)))
 
   if resuming:
     logging.info("[6/7] resume from step %d", ckpt.latest_step())
@@ -361,6 +378,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
     writer.close()
     consumed_log.close()
     _mirror_logs(logdir, workdir)
+    pub.close()  # Last: the version in flight lands (or its upload error is raised).
   elapsed = time.perf_counter() - t_start
   summary = {"step": step, "start": start, "version": pub.version, "stage": cur.index,
              "seconds": elapsed, "train_s": train_s, "wait_s": wait_s,

@@ -20,11 +20,17 @@ class _Engine:
   """What PolicyWatcher needs of the serving engine."""
 
   def __init__(self, params):
-    self.sampler = types.SimpleNamespace(params=params)
-    self.policy_version = -1
+    self.sampler = types.SimpleNamespace(params=params, policy_version=-1)
+
+  @property
+  def policy_version(self):
+    return self.sampler.policy_version
 
   def set_params(self, params, version):
-    self.sampler.params, self.policy_version = params, version
+    if callable(params):  # reload.swap_in_place, run between two engine steps.
+      params()
+    else:
+      self.sampler.params, self.sampler.policy_version = params, version
 
 
 def _same(a, b):
@@ -59,3 +65,18 @@ def test_gcs_versions_commit_and_hot_reload(gcs_root):
     reload.save_policy(root, 1, _tree(3))
   reload.remove_version(root, 0)
   assert reload.list_versions(root) == [1] and not storage.list_objects(f"{root}/0/")
+
+
+def test_gcs_async_publish_and_in_place_swap(gcs_root):
+  """The trainer's background publish to gs:// (commit object last) and the server's in-place
+  swap from there: the served tree is the published one, one copy held."""
+  root = f"{gcs_root}/run2/policy"
+  pub = reload.AsyncPublisher(root, jnp.bfloat16)
+  pub.publish(0, _tree(3))
+  pub.close()
+  assert reload.list_versions(root) == [0] and pub.done == [0]
+  engine = _Engine(_tree(0))
+  watcher = reload.PolicyWatcher(engine, root)
+  assert watcher.check() == 0 and engine.policy_version == 0
+  _same(engine.sampler.params, _tree(3))  # bf16 holds these small integers exactly.
+  assert engine.sampler.params["w"].dtype == jnp.float32

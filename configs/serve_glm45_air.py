@@ -1,0 +1,51 @@
+"""Serving config for GLM-4.5-Air on one TPU slice: bf16 weights and KV cache, serving mesh.
+
+Usage (launch/tpu.py picks it for --config=configs/glm45_air.py; validate before start-up):
+  python -m klong_jax.launch.plan --config=configs/serve_glm45_air.py:slice=v5p-8 \
+      --topology=v5p-8 --step=serve
+  python -m klong_jax.inference.server --config=configs/serve_glm45_air.py:slice=v5p-8 ...
+(arg: "slice=v5p-16,max_batch=32,max_len=16384" overrides the slice's cache size.)
+
+Weights are born bf16 (`param_dtype`; the sampler keeps router / expert bias / norms / biases
+fp32, model/precision.py) and laid out by parallel/rules.SERVING_RULES: no FSDP, experts over
+`expert`, heads / expert hidden / vocab over `tensor`, so a decode step gathers no weight. The
+KV cache is bf16 (dense: max_batch x max_len slots per layer). Per-slice sizes: the rollout
+context (max_len 32768) and a power-of-two row count whose decode step and prefill chunk the TPU
+compiler's plan fits (docs/tpu_pod.md has the table):
+  v5p-8  (4 chips x 95.74 GiB) expert 2 x tensor 2, 8 rows: weights 53.2 GiB, KV 11.5 GiB per chip
+  v5p-16 (8 chips, 2 hosts)    expert 4 x tensor 2, 16 rows: weights 30.0 GiB, KV 11.5 GiB
+  v6e-8  (8 chips x 31.25 GiB) tensor 8, 2 rows: weights 25.0 GiB, KV 1.4 GiB (not yet compiled)
+"""
+
+import ml_collections
+
+from configs import common
+from klong_jax.inference import serve_config
+from klong_jax.parallel import rules as rules_lib
+
+# slice -> (mesh axis sizes, max_batch, max_len). The mesh multiplies to the slice's chips;
+# max_len = the rollout context (configs/rl_glm45_air.py seq_len 32768); max_batch = the most
+# rows whose decode step AND prefill chunk the TPU compiler fits (today's dense engine copies the
+# whole cache once in prefill, so weights + 2 x KV + temporaries must fit; docs/serving.md).
+SLICES = {
+    "v5p-8": (dict(expert=2, tensor=2), 8, 32768),
+    "v5p-16": (dict(expert=4, tensor=2), 16, 32768),
+    "v6e-8": (dict(tensor=8), 2, 32768),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """ConfigDict with `model`, `mesh`, `rules` and `serve` sections for one slice."""
+  args = common.parse_arg(arg, slice="v5p-8", max_batch=0, max_len=0,
+                          port=serve_config.SERVE_DEFAULTS["port"])
+  if args.slice not in SLICES:
+    raise ValueError(f"slice={args.slice!r} has no serving config; use one of {sorted(SLICES)}")
+  mesh, max_batch, max_len = SLICES[args.slice]
+  config = common.base_config("glm45_air", **{"fsdp": 1, **mesh})
+  config.model.param_dtype = "bfloat16"  # Born bf16: fp32 weights (~424 GB) fit no slice.
+  config.model.dtype = "bfloat16"
+  config.rules = rules_lib.SERVING_RULES
+  config.serve = serve_config.serve_section(
+      model_name="klong-glm45_air", port=args.port, max_batch=args.max_batch or max_batch,
+      max_len=args.max_len or max_len, cache_dtype="bfloat16")
+  return config

@@ -1,0 +1,346 @@
+"""Serving plan: will this model + serving mesh + cache fit a TPU slice? Compiles the real steps.
+
+  python -m klong_jax.launch.plan --config=configs/serve_glm45_air.py:slice=v5p-8 \
+      --topology=v5p-8 --step=serve [--prefill_len=1024]
+
+Builds the served model abstractly (bf16 weights under the dtype policy, laid out by the config's
+rules, e.g. parallel/rules.SERVING_RULES), the engine's KV cache (the `serve` section's max_batch
+x max_len in cache_dtype) and lowers the engine's decode step and one prefill chunk with those
+shardings; with `--topology` the TPU compiler (libtpu, no TPU needed) compiles them. Per chip it
+reports weights + KV cache (exact, from the shardings), the compiler's temporaries, the peak vs
+HBM (FITS / DOES NOT FIT, or the compiler's own refusal), the collectives of each step's HLO by
+kind, and the all-gathers whose result is an expert weight (there must be none: experts stay on
+their `expert` shard and tokens travel instead).
+
+An engine is a pair of step builders (`ENGINES`): a function from a `ServeSetup` to the
+`ServeStep` it compiles (jitted function + abstract arguments + persistent bytes). "dense" is
+today's Sampler (inference/sampler.py `_decode_step` / `_prefill_step`, one [L, B, max_len] cache
+block); a paged engine registers its own builders (page pool as the cache) under another name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from klong_jax.launch import checks
+from klong_jax.launch import tpu_topology as topo_lib
+
+GIB = float(1 << 30)
+_FAKE_CPU = "CPU, fake devices"
+
+
+@dataclasses.dataclass
+class ServeSetup:
+  """What a step builder needs: the model (abstract, sharded), mesh, rules and cache size."""
+
+  model_cfg: Any
+  mesh: Any
+  rules: tuple
+  max_batch: int
+  max_len: int
+  cache_dtype: Any
+  prefill_len: int
+  graphdef: Any = None
+  params: Any = None  # nnx.State of ShapeDtypeStructs (policy dtypes, serving shardings).
+  rest: Any = None  # RNG state (abstract).
+  model: Any = None  # The abstract module (for init_cache / shapes).
+
+
+@dataclasses.dataclass
+class ServeStep:
+  """One engine step to compile: `jitted.lower(*args)`, and its persistent per-chip bytes."""
+
+  name: str  # "decode" or "prefill".
+  jitted: Any
+  args: tuple
+  weights: float
+  kv_cache: float
+  tokens: str  # What one call processes, for the report ("32 rows x 1 token").
+
+
+StepBuilder = Callable[[ServeSetup], ServeStep]
+
+
+@dataclasses.dataclass(frozen=True)
+class ServePlan:
+  """Per-chip figures (bytes) of one compiled serving step, and whether it fits."""
+
+  step: str
+  mesh: dict[str, int]
+  max_batch: int
+  max_len: int
+  tokens: str
+  weights: float
+  kv_cache: float
+  arguments: float = 0.0
+  temp: float = 0.0
+  output_not_aliased: float = 0.0
+  hbm: float | None = None
+  device: str = _FAKE_CPU
+  compile_seconds: float = 0.0
+  collectives: Mapping[str, topo_lib.Collective] = dataclasses.field(default_factory=dict)
+  expert_gathers: tuple[str, ...] = ()  # All-gather results shaped like expert weights.
+  refused: str = ""
+  required: float | None = None
+
+  @property
+  def peak(self) -> float:
+    if self.refused:
+      return max(self.required or 0.0, self.weights + self.kv_cache)
+    return self.arguments + self.output_not_aliased + self.temp
+
+  @property
+  def fits(self) -> bool | None:
+    if self.refused:
+      return False
+    return None if self.hbm is None else self.peak <= self.hbm
+
+  def report(self) -> str:
+    mesh = ",".join(f"{k}:{v}" for k, v in self.mesh.items() if v != 1) or "single device"
+    lines = [f"plan (SERVE {self.step} step on {self.device}): mesh {mesh} "
+             f"({math.prod(self.mesh.values())} chips), cache {self.max_batch} rows x "
+             f"{self.max_len} tokens, one call = {self.tokens}",
+             f"  {'per-chip memory':32s} {'GiB':>9s}",
+             f"  {'weights':32s} {self.weights / GIB:9.3f}",
+             f"  {'KV cache':32s} {self.kv_cache / GIB:9.3f}"]
+    if self.refused:
+      need = "" if self.required is None else f" ({self.required / GIB:.1f} GiB)"
+      lines.append(f"  the TPU compiler refused{need}: {self.refused}")
+    else:
+      lines += [f"  {'temporaries (compiler)':32s} {self.temp / GIB:9.3f}",
+                f"  {'outputs not aliased':32s} {self.output_not_aliased / GIB:9.3f}",
+                f"  {'peak':32s} {self.peak / GIB:9.3f}"]
+      if abs(self.arguments - self.weights - self.kv_cache) > 0.02 * self.arguments:
+        lines.append(f"  note: the compiler counts {self.arguments / GIB:.3f} GiB of inputs")
+    if self.hbm is not None or self.refused:
+      verdict = "FITS" if self.fits else "DOES NOT FIT"
+      hbm = f"HBM {self.hbm / GIB:.2f} GiB: " if self.hbm is not None else ""
+      share = f" ({100 * self.peak / self.hbm:.0f}% of HBM)" if self.hbm and self.peak else ""
+      lines.append(f"  {hbm}{verdict}{share}")
+    if self.device != _FAKE_CPU and not self.refused:
+      lines += topo_lib.collectives_table(dict(self.collectives))
+      gathers = ", ".join(self.expert_gathers[:4]) or "none"
+      lines.append(f"  all-gathers of expert weights: {gathers}")
+    lines.append(f"  compile time {self.compile_seconds:.1f} s")
+    return "\n".join(lines)
+
+
+def _replicated(mesh: Any) -> Any:
+  import jax
+  return jax.sharding.NamedSharding(mesh, jax.P())
+
+
+def _bytes(tree: Any) -> float:
+  """Per-chip bytes of a tree of ShapeDtypeStructs carrying shardings."""
+  import jax
+  import numpy as np
+  return float(sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+                   for x in jax.tree.leaves(tree)))
+
+
+def abstract_serving_model(setup: ServeSetup) -> ServeSetup:
+  """Fills graphdef / params / rest / model: the served model's variables as ShapeDtypeStructs
+  in the dtype policy (model/precision.py, as the Sampler casts them) with serving shardings."""
+  import jax
+  from flax import nnx
+
+  from klong_jax.model import precision
+  from klong_jax.model.transformer import Transformer
+  from klong_jax.parallel import rules as rules_lib
+
+  cfg, mesh = setup.model_cfg, setup.mesh
+  rules_lib.check_divisible(cfg, mesh, setup.rules)
+  with jax.set_mesh(mesh), nnx.logical_axis_rules(setup.rules):
+    model = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(model, nnx.Not(nnx.RngState), ...)
+    shardings = nnx.get_named_sharding(params, mesh)
+
+  def leaf(path, x, s):
+    return jax.ShapeDtypeStruct(x.shape, precision.leaf_dtype(path, x.dtype, cfg.dtype),
+                                sharding=s)
+
+  setup.params = jax.tree_util.tree_map_with_path(leaf, params, shardings)
+  setup.rest = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=_replicated(mesh)), rest)
+  setup.graphdef, setup.model = graphdef, model
+  return setup
+
+
+def _dense_cache(setup: ServeSetup) -> tuple[Any, Any]:
+  """(abstract KV cache with the Sampler's shardings, its batch axes)."""
+  import jax
+
+  from klong_jax.inference import sampler as sampler_lib
+  from klong_jax.parallel import rules as rules_lib
+
+  model = setup.model
+  axes = sampler_lib._cache_batch_axes(model, setup.cache_dtype)
+  shapes = jax.eval_shape(lambda: model.init_cache(batch=setup.max_batch, max_len=setup.max_len,
+                                                   dtype=setup.cache_dtype))
+  cache = jax.tree.map(lambda x, ax: jax.ShapeDtypeStruct(
+      x.shape, x.dtype, sharding=rules_lib.kv_cache_sharding(setup.mesh, setup.rules, x.shape,
+                                                             ax)), shapes, axes)
+  return cache, axes
+
+
+def _rows(setup: ServeSetup, n: int, dtype: Any, sharded: bool) -> Any:
+  import jax
+
+  from klong_jax.parallel import rules as rules_lib
+  spec = rules_lib.batch_sharding(setup.mesh, setup.rules).spec[0] if sharded else None
+  return jax.ShapeDtypeStruct((n,), dtype, sharding=jax.sharding.NamedSharding(
+      setup.mesh, jax.P(spec)))
+
+
+def dense_decode(setup: ServeSetup) -> ServeStep:
+  """Today's Sampler decode step: one token for every cache row (sampler._decode_step)."""
+  import jax.numpy as jnp
+
+  from klong_jax.inference import sampler as sampler_lib
+
+  cache, _ = _dense_cache(setup)
+  b = setup.max_batch
+  rows = lambda dt: _rows(setup, b, dt, True)  # noqa: E731
+  args = (setup.graphdef, setup.params, setup.rest, cache, rows(jnp.int32), rows(jnp.int32),
+          rows(jnp.float32), rows(jnp.int32), rows(jnp.float32), rows(jnp.uint32),
+          rows(jnp.int32))
+  return ServeStep("decode", sampler_lib._decode_step, args, _bytes(setup.params),
+                   _bytes(cache), f"{b} rows x 1 token")
+
+
+def dense_prefill(setup: ServeSetup) -> ServeStep:
+  """Today's Sampler prefill of one row: `prefill_len` prompt tokens into the cache."""
+  import jax
+  import jax.numpy as jnp
+
+  from klong_jax.inference import sampler as sampler_lib
+
+  cache, axes = _dense_cache(setup)
+  leaves, treedef = jax.tree.flatten(axes)
+  t, rep = setup.prefill_len, _replicated(setup.mesh)
+  tok = jax.ShapeDtypeStruct((1, t), jnp.int32, sharding=rep)
+  one = lambda dt: _rows(setup, 1, dt, False)  # noqa: E731
+  args = (setup.graphdef, (treedef, tuple(leaves)), setup.params, setup.rest, cache, tok, tok,
+          one(jnp.int32), one(jnp.int32), one(jnp.float32), one(jnp.int32), one(jnp.float32),
+          one(jnp.uint32))
+  return ServeStep("prefill", sampler_lib._prefill_step, args, _bytes(setup.params),
+                   _bytes(cache), f"1 row x {t} prompt tokens")
+
+
+# engine -> step name -> builder. A new engine (e.g. paged: a page pool instead of dense rows)
+# adds its builders here; the plan, its checks and its report stay the same.
+ENGINES: dict[str, dict[str, StepBuilder]] = {
+    "dense": {"decode": dense_decode, "prefill": dense_prefill},
+}
+
+
+def expert_weight_gathers(hlo_text: str, model_cfg: Any,
+                          mesh_sizes: Mapping[str, int]) -> list[str]:
+  """All-gather results in `hlo_text` shaped like (a stack of) expert weights: a dim of the
+  expert count (or its `expert` shard), the model dim and the expert hidden dim (or its `tensor`
+  shard)."""
+  pattern = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+all-gather(?:-start)?\(", re.M)
+  e, f = model_cfg.num_experts, model_cfg.moe_intermediate_size
+  experts = {e, e // mesh_sizes.get("expert", 1)}
+  ffn = {f, f // mesh_sizes.get("tensor", 1)}
+  found = []
+  for shape in pattern.findall(hlo_text):
+    for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
+      d = [int(x) for x in dims.split(",") if x]
+      if len(d) >= 3 and model_cfg.hidden_size in d and experts & set(d) and ffn & set(d):
+        found.append(f"{dt}[{dims}]")
+  return sorted(set(found))
+
+
+def compile_serve_step(setup: ServeSetup, builder: StepBuilder) -> tuple[ServeStep, Any, float]:
+  """(step, compiled, seconds); raises plan.CompilerRefused on the TPU compiler's OOM refusal."""
+  import jax
+  from flax import nnx
+
+  from klong_jax.launch.plan import _lower_compile
+
+  step = builder(setup)
+  t0 = time.perf_counter()
+  with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
+    lowered = step.jitted.lower(*step.args)
+    compiled = _lower_compile(lowered.compile)
+  return step, compiled, time.perf_counter() - t0
+
+
+def plan_serve(config: Any, mesh_sizes: Mapping[str, int], devices: Sequence[Any], *,
+               device: str = _FAKE_CPU, hbm_gib: float | None = None, prefill_len: int = 1024,
+               steps: Sequence[str] = ("decode", "prefill"), engine: str = "dense",
+               max_batch: int | None = None, max_len: int | None = None) -> list[ServePlan]:
+  """Compiles the engine's serving steps for `config` (model, mesh, rules, serve sections) on
+  `devices` (a TPU topology's or fake CPUs) and returns one ServePlan per step."""
+  import jax.numpy as jnp
+
+  from klong_jax.inference import serve_config
+  from klong_jax.launch.plan import CompilerRefused
+  from klong_jax.model.config import from_config_dict
+  from klong_jax.parallel import mesh as mesh_lib
+  from klong_jax.parallel import rules as rules_lib
+
+  if engine not in ENGINES:
+    raise ValueError(f"engine {engine!r} unknown; use one of {sorted(ENGINES)}")
+  serve = serve_config.resolve(config)
+  max_batch, max_len = int(max_batch or serve.max_batch), int(max_len or serve.max_len)
+  model_cfg = from_config_dict(config.model)
+  rules = rules_lib.resolve_rules(config.get("rules"))
+  size = math.prod(mesh_sizes.values())
+  checks.check_mesh(dict(mesh_sizes), len(devices), device)
+  checks.check_batch(max_batch, dict(mesh_sizes), rules, field="serve.max_batch")
+  try:
+    rules_lib.check_divisible(model_cfg, dict(mesh_sizes), rules)
+  except ValueError as e:
+    raise checks.StartupError(str(e)) from None
+  mesh = mesh_lib.make_mesh(dict(mesh_sizes), devices=list(devices)[:size])
+  setup = abstract_serving_model(ServeSetup(
+      model_cfg, mesh, rules, max_batch, max_len, jnp.dtype(serve.cache_dtype),
+      min(prefill_len, max_len)))
+  out = []
+  hbm = None if hbm_gib is None else hbm_gib * GIB
+  for name in steps:
+    builder = ENGINES[engine][name]
+    base = dict(step=name, mesh=dict(mesh_sizes), max_batch=max_batch, max_len=max_len,
+                hbm=hbm, device=device)
+    t0 = time.perf_counter()
+    try:
+      step, compiled, secs = compile_serve_step(setup, builder)
+    except CompilerRefused as e:
+      step = builder(setup)
+      out.append(ServePlan(**base, tokens=step.tokens, weights=step.weights,
+                           kv_cache=step.kv_cache, refused=str(e),
+                           required=topo_lib.required_bytes(str(e)),
+                           compile_seconds=time.perf_counter() - t0))
+      continue
+    m = compiled.memory_analysis()
+    found, gathers = {}, ()
+    if device != _FAKE_CPU:
+      hlo = compiled.as_text()
+      found = topo_lib.collectives(hlo)
+      gathers = tuple(expert_weight_gathers(hlo, model_cfg, mesh_sizes))
+    out.append(ServePlan(
+        **base, tokens=step.tokens, weights=step.weights, kv_cache=step.kv_cache,
+        arguments=float(m.argument_size_in_bytes), temp=float(m.temp_size_in_bytes),
+        output_not_aliased=float(m.output_size_in_bytes - m.alias_size_in_bytes),
+        compile_seconds=secs, collectives=found, expert_gathers=gathers))
+  return out
+
+
+def plan_serve_topology(config: Any, topology: str, **kw: Any) -> list[ServePlan]:
+  """`plan_serve` compiled by the TPU compiler for `topology` ("v5p-8", "v5p:2x2x1"); the mesh is
+  the config's (its -1 filled against the slice's chips)."""
+  from klong_jax.launch.plan import resolve_mesh
+
+  topo = topo_lib.parse_topology(topology)
+  mesh_sizes = resolve_mesh(config, kw.pop("mesh_sizes", None), topo.chips)
+  devs = topo_lib.devices(topo)
+  if kw.get("hbm_gib") is None:  # The slice's chip (the CLI passes None when not overridden).
+    kw["hbm_gib"] = topo.hbm_gib
+  return plan_serve(config, mesh_sizes, devs, device=topo_lib.describe(topo, devs), **kw)

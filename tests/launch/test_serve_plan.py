@@ -1,0 +1,129 @@
+"""Serving plan (launch/serve_plan.py) and the per-slice serving configs: start-up checks,
+exact weight / KV-cache bytes, and a TPU-compiler compile of the engine's decode + prefill on
+v5p:2x2x1 at reduced size with no all-gather of expert weights (FSDP training rules: some)."""
+
+import dataclasses
+import math
+
+import pytest
+
+from configs import serve_glm45_air
+from klong_jax.launch import checks, serve_plan
+from klong_jax.launch import tpu_topology as topo_lib
+from klong_jax.model import precision
+from klong_jax.model.config import get_preset
+from klong_jax.parallel import rules as rules_lib
+from launch import tpu
+
+
+@pytest.mark.parametrize("slice_name", sorted(serve_glm45_air.SLICES))
+def test_serve_configs_pass_the_start_up_checks(slice_name):
+  config = serve_glm45_air.get_config(f"slice={slice_name}")
+  topo = topo_lib.parse_topology(slice_name)
+  mesh = {k: v for k, v in config.mesh.items()}
+  checks.check_mesh(mesh, topo.chips, slice_name)
+  rules = rules_lib.resolve_rules(config.rules)
+  assert rules == rules_lib.SERVING_RULES
+  checks.check_batch(config.serve.max_batch, mesh, rules, field="serve.max_batch")
+  rules_lib.check_divisible(config.model, mesh, rules)
+  assert config.model.param_dtype == "bfloat16" and config.serve.cache_dtype == "bfloat16"
+  # Weights per chip from the shapes (bf16, the policy's fp32 leaves are ~0.1%) fit the HBM.
+  total = 106e9 * 2 / topo.chips
+  assert total < topo.hbm_gib * 2**30
+
+
+def test_serving_rules_keep_training_names_and_drop_fsdp():
+  train, serve = dict(rules_lib.LOGICAL_RULES), dict(rules_lib.SERVING_RULES)
+  assert train.keys() == serve.keys()
+  assert serve["expert"] == "expert" and serve["expert_embed"] is None and serve["embed"] is None
+  assert "fsdp" not in str(serve.values())
+  assert rules_lib.resolve_rules("serving") is rules_lib.SERVING_RULES
+  assert rules_lib.resolve_rules(()) is rules_lib.LOGICAL_RULES
+  with pytest.raises(ValueError, match="rules 'servng' unknown"):
+    rules_lib.resolve_rules("servng")
+
+
+def test_launcher_uses_the_slice_serving_config():
+  spec, note = tpu.server_config_spec("glm45_air", "v5p-8")
+  assert spec == "configs/serve_glm45_air.py:slice=v5p-8" and "--step=serve" in note
+  spec, _ = tpu.server_config_spec("glm45_air", "v5p-8", "max_len=8192")
+  assert spec.endswith("slice=v5p-8,max_len=8192")
+  spec, note = tpu.server_config_spec("tiny", "v5p-8", "max_batch=8")
+  assert spec == "configs/serve_tiny.py:preset=tiny,max_batch=8"
+  with pytest.raises(ValueError, match="slice='v4-8' has no serving config"):
+    tpu.server_config_spec("glm45_air", "v4-8")
+  with pytest.raises(checks.StartupError, match="serve.max_batch=3"):
+    tpu.server_config_spec("glm45_air", "v5p-8", "max_batch=3")
+
+
+def _reduced(rules_name="serving", mesh=None):
+  """The v5p-8 serving config with a small MoE (bf16) in place of glm45_air."""
+  config = serve_glm45_air.get_config("slice=v5p-8,max_batch=8,max_len=256")
+  model = get_preset("tiny")
+  for k, v in dict(vocab_size=1024, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
+                   intermediate_size=192, moe_intermediate_size=96, num_experts=8,
+                   num_layers=3, dtype="bfloat16", param_dtype="bfloat16").items():
+    config.model[k] = v
+  assert model.num_experts_per_tok <= 8
+  if rules_name != "serving":
+    config.rules = rules_lib.LOGICAL_RULES
+  if mesh:
+    for k, v in mesh.items():
+      config.mesh[k] = v
+  return config
+
+
+def test_reduced_plan_bytes_are_exact_on_fake_devices():
+  """Weights and KV bytes per chip from the shardings equal a hand count (no compile needed:
+  the builders alone), on 4 fake CPU devices as the serving mesh."""
+  import jax
+  config = _reduced()
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
+  from klong_jax.model.config import from_config_dict
+  from klong_jax.parallel import mesh as mesh_lib
+  cfg = from_config_dict(config.model)
+  mesh = mesh_lib.make_mesh(dict(config.mesh), devices=jax.devices()[:4])
+  setup = serve_plan.abstract_serving_model(serve_plan.ServeSetup(
+      cfg, mesh, rules_lib.SERVING_RULES, 8, 256, jax.numpy.bfloat16, 64))
+  step = serve_plan.dense_decode(setup)
+  # KV: [L, B, S, kv_heads, head_dim] x (k, v) in bf16, rows / expert 2, kv heads / tensor 2.
+  assert step.kv_cache == 3 * 8 * 256 * 2 * 32 * 2 * 2 / 4
+  kept = [x for p, x in jax.tree_util.tree_leaves_with_path(setup.params)
+          if precision.keeps_fp32(p)]
+  assert kept and all(x.dtype == jax.numpy.float32 for x in kept)
+  assert all(x.dtype == jax.numpy.bfloat16 for p, x in
+             jax.tree_util.tree_leaves_with_path(setup.params) if not precision.keeps_fp32(p)
+             and x.dtype != jax.numpy.int32)
+  experts = [x for p, x in jax.tree_util.tree_leaves_with_path(setup.params)
+             if x.ndim == 4 and 8 in x.shape]
+  assert experts
+  for x in experts:  # Expert stacks: 1/4 per chip (experts / 2, hidden / 2), model dim whole.
+    assert math.prod(x.sharding.shard_shape(x.shape)) * 4 == math.prod(x.shape)
+
+
+@pytest.mark.slow
+def test_tpu_compile_of_decode_and_prefill_on_v5p_2x2x1():
+  problem = topo_lib.libtpu_status()
+  if problem:
+    pytest.skip(problem)
+  plans = serve_plan.plan_serve_topology(_reduced(), "v5p:2x2x1", prefill_len=64)
+  for p in plans:
+    print(p.report())
+    assert "TPU v5" in p.device and p.fits and p.weights > 0 and p.temp > 0
+    assert p.expert_gathers == (), p.expert_gathers
+    assert p.arguments >= p.weights + p.kv_cache * 0.99
+  decode = plans[0]
+  assert decode.step == "decode" and decode.kv_cache == 3 * 8 * 256 * 2 * 32 * 2 * 2 / 4
+  # Expert parallelism: tokens travel to their experts (all-to-all), weights stay.
+  kinds = set(decode.collectives)
+  assert kinds & {"all-to-all", "ragged-all-to-all"}, decode.collectives
+  assert "FITS" in decode.report() and "all-gathers of expert weights: none" in decode.report()
+  # The same model under the training rules (FSDP over the expert model dim) gathers experts
+  # every decode step: the check sees it.
+  fsdp = serve_plan.plan_serve_topology(_reduced("training", dict(fsdp=2, tensor=1)),
+                                        "v5p:2x2x1", steps=("decode",))[0]
+  assert fsdp.expert_gathers, fsdp.collectives
+  # The verdict against a chip with half the peak: DOES NOT FIT.
+  small = dataclasses.replace(decode, hbm=decode.peak / 2)
+  assert small.fits is False and "DOES NOT FIT" in small.report()
