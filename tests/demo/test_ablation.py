@@ -139,7 +139,7 @@ def test_episodes_per_task_spreads_the_episode_count(tmp_path):
 def test_budget_matching_nominal_and_measured(tmp_path):
   import json  # noqa: PLC0415
   base = demo_config.get_config("")
-  assert ablation.budget_clock(base) == "wall"
+  assert ablation.budget_clock(base) == "tokens"  # configs/demo.py: the deterministic clock
   per = ablation.rollouts_per_step(base)
   assert per == base.rl.args.groups * base.workers.group_size
   limits, steps = ablation.stage_limits(base), ablation.stage_steps(base)
