@@ -169,7 +169,8 @@ class Sampler:
 
   def __init__(self, model: nnx.Module, *, max_batch: int, max_len: int, mesh: Any = None,
                rules: Any = None, cache_dtype: Any = jnp.float32, policy_version: int = 0,
-               min_prefill_bucket: int = 16, min_prefill_rows: int = 1):
+               min_prefill_bucket: int = 16, min_prefill_rows: int = 1,
+               dense_cache: bool = True):
     if max_batch < 1 or max_len < 2:
       raise ValueError(f"max_batch must be >= 1 and max_len >= 2, got {max_batch}, {max_len}")
     self.max_batch, self.max_len = max_batch, max_len
@@ -194,8 +195,12 @@ class Sampler:
     self._batch_axes = _cache_batch_axes(model, cache_dtype)
     one = jnp.zeros((1, 1), jnp.int32)
     self.vocab_size = int(jax.eval_shape(lambda: model(one, one)[0]).shape[-1])
-    with self._context():
-      self.cache = self._make_cache()
+    # dense_cache=False: no [L, max_batch, max_len] cache (the paged engine keeps its own pool;
+    # prefill/decode here then cannot run).
+    self.cache = None
+    if dense_cache:
+      with self._context():
+        self.cache = self._make_cache()
     leaves, treedef = jax.tree.flatten(self._batch_axes)
     self._axes_def = (treedef, tuple(leaves))  # Hashable: a static jit argument.
 
