@@ -11,7 +11,7 @@ Two backends, picked by `impl`:
     position (a while loop: its trip count follows the real lengths, not max_len), gathering each
     token's page of that block, with an online softmax in fp32. No buffer depends on max_len.
   * "ragged": TPU's `jax.experimental.pallas.ops.tpu.ragged_paged_attention` (per-sequence kv
-    lengths, pages streamed HBM -> VMEM). Off TPU it runs in Pallas interpret mode (tests).
+    lengths, pages streamed HBM -> VMEM). TPU only (see `ragged`).
 "auto" is "ragged" when compiling for TPU, else "portable".
 """
 
@@ -82,15 +82,27 @@ def portable(q: jax.Array, pool: jax.Array, base: jax.Array, token_pages: jax.Ar
 
 def ragged(q: jax.Array, pool: jax.Array, base: jax.Array, page_indices: jax.Array,
            kv_lens: jax.Array, cu_q_lens: jax.Array, num_seqs: jax.Array) -> jax.Array:
-  """TPU ragged paged attention; page_indices [S, pages_per_seq] are offset by `base`."""
-  from jax.experimental.pallas import tpu as pltpu
+  """TPU ragged paged attention; page_indices [S, pages_per_seq] are offset by `base`.
+
+  TPU only: neither Pallas interpreter runs this kernel in jax 0.10.2 (TPU interpret mode:
+  "'ReshapeTransform' object has no attribute 'indices'"; the HLO interpreter: "'TypedInt' object
+  has no attribute 'shape'"), so off TPU it is checked against its reference
+  (`ref_ragged_paged_attention`, same inputs) and compiled for a TPU topology.
+  """
+  if current_platform() != "tpu":
+    raise NotImplementedError("paged attention impl 'ragged' runs on TPU only (compile for a TPU "
+                              "topology, or use 'portable' / 'auto')")
   from jax.experimental.pallas.ops.tpu.ragged_paged_attention import ragged_paged_attention
 
-  h = q.shape[-1]
-  call = lambda: ragged_paged_attention(  # The pool is read in its own dtype (no copy).
+  blocks = {}
+  if jax.default_backend() != "tpu":
+    # AOT compile for a TPU topology on a CPU host: the kernel's tuned-size table reads the local
+    # device, so size the blocks here: <= 2 MiB of pages per (double-buffered) VMEM buffer.
+    page_bytes = pool.shape[1] * pool.shape[2] * pool.shape[3] * pool.dtype.itemsize
+    blocks = dict(num_kv_pages_per_block=max(1, min(page_indices.shape[1], 128,
+                                                    (2 << 20) // page_bytes)),
+                  num_queries_per_block=min(q.shape[0], 32))
+  out = ragged_paged_attention(  # The pool is read in its own dtype (no copy).
       q, pool, kv_lens, (page_indices + base).astype(jnp.int32), cu_q_lens, num_seqs,
-      sm_scale=h ** -0.5).astype(q.dtype)
-  if current_platform() == "tpu":
-    return call()
-  with pltpu.force_tpu_interpret_mode():  # Off TPU: Pallas interpret mode (tests only).
-    return call()
+      sm_scale=q.shape[-1] ** -0.5, **blocks)
+  return out.astype(q.dtype)
