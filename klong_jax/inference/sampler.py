@@ -192,6 +192,10 @@ class Sampler:
     # routing and logprobs; later loads (load_params) are cast to these dtypes.
     if self.model_cfg is not None:
       self.params = precision.cast_params(self.params, self.model_cfg.dtype)
+    # Committed to their shardings, as `load_params` leaves them: jit keys its cache on
+    # committedness, so uncommitted initial weights made the first swap recompile every step.
+    self.params, self.rest = jax.tree.map(lambda x: jax.device_put(x, x.sharding),
+                                          (self.params, self.rest))
     self._batch_axes = _cache_batch_axes(model, cache_dtype)
     one = jnp.zeros((1, 1), jnp.int32)
     self.vocab_size = int(jax.eval_shape(lambda: model(one, one)[0]).shape[-1])
