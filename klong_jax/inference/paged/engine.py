@@ -28,6 +28,16 @@ from klong_jax.inference.paged.cache import PageAllocator
 from klong_jax.inference.sampler import Sampler
 
 
+def default_num_pages(sampler: Sampler, page_size: int, extra_mb: float = 0.0) -> int:
+  """Pages for `max_batch` full-length requests + `extra_mb` of prefix-cache pages + trash page:
+  the dense Engine's memory (rows + prefix pool) as a page pool."""
+  cfg = sampler.model_cfg
+  page_bytes = (cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim *
+                jnp.dtype(sampler.cache_dtype).itemsize)
+  rows = sampler.max_batch * math.ceil(sampler.max_len / page_size)
+  return rows + int(extra_mb * (1 << 20)) // page_bytes + 1
+
+
 class PagedEngine(Engine):
   """Continuous batching over a shared page pool; same submit/step/generate API as Engine."""
 
