@@ -34,7 +34,7 @@ SERVE_DEFAULTS: dict[str, Any] = dict(
     token_budget=256,  # Paged: tokens per step (decoding rows first, then prefill chunks).
     decode_steps=4,  # Paged: decode iterations per device call (on-device sampling and stops).
     paged_attention="auto",  # Paged: "auto" | "portable" (any backend) | "ragged" (TPU kernel).
-    precompile=True,  # Paged: compile every step shape at start-up, not mid-serving.
+    precompile=True,  # Paged: compile all step shapes at start-up (engine thread), not mid-serving.
     compile_cache_dir="",  # Persistent XLA compile cache directory ("" = off).
     replica_id=0,  # Mixed into the engine's seed sequence (requests without a `seed`).
 )

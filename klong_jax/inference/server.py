@@ -445,8 +445,7 @@ def build(config: Any = None, *, bundle: str | None = None,
         decode_steps=serve.decode_steps, attention_impl=serve.paged_attention)
     log.info("paged KV cache: %d pages of %d tokens (%.0f MiB)", engine.alloc.num_pages,
              serve.prefix_block, engine.pool_bytes / (1 << 20))
-    if serve.precompile:
-      log.info("precompiled %d step shapes", engine.precompile())
+    engine.precompile_on_start = serve.precompile  # In the engine thread, before serving.
   elif serve.prefix_cache_mb > 0:
     from klong_jax.inference.prefix_cache import PrefixCache
     prefix_cache = PrefixCache(sampler, block_size=serve.prefix_block,

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from klong_jax.inference.engine import Engine
+from klong_jax.inference.engine import ContextLengthError, Engine
 from klong_jax.inference.paged.engine import PagedEngine
 from klong_jax.inference.sampler import Sampler, SamplingParams
 
@@ -163,5 +163,7 @@ def test_replica_seeds_differ_and_explicit_seeds_reproduce(paged):
 def test_bad_configs_name_the_fix(paged):
   with pytest.raises(ValueError, match="token_budget"):
     PagedEngine(paged, page_size=8, token_budget=2)
-  with pytest.raises(ValueError, match="kv_pages"):
-    PagedEngine(paged, page_size=8, num_pages=4)
+  small = PagedEngine(paged, page_size=8, num_pages=4)  # 3 pages: 24 positions.
+  with pytest.raises(ContextLengthError, match="kv_pages"):
+    small.submit(list(range(20)), SamplingParams(max_tokens=8))
+  small.submit(list(range(20)), SamplingParams(max_tokens=5))

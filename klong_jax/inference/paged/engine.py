@@ -13,7 +13,9 @@ Sampling is the dense Engine's (same seeds and counters), so tokens match it exa
 
 from __future__ import annotations
 
+import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,11 +23,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from klong_jax.inference.engine import Engine, Request
+from klong_jax.inference.engine import ContextLengthError, Engine, Request
 from klong_jax.inference.paged import model as paged_model
 from klong_jax.inference.paged import scheduler
 from klong_jax.inference.paged.cache import PageAllocator
 from klong_jax.inference.sampler import Sampler
+
+log = logging.getLogger(__name__)
 
 
 def default_num_pages(sampler: Sampler, page_size: int, extra_mb: float = 0.0) -> int:
@@ -56,11 +60,9 @@ class PagedEngine(Engine):
       raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
     self.page_size = page_size
     self.pages_per_seq = math.ceil(max_len / page_size)
+    # The pool need not hold a full max_len row: a request is refused at submit only when its own
+    # prompt + max_tokens needs more pages than the whole pool (check_fits).
     num_pages = num_pages or b * self.pages_per_seq + 1
-    if num_pages - 1 < self.pages_per_seq:
-      raise ValueError(f"num_pages {num_pages} cannot hold one request of max_len {max_len} "
-                       f"({self.pages_per_seq} pages of {page_size} + the trash page): raise "
-                       "serve.kv_pages")
     self.alloc = PageAllocator(num_pages, page_size, prefix_caching=prefix_caching,
                                version=sampler.policy_version)
     self.token_budget, self.decode_steps, self.min_bucket = token_budget, decode_steps, min_bucket
@@ -69,6 +71,9 @@ class PagedEngine(Engine):
     self._reserved = 0  # Pages promised to admitted requests but not yet allocated.
     self._claimed: dict[bytes, int] = {}  # Prompt blocks being prefilled -> claim count.
     self._order: list[Request] = []  # Admitted requests, oldest first (prefill priority).
+    # Compile every step shape in the engine thread before its first step (`start`), so the
+    # server accepts requests at once and none compiles mid-serving.
+    self.precompile_on_start = False
 
   # ---- device pool ---------------------------------------------------------------------------
 
@@ -92,7 +97,6 @@ class PagedEngine(Engine):
     """Compiles every mixed-step token bucket and the decode call now (start-up), by running
     them on all-padding batches (their writes go to the trash page); returns shapes compiled."""
     s = self.sampler
-    empty = scheduler.mixed_batch([], self._settings, s.max_batch, self.pages_per_seq, 1)
     sizes, n = [], self.min_bucket
     while n < self.token_budget:
       sizes.append(n)
@@ -104,12 +108,34 @@ class PagedEngine(Engine):
         out = paged_model.mixed_step(s.graphdef, s.params, s.rest, self.pool, batch,
                                      **self._static())
         self.pool = out[-1]
-      del empty
       out = paged_model.decode_steps(s.graphdef, s.params, s.rest, self.pool,
                                      self._decode_state([]), steps=self.decode_steps,
                                      **self._static())
       self.pool = jax.block_until_ready(out[-1])
     return len(sizes) + 1
+
+  def check_fits(self, prompt_len: int, max_tokens: int | None) -> None:
+    """The context limit, and the pool: a request must fit in the pages it could ever get."""
+    super().check_fits(prompt_len, max_tokens)
+    end = min(prompt_len + (max_tokens if max_tokens is not None else self.sampler.max_len),
+              self.sampler.max_len)
+    need = math.ceil((end - 1) / self.page_size)
+    if need > self.alloc.num_pages - 1:
+      raise ContextLengthError(
+          f"the request needs {need} KV pages of {self.page_size} tokens ({prompt_len} prompt "
+          f"tokens, max_tokens={max_tokens}) but the pool has {self.alloc.num_pages - 1}: lower "
+          "max_tokens or raise serve.kv_pages")
+
+  def _loop(self) -> None:
+    if self.precompile_on_start:
+      self.precompile_on_start = False
+      start = time.monotonic()
+      try:
+        shapes = self.precompile()
+        log.info("precompiled %d step shapes in %.1fs", shapes, time.monotonic() - start)
+      except Exception:  # Serving still works: shapes then compile on first use.
+        log.exception("precompiling the paged engine failed")
+    super()._loop()
 
   # ---- scheduling ----------------------------------------------------------------------------
 
