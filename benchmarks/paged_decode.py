@@ -3,7 +3,8 @@ by today's dense engine, in one run; plus the paged attention compiled for a TPU
 
 Run: `python -m benchmarks.paged_decode [--requests=4] [--prompt=96] [--new=64]`; writes
 benchmarks/results/paged_decode.json. For each engine and max_len: wall time of the decode-heavy
-generation (best of `repeats` after a warm-up pass that compiles every shape) and the compiled
+generation (best of `repeats`, variants interleaved, after a warm-up pass that compiles every
+shape) and the compiled
 decode call's memory (XLA memory_analysis: argument + temp bytes, CPU). The paged pool has the
 same page count at both lengths (pages for the requests' real lengths), so its ratios 8K/1K
 should be ~1; the dense cache is [layers, batch, max_len] and its decode reads every slot.
@@ -36,11 +37,11 @@ from klong_jax.model.transformer import Transformer
 _PRESET = flags.DEFINE_string("preset", "tiny", "model preset")
 _REQUESTS = flags.DEFINE_integer("requests", 4, "concurrent requests (= max_batch)")
 _PROMPT = flags.DEFINE_integer("prompt", 96, "prompt tokens per request")
-_NEW = flags.DEFINE_integer("new", 64, "generated tokens per request")
+_NEW = flags.DEFINE_integer("new", 192, "generated tokens per request")
 _LENS = flags.DEFINE_list("max_lens", ["1024", "8192"], "context lengths compared")
 _PAGE = flags.DEFINE_integer("page", 16, "page size")
 _STEPS = flags.DEFINE_integer("decode_steps", 4, "paged decode steps per device call")
-_REPEATS = flags.DEFINE_integer("repeats", 2, "timed passes (best kept)")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed passes (best kept)")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/paged_decode.json", "result JSON")
 _NOTE = flags.DEFINE_string("note", "", "free text stored with the result (e.g. machine load)")
 
@@ -89,14 +90,10 @@ def _memory(fn: Any, *args: Any, **kwargs: Any) -> dict[str, int]:
           "temp_bytes": int(mem.temp_size_in_bytes)}
 
 
-def run(engine: Engine, prompts: list[list[int]], sp: SamplingParams) -> tuple[float, list]:
-  best, out = float("inf"), None
-  engine.generate(prompts, sp)  # Warm-up: compiles.
-  for _ in range(_REPEATS.value):
-    start = time.perf_counter()
-    out = engine.generate(prompts, sp)
-    best = min(best, time.perf_counter() - start)
-  return best, [c.token_ids for c in out]
+def generate(engine: Engine, prompts: list[list[int]], sp: SamplingParams) -> tuple[float, list]:
+  start = time.perf_counter()
+  out = engine.generate(prompts, sp)
+  return time.perf_counter() - start, [c.token_ids for c in out]
 
 
 def main(argv: list[str]) -> None:
@@ -110,25 +107,35 @@ def main(argv: list[str]) -> None:
   sp = SamplingParams(temperature=0.0, max_tokens=_NEW.value)
   pages = b * -(-(_PROMPT.value + _NEW.value) // page) + 1  # The requests' real lengths.
   rows: dict[str, dict[str, Any]] = {}
-  tokens: dict[str, list] = {}
+  engines: dict[str, Engine] = {}
   for max_len in (int(x) for x in _LENS.value):
     ps = Sampler(model, max_batch=b, max_len=max_len, dense_cache=False)
     paged = PagedEngine(ps, page_size=page, num_pages=pages, decode_steps=_STEPS.value,
                         token_budget=max(256, b))
-    secs, tokens[f"paged_{max_len}"] = run(paged, prompts, sp)
-    state = paged._decode_state([])
-    mem = _memory(paged_model.decode_steps, ps.graphdef, ps.params, ps.rest, paged.pool, state,
-                  steps=_STEPS.value, **paged._static())
-    rows[f"paged_{max_len}"] = {"seconds": secs, "pool_bytes": paged.pool_bytes, **mem}
-    print(f"paged {max_len}: {secs:.3f}s {mem}", flush=True)
+    engines[f"paged_{max_len}"] = paged
+    mem = _memory(paged_model.decode_steps, ps.graphdef, ps.params, ps.rest, paged.pool,
+                  paged._decode_state([]), steps=_STEPS.value, **paged._static())
+    rows[f"paged_{max_len}"] = {"pool_bytes": paged.pool_bytes, **mem}
     ds = Sampler(model, max_batch=b, max_len=max_len, min_prefill_bucket=128)
-    secs, tokens[f"dense_{max_len}"] = run(Engine(ds), prompts, sp)
+    engines[f"dense_{max_len}"] = Engine(ds)
     z = np.zeros(b, np.int32)
     mem = _memory(_decode_step, ds.graphdef, ds.params, ds.rest, ds.cache, z, z,
                   np.zeros(b, np.float32), z, np.ones(b, np.float32), z.astype(np.uint32), z)
     cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(ds.cache))
-    rows[f"dense_{max_len}"] = {"seconds": secs, "cache_bytes": int(cache_bytes), **mem}
-    print(f"dense {max_len}: {secs:.3f}s {mem}", flush=True)
+    rows[f"dense_{max_len}"] = {"cache_bytes": int(cache_bytes), **mem}
+  tokens: dict[str, list] = {}
+  for name, engine in engines.items():  # Warm-up: compiles every shape.
+    _, tokens[name] = generate(engine, prompts, sp)
+  times: dict[str, list[float]] = {name: [] for name in engines}
+  for _ in range(_REPEATS.value):  # Variants interleaved: load drifts hit all alike.
+    for name, engine in engines.items():
+      secs, toks = generate(engine, prompts, sp)
+      times[name].append(round(secs, 4))
+      assert toks == tokens[name]
+  for name in engines:
+    rows[name]["seconds"] = min(times[name])
+    rows[name]["seconds_per_repeat"] = times[name]
+    print(name, rows[name], flush=True)
   first = next(iter(tokens.values()))
   same = all(t == first for t in tokens.values())
   if not same:
@@ -150,6 +157,9 @@ def main(argv: list[str]) -> None:
                    "decode_steps": _STEPS.value, "max_lens": [lo, hi]},
       "same_tokens": same, "runs": rows,
       "paged_time_ratio_hi_lo": ratio("paged", "seconds"),
+      "paged_time_ratio_per_repeat": [round(h / lo_, 3) for h, lo_ in zip(
+          rows[f"paged_{hi}"]["seconds_per_repeat"], rows[f"paged_{lo}"]["seconds_per_repeat"],
+          strict=True)],
       "paged_decode_bytes_ratio_hi_lo": round(
           (rows[f"paged_{hi}"]["argument_bytes"] + rows[f"paged_{hi}"]["temp_bytes"]) /
           (rows[f"paged_{lo}"]["argument_bytes"] + rows[f"paged_{lo}"]["temp_bytes"]), 3),

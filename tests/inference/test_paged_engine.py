@@ -167,3 +167,31 @@ def test_bad_configs_name_the_fix(paged):
   with pytest.raises(ContextLengthError, match="kv_pages"):
     small.submit(list(range(20)), SamplingParams(max_tokens=8))
   small.submit(list(range(20)), SamplingParams(max_tokens=5))
+
+
+def test_server_serves_the_paged_engine(paged, dense, tok, chat_format):
+  """The OpenAI server over a PagedEngine (precompiled in its thread at start): the same greedy
+  tokens as the dense engine, streamed and not."""
+  import openai
+
+  from klong_jax.inference.server import Running, Server
+
+  engine = PagedEngine(paged, tok, stop_token_ids=chat_format.stop_token_ids, **PAGED)
+  engine.precompile_on_start = True
+  running = Running(Server(engine, tok, chat_format, model_name="klong-tiny"))
+  try:
+    client = openai.OpenAI(base_url=running.url + "/v1", api_key="none", max_retries=0)
+    msgs = [{"role": "user", "content": "plan"}]
+    resp = client.chat.completions.create(model="klong-tiny", messages=msgs, temperature=0,
+                                          max_tokens=8)
+    ids = resp.choices[0].model_extra["token_ids"]
+    stream = client.chat.completions.create(model="klong-tiny", messages=msgs, temperature=0,
+                                            max_tokens=8, stream=True)
+    streamed = [t for c in stream if c.choices
+                for t in (c.choices[0].model_extra.get("token_ids") or [])]
+  finally:
+    running.stop()
+  want = Engine(dense, stop_token_ids=chat_format.stop_token_ids).generate(
+      [chat_format.render_prompt(msgs)], SamplingParams(temperature=0, max_tokens=8))[0]
+  assert ids == streamed == want.token_ids
+  assert engine.stats["device_calls_total"] > 0 and engine.precompile_on_start is False
