@@ -110,8 +110,10 @@ def main(argv: list[str]) -> None:
   engines: dict[str, Engine] = {}
   for max_len in (int(x) for x in _LENS.value):
     ps = Sampler(model, max_batch=b, max_len=max_len, dense_cache=False)
+    # No prefix caching: every repeat recomputes its prompts, as the dense engine does.
     paged = PagedEngine(ps, page_size=page, num_pages=pages, decode_steps=_STEPS.value,
-                        token_budget=max(256, b))
+                        token_budget=max(256, b), prefix_caching=False)
+    paged.precompile()  # As the server does at start-up.
     engines[f"paged_{max_len}"] = paged
     mem = _memory(paged_model.decode_steps, ps.graphdef, ps.params, ps.rest, paged.pool,
                   paged._decode_state([]), steps=_STEPS.value, **paged._static())
