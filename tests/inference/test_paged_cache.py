@@ -90,9 +90,9 @@ def _paged_case(rng, seqs, page_size=4, kv=2, heads=4, h=16, layers=2):
 def test_portable_matches_dense_reference_and_the_tpu_kernels_reference():
   rng = np.random.default_rng(0)
   c = _paged_case(rng, [(13, 1), (9, 5), (4, 4)])  # Decode, a chunk, a whole prompt.
-  got = paged_attention.portable(jnp.asarray(c["q"]), jnp.asarray(c["pool"]),
-                                 jnp.int32(c["num_pages"]), jnp.asarray(c["table"])[c["seq"]],
-                                 jnp.asarray(c["pos"]), jnp.asarray(c["valid"]))
+  got = jax.jit(paged_attention.portable)(
+      jnp.asarray(c["q"]), jnp.asarray(c["pool"]), jnp.int32(c["num_pages"]),
+      jnp.asarray(c["table"])[c["seq"]], jnp.asarray(c["pos"]), jnp.asarray(c["valid"]))
   got = np.asarray(got)
   n = int(c["valid"].sum())
   for s in range(3):  # Dense reference: each sequence's queries over its own cache row.
@@ -118,8 +118,9 @@ def test_portable_reads_only_blocks_up_to_the_longest_position():
   table = np.concatenate([c["table"], np.full((2, 6), spare, np.int32)], axis=1)  # Past the end.
   pool[c["num_pages"] + spare] = np.nan
   args = (jnp.asarray(c["q"]), jnp.int32(c["num_pages"]))
-  got = paged_attention.portable(args[0], jnp.asarray(pool), args[1], jnp.asarray(table)[c["seq"]],
-                                 jnp.asarray(c["pos"]), jnp.asarray(c["valid"]))
+  got = jax.jit(paged_attention.portable)(args[0], jnp.asarray(pool), args[1],
+                                          jnp.asarray(table)[c["seq"]], jnp.asarray(c["pos"]),
+                                          jnp.asarray(c["valid"]))
   assert np.all(np.isfinite(np.asarray(got)))
 
 

@@ -43,6 +43,7 @@ def assert_no_leak(engine):
   assert engine.alloc.available == engine.alloc.num_pages - 1
 
 
+@pytest.mark.slow  # Compiles both engines' shapes (later tests reuse them).
 def test_greedy_and_seeded_sampling_match_dense(dense, paged):
   """The 25-token prompt is prefilled in two chunks (budget 16 minus decoding rows)."""
   for sp in (SamplingParams(temperature=0.0, max_tokens=12, top_logprobs=3, return_routing=True),
@@ -169,6 +170,7 @@ def test_bad_configs_name_the_fix(paged):
   small.submit(list(range(20)), SamplingParams(max_tokens=5))
 
 
+@pytest.mark.slow
 def test_server_serves_the_paged_engine(paged, dense, tok, chat_format):
   """The OpenAI server over a PagedEngine (precompiled in its thread at start): the same greedy
   tokens as the dense engine, streamed and not."""
