@@ -87,6 +87,7 @@ def _paged_case(rng, seqs, page_size=4, kv=2, heads=4, h=16, layers=2):
               kv_lens=np.asarray([n for n, _ in seqs], np.int32))
 
 
+@pytest.mark.slow  # The kernel reference runs op by op (eager).
 def test_portable_matches_dense_reference_and_the_tpu_kernels_reference():
   rng = np.random.default_rng(0)
   c = _paged_case(rng, [(13, 1), (9, 5), (4, 4)])  # Decode, a chunk, a whole prompt.
