@@ -42,6 +42,7 @@ _LENS = flags.DEFINE_list("max_lens", ["1024", "8192"], "context lengths compare
 _PAGE = flags.DEFINE_integer("page", 16, "page size")
 _STEPS = flags.DEFINE_integer("decode_steps", 4, "paged decode steps per device call")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "timed passes (best kept)")
+_TPU = flags.DEFINE_bool("tpu", True, "also compile for a TPU topology (needs libtpu)")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/paged_decode.json", "result JSON")
 _NOTE = flags.DEFINE_string("note", "", "free text stored with the result (e.g. machine load)")
 
@@ -212,11 +213,13 @@ def main(argv: list[str]) -> None:
           (rows[f"dense_{lo}"]["argument_bytes"] + rows[f"dense_{lo}"]["temp_bytes"]), 3),
   }
   try:
+    if not _TPU.value:
+      raise ImportError("--notpu")
     import libtpu  # noqa: F401
     result["tpu_ragged_attention"] = [tpu_compile_attention(n) for n in (lo, hi)]
     result["tpu_paged_decode_call"] = [tpu_compile_decode(n) for n in (lo, hi)]
-  except ImportError:
-    result["tpu_ragged_attention"] = result["tpu_paged_decode_call"] = "libtpu not installed"
+  except ImportError as e:
+    result["tpu_ragged_attention"] = result["tpu_paged_decode_call"] = f"skipped: {e}"
   result["summary"] = [
       {"metric": f"paged decode wall time, max_len {hi}", "value": rows[f"paged_{hi}"]["seconds"],
        "unit": "s", "baseline": f"paged, max_len {lo}",
