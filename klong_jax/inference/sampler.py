@@ -194,8 +194,9 @@ class Sampler:
       self.params = precision.cast_params(self.params, self.model_cfg.dtype)
     # Committed to their shardings, as `load_params` leaves them: jit keys its cache on
     # committedness, so uncommitted initial weights made the first swap recompile every step.
-    self.params, self.rest = jax.tree.map(lambda x: jax.device_put(x, x.sharding),
-                                          (self.params, self.rest))
+    self.params, self.rest = jax.tree.map(
+        lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x,
+        (self.params, self.rest))
     self._batch_axes = _cache_batch_axes(model, cache_dtype)
     one = jnp.zeros((1, 1), jnp.int32)
     self.vocab_size = int(jax.eval_shape(lambda: model(one, one)[0]).shape[-1])
