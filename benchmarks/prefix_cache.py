@@ -1,5 +1,7 @@
 """Prefix caching on a multi-turn agent workload: prefill tokens computed and wall time, with and
-without KV reuse, in the same run on the same sampler.
+without KV reuse, in the same run on the same sampler, and the paged engine (shared prefix pages,
+chunked prefill, multi-step decode; inference/paged/) on the same weights with the same memory
+(pages for max_batch full rows + the prefix budget).
 
 Run: `python -m benchmarks.prefix_cache [--turns=48] [--group=4]`; writes
 benchmarks/results/prefix_cache.json. The workload is what a rollout group sends the server: a
@@ -28,6 +30,7 @@ from flax import nnx
 from benchmarks import _results
 from klong_jax.data.context import ContextPolicy
 from klong_jax.inference.engine import Engine
+from klong_jax.inference.paged.engine import PagedEngine, default_num_pages
 from klong_jax.inference.prefix_cache import PrefixCache
 from klong_jax.inference.sampler import Sampler, SamplingParams
 from klong_jax.model.config import get_preset
@@ -43,6 +46,7 @@ _MAX_LEN = flags.DEFINE_integer("max_len", 1024, "context = KV-cache slots per r
 _OVERLAP = flags.DEFINE_integer("overlap", 96, "context-policy overlap")
 _BLOCK = flags.DEFINE_integer("block", 16, "prefix-cache block tokens")
 _BUDGET_MB = flags.DEFINE_float("budget_mb", 64.0, "prefix-cache KV budget")
+_STEPS = flags.DEFINE_integer("decode_steps", 4, "paged engine: decode steps per device call")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "timed passes per variant (best is kept)")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/prefix_cache.json", "result JSON")
 _NOTE = flags.DEFINE_string("note", "", "free text stored with the result (e.g. machine load)")
@@ -98,7 +102,12 @@ def main(argv: list[str]) -> None:
   policy.check_prefix(_PREFIX.value)
   cache = PrefixCache(sampler, block_size=_BLOCK.value,
                       max_bytes=int(_BUDGET_MB.value * (1 << 20)))
-  engines = {"uncached": Engine(sampler), "cached": Engine(sampler, prefix_cache=cache)}
+  paged_sampler = Sampler(model, max_batch=_GROUP.value, max_len=_MAX_LEN.value,
+                          dense_cache=False)
+  paged = PagedEngine(paged_sampler, page_size=_BLOCK.value, decode_steps=_STEPS.value,
+                      num_pages=default_num_pages(paged_sampler, _BLOCK.value, _BUDGET_MB.value))
+  engines = {"uncached": Engine(sampler), "cached": Engine(sampler, prefix_cache=cache),
+             "paged": paged}
   args = (policy, _TURNS.value, _GROUP.value, _PREFIX.value, _TOOL.value, _REPLY.value,
           cfg.vocab_size)
   runs: dict[str, list[dict[str, Any]]] = {k: [] for k in engines}
@@ -107,15 +116,16 @@ def main(argv: list[str]) -> None:
   for _ in range(_REPEATS.value):
     for name, engine in engines.items():
       cache.clear(sampler.policy_version)  # Each cached pass starts cold, like a new group.
+      paged.alloc.clear(paged_sampler.policy_version)
       runs[name].append(run_group(engine, *args))
       print(f"{name}: {runs[name][-1]['seconds']:.2f}s, prefill "
             f"{runs[name][-1]['prefill_tokens']} of {runs[name][-1]['prompt_tokens']} prompt "
             "tokens", flush=True)
-  same = all(a["replies"] == b["replies"] for a, b in zip(runs["cached"], runs["uncached"],
-                                                          strict=True))
+  same = all(a["replies"] == b["replies"] == c["replies"] for a, b, c in zip(
+      runs["cached"], runs["uncached"], runs["paged"], strict=True))
   if not same:
-    raise SystemExit("cached and uncached engines sampled different tokens: prefix caching is "
-                     "wrong (run tests/inference/test_prefix_cache.py)")
+    raise SystemExit("cached, uncached and paged engines sampled different tokens (run "
+                     "tests/inference/test_prefix_cache.py and test_paged_engine.py)")
   best = {k: min(v, key=lambda r: r["seconds"]) for k, v in runs.items()}
   result = {
       "device": jax.devices()[0].device_kind, "platform": jax.default_backend(),
@@ -128,12 +138,18 @@ def main(argv: list[str]) -> None:
                    "reply_tokens": _REPLY.value, "max_len": _MAX_LEN.value,
                    "overlap": _OVERLAP.value, "requests": _TURNS.value * _GROUP.value,
                    "block": _BLOCK.value, "budget_mb": _BUDGET_MB.value,
-                   "cache_blocks": cache.num_blocks},
+                   "cache_blocks": cache.num_blocks, "paged_pages": paged.alloc.num_pages,
+                   "paged_decode_steps": _STEPS.value},
       "same_tokens": same,
       **{k: {f: v for f, v in r.items() if f != "replies"} for k, r in best.items()},
       "prefill_tokens_ratio": best["uncached"]["prefill_tokens"] /
                               max(1, best["cached"]["prefill_tokens"]),
       "wall_speedup": best["uncached"]["seconds"] / best["cached"]["seconds"],
+      "paged_wall_speedup_vs_cached": best["cached"]["seconds"] / best["paged"]["seconds"],
+      "paged_wall_speedup_vs_uncached": best["uncached"]["seconds"] / best["paged"]["seconds"],
+      "paged_wall_speedup_vs_cached_per_repeat": [
+          round(c["seconds"] / p["seconds"], 3) for c, p in zip(runs["cached"], runs["paged"],
+                                                                strict=True)],
       # Paired ratios (the two variants of one repeat ran back to back): the spread shows how
       # much the machine's load moved the wall times.
       "wall_speedup_per_repeat": [round(u["seconds"] / c["seconds"], 3) for u, c in
@@ -144,8 +160,12 @@ def main(argv: list[str]) -> None:
       {"metric": "prefill tokens computed, prefix cache", "value": c["prefill_tokens"],
        "unit": "tok", "baseline": "no prefix cache", "baseline_value": u["prefill_tokens"]},
       {"metric": "multi-turn group wall time, prefix cache", "value": round(c["seconds"], 3),
-       "unit": "s", "baseline": "no prefix cache", "baseline_value": round(u["seconds"], 3)}]
-  print(json.dumps({k: result[k] for k in ("prefill_tokens_ratio", "wall_speedup")}), flush=True)
+       "unit": "s", "baseline": "no prefix cache", "baseline_value": round(u["seconds"], 3)},
+      {"metric": "multi-turn group wall time, paged engine", "unit": "s",
+       "value": round(best["paged"]["seconds"], 3), "baseline": "dense engine + prefix cache",
+       "baseline_value": round(c["seconds"], 3)}]
+  print(json.dumps({k: result[k] for k in ("prefill_tokens_ratio", "wall_speedup",
+                                           "paged_wall_speedup_vs_cached")}), flush=True)
   _results.write_json(_OUT.value, result)
 
 

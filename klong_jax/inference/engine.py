@@ -84,6 +84,7 @@ class Request:
     self.matcher = StopMatcher(params.stop)
     self.row = -1
     self.cached_tokens = 0
+    self.pages: list[int] | None = None  # Paged engine: page table while admitted.
     self.cancelled = False
     self.submitted = time.monotonic()
     self.completion: Completion | None = None
@@ -105,12 +106,14 @@ class Engine:
 
   def __init__(self, sampler: Sampler, tokenizer: Any = None, *, schedule: str = "continuous",
                stop_token_ids: Sequence[int] = (), seed: int = 0,
-               prefix_cache: PrefixCache | None = None):
+               prefix_cache: PrefixCache | None = None, replica_id: int | None = None):
     if schedule not in SCHEDULES:
       raise ValueError(f"schedule {schedule!r} not in {SCHEDULES}")
     self.sampler, self.tokenizer, self.schedule = sampler, tokenizer, schedule
     self.default_stop_ids = frozenset(int(t) for t in stop_token_ids)
-    self._rng = np.random.default_rng(seed)
+    # Seeds of requests without one: a per-replica sequence (replica_id mixed in), so replicas
+    # sharing a config do not sample alike; an explicit request seed still reproduces exactly.
+    self._rng = np.random.default_rng(seed if replica_id is None else (seed, int(replica_id)))
     self._ids = itertools.count()
     self._lock = threading.Condition()
     self._waiting: collections.deque[Request] = collections.deque()

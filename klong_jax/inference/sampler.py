@@ -169,7 +169,8 @@ class Sampler:
 
   def __init__(self, model: nnx.Module, *, max_batch: int, max_len: int, mesh: Any = None,
                rules: Any = None, cache_dtype: Any = jnp.float32, policy_version: int = 0,
-               min_prefill_bucket: int = 16, min_prefill_rows: int = 1):
+               min_prefill_bucket: int = 16, min_prefill_rows: int = 1,
+               dense_cache: bool = True):
     if max_batch < 1 or max_len < 2:
       raise ValueError(f"max_batch must be >= 1 and max_len >= 2, got {max_batch}, {max_len}")
     self.max_batch, self.max_len = max_batch, max_len
@@ -191,11 +192,20 @@ class Sampler:
     # routing and logprobs; later loads (load_params) are cast to these dtypes.
     if self.model_cfg is not None:
       self.params = precision.cast_params(self.params, self.model_cfg.dtype)
+    # Committed to their shardings, as `load_params` leaves them: jit keys its cache on
+    # committedness, so uncommitted initial weights made the first swap recompile every step.
+    self.params, self.rest = jax.tree.map(
+        lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x,
+        (self.params, self.rest))
     self._batch_axes = _cache_batch_axes(model, cache_dtype)
     one = jnp.zeros((1, 1), jnp.int32)
     self.vocab_size = int(jax.eval_shape(lambda: model(one, one)[0]).shape[-1])
-    with self._context():
-      self.cache = self._make_cache()
+    # dense_cache=False: no [L, max_batch, max_len] cache (the paged engine keeps its own pool;
+    # prefill/decode here then cannot run).
+    self.cache = None
+    if dense_cache:
+      with self._context():
+        self.cache = self._make_cache()
     leaves, treedef = jax.tree.flatten(self._batch_axes)
     self._axes_def = (treedef, tuple(leaves))  # Hashable: a static jit argument.
 

@@ -28,7 +28,15 @@ SERVE_DEFAULTS: dict[str, Any] = dict(
     tokenizer_cache="/tmp/klong_tokenizer",
     tool_parser="",  # Tool-call/reasoning parser: klong|glm45|qwen3; "" = from the tokenizer dir.
     prefix_cache_mb=64,  # KV of prompts' leading blocks, reused by later prompts (0 = off).
-    prefix_block=16,  # Tokens per cached block (a prompt reuses whole blocks only).
+    prefix_block=16,  # Tokens per cached block (prompts reuse whole blocks); paged: page size.
+    engine="paged",  # "paged" (page pool, chunked prefill, k decode steps/call) | "dense" (ref).
+    kv_pages=0,  # Paged: pool pages; 0 = max_batch full-length rows + prefix_cache_mb of pages.
+    token_budget=256,  # Paged: tokens per step (decoding rows first, then prefill chunks).
+    decode_steps=4,  # Paged: decode iterations per device call (on-device sampling and stops).
+    paged_attention="auto",  # Paged: "auto" | "portable" (any backend) | "ragged" (TPU kernel).
+    precompile=True,  # Paged: compile all step shapes at start-up (engine thread), not mid-serving.
+    compile_cache_dir="",  # Persistent XLA compile cache directory ("" = off).
+    replica_id=0,  # Mixed into the engine's seed sequence (requests without a `seed`).
 )
 
 

@@ -422,25 +422,44 @@ def build(config: Any = None, *, bundle: str | None = None,
   family = serve.tool_parser or tool_parsers.family_for(tok_path)
   parser = tool_parsers.get_parser(family, chat_format=chat)
   log.info("tool-call parser: %s%s", family, "" if serve.tool_parser else " (detected)")
+  if serve.compile_cache_dir:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", serve.compile_cache_dir)
   mesh = make_mesh(mesh_cfg)
   log.info("building %s on mesh %s", name, dict(mesh.shape))
   # The config's rules (serve configs: parallel/rules.SERVING_RULES, no per-step weight gathers).
   rules = resolve_rules(config.get("rules") if config is not None else None)
   model = create_sharded_model(cfg, mesh, seed=serve.seed, rules=rules)
+  if serve.engine not in ("paged", "dense"):
+    raise ValueError(f"serve.engine {serve.engine!r} not in ('paged', 'dense')")
   sampler = Sampler(model, max_batch=serve.max_batch, max_len=serve.max_len, mesh=mesh,
                     rules=rules, cache_dtype=jnp.dtype(serve.cache_dtype),
                     min_prefill_bucket=serve.min_prefill_bucket,
-                    min_prefill_rows=serve.min_prefill_rows)
+                    min_prefill_rows=serve.min_prefill_rows,
+                    dense_cache=serve.engine == "dense")
   del model  # The sampler holds the weights: the policy load below then frees them first.
   prefix_cache = None
-  if serve.prefix_cache_mb > 0:
+  if serve.engine == "paged":
+    from klong_jax.inference.paged.engine import PagedEngine, default_num_pages
+    engine = PagedEngine(
+        sampler, tok, schedule=serve.schedule, stop_token_ids=chat.stop_token_ids,
+        replica_id=serve.replica_id, page_size=serve.prefix_block,
+        num_pages=serve.kv_pages or default_num_pages(sampler, serve.prefix_block,
+                                                      serve.prefix_cache_mb),
+        prefix_caching=serve.prefix_cache_mb > 0, token_budget=serve.token_budget,
+        decode_steps=serve.decode_steps, attention_impl=serve.paged_attention)
+    log.info("paged KV cache: %d pages of %d tokens (%.0f MiB)", engine.alloc.num_pages,
+             serve.prefix_block, engine.pool_bytes / (1 << 20))
+    engine.precompile_on_start = serve.precompile  # In the engine thread, before serving.
+  elif serve.prefix_cache_mb > 0:
     from klong_jax.inference.prefix_cache import PrefixCache
     prefix_cache = PrefixCache(sampler, block_size=serve.prefix_block,
                                max_bytes=int(serve.prefix_cache_mb * (1 << 20)))
     log.info("prefix cache: %d blocks of %d tokens (%.0f MiB)", prefix_cache.num_blocks,
              serve.prefix_block, serve.prefix_cache_mb)
-  engine = Engine(sampler, tok, schedule=serve.schedule, stop_token_ids=chat.stop_token_ids,
-                  prefix_cache=prefix_cache)
+  if serve.engine == "dense":
+    engine = Engine(sampler, tok, schedule=serve.schedule, stop_token_ids=chat.stop_token_ids,
+                    prefix_cache=prefix_cache, replica_id=serve.replica_id)
   watcher = None
   if root:
     watcher = reload.PolicyWatcher(engine, root, serve.reload_interval_s)
