@@ -108,7 +108,7 @@ def _traj(key, task, reward, version=0, stage=0, cost=None):
   from tests.rl.fakes import make_trajectory  # noqa: PLC0415
   t = make_trajectory(key, task + "-g", reward, version=version, stage=stage)
   t.task_id = task
-  t.timings = {} if cost is None else {"agent_s": cost}
+  t.timings = {} if cost is None else {"agent_s": cost, "token_clock_s": cost}  # both clocks
   return t
 
 
@@ -164,7 +164,7 @@ def test_budget_matching_nominal_and_measured(tmp_path):
   assert n == round(20 / per) and how.startswith("measured")  # 800 consumed / 40 = 20 rollouts
   fixed = ablation.arm_config(base, "rl_fixed", 0, fixed_steps=3)
   assert fixed.rl.args.steps == 3 and ablation.stage_limits(fixed) == limits[-1:]
-  assert ablation.rep_lib.rl_budget(str(rl), "tokens")["missing_cost"] == 33  # not recorded
+  assert ablation.rep_lib.rl_budget(str(rl), "other")["missing_cost"] == 33  # not recorded
 
 
 def test_stage_end_versions(tmp_path):
@@ -221,4 +221,4 @@ def test_write_report_pairs_arms_per_family_and_plots_by_step(tmp_path):
   md = (out / "ablation.md").read_text()
   assert "held-out tasks (heldout)" in md and "RL tasks (rl)" in md
   assert "split SFT + progressive RL, after stage0" in md and "paired diff" in md
-  assert "RL rollout budget in the `wall` clock" in md and "s1: 30 over 6 rollouts" in md
+  assert "RL rollout budget in the `tokens` clock" in md and "s1: 30 over 6 rollouts" in md
