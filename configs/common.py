@@ -19,8 +19,8 @@ __all__ = ["base_config", "curriculum_config", "mesh_config", "model_config", "o
            "parse_arg", "preset_config", "preset_name"]
 
 # ModelConfig fields that are run-time switches, not shapes (a preset is matched on the rest).
-SWITCHES = ("moe_impl", "moe_block_size", "capacity_factor", "lb_loss_coef", "z_loss_coef",
-            "scan_layers", "remat_policy", "dtype", "param_dtype", "init_std")
+SWITCHES = ("moe_impl", "moe_block_size", "moe_token_chunk", "capacity_factor", "lb_loss_coef",
+            "z_loss_coef", "scan_layers", "remat_policy", "dtype", "param_dtype", "init_std")
 
 
 def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:

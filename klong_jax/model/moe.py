@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from klong_jax.model import moe_a2a, moe_dispatch, moe_router
+from klong_jax.model import moe_a2a, moe_chunk, moe_dispatch, moe_router
 from klong_jax.model.config import ModelConfig
 from klong_jax.model.layers import MLP, constrain, dtype_of, mesh_axes, param
 
@@ -200,11 +200,23 @@ class MoE(nnx.Module):
     idx, w, aux = self.route(flat, None if replay is None else replay.reshape(b * t, k), flat_mask)
     aux["moe_routing"] = idx.reshape(b, t, k)
     dt = self.dtype
-    y, aux["moe_drop_rate"] = routed_experts(
-        flat, idx, w, self.gate_edf[...].astype(dt), self.up_edf[...].astype(dt),
-        self.down_efd[...].astype(dt), self.cfg.moe_impl, self.cfg.moe_block_size,
-        self.cfg.capacity_factor, self.cfg.moe_dispatch, flat_mask)
-    y = y.reshape(b, t, d)
+    cfg = self.cfg
+    weights = (self.gate_edf[...].astype(dt), self.up_edf[...].astype(dt),
+               self.down_efd[...].astype(dt))
+
+    def routed(x, idx, w, mask):
+      return routed_experts(x, idx, w, *weights, cfg.moe_impl, cfg.moe_block_size,
+                            cfg.capacity_factor, cfg.moe_dispatch, mask)
+
+    if cfg.moe_token_chunk and cfg.moe_token_chunk < t:
+      # Dropless only (config check): the routed output is per token, the drop rate 0.
+      real = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+      y = moe_chunk.chunked_routed(routed, cfg.moe_token_chunk, x, idx.reshape(b, t, k),
+                                   w.reshape(b, t, k), real)
+      aux["moe_drop_rate"] = jnp.zeros((), jnp.float32)
+    else:
+      y, aux["moe_drop_rate"] = routed(flat, idx, w, flat_mask)
+      y = y.reshape(b, t, d)
     if self.cfg.num_shared_experts:
       y = y + self.shared(x)
     return constrain(y, ("act_batch", "act_seq", "act_embed")), aux
