@@ -30,7 +30,7 @@ RoutedFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Arra
 def chunked_routed(fn: RoutedFn, chunk: int, x: jax.Array, idx: jax.Array, w: jax.Array,
                    mask: jax.Array) -> jax.Array:
   """Routed output [B,T,D] of x [B,T,D] (ids / weights [B,T,k], real-token mask [B,T]) computed
-  `chunk` tokens of every row at a time. A sequence that `chunk` does not divide is padded at
+  `chunk` tokens of every row at a time (strided chunks, see `split`). A sequence that `chunk` does not divide is padded at
   the end (padding tokens masked out, their rows dropped from the result)."""
   b, t, d = x.shape
   k = idx.shape[-1]
@@ -45,17 +45,19 @@ def chunked_routed(fn: RoutedFn, chunk: int, x: jax.Array, idx: jax.Array, w: ja
   count = (t + pad) // chunk
 
   def split(a: jax.Array) -> jax.Array:
-    """[B, T, ...] -> [count, B, chunk, ...], rows still sharded over the batch axes."""
-    a = jnp.moveaxis(a.reshape(b, count, chunk, *a.shape[2:]), 1, 0)
-    return constrain(a, (None, "act_batch") + (None,) * (a.ndim - 2))
+    """[B, T, ...] -> [count, B, chunk, ...]: chunk i holds tokens i, i + count, ... of each row
+    (strided, so a sequence sharded over `act_seq` stays sharded within every chunk; the
+    dropless output is per token, so any partition of the tokens gives the same result)."""
+    a = jnp.moveaxis(a.reshape(b, chunk, count, *a.shape[2:]), 2, 0)
+    return constrain(a, (None, "act_batch", "act_seq") + (None,) * (a.ndim - 3))
 
   @jax.checkpoint
   def body(carry: None, xs: tuple[jax.Array, ...]) -> tuple[None, jax.Array]:
     xc, ic, wc, mc = xs
     y, _ = fn(xc.reshape(b * chunk, d), ic.reshape(b * chunk, k), wc.reshape(b * chunk, k),
               mc.reshape(b * chunk))
-    return carry, constrain(y.reshape(b, chunk, d), ("act_batch", None, None))
+    return carry, constrain(y.reshape(b, chunk, d), ("act_batch", "act_seq", None))
 
   _, ys = jax.lax.scan(body, None, (split(x), split(idx), split(w), split(mask)))
-  y = jnp.moveaxis(ys, 0, 1).reshape(b, t + pad, d)
+  y = jnp.moveaxis(ys, 0, 2).reshape(b, t + pad, d)
   return y[:, :t] if pad else y
