@@ -95,7 +95,9 @@ def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu
     return y, dropped / total
   exp_axes = mesh_axes("expert")
   mlp_axes = mesh_axes("expert_mlp")
-  tok_axes = mesh_axes("act_batch")
+  # Tokens [N] = rows x sequence flattened: sharded over the batch axes, then (context
+  # parallelism) the sequence axes.
+  tok_axes = mesh_axes("act_batch") + mesh_axes("act_seq")
   n = x.shape[0]
   if num_experts % _axes_size(exp_axes):
     raise ValueError(f"num_experts={num_experts} is not divisible by the expert mesh axes "

@@ -30,8 +30,8 @@ RoutedFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], tuple[jax.Arra
 def chunked_routed(fn: RoutedFn, chunk: int, x: jax.Array, idx: jax.Array, w: jax.Array,
                    mask: jax.Array) -> jax.Array:
   """Routed output [B,T,D] of x [B,T,D] (ids / weights [B,T,k], real-token mask [B,T]) computed
-  `chunk` tokens of every row at a time (strided chunks, see `split`). A sequence that `chunk` does not divide is padded at
-  the end (padding tokens masked out, their rows dropped from the result)."""
+  `chunk` tokens of every row at a time (strided chunks, see `split`). A sequence that `chunk`
+  does not divide is padded at the end (padding tokens masked out, their rows dropped)."""
   b, t, d = x.shape
   k = idx.shape[-1]
   if chunk <= 0:
