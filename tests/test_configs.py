@@ -43,7 +43,7 @@ def test_pod_configs_load_and_fit_the_mesh(kind, tpu_type, fsdp, args):
   assert from_config_dict(c.model) == get_preset("glm45_air").replace(remat_policy="full")
   trainer_slice = tpu.parse_slice(tpu_type)
   mesh = tpu.resolve_mesh(c.mesh, trainer_slice.chips)
-  assert mesh == {"data": 1, "fsdp": fsdp, "expert": 8, "tensor": 1}
+  assert mesh == {"data": 1, "fsdp": fsdp, "expert": 8, "tensor": 1, "context": 1}
   rules_lib.check_divisible(c.model, mesh, tuple(c.rules or rules_lib.LOGICAL_RULES))
   assert "start-up checks passed" in tpu.validate(c, trainer_slice, mesh)  # batch vs batch axes
   assert c.data.max_len == c.data.row_len == 32768 and c.optim.compute_dtype == "bfloat16"
@@ -61,7 +61,8 @@ def test_pod_rl_config_is_the_launcher_default_and_renders(tmp_path):
                         "gs://bkt/runs/r1",
                         tpu="v5p-256", server_tpu="v5p-8", servers=2,
                         server_arg="max_batch=64,max_len=32768", fleet=4, image="img:1")
-  assert plan.mesh == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1} and not plan.notes
+  assert plan.mesh == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1,
+                       "context": 1} and not plan.notes
   worker = plan.fleet[-1]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
   assert "--context_tokens=32768" in worker and "--context_overlap=2048" in worker
   r = subprocess.run(

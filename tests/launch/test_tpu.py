@@ -40,7 +40,7 @@ def test_parse_slice_rejects(bad):
 
 def test_glm_on_v5p_256_plan():
   plan = _plan()
-  assert plan.mesh == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1}
+  assert plan.mesh == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1, "context": 1}
   assert plan.trainer_slice.hosts == 32
   # One process per host, each with the env contract maybe_initialize_distributed reads.
   envs = [plan.host_env(h) for h in range(32)]
