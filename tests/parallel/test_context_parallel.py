@@ -65,6 +65,7 @@ def test_context_parallel_equals_unsharded(sizes, kv_heads):
     np.testing.assert_allclose(g, w, atol=3e-5)
 
 
+@pytest.mark.slow
 def test_sequence_is_sharded_over_context():
   """The residual stream really is split over `context` (the test above can fail for CP that
   silently replicates): the lowered step constrains [B, T, D] activations to it."""
