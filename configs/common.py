@@ -19,8 +19,8 @@ __all__ = ["base_config", "curriculum_config", "mesh_config", "model_config", "o
            "parse_arg", "preset_config", "preset_name"]
 
 # ModelConfig fields that are run-time switches, not shapes (a preset is matched on the rest).
-SWITCHES = ("moe_impl", "moe_block_size", "capacity_factor", "lb_loss_coef", "z_loss_coef",
-            "scan_layers", "remat_policy", "dtype", "param_dtype", "init_std")
+SWITCHES = ("moe_impl", "moe_block_size", "moe_token_chunk", "capacity_factor", "lb_loss_coef",
+            "z_loss_coef", "scan_layers", "remat_policy", "dtype", "param_dtype", "init_std")
 
 
 def model_config(preset: str, **overrides: Any) -> ml_collections.ConfigDict:
@@ -42,10 +42,12 @@ def preset_name(model: Any) -> str:
                    "built from a preset name")
 
 
-def mesh_config(data: int = 1, fsdp: int = -1, expert: int = 1,
-                tensor: int = 1) -> ml_collections.ConfigDict:
-  """The `mesh` section: axis sizes; -1 fills the remaining devices."""
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, expert=expert, tensor=tensor))
+def mesh_config(data: int = 1, fsdp: int = -1, expert: int = 1, tensor: int = 1,
+                context: int = 1) -> ml_collections.ConfigDict:
+  """The `mesh` section: axis sizes; -1 fills the remaining devices. `context` > 1 shards each
+  row's sequence over that many chips (context parallelism, parallel/rules.py `act_seq`)."""
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, expert=expert, tensor=tensor,
+                                        context=context))
 
 
 def base_config(preset: str, **mesh: int) -> ml_collections.ConfigDict:
@@ -59,11 +61,15 @@ def base_config(preset: str, **mesh: int) -> ml_collections.ConfigDict:
   return config
 
 
-def preset_config(preset: str, arg: str | None, **mesh: int) -> ml_collections.ConfigDict:
+def preset_config(preset: str, arg: str | None, moe_chunk: int = 0,
+                  **mesh: int) -> ml_collections.ConfigDict:
   """A model preset's ConfigDict with the run-time switches of its arg string applied:
-  `scan=0|1`, `remat=none|full|save_dots|offload`, `dtype=bfloat16`, `moe_impl=auto|...`."""
-  args = parse_arg(arg, scan=True, remat="none", dtype="", moe_impl="auto")
-  config = base_config(preset, **mesh)
+  `scan=0|1`, `remat=none|full|save_dots|offload`, `dtype=bfloat16`, `moe_impl=auto|...`,
+  `moe_chunk=N` (model.moe_token_chunk; default `moe_chunk`), `context=N` (mesh.context)."""
+  args = parse_arg(arg, scan=True, remat="none", dtype="", moe_impl="auto", moe_chunk=moe_chunk,
+                   context=mesh.pop("context", 1))
+  config = base_config(preset, context=args.context, **mesh)
+  config.model.moe_token_chunk = args.moe_chunk
   config.model.scan_layers = args.scan
   config.model.remat_policy = args.remat
   config.model.moe_impl = args.moe_impl

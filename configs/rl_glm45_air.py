@@ -23,7 +23,9 @@ Arg string (comma-separated key=value, all optional): `steps=200`, `batch=512`
 (global packed rows per element; a multiple of rl.minibatches x data x fsdp x expert),
 `seq_len=32768` (chunk = the workers' context), `groups=8` (groups per step), `stage_steps=50`,
 `limits=3600:7200:14400:21600` (stage time limits, seconds: KLong's growing rollout budgets),
-`remat=full|save_dots|none`. Sections: model + mesh (glm45_air preset), rules, data, rl,
+`remat=full|save_dots|none`, `moe_chunk=4096` (model.moe_token_chunk: MoE over each row in
+chunks of this many tokens; 0 = off), `context=1` (mesh.context: chips per row's sequence; v6e
+needs 2 at 32K, docs/performance.md). Sections: model + mesh (glm45_air preset), rules, data, rl,
 curriculum, optim, train, checkpoint, workers (the fleet's episode budget); the same structure as
 configs/rl_tiny.py.
 """
@@ -36,8 +38,13 @@ from configs import common
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The pod progressive-RL experiment; see the module docstring for the arg string."""
   args = common.parse_arg(arg, steps=200, batch=512, seq_len=32768, groups=8, stage_steps=50,
-                          limits="3600:7200:14400:21600", remat="full")
-  config = common.preset_config("glm45_air", f"remat={args.remat}", fsdp=-1, expert=8)
+                          limits="3600:7200:14400:21600", remat="full", moe_chunk=4096,
+                          context=1)
+  # MoE in 4096-token chunks per row (one chunk's working set); context > 1: each row's
+  # sequence over that many chips.
+  config = common.preset_config(
+      "glm45_air", f"remat={args.remat},moe_chunk={args.moe_chunk},context={args.context}",
+      fsdp=-1, expert=8)
   config.seed = 0
   config.rules = ()                  # () = parallel/rules.LOGICAL_RULES (fsdp/expert/tensor).
 

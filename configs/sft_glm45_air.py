@@ -19,7 +19,10 @@ not divide, naming the fix.
 
 Arg string (comma-separated key=value, all optional): `steps=2000`, `batch=128` (global packed
 rows per step; a multiple of data x fsdp x expert), `seq_len=32768` (chunk = row = the agent's
-context, the workers' --context_tokens), `remat=full|save_dots|none`. Sections: model + mesh (the
+context, the workers' --context_tokens), `remat=full|save_dots|none`, `moe_chunk=4096`
+(model.moe_token_chunk: MoE over each row in chunks of this many tokens; 0 = off), `context=1`
+(mesh.context: chips per row's sequence, context parallelism; v6e-256 at 32K:
+`context=2,batch=128`, docs/performance.md). Sections: model + mesh (the
 glm45_air preset: bf16 activations, fp32 master params, fsdp=-1 x expert=8), rules, data, optim,
 train, checkpoint; the same structure as configs/sft_tiny.py.
 """
@@ -31,9 +34,14 @@ from configs import common
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The pod split-SFT experiment; see the module docstring for the arg string."""
-  args = common.parse_arg(arg, steps=2000, batch=128, seq_len=32768, remat="full")
+  args = common.parse_arg(arg, steps=2000, batch=128, seq_len=32768, remat="full",
+                          moe_chunk=4096, context=1)
   # fsdp fills the slice (16 on v5p-256, 32 on v6e-256); 128 experts over expert=8 (16 each).
-  config = common.preset_config("glm45_air", f"remat={args.remat}", fsdp=-1, expert=8)
+  # MoE in 4096-token chunks per row (one chunk's working set); context > 1: each row's
+  # sequence over that many chips.
+  config = common.preset_config(
+      "glm45_air", f"remat={args.remat},moe_chunk={args.moe_chunk},context={args.context}",
+      fsdp=-1, expert=8)
   config.seed = 0
   config.rules = ()                  # () = parallel/rules.LOGICAL_RULES (fsdp/expert/tensor).
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import ml_collections
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+# "context": context parallelism (a row's sequence sharded over it; rules.py `act_seq`).
+MESH_AXES = ("data", "fsdp", "expert", "tensor", "context")
 TRUE = ("", "1", "true", "yes", "on")  # "" = a bare flag (`runlocal`).
 FALSE = ("0", "false", "no", "off")
 

@@ -40,10 +40,11 @@ POD = {"sft": "configs/sft_glm45_air.py", "rl": "configs/rl_glm45_air.py"}
                                                                  "rl": "batch=1024"})])
 def test_pod_configs_load_and_fit_the_mesh(kind, tpu_type, fsdp, args):
   c = config_util.load_config(POD[kind], args.get(kind, ""))
-  assert from_config_dict(c.model) == get_preset("glm45_air").replace(remat_policy="full")
+  assert from_config_dict(c.model) == get_preset("glm45_air").replace(remat_policy="full",
+                                                                  moe_token_chunk=4096)
   trainer_slice = tpu.parse_slice(tpu_type)
   mesh = tpu.resolve_mesh(c.mesh, trainer_slice.chips)
-  assert mesh == {"data": 1, "fsdp": fsdp, "expert": 8, "tensor": 1}
+  assert mesh == {"data": 1, "fsdp": fsdp, "expert": 8, "tensor": 1, "context": 1}
   rules_lib.check_divisible(c.model, mesh, tuple(c.rules or rules_lib.LOGICAL_RULES))
   assert "start-up checks passed" in tpu.validate(c, trainer_slice, mesh)  # batch vs batch axes
   assert c.data.max_len == c.data.row_len == 32768 and c.optim.compute_dtype == "bfloat16"
@@ -61,7 +62,8 @@ def test_pod_rl_config_is_the_launcher_default_and_renders(tmp_path):
                         "gs://bkt/runs/r1",
                         tpu="v5p-256", server_tpu="v5p-8", servers=2,
                         server_arg="max_batch=64,max_len=32768", fleet=4, image="img:1")
-  assert plan.mesh == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1} and not plan.notes
+  assert plan.mesh == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1,
+                       "context": 1} and not plan.notes
   worker = plan.fleet[-1]["spec"]["template"]["spec"]["containers"][0]["command"][-1]
   assert "--context_tokens=32768" in worker and "--context_overlap=2048" in worker
   r = subprocess.run(
@@ -70,5 +72,5 @@ def test_pod_rl_config_is_the_launcher_default_and_renders(tmp_path):
        f"--trainer_config={POD['rl']}"],
       cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
-  assert "mesh {'data': 1, 'fsdp': 16, 'expert': 8, 'tensor': 1}" in r.stdout
+  assert "mesh {'data': 1, 'fsdp': 16, 'expert': 8, 'tensor': 1, 'context': 1}" in r.stdout
   assert f"--config={POD['rl']}" in r.stdout

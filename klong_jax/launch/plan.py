@@ -322,7 +322,8 @@ def _notes(model_cfg: Any, device: str) -> tuple[str, ...]:
             f"and fuse differently (docs/performance.md)",)
   return (f"temp is the TPU compiler's figure: attention {model_cfg.attention_impl}, MoE "
           f"{model_cfg.moe_impl} experts with {model_cfg.moe_dispatch} dispatch ('auto' = the TPU "
-          f"kernels: splash, megablox gmm, all-to-all), remat {model_cfg.remat_policy}, dtype "
+          f"kernels: splash, megablox gmm, all-to-all), MoE token chunk "
+          f"{model_cfg.moe_token_chunk or 'off'}, remat {model_cfg.remat_policy}, dtype "
           f"{model_cfg.dtype}; collective counts are static HLO instructions (a scanned layer's "
           "appear once)",)
 

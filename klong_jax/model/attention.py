@@ -9,6 +9,8 @@ itself is `klong_jax.kernels.attention`, backend picked by `cfg.attention_impl`.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -16,12 +18,43 @@ from flax import nnx
 from klong_jax.kernels import attention as kernels
 from klong_jax.kernels.attention import reference
 from klong_jax.model.config import ModelConfig
-from klong_jax.model.layers import RMSNorm, constrain, dtype_of, logical_spec, param, rope
+from klong_jax.model.layers import (
+  RMSNorm,
+  constrain,
+  dtype_of,
+  logical_spec,
+  mesh_axes,
+  param,
+  rope,
+)
 
 # Kept importable here for callers of the old names (benchmarks/_legacy_decode.py).
 attend = reference.attend_masked
 cache_mask = reference.cache_mask
 causal_segment_mask = reference.causal_segment_mask
+
+
+def _context_to_heads(q: jax.Array, k: jax.Array, v: jax.Array, head_axes: object
+                      ) -> tuple[jax.Array, jax.Array, jax.Array, object]:
+  """Context parallelism (sequence sharded over the `act_seq` mesh axes): re-shard q/k/v from
+  sequence to heads (one all-to-all each, DeepSpeed-Ulysses style) so every device attends over
+  whole rows for its heads: causality and segment ids need nothing new. When the kv heads do not
+  divide over those axes too, gather the sequence instead (all-gather CP: each device attends
+  over whole rows for the heads it already had). Returns (q, k, v, head axes for the kernel)."""
+  ctx = mesh_axes("act_seq")
+  if not ctx:
+    return q, k, v, head_axes
+  mesh = jax.sharding.get_abstract_mesh()
+  batch = logical_spec(("act_batch",))[0]
+  own = () if head_axes is None else (head_axes,) if isinstance(head_axes, str) else head_axes
+  axes = tuple(own) + ctx
+  size = math.prod(mesh.shape[a] for a in axes)
+  if k.shape[2] % size or q.shape[2] % size:
+    axes = tuple(own)
+  spec = None if not axes else axes[0] if len(axes) == 1 else axes
+  heads = jax.sharding.PartitionSpec(batch, None, spec, None)
+  q, k, v = (jax.lax.with_sharding_constraint(a, heads) for a in (q, k, v))
+  return q, k, v, spec
 
 
 class Attention(nnx.Module):
@@ -70,10 +103,11 @@ class Attention(nnx.Module):
     q, k, v = self._qkv(x, positions)
     cfg = self.cfg
     heads = logical_spec(("act_heads",))[0]
+    head_axes = heads if heads == logical_spec(("act_kv_heads",))[0] else None
+    q, k, v, head_axes = _context_to_heads(q, k, v, head_axes)
     o = kernels.attend(q, k, v, segment_ids=segment_ids, impl=cfg.attention_impl,
                        block_q=cfg.attention_block_q, block_kv=cfg.attention_block_kv,
-                       batch_axes=logical_spec(("act_batch",))[0],
-                       head_axes=heads if heads == logical_spec(("act_kv_heads",))[0] else None)
+                       batch_axes=logical_spec(("act_batch",))[0], head_axes=head_axes)
     return self._out(o)
 
   def decode(self, x: jax.Array, positions: jax.Array, k_cache: jax.Array,

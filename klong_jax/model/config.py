@@ -59,6 +59,9 @@ class ModelConfig:
   # moe_impl="capacity" (token dropping): each expert takes ceil(factor * tokens * top_k / E)
   # copies per dispatch group; the rest are dropped (aux "moe_drop_rate").
   capacity_factor: float = 1.25
+  # Routed experts over each row in chunks of this many tokens (scan + remat: one chunk's
+  # dispatch / expert working set at a time, model/moe_chunk.py); 0 = the whole row at once.
+  moe_token_chunk: int = 0
   # "auto": splash on TPU, cuDNN on GPU (bf16 rows without segment ids), else blockwise (on CPU
   # the reference up to 128 tokens) (klong_jax/kernels/attention/dispatch.py).
   attention_impl: str = "auto"
@@ -119,6 +122,14 @@ class ModelConfig:
     if self.moe_dispatch == "a2a" and self.moe_impl == "capacity":
       raise ConfigError("moe_dispatch", "'a2a' has no token-dropping path: with "
                         "moe_impl='capacity' use moe_dispatch='allgather' or 'auto'")
+    if (not isinstance(self.moe_token_chunk, int) or isinstance(self.moe_token_chunk, bool) or
+        self.moe_token_chunk < 0):
+      raise ConfigError("moe_token_chunk", f"must be an int >= 0 (0 = no chunking), got "
+                        f"{self.moe_token_chunk!r}")
+    if self.moe_token_chunk and self.moe_impl == "capacity":
+      raise ConfigError("moe_token_chunk", "token chunking is for the dropless MoE: capacity is "
+                        "per dispatch group and would change with the chunk; set "
+                        "moe_token_chunk=0 or a dropless moe_impl")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError("remat_policy", f"{self.remat_policy!r} not in {REMAT_POLICIES}")
     for name in ("dtype", "param_dtype"):

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from klong_jax.model import moe_a2a, moe_dispatch, moe_router
+from klong_jax.model import moe_a2a, moe_chunk, moe_dispatch, moe_router
 from klong_jax.model.config import ModelConfig
 from klong_jax.model.layers import MLP, constrain, dtype_of, mesh_axes, param
 
@@ -95,7 +95,9 @@ def routed_experts(x: jax.Array, idx: jax.Array, w: jax.Array, wg: jax.Array, wu
     return y, dropped / total
   exp_axes = mesh_axes("expert")
   mlp_axes = mesh_axes("expert_mlp")
-  tok_axes = mesh_axes("act_batch")
+  # Tokens [N] = rows x sequence flattened: sharded over the batch axes, then (context
+  # parallelism) the sequence axes.
+  tok_axes = mesh_axes("act_batch") + mesh_axes("act_seq")
   n = x.shape[0]
   if num_experts % _axes_size(exp_axes):
     raise ValueError(f"num_experts={num_experts} is not divisible by the expert mesh axes "
@@ -200,11 +202,23 @@ class MoE(nnx.Module):
     idx, w, aux = self.route(flat, None if replay is None else replay.reshape(b * t, k), flat_mask)
     aux["moe_routing"] = idx.reshape(b, t, k)
     dt = self.dtype
-    y, aux["moe_drop_rate"] = routed_experts(
-        flat, idx, w, self.gate_edf[...].astype(dt), self.up_edf[...].astype(dt),
-        self.down_efd[...].astype(dt), self.cfg.moe_impl, self.cfg.moe_block_size,
-        self.cfg.capacity_factor, self.cfg.moe_dispatch, flat_mask)
-    y = y.reshape(b, t, d)
+    cfg = self.cfg
+    weights = (self.gate_edf[...].astype(dt), self.up_edf[...].astype(dt),
+               self.down_efd[...].astype(dt))
+
+    def routed(x, idx, w, mask):
+      return routed_experts(x, idx, w, *weights, cfg.moe_impl, cfg.moe_block_size,
+                            cfg.capacity_factor, cfg.moe_dispatch, mask)
+
+    if cfg.moe_token_chunk and cfg.moe_token_chunk < t:
+      # Dropless only (config check): the routed output is per token, the drop rate 0.
+      real = jnp.ones((b, t), bool) if mask is None else mask.astype(bool)
+      y = moe_chunk.chunked_routed(routed, cfg.moe_token_chunk, x, idx.reshape(b, t, k),
+                                   w.reshape(b, t, k), real)
+      aux["moe_drop_rate"] = jnp.zeros((), jnp.float32)
+    else:
+      y, aux["moe_drop_rate"] = routed(flat, idx, w, flat_mask)
+      y = y.reshape(b, t, d)
     if self.cfg.num_shared_experts:
       y = y + self.shared(x)
     return constrain(y, ("act_batch", "act_seq", "act_embed")), aux

@@ -1,4 +1,4 @@
-"""Device mesh from config (axes data, fsdp, expert, tensor) and multi-host start-up."""
+"""Device mesh from config (axes data, fsdp, expert, tensor, context) and multi-host start-up."""
 
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 
 def make_mesh(sizes: Mapping[str, int] | Any | None = None,
               devices: Sequence[jax.Device] | None = None) -> jax.sharding.Mesh:
-  """Mesh with axes ("data","fsdp","expert","tensor"), AxisType.Auto, from `config.mesh`.
+  """Mesh with axes ("data","fsdp","expert","tensor","context"), AxisType.Auto, from `config.mesh`.
 
   Missing axes default to 1; with no sizes at all, fsdp fills every device.
   """
@@ -54,7 +54,7 @@ def make_mesh(sizes: Mapping[str, int] | Any | None = None,
     sizes = sizes.to_dict()
   devices = list(devices) if devices is not None else jax.devices()
   shape = mesh_shape(sizes, len(devices))
-  auto = (jax.sharding.AxisType.Auto,) * 4
+  auto = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
   try:
     return jax.make_mesh(shape, MESH_AXES, axis_types=auto, devices=devices)
   except NotImplementedError:

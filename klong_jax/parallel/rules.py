@@ -1,10 +1,11 @@
 """The one logical-axis rules table, and helpers that apply it to params and inputs.
 
 Modules name every weight and activation dim logically (`embed`, `mlp`, `expert`, `act_batch`);
-this table alone maps those names to the mesh axes ("data", "fsdp", "expert", "tensor"). Weights
-and activations (`act_*`) are kept apart so each can be resharded on its own. A config may pass
-its own table (`model.sharded.create_sharded_model`, the trainers' `config.rules`). The table is
-data; the helpers below only read it (this package never imports the model).
+this table alone maps those names to the mesh axes ("data", "fsdp", "expert", "tensor",
+"context"). Weights and activations (`act_*`) are kept apart so each can be resharded on its own.
+A config may pass its own table (`model.sharded.create_sharded_model`, the trainers'
+`config.rules`). The table is data; the helpers below only read it (this package never imports
+the model).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ Rules = tuple[tuple[str, Any], ...]
 LOGICAL_RULES: Rules = (
     # Vocabulary / embedding.
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # Weights are FSDP-sharded over `context` too (else context parallelism would hold each
+    # weight shard on every context device).
+    ("embed", ("fsdp", "context")),
     # Attention.
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
@@ -30,14 +33,17 @@ LOGICAL_RULES: Rules = (
     ("mlp", "tensor"),
     # MoE: experts over `expert`; their hidden dim over `tensor`; their model dim FSDP-sharded.
     ("expert", "expert"),
-    ("expert_embed", "fsdp"),
+    ("expert_embed", ("fsdp", "context")),
     ("expert_mlp", "tensor"),
     # Stacked layers and norms stay replicated along those dims.
     ("layers", None),
     ("norm", None),
     # Activations.
     ("act_batch", ("data", "fsdp", "expert")),
-    ("act_seq", None),
+    # Context parallelism: a row's sequence over `context` (size 1 unless a config sets it).
+    # Attention re-shards it to heads (model/attention.py, all-to-all); the MoE treats those
+    # tokens like any other token shard.
+    ("act_seq", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv_heads", "tensor"),

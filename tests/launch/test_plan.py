@@ -93,7 +93,7 @@ def test_bad_inputs_name_the_fix():
   with pytest.raises(ValueError, match="needs 4096 devices"):
     plan_lib.plan(sft_tiny.get_config(), plan_lib.parse_mesh("fsdp:4096"), 8, 8)
   assert plan_lib.parse_mesh("fsdp:64,expert:8,tensor:4") == {
-      "data": 1, "fsdp": 64, "expert": 8, "tensor": 4}
+      "data": 1, "fsdp": 64, "expert": 8, "tensor": 4, "context": 1}
   env = plan_lib.device_env(16, {"XLA_FLAGS": "--foo --xla_force_host_platform_device_count=8"})
   assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=16"
   assert env["JAX_PLATFORMS"] == "cpu"

@@ -40,7 +40,7 @@ def test_parse_slice_rejects(bad):
 
 def test_glm_on_v5p_256_plan():
   plan = _plan()
-  assert plan.mesh == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1}
+  assert plan.mesh == {"data": 1, "fsdp": 16, "expert": 8, "tensor": 1, "context": 1}
   assert plan.trainer_slice.hosts == 32
   # One process per host, each with the env contract maybe_initialize_distributed reads.
   envs = [plan.host_env(h) for h in range(32)]
@@ -135,7 +135,7 @@ def test_a_batch_that_cannot_start_is_refused_with_the_fix():
     _plan(overrides={"data.batch_size": 128})
   # Moving devices to the tensor axis makes 128 rows (32 per minibatch) start.
   plan = _plan(overrides={"data.batch_size": 128, "mesh.tensor": 4})
-  assert plan.mesh == {"data": 1, "fsdp": 4, "expert": 8, "tensor": 4}
+  assert plan.mesh == {"data": 1, "fsdp": 4, "expert": 8, "tensor": 4, "context": 1}
   with pytest.raises(ValueError, match="data.batch_size=32 does not divide"):
     tpu.validate(config_util.load_config(SFT_POD, "batch=32"), tpu.parse_slice("v5p-256"))
 
@@ -184,7 +184,7 @@ def test_cli_dry_run():
   assert r.returncode == 0, r.stderr[-3000:]
   out = r.stdout
   assert out.count("=== work unit") == 2
-  assert "mesh {'data': 1, 'fsdp': 16, 'expert': 8, 'tensor': 1}" in out
+  assert "mesh {'data': 1, 'fsdp': 16, 'expert': 8, 'tensor': 1, 'context': 1}" in out
   assert "32 hosts x 4 chips" in out and "kind: Deployment" in out
   assert out.count("start-up checks passed") == 2
   assert "wrote " not in out  # dry run writes nothing

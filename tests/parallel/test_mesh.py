@@ -9,7 +9,8 @@ from klong_jax.parallel.mesh import MESH_AXES, MeshError, make_mesh, mesh_shape
 def test_make_mesh_axes_and_fill():
   mesh = make_mesh({"data": 2, "expert": -1})
   assert mesh.axis_names == MESH_AXES
-  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1}
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 4, "tensor": 1,
+                              "context": 1}
   assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   assert dict(make_mesh().shape)["fsdp"] == len(jax.devices())
 
