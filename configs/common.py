@@ -61,12 +61,13 @@ def base_config(preset: str, **mesh: int) -> ml_collections.ConfigDict:
   return config
 
 
-def preset_config(preset: str, arg: str | None, moe_chunk: int = 0,
+def preset_config(preset: str, arg: str | None, moe_chunk: int = 0, remat: str = "none",
                   **mesh: int) -> ml_collections.ConfigDict:
   """A model preset's ConfigDict with the run-time switches of its arg string applied:
   `scan=0|1`, `remat=none|full|save_dots|offload`, `dtype=bfloat16`, `moe_impl=auto|...`,
-  `moe_chunk=N` (model.moe_token_chunk; default `moe_chunk`), `context=N` (mesh.context)."""
-  args = parse_arg(arg, scan=True, remat="none", dtype="", moe_impl="auto", moe_chunk=moe_chunk,
+  `moe_chunk=N` (model.moe_token_chunk; default `moe_chunk`), `context=N` (mesh.context);
+  `remat` is the preset's default (pod presets: "full", which launch/tpu.py's merge keeps)."""
+  args = parse_arg(arg, scan=True, remat=remat, dtype="", moe_impl="auto", moe_chunk=moe_chunk,
                    context=mesh.pop("context", 1))
   config = base_config(preset, context=args.context, **mesh)
   config.model.moe_token_chunk = args.moe_chunk

@@ -51,6 +51,10 @@ def test_glm_on_v5p_256_plan():
   assert argv[:3] == ["python3", "-m", "klong_jax.rl.train"]
   # The pod RL config starts as it is: its batch divides over the batch axes (no override).
   assert not any("data.batch_size" in a for a in argv) and not plan.notes
+  # The merged model section keeps the pod config's remat full and MoE chunk (the TPU plans'
+  # assumptions): the preset's own defaults used to send remat none to the trainer.
+  assert not any(a.startswith("--config.model.remat_policy") for a in argv)
+  assert not any(a.startswith("--config.model.moe_token_chunk") for a in argv)
   assert "start-up checks passed" in plan.checks and "--topology=v5p-256" in plan.checks
   # Run state is used as gs:// natively (no gcsfuse): trainer, servers and workers alike.
   assert "--workdir=gs://bkt/runs/r1" in argv and "--stream=gs://bkt/runs/r1/stream" in argv
