@@ -47,5 +47,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.rules = rules_lib.SERVING_RULES
   config.serve = serve_config.serve_section(
       model_name="klong-glm45_air", port=args.port, max_batch=args.max_batch or max_batch,
-      max_len=args.max_len or max_len, cache_dtype="bfloat16")
+      max_len=args.max_len or max_len, cache_dtype="bfloat16",
+      # The dense engine: the one launch/serve_plan.py compiles and fits per slice. The paged
+      # engine's page pool is not yet sharded over the serving mesh (replicated per chip).
+      engine="dense")
   return config

@@ -27,6 +27,7 @@ def test_serve_configs_pass_the_start_up_checks(slice_name):
   checks.check_batch(config.serve.max_batch, mesh, rules, field="serve.max_batch")
   rules_lib.check_divisible(config.model, mesh, rules)
   assert config.model.param_dtype == "bfloat16" and config.serve.cache_dtype == "bfloat16"
+  assert config.serve.engine == "dense"  # the engine serve_plan compiles for the slice
   # Weights per chip from the shapes (bf16, the policy's fp32 leaves are ~0.1%) fit the HBM.
   total = 106e9 * 2 / topo.chips
   assert total < topo.hbm_gib * 2**30
