@@ -196,19 +196,24 @@ class Engine:
 
   # ---- scheduling ----------------------------------------------------------------------------
 
-  def step(self) -> None:
-    """One scheduling iteration: swap weights, admit + prefill, decode, retire."""
+  def _swap_pending(self) -> None:
+    """Applies a scheduled weight swap (between steps: in-flight requests continue)."""
     with self._lock:
       pending, self._pending_params = self._pending_params, None
-    if pending is not None:
-      params, version = pending
-      if callable(params):  # A loader (reload.swap_in_place): frees the old weights, loads.
-        params()
-      else:
-        self.sampler.load_params(params, version)
-      self.stats["reloads_total"] += 1
-      self.on_new_version(version)
-      log.info("serving policy version %d", version)
+    if pending is None:
+      return
+    params, version = pending
+    if callable(params):  # A loader (reload.swap_in_place): frees the old weights, loads.
+      params()
+    else:
+      self.sampler.load_params(params, version)
+    self.stats["reloads_total"] += 1
+    self.on_new_version(version)
+    log.info("serving policy version %d", version)
+
+  def step(self) -> None:
+    """One scheduling iteration: swap weights, admit + prefill, decode, retire."""
+    self._swap_pending()
     self._retire_cancelled()
     self._admit()
     self._decode()

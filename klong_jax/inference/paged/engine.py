@@ -141,15 +141,7 @@ class PagedEngine(Engine):
 
   def step(self) -> None:
     """One iteration: swap weights, admit, then one mixed call or one multi-step decode call."""
-    with self._lock:
-      pending, self._pending_params = self._pending_params, None
-    if pending is not None:
-      params, version = pending
-      if callable(params):  # A loader (reload.swap_in_place): frees the old weights, loads.
-        params()
-      else:
-        self.sampler.load_params(params, version)
-      self.stats["reloads_total"] += 1
+    self._swap_pending()
     if self.alloc.version != self.sampler.policy_version:  # Cached KV is of other weights.
       self.on_new_version(self.sampler.policy_version)
     self._retire_cancelled()
