@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 from array_record.python import array_record_module as ar
 
-from klong_jax.data import storage
+from klong_jax.data import schema, storage
 
 SUFFIX = ".array_record"
 _TMP_MARK = ".tmp-"
@@ -192,3 +192,10 @@ def _glob_match(rel: str, pattern: str) -> bool:
 def validate_shard(path: str | os.PathLike) -> int:
   """Reads every record of a shard once; returns the count or raises `ShardError` naming it."""
   return sum(1 for _ in read_shard(path))
+
+
+def iter_trajectories(directory: str) -> Iterator[schema.Trajectory]:
+  """Every Trajectory in the shards under `directory` (temp files excluded by list_shards)."""
+  for path in list_shards(directory):
+    for raw in read_shard(path):
+      yield schema.from_bytes(raw)

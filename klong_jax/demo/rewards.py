@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from collections.abc import Iterator
 from typing import Any
 
-from klong_jax.data import schema, shards
+from klong_jax.data.shards import iter_trajectories  # noqa: F401 - re-exported (callers)
 
 
 @dataclasses.dataclass
@@ -28,13 +27,6 @@ class RewardStats:
   @property
   def mean(self) -> float:
     return sum(self.rewards) / len(self.rewards) if self.rewards else float("nan")
-
-
-def iter_trajectories(directory: str) -> Iterator[schema.Trajectory]:
-  """Every Trajectory in the shards under `directory` (temp files excluded by list_shards)."""
-  for path in shards.list_shards(directory):
-    for raw in shards.read_shard(path):
-      yield schema.from_bytes(raw)
 
 
 def read_rewards(directory: str) -> RewardStats:

@@ -55,7 +55,7 @@ def from_trajectory(t: Any, seed: int = 0) -> Episode:
 
 def read_episodes(stream: str, seed: int = 0) -> list[Episode]:
   """Every episode in the shards under `stream` (an eval's stream dir), tagged with `seed`."""
-  from klong_jax.demo.rewards import iter_trajectories  # noqa: PLC0415 - shard reader
+  from klong_jax.data.shards import iter_trajectories  # noqa: PLC0415 - shard reader
 
   eps = [from_trajectory(t, seed) for t in iter_trajectories(stream)]
   dup = [k for k, c in collections.Counter(e.pair_key for e in eps).items() if c > 1]
