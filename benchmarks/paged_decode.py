@@ -47,24 +47,25 @@ _OUT = flags.DEFINE_string("out", "benchmarks/results/paged_decode.json", "resul
 _NOTE = flags.DEFINE_string("note", "", "free text stored with the result (e.g. machine load)")
 
 
+def _one_v5p_chip() -> tuple[Any, Any]:
+  """A one-chip mesh of a v5p:2x2x1 topology (compile-only, launch/tpu_topology.devices) and
+  its replicated sharding."""
+  from jax.sharding import AxisType, NamedSharding
+  from jax.sharding import PartitionSpec as P
+
+  from klong_jax.launch import tpu_topology
+  devs = tpu_topology.devices(tpu_topology.parse_topology("v5p:2x2x1"))
+  mesh = jax.make_mesh((1,), ("x",), axis_types=(AxisType.Auto,), devices=devs[:1])
+  return mesh, NamedSharding(mesh, P())
+
+
 def tpu_compile_attention(max_len: int, *, pages: int = 1025, page: int = 16, seqs: int = 32,
                           tokens: int = 256, kv_heads: int = 8, q_heads: int = 16,
                           head_dim: int = 128, layers: int = 2) -> dict[str, Any]:
   """Compiles the paged attention ("auto" on a TPU mesh = the ragged kernel) for v5p:2x2x1 with
   a fixed pool and page tables wide enough for `max_len`; returns its per-chip bytes."""
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
-  from jax.sharding import AxisType, NamedSharding
-  from jax.sharding import PartitionSpec as P
-
   from klong_jax.inference.paged import attention as paged_attention
-  topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1",
-                                      chip_config_name="default", chips_per_host_bounds=(2, 2, 1),
-                                      num_slices=1)
-  mesh = jax.make_mesh((1,), ("x",), axis_types=(AxisType.Auto,), devices=topo.devices[:1])
-  rep = NamedSharding(mesh, P())
+  mesh, rep = _one_v5p_chip()
   sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=rep)
 
   def attend(q, pool, table, kv_lens, cu, num_seqs):
@@ -92,18 +93,7 @@ def tpu_compile_decode(max_len: int, *, preset: str = "tiny", seqs: int = 8, pag
   width), a fixed pool, page tables wide enough for `max_len`; returns its per-chip bytes."""
   import dataclasses
 
-  from jax.sharding import AxisType, NamedSharding
-  from jax.sharding import PartitionSpec as P
-
-  os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-  from jax.experimental import topologies
-  topo = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1",
-                                      chip_config_name="default", chips_per_host_bounds=(2, 2, 1),
-                                      num_slices=1)
-  mesh = jax.make_mesh((1,), ("x",), axis_types=(AxisType.Auto,), devices=topo.devices[:1])
-  rep = NamedSharding(mesh, P())
+  mesh, rep = _one_v5p_chip()
   cfg = dataclasses.replace(get_preset(preset), dtype="bfloat16", head_dim=128)
   graphdef, params, rest = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))),
                                      nnx.Not(nnx.RngState), ...)
