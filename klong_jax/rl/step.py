@@ -366,6 +366,8 @@ def combine_update_metrics(ms: Sequence[Mapping[str, Any]], epochs: int = 1) -> 
   tokens counted once per epoch pass, `*_max` the max (`is/raw_min` the min), everything else
   averaged; `ppo/*` keeps the first update (on-policy: ratio ~1, so its logprob gap is the
   sampler-vs-trainer mismatch + staleness) and the last (how far the epochs moved the policy)."""
+  if not ms:  # an element with no loss tokens (e.g. every turn cut at max_tokens and masked)
+    return {"tokens": 0.0, "loss_tokens": 0.0, "ppo/updates": 0.0}
   if len(ms) == 1:
     return dict(ms[0])
   out = {k: float(np.mean([float(m[k]) for m in ms])) for k in ms[0]}

@@ -322,6 +322,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, stream: str,
           mb = {k: batch[k][rows] for k in rl_step.batch_keys(config.rl) if k in batch}
           state, m_i = train_step(state, ref, _global_batch(mb, batch_sh))
           ms.append(m_i)
+      if not ms:  # nothing to learn from: no update, the step still counts (exactly once)
+        logging.warning("step %d: element of %d trajectories has no loss tokens (%d turns masked "
+                        "as cut at max_tokens); no optimizer update", step + 1, len(info["ids"]),
+                        info.get("cut_turns_masked", 0))
       m = rl_step.combine_update_metrics(jax.device_get(ms), epochs)
       if accum is not None:  # real optimizer updates, and minibatches no rollout filled
         m["ppo/updates"], m["ppo/updates_skipped"] = float(len(ms)), float(skipped)

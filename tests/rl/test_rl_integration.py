@@ -50,7 +50,10 @@ def test_trainer_server_worker(tmp_path):
     procs["trainer"] = subprocess.Popen(
         [PY, "-m", "klong_jax.rl.train", "--workdir", run, "--stream", stream,
          "--config=configs/rl_tiny.py:runlocal,steps=3,batch=1,row_len=3072,staleness=0,"
-         "publish=1", "--config.rl.wait_timeout_s=400"],
+         "publish=1", "--config.rl.wait_timeout_s=400",
+             # 24-token completions hit max_tokens on nearly every turn; "mask" would leave no
+             # loss tokens (tests/rl/test_rl_trainer.py covers that case).
+             "--config.rl.length_cut=train"],
         cwd=REPO, env=env, stdout=logs["trainer"], stderr=subprocess.STDOUT)
     deadline = time.time() + 240
     while not os.path.isdir(os.path.join(run, "policy", "0")):  # version 0 first

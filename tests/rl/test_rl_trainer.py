@@ -308,3 +308,32 @@ def test_decoupled_off_policy_trainer_on_a_sharded_mesh(tmp_path):
     assert 0 < m[s]["is/raw_min"] <= m[s]["is/weight_mean"] <= m[s]["is/weight_max"] < 1.0
     assert m[s]["is/weight_max"] == m[s]["is/raw_max"] and m[s]["is/truncated_frac"] == 0.0
   assert [m[s]["stale/max"] for s in sorted(m)] == [0.0, 1.0, 2.0]  # version 0 data, trainer 0..2
+
+
+@pytest.mark.slow
+def test_element_with_every_turn_masked_makes_no_update_and_training_goes_on(tmp_path):
+  """rl.length_cut="mask" on a group whose every policy turn hit max_tokens leaves no loss tokens:
+  that step makes no optimizer update (params unchanged, counted once), the next step trains."""
+  from klong_jax.data import shards
+  from tests.rl.fakes import make_trajectory
+  stream, work = str(tmp_path / "stream"), str(tmp_path / "run")
+  trajs = [make_trajectory(f"tcut-s0-{i}", "tcut-s0", r, 0, seed=i) for i, r in
+           enumerate([1.0, 0.0, 0.5])]
+  for t in trajs:  # policy turns are 10 tokens every 20 from the 20-token prefix
+    t.cut_turns = [[s, s + 10] for s in range(20, len(t.tokens), 20)]
+  path = os.path.join(stream, "0", "cut.array_record")
+  shards.write_shard(path, [t.to_bytes() for t in trajs])
+  os.utime(path, ns=(1, 1))  # published before the next group
+  write_group(stream, 0, "ok", [1.0, 0.0, 0.5], version=0, seed=7)
+  c = _config()
+  c.train.steps = 2
+  c.rl.length_cut = "mask"
+  out = rl_train.run(c, work, stream)
+  assert out["step"] == 2 and out["counters"]["trajectories_used"] == 6
+  assert out["counters"]["cut_turns_masked"] == 3 * 4
+  rows = {r["step"]: r for r in map(json.loads, open(os.path.join(work, "metrics.jsonl")))
+          if "ppo/updates" in r}
+  assert rows[1]["ppo/updates"] == 0 and rows[1]["loss_tokens"] == 0 and "loss" not in rows[1]
+  assert rows[2]["ppo/updates"] == 2 and np.isfinite(rows[2]["loss"])
+  consumed = [json.loads(x) for x in open(os.path.join(work, "consumed.jsonl"))]
+  assert [len(r["ids"]) for r in consumed] == [3, 3]
