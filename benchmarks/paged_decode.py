@@ -26,7 +26,7 @@ from absl import app, flags
 from flax import nnx
 
 from benchmarks import _results
-from benchmarks.paged_tpu import tpu_compile_attention, tpu_compile_decode
+from benchmarks._paged_tpu import tpu_compile_attention, tpu_compile_decode
 from klong_jax.inference.engine import Engine
 from klong_jax.inference.paged import model as paged_model
 from klong_jax.inference.paged.engine import PagedEngine

@@ -137,8 +137,8 @@ def test_ragged_off_tpu_names_the_fix():
 @pytest.mark.slow
 def test_ragged_kernel_compiles_for_tpu_with_max_len_independent_temp():
   pytest.importorskip("libtpu")
-  from benchmarks import paged_tpu
-  rows = [paged_tpu.tpu_compile_attention(n) for n in (1024, 8192)]
+  from benchmarks import _paged_tpu
+  rows = [_paged_tpu.tpu_compile_attention(n) for n in (1024, 8192)]
   assert all(r["mosaic_custom_call"] for r in rows), rows
   assert rows[0]["temp_bytes"] == rows[1]["temp_bytes"], rows
   assert jax.default_backend() == "cpu"
