@@ -1,7 +1,7 @@
 """Fits the token clock's rates to the wall clock, from the trajectories of a rollout stream.
 
   python -m klong_jax.agent.calibrate --stream=DIR|gs://... [--out=rates.json] \\
-      [--fit=auto|calls|episodes] [--min_tool_calls=20]
+      [--fit=auto|calls|episodes] [--min_tool_calls=20] [--trim=0.02]
 
 Every trajectory records both clocks (agent/budget.py): `metadata.budget` holds the episode's
 wall time (agent loop, retries excluded) and the token clock's counts (uncached prefill tokens,
@@ -207,37 +207,60 @@ def quality(pred: np.ndarray, wall: np.ndarray) -> dict[str, Any]:
           "wall_s_mean": float(wall.mean())}
 
 
-def _fit_calls(eps: Sequence[Episode], names: Sequence[str]) -> tuple[float, float,
-                                                                        dict[str, float]]:
+def trimmed_nnls(a: np.ndarray, b: np.ndarray, trim: float) -> tuple[np.ndarray, int]:
+  """NNLS on columns scaled to a max of 1, refitted without the `trim` share of rows that took
+  longest beyond the fit, relative to it (stalls: a cold server compiling its first shapes, a
+  weight swap); returns (x, rows left out)."""
+  scale = np.maximum(np.abs(a).max(0), 1e-12)  # tokens vs call counts
+  x = nnls(a / scale, b) / scale
+  n_out = int(math.floor(trim * len(b)))
+  if n_out <= 0:
+    return x, 0
+  pred = a @ x
+  rel = (b - pred) / np.maximum(pred, 1e-3 * max(float(np.mean(b)), 1e-12))  # noise scales
+  keep = np.argsort(rel)[:len(b) - n_out]
+  return nnls(a[keep] / scale, b[keep]) / scale, n_out
+
+
+def _trimmed_mean(values: list[float], trim: float) -> float:
+  v = np.sort(np.asarray(values, np.float64))
+  return float(v[:max(1, len(v) - int(math.floor(trim * len(v))))].mean())
+
+
+def _fit_calls(eps: Sequence[Episode], names: Sequence[str],
+               trim: float) -> tuple[float, float, dict[str, float], int]:
   calls = np.array([c for e in eps for c in e.calls], np.float64)
-  pre, dec = nnls(calls[:, :2], calls[:, 2])
+  (pre, dec), n_out = trimmed_nnls(calls[:, :2], calls[:, 2], trim)
   by_name: dict[str, list[float]] = collections.defaultdict(list)
   for e in eps:
     for name, wall_s, _ in e.tool_calls:
       by_name[name if name in names else DEFAULT_TOOL].append(wall_s)
-  costs = {n: float(np.mean(by_name[n])) for n in names if by_name.get(n)}
+  costs = {n: _trimmed_mean(by_name[n], trim) for n in names if by_name.get(n)}
   rest = by_name.get(DEFAULT_TOOL) or [w for v in by_name.values() for w in v]
-  costs[DEFAULT_TOOL] = float(np.mean(rest)) if rest else 0.0
-  return float(pre), float(dec), costs
+  costs[DEFAULT_TOOL] = _trimmed_mean(rest, trim) if rest else 0.0
+  return float(pre), float(dec), costs, n_out
 
 
-def _fit_episodes(eps: Sequence[Episode], names: Sequence[str]) -> tuple[float, float,
-                                                                           dict[str, float]]:
+def _fit_episodes(eps: Sequence[Episode], names: Sequence[str],
+                  trim: float) -> tuple[float, float, dict[str, float], int]:
   tools = _tool_matrix(eps, names)
   a = np.concatenate([np.array([[e.prefill, e.decode] for e in eps], np.float64), tools], 1)
   wall = np.array([e.wall_s for e in eps])
-  scale = np.maximum(np.abs(a).max(0), 1e-12)  # column scaling: tokens vs call counts
-  x = nnls(a / scale, wall) / scale
+  x, n_out = trimmed_nnls(a, wall, trim)
   costs = {n: float(v) for n, v in zip(names, x[2:-1], strict=True)}
   used_default = tools[:, -1].sum() > 0
   costs[DEFAULT_TOOL] = float(x[-1]) if used_default else (
       float(np.average(x[2:-1], weights=tools[:, :-1].sum(0))) if names else 0.0)
-  return float(x[0]), float(x[1]), costs
+  return float(x[0]), float(x[1]), costs, n_out
 
 
 def fit(eps: Sequence[Episode], mode: str = "auto", min_tool_calls: int = 20,
-        trajectories: int = 0) -> Fit:
-  """Fits the rates (see the module docstring); `mode` auto | calls | episodes."""
+        trajectories: int = 0, trim: float = 0.0) -> Fit:
+  """Fits the rates (see the module docstring); `mode` auto | calls | episodes; `trim` the share
+  of the slowest-beyond-the-fit calls (or episodes) refitted without, and of each tool's calls
+  left out of its mean."""
+  if not 0.0 <= trim < 0.5:
+    raise ValueError(f"trim {trim} must be in [0, 0.5)")
   if mode not in ("auto", "calls", "episodes"):
     raise ValueError(f"fit mode {mode!r} must be auto, calls or episodes")
   if not eps:
@@ -252,9 +275,9 @@ def fit(eps: Sequence[Episode], mode: str = "auto", min_tool_calls: int = 20,
   if mode == "episodes" and len(eps) < 3:
     raise CalibrationError(f"an episode-level fit needs >= 3 episodes, got {len(eps)}")
   names = tool_names(eps, min_tool_calls)
-  pre, dec, costs = (_fit_calls if mode == "calls" else _fit_episodes)(eps, names)
+  pre, dec, costs, n_out = (_fit_calls if mode == "calls" else _fit_episodes)(eps, names, trim)
   wall = np.array([e.wall_s for e in eps])
-  q = quality(predict(eps, pre, dec, costs), wall)
+  q = dict(quality(predict(eps, pre, dec, costs), wall), trimmed=n_out)
   recorded: dict[str, Any] = {}
   rec = [e.token_clock_s for e in eps]
   if all(r is not None for r in rec):
@@ -269,7 +292,9 @@ def report(f: Fit, stream: str) -> str:
             f"p90 {q['rel_err_p90']:.1%} max {q['rel_err_max']:.1%}, token/wall total "
             f"{q['ratio_total']:.3f}")
   out = [f"stream {stream}: {f.episodes} episodes of {f.trajectories} trajectories, fit by "
-         f"{f.mode} (mean wall {f.quality['wall_s_mean']:.2f} s per episode)",
+         f"{f.mode} (mean wall {f.quality['wall_s_mean']:.2f} s per episode; "
+         f"{f.quality['trimmed']} slowest {'calls' if f.mode == 'calls' else 'episodes'} "
+         "refitted without)",
          f"  prefill_s_per_token {f.prefill_s_per_token:.4g}, decode_s_per_token "
          f"{f.decode_s_per_token:.4g}, tool_costs {f.tool_costs_flag()}",
          f"  fitted clock vs wall: {line(f.quality)}"]
@@ -299,10 +324,13 @@ def main(argv: Iterable[str] | None = None) -> int:
   p.add_argument("--fit", default="auto", choices=("auto", "calls", "episodes"))
   p.add_argument("--min_tool_calls", type=int, default=20,
                  help="Tools with fewer calls share the `default` cost.")
+  p.add_argument("--trim", type=float, default=0.02,
+                 help="Share of the slowest-beyond-the-fit calls (episodes) refitted without: "
+                      "a cold server's first calls compile (tens of seconds each).")
   a = p.parse_args(None if argv is None else list(argv))
   try:
     eps, n = load_episodes(a.stream)
-    f = fit(eps, a.fit, a.min_tool_calls, trajectories=n)
+    f = fit(eps, a.fit, a.min_tool_calls, trajectories=n, trim=a.trim)
   except CalibrationError as e:
     raise SystemExit(f"calibrate: {e}") from None
   print(report(f, a.stream))

@@ -172,3 +172,19 @@ def test_scaffold_records_what_the_fit_needs():
   wall = ep.clock["wall"]
   assert e.wall_s == pytest.approx(wall["total_s"] - wall["retry_s"])
   assert e.wall_s >= sum(c[2] for c in e.calls) + sum(w for _, w, _ in e.tool_calls) - 1e-6
+
+
+def test_trim_leaves_out_a_cold_servers_compile_stalls():
+  trajs = _synthetic(60, 5)
+  for t in trajs[:4]:  # the first call of each of 4 workers' first episodes: a 45 s compile
+    first = next(m for m in t.messages if m["role"] == "assistant")
+    first["meta"]["latency_s"] += 45.0
+  eps = _episodes(trajs)
+  raw = cal.fit(eps, "calls", trim=0.0)
+  assert raw.prefill_s_per_token > 1.5 * TRUE["prefill"]  # the 400-token first prompts
+  f = cal.fit(eps, "calls", trim=0.02)
+  clean = cal.fit(_episodes(_synthetic(60, 5)), "calls", trim=0.02)  # the same, no stalls
+  assert f.quality["trimmed"] == clean.quality["trimmed"] >= 4
+  assert f.prefill_s_per_token == pytest.approx(clean.prefill_s_per_token, rel=0.05)
+  assert f.decode_s_per_token == pytest.approx(clean.decode_s_per_token, rel=0.02)
+  assert f.decode_s_per_token == pytest.approx(TRUE["decode"], rel=0.05)
