@@ -207,19 +207,20 @@ def quality(pred: np.ndarray, wall: np.ndarray) -> dict[str, Any]:
           "wall_s_mean": float(wall.mean())}
 
 
-def trimmed_nnls(a: np.ndarray, b: np.ndarray, trim: float) -> tuple[np.ndarray, int]:
+def trimmed_nnls(a: np.ndarray, b: np.ndarray, trim: float) -> tuple[np.ndarray, np.ndarray]:
   """NNLS on columns scaled to a max of 1, refitted without the `trim` share of rows that took
   longest beyond the fit, relative to it (stalls: a cold server compiling its first shapes, a
-  weight swap); returns (x, rows left out)."""
+  weight swap); returns (x, the indices of the rows left out)."""
   scale = np.maximum(np.abs(a).max(0), 1e-12)  # tokens vs call counts
   x = nnls(a / scale, b) / scale
   n_out = int(math.floor(trim * len(b)))
   if n_out <= 0:
-    return x, 0
+    return x, np.zeros((0,), np.int64)
   pred = a @ x
   rel = (b - pred) / np.maximum(pred, 1e-3 * max(float(np.mean(b)), 1e-12))  # noise scales
-  keep = np.argsort(rel)[:len(b) - n_out]
-  return nnls(a[keep] / scale, b[keep]) / scale, n_out
+  order = np.argsort(rel)
+  keep = order[:len(b) - n_out]
+  return nnls(a[keep] / scale, b[keep]) / scale, np.sort(order[len(b) - n_out:])
 
 
 def _trimmed_mean(values: list[float], trim: float) -> float:
@@ -228,9 +229,14 @@ def _trimmed_mean(values: list[float], trim: float) -> float:
 
 
 def _fit_calls(eps: Sequence[Episode], names: Sequence[str],
-               trim: float) -> tuple[float, float, dict[str, float], int]:
+               trim: float) -> tuple[float, float, dict[str, float], np.ndarray]:
+  """Rates from the calls, tool costs from the tools; also each episode's stall seconds (its
+  trimmed calls' latency beyond the fit)."""
   calls = np.array([c for e in eps for c in e.calls], np.float64)
-  (pre, dec), n_out = trimmed_nnls(calls[:, :2], calls[:, 2], trim)
+  owner = np.array([i for i, e in enumerate(eps) for _ in e.calls])
+  (pre, dec), out = trimmed_nnls(calls[:, :2], calls[:, 2], trim)
+  stall = np.zeros(len(eps))
+  np.add.at(stall, owner[out], np.maximum(0.0, calls[out, 2] - calls[out, :2] @ [pre, dec]))
   by_name: dict[str, list[float]] = collections.defaultdict(list)
   for e in eps:
     for name, wall_s, _ in e.tool_calls:
@@ -238,20 +244,30 @@ def _fit_calls(eps: Sequence[Episode], names: Sequence[str],
   costs = {n: _trimmed_mean(by_name[n], trim) for n in names if by_name.get(n)}
   rest = by_name.get(DEFAULT_TOOL) or [w for v in by_name.values() for w in v]
   costs[DEFAULT_TOOL] = _trimmed_mean(rest, trim) if rest else 0.0
-  return float(pre), float(dec), costs, n_out
+  return float(pre), float(dec), costs, stall
 
 
 def _fit_episodes(eps: Sequence[Episode], names: Sequence[str],
-                  trim: float) -> tuple[float, float, dict[str, float], int]:
+                  trim: float) -> tuple[float, float, dict[str, float], np.ndarray]:
   tools = _tool_matrix(eps, names)
   a = np.concatenate([np.array([[e.prefill, e.decode] for e in eps], np.float64), tools], 1)
   wall = np.array([e.wall_s for e in eps])
-  x, n_out = trimmed_nnls(a, wall, trim)
+  x, out = trimmed_nnls(a, wall, trim)
   costs = {n: float(v) for n, v in zip(names, x[2:-1], strict=True)}
   used_default = tools[:, -1].sum() > 0
   costs[DEFAULT_TOOL] = float(x[-1]) if used_default else (
       float(np.average(x[2:-1], weights=tools[:, :-1].sum(0))) if names else 0.0)
-  return float(x[0]), float(x[1]), costs, n_out
+  return float(x[0]), float(x[1]), costs, out
+
+
+def tool_cpu(eps: Sequence[Episode]) -> dict[str, Any]:
+  """How tool wall time follows the sandbox's CPU time (the token clock's `tool_cost="cpu"`
+  charges the CPU seconds as they are): calls measured, wall = k x cpu slope, correlation."""
+  t = np.array([(w, c) for e in eps for _, w, c in e.tool_calls if c is not None], np.float64)
+  if len(t) < 3 or t[:, 1].std() == 0 or t[:, 0].std() == 0:
+    return {"calls": int(len(t))}
+  return {"calls": int(len(t)), "wall_per_cpu_s": float(nnls(t[:, 1:], t[:, 0])[0]),
+          "corr": float(np.corrcoef(t.T)[0, 1])}
 
 
 def fit(eps: Sequence[Episode], mode: str = "auto", min_tool_calls: int = 20,
@@ -275,9 +291,14 @@ def fit(eps: Sequence[Episode], mode: str = "auto", min_tool_calls: int = 20,
   if mode == "episodes" and len(eps) < 3:
     raise CalibrationError(f"an episode-level fit needs >= 3 episodes, got {len(eps)}")
   names = tool_names(eps, min_tool_calls)
-  pre, dec, costs, n_out = (_fit_calls if mode == "calls" else _fit_episodes)(eps, names, trim)
+  # extra: the trimmed episodes' indices (episodes), each episode's stall seconds (calls)
+  pre, dec, costs, extra = (_fit_calls if mode == "calls" else _fit_episodes)(eps, names, trim)
   wall = np.array([e.wall_s for e in eps])
-  q = dict(quality(predict(eps, pre, dec, costs), wall), trimmed=n_out)
+  pred = predict(eps, pre, dec, costs)
+  q = dict(quality(pred, wall), trimmed=len(extra) if mode == "episodes" else int(
+      math.floor(trim * sum(len(e.calls) for e in eps))), tool_cpu=tool_cpu(eps))
+  if mode == "calls" and extra.any():  # the wall clock without the trimmed calls' stalls
+    q["without_stalls"] = quality(pred, wall - extra)
   recorded: dict[str, Any] = {}
   rec = [e.token_clock_s for e in eps]
   if all(r is not None for r in rec):
@@ -298,8 +319,15 @@ def report(f: Fit, stream: str) -> str:
          f"  prefill_s_per_token {f.prefill_s_per_token:.4g}, decode_s_per_token "
          f"{f.decode_s_per_token:.4g}, tool_costs {f.tool_costs_flag()}",
          f"  fitted clock vs wall: {line(f.quality)}"]
+  if f.quality.get("without_stalls"):
+    out.append(f"  fitted clock vs wall less the trimmed calls' stalls: "
+               f"{line(f.quality['without_stalls'])}")
   if f.recorded:
     out.append(f"  recorded clock vs wall: {line(f.recorded)}")
+  tc = f.quality.get("tool_cpu") or {}
+  if "wall_per_cpu_s" in tc:
+    out.append(f"  tools: wall = {tc['wall_per_cpu_s']:.3g} x sandbox CPU seconds (correlation "
+               f"{tc['corr']:.2f} over {tc['calls']} calls; tool_cost=cpu charges 1x)")
   out += ["config overrides:", "  " + " ".join(f.overrides()),
           "worker flags:", "  " + " ".join(f.worker_flags())]
   return "\n".join(out)

@@ -179,6 +179,7 @@ def test_trim_leaves_out_a_cold_servers_compile_stalls():
   for t in trajs[:4]:  # the first call of each of 4 workers' first episodes: a 45 s compile
     first = next(m for m in t.messages if m["role"] == "assistant")
     first["meta"]["latency_s"] += 45.0
+    t.metadata["budget"]["wall"]["total_s"] += 45.0
   eps = _episodes(trajs)
   raw = cal.fit(eps, "calls", trim=0.0)
   assert raw.prefill_s_per_token > 1.5 * TRUE["prefill"]  # the 400-token first prompts
@@ -188,3 +189,16 @@ def test_trim_leaves_out_a_cold_servers_compile_stalls():
   assert f.prefill_s_per_token == pytest.approx(clean.prefill_s_per_token, rel=0.05)
   assert f.decode_s_per_token == pytest.approx(clean.decode_s_per_token, rel=0.02)
   assert f.decode_s_per_token == pytest.approx(TRUE["decode"], rel=0.05)
+  # Episode quality is reported with and without the 4 x 45 s of stalls the clock leaves out.
+  assert f.quality["ratio_total"] < 0.95
+  assert f.quality["without_stalls"]["ratio_total"] == pytest.approx(1.0, abs=0.02)
+
+
+def test_tool_wall_time_against_sandbox_cpu_time():
+  trajs = _synthetic(10, 6)
+  for t in trajs:
+    for m in t.messages:
+      if m["role"] == "tool":
+        m["meta"]["cpu_s"] = m["meta"]["wall_s"] / 5.0
+  tc = cal.fit(_episodes(trajs), "calls").quality["tool_cpu"]
+  assert tc["wall_per_cpu_s"] == pytest.approx(5.0) and tc["corr"] == pytest.approx(1.0)
