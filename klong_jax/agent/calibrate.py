@@ -223,18 +223,32 @@ def trimmed_nnls(a: np.ndarray, b: np.ndarray, trim: float) -> tuple[np.ndarray,
   return nnls(a[keep] / scale, b[keep]) / scale, np.sort(order[len(b) - n_out:])
 
 
+def standard_errors(a: np.ndarray, b: np.ndarray, x: np.ndarray) -> np.ndarray:
+  """Least-squares standard errors of `x` (the unconstrained covariance at the fit): how well
+  the data separate the terms; episodes that all ran alike leave the token rates undetermined."""
+  scale = np.maximum(np.abs(a).max(0), 1e-12)
+  if np.linalg.matrix_rank(a / scale) < a.shape[1]:
+    return np.full(a.shape[1], np.inf)  # collinear terms: not separable at all
+  dof = max(1, a.shape[0] - a.shape[1])
+  s2 = float(np.sum((b - a @ x) ** 2)) / dof
+  return np.sqrt(np.maximum(0.0, np.diag(np.linalg.pinv(a.T @ a)) * s2))
+
+
 def _trimmed_mean(values: list[float], trim: float) -> float:
   v = np.sort(np.asarray(values, np.float64))
   return float(v[:max(1, len(v) - int(math.floor(trim * len(v))))].mean())
 
 
 def _fit_calls(eps: Sequence[Episode], names: Sequence[str],
-               trim: float) -> tuple[float, float, dict[str, float], np.ndarray]:
+               trim: float) -> tuple[float, float, dict[str, float], np.ndarray,
+                                     np.ndarray]:
   """Rates from the calls, tool costs from the tools; also each episode's stall seconds (its
   trimmed calls' latency beyond the fit)."""
   calls = np.array([c for e in eps for c in e.calls], np.float64)
   owner = np.array([i for i, e in enumerate(eps) for _ in e.calls])
   (pre, dec), out = trimmed_nnls(calls[:, :2], calls[:, 2], trim)
+  kept = np.setdiff1d(np.arange(len(calls)), out)
+  se = standard_errors(calls[kept, :2], calls[kept, 2], np.array([pre, dec]))
   stall = np.zeros(len(eps))
   np.add.at(stall, owner[out], np.maximum(0.0, calls[out, 2] - calls[out, :2] @ [pre, dec]))
   by_name: dict[str, list[float]] = collections.defaultdict(list)
@@ -244,20 +258,23 @@ def _fit_calls(eps: Sequence[Episode], names: Sequence[str],
   costs = {n: _trimmed_mean(by_name[n], trim) for n in names if by_name.get(n)}
   rest = by_name.get(DEFAULT_TOOL) or [w for v in by_name.values() for w in v]
   costs[DEFAULT_TOOL] = _trimmed_mean(rest, trim) if rest else 0.0
-  return float(pre), float(dec), costs, stall
+  return float(pre), float(dec), costs, stall, se
 
 
 def _fit_episodes(eps: Sequence[Episode], names: Sequence[str],
-                  trim: float) -> tuple[float, float, dict[str, float], np.ndarray]:
+                  trim: float) -> tuple[float, float, dict[str, float], np.ndarray,
+                                        np.ndarray]:
   tools = _tool_matrix(eps, names)
   a = np.concatenate([np.array([[e.prefill, e.decode] for e in eps], np.float64), tools], 1)
   wall = np.array([e.wall_s for e in eps])
   x, out = trimmed_nnls(a, wall, trim)
+  kept = np.setdiff1d(np.arange(len(wall)), out)
+  se = standard_errors(a[kept], wall[kept], x)[:2]
   costs = {n: float(v) for n, v in zip(names, x[2:-1], strict=True)}
   used_default = tools[:, -1].sum() > 0
   costs[DEFAULT_TOOL] = float(x[-1]) if used_default else (
       float(np.average(x[2:-1], weights=tools[:, :-1].sum(0))) if names else 0.0)
-  return float(x[0]), float(x[1]), costs, out
+  return float(x[0]), float(x[1]), costs, out, se
 
 
 def tool_cpu(eps: Sequence[Episode]) -> dict[str, Any]:
@@ -292,11 +309,13 @@ def fit(eps: Sequence[Episode], mode: str = "auto", min_tool_calls: int = 20,
     raise CalibrationError(f"an episode-level fit needs >= 3 episodes, got {len(eps)}")
   names = tool_names(eps, min_tool_calls)
   # extra: the trimmed episodes' indices (episodes), each episode's stall seconds (calls)
-  pre, dec, costs, extra = (_fit_calls if mode == "calls" else _fit_episodes)(eps, names, trim)
+  pre, dec, costs, extra, se = (_fit_calls if mode == "calls" else _fit_episodes)(
+      eps, names, trim)
   wall = np.array([e.wall_s for e in eps])
   pred = predict(eps, pre, dec, costs)
   q = dict(quality(pred, wall), trimmed=len(extra) if mode == "episodes" else int(
-      math.floor(trim * sum(len(e.calls) for e in eps))), tool_cpu=tool_cpu(eps))
+      math.floor(trim * sum(len(e.calls) for e in eps))), tool_cpu=tool_cpu(eps),
+           se={"prefill_s_per_token": float(se[0]), "decode_s_per_token": float(se[1])})
   if mode == "calls" and extra.any():  # the wall clock without the trimmed calls' stalls
     q["without_stalls"] = quality(pred, wall - extra)
   recorded: dict[str, Any] = {}
@@ -312,12 +331,14 @@ def report(f: Fit, stream: str) -> str:
     return (f"R^2 {q['r2']:.3f}, relative error per episode median {q['rel_err_median']:.1%} "
             f"p90 {q['rel_err_p90']:.1%} max {q['rel_err_max']:.1%}, token/wall total "
             f"{q['ratio_total']:.3f}")
+  se = f.quality["se"]
   out = [f"stream {stream}: {f.episodes} episodes of {f.trajectories} trajectories, fit by "
          f"{f.mode} (mean wall {f.quality['wall_s_mean']:.2f} s per episode; "
          f"{f.quality['trimmed']} slowest {'calls' if f.mode == 'calls' else 'episodes'} "
          "refitted without)",
-         f"  prefill_s_per_token {f.prefill_s_per_token:.4g}, decode_s_per_token "
-         f"{f.decode_s_per_token:.4g}, tool_costs {f.tool_costs_flag()}",
+         f"  prefill_s_per_token {f.prefill_s_per_token:.4g} (± {se['prefill_s_per_token']:.2g}),"
+         f" decode_s_per_token {f.decode_s_per_token:.4g} (± {se['decode_s_per_token']:.2g}), "
+         f"tool_costs {f.tool_costs_flag()}",
          f"  fitted clock vs wall: {line(f.quality)}"]
   if f.quality.get("without_stalls"):
     out.append(f"  fitted clock vs wall less the trimmed calls' stalls: "
@@ -334,12 +355,12 @@ def report(f: Fit, stream: str) -> str:
 
 
 def _finite(obj: Any) -> Any:
-  """NaN -> None throughout (strict JSON)."""
+  """NaN and infinities -> None throughout (strict JSON)."""
   if isinstance(obj, dict):
     return {k: _finite(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
     return [_finite(v) for v in obj]
-  return None if isinstance(obj, float) and math.isnan(obj) else obj
+  return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 def main(argv: Iterable[str] | None = None) -> int:

@@ -202,3 +202,15 @@ def test_tool_wall_time_against_sandbox_cpu_time():
         m["meta"]["cpu_s"] = m["meta"]["wall_s"] / 5.0
   tc = cal.fit(_episodes(trajs), "calls").quality["tool_cpu"]
   assert tc["wall_per_cpu_s"] == pytest.approx(5.0) and tc["corr"] == pytest.approx(1.0)
+
+
+def test_standard_errors_say_when_episodes_cannot_separate_the_rates():
+  # Per-call records pin the rates; episodes that all ran alike do not (wide errors).
+  calls = cal.fit(_episodes(_synthetic(60, 7)), "calls")
+  assert calls.quality["se"]["decode_s_per_token"] < 0.02 * TRUE["decode"]
+  alike = _synthetic(30, 8, per_call=False)
+  for t in alike:  # every episode the same counts: prefill and decode are collinear with tools
+    b = t.metadata["budget"]["tokens"]
+    b["prefill_tokens"], b["decode_tokens"] = 2000, 400
+  f = cal.fit(_episodes(alike), "episodes")
+  assert f.quality["se"]["decode_s_per_token"] > TRUE["decode"]
