@@ -7,8 +7,8 @@ one episode each, then agent/calibrate.py on the stream.
       [--max_steps=40] [--out=benchmarks/results/token_clock_calibration.json]
 
 The rollouts run as the demo's evals do (configs/demo.py: server, `--workers` worker processes,
-one episode per claim; the RL workers' temperature and step budget): `--workers=8` keeps 8
-episodes in flight, as the demo's RL does (4 workers x groups of 2). The result holds the
+one episode per claim; the RL workers' temperature and step budget): `--workers=10` (default)
+keeps 10 episodes in flight, as the demo's RL does (5 workers x groups of 2). The result holds the
 fitted rates (per call, with standard errors), the episode-level fit quality with and without a
 cold server's compile stalls, the same for the rates the rollouts ran with, the tool wall/CPU
 relation and the box's load average, so a reader can tell a quiet-box calibration from a loaded
@@ -31,7 +31,7 @@ _BASE = flags.DEFINE_string("base", "", "Demo workdir through eval_sft (tokenize
 _RUN = flags.DEFINE_string("run", "", "This run's dir (its eval stream is kept there).")
 _OUT = flags.DEFINE_string("out", "benchmarks/results/token_clock_calibration.json",
                            "Result JSON.")
-_WORKERS = flags.DEFINE_integer("workers", 8, "Worker processes (episodes in flight).")
+_WORKERS = flags.DEFINE_integer("workers", 10, "Worker processes (episodes in flight).")
 _MAX_STEPS = flags.DEFINE_integer("max_steps", 40, "Actions per episode.")
 _TRIM = flags.DEFINE_float("trim", 0.02, "calibrate --trim.")
 
