@@ -17,6 +17,13 @@ no dependency):
   calls counted by name: what the wall clock's limit measured, fitted directly.
 * "auto": calls when every usable trajectory has per-call records, else episodes.
 
+`--trim` refits without the share of calls (episodes) slowest relative to the first fit: a cold
+server compiling its shapes stalls its first calls for tens of seconds, wall time the token
+clock rightly leaves out (the episode quality is also shown with those stalls taken off). Each
+rate comes with its least-squares standard error: episodes that all ran alike cannot separate
+prefill, decode and tool terms, and say so (inf when collinear). Tool wall time against the
+sandbox's CPU seconds is reported too (what `tool_cost="cpu"` would charge).
+
 Prints the config overrides (`--config.workers.*` of configs/demo.py and rl_glm45_air.py, and the
 worker's own flags) and the fit quality: R^2 and the relative error per episode of the fitted
 token clock against the wall clock, next to the same for the rates the stream was recorded with.
