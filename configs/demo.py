@@ -200,8 +200,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.timeout_s = 3600.0
     # Stage limits 15 s / 30 s / 60 s against ~20-30 s full student episodes on 2 cores: stage 1
     # cuts most rollouts part way (graded as they stand), the last lets them finish.
+    # Every family in every stage (issue #31): a stage is 2 steps x 5 groups = 10 groups, one per
+    # RL family (the workers restart their family cycle at each stage: task_sampling.StageCycle;
+    # tests/rollout/test_stage_coverage.py). Groups of 2 (RLOO with 2 samples) keep the rollouts
+    # near the earlier 2 steps x 2 groups x 4 (20 vs 16 per stage); 5 workers (10 episodes in
+    # flight, 8 before) make one step's 5 groups at once, and sync mode (one group per worker
+    # and policy version) needs workers >= groups per step. Groups of 4 would be 40 rollouts
+    # per stage (2.5x the RL phase).
+    c.workers.group_size = 2
+    c.workers.num = 5
     c.rl.args = ml_collections.ConfigDict(dict(
-        steps=6, stage_steps=2, batch=16, groups=2, staleness=2, publish=1, minibatches=2,
+        steps=6, stage_steps=2, batch=16, groups=5, staleness=2, publish=1, minibatches=2,
         limits="15:30:60", off_policy="none"))
     c.rl.timeout_s = 2400.0
     c.budgets_s.update(dict(distill=185, sft=410, eval_sft=300, rl=600, eval_rl=300))

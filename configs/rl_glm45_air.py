@@ -119,7 +119,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # preempted or crashed multi-hour rollout resumes there, losing at most this much agent work.
   config.workers.ckpt_every_s = 600.0
   # Clock of the stage limits: "wall" on a dedicated pod; "tokens" is the deterministic one
-  # (agent/budget.py), whose rates each trajectory's metadata `budget` lets a pod run calibrate.
+  # (agent/budget.py), whose rates each trajectory's metadata `budget` lets a pod run calibrate:
+  # `python -m klong_jax.agent.calibrate --stream=<the run's stream>` prints the overrides.
   config.workers.budget_clock = "wall"
   config.workers.prefill_s_per_token = 0.0005  # Token clock: s per prefill token not reused.
   config.workers.decode_s_per_token = 0.02     # Token clock: s per generated token.

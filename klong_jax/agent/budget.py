@@ -102,6 +102,10 @@ class WallClock:
     self._offset = 0.0  # Wall time of the episode before a restore.
     self.retry_s = 0.0
 
+  def now(self) -> float:
+    """The time source's reading (per-call wall times are measured on it)."""
+    return self._now()
+
   def total(self) -> float:
     """Wall seconds including retry time."""
     return self._offset + self._now() - self._start
@@ -198,6 +202,10 @@ class EpisodeClock:
   @property
   def name(self) -> str:
     return self.binding
+
+  def now(self) -> float:
+    """The wall clock's time source (per-call wall times are measured on it)."""
+    return self.wall.now()
 
   def elapsed(self) -> float:
     """Seconds of budget used, on the binding clock."""

@@ -295,6 +295,7 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     clock = budget_lib.EpisodeClock(cfg.budget_clock, cfg.token_rates, now=now)
   if state is not None:
     state["clock"] = clock
+  tick: Callable[[], float] = getattr(clock, "now", now)  # the wall clock's time source
   start = now()
   retry_s = 0.0
   steps = tokens = trims = malformed = refusals = 0
@@ -390,12 +391,17 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     if last_call is not None:
       reused = (last_call[1] if last_call[0] == trims
                 else window.prefix_len if window is not None else 0)
-    clock.charge_model(prompt, budget_lib.uncached_prefill(prompt, reused), completion,
-                       retry_s=call_retry_s)
+    prefill = budget_lib.uncached_prefill(prompt, reused)
+    clock.charge_model(prompt, prefill, completion, retry_s=call_retry_s)
     last_call = (trims, prompt + completion)
     parse_error = reply.pop("tool_call_error", None)
+    # Per call, what the token clock charged and what the call took in wall time (its latency,
+    # retries excluded): agent/calibrate.py fits the clock's rates to these.
     reply["meta"] = {"step": steps, "t": round(elapsed(), 3), "seed": seed,
-                     "finish_reason": info.get("finish_reason")}
+                     "finish_reason": info.get("finish_reason"),
+                     "prompt_tokens": prompt, "prefill_tokens": prefill,
+                     "completion_tokens": completion,
+                     "latency_s": round(float(info.get("latency_s", 0.0)), 4)}
     if parse_error:
       reply["meta"]["tool_call_error"] = parse_error
     add(reply)
@@ -409,8 +415,10 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
     for call in calls:
       fn = call.get("function") or {}
       name = fn.get("name") or ""
+      t_tool = tick()
       out = registry.execute(sandbox, name, fn.get("arguments"), cfg.tool_timeout_s,
                              workdir=workdir)
+      tool_meta = {"wall_s": round(tick() - t_tool, 4), "cpu_s": out.cpu_s}
       clock.charge_tool(name, out.cpu_s)
       content = out.content
       malformed += int(out.error)
@@ -423,7 +431,8 @@ def run_episode(client: Any, sandbox: Sandbox, prefix: list[dict[str, Any]], cfg
                      "left. Keep improving and verifying your work; submit again later.")
         else:
           submitted = True
-      add({"role": "tool", "tool_call_id": call.get("id", ""), "name": name, "content": content})
+      add({"role": "tool", "tool_call_id": call.get("id", ""), "name": name, "content": content,
+           "meta": tool_meta})
     if submitted:
       end_reason = "submitted"
       break

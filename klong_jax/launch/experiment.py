@@ -258,6 +258,13 @@ def rl_experiment(c: Any, workdir: str, *, init_checkpoint: str, tokenizer: str,
                   port: int | None = None) -> Experiment:
   """Progressive RL: trainer (publishes policy 0 first), server on its policy dir, N workers."""
   workdir = os.path.abspath(workdir)
+  if c.rl.mode == "sync":  # A sync worker makes one group per policy version: a step needs
+    # groups_per_step workers, else the trainer waits for groups no worker will make.
+    rl = config_util.load_config(c.rl.config, config_util.format_arg(c.rl.args))
+    if int(rl.rl.groups_per_step) > int(c.workers.num):
+      raise ValueError(f"rl.mode=sync needs workers.num >= the RL config's groups per step "
+                       f"({rl.rl.groups_per_step}), got {c.workers.num}: raise workers.num or "
+                       "lower rl.args.groups")
   port = port or c.server.port or free_port()
   stream = os.path.join(workdir, "stream")
   policy = os.path.join(workdir, "policy")

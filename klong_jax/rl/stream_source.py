@@ -78,7 +78,9 @@ class StreamConfig:
   # it with the zero-variance groups read, so a policy whose groups all score alike still trains.
   dynamic_sampling_max_reads: int = 0
   # Prefer, among the oldest `family_lookahead` fresh shards, one whose task family (trajectory
-  # metadata `family`, else its task id) the element does not hold yet (0 = publish order only).
+  # metadata `family`, else its task id) the stage's current family cycle has not trained on
+  # yet, else one the element does not hold yet (0 = publish order only). A cycle ends (and the
+  # next begins) when no shard in the window has a family new to it.
   family_lookahead: int = 0
   # Turns cut at the token limit (Trajectory.cut_turns): "mask" = no loss on their tokens,
   # "train" = trained like any turn.
@@ -161,6 +163,9 @@ class StreamIterator(grain.DatasetIterator):
     self.last_info: dict[str, Any] = {}
     self._cleared_stage: int | None = None
     self._families: dict[str, str] = {}  # shard -> task family (family_lookahead)
+    # Families trained on in this stage's current cycle (family_lookahead): a stage's steps take
+    # every family once before any twice, older stages' leftovers (drained first) included.
+    self._cycle: set[str] = set()
     self.on_element: Callable[[StreamIterator], None] | None = None
 
   # -- control from the trainer -----------------------------------------------------------------
@@ -171,6 +176,8 @@ class StreamIterator(grain.DatasetIterator):
 
   def set_stage(self, stage: int) -> None:
     """Switches to `stage`; with prev_stage='drop' older stages' unread shards are dropped."""
+    if int(stage) != self.stage:
+      self._cycle = set()
     self.stage = int(stage)
 
   # -- listing ----------------------------------------------------------------------------------
@@ -319,12 +326,22 @@ class StreamIterator(grain.DatasetIterator):
 
   def _pick(self, fresh: list[str], avoid: set[str]) -> str:
     """The oldest fresh shard, or with `family_lookahead` the oldest of the first few whose
-    family is not in `avoid` (the element's families so far), so a step's groups mix families."""
-    if self.cfg.family_lookahead and avoid:
-      stage = _stage_of(fresh[0])  # older stages are still drained first
-      for rel in fresh[:self.cfg.family_lookahead]:
-        if _stage_of(rel) == stage and self._shard_family(rel) not in avoid:
+    family is new to the stage's family cycle, else not in `avoid` (the element's families so
+    far): a stage trains on every family before repeating one, and a step's groups mix."""
+    if not self.cfg.family_lookahead:
+      return fresh[0]
+    stage = _stage_of(fresh[0])  # older stages are still drained first
+    window = [rel for rel in fresh[:self.cfg.family_lookahead] if _stage_of(rel) == stage]
+    fams = [self._shard_family(rel) for rel in window]
+    if stage == self.stage:
+      for rel, fam in zip(window, fams, strict=True):
+        if fam not in self._cycle and fam not in avoid:
           return rel
+      if all(fam in self._cycle for fam in fams):
+        self._cycle = set()  # nothing new to the cycle in sight: the next cycle starts
+    for rel, fam in zip(window, fams, strict=True):
+      if fam not in avoid:
+        return rel
     return fresh[0]
 
   def _wait_for_shard(self, avoid: set[str] | None = None) -> str:
@@ -375,6 +392,7 @@ class StreamIterator(grain.DatasetIterator):
       taken.append({"path": rel, "keep": keep})
       if self.cfg.family_lookahead:
         families.add(self._shard_family(rel))
+        self._cycle.add(self._shard_family(rel))
     for s in no_signal:  # read, not taken: out of the batch and the loss denominator
       dropped += 1
       self.counters["dropped_zero_var_trajectories"] += len(s["keep"])
@@ -456,13 +474,15 @@ class StreamIterator(grain.DatasetIterator):
 
   def get_state(self) -> dict[str, Any]:
     return {"stage": self.stage, "version": self.version, "consumed": sorted(self._consumed),
-            "element": self._element, "counters": dict(self.counters)}
+            "element": self._element, "counters": dict(self.counters),
+            "family_cycle": sorted(self._cycle)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     self.stage = int(state["stage"])
     self.version = int(state["version"])
     self._consumed = set(state["consumed"])
     self._element = state["element"]
+    self._cycle = set(state.get("family_cycle", ()))  # absent in older checkpoints
     self._batches = None
     self.counters = {k: float(state["counters"].get(k, 0.0)) for k in COUNTERS}
 

@@ -373,32 +373,37 @@ class Worker:
                            "need an LLM judge: pass --judge_url (and --judge_model, "
                            "$KLONG_JUDGE_API_KEY)")
     published = 0
-    for rnd in range(self.cfg.rounds):
-      for task in task_sampling.task_order([t for _, t in tasks], self.cfg.shuffle_seed, rnd,
-                                           interleave=self.cfg.interleave_families):
-        ctl = self.wait_for_policy()
-        if ctl.tasks and not any(fnmatch.fnmatchcase(task.id, pat) for pat in ctl.tasks):
-          continue  # Not in this stage's task mix.
-        group_id = f"{task.id}-s{ctl.stage}-r{rnd}"
-        shard = self.stream.claim(group_id, ctl.stage)
-        if shard is None:
-          continue
-        if self.stream.published(shard):
-          self.stream.mark_done(group_id, shard, -1)
-          episode_ckpt.delete_group(self.cfg.stream, group_id)
-          continue
-        limit = ctl.time_limit_s or self.cfg.episode.time_limit_s
-        logging.info("%s: group %s (G=%d, limit %.0fs on the %s clock)", self.name, group_id,
-                     self.cfg.group_size, limit, ctl.budget_clock or self.cfg.episode.budget_clock)
-        try:
-          records = self.run_group(task, group_id, ctl, limit)
-        except episode_ckpt.CheckpointFenced as e:
-          logging.warning("%s: group %s abandoned: %s", self.name, group_id, e)
-          continue
-        self.stream.publish(group_id, shard, records, self.cfg.pause_before_publish_s)
+    # Each stage walks its own order from the start (task_sampling.StageCycle): its first F
+    # groups cover the F task families, whatever the previous stage claimed.
+    cycle = task_sampling.StageCycle([t for _, t in tasks], self.cfg.shuffle_seed,
+                                     self.cfg.rounds, interleave=self.cfg.interleave_families)
+    while True:
+      ctl = self.wait_for_policy()
+      item = cycle.next(ctl.stage)
+      if item is None:
+        return published
+      rnd, task = item
+      if ctl.tasks and not any(fnmatch.fnmatchcase(task.id, pat) for pat in ctl.tasks):
+        continue  # Not in this stage's task mix.
+      group_id = f"{task.id}-s{ctl.stage}-r{rnd}"
+      shard = self.stream.claim(group_id, ctl.stage)
+      if shard is None:
+        continue
+      if self.stream.published(shard):
+        self.stream.mark_done(group_id, shard, -1)
         episode_ckpt.delete_group(self.cfg.stream, group_id)
-        published += 1
-    return published
+        continue
+      limit = ctl.time_limit_s or self.cfg.episode.time_limit_s
+      logging.info("%s: group %s (G=%d, limit %.0fs on the %s clock)", self.name, group_id,
+                   self.cfg.group_size, limit, ctl.budget_clock or self.cfg.episode.budget_clock)
+      try:
+        records = self.run_group(task, group_id, ctl, limit)
+      except episode_ckpt.CheckpointFenced as e:
+        logging.warning("%s: group %s abandoned: %s", self.name, group_id, e)
+        continue
+      self.stream.publish(group_id, shard, records, self.cfg.pause_before_publish_s)
+      episode_ckpt.delete_group(self.cfg.stream, group_id)
+      published += 1
 
 
 def run_worker(cfg: WorkerConfig) -> int:

@@ -41,10 +41,18 @@ def test_sweep_makes_one_work_unit_per_override_set(tmp_path):
   assert [j.name for j in units[1].jobs] == ["trainer", "server", "worker0"]
 
 
+def test_sync_mode_needs_a_worker_per_group_of_a_step(tmp_path):
+  c = local.apply_overrides(demo_config.get_config(), local.parse_overrides(
+      "rl.mode=sync,workers.num=2"))
+  with pytest.raises(ValueError, match="workers.num >= the RL config's groups per step"):
+    local.work_units(c, str(tmp_path), [], dry_run=True)
+
+
 def test_overrides_are_typed_and_unknown_keys_fail():
   c = demo_config.get_config()
-  c2 = local.apply_overrides(c, local.parse_overrides("workers.num=5,rl.mode=sync"))
-  assert c2.workers.num == 5 and c2.rl.mode == "sync" and c.workers.num == 2
+  c2 = local.apply_overrides(c, local.parse_overrides("workers.num=7,rl.mode=sync"))
+  assert c2.workers.num == 7 and c2.rl.mode == "sync"
+  assert c.workers.num == demo_config.get_config().workers.num != 7  # the base is not edited
   with pytest.raises(KeyError, match="no field 'nmu'"):
     local.apply_overrides(c, {"workers.nmu": 1})
   with pytest.raises(ValueError, match="key=value"):

@@ -112,3 +112,33 @@ def test_groups_of_one_step_mix_families(tmp_path):
   assert elements(4) == [["arith0", "fib2"], ["arith1", "fib3"]]
   assert elements(0) == [["arith0", "arith1"], ["fib2", "fib3"]]  # publish order only
 
+
+
+def test_a_stage_trains_on_every_family_before_repeating_one(tmp_path):
+  # Stage 0 left groups of families a and b unread when the trainer moved to stage 1 (async
+  # overshoot); stage 1's workers published a, b, c, d, a, b. Draining the leftovers first, the
+  # stage's 2 steps x 2 groups train on a, b (stage 0) then c, d, not a, b again.
+  for i, fam in enumerate(["a", "b"]):
+    write_group(str(tmp_path), 0, f"{fam}old", [1.0, 0.0], 0, seed=40 + i,
+                metadata={"family": fam})
+  for i, fam in enumerate(["a", "b", "c", "d", "a", "b"]):
+    write_group(str(tmp_path), 1, f"{fam}{i}", [1.0, 0.0], 0, seed=50 + i,
+                metadata={"family": fam})
+
+  def stage_one(lookahead, restart_after=0):
+    it = iter(StreamDataset(_cfg(tmp_path, family_lookahead=lookahead)))
+    it.set_stage(1)
+    out = []
+    for k in range(3):
+      if k == restart_after and k:  # a trainer restart keeps the cycle (checkpointed)
+        state = json.loads(json.dumps(it.get_state()))
+        it = iter(StreamDataset(_cfg(tmp_path, family_lookahead=lookahead)))
+        it.set_state(state)
+        it.set_stage(1)
+      next(it)
+      out.append(sorted(i.split("-")[0][1:] for i in it.last_info["ids"][::2]))
+    return out
+  assert stage_one(8) == [["aold", "bold"], ["c2", "d3"], ["a0", "b1"]]
+  assert stage_one(8, restart_after=2) == stage_one(8)
+  # The earlier rule (the element's families only) trains on a and b twice before c and d.
+  assert stage_one(0) == [["aold", "bold"], ["a0", "b1"], ["c2", "d3"]]
