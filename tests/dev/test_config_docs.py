@@ -21,6 +21,6 @@ def test_comments_from_attribute_keyword_and_preceding_lines():
 def test_reference_covers_every_config_and_is_current():
   text = config_docs.render()
   assert "## glm45_air.py" in text and "`model.num_experts` | `128`" in text
-  assert "| `workers.num` | `2` | Worker processes" in text
+  assert "| `workers.num` | `5` | Worker processes" in text
   with open(config_docs.OUT, encoding="utf-8") as f:
     assert f.read() == text, "run `python -m dev.config_docs` to regenerate"
