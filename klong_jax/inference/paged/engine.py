@@ -78,13 +78,25 @@ class PagedEngine(Engine):
   # ---- device pool ---------------------------------------------------------------------------
 
   def _make_pool(self, num_pages: int) -> jax.Array:
-    cfg = self.sampler.model_cfg
+    """The zeroed pool [layers * pages, page, 2 * kv_heads, head_dim], laid out on the serving
+    mesh by the rules (parallel/rules.paged_pool_spec): kv heads over `tensor`, every page on
+    every chip of the other axes.
+
+    Why pages are replicated over the batch axes (data x expert) rather than split into
+    per-shard page ranges: a page id is global (one allocator, prefix hits share pages between
+    any rows), attention needs no cross-chip traffic, and the MoE's all-to-all already mixes
+    every row's tokens across the expert axis. The cost: each chip holds 1/tensor of the whole
+    pool (not 1/(tensor x data x expert)), and the batch axes repeat the attention reads; the
+    serving plan reports that pool per chip (launch/serve_plan.py, engine "paged")."""
+    s = self.sampler
+    cfg = s.model_cfg
     shape = (cfg.num_layers * num_pages, self.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-    make = lambda: jnp.zeros(shape, self.sampler.cache_dtype)
-    if self.sampler.mesh is None:
+    make = lambda: jnp.zeros(shape, s.cache_dtype)
+    if s.mesh is None:
       return jax.jit(make)()
-    from jax.sharding import NamedSharding, PartitionSpec
-    return jax.jit(make, out_shardings=NamedSharding(self.sampler.mesh, PartitionSpec()))()
+    from klong_jax.parallel import rules as rules_lib
+    rules = s.rules if s.rules is not None else rules_lib.LOGICAL_RULES
+    return jax.jit(make, out_shardings=rules_lib.paged_pool_sharding(s.mesh, rules, shape))()
 
   @property
   def pool_bytes(self) -> int:

@@ -43,11 +43,9 @@ def forward(model: Any, pool: jax.Array, tokens: jax.Array, positions: jax.Array
       h, pool = carry
       q, k, v = layer.attn._qkv(layer.input_layernorm(h), positions[None])
       base = (first + i) * num_pages
-      pool = paged_attention.write_kv(pool, base + page, offset, k[0], v[0])
-      if backend == "portable":
-        o = paged_attention.portable(q[0], pool, base, token_pages, positions, valid)
-      else:
-        o = paged_attention.ragged(q[0], pool, base, page_indices, kv_lens, cu_q_lens, num_seqs)
+      o, pool = paged_attention.write_and_attend(
+          backend, q[0], k[0], v[0], pool, base, page, offset, token_pages, positions, valid,
+          page_indices, kv_lens, cu_q_lens, num_seqs)
       h, aux = layer._ffn(h + layer.attn._out(o[None]))
       return (h, pool), aux.get("moe_routing")
     return run
