@@ -51,6 +51,22 @@ def write_kv(pool: jax.Array, rows: jax.Array, offsets: jax.Array, k: jax.Array,
   return pool.at[rows, offsets].set(kv_pair)
 
 
+def pool_spec(pool: jax.Array) -> jax.P | None:
+  """The pool's PartitionSpec under the current mesh and rules (None without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  from klong_jax.model.layers import current_rules
+  return rules_lib.paged_pool_spec(dict(mesh.shape), current_rules(), pool.shape)
+
+
+def constrain_pool(pool: jax.Array) -> jax.Array:
+  """Pins the pool to its layout (e.g. a loop carry, which XLA may otherwise re-lay out and copy
+  per iteration); a no-op without a mesh."""
+  spec = pool_spec(pool)
+  return pool if spec is None else jax.lax.with_sharding_constraint(pool, spec)
+
+
 def write_and_attend(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, pool: jax.Array,
                      base: jax.Array, page: jax.Array, offset: jax.Array,
                      token_pages: jax.Array, positions: jax.Array, valid: jax.Array,
@@ -68,11 +84,9 @@ def write_and_attend(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, poo
 
   args = (q, k, v, pool, jnp.asarray(base, jnp.int32), page, offset, token_pages, positions,
           valid, page_indices, kv_lens, cu_q_lens, num_seqs)
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty:
+  spec = pool_spec(pool)
+  if spec is None:
     return local(*args)
-  from klong_jax.model.layers import current_rules
-  spec = rules_lib.paged_pool_spec(dict(mesh.shape), current_rules(), pool.shape)
   heads = jax.P(None, spec[2], None)
   rep = (jax.P(),) * 10
   return jax.shard_map(local, in_specs=(heads, heads, heads, spec, *rep),

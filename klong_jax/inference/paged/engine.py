@@ -32,14 +32,22 @@ from klong_jax.inference.sampler import Sampler
 log = logging.getLogger(__name__)
 
 
-def default_num_pages(sampler: Sampler, page_size: int, extra_mb: float = 0.0) -> int:
+def pool_pages(model_cfg: Any, max_batch: int, max_len: int, page_size: int, cache_dtype: Any,
+               extra_mb: float = 0.0) -> int:
   """Pages for `max_batch` full-length requests + `extra_mb` of prefix-cache pages + trash page:
-  the dense Engine's memory (rows + prefix pool) as a page pool."""
-  cfg = sampler.model_cfg
+  the dense Engine's memory (rows + prefix pool) as a page pool (the server's and the serving
+  plan's default when serve.kv_pages is 0)."""
+  cfg = model_cfg
   page_bytes = (cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim *
-                jnp.dtype(sampler.cache_dtype).itemsize)
-  rows = sampler.max_batch * math.ceil(sampler.max_len / page_size)
+                jnp.dtype(cache_dtype).itemsize)
+  rows = max_batch * math.ceil(max_len / page_size)
   return rows + int(extra_mb * (1 << 20)) // page_bytes + 1
+
+
+def default_num_pages(sampler: Sampler, page_size: int, extra_mb: float = 0.0) -> int:
+  """`pool_pages` for the sampler's model, rows, context and cache dtype."""
+  return pool_pages(sampler.model_cfg, sampler.max_batch, sampler.max_len, page_size,
+                    sampler.cache_dtype, extra_mb)
 
 
 class PagedEngine(Engine):
@@ -180,9 +188,7 @@ class PagedEngine(Engine):
     return math.ceil((min(end, self.sampler.max_len) - 1) / self.page_size)
 
   def _admit(self) -> None:
-    free = [i for i, r in enumerate(self._rows) if r is None]
-    if self.schedule == "static" and len(free) < len(self._rows):
-      return
+    free = self._free_rows()
     ps, admitted, skipped = self.page_size, [], []
     with self._lock:
       while free and self._waiting:
@@ -206,9 +212,7 @@ class PagedEngine(Engine):
         self._reserved += need
         for key in keys[hits:]:
           self._claimed[key] = self._claimed.get(key, 0) + 1
-        req.row = free.pop(0)
-        self._rows[req.row] = req
-        self._settings.set(req.row, req.params, req.seed)
+        self._seat(req, free.pop(0))
         self._order.append(req)
         admitted.append(req)
       self._waiting.extendleft(reversed(skipped))

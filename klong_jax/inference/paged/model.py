@@ -107,6 +107,7 @@ def decode_steps(graphdef: Any, params: Any, rest: Any, pool: jax.Array, state: 
 
   def body(carry: Any, _: Any) -> tuple[Any, Any]:
     pool, tokens, positions, counters, remaining = carry
+    pool = paged_attention.constrain_pool(pool)  # The carry keeps the pool's layout.
     active = remaining > 0
     kv_lens = jnp.where(active, positions + 1, 1)
     h, pool, routing = forward(model, pool, tokens, positions, seq, active,
@@ -118,10 +119,11 @@ def decode_steps(graphdef: Any, params: Any, rest: Any, pool: jax.Array, state: 
     top = _top_logprobs(logits, state["temp"], state["top_k"], state["top_p"])
     stopped = jnp.any(toks[:, None] == state["stop_ids"], axis=1)
     remaining = jnp.where(stopped, 0, jnp.maximum(remaining - 1, 0))
-    carry = (pool, toks, positions + 1, counters + 1, remaining)
+    carry = (paged_attention.constrain_pool(pool), toks, positions + 1, counters + 1, remaining)
     return carry, (toks, lps, top, routing)
 
-  init = (pool, state["tokens"], state["positions"], state["counters"], state["remaining"])
+  init = (paged_attention.constrain_pool(pool), state["tokens"], state["positions"],
+          state["counters"], state["remaining"])
   (pool, *_), outs = jax.lax.scan(body, init, None, length=steps)
   toks, lps, top, routing = outs
   return toks, lps, top, routing, pool
