@@ -61,8 +61,8 @@ def pool_spec(pool: jax.Array) -> jax.P | None:
 
 
 def constrain_pool(pool: jax.Array) -> jax.Array:
-  """Pins the pool to its layout (e.g. a loop carry, which XLA may otherwise re-lay out and copy
-  per iteration); a no-op without a mesh."""
+  """Pins the pool to its sharding (the decode loop's carry: the layer shard_maps fix it inside
+  a step, this keeps it between steps); a no-op without a mesh."""
   spec = pool_spec(pool)
   return pool if spec is None else jax.lax.with_sharding_constraint(pool, spec)
 
