@@ -187,3 +187,20 @@ def test_tpu_compile_of_paged_decode_and_mixed_step_on_v5p_2x2x1():
   assert decode.step == "decode" and mixed.step == "prefill"
   assert {"all-to-all", "ragged-all-to-all"} & set(decode.collectives), decode.collectives
   assert "all-gathers of expert weights: none" in decode.report()
+
+
+def test_serve_plan_verdict_and_json():
+  """Peak / FITS come from the shared MemoryVerdict (compiled figures, or the compiler's refusal
+  figure) and the plan round-trips through JSON (plan --out)."""
+  import json
+  p = serve_plan.ServePlan(step="decode", mesh={"expert": 2}, max_batch=8, max_len=256,
+                           tokens="8 rows", weights=4.0, kv_cache=2.0, arguments=6.0, temp=1.0,
+                           hbm=7.5, engine="paged", notes=("page pool: 9 pages",),
+                           collectives={"all-to-all": topo_lib.Collective(3, 10.0)},
+                           kernels={"ragged_paged_attention_kernel": 2})
+  assert p.peak == 7.0 and p.fits is True and "KV page pool" in p.report()
+  d = json.loads(json.dumps(p.as_dict()))
+  assert d["fits"] is True and d["peak"] == 7.0 and d["collectives"]["all-to-all"]["count"] == 3
+  refused = dataclasses.replace(p, refused="out of HBM", required=9.0)
+  assert refused.peak == 9.0 and refused.fits is False
+  assert dataclasses.replace(refused, required=None).peak == 6.0  # weights + pool at least.
