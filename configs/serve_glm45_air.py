@@ -48,7 +48,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.serve = serve_config.serve_section(
       model_name="klong-glm45_air", port=args.port, max_batch=args.max_batch or max_batch,
       max_len=args.max_len or max_len, cache_dtype="bfloat16",
-      # The dense engine: the one launch/serve_plan.py compiles and fits per slice. The paged
-      # engine's page pool is not yet sharded over the serving mesh (replicated per chip).
-      engine="dense")
+      # The dense engine: the one launch/serve_plan.py compiled and fit on every slice. The
+      # paged engine (pool split over kv heads by the rules, pages on every chip of `expert`)
+      # is planned on v5p-8 with `plan --step=serve --engine=paged` (FITS, docs/performance.md).
+      engine="dense",
+      # Paged: one decode step per call on TPU. With 2+ steps XLA hoists the relayout of the
+      # stacked expert weights (TPU's default layout puts their model dim minor, the grouped
+      # matmul reads the expert hidden dim minor) out of the step loop: 128 GiB of temporaries
+      # on v5p-8, refused; at 1 step it is done a layer at a time (0.77 GiB).
+      decode_steps=1)
   return config

@@ -227,10 +227,21 @@ class Engine:
     for req in dropped:
       self._finish(req, "cancelled")
 
-  def _admit(self) -> None:
+  def _free_rows(self) -> list[int]:
+    """Rows a request may be admitted to now (static schedule: none until all are free)."""
     free = [i for i, r in enumerate(self._rows) if r is None]
     if self.schedule == "static" and len(free) < len(self._rows):
-      return
+      return []
+    return free
+
+  def _seat(self, req: Request, row: int) -> None:
+    """Puts `req` in cache row `row` with its sampling settings."""
+    req.row = row
+    self._rows[row] = req
+    self._settings.set(row, req.params, req.seed)
+
+  def _admit(self) -> None:
+    free = self._free_rows()
     admitted: list[Request] = []
     with self._lock:
       while free and self._waiting:
@@ -238,9 +249,7 @@ class Engine:
         if req.params.max_tokens == 0:
           admitted.append(req)  # Nothing to generate: finishes without a row.
           continue
-        req.row = free.pop(0)
-        self._rows[req.row] = req
-        self._settings.set(req.row, req.params, req.seed)
+        self._seat(req, free.pop(0))
         admitted.append(req)
     for req in [r for r in admitted if r.row < 0]:
       self._finish(req, "length")

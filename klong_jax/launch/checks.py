@@ -18,6 +18,41 @@ class StartupError(ValueError):
   """A config that cannot start on this slice; the message names the fix."""
 
 
+class MemoryVerdict:
+  """Peak and FITS of one compiled step's per-chip figures (bytes), shared by the training plan
+  (launch/plan.Plan) and the serving plan (serve_plan.ServePlan). Needs the fields `arguments`,
+  `output_not_aliased`, `temp`, `hbm`, `refused`, `required` and a `persistent` property."""
+
+  arguments: float
+  output_not_aliased: float
+  temp: float
+  hbm: float | None
+  refused: str
+  required: float | None
+
+  @property
+  def persistent(self) -> float:
+    raise NotImplementedError
+
+  @property
+  def peak(self) -> float:
+    """Arguments + fresh outputs + temp: an upper bound on live bytes during the step; when the
+    TPU compiler refused, its own figure (at least the persistent bytes).
+
+    (XLA:CPU's own `peak_memory_in_bytes` leaves temp out, so it is not used.)
+    """
+    if self.refused:
+      return max(self.required or 0.0, self.persistent)
+    return self.arguments + self.output_not_aliased + self.temp
+
+  @property
+  def fits(self) -> bool | None:
+    """False when refused, None without an HBM size, else peak <= HBM."""
+    if self.refused:
+      return False
+    return None if self.hbm is None else self.peak <= self.hbm
+
+
 def batch_axes(mesh: Mapping[str, int], rules: Any = rules_lib.LOGICAL_RULES
                ) -> tuple[tuple[str, ...], int]:
   """(mesh axes the batch rows are split over, their product), from the `act_batch` rule."""

@@ -55,7 +55,7 @@ _FAKE_CPU = "CPU, fake devices"
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class Plan(checks.MemoryVerdict):
   """Per-device memory figures (bytes) of one compiled train step, and whether it fits."""
 
   mesh: dict[str, int]
@@ -86,22 +86,6 @@ class Plan:
   def persistent(self) -> float:
     """State + batch bytes held across steps (the step's inputs)."""
     return self.params + self.optimizer + self.model_state + self.batch_inputs + self.reference
-
-  @property
-  def peak(self) -> float:
-    """Arguments + fresh outputs + temp: an upper bound on live bytes during the step.
-
-    (XLA:CPU's own `peak_memory_in_bytes` leaves temp out, so it is not used.)
-    """
-    if self.refused:
-      return max(self.required or 0.0, self.persistent)
-    return self.arguments + self.output_not_aliased + self.temp
-
-  @property
-  def fits(self) -> bool | None:
-    if self.refused:
-      return False
-    return None if self.hbm is None else self.peak <= self.hbm
 
   def report(self) -> str:
     """The human-readable table printed by the CLI."""
@@ -495,6 +479,10 @@ def _define_flags() -> None:
                                      "serve: a serving config's decode step + a prefill chunk.")
   _FLAGS["prefill_len"] = flags.DEFINE_integer("prefill_len", 1024, "--step=serve: prompt "
                                                "tokens of the compiled prefill chunk.")
+  _FLAGS["engine"] = flags.DEFINE_string("engine", "", "--step=serve: the engine whose steps "
+                                         "compile (dense | paged; default: serve.engine).")
+  _FLAGS["out"] = flags.DEFINE_string("out", "", "--step=serve: also write the plans as JSON "
+                                      "to this file.")
   _FLAGS["hbm_gib"] = flags.DEFINE_float("hbm_gib", None, "Per-device HBM in GiB (default: "
                                          "the topology's chip; v5p 95.74, v6e 31.25).")
   _FLAGS["probe"] = flags.DEFINE_enum("probe_layers", "auto", ["auto", "yes", "no"],
@@ -576,7 +564,8 @@ def _serve_main(f: dict[str, Any], topology: str, hbm: float | None) -> bool:
   from klong_jax.launch import serve_plan
 
   mesh = parse_mesh(f["mesh"]) if f["mesh"] else None
-  kw = dict(prefill_len=f["prefill_len"], max_batch=f["batch"], max_len=f["seq_len"])
+  kw = dict(prefill_len=f["prefill_len"], max_batch=f["batch"], max_len=f["seq_len"],
+            engine=f["engine"] or None)
   try:
     if topology:
       plans = serve_plan.plan_serve_topology(f["config"], topology, mesh_sizes=mesh,
@@ -590,6 +579,11 @@ def _serve_main(f: dict[str, Any], topology: str, hbm: float | None) -> bool:
     return False
   for p in plans:
     print(p.report(), flush=True)
+  if f["out"]:
+    import json
+    with open(f["out"], "w") as fh:
+      json.dump({"argv": sys.argv, "topology": topology, "plans": [p.as_dict() for p in plans]},
+                fh, indent=1, default=str)
   return all(p.fits is not False for p in plans)
 
 

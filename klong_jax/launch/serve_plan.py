@@ -1,7 +1,7 @@
 """Serving plan: will this model + serving mesh + cache fit a TPU slice? Compiles the real steps.
 
   python -m klong_jax.launch.plan --config=configs/serve_glm45_air.py:slice=v5p-8 \
-      --topology=v5p-8 --step=serve [--prefill_len=1024]
+      --topology=v5p-8 --step=serve [--prefill_len=1024] [--engine=paged] [--out=plan.json]
 
 Builds the served model abstractly (bf16 weights under the dtype policy, laid out by the config's
 rules, e.g. parallel/rules.SERVING_RULES), the engine's KV cache (the `serve` section's max_batch
@@ -15,7 +15,10 @@ their `expert` shard and tokens travel instead).
 An engine is a pair of step builders (`ENGINES`): a function from a `ServeSetup` to the
 `ServeStep` it compiles (jitted function + abstract arguments + persistent bytes). "dense" is
 today's Sampler (inference/sampler.py `_decode_step` / `_prefill_step`, one [L, B, max_len] cache
-block); a paged engine registers its own builders (page pool as the cache) under another name.
+block); "paged" is inference/paged (decode = one `decode_steps` call of serve.decode_steps
+iterations, prefill = one `mixed_step` of serve.token_budget tokens, over a page pool of
+serve.kv_pages pages, default max_batch full rows + prefix_cache_mb, laid out by
+parallel/rules.paged_pool_spec). `--engine` picks one; default: the config's serve.engine.
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ class ServeSetup:
   max_len: int
   cache_dtype: Any
   prefill_len: int
+  # Paged engine (serve section): pages of `page_size` tokens, `num_pages` in the pool, a mixed
+  # step of `token_budget` tokens, `decode_steps` iterations per decode call.
+  page_size: int = 16
+  num_pages: int = 0
+  token_budget: int = 256
+  decode_steps: int = 4
+  paged_attention: str = "auto"
+  min_bucket: int = 16
   graphdef: Any = None
   params: Any = None  # nnx.State of ShapeDtypeStructs (policy dtypes, serving shardings).
   rest: Any = None  # RNG state (abstract).
@@ -61,13 +72,15 @@ class ServeStep:
   weights: float
   kv_cache: float
   tokens: str  # What one call processes, for the report ("32 rows x 1 token").
+  kwargs: dict = dataclasses.field(default_factory=dict)  # Static keyword arguments of `jitted`.
+  notes: tuple[str, ...] = ()  # Printed under the figures (e.g. how the page pool is laid out).
 
 
 StepBuilder = Callable[[ServeSetup], ServeStep]
 
 
 @dataclasses.dataclass(frozen=True)
-class ServePlan:
+class ServePlan(checks.MemoryVerdict):
   """Per-chip figures (bytes) of one compiled serving step, and whether it fits."""
 
   step: str
@@ -87,27 +100,33 @@ class ServePlan:
   expert_gathers: tuple[str, ...] = ()  # All-gather results shaped like expert weights.
   refused: str = ""
   required: float | None = None
+  engine: str = "dense"
+  notes: tuple[str, ...] = ()
+  kernels: Mapping[str, int] = dataclasses.field(default_factory=dict)  # TPU custom calls.
 
   @property
-  def peak(self) -> float:
-    if self.refused:
-      return max(self.required or 0.0, self.weights + self.kv_cache)
-    return self.arguments + self.output_not_aliased + self.temp
+  def persistent(self) -> float:
+    return self.weights + self.kv_cache
 
-  @property
-  def fits(self) -> bool | None:
-    if self.refused:
-      return False
-    return None if self.hbm is None else self.peak <= self.hbm
+  def as_dict(self) -> dict[str, Any]:
+    """JSON-ready figures (bytes, seconds) and the verdict, for benchmarks/results/tpu_plans."""
+    out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+           if f.name != "collectives"}
+    out.update(peak=self.peak, fits=self.fits, kernels=dict(self.kernels),
+               expert_gathers=list(self.expert_gathers), notes=list(self.notes), collectives={
+                   k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else str(v)
+                   for k, v in self.collectives.items()})
+    return out
 
   def report(self) -> str:
     mesh = ",".join(f"{k}:{v}" for k, v in self.mesh.items() if v != 1) or "single device"
-    lines = [f"plan (SERVE {self.step} step on {self.device}): mesh {mesh} "
+    lines = [f"plan (SERVE {self.engine} {self.step} step on {self.device}): mesh {mesh} "
              f"({math.prod(self.mesh.values())} chips), cache {self.max_batch} rows x "
              f"{self.max_len} tokens, one call = {self.tokens}",
              f"  {'per-chip memory':32s} {'GiB':>9s}",
              f"  {'weights':32s} {self.weights / GIB:9.3f}",
-             f"  {'KV cache':32s} {self.kv_cache / GIB:9.3f}"]
+             f"  {'KV page pool' if self.engine == 'paged' else 'KV cache':32s} "
+             f"{self.kv_cache / GIB:9.3f}"]
     if self.refused:
       need = "" if self.required is None else f" ({self.required / GIB:.1f} GiB)"
       lines.append(f"  the TPU compiler refused{need}: {self.refused}")
@@ -122,8 +141,11 @@ class ServePlan:
       hbm = f"HBM {self.hbm / GIB:.2f} GiB: " if self.hbm is not None else ""
       share = f" ({100 * self.peak / self.hbm:.0f}% of HBM)" if self.hbm and self.peak else ""
       lines.append(f"  {hbm}{verdict}{share}")
+    lines += [f"  {n}" for n in self.notes]
     if self.device != _FAKE_CPU and not self.refused:
       lines += topo_lib.collectives_table(dict(self.collectives))
+      kernels = ", ".join(f"{k} x{n}" for k, n in sorted(self.kernels.items())) or "none"
+      lines.append(f"  Pallas/Mosaic kernels: {kernels}")
       gathers = ", ".join(self.expert_gathers[:4]) or "none"
       lines.append(f"  all-gathers of expert weights: {gathers}")
     lines.append(f"  compile time {self.compile_seconds:.1f} s")
@@ -232,10 +254,91 @@ def dense_prefill(setup: ServeSetup) -> ServeStep:
                    _bytes(cache), f"1 row x {t} prompt tokens")
 
 
-# engine -> step name -> builder. A new engine (e.g. paged: a page pool instead of dense rows)
-# adds its builders here; the plan, its checks and its report stay the same.
+def _paged_pool(setup: ServeSetup) -> Any:
+  """The abstract page pool with the engine's sharding (parallel/rules.paged_pool_sharding)."""
+  import jax
+
+  from klong_jax.parallel import rules as rules_lib
+  cfg = setup.model_cfg
+  shape = (cfg.num_layers * setup.num_pages, setup.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+  return jax.ShapeDtypeStruct(shape, setup.cache_dtype, sharding=rules_lib.paged_pool_sharding(
+      setup.mesh, setup.rules, shape))
+
+
+def _pool_notes(setup: ServeSetup, pool: Any) -> tuple[str, ...]:
+  """How the pool is laid out, and what keeping every page on every chip of the batch axes
+  costs per chip (vs per-shard page ranges, which would split it over those axes too)."""
+  from klong_jax.parallel import rules as rules_lib
+  per_chip = _bytes(pool)
+  heads = pool.sharding.spec[2]
+  reps = rules_lib.data_parallel_size(rules_lib.batch_sharding(setup.mesh, setup.rules))
+  return (f"page pool: {setup.num_pages} pages x {setup.page_size} tokens "
+          f"({setup.num_pages * setup.page_size} token slots, {setup.max_batch} x "
+          f"{setup.max_len} + prefix pages + trash), kv heads over {heads or 'nothing'}",
+          f"pages on every chip of the batch axes (x{reps}): "
+          f"{per_chip * (reps - 1) / reps / GIB:.3f} GiB per chip more than per-shard page "
+          "ranges would hold")
+
+
+def _host_arrays(setup: ServeSetup, **shapes: tuple[tuple[int, ...], Any]) -> dict[str, Any]:
+  """Replicated abstract arrays (the engine passes host numpy arrays: uncommitted, replicated)."""
+  import jax
+  rep = _replicated(setup.mesh)
+  return {k: jax.ShapeDtypeStruct(shape, dt, sharding=rep) for k, (shape, dt) in shapes.items()}
+
+
+def paged_decode(setup: ServeSetup) -> ServeStep:
+  """The paged engine's decode call: `decode_steps` iterations for every row over the page pool,
+  with on-device sampling and stops (paged/model.py decode_steps)."""
+  import jax.numpy as jnp
+
+  from klong_jax.inference.paged import model as paged_model
+
+  pool = _paged_pool(setup)
+  b, k = setup.max_batch, setup.decode_steps
+  i32, f32 = jnp.int32, jnp.float32
+  state = _host_arrays(
+      setup, tokens=((b,), i32), positions=((b,), i32), counters=((b,), i32),
+      remaining=((b,), i32), stop_ids=((b, 4), i32),
+      page_indices=((b, math.ceil(setup.max_len / setup.page_size)), i32), temp=((b,), f32),
+      top_k=((b,), i32), top_p=((b,), f32), seeds=((b,), jnp.uint32))
+  return ServeStep("decode", paged_model.decode_steps,
+                   (setup.graphdef, setup.params, setup.rest, pool, state),
+                   _bytes(setup.params), _bytes(pool), f"{b} rows x {k} decode steps",
+                   kwargs=dict(impl=setup.paged_attention, num_pages=setup.num_pages, steps=k),
+                   notes=_pool_notes(setup, pool))
+
+
+def paged_prefill(setup: ServeSetup) -> ServeStep:
+  """The paged engine's mixed step at its largest bucket: `token_budget` tokens (prefill chunks
+  and decoding rows' tokens) of up to max_batch sequences into the pool (paged/model.py)."""
+  import jax.numpy as jnp
+
+  from klong_jax.inference.paged import model as paged_model
+  from klong_jax.inference.paged import scheduler
+
+  pool = _paged_pool(setup)
+  b, t = setup.max_batch, scheduler.bucket(setup.token_budget, setup.min_bucket)
+  i32, f32 = jnp.int32, jnp.float32
+  batch = _host_arrays(
+      setup, tokens=((t,), i32), positions=((t,), i32), seq=((t,), i32), valid=((t,), jnp.bool_),
+      page_indices=((b, math.ceil(setup.max_len / setup.page_size)), i32), kv_lens=((b,), i32),
+      cu_q_lens=((b + 1,), i32), num_seqs=((1,), i32), sample_at=((b,), i32), temp=((b,), f32),
+      top_k=((b,), i32), top_p=((b,), f32), seeds=((b,), jnp.uint32), counters=((b,), i32))
+  return ServeStep("prefill", paged_model.mixed_step,
+                   (setup.graphdef, setup.params, setup.rest, pool, batch),
+                   _bytes(setup.params), _bytes(pool), f"{t} tokens of up to {b} sequences "
+                   "(prefill chunks + decode rows)",
+                   kwargs=dict(impl=setup.paged_attention, num_pages=setup.num_pages),
+                   notes=_pool_notes(setup, pool))
+
+
+# engine -> step name -> builder. A new engine adds its builders here; the plan, its checks and
+# its report stay the same. "paged": the page pool (serve.kv_pages, else max_batch full rows +
+# prefix_cache_mb of pages) split over kv heads, pages on every chip of the batch axes.
 ENGINES: dict[str, dict[str, StepBuilder]] = {
     "dense": {"decode": dense_decode, "prefill": dense_prefill},
+    "paged": {"decode": paged_decode, "prefill": paged_prefill},
 }
 
 
@@ -257,6 +360,17 @@ def expert_weight_gathers(hlo_text: str, model_cfg: Any,
   return sorted(set(found))
 
 
+def tpu_kernels(hlo_text: str) -> dict[str, int]:
+  """Mosaic (Pallas TPU) custom calls in compiled HLO by kernel name (the instruction's name
+  without its numeric suffix), e.g. {"ragged_paged_attention_kernel": 2}."""
+  names = re.findall(r"^\s*(?:ROOT\s+)?%?([\w\-]+?)(?:\.\d+)?\s*=.*custom_call_target="
+                     r"\"tpu_custom_call\"", hlo_text, re.M)
+  out: dict[str, int] = {}
+  for name in names:
+    out[name] = out.get(name, 0) + 1
+  return out
+
+
 def compile_serve_step(setup: ServeSetup, builder: StepBuilder) -> tuple[ServeStep, Any, float]:
   """(step, compiled, seconds); raises plan.CompilerRefused on the TPU compiler's OOM refusal."""
   import jax
@@ -267,28 +381,31 @@ def compile_serve_step(setup: ServeSetup, builder: StepBuilder) -> tuple[ServeSt
   step = builder(setup)
   t0 = time.perf_counter()
   with jax.set_mesh(setup.mesh), nnx.logical_axis_rules(setup.rules):
-    lowered = step.jitted.lower(*step.args)
+    lowered = step.jitted.lower(*step.args, **step.kwargs)
     compiled = _lower_compile(lowered.compile)
   return step, compiled, time.perf_counter() - t0
 
 
 def plan_serve(config: Any, mesh_sizes: Mapping[str, int], devices: Sequence[Any], *,
                device: str = _FAKE_CPU, hbm_gib: float | None = None, prefill_len: int = 1024,
-               steps: Sequence[str] = ("decode", "prefill"), engine: str = "dense",
+               steps: Sequence[str] = ("decode", "prefill"), engine: str | None = None,
                max_batch: int | None = None, max_len: int | None = None) -> list[ServePlan]:
   """Compiles the engine's serving steps for `config` (model, mesh, rules, serve sections) on
-  `devices` (a TPU topology's or fake CPUs) and returns one ServePlan per step."""
+  `devices` (a TPU topology's or fake CPUs) and returns one ServePlan per step. `engine`
+  defaults to the config's serve.engine."""
   import jax.numpy as jnp
 
   from klong_jax.inference import serve_config
+  from klong_jax.inference.paged.engine import pool_pages
   from klong_jax.launch.plan import CompilerRefused
   from klong_jax.model.config import from_config_dict
   from klong_jax.parallel import mesh as mesh_lib
   from klong_jax.parallel import rules as rules_lib
 
+  serve = serve_config.resolve(config)
+  engine = engine or serve.engine
   if engine not in ENGINES:
     raise ValueError(f"engine {engine!r} unknown; use one of {sorted(ENGINES)}")
-  serve = serve_config.resolve(config)
   max_batch, max_len = int(max_batch or serve.max_batch), int(max_len or serve.max_len)
   model_cfg = from_config_dict(config.model)
   rules = rules_lib.resolve_rules(config.get("rules"))
@@ -300,36 +417,43 @@ def plan_serve(config: Any, mesh_sizes: Mapping[str, int], devices: Sequence[Any
   except ValueError as e:
     raise checks.StartupError(str(e)) from None
   mesh = mesh_lib.make_mesh(dict(mesh_sizes), devices=list(devices)[:size])
+  cache_dtype = jnp.dtype(serve.cache_dtype)
+  page = int(serve.prefix_block)
   setup = abstract_serving_model(ServeSetup(
-      model_cfg, mesh, rules, max_batch, max_len, jnp.dtype(serve.cache_dtype),
-      min(prefill_len, max_len)))
+      model_cfg, mesh, rules, max_batch, max_len, cache_dtype, min(prefill_len, max_len),
+      page_size=page, num_pages=int(serve.kv_pages) or pool_pages(
+          model_cfg, max_batch, max_len, page, cache_dtype, serve.prefix_cache_mb),
+      token_budget=int(serve.token_budget), decode_steps=int(serve.decode_steps),
+      paged_attention=serve.paged_attention, min_bucket=16))
   out = []
   hbm = None if hbm_gib is None else hbm_gib * GIB
   for name in steps:
     builder = ENGINES[engine][name]
     base = dict(step=name, mesh=dict(mesh_sizes), max_batch=max_batch, max_len=max_len,
-                hbm=hbm, device=device)
+                hbm=hbm, device=device, engine=engine)
     t0 = time.perf_counter()
     try:
       step, compiled, secs = compile_serve_step(setup, builder)
     except CompilerRefused as e:
       step = builder(setup)
       out.append(ServePlan(**base, tokens=step.tokens, weights=step.weights,
-                           kv_cache=step.kv_cache, refused=str(e),
+                           kv_cache=step.kv_cache, refused=str(e), notes=step.notes,
                            required=topo_lib.required_bytes(str(e)),
                            compile_seconds=time.perf_counter() - t0))
       continue
     m = compiled.memory_analysis()
-    found, gathers = {}, ()
+    found, gathers, kernels = {}, (), {}
     if device != _FAKE_CPU:
       hlo = compiled.as_text()
       found = topo_lib.collectives(hlo)
+      kernels = tpu_kernels(hlo)
       gathers = tuple(expert_weight_gathers(hlo, model_cfg, mesh_sizes))
     out.append(ServePlan(
         **base, tokens=step.tokens, weights=step.weights, kv_cache=step.kv_cache,
         arguments=float(m.argument_size_in_bytes), temp=float(m.temp_size_in_bytes),
         output_not_aliased=float(m.output_size_in_bytes - m.alias_size_in_bytes),
-        compile_seconds=secs, collectives=found, expert_gathers=gathers))
+        compile_seconds=secs, collectives=found, expert_gathers=gathers, notes=step.notes,
+        kernels=kernels))
   return out
 
 

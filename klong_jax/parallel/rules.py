@@ -49,6 +49,11 @@ LOGICAL_RULES: Rules = (
     ("act_kv_heads", "tensor"),
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
+    # Paged KV pool [layers * pages, page, 2 * kv_heads, head_dim] (inference/paged): kv heads
+    # over `tensor` like the k/v activations (k and v of a head are adjacent, so a contiguous
+    # shard holds whole heads); pages replicated over the other axes (`paged_pool_spec`).
+    ("cache_pages", None),
+    ("cache_kv_heads", "tensor"),
 )
 
 # Serving (inference servers): no FSDP. Weights stay put across decode steps: experts split over
@@ -88,6 +93,39 @@ def kv_cache_sharding(mesh: jax.sharding.Mesh, rules: Rules, shape: tuple[int, .
   if len(shape) == 5 and batch_axis == 1 and shape[3] % kv_size == 0:
     spec[3] = kv
   return jax.sharding.NamedSharding(mesh, jax.P(*spec))
+
+
+# Logical names of the paged KV pool's dims [layers * pages, page, 2 * kv_heads, head_dim].
+PAGED_POOL_AXES = ("cache_pages", None, "cache_kv_heads", None)
+
+
+def paged_pool_spec(mesh_shape: Mapping[str, int], rules: Rules, shape: tuple[int, ...]
+                    ) -> jax.sharding.PartitionSpec:
+  """PartitionSpec of the paged KV pool `shape` under `rules` on a mesh of `mesh_shape` (a Mesh's
+  or an abstract mesh's `.shape`): the `cache_kv_heads` axes split the interleaved k/v head dim
+  when they divide the kv heads (so every shard holds whole heads, each with its k and v), else
+  it is replicated. The page dim must stay unsharded: a page id indexes the whole pool on every
+  chip (the engine's one allocator); per-shard page ranges are not implemented."""
+  import jax  # noqa: PLC0415
+
+  def axes(name: str | None) -> tuple[str, ...]:
+    return tuple(a for a in _lookup(rules, name) if mesh_shape.get(a, 1) > 1) if name else ()
+
+  if axes(PAGED_POOL_AXES[0]):
+    raise ValueError(f"rules map the paged pool's pages (cache_pages) to mesh axes "
+                     f"{axes(PAGED_POOL_AXES[0])}: page ids are global, so pages must be "
+                     "replicated (cache_pages: None)")
+  heads = axes(PAGED_POOL_AXES[2])
+  if not heads or (shape[2] // 2) % math.prod(mesh_shape[a] for a in heads):
+    heads = ()
+  return jax.P(None, None, heads[0] if len(heads) == 1 else (heads or None), None)
+
+
+def paged_pool_sharding(mesh: jax.sharding.Mesh, rules: Rules, shape: tuple[int, ...]
+                        ) -> jax.sharding.NamedSharding:
+  """NamedSharding of the paged KV pool (`paged_pool_spec` on `mesh`)."""
+  import jax  # noqa: PLC0415
+  return jax.sharding.NamedSharding(mesh, paged_pool_spec(dict(mesh.shape), rules, shape))
 
 
 def _lookup(rules: Rules, name: str) -> tuple[str, ...]:

@@ -128,3 +128,79 @@ def test_tpu_compile_of_decode_and_prefill_on_v5p_2x2x1():
   # The verdict against a chip with half the peak: DOES NOT FIT.
   small = dataclasses.replace(decode, hbm=decode.peak / 2)
   assert small.fits is False and "DOES NOT FIT" in small.report()
+
+
+def _reduced_paged():
+  """The reduced model served by the paged engine: head_dim 128 (the ragged kernel's lane
+  width), a pool of 8 full rows + the trash page, a 32-token mixed step, 2 decode steps a call."""
+  config = _reduced()
+  config.model.head_dim = 128
+  config.serve.update(engine="paged", prefix_cache_mb=0, token_budget=32, decode_steps=2)
+  return config
+
+
+def test_paged_plan_bytes_follow_the_pool_sharding():
+  """Paged builders on 4 fake CPU devices (no compile): the pool is 1/tensor per chip (kv heads
+  over `tensor`), on every chip of the batch axes, and the plan says what that costs."""
+  import jax
+  if jax.device_count() < 4:
+    pytest.skip("needs 4 devices (XLA_FLAGS=--xla_force_host_platform_device_count)")
+  from klong_jax.model.config import from_config_dict
+  from klong_jax.parallel import mesh as mesh_lib
+  config = _reduced_paged()
+  cfg = from_config_dict(config.model)
+  mesh = mesh_lib.make_mesh(dict(config.mesh), devices=jax.devices()[:4])
+  pages = 8 * 256 // 16 + 1
+  setup = serve_plan.abstract_serving_model(serve_plan.ServeSetup(
+      cfg, mesh, rules_lib.SERVING_RULES, 8, 256, jax.numpy.bfloat16, 64, page_size=16,
+      num_pages=pages, token_budget=32, decode_steps=2))
+  for builder in serve_plan.ENGINES["paged"].values():
+    step = builder(setup)
+    pool = step.args[3]
+    assert pool.shape == (3 * pages, 16, 2 * 2, 128)
+    assert pool.sharding.spec[2] == "tensor" and step.kv_cache == 3 * pages * 16 * 4 * 128 * 2 / 2
+    assert "(x2)" in step.notes[1] and f"{step.kv_cache / 2 / 2**30:.3f} GiB" in step.notes[1]
+
+
+@pytest.mark.slow
+def test_tpu_compile_of_paged_decode_and_mixed_step_on_v5p_2x2x1():
+  """The paged engine's decode call and mixed step, compiled by the TPU compiler on the serving
+  mesh (expert 2 x tensor 2): FITS, the ragged kernel runs per kv-head shard, no expert-weight
+  all-gather, and nothing the size of the pool is gathered."""
+  problem = topo_lib.libtpu_status()
+  if problem:
+    pytest.skip(problem)
+  plans = serve_plan.plan_serve_topology(_reduced_paged(), "v5p:2x2x1")
+  pages = 8 * 256 // 16 + 1
+  for p in plans:
+    print(p.report())
+    assert p.engine == "paged" and "TPU v5" in p.device and p.fits and p.temp > 0
+    assert p.kv_cache == 3 * pages * 16 * 4 * 128 * 2 / 2  # kv heads over tensor 2.
+    assert p.expert_gathers == (), p.expert_gathers
+    assert p.arguments >= p.weights + p.kv_cache * 0.99
+    gathered = p.collectives.get("all-gather")
+    assert gathered is None or gathered.bytes < p.kv_cache, p.collectives
+    # "auto" attention is the ragged TPU kernel, run per kv-head shard inside the shard_map:
+    # one call per layer (x decode steps), each over its chip's 1 of 2 kv heads.
+    assert p.kernels.get("ragged_paged_attention_kernel"), p.kernels
+  decode, mixed = plans
+  assert decode.step == "decode" and mixed.step == "prefill"
+  assert {"all-to-all", "ragged-all-to-all"} & set(decode.collectives), decode.collectives
+  assert "all-gathers of expert weights: none" in decode.report()
+
+
+def test_serve_plan_verdict_and_json():
+  """Peak / FITS come from the shared MemoryVerdict (compiled figures, or the compiler's refusal
+  figure) and the plan round-trips through JSON (plan --out)."""
+  import json
+  p = serve_plan.ServePlan(step="decode", mesh={"expert": 2}, max_batch=8, max_len=256,
+                           tokens="8 rows", weights=4.0, kv_cache=2.0, arguments=6.0, temp=1.0,
+                           hbm=7.5, engine="paged", notes=("page pool: 9 pages",),
+                           collectives={"all-to-all": topo_lib.Collective(3, 10.0)},
+                           kernels={"ragged_paged_attention_kernel": 2})
+  assert p.peak == 7.0 and p.fits is True and "KV page pool" in p.report()
+  d = json.loads(json.dumps(p.as_dict()))
+  assert d["fits"] is True and d["peak"] == 7.0 and d["collectives"]["all-to-all"]["count"] == 3
+  refused = dataclasses.replace(p, refused="out of HBM", required=9.0)
+  assert refused.peak == 9.0 and refused.fits is False
+  assert dataclasses.replace(refused, required=None).peak == 6.0  # weights + pool at least.

@@ -13,6 +13,13 @@ Two backends, picked by `impl`:
   * "ragged": TPU's `jax.experimental.pallas.ops.tpu.ragged_paged_attention` (per-sequence kv
     lengths, pages streamed HBM -> VMEM). TPU only (see `ragged`).
 "auto" is "ragged" when compiling for TPU, else "portable".
+
+Under a mesh (`write_and_attend`) the write and the attention run per kv-head shard in a
+`shard_map`: the pool is split over its head dim as parallel/rules.paged_pool_spec says (kv heads
+over `tensor`; a contiguous shard of the interleaved dim holds whole heads, k and v together) and
+the query heads over the same axes (GQA: query head h reads kv head h // group, so a shard's
+queries read only its own kv heads). Nothing is gathered and no pool byte crosses chips; a Pallas
+kernel could not be partitioned by XLA's SPMD pass anyway.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import jax.numpy as jnp
 
 from klong_jax.kernels.attention.dispatch import current_platform
 from klong_jax.kernels.attention.reference import NEG
+from klong_jax.parallel import rules as rules_lib
 
 IMPLS = ("auto", "portable", "ragged")
 
@@ -41,6 +49,48 @@ def write_kv(pool: jax.Array, rows: jax.Array, offsets: jax.Array, k: jax.Array,
   n, kv, h = k.shape
   kv_pair = jnp.stack([k, v], axis=2).reshape(n, 2 * kv, h).astype(pool.dtype)
   return pool.at[rows, offsets].set(kv_pair)
+
+
+def pool_spec(pool: jax.Array) -> jax.P | None:
+  """The pool's PartitionSpec under the current mesh and rules (None without a mesh)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return None
+  from klong_jax.model.layers import current_rules
+  return rules_lib.paged_pool_spec(dict(mesh.shape), current_rules(), pool.shape)
+
+
+def constrain_pool(pool: jax.Array) -> jax.Array:
+  """Pins the pool to its sharding (the decode loop's carry: the layer shard_maps fix it inside
+  a step, this keeps it between steps); a no-op without a mesh."""
+  spec = pool_spec(pool)
+  return pool if spec is None else jax.lax.with_sharding_constraint(pool, spec)
+
+
+def write_and_attend(backend: str, q: jax.Array, k: jax.Array, v: jax.Array, pool: jax.Array,
+                     base: jax.Array, page: jax.Array, offset: jax.Array,
+                     token_pages: jax.Array, positions: jax.Array, valid: jax.Array,
+                     page_indices: jax.Array, kv_lens: jax.Array, cu_q_lens: jax.Array,
+                     num_seqs: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Writes k/v [N, K, H] at pool rows `base + page` / slots `offset`, then attends q [N, Nh, H]
+  with `backend` -> (out [N, Nh, H], pool). Per kv-head shard under a mesh (module doc)."""
+
+  def local(q, k, v, pool, base, page, offset, token_pages, positions, valid, page_indices,
+            kv_lens, cu_q_lens, num_seqs):
+    pool = write_kv(pool, base + page, offset, k, v)
+    if backend == "portable":
+      return portable(q, pool, base, token_pages, positions, valid), pool
+    return ragged(q, pool, base, page_indices, kv_lens, cu_q_lens, num_seqs), pool
+
+  args = (q, k, v, pool, jnp.asarray(base, jnp.int32), page, offset, token_pages, positions,
+          valid, page_indices, kv_lens, cu_q_lens, num_seqs)
+  spec = pool_spec(pool)
+  if spec is None:
+    return local(*args)
+  heads = jax.P(None, spec[2], None)
+  rep = (jax.P(),) * 10
+  return jax.shard_map(local, in_specs=(heads, heads, heads, spec, *rep),
+                       out_specs=(heads, spec), check_vma=False)(*args)
 
 
 def portable(q: jax.Array, pool: jax.Array, base: jax.Array, token_pages: jax.Array,

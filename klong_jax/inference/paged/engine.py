@@ -32,14 +32,22 @@ from klong_jax.inference.sampler import Sampler
 log = logging.getLogger(__name__)
 
 
-def default_num_pages(sampler: Sampler, page_size: int, extra_mb: float = 0.0) -> int:
+def pool_pages(model_cfg: Any, max_batch: int, max_len: int, page_size: int, cache_dtype: Any,
+               extra_mb: float = 0.0) -> int:
   """Pages for `max_batch` full-length requests + `extra_mb` of prefix-cache pages + trash page:
-  the dense Engine's memory (rows + prefix pool) as a page pool."""
-  cfg = sampler.model_cfg
+  the dense Engine's memory (rows + prefix pool) as a page pool (the server's and the serving
+  plan's default when serve.kv_pages is 0)."""
+  cfg = model_cfg
   page_bytes = (cfg.num_layers * page_size * 2 * cfg.num_kv_heads * cfg.head_dim *
-                jnp.dtype(sampler.cache_dtype).itemsize)
-  rows = sampler.max_batch * math.ceil(sampler.max_len / page_size)
+                jnp.dtype(cache_dtype).itemsize)
+  rows = max_batch * math.ceil(max_len / page_size)
   return rows + int(extra_mb * (1 << 20)) // page_bytes + 1
+
+
+def default_num_pages(sampler: Sampler, page_size: int, extra_mb: float = 0.0) -> int:
+  """`pool_pages` for the sampler's model, rows, context and cache dtype."""
+  return pool_pages(sampler.model_cfg, sampler.max_batch, sampler.max_len, page_size,
+                    sampler.cache_dtype, extra_mb)
 
 
 class PagedEngine(Engine):
@@ -78,13 +86,25 @@ class PagedEngine(Engine):
   # ---- device pool ---------------------------------------------------------------------------
 
   def _make_pool(self, num_pages: int) -> jax.Array:
-    cfg = self.sampler.model_cfg
+    """The zeroed pool [layers * pages, page, 2 * kv_heads, head_dim], laid out on the serving
+    mesh by the rules (parallel/rules.paged_pool_spec): kv heads over `tensor`, every page on
+    every chip of the other axes.
+
+    Why pages are replicated over the batch axes (data x expert) rather than split into
+    per-shard page ranges: a page id is global (one allocator, prefix hits share pages between
+    any rows), attention needs no cross-chip traffic, and the MoE's all-to-all already mixes
+    every row's tokens across the expert axis. The cost: each chip holds 1/tensor of the whole
+    pool (not 1/(tensor x data x expert)), and the batch axes repeat the attention reads; the
+    serving plan reports that pool per chip (launch/serve_plan.py, engine "paged")."""
+    s = self.sampler
+    cfg = s.model_cfg
     shape = (cfg.num_layers * num_pages, self.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-    make = lambda: jnp.zeros(shape, self.sampler.cache_dtype)
-    if self.sampler.mesh is None:
+    make = lambda: jnp.zeros(shape, s.cache_dtype)
+    if s.mesh is None:
       return jax.jit(make)()
-    from jax.sharding import NamedSharding, PartitionSpec
-    return jax.jit(make, out_shardings=NamedSharding(self.sampler.mesh, PartitionSpec()))()
+    from klong_jax.parallel import rules as rules_lib
+    rules = s.rules if s.rules is not None else rules_lib.LOGICAL_RULES
+    return jax.jit(make, out_shardings=rules_lib.paged_pool_sharding(s.mesh, rules, shape))()
 
   @property
   def pool_bytes(self) -> int:
@@ -168,9 +188,7 @@ class PagedEngine(Engine):
     return math.ceil((min(end, self.sampler.max_len) - 1) / self.page_size)
 
   def _admit(self) -> None:
-    free = [i for i, r in enumerate(self._rows) if r is None]
-    if self.schedule == "static" and len(free) < len(self._rows):
-      return
+    free = self._free_rows()
     ps, admitted, skipped = self.page_size, [], []
     with self._lock:
       while free and self._waiting:
@@ -194,9 +212,7 @@ class PagedEngine(Engine):
         self._reserved += need
         for key in keys[hits:]:
           self._claimed[key] = self._claimed.get(key, 0) + 1
-        req.row = free.pop(0)
-        self._rows[req.row] = req
-        self._settings.set(req.row, req.params, req.seed)
+        self._seat(req, free.pop(0))
         self._order.append(req)
         admitted.append(req)
       self._waiting.extendleft(reversed(skipped))

@@ -43,11 +43,9 @@ def forward(model: Any, pool: jax.Array, tokens: jax.Array, positions: jax.Array
       h, pool = carry
       q, k, v = layer.attn._qkv(layer.input_layernorm(h), positions[None])
       base = (first + i) * num_pages
-      pool = paged_attention.write_kv(pool, base + page, offset, k[0], v[0])
-      if backend == "portable":
-        o = paged_attention.portable(q[0], pool, base, token_pages, positions, valid)
-      else:
-        o = paged_attention.ragged(q[0], pool, base, page_indices, kv_lens, cu_q_lens, num_seqs)
+      o, pool = paged_attention.write_and_attend(
+          backend, q[0], k[0], v[0], pool, base, page, offset, token_pages, positions, valid,
+          page_indices, kv_lens, cu_q_lens, num_seqs)
       h, aux = layer._ffn(h + layer.attn._out(o[None]))
       return (h, pool), aux.get("moe_routing")
     return run
@@ -109,6 +107,7 @@ def decode_steps(graphdef: Any, params: Any, rest: Any, pool: jax.Array, state: 
 
   def body(carry: Any, _: Any) -> tuple[Any, Any]:
     pool, tokens, positions, counters, remaining = carry
+    pool = paged_attention.constrain_pool(pool)  # The carry keeps the pool's layout.
     active = remaining > 0
     kv_lens = jnp.where(active, positions + 1, 1)
     h, pool, routing = forward(model, pool, tokens, positions, seq, active,
@@ -120,10 +119,11 @@ def decode_steps(graphdef: Any, params: Any, rest: Any, pool: jax.Array, state: 
     top = _top_logprobs(logits, state["temp"], state["top_k"], state["top_p"])
     stopped = jnp.any(toks[:, None] == state["stop_ids"], axis=1)
     remaining = jnp.where(stopped, 0, jnp.maximum(remaining - 1, 0))
-    carry = (pool, toks, positions + 1, counters + 1, remaining)
+    carry = (paged_attention.constrain_pool(pool), toks, positions + 1, counters + 1, remaining)
     return carry, (toks, lps, top, routing)
 
-  init = (pool, state["tokens"], state["positions"], state["counters"], state["remaining"])
+  init = (paged_attention.constrain_pool(pool), state["tokens"], state["positions"],
+          state["counters"], state["remaining"])
   (pool, *_), outs = jax.lax.scan(body, init, None, length=steps)
   toks, lps, top, routing = outs
   return toks, lps, top, routing, pool
