@@ -23,14 +23,16 @@ from configs import common
 from klong_jax.inference import serve_config
 from klong_jax.parallel import rules as rules_lib
 
-# slice -> (mesh axis sizes, max_batch, max_len). The mesh multiplies to the slice's chips;
-# max_len = the rollout context (configs/rl_glm45_air.py seq_len 32768); max_batch = the most
-# rows whose decode step AND prefill chunk the TPU compiler fits (today's dense engine copies the
-# whole cache once in prefill, so weights + 2 x KV + temporaries must fit; docs/serving.md).
+# slice -> (mesh axis sizes, max_batch, max_len, engine). The mesh multiplies to the slice's
+# chips; max_len = the rollout context (configs/rl_glm45_air.py seq_len 32768); max_batch = the
+# most rows whose decode step AND prefill chunk the TPU compiler fits. engine: the one
+# `plan --step=serve` compiled and fit there: the paged engine on v5p-8 / v5p-16 (pool over kv
+# heads, 77.0 / 76.4 GiB per chip, 80%; docs/performance.md); v6e-8 has no finished plan for
+# either engine (its compile ran past 25 min here), so it keeps the dense reference engine.
 SLICES = {
-    "v5p-8": (dict(expert=2, tensor=2), 8, 32768),
-    "v5p-16": (dict(expert=4, tensor=2), 16, 32768),
-    "v6e-8": (dict(tensor=8), 2, 32768),
+    "v5p-8": (dict(expert=2, tensor=2), 8, 32768, "paged"),
+    "v5p-16": (dict(expert=4, tensor=2), 16, 32768, "paged"),
+    "v6e-8": (dict(tensor=8), 2, 32768, "dense"),
 }
 
 
@@ -40,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                           port=serve_config.SERVE_DEFAULTS["port"])
   if args.slice not in SLICES:
     raise ValueError(f"slice={args.slice!r} has no serving config; use one of {sorted(SLICES)}")
-  mesh, max_batch, max_len = SLICES[args.slice]
+  mesh, max_batch, max_len, engine = SLICES[args.slice]
   config = common.base_config("glm45_air", **{"fsdp": 1, **mesh})
   config.model.param_dtype = "bfloat16"  # Born bf16: fp32 weights (~424 GB) fit no slice.
   config.model.dtype = "bfloat16"
@@ -48,10 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.serve = serve_config.serve_section(
       model_name="klong-glm45_air", port=args.port, max_batch=args.max_batch or max_batch,
       max_len=args.max_len or max_len, cache_dtype="bfloat16",
-      # The dense engine: the one launch/serve_plan.py compiled and fit on every slice. The
-      # paged engine (pool split over kv heads by the rules, pages on every chip of `expert`)
-      # is planned on v5p-8 with `plan --step=serve --engine=paged` (FITS, docs/performance.md).
-      engine="dense",
+      engine=engine,
       # Paged: one decode step per call on TPU. With 2+ steps XLA hoists the relayout of the
       # stacked expert weights (TPU's default layout puts their model dim minor, the grouped
       # matmul reads the expert hidden dim minor) out of the step loop: 128 GiB of temporaries

@@ -27,7 +27,7 @@ def test_serve_configs_pass_the_start_up_checks(slice_name):
   checks.check_batch(config.serve.max_batch, mesh, rules, field="serve.max_batch")
   rules_lib.check_divisible(config.model, mesh, rules)
   assert config.model.param_dtype == "bfloat16" and config.serve.cache_dtype == "bfloat16"
-  assert config.serve.engine == "dense"  # the engine serve_plan compiles for the slice
+  assert config.serve.engine == serve_glm45_air.SLICES[slice_name][3]  # the one planned there
   # Weights per chip from the shapes (bf16, the policy's fp32 leaves are ~0.1%) fit the HBM.
   total = 106e9 * 2 / topo.chips
   assert total < topo.hbm_gib * 2**30
@@ -60,6 +60,7 @@ def test_launcher_uses_the_slice_serving_config():
 def _reduced(rules_name="serving", mesh=None):
   """The v5p-8 serving config with a small MoE (bf16) in place of glm45_air."""
   config = serve_glm45_air.get_config("slice=v5p-8,max_batch=8,max_len=256")
+  config.serve.engine = "dense"  # the reference engine's steps (_reduced_paged: the paged one)
   model = get_preset("tiny")
   for k, v in dict(vocab_size=1024, hidden_size=128, num_heads=4, num_kv_heads=2, head_dim=32,
                    intermediate_size=192, moe_intermediate_size=96, num_experts=8,
