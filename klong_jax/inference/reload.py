@@ -34,6 +34,7 @@ from etils import epath
 from flax import nnx
 
 from klong_jax.data import storage
+from klong_jax.inference import weight_layout
 from klong_jax.model import precision
 
 log = logging.getLogger(__name__)
@@ -243,7 +244,9 @@ def swap_in_place(sampler: Any, path: str | os.PathLike, version: int,
     new = jax.tree.map(lambda x: x, like)
     new.replace_by_pure_dict(restored)
     restored = new
-  sampler.params = restored
+  # The Sampler's weight layout (inference/weight_layout.py; a no-op off TPU). On TPU a relayout
+  # holds one extra copy of that leaf while it runs (the old weights are gone by now).
+  sampler.params = weight_layout.place_tree(restored)
   sampler.policy_version = int(version)
 
 

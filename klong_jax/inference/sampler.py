@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from klong_jax.inference import sampling
+from klong_jax.inference import sampling, weight_layout
 from klong_jax.model import precision
 
 TOP_LOGPROBS = 20  # Alternatives computed per sampled token (OpenAI's top_logprobs maximum).
@@ -194,9 +194,11 @@ class Sampler:
       self.params = precision.cast_params(self.params, self.model_cfg.dtype)
     # Committed to their shardings, as `load_params` leaves them: jit keys its cache on
     # committedness, so uncommitted initial weights made the first swap recompile every step.
-    self.params, self.rest = jax.tree.map(
-        lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x,
-        (self.params, self.rest))
+    # Weights in the layout the steps read (row-major where TPU's default is not; a no-op off
+    # TPU; inference/weight_layout.py): jit compiles for a committed argument's layout.
+    self.params = weight_layout.place_tree(self.params)
+    self.rest = jax.tree.map(
+        lambda x: jax.device_put(x, x.sharding) if isinstance(x, jax.Array) else x, self.rest)
     self._batch_axes = _cache_batch_axes(model, cache_dtype)
     one = jnp.zeros((1, 1), jnp.int32)
     self.vocab_size = int(jax.eval_shape(lambda: model(one, one)[0]).shape[-1])
@@ -230,8 +232,8 @@ class Sampler:
     for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(new), strict=True):
       if a.shape != jnp.shape(b):
         raise ValueError(f"policy {version}: parameter shape {jnp.shape(b)} != served {a.shape}")
-    self.params = jax.tree.map(lambda b, a: jax.device_put(jnp.asarray(b, a.dtype), a.sharding),
-                               new, target)
+    self.params = jax.tree.map(lambda b, a: weight_layout.place(jnp.asarray(b, a.dtype),
+                                                                a.sharding), new, target)
     self.policy_version = int(version)
 
   def model(self) -> nnx.Module:

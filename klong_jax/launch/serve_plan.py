@@ -103,6 +103,8 @@ class ServePlan(checks.MemoryVerdict):
   engine: str = "dense"
   notes: tuple[str, ...] = ()
   kernels: Mapping[str, int] = dataclasses.field(default_factory=dict)  # TPU custom calls.
+  # Copies of whole arguments (weights relaid out every call) in the compiled entry computation.
+  argument_copies: tuple[str, ...] = ()
 
   @property
   def persistent(self) -> float:
@@ -113,7 +115,8 @@ class ServePlan(checks.MemoryVerdict):
     out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
            if f.name != "collectives"}
     out.update(peak=self.peak, fits=self.fits, kernels=dict(self.kernels),
-               expert_gathers=list(self.expert_gathers), notes=list(self.notes), collectives={
+               expert_gathers=list(self.expert_gathers), notes=list(self.notes),
+               argument_copies=list(self.argument_copies), collectives={
                    k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else str(v)
                    for k, v in self.collectives.items()})
     return out
@@ -148,6 +151,9 @@ class ServePlan(checks.MemoryVerdict):
       lines.append(f"  Pallas/Mosaic kernels: {kernels}")
       gathers = ", ".join(self.expert_gathers[:4]) or "none"
       lines.append(f"  all-gathers of expert weights: {gathers}")
+      copies = ", ".join(self.argument_copies[:6]) or "none"
+      more = f" (+{len(self.argument_copies) - 6} more)" if len(self.argument_copies) > 6 else ""
+      lines.append(f"  per-call copies of whole arguments (relayouts): {copies}{more}")
     lines.append(f"  compile time {self.compile_seconds:.1f} s")
     return "\n".join(lines)
 
@@ -167,10 +173,12 @@ def _bytes(tree: Any) -> float:
 
 def abstract_serving_model(setup: ServeSetup) -> ServeSetup:
   """Fills graphdef / params / rest / model: the served model's variables as ShapeDtypeStructs
-  in the dtype policy (model/precision.py, as the Sampler casts them) with serving shardings."""
+  in the dtype policy (model/precision.py, as the Sampler casts them) with serving shardings and
+  the Sampler's device layout (row-major on TPU, inference/weight_layout.py)."""
   import jax
   from flax import nnx
 
+  from klong_jax.inference import weight_layout
   from klong_jax.model import precision
   from klong_jax.model.transformer import Transformer
   from klong_jax.parallel import rules as rules_lib
@@ -182,9 +190,8 @@ def abstract_serving_model(setup: ServeSetup) -> ServeSetup:
     graphdef, params, rest = nnx.split(model, nnx.Not(nnx.RngState), ...)
     shardings = nnx.get_named_sharding(params, mesh)
 
-  def leaf(path, x, s):
-    return jax.ShapeDtypeStruct(x.shape, precision.leaf_dtype(path, x.dtype, cfg.dtype),
-                                sharding=s)
+  def leaf(path, x, s):  # In the layout the Sampler places them in (inference/weight_layout).
+    return weight_layout.abstract(x.shape, precision.leaf_dtype(path, x.dtype, cfg.dtype), s)
 
   setup.params = jax.tree_util.tree_map_with_path(leaf, params, shardings)
   setup.rest = jax.tree.map(
@@ -348,16 +355,40 @@ def expert_weight_gathers(hlo_text: str, model_cfg: Any,
   expert count (or its `expert` shard), the model dim and the expert hidden dim (or its `tensor`
   shard)."""
   pattern = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+all-gather(?:-start)?\(", re.M)
+  return _expert_shaped(pattern.findall(hlo_text), model_cfg, mesh_sizes)
+
+
+def _expert_shaped(shapes: Sequence[str], model_cfg: Any,
+                   mesh_sizes: Mapping[str, int]) -> list[str]:
+  """The array types in `shapes` (HLO result types) shaped like (a stack of) expert weights."""
   e, f = model_cfg.num_experts, model_cfg.moe_intermediate_size
   experts = {e, e // mesh_sizes.get("expert", 1)}
   ffn = {f, f // mesh_sizes.get("tensor", 1)}
   found = []
-  for shape in pattern.findall(hlo_text):
+  for shape in shapes:
     for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
       d = [int(x) for x in dims.split(",") if x]
       if len(d) >= 3 and model_cfg.hidden_size in d and experts & set(d) and ffn & set(d):
         found.append(f"{dt}[{dims}]")
   return sorted(set(found))
+
+
+def argument_copies(hlo_text: str) -> list[str]:
+  """Result types of the copies of whole arguments (rank >= 3) in the compiled entry computation:
+  a weight relaid out on every call, outside any loop (a hoisted relayout holds a second copy of
+  that weight for the whole call; inference/weight_layout.py places weights to avoid it)."""
+  entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
+  if not entry:
+    return []
+  params = set(re.findall(r"^\s*(%?[\w.\-]+)\s*=\s*\S+\s+parameter\(", entry.group(0), re.M))
+  found = []
+  for ty, arg in re.findall(r"^\s*%?[\w.\-]+\s*=\s*(\S+)\s+copy\((%?[\w.\-]+)\)",
+                            entry.group(0), re.M):
+    dims = re.match(r"[a-z]+\d*\[([\d,]*)\]", ty)
+    if arg in params and dims and dims.group(1).count(",") >= 2:
+      short = ty.split(":")[0]  # Drop the tiling: "bf16[2,4,128,48]{3,2,1,0".
+      found.append(short + "}" if "{" in short and not short.endswith("}") else short)
+  return found
 
 
 def tpu_kernels(hlo_text: str) -> dict[str, int]:
@@ -442,18 +473,19 @@ def plan_serve(config: Any, mesh_sizes: Mapping[str, int], devices: Sequence[Any
                            compile_seconds=time.perf_counter() - t0))
       continue
     m = compiled.memory_analysis()
-    found, gathers, kernels = {}, (), {}
+    found, gathers, kernels, copies = {}, (), {}, ()
     if device != _FAKE_CPU:
       hlo = compiled.as_text()
       found = topo_lib.collectives(hlo)
       kernels = tpu_kernels(hlo)
       gathers = tuple(expert_weight_gathers(hlo, model_cfg, mesh_sizes))
+      copies = tuple(argument_copies(hlo))
     out.append(ServePlan(
         **base, tokens=step.tokens, weights=step.weights, kv_cache=step.kv_cache,
         arguments=float(m.argument_size_in_bytes), temp=float(m.temp_size_in_bytes),
         output_not_aliased=float(m.output_size_in_bytes - m.alias_size_in_bytes),
         compile_seconds=secs, collectives=found, expert_gathers=gathers, notes=step.notes,
-        kernels=kernels))
+        kernels=kernels, argument_copies=copies))
   return out
 
 

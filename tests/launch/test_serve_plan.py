@@ -188,6 +188,64 @@ def test_tpu_compile_of_paged_decode_and_mixed_step_on_v5p_2x2x1():
   assert decode.step == "decode" and mixed.step == "prefill"
   assert {"all-to-all", "ragged-all-to-all"} & set(decode.collectives), decode.collectives
   assert "all-gathers of expert weights: none" in decode.report()
+  # 2 decode steps a call: the expert gate/up stacks (per-chip hidden 48, not a multiple of 128)
+  # are placed row-major (inference/weight_layout.py), so no relayout copy of them is hoisted
+  # out of the step loop (test_paged_decode_without_weight_layout_copies_expert_stacks: with
+  # TPU's default layout there is one).
+  assert not serve_plan._expert_shaped(decode.argument_copies, _model(), _MESH), \
+      decode.argument_copies
+
+
+_MESH = {"expert": 2, "tensor": 2}
+
+
+def _model():
+  from klong_jax.model.config import from_config_dict
+  return from_config_dict(_reduced_paged().model)
+
+
+@pytest.mark.slow
+def test_paged_decode_without_weight_layout_copies_expert_stacks(monkeypatch):
+  """The failure weight_layout prevents, at reduced size: with every weight in TPU's default
+  layout, the 2-step decode call copies whole expert gate/up stacks ([layers, experts/2, model,
+  hidden/2], relaid out so the hidden dim is minor) in its entry computation, once per call."""
+  problem = topo_lib.libtpu_status()
+  if problem:
+    pytest.skip(problem)
+  from klong_jax.inference import weight_layout
+  monkeypatch.setattr(weight_layout, "weight_format", lambda shape, sharding: sharding)
+  (decode,) = serve_plan.plan_serve_topology(_reduced_paged(), "v5p:2x2x1", steps=("decode",))
+  copies = serve_plan._expert_shaped(decode.argument_copies, _model(), _MESH)
+  assert copies == ["bf16[2,4,128,48]"], decode.argument_copies
+  assert "per-call copies of whole arguments (relayouts): " in decode.report()
+
+
+def test_weight_format_is_the_plain_sharding_off_tpu():
+  """On CPU the served weights keep the default layout: weight_format adds nothing."""
+  import jax
+  from klong_jax.inference import weight_layout
+  s = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  assert weight_layout.weight_format((2, 4, 128, 48), s) is s
+  x = weight_layout.place(jax.numpy.ones((4, 48)), s)
+  assert x.format == jax.device_put(jax.numpy.ones((4, 48)), s).format
+
+
+def test_argument_copies_finds_entry_copies_of_parameters():
+  hlo = """HloModule m
+%body (p: bf16[2,4,128,48]) -> bf16[2,4,128,48] {
+  %copy.1 = bf16[2,4,128,48]{3,2,1,0} copy(%p)
+}
+
+ENTRY %main (param.1: bf16[2,4,128,48], param.2: s32[8]) -> s32[8] {
+  %param.1 = bf16[2,4,128,48]{2,3,1,0:T(8,128)(2,1)} parameter(0)
+  %param.2 = s32[8]{0:T(128)} parameter(1)
+  %copy.184 = bf16[2,4,128,48]{3,2,1,0:T(8,128)(2,1)} copy(%param.1), backend_config={}
+  %copy.3 = s32[8]{0:T(128)} copy(%param.2)
+  %neg = bf16[2,4,128,48]{3,2,1,0} negate(%copy.184)
+  %copy.4 = bf16[2,4,128,48]{2,3,1,0} copy(%neg)
+}
+"""
+  assert serve_plan.argument_copies(hlo) == ["bf16[2,4,128,48]{3,2,1,0}"]
 
 
 def test_serve_plan_verdict_and_json():
