@@ -223,6 +223,7 @@ def test_paged_decode_without_weight_layout_copies_expert_stacks(monkeypatch):
 def test_weight_format_is_the_plain_sharding_off_tpu():
   """On CPU the served weights keep the default layout: weight_format adds nothing."""
   import jax
+
   from klong_jax.inference import weight_layout
   s = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
   assert weight_layout.weight_format((2, 4, 128, 48), s) is s
