@@ -9,8 +9,10 @@ x max_len in cache_dtype) and lowers the engine's decode step and one prefill ch
 shardings; with `--topology` the TPU compiler (libtpu, no TPU needed) compiles them. Per chip it
 reports weights + KV cache (exact, from the shardings), the compiler's temporaries, the peak vs
 HBM (FITS / DOES NOT FIT, or the compiler's own refusal), the collectives of each step's HLO by
-kind, and the all-gathers whose result is an expert weight (there must be none: experts stay on
-their `expert` shard and tokens travel instead).
+kind, the all-gathers whose result is an expert weight (there must be none: experts stay on
+their `expert` shard and tokens travel instead), and the per-call copies of whole arguments (a
+weight relaid out on every call; the abstract params carry the Sampler's device layout,
+inference/weight_layout.py, so there should be none of the expert stacks).
 
 An engine is a pair of step builders (`ENGINES`): a function from a `ServeSetup` to the
 `ServeStep` it compiles (jitted function + abstract arguments + persistent bytes). "dense" is
