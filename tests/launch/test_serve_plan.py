@@ -264,3 +264,31 @@ def test_serve_plan_verdict_and_json():
   refused = dataclasses.replace(p, refused="out of HBM", required=9.0)
   assert refused.peak == 9.0 and refused.fits is False
   assert dataclasses.replace(refused, required=None).peak == 6.0  # weights + pool at least.
+
+
+@pytest.mark.slow
+def test_tpu_weight_format_placement_matches_the_planned_input_layout():
+  """On TPU devices (libtpu, compile-only): a weight whose per-chip last dim is 48 gets a
+  row-major Format, a lane-aligned one keeps the plain sharding; what device_put to that Format
+  produces (an identity with that output format) has the layout the plan lowers the steps with."""
+  problem = topo_lib.libtpu_status()
+  if problem:
+    pytest.skip(problem)
+  import jax
+  import numpy as np
+
+  from klong_jax.inference import weight_layout
+  devs = topo_lib.devices(topo_lib.parse_topology("v5p:2x2x1"))
+  mesh = jax.sharding.Mesh(np.array(devs).reshape(2, 2), ("expert", "tensor"))
+  s = jax.sharding.NamedSharding(mesh, jax.P(None, "expert", None, "tensor"))
+  assert weight_layout.weight_format((2, 8, 128, 512), s) is s  # 256 per chip.
+  shape = (2, 8, 128, 96)  # 48 per chip.
+  fmt = weight_layout.weight_format(shape, s)
+  assert fmt.layout.major_to_minor == (0, 1, 2, 3) and fmt.sharding == s
+  src = jax.ShapeDtypeStruct(shape, jax.numpy.bfloat16, sharding=s)
+  put = jax.jit(lambda x: x, out_shardings=fmt).lower(src).compile().output_formats.layout
+  planned = jax.jit(lambda x: x * 2).lower(
+      weight_layout.abstract(shape, jax.numpy.bfloat16, s)).compile().input_formats[0][0].layout
+  default = jax.jit(lambda x: x * 2).lower(src).compile().input_formats[0][0].layout
+  assert put == planned and planned.major_to_minor == (0, 1, 2, 3)
+  assert default.major_to_minor != (0, 1, 2, 3)  # TPU's default: the model dim minor.
