@@ -27,7 +27,7 @@ from klong_jax.parallel import rules as rules_lib
 # chips; max_len = the rollout context (configs/rl_glm45_air.py seq_len 32768); max_batch = the
 # most rows whose decode step AND prefill chunk the TPU compiler fits. engine: the one
 # `plan --step=serve` compiled and fit there: the paged engine on v5p-8 / v5p-16 (pool over kv
-# heads, 77.0 / 76.4 GiB per chip, 80%; docs/performance.md); v6e-8 has no finished plan for
+# heads; 4-step decode 82.0 / 80.2 GiB per chip, 86% / 84%; docs/performance.md); v6e-8: no plan for
 # either engine (its compile ran past 25 min here), so it keeps the dense reference engine.
 SLICES = {
     "v5p-8": (dict(expert=2, tensor=2), 8, 32768, "paged"),
@@ -56,6 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # puts their model dim minor, the grouped matmul reads the hidden dim minor), so XLA
       # hoists no relayout copy of them out of the step loop (without it: 128 GiB of
       # temporaries on v5p-8, refused). TPU plan, v5p-8 per chip: decode (8 rows x 4 steps)
-      # inputs 79.07 GiB (704 padded to 768) + temp 2.94 = 82.0 GiB (86%); mixed step 79.5 GiB.
+      # inputs 79.07 GiB (704 padded to 768) + temp 2.94 = 82.0 GiB (86%), mixed step 79.5 GiB;
+      # v5p-16 (16 rows): 80.2 / 77.7 GiB (84%). tpu_plans/serve_glm45_air_v5p{8,16}_paged_decode4.
       decode_steps=4)
   return config
