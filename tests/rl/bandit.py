@@ -20,6 +20,15 @@ PROMPT = np.arange(5, 13, dtype=np.int32)
 ARM_A, ARM_B, GROUP = 40, 41, 16
 
 
+@jax.jit(static_argnums=0)
+def _next_token_logp(graphdef, params, rest) -> jax.Array:
+  """Jitted: op-by-op dispatch of the forward on 8 devices made the bandit tests take minutes."""
+  logits, _ = nnx.merge(graphdef, params, rest)(
+      jnp.asarray(PROMPT[None]), jnp.arange(len(PROMPT))[None],
+      jnp.ones((1, len(PROMPT)), jnp.int32))
+  return jax.nn.log_softmax(logits[0, -1].astype(jnp.float32))
+
+
 class Bandit:
   """The policy, its state and one `update` per sampled group (decoupled PPO recomputes the
   proximal log-probs first, as rl/train.py does)."""
@@ -43,10 +52,8 @@ class Bandit:
 
   def policy(self) -> np.ndarray:
     """log-probs over the vocabulary of the token after the prompt (float64)."""
-    logits, _ = nnx.merge(self.graphdef, self.state.params, self.state.rest)(
-        jnp.asarray(PROMPT[None]), jnp.arange(len(PROMPT))[None],
-        jnp.ones((1, len(PROMPT)), jnp.int32))
-    return np.asarray(jax.nn.log_softmax(logits[0, -1].astype(jnp.float32)), np.float64)
+    return np.asarray(_next_token_logp(self.graphdef, self.state.params, self.state.rest),
+                      np.float64)
 
   def update(self, ys: np.ndarray, adv: np.ndarray, logp: np.ndarray) -> None:
     """One RL step on the group's answers `ys` sampled by the policy whose log-probs are `logp`."""
