@@ -79,6 +79,18 @@ def preset_config(preset: str, arg: str | None, moe_chunk: int = 0, remat: str =
   return config
 
 
+def glm45_air_pod_config(args: Any) -> ml_collections.ConfigDict:
+  """GLM-4.5-Air on a TPU pod, the model + mesh shared by sft_glm45_air and rl_glm45_air: fsdp
+  fills the slice, 128 experts over expert=8; `args.remat`, MoE in `args.moe_chunk`-token chunks
+  (one chunk's working set), `args.context` chips per row's sequence. Seed 0, default rules."""
+  config = preset_config(
+      "glm45_air", f"remat={args.remat},moe_chunk={args.moe_chunk},context={args.context}",
+      fsdp=-1, expert=8)
+  config.seed = 0
+  config.rules = ()                  # () = parallel/rules.LOGICAL_RULES (fsdp/expert/tensor).
+  return config
+
+
 def optim_config(model: Any, *, lr: float, warmup_steps: int, total_steps: int,
                  final_lr_ratio: float, weight_decay: float, compute_dtype: str
                  ) -> ml_collections.ConfigDict:

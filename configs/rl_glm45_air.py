@@ -40,13 +40,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, steps=200, batch=512, seq_len=32768, groups=8, stage_steps=50,
                           limits="3600:7200:14400:21600", remat="full", moe_chunk=4096,
                           context=1)
-  # MoE in 4096-token chunks per row (one chunk's working set); context > 1: each row's
-  # sequence over that many chips.
-  config = common.preset_config(
-      "glm45_air", f"remat={args.remat},moe_chunk={args.moe_chunk},context={args.context}",
-      fsdp=-1, expert=8)
-  config.seed = 0
-  config.rules = ()                  # () = parallel/rules.LOGICAL_RULES (fsdp/expert/tensor).
+  config = common.glm45_air_pod_config(args)  # fsdp fills the slice, expert=8, seed 0.
 
   config.data = ml_collections.ConfigDict()
   config.data.max_len = args.seq_len  # Chunk length = the workers' --context_tokens.

@@ -37,13 +37,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   args = common.parse_arg(arg, steps=2000, batch=128, seq_len=32768, remat="full",
                           moe_chunk=4096, context=1)
   # fsdp fills the slice (16 on v5p-256, 32 on v6e-256); 128 experts over expert=8 (16 each).
-  # MoE in 4096-token chunks per row (one chunk's working set); context > 1: each row's
-  # sequence over that many chips.
-  config = common.preset_config(
-      "glm45_air", f"remat={args.remat},moe_chunk={args.moe_chunk},context={args.context}",
-      fsdp=-1, expert=8)
-  config.seed = 0
-  config.rules = ()                  # () = parallel/rules.LOGICAL_RULES (fsdp/expert/tensor).
+  config = common.glm45_air_pod_config(args)
 
   config.data = ml_collections.ConfigDict()
   config.data.shards = "gs://BUCKET/distill/sft"  # Distilled ArrayRecord trajectory shards.

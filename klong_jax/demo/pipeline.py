@@ -197,11 +197,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     sft_policy.publish_sft_policy(cfg, ckpt_dir, sft_policy_dir, 0)
   sets = {"heldout": heldout, "rl": rl_tasks}
   evs = evaluate_sets(c, os.path.join(workdir, "eval_sft"), sft_policy_dir, tok, sets)
-  ev_sft = evs.get("heldout") or next(iter(evs.values()))
-  out["heldout_sft"], out["heldout_sft_n"] = ev_sft.mean, len(ev_sft.rewards)
-  out["eval_sets_sft"] = {k: {"mean": v.mean, "n": len(v.rewards)} for k, v in evs.items()}
-  prog.end("; ".join(f"{k} mean reward {v.mean:.3f} over {len(v.rewards)} rollouts"
-                     for k, v in evs.items()))
+  ev_sft = _record_eval(out, "sft", evs, prog)
   if c.stop_after == "eval_sft":
     return _finish(workdir, out, prog)
 
@@ -233,11 +229,7 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   prog.start("eval_rl", "RL policy on held-out tasks")
   evs = evaluate_sets(c, os.path.join(workdir, "eval_rl"), os.path.join(rl_dir, "policy"), tok,
                       sets)
-  ev_rl = evs.get("heldout") or next(iter(evs.values()))
-  out["heldout_rl"], out["heldout_rl_n"] = ev_rl.mean, len(ev_rl.rewards)
-  out["eval_sets_rl"] = {k: {"mean": v.mean, "n": len(v.rewards)} for k, v in evs.items()}
-  prog.end("; ".join(f"{k} mean reward {v.mean:.3f} over {len(v.rewards)} rollouts"
-                     for k, v in evs.items()))
+  ev_rl = _record_eval(out, "rl", evs, prog)
   if c.stop_after == "eval_rl":
     return _finish(workdir, out, prog)
 
@@ -258,6 +250,18 @@ def run(c: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   out.update(_summarize(workdir, rl_dir, teacher, ev_sft, ev_rl, rl_stream, c.tasks.rl_split))
   prog.end()
   return _finish(workdir, out, prog)
+
+
+def _record_eval(out: dict[str, Any], phase: str, evs: dict[str, rewards.RewardStats],
+                 prog: summary.Progress) -> rewards.RewardStats:
+  """Records one eval phase's per-set means in `out` (`heldout_<phase>` from the held-out set,
+  else the first) and ends its progress step; returns that set's stats for the summary."""
+  ev = evs.get("heldout") or next(iter(evs.values()))
+  out[f"heldout_{phase}"], out[f"heldout_{phase}_n"] = ev.mean, len(ev.rewards)
+  out[f"eval_sets_{phase}"] = {k: {"mean": v.mean, "n": len(v.rewards)} for k, v in evs.items()}
+  prog.end("; ".join(f"{k} mean reward {v.mean:.3f} over {len(v.rewards)} rollouts"
+                     for k, v in evs.items()))
+  return ev
 
 
 def _finish(workdir: str, out: dict[str, Any], prog: summary.Progress) -> dict[str, Any]:

@@ -240,15 +240,21 @@ class Engine:
     self._rows[row] = req
     self._settings.set(row, req.params, req.seed)
 
+  def _next_waiting(self, admitted: list[Request]) -> Request | None:
+    """Pops the next waiting request that needs a row (caller holds the lock); those with
+    nothing to generate go straight to `admitted` without one (they finish as "length")."""
+    while self._waiting:
+      req = self._waiting.popleft()
+      if req.params.max_tokens != 0:
+        return req
+      admitted.append(req)
+    return None
+
   def _admit(self) -> None:
     free = self._free_rows()
     admitted: list[Request] = []
     with self._lock:
-      while free and self._waiting:
-        req = self._waiting.popleft()
-        if req.params.max_tokens == 0:
-          admitted.append(req)  # Nothing to generate: finishes without a row.
-          continue
+      while free and (req := self._next_waiting(admitted)) is not None:
         self._seat(req, free.pop(0))
         admitted.append(req)
     for req in [r for r in admitted if r.row < 0]:

@@ -11,6 +11,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from klong_jax.launch.tpu_topology import GIB
 from klong_jax.parallel import rules as rules_lib
 
 
@@ -51,6 +52,15 @@ class MemoryVerdict:
     if self.refused:
       return False
     return None if self.hbm is None else self.peak <= self.hbm
+
+  def verdict_line(self, hbm_digits: int = 1) -> str | None:
+    """The report's "HBM x GiB: FITS (y% of HBM)" line; None without an HBM size or refusal."""
+    if self.hbm is None and not self.refused:
+      return None
+    verdict = "FITS" if self.fits else "DOES NOT FIT"
+    hbm = f"HBM {self.hbm / GIB:.{hbm_digits}f} GiB: " if self.hbm is not None else ""
+    share = f" ({100 * self.peak / self.hbm:.0f}% of HBM)" if self.hbm and self.peak else ""
+    return f"  {hbm}{verdict}{share}"
 
 
 def batch_axes(mesh: Mapping[str, int], rules: Any = rules_lib.LOGICAL_RULES

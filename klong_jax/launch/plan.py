@@ -118,11 +118,8 @@ class Plan(checks.MemoryVerdict):
       need = "" if self.required is None else f" ({self.required / GIB:.1f} GiB of temporaries)"
       lines.append(f"  the TPU compiler refused{need}: {self.refused}")
       lines.append(f"  compile time {self.compile_seconds:.1f} s until the refusal")
-    if self.hbm is not None or self.refused:
-      verdict = "FITS" if self.fits else "DOES NOT FIT"
-      hbm = f"HBM {self.hbm / GIB:.1f} GiB: " if self.hbm is not None else ""
-      share = f" ({100 * self.peak / self.hbm:.0f}% of HBM)" if self.hbm and self.peak else ""
-      lines.append(f"  {hbm}{verdict}{share}")
+    if (verdict := self.verdict_line(hbm_digits=1)) is not None:
+      lines.append(verdict)
     if self.collectives:
       lines += topo_lib.collectives_table(dict(self.collectives))
       square = ", ".join(self.square_buffers[:4]) or "none"

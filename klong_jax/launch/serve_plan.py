@@ -141,11 +141,8 @@ class ServePlan(checks.MemoryVerdict):
                 f"  {'peak':32s} {self.peak / GIB:9.3f}"]
       if abs(self.arguments - self.weights - self.kv_cache) > 0.02 * self.arguments:
         lines.append(f"  note: the compiler counts {self.arguments / GIB:.3f} GiB of inputs")
-    if self.hbm is not None or self.refused:
-      verdict = "FITS" if self.fits else "DOES NOT FIT"
-      hbm = f"HBM {self.hbm / GIB:.2f} GiB: " if self.hbm is not None else ""
-      share = f" ({100 * self.peak / self.hbm:.0f}% of HBM)" if self.hbm and self.peak else ""
-      lines.append(f"  {hbm}{verdict}{share}")
+    if (verdict := self.verdict_line(hbm_digits=2)) is not None:
+      lines.append(verdict)
     lines += [f"  {n}" for n in self.notes]
     if self.device != _FAKE_CPU and not self.refused:
       lines += topo_lib.collectives_table(dict(self.collectives))

@@ -14,13 +14,12 @@ from configs import sft_tiny
 from klong_jax.kernels import vocab
 from klong_jax.kernels.vocab import reference, tiled
 from klong_jax.model.config import get_preset
-from klong_jax.model.sharded import create_sharded_model
 from klong_jax.parallel.mesh import make_mesh
-from klong_jax.parallel.rules import LOGICAL_RULES, batch_sharding
+from klong_jax.parallel.rules import LOGICAL_RULES
 from klong_jax.rl import step as rl_step
-from klong_jax.train import optim
 from klong_jax.train import step as step_lib
 from tests.kernels import jaxpr_walk
+from tests.train.step_testlib import assert_runs_match, tiny_train_state
 
 
 def _inputs(b=2, t=13, d=16, v=97, dtype=jnp.float32, seed=0):
@@ -217,12 +216,7 @@ def _optim_cfg(**kw):
 
 def _run(mesh, ocfg, rl_cfg=None, steps=2):
   """`steps` SFT (or RL, with `rl_cfg`) steps on one batch -> (host params, metrics list)."""
-  model = create_sharded_model(get_preset("tiny"), mesh, seed=0)
-  graphdef, params, rest = step_lib.split_model(model)
-  tx = optim.make_optimizer(ocfg)
-  sh = step_lib.state_shardings(params, rest, tx, mesh, LOGICAL_RULES)
-  state = step_lib.init_state(params, rest, tx, sh)
-  bsh = batch_sharding(mesh)
+  graphdef, tx, sh, state, bsh = tiny_train_state(mesh, ocfg)
   batch = {k: jax.device_put(v, bsh) for k, v in _batch(rl_cfg is not None).items()}
   if rl_cfg is None:
     fn = step_lib.make_sft_step(graphdef, tx, ocfg, sh, bsh, LOGICAL_RULES)
@@ -240,13 +234,7 @@ def _run(mesh, ocfg, rl_cfg=None, steps=2):
 
 def _assert_same(a, b):
   (pa, ma), (pb, mb) = a, b
-  for x, y in zip(ma, mb, strict=True):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_allclose(x[k], y[k], rtol=2e-5, atol=1e-6, err_msg=k)
-  # Params: atol 1e-4 (1% of one lr=1e-2 Adam step), as tests/train/test_step.py explains.
-  for x, y in zip(jax.tree.leaves(pa), jax.tree.leaves(pb), strict=True):
-    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-4)
+  assert_runs_match(ma, mb, pa, pb)
 
 
 @pytest.mark.slow

@@ -11,8 +11,7 @@ from flax import nnx
 from klong_jax.model import moe_dispatch, moe_router
 from klong_jax.model.config import get_preset
 from klong_jax.model.moe import MoE
-
-N, D, F, E, K = 48, 16, 8, 8, 2
+from tests.model.moe_testlib import E, K, N, expert_operands
 
 
 def _inputs(seed=0, skip=(5, 6)):
@@ -21,11 +20,7 @@ def _inputs(seed=0, skip=(5, 6)):
   allowed = jnp.array([e for e in range(E) if e not in skip])
   choice = jax.vmap(lambda k: jax.random.choice(k, allowed, (K,), replace=False))(
       jax.random.split(keys[1], N))
-  x = jax.random.normal(keys[0], (N, D))
-  w = jax.random.uniform(keys[2], (N, K))
-  wg = jax.random.normal(keys[3], (E, D, F)) / 4
-  wu = jax.random.normal(keys[4], (E, D, F)) / 4
-  wd = jax.random.normal(keys[5], (E, F, D)) / 4
+  x, w, wg, wu, wd = expert_operands(keys)
   return x, choice.astype(jnp.int32), w, wg, wu, wd
 
 

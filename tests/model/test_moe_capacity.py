@@ -14,8 +14,7 @@ from klong_jax.model.config import ConfigError, get_preset
 from klong_jax.model.moe import MoE, routed_experts
 from klong_jax.model.transformer import Transformer
 from klong_jax.parallel.mesh import make_mesh
-
-N, D, F, E, K = 48, 16, 8, 8, 2
+from tests.model.moe_testlib import E, K, N, expert_operands
 
 
 def _inputs(seed=0):
@@ -24,11 +23,7 @@ def _inputs(seed=0):
   probs = jnp.array([4, 3, 1, 1, 1, 1, 0.5, 0.5]) / 12.0
   idx = jax.vmap(lambda k: jax.random.choice(k, E, (K,), replace=False, p=probs))(
       jax.random.split(keys[1], N))
-  x = jax.random.normal(keys[0], (N, D))
-  w = jax.random.uniform(keys[2], (N, K))
-  wg = jax.random.normal(keys[3], (E, D, F)) / 4
-  wu = jax.random.normal(keys[4], (E, D, F)) / 4
-  wd = jax.random.normal(keys[5], (E, F, D)) / 4
+  x, w, wg, wu, wd = expert_operands(keys)
   return x, idx.astype(jnp.int32), w, wg, wu, wd
 
 

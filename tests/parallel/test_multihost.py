@@ -42,24 +42,17 @@ def train(steps: int = STEPS) -> tuple[list[dict[str, float]], dict[str, np.ndar
   import ml_collections  # noqa: PLC0415
   from jax.experimental import multihost_utils  # noqa: PLC0415
 
-  from klong_jax.model.config import get_preset  # noqa: PLC0415
-  from klong_jax.model.sharded import create_sharded_model  # noqa: PLC0415
   from klong_jax.parallel.mesh import make_mesh  # noqa: PLC0415
-  from klong_jax.parallel.rules import LOGICAL_RULES, batch_sharding  # noqa: PLC0415
-  from klong_jax.train import optim  # noqa: PLC0415
+  from klong_jax.parallel.rules import LOGICAL_RULES  # noqa: PLC0415
   from klong_jax.train import step as step_lib  # noqa: PLC0415
+  from tests.train.step_testlib import tiny_train_state  # noqa: PLC0415
 
   ocfg = ml_collections.ConfigDict(dict(
       lr=1e-2, warmup_steps=1, total_steps=10, clip_norm=1.0, weight_decay=0.01, lb_coef=1e-2,
       z_coef=1e-3, expert_bias_rate=1e-2, compute_dtype="float32", final_lr_ratio=0.1, b1=0.9,
       b2=0.95, eps=1e-8, grad_accum=1))
   mesh = make_mesh(MESH)
-  model = create_sharded_model(get_preset("tiny"), mesh, seed=0)
-  graphdef, params, rest = step_lib.split_model(model)
-  tx = optim.make_optimizer(ocfg)
-  sh = step_lib.state_shardings(params, rest, tx, mesh, LOGICAL_RULES)
-  state = step_lib.init_state(params, rest, tx, sh)
-  bsh = batch_sharding(mesh)
+  graphdef, tx, sh, state, bsh = tiny_train_state(mesh, ocfg)
   fn = step_lib.make_sft_step(graphdef, tx, ocfg, sh, bsh, LOGICAL_RULES)
   host = _batch()
   # Every process knows the whole fixed batch; each fills only its addressable shards.

@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 
 from configs import sft_tiny
-from klong_jax.model.config import get_preset
-from klong_jax.model.sharded import create_sharded_model
 from klong_jax.parallel.mesh import make_mesh
-from klong_jax.parallel.rules import LOGICAL_RULES, batch_sharding
-from klong_jax.train import optim
+from klong_jax.parallel.rules import LOGICAL_RULES
 from klong_jax.train import step as step_lib
+from tests.train.step_testlib import assert_runs_match, tiny_train_state
 
 B, L = 8, 64
 
@@ -37,12 +35,7 @@ def _batch():
 
 def _train(mesh, ocfg, steps=3):
   """Runs `steps` identical-batch steps; returns (host params, host rest, metrics list)."""
-  model = create_sharded_model(get_preset("tiny"), mesh, seed=0)
-  graphdef, params, rest = step_lib.split_model(model)
-  tx = optim.make_optimizer(ocfg)
-  sh = step_lib.state_shardings(params, rest, tx, mesh, LOGICAL_RULES)
-  state = step_lib.init_state(params, rest, tx, sh)
-  bsh = batch_sharding(mesh)
+  graphdef, tx, sh, state, bsh = tiny_train_state(mesh, ocfg)
   fn = step_lib.make_sft_step(graphdef, tx, ocfg, sh, bsh, LOGICAL_RULES)
   out = []
   for _ in range(steps):
@@ -63,14 +56,7 @@ def test_sharded_step_equals_unsharded(unsharded):
   # Params really are sharded over fsdp on the 8-device run.
   specs = {str(x.sharding.spec) for x in jax.tree.leaves(state.params)}
   assert any("fsdp" in s for s in specs)
-  for a, b in zip(m1, m8, strict=True):
-    assert a.keys() == b.keys()
-    for k in a:
-      np.testing.assert_allclose(a[k], b[k], rtol=2e-5, atol=1e-6, err_msg=k)
-  # Losses/grad norms agree to ~1e-7; params get atol 1e-4 (1% of one lr=1e-2 Adam step): Adam's
-  # m / sqrt(v) turns reduction-order noise on elements whose gradient is ~0 into O(lr) moves.
-  for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
-    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
+  assert_runs_match(m1, m8, p1, p8)  # Losses/grad norms to ~1e-7, params to atol 1e-4.
   for a, b in zip(jax.tree.leaves(r1), jax.tree.leaves(r8), strict=True):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from klong_jax.kernels.attention import blockwise
 from klong_jax.kernels.attention.dispatch import current_platform
 from klong_jax.kernels.attention.reference import NEG
 from klong_jax.parallel import rules as rules_lib
@@ -115,10 +116,7 @@ def portable(q: jax.Array, pool: jax.Array, base: jax.Array, token_pages: jax.Ar
     slots = j * ps + jnp.arange(ps)
     mask = ((slots[None, :] <= positions[:, None]) & valid[:, None])[:, None, None, :]
     s = jnp.where(mask, s, NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-    alpha = jnp.exp(m - m_new)
-    den = alpha * den + jnp.sum(p, axis=-1)
+    p, alpha, m_new, den = blockwise.online_softmax_step(s, mask, m, den)
     pv = jnp.einsum("nkgs,nskh->nkgh", p.astype(vj.dtype), vj,
                     preferred_element_type=jnp.float32)
     return alpha[..., None] * o + pv, m_new, den

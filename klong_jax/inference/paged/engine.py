@@ -191,11 +191,7 @@ class PagedEngine(Engine):
     free = self._free_rows()
     ps, admitted, skipped = self.page_size, [], []
     with self._lock:
-      while free and self._waiting:
-        req = self._waiting.popleft()
-        if req.params.max_tokens == 0:
-          admitted.append(req)  # Nothing to generate: finishes without a row.
-          continue
+      while free and (req := self._next_waiting(admitted)) is not None:
         keys = self.alloc.keys(req.prompt_ids)
         usable = keys[:(len(req.prompt_ids) - 1) // ps]
         hits = self.alloc.peek(usable)

@@ -47,6 +47,17 @@ def _scores(qi: jax.Array, kj: jax.Array, scale: float) -> jax.Array:
   return jnp.einsum("bqkgh,bskh->bkgqs", qi, kj, preferred_element_type=jnp.float32) * scale
 
 
+def online_softmax_step(s: jax.Array, mask: jax.Array, m: jax.Array, den: jax.Array
+                        ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """One kv tile of the online softmax: scores `s` [..., S] (masked to NEG), visibility `mask`,
+  running max `m` and denominator `den` [...] -> (p [..., S], alpha = rescale of the old
+  accumulator, new m, new den). Shared by this kernel and the paged portable attention."""
+  m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+  p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
+  alpha = jnp.exp(m - m_new)
+  return p, alpha, m_new, alpha * den + jnp.sum(p, axis=-1)
+
+
 def _fwd_block(qi, qp, qs, k, v, kv_seg, bk: int, n_blocks):
   """One query block [B,bq,K,G,H] -> (out [B,bq,K,G,H] in q's dtype, lse [B,K,G,bq] fp32)."""
   b, bq, nkv, g, h = qi.shape
@@ -58,10 +69,7 @@ def _fwd_block(qi, qp, qs, k, v, kv_seg, bk: int, n_blocks):
     vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, axis=1)
     mask = _tile_mask(qp, qs, kv_seg, j, bk)
     s = jnp.where(mask, _scores(qi, kj, scale), NEG)
-    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
-    alpha = jnp.exp(m - m_new)
-    den = alpha * den + jnp.sum(p, axis=-1)
+    p, alpha, m_new, den = online_softmax_step(s, mask, m, den)
     pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), vj,
                     preferred_element_type=jnp.float32)
     return alpha[..., None] * o + pv, m_new, den
