@@ -14,7 +14,8 @@ context (max_len 32768) and a power-of-two row count whose decode step and prefi
 compiler's plan fits (docs/tpu_pod.md has the table):
   v5p-8  (4 chips x 95.74 GiB) expert 2 x tensor 2, 8 rows: weights 53.2 GiB, KV 11.5 GiB per chip
   v5p-16 (8 chips, 2 hosts)    expert 4 x tensor 2, 16 rows: weights 30.0 GiB, KV 11.5 GiB
-  v6e-8  (8 chips x 31.25 GiB) tensor 8, 2 rows: weights 25.0 GiB, KV 1.4 GiB (not yet compiled)
+  v6e-8  (8 chips x 31.25 GiB) tensor 8, 2 rows: weights 25.0 GiB, KV 1.4 GiB: the TPU compiler
+         REFUSES both engines' steps (34.0-34.8 GiB of temporaries); not servable as configured
 """
 
 import ml_collections
@@ -27,8 +28,9 @@ from klong_jax.parallel import rules as rules_lib
 # chips; max_len = the rollout context (configs/rl_glm45_air.py seq_len 32768); max_batch = the
 # most rows whose decode step AND prefill chunk the TPU compiler fits. engine: the one
 # `plan --step=serve` compiled and fit there: the paged engine on v5p-8 / v5p-16 (pool over kv
-# heads; 4-step decode 82.0 / 80.2 GiB per chip, 86% / 84%; docs/performance.md); v6e-8: no plan for
-# either engine (its compile ran past 25 min here), so it keeps the dense reference engine.
+# heads; 4-step decode 82.0 / 80.2 GiB per chip, 86% / 84%; docs/performance.md); v6e-8: the
+# compiler refuses both engines (paged and dense: 34.0-34.8 GiB of temporaries vs 31.25 GiB of
+# HBM, tpu_plans/serve_glm45_air_v6e8_paged.txt): kept as the record of that, not for use.
 SLICES = {
     "v5p-8": (dict(expert=2, tensor=2), 8, 32768, "paged"),
     "v5p-16": (dict(expert=4, tensor=2), 16, 32768, "paged"),
