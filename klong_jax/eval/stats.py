@@ -117,15 +117,20 @@ def _values(values: Sequence[float]) -> np.ndarray:
   return arr
 
 
+def _too_few(x: np.ndarray, method: str, level: float) -> Interval | None:
+  """The interval of fewer than 2 values (no mean, or a mean without bounds); None otherwise."""
+  if x.size >= 2:
+    return None
+  return Interval(float(x.mean()) if x.size else None, None, None, None, int(x.size), method,
+                  level)
+
+
 def t_interval(values: Sequence[float], level: float = LEVEL) -> Interval:
   """Mean ± t_{(1+level)/2, n-1} * sd/sqrt(n) over independent values (episodes or seeds)."""
   x = _values(values)
-  n = int(x.size)
-  if n == 0:
-    return Interval(None, None, None, None, 0, "t", level)
-  m = float(x.mean())
-  if n < 2:
-    return Interval(m, None, None, None, n, "t", level)
+  if (few := _too_few(x, "t", level)) is not None:
+    return few
+  n, m = int(x.size), float(x.mean())
   se = float(x.std(ddof=1) / math.sqrt(n))
   h = t_quantile((1.0 + level) / 2.0, n - 1) * se
   return Interval(m, m - h, m + h, se, n, "t", level)
@@ -137,12 +142,9 @@ def bootstrap_interval(values: Sequence[float], level: float = LEVEL, n_boot: in
   two-stage: resample clusters, then episodes within each drawn cluster, so seed-to-seed
   variation is in the interval. Seeded: the same data give the same interval."""
   x = _values(values)
-  n = int(x.size)
-  if n == 0:
-    return Interval(None, None, None, None, 0, "bootstrap", level)
-  m = float(x.mean())
-  if n < 2:
-    return Interval(m, None, None, None, n, "bootstrap", level)
+  if (few := _too_few(x, "bootstrap", level)) is not None:
+    return few
+  n, m = int(x.size), float(x.mean())
   rng = np.random.default_rng(seed)
   if clusters is None:
     means = x[rng.integers(0, n, size=(n_boot, n))].mean(axis=1)
