@@ -576,11 +576,10 @@ def _serve_main(f: dict[str, Any], topology: str, hbm: float | None) -> bool:
     return False
   for p in plans:
     print(p.report(), flush=True)
-  if f["out"]:
-    import json
-    with open(f["out"], "w") as fh:
-      json.dump({"argv": sys.argv, "topology": topology, "plans": [p.as_dict() for p in plans]},
-                fh, indent=1, default=str)
+  if f["out"]:  # Read by benchmarks and reports: written atomically (temp file + rename).
+    from klong_jax import fileio
+    fileio.atomic_write_json(f["out"], {"argv": sys.argv, "topology": topology,
+                                        "plans": [p.as_dict() for p in plans]}, indent=1)
   return all(p.fits is not False for p in plans)
 
 

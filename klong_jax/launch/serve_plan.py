@@ -25,6 +25,7 @@ parallel/rules.paged_pool_spec). `--engine` picks one; default: the config's ser
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -57,7 +58,7 @@ class ServeSetup:
   token_budget: int = 256
   decode_steps: int = 4
   paged_attention: str = "auto"
-  min_bucket: int = 16
+  min_bucket: int = 16  # plan_serve passes paged/scheduler.MIN_BUCKET (the engine's).
   graphdef: Any = None
   params: Any = None  # nnx.State of ShapeDtypeStructs (policy dtypes, serving shardings).
   rest: Any = None  # RNG state (abstract).
@@ -395,10 +396,7 @@ def tpu_kernels(hlo_text: str) -> dict[str, int]:
   without its numeric suffix), e.g. {"ragged_paged_attention_kernel": 2}."""
   names = re.findall(r"^\s*(?:ROOT\s+)?%?([\w\-]+?)(?:\.\d+)?\s*=.*custom_call_target="
                      r"\"tpu_custom_call\"", hlo_text, re.M)
-  out: dict[str, int] = {}
-  for name in names:
-    out[name] = out.get(name, 0) + 1
-  return out
+  return dict(collections.Counter(names))
 
 
 def compile_serve_step(setup: ServeSetup, builder: StepBuilder) -> tuple[ServeStep, Any, float]:
@@ -426,6 +424,7 @@ def plan_serve(config: Any, mesh_sizes: Mapping[str, int], devices: Sequence[Any
   import jax.numpy as jnp
 
   from klong_jax.inference import serve_config
+  from klong_jax.inference.paged import scheduler
   from klong_jax.inference.paged.engine import pool_pages
   from klong_jax.launch.plan import CompilerRefused
   from klong_jax.model.config import from_config_dict
@@ -454,7 +453,7 @@ def plan_serve(config: Any, mesh_sizes: Mapping[str, int], devices: Sequence[Any
       page_size=page, num_pages=int(serve.kv_pages) or pool_pages(
           model_cfg, max_batch, max_len, page, cache_dtype, serve.prefix_cache_mb),
       token_budget=int(serve.token_budget), decode_steps=int(serve.decode_steps),
-      paged_attention=serve.paged_attention, min_bucket=16))
+      paged_attention=serve.paged_attention, min_bucket=scheduler.MIN_BUCKET))
   out = []
   hbm = None if hbm_gib is None else hbm_gib * GIB
   for name in steps:

@@ -56,7 +56,8 @@ class PagedEngine(Engine):
   def __init__(self, sampler: Sampler, tokenizer: Any = None, *, schedule: str = "continuous",
                stop_token_ids: Sequence[int] = (), seed: int = 0, replica_id: int | None = None,
                page_size: int = 16, num_pages: int = 0, prefix_caching: bool = True,
-               token_budget: int = 256, decode_steps: int = 4, min_bucket: int = 16,
+               token_budget: int = 256, decode_steps: int = 4,
+               min_bucket: int = scheduler.MIN_BUCKET,
                attention_impl: str = "auto"):
     super().__init__(sampler, tokenizer, schedule=schedule, stop_token_ids=stop_token_ids,
                      seed=seed, replica_id=replica_id)

@@ -16,6 +16,9 @@ import numpy as np
 from klong_jax.inference.paged.cache import TRASH_PAGE
 from klong_jax.inference.sampler import RowSettings
 
+# Smallest padded token count of a mixed step (the engine's default; the serving plan's too).
+MIN_BUCKET = 16
+
 
 @dataclasses.dataclass
 class Work:
