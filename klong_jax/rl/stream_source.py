@@ -391,8 +391,9 @@ class StreamIterator(grain.DatasetIterator):
         continue
       taken.append({"path": rel, "keep": keep})
       if self.cfg.family_lookahead:
-        families.add(self._shard_family(rel))
-        self._cycle.add(self._shard_family(rel))
+        fam = self._shard_family(rel)
+        families.add(fam)
+        self._cycle.add(fam)
     for s in no_signal:  # read, not taken: out of the batch and the loss denominator
       dropped += 1
       self.counters["dropped_zero_var_trajectories"] += len(s["keep"])
