@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -67,9 +68,17 @@ _CREATE = textwrap.dedent("""
   root, me, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
   order = list(range(n))
   random.Random(me).shuffle(order)
+  print("ready", flush=True)
+  sys.stdin.readline()  # the start line: every racer begins at once
   won = [i for i in order if storage.create(f"{root}/g{i}", me.encode()) is not None]
   print(json.dumps(won))
 """)
+
+
+def _race_order(me: str, n: int) -> list[int]:
+  order = list(range(n))
+  random.Random(me).shuffle(order)
+  return order
 
 
 @pytest.mark.subprocess
@@ -78,14 +87,25 @@ def test_concurrent_create_has_exactly_one_winner(gcs_root):
   n, procs, threads = 30, 6, 4
   env = dict(os.environ, PYTHONPATH=REPO)
   ps = [subprocess.Popen([sys.executable, "-c", _CREATE, gcs_root, f"p{i}", str(n)], env=env,
-                         stdout=subprocess.PIPE, text=True) for i in range(procs)]
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        for i in range(procs)]
   won: dict[str, list[int]] = {}
+  start = threading.Barrier(threads + 1)
 
   def thread(me):
-    won[me] = [i for i in range(n) if storage.create(f"{gcs_root}/g{i}", me.encode())]
+    start.wait()
+    won[me] = [i for i in _race_order(me, n) if storage.create(f"{gcs_root}/g{i}", me.encode())]
   ts = [threading.Thread(target=thread, args=(f"t{i}",)) for i in range(threads)]
   for t in ts:
     t.start()
+  # Hold the race until every process has imported and is waiting: under load a process that
+  # starts late would otherwise find every object taken (CI saw one racer win all 30).
+  for p in ps:
+    assert p.stdout.readline().strip() == "ready"
+  for p in ps:
+    p.stdin.write("go\n")
+    p.stdin.flush()
+  start.wait()
   for t in ts:
     t.join()
   for i, p in enumerate(ps):
