@@ -1,4 +1,5 @@
-"""Plan a pod run: multi-host RL trainer on a TPU slice, servers on their own slices, k8s fleet.
+"""Plan a pod run: multi-host RL trainer on a TPU slice, servers on their own slices, k8s fleet
+(or, with an SFT `--trainer_config`, the multi-host SFT trainer alone).
 
   python launch/tpu.py --config=configs/glm45_air.py --tpu=v5p-256 --workdir=gs://BUCKET/runs/r1 \\
       --init_checkpoint=gs://BUCKET/ckpt/glm45_air_sft --dry_run [--sweep=rl.kl_coef=0.02 ...]
@@ -51,8 +52,10 @@ _SERVER_ARG = flags.DEFINE_string("server_arg", "",
                                   "Arg string overrides for the server config: configs/"
                                   "serve_<preset>.py:slice=<server_tpu> where it exists (sizes "
                                   "planned per slice), else configs/serve_tiny.py:preset=<preset>.")
-_TRAINER_CONFIG = flags.DEFINE_string("trainer_config", "configs/rl_glm45_air.py",
-                                      "RL config giving every section but model and mesh.")
+_TRAINER_CONFIG = flags.DEFINE_string(
+    "trainer_config", "configs/rl_glm45_air.py",
+    "Trainer config giving every section but model and mesh: an RL config (trainer, servers, "
+    "fleet) or an SFT config, i.e. one without an `rl` section (the SFT trainer alone).")
 _FLEET = flags.DEFINE_integer("fleet", 64, "Rollout worker pods in total.")
 _RUNTIME = flags.DEFINE_enum("sandbox_runtime", "sysbox", sorted(k8s.RUNTIMES),
                              "How worker pods run task sandboxes (see launch/k8s.py).")
@@ -209,9 +212,12 @@ class PodPlan:
              f"  gcloud compute tpus tpu-vm ssh {tname} --zone={z} --worker=$i --command=\"cd "
              f"{self.site.repo_dir} && KLONG_COORDINATOR=$COORDINATOR:{COORDINATOR_PORT} "
              f"KLONG_NUM_PROCESSES={t.hosts} KLONG_PROCESS_ID=$i $TRAINER_CMD > /tmp/trainer.log "
-             "2>&1\" &", "done", "",
-             f"# 3. {len(self.servers)} inference server(s), one "
-             f"{self.server_slice.accelerator} slice each, hot-reloading the trainer's policy dir."]
+             "2>&1\" &", "done", ""]
+    if not self.servers and not self.fleet:  # An SFT plan: the trainer is the whole run.
+      return "\n".join([*lines, "wait", ""])
+    lines.append(f"# 3. {len(self.servers)} inference server(s), one "
+                 f"{self.server_slice.accelerator} slice each, hot-reloading the trainer's "
+                 "policy dir.")
     for i, s in enumerate(self.servers):
       sname = f"{self.name}-{s.name}"
       cmd = f"cd {self.site.repo_dir} && {shlex.join(s.executable.argv('python3'))}"
@@ -245,6 +251,9 @@ class PodPlan:
       out.append(f"    [host {h}] {self.host_command(h)}")
       if t.hosts > 4 and h == 1:
         out.append(f"    ... hosts 2..{t.hosts - 2} identical but KLONG_PROCESS_ID ...")
+    if not self.servers and not self.fleet:
+      out.append("  servers, rollout fleet: none (an SFT run: the trainer alone)")
+      return "\n".join(out)
     out.append(f"  servers: {len(self.servers)} x {self.server_slice.accelerator} "
                f"({self.server_slice.chips} chips each)")
     for s in self.servers:
@@ -261,8 +270,11 @@ class PodPlan:
   def files(self) -> dict[str, str]:
     """File name -> text, as written by `write_plan`."""
     hosts = "\n".join(self.host_command(h) for h in range(self.trainer_slice.hosts))
-    return {"plan.txt": self.describe() + "\n", "launch.sh": self.launch_script(),
-            "trainer_hosts.txt": hosts + "\n", "fleet.yaml": k8s.to_yaml(self.fleet)}
+    files = {"plan.txt": self.describe() + "\n", "launch.sh": self.launch_script(),
+             "trainer_hosts.txt": hosts + "\n"}
+    if self.fleet:
+      files["fleet.yaml"] = k8s.to_yaml(self.fleet)
+    return files
 
 
 def gcs_bucket(workdir: str) -> tuple[str, str]:
@@ -312,10 +324,18 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
   merged.mesh = ml_collections.ConfigDict(preset.mesh.to_dict())
   merged = local.apply_overrides(merged, overrides or {})
   mesh = resolve_mesh(merged.mesh, trainer_slice.chips)
+  phase = "rl" if "rl" in merged else "sft"
   checked = (validate(merged, trainer_slice, mesh) + f"; memory plan: python -m "
              f"klong_jax.launch.plan --config={trainer_spec} "
-             f"--topology={trainer_slice.accelerator} --step=rl")
+             f"--topology={trainer_slice.accelerator} --step={phase}")
   name = name or f"klong-{re.sub(r'[^a-z0-9-]', '-', preset.model.get('name', 'run').lower())}"
+  if phase == "sft":  # The SFT trainer alone: no servers, no fleet; a restarted host resumes.
+    trainer = xp.Job("trainer", xp.Executable("klong_jax.train.sft", {
+        "config": trainer_spec, "workdir": run, "resume": True, **config_diff(base, merged)}),
+        primary=True)
+    return PodPlan(name=name, workdir=workdir, trainer_slice=trainer_slice, mesh=mesh,
+                   trainer=trainer, servers=[], server_slice=server_slice, fleet=[],
+                   bucket=bucket, site=site, overrides=dict(overrides or {}), checks=checked)
   stream, policy = f"{run}/stream", f"{run}/policy"
   tok = tokenizer or f"{root}/tokenizer.model"
   task_dir = tasks or f"{root}/tasks/train"
@@ -428,8 +448,9 @@ def _emit(plans: list[PodPlan]) -> None:
       print(plan.describe())
       print("--- launch.sh ---")
       print(plan.launch_script())
-      print("--- fleet.yaml ---")
-      print(k8s.to_yaml(plan.fleet), flush=True)
+      if plan.fleet:
+        print("--- fleet.yaml ---")
+        print(k8s.to_yaml(plan.fleet), flush=True)
       continue
     out = _OUT.value or os.path.join("runs", "launch")
     out = os.path.join(out, f"wu{i}") if len(plans) > 1 else out

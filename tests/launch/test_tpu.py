@@ -192,3 +192,29 @@ def test_cli_dry_run():
   assert "32 hosts x 4 chips" in out and "kind: Deployment" in out
   assert out.count("start-up checks passed") == 2
   assert "wrote " not in out  # dry run writes nothing
+
+
+def test_sft_pod_config_plans_the_sft_trainer_alone(tmp_path):
+  """The SFT pod config through the same launcher: per-host `train.sft --resume`, no servers."""
+  plan = _plan(trainer_spec=SFT_POD, workdir="gs://bkt/runs/sft1")
+  argv = plan.trainer.executable.argv("python3")
+  assert argv[:3] == ["python3", "-m", "klong_jax.train.sft"]
+  assert "--workdir=gs://bkt/runs/sft1" in argv and "--resume" in argv
+  assert not any(a.startswith("--stream") or "data.batch_size" in a for a in argv)
+  assert plan.servers == [] and plan.fleet == [] and plan.trainer_slice.hosts == 32
+  assert "--step=sft" in plan.checks and "start-up checks passed" in plan.checks
+  text = plan.describe()
+  assert "KLONG_PROCESS_ID=31 python3 -m klong_jax.train.sft" in text and "servers, rollout" in text
+  script = plan.launch_script()
+  assert "klong_jax.train.sft" in script and "kubectl" not in script and "server" not in script
+  assert sorted(os.path.basename(p) for p in tpu.write_plan(plan, str(tmp_path))) == \
+      ["launch.sh", "plan.txt", "trainer_hosts.txt"]
+
+
+def test_cli_dry_run_sft_pod_config():
+  r = subprocess.run(
+      [sys.executable, "launch/tpu.py", "--config=configs/glm45_air.py", "--tpu=v5p-256",
+       "--trainer_config=configs/sft_glm45_air.py", "--workdir=gs://bkt/runs/sft1", "--dry_run"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "start-up checks passed" in r.stdout and "fleet.yaml" not in r.stdout
