@@ -68,7 +68,7 @@ SERVING_RULES: Rules = tuple(
 # parallelism on the axis that also splits the attention heads / vocab), their hidden dim
 # unsharded. Sharding glm45_air's expert hidden 1408 over 8 chips leaves 176 per chip, which TPU
 # pads to 256 lanes in the layout the grouped matmul reads (weight_layout.py): +45% on the expert
-# gate/up stacks, 31.5 of 31.25 GiB of HBM in weights alone. Whole experts (1408 = 11 x 128) need
+# gate/up stacks, 32.0 GiB of weights per chip vs 31.25 of HBM. Whole experts (1408 = 11 x 128) need
 # no padding; tokens are replicated over `tensor` (rows are on every chip: batch axes are size 1),
 # so each chip runs its experts on every token and a psum over `tensor` sums the outputs, the
 # same collective tensor parallelism has.
