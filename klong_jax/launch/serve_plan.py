@@ -200,6 +200,26 @@ def abstract_serving_model(setup: ServeSetup) -> ServeSetup:
   return setup
 
 
+def layout_notes(params: Any) -> tuple[str, ...]:
+  """A line when TPU's tiles pad the served weights by over 1% (weight_layout.laid_out_bytes:
+  row-major weights whose per-chip last dim is not a multiple of 128), naming the weight padded
+  most: the compiler counts those bytes, not the shapes' (empty off TPU: nothing is padded)."""
+  import jax
+
+  from klong_jax.inference import weight_layout
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  pads = [(weight_layout.laid_out_bytes(x.shape, x.dtype, x.sharding) - _bytes(x), path, x)
+          for path, x in leaves]
+  extra = sum(p for p, _, _ in pads)
+  if extra <= 0.01 * _bytes(params):
+    return ()
+  pad, path, x = max(pads, key=lambda t: t[0])
+  local = x.sharding.shard_shape(x.shape)
+  return (f"weights as TPU lays them out: {(_bytes(params) + extra) / GIB:.3f} GiB per chip "
+          f"(+{extra / GIB:.3f}: row-major weights' last dim padded to 128 lanes; most in "
+          f"{jax.tree_util.keystr(path)} {list(local)} per chip, +{pad / GIB:.3f})",)
+
+
 def _dense_cache(setup: ServeSetup) -> tuple[Any, Any]:
   """(abstract KV cache with the Sampler's shardings, its batch axes)."""
   import jax
@@ -349,21 +369,24 @@ ENGINES: dict[str, dict[str, StepBuilder]] = {
 }
 
 
-def expert_weight_gathers(hlo_text: str, model_cfg: Any,
-                          mesh_sizes: Mapping[str, int]) -> list[str]:
+def expert_weight_gathers(hlo_text: str, model_cfg: Any, mesh_sizes: Mapping[str, int],
+                          rules: tuple | None = None) -> list[str]:
   """All-gather results in `hlo_text` shaped like (a stack of) expert weights: a dim of the
-  expert count (or its `expert` shard), the model dim and the expert hidden dim (or its `tensor`
+  expert count (or its shard under `rules`), the model dim and the expert hidden dim (or its
   shard)."""
   pattern = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.+?)\s+all-gather(?:-start)?\(", re.M)
-  return _expert_shaped(pattern.findall(hlo_text), model_cfg, mesh_sizes)
+  return _expert_shaped(pattern.findall(hlo_text), model_cfg, mesh_sizes, rules)
 
 
-def _expert_shaped(shapes: Sequence[str], model_cfg: Any,
-                   mesh_sizes: Mapping[str, int]) -> list[str]:
-  """The array types in `shapes` (HLO result types) shaped like (a stack of) expert weights."""
+def _expert_shaped(shapes: Sequence[str], model_cfg: Any, mesh_sizes: Mapping[str, int],
+                   rules: tuple | None = None) -> list[str]:
+  """The array types in `shapes` (HLO result types) shaped like (a stack of) expert weights;
+  per-chip sizes from `rules` (default: parallel/rules.SERVING_RULES)."""
+  from klong_jax.parallel import rules as rules_lib
+  rules = rules or rules_lib.SERVING_RULES
   e, f = model_cfg.num_experts, model_cfg.moe_intermediate_size
-  experts = {e, e // mesh_sizes.get("expert", 1)}
-  ffn = {f, f // mesh_sizes.get("tensor", 1)}
+  experts = {e, e // rules_lib.shard_count(mesh_sizes, rules, "expert")}
+  ffn = {f, f // rules_lib.shard_count(mesh_sizes, rules, "expert_mlp")}
   found = []
   for shape in shapes:
     for dt, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", shape):
@@ -456,6 +479,7 @@ def plan_serve(config: Any, mesh_sizes: Mapping[str, int], devices: Sequence[Any
       paged_attention=serve.paged_attention, min_bucket=scheduler.MIN_BUCKET))
   out = []
   hbm = None if hbm_gib is None else hbm_gib * GIB
+  padded = layout_notes(setup.params)
   for name in steps:
     builder = ENGINES[engine][name]
     base = dict(step=name, mesh=dict(mesh_sizes), max_batch=max_batch, max_len=max_len,
@@ -466,7 +490,7 @@ def plan_serve(config: Any, mesh_sizes: Mapping[str, int], devices: Sequence[Any
     except CompilerRefused as e:
       step = builder(setup)
       out.append(ServePlan(**base, tokens=step.tokens, weights=step.weights,
-                           kv_cache=step.kv_cache, refused=str(e), notes=step.notes,
+                           kv_cache=step.kv_cache, refused=str(e), notes=padded + step.notes,
                            required=topo_lib.required_bytes(str(e)),
                            compile_seconds=time.perf_counter() - t0))
       continue
@@ -476,13 +500,14 @@ def plan_serve(config: Any, mesh_sizes: Mapping[str, int], devices: Sequence[Any
       hlo = compiled.as_text()
       found = topo_lib.collectives(hlo)
       kernels = tpu_kernels(hlo)
-      gathers = tuple(expert_weight_gathers(hlo, model_cfg, mesh_sizes))
+      gathers = tuple(expert_weight_gathers(hlo, model_cfg, mesh_sizes, rules))
       copies = tuple(argument_copies(hlo))
     out.append(ServePlan(
         **base, tokens=step.tokens, weights=step.weights, kv_cache=step.kv_cache,
         arguments=float(m.argument_size_in_bytes), temp=float(m.temp_size_in_bytes),
         output_not_aliased=float(m.output_size_in_bytes - m.alias_size_in_bytes),
-        compile_seconds=secs, collectives=found, expert_gathers=gathers, notes=step.notes,
+        compile_seconds=secs, collectives=found, expert_gathers=gathers,
+        notes=padded + step.notes,
         kernels=kernels, argument_copies=copies))
   return out
 

@@ -64,11 +64,23 @@ LOGICAL_RULES: Rules = (
 SERVING_RULES: Rules = tuple(
     (name, {"embed": None, "expert_embed": None, "act_batch": ("data", "expert")}.get(name, axes))
     for name, axes in LOGICAL_RULES)
-NAMED_RULES: dict[str, Rules] = {"training": LOGICAL_RULES, "serving": SERVING_RULES}
+# Serving on one model axis (v6e-8: tensor 8): whole experts split over `tensor` (expert
+# parallelism on the axis that also splits the attention heads / vocab), their hidden dim
+# unsharded. Sharding glm45_air's expert hidden 1408 over 8 chips leaves 176 per chip, which TPU
+# pads to 256 lanes in the layout the grouped matmul reads (weight_layout.py): +45% on the expert
+# gate/up stacks, 32.0 GiB of weights per chip vs 31.25 of HBM. Whole experts (1408 = 11 x 128) need
+# no padding; tokens are replicated over `tensor` (rows are on every chip: batch axes are size 1),
+# so each chip runs its experts on every token and a psum over `tensor` sums the outputs, the
+# same collective tensor parallelism has.
+SERVING_EXPERTS_OVER_TENSOR_RULES: Rules = tuple(
+    (name, {"expert": "tensor", "expert_mlp": None}.get(name, axes))
+    for name, axes in SERVING_RULES)
+NAMED_RULES: dict[str, Rules] = {"training": LOGICAL_RULES, "serving": SERVING_RULES,
+                                 "serving_experts_over_tensor": SERVING_EXPERTS_OVER_TENSOR_RULES}
 
 
 def resolve_rules(value: Any = None, default: Rules = LOGICAL_RULES) -> Rules:
-  """A config's `rules` field: a table name ("training", "serving"), a table, or None (default)."""
+  """A config's `rules` field: a table name (`NAMED_RULES`), a table, or None (default)."""
   if value is None or value == "" or value == ():
     return default
   if isinstance(value, str):
@@ -131,6 +143,11 @@ def paged_pool_sharding(mesh: jax.sharding.Mesh, rules: Rules, shape: tuple[int,
 def _lookup(rules: Rules, name: str) -> tuple[str, ...]:
   value = dict(rules).get(name)
   return () if value is None else (value,) if isinstance(value, str) else tuple(value)
+
+
+def shard_count(mesh_shape: Mapping[str, int], rules: Rules, name: str) -> int:
+  """How many shards the mesh axes that logical `name` maps to split a dim into."""
+  return math.prod(mesh_shape.get(a, 1) for a in _lookup(rules, name))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, rules: Rules = LOGICAL_RULES

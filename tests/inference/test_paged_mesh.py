@@ -1,7 +1,8 @@
-"""The paged engine on a serving mesh (data 2 x expert 2 x tensor 2, SERVING_RULES, 8 fake CPU
-devices): its page pool is split over kv heads by the rules (each head's k and v on one chip,
-pages on every chip), and it generates the unsharded engine's tokens (logprobs within 1e-5),
-through chunked prefill, a prefix-cache hit and multi-step decode calls."""
+"""The paged engine on a serving mesh (data 2 x expert 2 x tensor 2, SERVING_RULES; data 4 x
+tensor 2, SERVING_EXPERTS_OVER_TENSOR_RULES; 8 fake CPU devices): its page pool is split over kv
+heads by the rules (each head's k and v on one chip, pages on every chip), and it generates the
+unsharded engine's tokens (logprobs within 1e-5), through chunked prefill, a prefix-cache hit
+and multi-step decode calls."""
 
 import jax
 import ml_collections
@@ -17,10 +18,18 @@ from klong_jax.parallel.mesh import make_mesh
 PAGED = dict(page_size=8, token_budget=16, decode_steps=4)
 
 
-def _mesh():
+def _mesh(**axes):
   if jax.device_count() < 8:
     pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8)")
-  return make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=1, expert=2, tensor=2)))
+  return make_mesh(ml_collections.ConfigDict(axes or dict(data=2, fsdp=1, expert=2, tensor=2)))
+
+
+# (rules, mesh): SERVING_RULES (experts over `expert`, their hidden over `tensor`); the v6e-8
+# table (whole experts over `tensor`, tokens replicated over it: each chip runs its experts on
+# every token of its data shard, a psum over `tensor` sums them).
+LAYOUTS = {"serving": (rules_lib.SERVING_RULES, dict(data=2, fsdp=1, expert=2, tensor=2)),
+           "experts_over_tensor": (rules_lib.SERVING_EXPERTS_OVER_TENSOR_RULES,
+                                   dict(data=4, fsdp=1, expert=1, tensor=2))}
 
 
 def test_pool_spec_keeps_each_heads_k_and_v_on_one_chip():
@@ -42,10 +51,14 @@ def test_pool_spec_keeps_each_heads_k_and_v_on_one_chip():
 
 
 @pytest.mark.slow  # Compiles the mixed and decode steps twice (mesh, single device): ~40 s.
-def test_sharded_paged_engine_matches_unsharded(tiny_cfg):
-  mesh = _mesh()
-  rules = rules_lib.SERVING_RULES
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_sharded_paged_engine_matches_unsharded(tiny_cfg, layout):
+  rules, axes = LAYOUTS[layout]
+  mesh = _mesh(**axes)
   model = create_sharded_model(tiny_cfg, mesh, seed=0, rules=rules)
+  # Expert stacks [layers, experts, model, hidden]: experts on the rules' axis, hidden likewise.
+  spec = (*model.moe_layers.mlp.gate_edf[...].sharding.spec, None, None, None, None)
+  assert (spec[1], spec[3]) == (dict(rules)["expert"], dict(rules)["expert_mlp"]), spec
   sharded = Sampler(model, max_batch=4, max_len=64, mesh=mesh, rules=rules, dense_cache=False)
   single = Sampler(model, max_batch=4, max_len=64, dense_cache=False)
   prefix = list(range(40, 64))  # 3 full pages: the second wave hits them.

@@ -23,7 +23,7 @@ def test_serve_configs_pass_the_start_up_checks(slice_name):
   mesh = {k: v for k, v in config.mesh.items()}
   checks.check_mesh(mesh, topo.chips, slice_name)
   rules = rules_lib.resolve_rules(config.rules)
-  assert rules == rules_lib.SERVING_RULES
+  assert rules == serve_glm45_air.SLICE_RULES.get(slice_name, rules_lib.SERVING_RULES)
   checks.check_batch(config.serve.max_batch, mesh, rules, field="serve.max_batch")
   rules_lib.check_divisible(config.model, mesh, rules)
   assert config.model.param_dtype == "bfloat16" and config.serve.cache_dtype == "bfloat16"
