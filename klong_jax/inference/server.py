@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 from typing import Any
 
@@ -463,7 +464,7 @@ def build(config: Any = None, *, bundle: str | None = None,
   watcher = None
   if root:
     watcher = reload.PolicyWatcher(engine, root, serve.reload_interval_s)
-    latest = reload.latest_version(root)
+    latest = _agreed(reload.latest_version(root))
     if latest is not None:
       reload.swap_in_place(sampler, f"{root}/{latest}", latest)  # Never two full copies.
       watcher.loaded = latest
@@ -473,6 +474,18 @@ def build(config: Any = None, *, bundle: str | None = None,
                   root)
   return Server(engine, tok, chat, model_name=name, max_body_bytes=serve.max_body_bytes,
                 watcher=watcher, tool_parser=parser)
+
+
+def _agreed(version: int | None) -> int | None:
+  """Multi-host: process 0's newest policy version on every process (a version published while
+  the hosts list the directory would otherwise load on some of them only)."""
+  import jax
+  if jax.process_count() == 1:
+    return version
+  import numpy as np
+  from jax.experimental import multihost_utils
+  agreed = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if version is None else version)))
+  return None if agreed < 0 else agreed
 
 
 class Running:
@@ -515,22 +528,46 @@ class Running:
 
 
 def run(config: Any, bundle: str | None = None, policy_dir: str | None = None) -> None:
-  """Builds the server and serves until interrupted (SIGINT/SIGTERM)."""
+  """Builds the server and serves until interrupted (SIGINT/SIGTERM).
+
+  Multi-host (KLONG_COORDINATOR / KLONG_NUM_PROCESSES / KLONG_PROCESS_ID, as launch/tpu.py sets
+  them on every host of a slice): every process builds the same engine on the global mesh;
+  process 0 serves HTTP and schedules, the others run the device calls it announces
+  (inference/multihost.py) until it stops."""
+  import jax
   import uvicorn
 
+  from klong_jax.inference import multihost
+  from klong_jax.parallel.mesh import maybe_initialize_distributed
+
+  distributed = maybe_initialize_distributed()
   server = build(config, bundle=bundle, policy_dir=policy_dir)
   serve = serve_config.resolve(config)
+  follower = multihost.connect(server.engine)
+  if follower is not None:
+    log.info("process %d of %d: following process 0's device calls", jax.process_index(),
+             jax.process_count())
+    try:
+      multihost.follow(server.engine, follower)
+    finally:
+      jax.distributed.shutdown()
+    return
   server.engine.start()
   if server.watcher is not None and serve.reload_interval_s > 0:
     server.watcher.interval_s = serve.reload_interval_s
     server.watcher.start()
+  # uvicorn re-raises the SIGTERM it shut down on once it is done; with the default handler that
+  # killed the process before the `finally` below (engine, watcher, followers) could run.
+  signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: server stopped"))
   log.info("serving %s on http://%s:%d", server.model_name, serve.host, serve.port)
   try:
     uvicorn.run(create_app(server), host=serve.host, port=serve.port, log_level="info")
   finally:
     if server.watcher is not None:
       server.watcher.stop()
-    server.engine.stop()
+    server.engine.stop()  # Multi-host: also stops the followers.
+    if distributed:
+      jax.distributed.shutdown()
 
 
 def main(argv: list[str]) -> None:
