@@ -13,7 +13,9 @@ KV cache is bf16 (dense: max_batch x max_len slots per layer). Per-slice sizes: 
 context (max_len 32768) and a power-of-two row count whose decode step and prefill chunk the TPU
 compiler's plan fits (docs/tpu_pod.md has the table):
   v5p-8  (4 chips x 95.74 GiB) expert 2 x tensor 2, 8 rows: weights 53.2 GiB, KV 11.5 GiB per chip
-  v5p-16 (8 chips, 2 hosts)    expert 4 x tensor 2, 16 rows: weights 30.0 GiB, KV 11.5 GiB
+  v5p-16 (8 chips, 2 hosts)    expert 4 x tensor 2, 16 rows: weights 30.0 GiB, KV 11.5 GiB;
+         one server process per host (launch/tpu.py --server_tpu=v5p-16: KLONG_* env, process 0
+         serves HTTP and schedules, process 1 follows; inference/multihost.py)
   v6e-8  (8 chips x 31.25 GiB) tensor 8, 2 rows: weights 25.0 GiB, KV 1.4 GiB: the TPU compiler
          REFUSES both engines' steps (34.0-34.8 GiB of temporaries); not servable as configured
 """
