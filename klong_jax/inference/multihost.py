@@ -26,6 +26,7 @@ import logging
 import os
 import struct
 import time
+import zlib
 from typing import Any, Protocol
 
 import numpy as np
@@ -60,31 +61,39 @@ class Message:
 
 def encode(op: str, seq: int, meta: dict[str, Any] | None = None,
            arrays: dict[str, np.ndarray] | None = None) -> bytes:
-  """A JSON header (op, seq, meta, each array's dtype / shape) then the arrays' raw bytes.
+  """A JSON header (op, seq, meta, each array's dtype / shape) then the arrays' bytes, zlib'd.
 
   Each array is sent up to its last nonzero entry along its last axis (page tables and token
-  buckets are zero-padded: a decode call's [rows, pages_per_seq] table of a 32K context is
-  mostly trash page 0); `decode` pads the zeros back."""
+  buckets are zero-padded: a decode call's [rows, pages_per_seq] table is mostly trash page 0
+  until the contexts fill), integer arrays as differences along that axis (a request's pages
+  are mostly runs of consecutive ids: differences of 1, which zlib folds). A v5p-16 decode
+  call with every row at 32K tokens: 132 KB raw, ~2 KB sent; `decode` restores the arrays."""
   if op not in OPS:
     raise ValueError(f"unknown call {op!r}; calls are {OPS}")
   specs, blobs = [], []
   for name, a in (arrays or {}).items():
     a = np.asarray(a)
-    kept = a.shape[-1] if a.ndim else 0
-    if a.ndim:
-      nz = np.flatnonzero(a.reshape(-1, a.shape[-1]).any(axis=0))
-      kept = int(nz[-1]) + 1 if nz.size else 0
+    if not a.ndim:
+      specs.append([name, a.dtype.str, [], 0])
+      blobs.append(a.tobytes())
+      continue
+    nz = np.flatnonzero(a.reshape(-1, a.shape[-1]).any(axis=0))
+    kept = int(nz[-1]) + 1 if nz.size else 0
+    part = a[..., :kept]
+    if a.dtype.kind in "iu" and kept:
+      part = np.diff(part, axis=-1, prepend=np.zeros_like(part[..., :1]))  # Wraps: lossless.
     specs.append([name, a.dtype.str, list(a.shape), kept])
-    blobs.append(a[..., :kept].tobytes() if a.ndim else a.tobytes())  # C order either way.
+    blobs.append(part.tobytes())  # C order.
   header = json.dumps({"op": op, "seq": int(seq), "meta": meta or {}, "arrays": specs}).encode()
-  return struct.pack("<I", len(header)) + header + b"".join(blobs)
+  return struct.pack("<I", len(header)) + header + zlib.compress(b"".join(blobs), 1)
 
 
 def decode(data: bytes) -> Message:
   """Inverse of `encode`."""
   (n,) = struct.unpack("<I", data[:4])
   head = json.loads(data[4:4 + n])
-  arrays, off = {}, 4 + n
+  data = zlib.decompress(data[4 + n:])
+  arrays, off = {}, 0
   for name, dtype, shape, kept in head["arrays"]:
     dt = np.dtype(dtype)
     if not shape:
@@ -94,7 +103,8 @@ def decode(data: bytes) -> Message:
     sent = (*shape[:-1], kept)
     count = int(np.prod(sent))
     full = np.zeros(shape, dt)
-    full[..., :kept] = np.frombuffer(data, dt, count, off).reshape(sent)
+    part = np.frombuffer(data, dt, count, off).reshape(sent)
+    full[..., :kept] = np.cumsum(part, axis=-1, dtype=dt) if dt.kind in "iu" else part
     arrays[name] = full
     off += count * dt.itemsize
   if off != len(data):

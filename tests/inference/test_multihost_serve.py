@@ -65,10 +65,17 @@ def test_message_round_trip_sends_page_tables_up_to_their_last_page():
   pages = np.zeros((16, 2048), np.int32)  # A decode call's table at 32K context, 16 rows.
   pages[3, :5] = [7, 8, 9, 10, 11]
   arrays = {"page_indices": pages, "temp": np.array([0.0, 0.7], np.float32),
-            "seeds": np.array([2**32 - 1, 3], np.uint32), "num_seqs": np.array([0], np.int32),
+            "seeds": np.array([2**32 - 1, 3, 0], np.uint32), "num_seqs": np.array([0], np.int32),
+            "stop": np.array([[-1, 2, -1], [0, 0, 0]], np.int32),
             "valid": np.array([True, False, True, False]), "scalar": np.array(5, np.int64)}
   data = multihost.encode("decode", 7, {"version": 3}, arrays)
   assert len(data) < 1000 < pages.nbytes  # 5 columns of 16 rows, not 2048.
+  full = pages.copy()
+  full[:] = np.arange(1, 16 * 2048 + 1).reshape(16, 2048)  # Every row at 32K: runs of pages.
+  full[5, 100:200] = np.arange(9000, 9100)[::-1]
+  big = multihost.encode("decode", 8, {}, {"page_indices": full})
+  assert len(big) < 4000 < full.nbytes
+  np.testing.assert_array_equal(multihost.decode(big).arrays["page_indices"], full)
   msg = multihost.decode(data)
   assert (msg.op, msg.seq, msg.meta) == ("decode", 7, {"version": 3})
   assert msg.arrays.keys() == arrays.keys()
