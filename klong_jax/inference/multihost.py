@@ -364,6 +364,11 @@ def follow(engine: Any, follower: Follower) -> int:
       engine.precompile()
     elif msg.op == "swap":
       m = msg.meta
-      reload.PolicySwap(engine.sampler, m["path"], int(m["to"]), m.get("root") or None)()
+      try:
+        reload.PolicySwap(engine.sampler, m["path"], int(m["to"]), m.get("root") or None)()
+      except Exception:  # noqa: BLE001 (as process 0's engine loop: log, keep serving)
+        # A bad version fails on every process alike; swap_in_place then put the old one back.
+        # Should the processes end up on different versions, the next call says so.
+        log.exception("process %d: loading policy %s failed", follower.process, m["path"])
       engine.on_new_version(engine.sampler.policy_version)
     calls += 1

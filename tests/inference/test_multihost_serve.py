@@ -8,7 +8,8 @@ data 2 x expert 2 x tensor 2 serving mesh and process 1 follows; the tokens (log
 1e-5), versions and engine counters equal the same engine in this one 8-device process through
 greedy and seeded sampling, chunked prefill, a prefix-cache hit and a weight swap in the middle of
 generation. The HTTP test starts the server CLI itself on two processes and asks process 0 for a
-completion. Run as a script (`--worker OUT POLICY`) this file is one engine process.
+completion. A process that dies between calls ends the other with an error, not a hang. Run as a
+script (`--worker OUT POLICY` / `--link-worker MODE`) this file is one of those processes.
 """
 
 from __future__ import annotations
@@ -223,6 +224,34 @@ def _worker(out: str, policy: str) -> None:
   jax.distributed.shutdown()
 
 
+def _link_worker(mode: str) -> None:
+  """One end of a bare link (1 CPU device, no model); `mode` says which end dies after hello."""
+  import jax  # noqa: PLC0415
+
+  jax.config.update("jax_num_cpu_devices", 1)
+  from klong_jax.parallel.mesh import maybe_initialize_distributed  # noqa: PLC0415
+
+  maybe_initialize_distributed()
+  store, fp = multihost.CoordinatorStore(), {"x": 1}
+  start = time.monotonic()
+  try:
+    if jax.process_index() == 0:
+      leader = multihost.Leader(store, 2, fp, timeout_s=3)
+      if mode == "leader-dies":
+        os._exit(0)
+      leader.send("precompile", version=0)
+      print("RESULT sent", flush=True)
+    else:
+      follower = multihost.Follower(store, 1, fp, timeout_s=60, poll_s=1)
+      if mode == "follower-dies":
+        os._exit(3)
+      follower.recv()
+      print("RESULT received", flush=True)
+  except multihost.LinkError as e:
+    print(f"RESULT LinkError after {time.monotonic() - start:.0f}s: {e}", flush=True)
+  os._exit(0)  # No jax.distributed.shutdown: its barrier would wait for the dead process.
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
@@ -259,6 +288,24 @@ def _collect(procs: list[subprocess.Popen], timeout: float = 240) -> list[str]:
 def _completion(d: dict) -> Completion:
   top = [[tuple(a) for a in t] for t in d.pop("top_logprobs")]
   return Completion(**d, top_logprobs=top)
+
+
+@pytest.mark.subprocess
+def test_a_dead_process_ends_the_other_with_an_error_not_a_hang():
+  """Follower dies between calls: process 0's next call is a LinkError after the ack timeout.
+  Process 0 dies: JAX's coordination client aborts the follower, naming the dead leader."""
+  for mode in ("follower-dies", "leader-dies"):
+    procs = _start([os.path.abspath(__file__), "--link-worker", mode])
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    codes = [p.returncode for p in procs]
+    if mode == "follower-dies":
+      assert codes == [0, 3], logs
+      assert "RESULT LinkError" in logs[0] and "follower process 1 did not take call 1 " \
+          "(precompile) within 3s: it died" in logs[0], logs[0][-3000:]
+    else:
+      assert codes[0] == 0 and codes[1] != 0, logs
+      assert "RESULT" not in logs[1]
+      assert "JAX distributed service detected fatal errors" in logs[1], logs[1][-3000:]
 
 
 @pytest.mark.slow
@@ -347,5 +394,8 @@ def test_two_process_server_answers_a_completion_on_process_0(tmp_path, tok, cha
 if __name__ == "__main__":
   if len(sys.argv) == 4 and sys.argv[1] == "--worker":
     _worker(sys.argv[2], sys.argv[3])
+  elif len(sys.argv) == 3 and sys.argv[1] == "--link-worker":
+    _link_worker(sys.argv[2])
   else:
-    sys.exit("usage: test_multihost_serve.py --worker OUT POLICY (pytest runs the tests)")
+    sys.exit("usage: test_multihost_serve.py --worker OUT POLICY | --link-worker MODE "
+             "(pytest runs the tests)")
