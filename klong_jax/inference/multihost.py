@@ -317,6 +317,35 @@ def connect(engine: Any, store: Store | None = None, timeout_s: float | None = N
   return Follower(store, jax.process_index(), fingerprint(engine), timeout_s)
 
 
+def join(engine: Any) -> bool:
+  """`connect`s this process; a follower then `follow`s until process 0 stops and shuts
+  jax.distributed down: True when this process served as a follower (nothing left to do)."""
+  import jax  # noqa: PLC0415
+
+  follower = connect(engine)
+  if follower is None:
+    return False
+  log.info("process %d of %d: following process 0's device calls", jax.process_index(),
+           jax.process_count())
+  try:
+    follow(engine, follower)
+  finally:
+    jax.distributed.shutdown()
+  return True
+
+
+def agreed_version(version: int | None) -> int | None:
+  """Process 0's `version` on every process (one process: `version`). At start-up, so that a
+  policy published while the hosts list the directory loads on all of them or none."""
+  import jax  # noqa: PLC0415
+  from jax.experimental import multihost_utils  # noqa: PLC0415
+
+  if jax.process_count() == 1:
+    return version
+  agreed = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if version is None else version)))
+  return None if agreed < 0 else agreed
+
+
 _ARRAYS = {"mixed": {"tokens", "positions", "seq", "valid", "page_indices", "kv_lens",
                      "cu_q_lens", "num_seqs", "sample_at", "temp", "top_k", "top_p", "seeds",
                      "counters"},

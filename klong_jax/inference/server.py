@@ -395,7 +395,7 @@ def build(config: Any = None, *, bundle: str | None = None,
 
   from klong_jax.data import tokenizer as tokenizer_lib
   from klong_jax.data.chat import ChatFormat
-  from klong_jax.inference import export, reload
+  from klong_jax.inference import export, multihost, reload
   from klong_jax.inference.sampler import Sampler
   from klong_jax.model.config import from_config_dict
   from klong_jax.model.sharded import create_sharded_model
@@ -464,7 +464,7 @@ def build(config: Any = None, *, bundle: str | None = None,
   watcher = None
   if root:
     watcher = reload.PolicyWatcher(engine, root, serve.reload_interval_s)
-    latest = _agreed(reload.latest_version(root))
+    latest = multihost.agreed_version(reload.latest_version(root))  # Multi-host: process 0's.
     if latest is not None:
       reload.swap_in_place(sampler, f"{root}/{latest}", latest)  # Never two full copies.
       watcher.loaded = latest
@@ -474,18 +474,6 @@ def build(config: Any = None, *, bundle: str | None = None,
                   root)
   return Server(engine, tok, chat, model_name=name, max_body_bytes=serve.max_body_bytes,
                 watcher=watcher, tool_parser=parser)
-
-
-def _agreed(version: int | None) -> int | None:
-  """Multi-host: process 0's newest policy version on every process (a version published while
-  the hosts list the directory would otherwise load on some of them only)."""
-  import jax
-  if jax.process_count() == 1:
-    return version
-  import numpy as np
-  from jax.experimental import multihost_utils
-  agreed = int(multihost_utils.broadcast_one_to_all(np.int32(-1 if version is None else version)))
-  return None if agreed < 0 else agreed
 
 
 class Running:
@@ -543,14 +531,7 @@ def run(config: Any, bundle: str | None = None, policy_dir: str | None = None) -
   distributed = maybe_initialize_distributed()
   server = build(config, bundle=bundle, policy_dir=policy_dir)
   serve = serve_config.resolve(config)
-  follower = multihost.connect(server.engine)
-  if follower is not None:
-    log.info("process %d of %d: following process 0's device calls", jax.process_index(),
-             jax.process_count())
-    try:
-      multihost.follow(server.engine, follower)
-    finally:
-      jax.distributed.shutdown()
+  if multihost.join(server.engine):  # A follower: ran process 0's calls until it stopped.
     return
   server.engine.start()
   if server.watcher is not None and serve.reload_interval_s > 0:
