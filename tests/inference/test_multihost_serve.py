@@ -361,9 +361,16 @@ def test_two_process_server_answers_a_completion_on_process_0(tmp_path, tok, cha
       "serve.tokenizer": str(tok.path), "serve.reload_interval_s": 0, "serve.kv_pages": 64})
   argv = ["-m", "klong_jax.inference.server", "--config=configs/serve_tiny.py:max_batch=4,"
           "max_len=64", f"--port={port}", *(f"--config.{k}={v}" for k, v in sets.items())]
-  procs = _start(argv)
   prompt = [5, 6, 7, 8, 9]
+  procs = _start(argv)
   try:
+    # The same engine in this one 8-device process (the server's init: seed 0, default rules),
+    # while the two start.
+    model = create_sharded_model(get_preset("tiny"), make_mesh(MESH), seed=0)
+    engine = PagedEngine(Sampler(model, max_batch=4, max_len=64, mesh=make_mesh(MESH),
+                                 dense_cache=False), stop_token_ids=chat_format.stop_token_ids,
+                         page_size=8, token_budget=16, num_pages=64)
+    want = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0]
     deadline = time.monotonic() + 180
     while True:
       assert all(p.poll() is None for p in procs), "a server process exited at start-up"
@@ -382,13 +389,8 @@ def test_two_process_server_answers_a_completion_on_process_0(tmp_path, tok, cha
   finally:
     logs = _collect(procs, timeout=120)
   assert "following process 0" in logs[1] and "Uvicorn running" not in logs[1]
+  assert "process 1: stop after" in logs[1]  # Told to stop by process 0, exited 0.
   choice = answer["choices"][0]
-  # The same engine in this one 8-device process (the server's init: seed 0, default rules).
-  model = create_sharded_model(get_preset("tiny"), make_mesh(MESH), seed=0)
-  engine = PagedEngine(Sampler(model, max_batch=4, max_len=64, mesh=make_mesh(MESH),
-                               dense_cache=False), stop_token_ids=chat_format.stop_token_ids,
-                       page_size=8, token_budget=16, num_pages=64)
-  want = engine.generate([prompt], SamplingParams(temperature=0.0, max_tokens=8))[0]
   assert choice["token_ids"] == want.token_ids and choice["finish_reason"] == want.finish_reason
   np.testing.assert_allclose(choice["logprobs"]["token_logprobs"], want.logprobs, atol=1e-5)
 
