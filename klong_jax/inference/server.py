@@ -302,6 +302,9 @@ class Server:
         "policy_version": self.engine.policy_version}]}
 
   def health(self) -> dict[str, Any]:
+    link = getattr(self.engine, "link", None)  # Multi-host: a dead link fails every request.
+    if link is not None and link.error is not None:
+      raise ApiError(503, f"{link.error}", type_="server_error", code="multihost_link_failed")
     return {"status": "ok", "model": self.model_name,
             "policy_version": self.engine.policy_version,
             "running": self.engine.num_running(), "waiting": self.engine.num_waiting()}

@@ -155,6 +155,20 @@ def test_call_for_other_weights_is_refused_and_every_later_call_fails_fast():
   assert leader.stats["calls"] == 2 and ran == ["precompile"]  # hello + the first precompile.
 
 
+def test_health_is_503_once_the_link_failed(tok, chat_format):
+  from klong_jax.inference import server as server_lib  # noqa: PLC0415
+
+  link = types.SimpleNamespace(error=None)
+  engine = types.SimpleNamespace(link=link, policy_version=0, num_running=lambda: 0,
+                                 num_waiting=lambda: 0)
+  server = server_lib.Server(engine, tok, chat_format, model_name="m")
+  assert server.health()["status"] == "ok"
+  link.error = multihost.LinkError("follower process 1 did not take call 9 (decode)")
+  with pytest.raises(server_lib.ApiError, match="follower process 1") as e:
+    server.health()
+  assert e.value.status == 503 and e.value.code == "multihost_link_failed"
+
+
 # ---- two processes -------------------------------------------------------------------------
 
 
