@@ -358,7 +358,8 @@ def test_two_process_paged_engine_matches_one_process(tmp_path):
   calls = ref.stats["device_calls_total"]
   assert lead["link"]["calls"] == calls + 4 and follow["calls"] == calls + 2
   print(f"link: {lead['link']['calls']} messages, {lead['link']['bytes']} bytes, "
-        f"{1e3 * lead['link']['seconds'] / lead['link']['calls']:.2f} ms each (send + acks)")
+        f"{1e3 * lead['link']['seconds'] / lead['link']['calls']:.2f} ms each (send + acks, "
+        "incl. waiting while process 1 compiles or restores)")
 
 
 @pytest.mark.slow
