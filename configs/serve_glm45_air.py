@@ -10,10 +10,12 @@ Weights are born bf16 (`param_dtype`; the sampler keeps router / expert bias / n
 fp32, model/precision.py) and laid out by parallel/rules.SERVING_RULES: no FSDP, experts over
 `expert`, heads / expert hidden / vocab over `tensor`, so a decode step gathers no weight. The
 KV cache is bf16 (dense: max_batch x max_len slots per layer). Per-slice sizes: the rollout
-context (max_len 32768) and a power-of-two row count whose decode step and prefill chunk the TPU
+context (max_len 32768) and the row count whose decode step and prefill chunk the TPU
 compiler's plan fits (docs/tpu_pod.md has the table):
   v5p-8  (4 chips x 95.74 GiB) expert 2 x tensor 2, 8 rows: weights 53.2 GiB, KV 11.5 GiB per chip
-  v5p-16 (8 chips, 2 hosts)    expert 4 x tensor 2, 16 rows: weights 30.0 GiB, KV 11.5 GiB
+  v5p-16 (8 chips, 2 hosts)    expert 4 x tensor 2, 16 rows: weights 30.0 GiB, KV 11.5 GiB;
+         one server process per host (launch/tpu.py --server_tpu=v5p-16: KLONG_* env, process 0
+         serves HTTP and schedules, process 1 follows; inference/multihost.py)
   v6e-8  (8 chips x 31.25 GiB) tensor 8, whole experts over it (SLICE_RULES), 6 rows: weights
          25.0 GiB, KV 4.3 GiB per chip (paged decode 29.7 GiB, 95%; 8 rows compile at 99.7%)
 """

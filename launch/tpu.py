@@ -10,7 +10,9 @@ merged config differs from the trainer config is passed as `--config.k=v`. The m
 against the slice's chip count here, so a bad mesh fails before anything is created. One trainer
 process runs per TPU host with KLONG_COORDINATOR / KLONG_NUM_PROCESSES / KLONG_PROCESS_ID set
 (klong_jax.parallel.mesh.maybe_initialize_distributed). Each inference server replica gets its own
-single-host slice (`--server_tpu`); the CPU rollout fleet is Kubernetes Deployments (launch/k8s.py).
+slice (`--server_tpu`); on a multi-host slice (v5p-16) it is one process per host under the same
+env contract, process 0 serving HTTP (klong_jax/inference/multihost.py); the CPU rollout fleet is
+Kubernetes Deployments (launch/k8s.py).
 All run state lives in one GCS bucket and is used as `gs://` paths natively (no gcsfuse): the
 trajectory stream (claims by GCS preconditions, klong_jax/rollout/gcs_stream.py), policy versions
 (commit object) and Orbax checkpoints (etils.epath + tensorstore). Only read-only inputs (task dirs,
@@ -46,7 +48,8 @@ from launch import k8s, local  # noqa: E402  (local: --config/--workdir/--dry_ru
 
 FLAGS = flags.FLAGS
 _TPU = flags.DEFINE_string("tpu", "v5p-256", "Trainer slice accelerator type (e.g. v5p-256).")
-_SERVER_TPU = flags.DEFINE_string("server_tpu", "v5p-8", "Single-host slice per server replica.")
+_SERVER_TPU = flags.DEFINE_string("server_tpu", "v5p-8", "Slice per server replica (multi-host: "
+                                  "one server process per host, process 0 serves HTTP).")
 _SERVERS = flags.DEFINE_integer("servers", 2, "Inference server replicas (one slice each).")
 _SERVER_ARG = flags.DEFINE_string("server_arg", "",
                                   "Arg string overrides for the server config: configs/"
@@ -188,6 +191,18 @@ class PodPlan:
     env = " ".join(f"{k}={v}" for k, v in self.host_env(host).items())
     return f"cd {self.site.repo_dir} && {env} {shlex.join(self.trainer.executable.argv('python3'))}"
 
+  def server_host_command(self, server: int, host: int) -> str:
+    """Server replica `server`'s command on host `host` of its slice. Multi-host slices: one
+    process per host joined by jax.distributed (the coordinator is its worker 0, whose IP
+    launch.sh exports as $KLONG_SERVER_<server>); process 0 serves HTTP and schedules, the others
+    run the device calls it announces (inference/multihost.py) and bind no port."""
+    cmd = f"cd {self.site.repo_dir} && "
+    hosts = self.server_slice.hosts
+    if hosts > 1:
+      cmd += (f"KLONG_COORDINATOR=${{KLONG_SERVER_{server}}}:{COORDINATOR_PORT} "
+              f"KLONG_NUM_PROCESSES={hosts} KLONG_PROCESS_ID={host} ")
+    return cmd + shlex.join(self.servers[server].executable.argv("python3"))
+
   def launch_script(self) -> str:
     """Every gcloud / kubectl command, in order (written as launch.sh)."""
     t, z = self.trainer_slice, self.site.zone
@@ -218,18 +233,31 @@ class PodPlan:
     lines.append(f"# 3. {len(self.servers)} inference server(s), one "
                  f"{self.server_slice.accelerator} slice each, hot-reloading the trainer's "
                  "policy dir.")
+    hosts = self.server_slice.hosts
+    if hosts > 1:
+      lines.append(f"# Each server spans the {hosts} hosts of its slice: one process per host "
+                   f"(KLONG_PROCESS_ID 0..{hosts - 1}, every command in server_hosts.txt); "
+                   "process 0 (worker 0) serves HTTP.")
     for i, s in enumerate(self.servers):
       sname = f"{self.name}-{s.name}"
-      cmd = f"cd {self.site.repo_dir} && {shlex.join(s.executable.argv('python3'))}"
       lines += [f"gcloud compute tpus tpu-vm create {sname} --zone={z} "
                 f"--accelerator-type={self.server_slice.accelerator} "
                 f"--version={self.site.tpu_runtime}",
                 f"gcloud compute tpus tpu-vm ssh {sname} --zone={z} --worker=all --command="
                 + shlex.quote(f"cd {self.site.repo_dir} && pip install -e '.[tpu]' && {mount}"),
                 f"export KLONG_SERVER_{i}=$(gcloud compute tpus tpu-vm describe {sname} --zone={z} "
-                "--format='value(networkEndpoints[0].ipAddress)')",
-                f"gcloud compute tpus tpu-vm ssh {sname} --zone={z} --worker=all --command="
-                f"\"{cmd} > /tmp/server.log 2>&1\" &"]
+                "--format='value(networkEndpoints[0].ipAddress)')"]
+      if hosts == 1:
+        lines.append(f"gcloud compute tpus tpu-vm ssh {sname} --zone={z} --worker=all "
+                     f"--command=\"{self.server_host_command(i, 0)} > /tmp/server.log 2>&1\" &")
+        continue
+      cmd = shlex.join(s.executable.argv("python3"))
+      lines += [f"SERVER_CMD={shlex.quote(cmd)}",
+                f"for h in $(seq 0 {hosts - 1}); do",
+                f"  gcloud compute tpus tpu-vm ssh {sname} --zone={z} --worker=$h --command=\"cd "
+                f"{self.site.repo_dir} && KLONG_COORDINATOR=$KLONG_SERVER_{i}:{COORDINATOR_PORT} "
+                f"KLONG_NUM_PROCESSES={hosts} KLONG_PROCESS_ID=$h $SERVER_CMD > /tmp/server.log "
+                "2>&1\" &", "done"]
     lines += ["", "# 4. CPU rollout fleet (server IPs substituted into the manifests).",
               'envsubst < "$(dirname "$0")/fleet.yaml" | kubectl apply -f -', "", "wait", ""]
     return "\n".join(lines)
@@ -254,10 +282,18 @@ class PodPlan:
     if not self.servers and not self.fleet:
       out.append("  servers, rollout fleet: none (an SFT run: the trainer alone)")
       return "\n".join(out)
+    hosts = self.server_slice.hosts
     out.append(f"  servers: {len(self.servers)} x {self.server_slice.accelerator} "
-               f"({self.server_slice.chips} chips each)")
-    for s in self.servers:
-      out.append(f"    [{s.name}] {shlex.join(s.executable.argv('python3'))}")
+               f"({self.server_slice.chips} chips each"
+               + (f", {hosts} hosts: one process per host, process 0 serves HTTP)" if hosts > 1
+                  else ")"))
+    for i, s in enumerate(self.servers):
+      if hosts == 1:
+        out.append(f"    [{s.name}] {shlex.join(s.executable.argv('python3'))}")
+        continue
+      for h in range(hosts):
+        role = "HTTP + scheduler" if h == 0 else "follower, no HTTP"
+        out.append(f"    [{s.name} host {h}: {role}] {self.server_host_command(i, h)}")
     deps = [o for o in self.fleet if o["kind"] == "Deployment"]
     pod = deps[0]["spec"]["template"]["spec"]
     out.append(f"  rollout fleet: {sum(d['spec']['replicas'] for d in deps)} worker pods in "
@@ -274,6 +310,10 @@ class PodPlan:
              "trainer_hosts.txt": hosts + "\n"}
     if self.fleet:
       files["fleet.yaml"] = k8s.to_yaml(self.fleet)
+    if self.servers and self.server_slice.hosts > 1:
+      files["server_hosts.txt"] = "".join(
+          f"{self.server_host_command(i, h)}\n" for i in range(len(self.servers))
+          for h in range(self.server_slice.hosts))
     return files
 
 
@@ -301,6 +341,10 @@ def server_config_spec(preset: str, server_tpu: str, server_arg: str = "") -> tu
                    strict=True))
   checks.check_batch(config.serve.max_batch, sizes, rules_lib.resolve_rules(config.rules),
                      field="serve.max_batch")
+  if parse_slice(server_tpu).hosts > 1 and config.serve.engine != "paged":
+    raise ValueError(f"{spec}: serve.engine={config.serve.engine!r} on the multi-host slice "
+                     f"{server_tpu}; only the paged engine runs multi-host (one process per host "
+                     "following process 0): set engine 'paged' for this slice")
   return spec, (f"servers: {spec}, mesh {sizes}, checked; serving memory plan: python -m "
                 f"klong_jax.launch.plan --config={spec} --topology={server_tpu} --step=serve")
 
@@ -315,9 +359,6 @@ def build_plan(preset: ml_collections.ConfigDict, trainer_spec: str, workdir: st
   run = workdir.rstrip("/")           # run state: gs:// natively
   trainer_slice = parse_slice(tpu)
   server_slice = parse_slice(server_tpu)
-  if server_slice.hosts != 1:
-    raise ValueError(f"--server_tpu={server_tpu} spans {server_slice.hosts} hosts; the server is "
-                     "one process: use a single-host slice (e.g. v5p-8) and more --servers")
   base = config_util.load_config(trainer_spec)
   merged = ml_collections.ConfigDict(base.to_dict())
   merged.model = ml_collections.ConfigDict(preset.model.to_dict())

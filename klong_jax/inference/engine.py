@@ -203,6 +203,7 @@ class Engine:
     if pending is None:
       return
     params, version = pending
+    self._before_swap(params, version)
     if callable(params):  # A loader (reload.swap_in_place): frees the old weights, loads.
       params()
     else:
@@ -210,6 +211,9 @@ class Engine:
     self.stats["reloads_total"] += 1
     self.on_new_version(version)
     log.info("serving policy version %d", version)
+
+  def _before_swap(self, params: Any, version: int) -> None:
+    """Hook run just before a scheduled swap is applied (multi-host: tell the followers)."""
 
   def step(self) -> None:
     """One scheduling iteration: swap weights, admit + prefill, decode, retire."""

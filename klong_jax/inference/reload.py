@@ -17,6 +17,7 @@ devices) and commits it from a background thread (training continues), one versi
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pathlib
@@ -250,6 +251,22 @@ def swap_in_place(sampler: Any, path: str | os.PathLike, version: int,
   sampler.policy_version = int(version)
 
 
+@dataclasses.dataclass(frozen=True)
+class PolicySwap:
+  """A scheduled `swap_in_place` of `sampler` to the policy at `path` (call it to run it).
+
+  A value rather than a closure so that a multi-host server can send `path` and `version` to
+  its other processes, which then swap at the same step (inference/multihost.py)."""
+
+  sampler: Any
+  path: str | os.PathLike
+  version: int
+  root: str | os.PathLike | None = None
+
+  def __call__(self) -> None:
+    swap_in_place(self.sampler, self.path, self.version, self.root)
+
+
 class PublishError(RuntimeError):
   """A background publish failed; raised by the next `publish`, `wait` or `close`."""
 
@@ -335,8 +352,7 @@ class PolicyWatcher:
     """
     path = self.root / str(version)
     if self.in_place:
-      sampler = self.engine.sampler
-      self.engine.set_params(lambda: swap_in_place(sampler, path, version, self.root), version)
+      self.engine.set_params(PolicySwap(self.engine.sampler, path, version, self.root), version)
     else:
       self.engine.set_params(load_policy(path, self.engine.sampler.params), version)
     self.loaded = version

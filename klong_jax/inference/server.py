@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 import time
 from typing import Any
 
@@ -301,6 +302,9 @@ class Server:
         "policy_version": self.engine.policy_version}]}
 
   def health(self) -> dict[str, Any]:
+    link = getattr(self.engine, "link", None)  # Multi-host: a dead link fails every request.
+    if link is not None and link.error is not None:
+      raise ApiError(503, f"{link.error}", type_="server_error", code="multihost_link_failed")
     return {"status": "ok", "model": self.model_name,
             "policy_version": self.engine.policy_version,
             "running": self.engine.num_running(), "waiting": self.engine.num_waiting()}
@@ -394,7 +398,7 @@ def build(config: Any = None, *, bundle: str | None = None,
 
   from klong_jax.data import tokenizer as tokenizer_lib
   from klong_jax.data.chat import ChatFormat
-  from klong_jax.inference import export, reload
+  from klong_jax.inference import export, multihost, reload
   from klong_jax.inference.sampler import Sampler
   from klong_jax.model.config import from_config_dict
   from klong_jax.model.sharded import create_sharded_model
@@ -463,7 +467,7 @@ def build(config: Any = None, *, bundle: str | None = None,
   watcher = None
   if root:
     watcher = reload.PolicyWatcher(engine, root, serve.reload_interval_s)
-    latest = reload.latest_version(root)
+    latest = multihost.agreed_version(reload.latest_version(root))  # Multi-host: process 0's.
     if latest is not None:
       reload.swap_in_place(sampler, f"{root}/{latest}", latest)  # Never two full copies.
       watcher.loaded = latest
@@ -515,22 +519,39 @@ class Running:
 
 
 def run(config: Any, bundle: str | None = None, policy_dir: str | None = None) -> None:
-  """Builds the server and serves until interrupted (SIGINT/SIGTERM)."""
+  """Builds the server and serves until interrupted (SIGINT/SIGTERM).
+
+  Multi-host (KLONG_COORDINATOR / KLONG_NUM_PROCESSES / KLONG_PROCESS_ID, as launch/tpu.py sets
+  them on every host of a slice): every process builds the same engine on the global mesh;
+  process 0 serves HTTP and schedules, the others run the device calls it announces
+  (inference/multihost.py) until it stops."""
+  import jax
   import uvicorn
 
+  from klong_jax.inference import multihost
+  from klong_jax.parallel.mesh import maybe_initialize_distributed
+
+  distributed = maybe_initialize_distributed()
   server = build(config, bundle=bundle, policy_dir=policy_dir)
   serve = serve_config.resolve(config)
+  if multihost.join(server.engine):  # A follower: ran process 0's calls until it stopped.
+    return
   server.engine.start()
   if server.watcher is not None and serve.reload_interval_s > 0:
     server.watcher.interval_s = serve.reload_interval_s
     server.watcher.start()
+  # uvicorn re-raises the SIGTERM it shut down on once it is done; with the default handler that
+  # killed the process before the `finally` below (engine, watcher, followers) could run.
+  signal.signal(signal.SIGTERM, lambda *_: log.info("SIGTERM: server stopped"))
   log.info("serving %s on http://%s:%d", server.model_name, serve.host, serve.port)
   try:
     uvicorn.run(create_app(server), host=serve.host, port=serve.port, log_level="info")
   finally:
     if server.watcher is not None:
       server.watcher.stop()
-    server.engine.stop()
+    server.engine.stop()  # Multi-host: also stops the followers.
+    if distributed:
+      jax.distributed.shutdown()
 
 
 def main(argv: list[str]) -> None:

@@ -105,7 +105,7 @@ def test_sandbox_runtimes(runtime, klass, backend):
 def test_bad_inputs_name_the_fix():
   with pytest.raises(ValueError, match="gs://BUCKET"):
     _plan(workdir="/local/dir")
-  with pytest.raises(ValueError, match="single-host slice"):
+  with pytest.raises(ValueError, match="v5p-32.*no serving config"):
     _plan(server_tpu="v5p-32")
   with pytest.raises(ValueError, match="do not divide 128 devices"):
     _plan(overrides={"mesh.expert": 3})  # 3 does not divide 128 chips
@@ -153,6 +153,35 @@ def test_cli_dry_run_refuses_a_bad_batch():
       cwd=ROOT, capture_output=True, text=True, timeout=120)
   assert r.returncode != 0
   assert "use data.batch_size=128" in r.stderr, r.stderr[-2000:]
+
+
+def test_servers_on_a_two_host_slice_run_one_process_per_host():
+  plan = _plan(server_tpu="v5p-16", server_arg="")
+  assert plan.server_slice.hosts == 2 and "slice=v5p-16" in plan.checks
+  files = plan.files()
+  lines = files["server_hosts.txt"].splitlines()
+  assert len(lines) == 4  # 2 servers x 2 hosts.
+  for i in range(2):
+    for h in range(2):
+      cmd = plan.server_host_command(i, h)
+      assert cmd in lines
+      assert (f"KLONG_COORDINATOR=${{KLONG_SERVER_{i}}}:8476 KLONG_NUM_PROCESSES=2 "
+              f"KLONG_PROCESS_ID={h} python3 -m klong_jax.inference.server") in cmd
+      assert "--config=configs/serve_glm45_air.py:slice=v5p-16" in cmd
+  script = files["launch.sh"]
+  for needle in ("--accelerator-type=v5p-16", "for h in $(seq 0 1)",
+                 "KLONG_COORDINATOR=$KLONG_SERVER_1:8476 KLONG_NUM_PROCESSES=2 "
+                 "KLONG_PROCESS_ID=$h $SERVER_CMD"):
+    assert needle in script, needle
+  r = subprocess.run(["bash", "-n"], input=script, text=True, capture_output=True)
+  assert r.returncode == 0, r.stderr
+  text = plan.describe()
+  assert "2 hosts: one process per host, process 0 serves HTTP" in text
+  assert "[server1 host 1: follower, no HTTP] cd ~/klong-jax && KLONG_COORDINATOR" in text
+  # A single-host slice keeps one plain process per server (no distributed env).
+  single = _plan()
+  assert "server_hosts.txt" not in single.files()
+  assert "KLONG_COORDINATOR" not in single.server_host_command(0, 0)
 
 
 def test_sweep_work_units():

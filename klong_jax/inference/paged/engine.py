@@ -83,6 +83,19 @@ class PagedEngine(Engine):
     # Compile every step shape in the engine thread before its first step (`start`), so the
     # server accepts requests at once and none compiles mid-serving.
     self.precompile_on_start = False
+    # Multi-host (inference/multihost.py): process 0's link to the followers, which run every
+    # device call it announces; None on one process (no messages, outputs left as sharded).
+    self.link: Any = None
+    self._replicate = jax.process_count() > 1
+
+  def attach(self, link: Any) -> None:
+    """Makes this engine the multi-host leader: each device call is first sent over `link`."""
+    self.link = link
+
+  def _announce(self, op: str, arrays: dict[str, np.ndarray] | None = None, **meta: Any) -> None:
+    """Multi-host: tells the followers the call about to run (a no-op on one process)."""
+    if self.link is not None:
+      self.link.send(op, arrays, version=self.sampler.policy_version, **meta)
 
   # ---- device pool ---------------------------------------------------------------------------
 
@@ -117,23 +130,54 @@ class PagedEngine(Engine):
   def precompile(self) -> int:
     """Compiles every mixed-step token bucket and the decode call now (start-up), by running
     them on all-padding batches (their writes go to the trash page); returns shapes compiled."""
+    self._announce("precompile")
     s = self.sampler
     sizes, n = [], self.min_bucket
     while n < self.token_budget:
       sizes.append(n)
       n *= 2
     sizes.append(scheduler.bucket(self.token_budget, self.min_bucket))
-    with s._context():
-      for n in sizes:
-        batch = scheduler.mixed_batch([], self._settings, s.max_batch, self.pages_per_seq, n)
-        out = paged_model.mixed_step(s.graphdef, s.params, s.rest, self.pool, batch,
-                                     **self._static())
-        self.pool = out[-1]
-      out = paged_model.decode_steps(s.graphdef, s.params, s.rest, self.pool,
-                                     self._decode_state([]), steps=self.decode_steps,
-                                     **self._static())
-      self.pool = jax.block_until_ready(out[-1])
+    for n in sizes:
+      self.run_mixed(scheduler.mixed_batch([], self._settings, s.max_batch, self.pages_per_seq,
+                                           n))
+    self.run_decode(self._decode_state([]))
+    self.pool = jax.block_until_ready(self.pool)
     return len(sizes) + 1
+
+  def run_mixed(self, batch: dict[str, np.ndarray]) -> tuple[Any, ...]:
+    """The mixed-step device call on `batch` -> (tokens, logprobs, top, routing) on device."""
+    s = self.sampler
+    with s._context():
+      *out, self.pool = paged_model.mixed_step(s.graphdef, s.params, s.rest, self.pool, batch,
+                                               replicate=self._replicate, **self._static())
+    return tuple(out)
+
+  def run_decode(self, state: dict[str, np.ndarray]) -> tuple[Any, ...]:
+    """The `decode_steps` device call on `state` -> (tokens, logprobs, top, routing)."""
+    s = self.sampler
+    with s._context():
+      *out, self.pool = paged_model.decode_steps(
+          s.graphdef, s.params, s.rest, self.pool, state, steps=self.decode_steps,
+          replicate=self._replicate, **self._static())
+    return tuple(out)
+
+  def _before_swap(self, params: Any, version: int) -> None:
+    """Multi-host: the followers load the same policy version at this same point."""
+    if self.link is None:
+      return
+    from klong_jax.inference import reload  # noqa: PLC0415
+    if not isinstance(params, reload.PolicySwap):
+      raise ValueError("a multi-host server swaps weights only from a policy directory "
+                       "(reload.PolicySwap, as PolicyWatcher schedules); in-memory params "
+                       "cannot reach the other processes")
+    self._announce("swap", path=str(params.path), to=int(version),
+                   root="" if params.root is None else str(params.root))
+
+  def stop(self) -> None:
+    """Stops the engine thread; multi-host, then tells the followers to stop too."""
+    super().stop()
+    if self.link is not None:
+      self.link.close()
 
   def check_fits(self, prompt_len: int, max_tokens: int | None) -> None:
     """The context limit, and the pool: a request must fit in the pages it could ever get."""
@@ -283,9 +327,8 @@ class PagedEngine(Engine):
     batch = scheduler.mixed_batch(work, self._settings, s.max_batch, self.pages_per_seq,
                                   self.min_bucket)
     version = s.policy_version
-    with s._context():
-      toks, lps, top, routing, self.pool = paged_model.mixed_step(
-          s.graphdef, s.params, s.rest, self.pool, batch, **self._static())
+    self._announce("mixed", batch)
+    toks, lps, top, routing = self.run_mixed(batch)
     self.stats["device_calls_total"] += 1
     self.stats["decode_steps_total"] += bool(decoding)
     toks, lps = np.asarray(toks), np.asarray(lps)
@@ -339,12 +382,9 @@ class PagedEngine(Engine):
     """`decode_steps` decode iterations in one device call; the host replays them in order."""
     running = list(self._order)
     state = self._decode_state(running)
-    s = self.sampler
-    version = s.policy_version
-    with s._context():
-      toks, lps, top, routing, self.pool = paged_model.decode_steps(
-          s.graphdef, s.params, s.rest, self.pool, state, steps=self.decode_steps,
-          **self._static())
+    version = self.sampler.policy_version
+    self._announce("decode", state)
+    toks, lps, top, routing = self.run_decode(state)
     self.stats["device_calls_total"] += 1
     toks, lps = np.asarray(toks), np.asarray(lps)
     routing = (np.asarray(routing) if any(r.params.return_routing for r in running) else None)

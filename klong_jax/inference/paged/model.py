@@ -68,13 +68,19 @@ def _logits(model: Any, hidden: jax.Array) -> jax.Array:
   return model.embedder.decode(model.final_norm(hidden[None]))[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "num_pages"),
+def _replicated(outs: Any) -> Any:
+  """`outs` replicated on every chip: multi-host, each process (process 0 above all) can then
+  read them from its own chips (a process reads no other host's shards)."""
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, jax.P()), outs)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "num_pages", "replicate"),
                    donate_argnames=("pool",))
 def mixed_step(graphdef: Any, params: Any, rest: Any, pool: jax.Array, batch: dict[str, Any],
-               *, impl: str, num_pages: int) -> tuple[Any, ...]:
+               *, impl: str, num_pages: int, replicate: bool = False) -> tuple[Any, ...]:
   """One ragged batch: writes every token's K/V and samples each stream sequence's next token
   from its token `sample_at[s]` -> (tokens [S], logprobs [3, S], top (ids, lps), routing [N, ...],
-  pool)."""
+  pool). `replicate`: outputs on every chip (multi-host serving)."""
   model = nnx.merge(graphdef, params, rest)
   h, pool, routing = forward(model, pool, batch["tokens"], batch["positions"], batch["seq"],
                              batch["valid"], batch["page_indices"], batch["kv_lens"],
@@ -84,20 +90,25 @@ def mixed_step(graphdef: Any, params: Any, rest: Any, pool: jax.Array, batch: di
   toks, lps = sampling.sample(logits, batch["temp"], batch["top_k"], batch["top_p"],
                               batch["seeds"], batch["counters"])
   top = _top_logprobs(logits, batch["temp"], batch["top_k"], batch["top_p"])
+  if replicate:
+    toks, lps, top, routing = _replicated((toks, lps, top, routing))
   return toks, lps, top, routing, pool
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "impl", "num_pages", "steps"),
+@functools.partial(jax.jit,
+                   static_argnames=("graphdef", "impl", "num_pages", "steps", "replicate"),
                    donate_argnames=("pool",))
 def decode_steps(graphdef: Any, params: Any, rest: Any, pool: jax.Array, state: dict[str, Any],
-                 *, impl: str, num_pages: int, steps: int) -> tuple[Any, ...]:
+                 *, impl: str, num_pages: int, steps: int, replicate: bool = False
+                 ) -> tuple[Any, ...]:
   """`steps` decode iterations for S rows (row s = stream sequence s, one token each).
 
   state: tokens/positions/counters [S] (the token to feed, its position, its sample counter),
   remaining [S] (tokens the row may still generate; 0 = idle), stop_ids [S, M] (-1 padded),
   page_indices [S, P], temp/top_k/top_p/seeds [S]. A row stops on device after a stop id or when
   `remaining` runs out; its later outputs are garbage the host drops. Returns per-step stacks
-  (tokens [steps, S], logprobs [steps, 3, S], top ids/lps, routing [steps, S, ...]) and the pool.
+  (tokens [steps, S], logprobs [steps, 3, S], top ids/lps, routing [steps, S, ...]) and the pool;
+  `replicate` as in `mixed_step`.
   """
   model = nnx.merge(graphdef, params, rest)
   s = state["tokens"].shape[0]
@@ -125,5 +136,5 @@ def decode_steps(graphdef: Any, params: Any, rest: Any, pool: jax.Array, state: 
   init = (paged_attention.constrain_pool(pool), state["tokens"], state["positions"],
           state["counters"], state["remaining"])
   (pool, *_), outs = jax.lax.scan(body, init, None, length=steps)
-  toks, lps, top, routing = outs
+  toks, lps, top, routing = _replicated(outs) if replicate else outs
   return toks, lps, top, routing, pool
