@@ -2,7 +2,6 @@
 
 import concurrent.futures
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from flax import nnx
 
 from klong_jax.inference import export, reload
+from klong_jax.launch.experiment import free_port
 
 
 def test_policy_roundtrip_versions_and_bf16(tiny_model, tmp_path):
@@ -42,12 +42,6 @@ def test_policy_roundtrip_versions_and_bf16(tiny_model, tmp_path):
     reload.load_policy(tmp_path, tiny_model)
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.subprocess
 def test_server_from_bundle_under_load(tiny_model, tiny_cfg, tok, tmp_path):
@@ -57,7 +51,7 @@ def test_server_from_bundle_under_load(tiny_model, tiny_cfg, tok, tmp_path):
   assert b.policy_version == 4 and b.model_config == tiny_cfg and b.dtype == "bfloat16"
   with pytest.raises(FileNotFoundError, match="not a serving bundle"):
     export.load_bundle(tmp_path)
-  port = _free_port()
+  port = free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
              JAX_PLATFORMS="cpu")
   proc = subprocess.Popen(

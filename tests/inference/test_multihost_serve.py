@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -30,10 +29,11 @@ import pytest
 
 from klong_jax.inference import multihost
 from klong_jax.inference.engine import Completion
+from klong_jax.launch.experiment import free_port
+from tests import multiproc
 from tests.inference.test_paged_engine import assert_same
 from tests.inference.test_paged_mesh import PAGED
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 MESH = dict(data=2, fsdp=1, expert=2, tensor=2)
 
 
@@ -267,37 +267,10 @@ def _link_worker(mode: str) -> None:
   os._exit(0)  # No jax.distributed.shutdown: its barrier would wait for the dead process.
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start(argv: list[str], extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
   """Two processes (4 CPU devices each) joined over a loopback coordinator."""
-  port = _free_port()
-  procs = []
-  for i in range(2):
-    env = dict(os.environ, KLONG_COORDINATOR=f"127.0.0.1:{port}", KLONG_NUM_PROCESSES="2",
-               KLONG_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
-               XLA_FLAGS="--xla_force_host_platform_device_count=4", **(extra_env or {}))
-    procs.append(subprocess.Popen([sys.executable, *argv], env=env, cwd=ROOT,
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  return procs
-
-
-def _collect(procs: list[subprocess.Popen], timeout: float = 240) -> list[str]:
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=timeout)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
-    assert p.returncode == 0, f"process {i} failed (code {p.returncode}):\n{log[-4000:]}"
-  return logs
+  return multiproc.start_two(argv, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+                             **(extra_env or {}))
 
 
 def _completion(d: dict) -> Completion:
@@ -346,7 +319,7 @@ def test_two_process_paged_engine_matches_one_process(tmp_path):
     ref = _engine()
     want = _scenario(ref, policy)  # The one-process reference, while the pair runs.
   finally:
-    _collect(procs)
+    multiproc.wait_all(procs)
   lead, follow = (json.load(open(f"{out}.{i}.json")) for i in range(2))
   got = [_completion(d) for d in lead["completions"]]
   assert_same(got, want)
@@ -371,7 +344,7 @@ def test_two_process_server_answers_a_completion_on_process_0(tmp_path, tok, cha
   from klong_jax.model.sharded import create_sharded_model  # noqa: PLC0415
   from klong_jax.parallel.mesh import make_mesh  # noqa: PLC0415
 
-  port = _free_port()
+  port = free_port()
   sets = dict(**{f"mesh.{k}": v for k, v in MESH.items()}, **{
       "serve.precompile": False, "serve.token_budget": 16, "serve.prefix_block": 8,
       "serve.tokenizer": str(tok.path), "serve.reload_interval_s": 0, "serve.kv_pages": 64})
@@ -403,7 +376,7 @@ def test_two_process_server_answers_a_completion_on_process_0(tmp_path, tok, cha
     answer = json.load(urllib.request.urlopen(req, timeout=120))
     procs[0].send_signal(signal.SIGTERM)  # Process 0 stops; it tells process 1 to stop.
   finally:
-    logs = _collect(procs, timeout=120)
+    logs = multiproc.wait_all(procs, timeout=120)
   assert "following process 0" in logs[1] and "Uvicorn running" not in logs[1]
   assert "process 1: stop after" in logs[1]  # Told to stop by process 0, exited 0.
   choice = answer["choices"][0]

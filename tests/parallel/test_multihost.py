@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+
+from tests import multiproc
 
 MESH = {"data": 2, "fsdp": 2, "expert": 2}
 STEPS = 3
@@ -85,38 +86,13 @@ def _worker(out_path: str) -> None:
   jax.distributed.shutdown()
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def _start_workers(out: str) -> list[subprocess.Popen]:
-  """Two worker processes (4 CPU devices each) joined over a loopback coordinator."""
-  port = _free_port()
-  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  procs = []
-  for i in range(2):
-    env = dict(os.environ, KLONG_COORDINATOR=f"127.0.0.1:{port}", KLONG_NUM_PROCESSES="2",
-               KLONG_PROCESS_ID=str(i), JAX_PLATFORMS="cpu", PYTHONPATH=root)
-    env.pop("XLA_FLAGS", None)  # 4 devices per process come from jax_num_cpu_devices.
-    procs.append(subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "--worker", out], env=env, cwd=root,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-  return procs
+  """Two worker processes; 4 CPU devices each come from jax_num_cpu_devices, not XLA_FLAGS."""
+  return multiproc.start_two([os.path.abspath(__file__), "--worker", out], XLA_FLAGS=None)
 
 
 def _collect(procs: list[subprocess.Popen], out: str) -> tuple[list[dict], dict[str, np.ndarray]]:
-  logs = []
-  try:
-    for p in procs:
-      logs.append(p.communicate(timeout=240)[0])
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for i, (p, log) in enumerate(zip(procs, logs, strict=True)):
-    assert p.returncode == 0, f"process {i} failed (code {p.returncode}):\n{log[-4000:]}"
+  multiproc.wait_all(procs)
   runs = [json.load(open(f"{out}.{i}.json")) for i in range(2)]
   return runs, dict(np.load(out + ".npz"))
 

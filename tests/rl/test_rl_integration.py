@@ -7,24 +7,18 @@ version after every step, while the worker keeps rolling out on the old one).
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
+from klong_jax.launch.experiment import free_port
 from tests.conftest import skip_or_fail
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.subprocess]
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PY = sys.executable
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def _metrics(run):
@@ -42,7 +36,7 @@ def test_trainer_server_worker(tmp_path):
     skip_or_fail(f"docker sandbox image unavailable: {e}")
   from klong_jax.data.tokenizer import default_tokenizer
   tok = default_tokenizer(tmp_path / "tok", vocab_size=512)
-  run, stream, port = str(tmp_path / "run"), str(tmp_path / "stream"), _free_port()
+  run, stream, port = str(tmp_path / "run"), str(tmp_path / "stream"), free_port()
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="")
   logs = {n: open(tmp_path / f"{n}.log", "w") for n in ("trainer", "server", "worker")}
   procs = {}
