@@ -164,6 +164,18 @@ class Site:
   sandbox_runtime: str = "sysbox"
 
 
+def dist_env(coordinator_host: str, processes: int, process_id: int | str) -> dict[str, str]:
+  """The multi-host env contract parallel/mesh.maybe_initialize_distributed reads (trainers and
+  multi-host servers alike); the host and id may be shell variables."""
+  return {"KLONG_COORDINATOR": f"{coordinator_host}:{COORDINATOR_PORT}",
+          "KLONG_NUM_PROCESSES": str(processes), "KLONG_PROCESS_ID": str(process_id)}
+
+
+def env_prefix(env: dict[str, str]) -> str:
+  """`K=V K=V ` for a shell command line."""
+  return "".join(f"{k}={v} " for k, v in env.items())
+
+
 @dataclasses.dataclass
 class PodPlan:
   """One work unit on a pod: slices, per-host trainer commands, servers, fleet manifests."""
@@ -184,12 +196,11 @@ class PodPlan:
 
   def host_env(self, host: int) -> dict[str, str]:
     """The multi-host env contract for trainer process `host` ($COORDINATOR is worker 0's IP)."""
-    return {"KLONG_COORDINATOR": f"${{COORDINATOR}}:{COORDINATOR_PORT}",
-            "KLONG_NUM_PROCESSES": str(self.trainer_slice.hosts), "KLONG_PROCESS_ID": str(host)}
+    return dist_env("${COORDINATOR}", self.trainer_slice.hosts, host)
 
   def host_command(self, host: int) -> str:
-    env = " ".join(f"{k}={v}" for k, v in self.host_env(host).items())
-    return f"cd {self.site.repo_dir} && {env} {shlex.join(self.trainer.executable.argv('python3'))}"
+    return (f"cd {self.site.repo_dir} && {env_prefix(self.host_env(host))}"
+            f"{shlex.join(self.trainer.executable.argv('python3'))}")
 
   def server_host_command(self, server: int, host: int) -> str:
     """Server replica `server`'s command on host `host` of its slice. Multi-host slices: one
@@ -199,8 +210,7 @@ class PodPlan:
     cmd = f"cd {self.site.repo_dir} && "
     hosts = self.server_slice.hosts
     if hosts > 1:
-      cmd += (f"KLONG_COORDINATOR=${{KLONG_SERVER_{server}}}:{COORDINATOR_PORT} "
-              f"KLONG_NUM_PROCESSES={hosts} KLONG_PROCESS_ID={host} ")
+      cmd += env_prefix(dist_env(f"${{KLONG_SERVER_{server}}}", hosts, host))
     return cmd + shlex.join(self.servers[server].executable.argv("python3"))
 
   def launch_script(self) -> str:
@@ -225,8 +235,8 @@ class PodPlan:
              f"TRAINER_CMD={shlex.quote(shlex.join(self.trainer.executable.argv('python3')))}",
              f"for i in $(seq 0 {t.hosts - 1}); do",
              f"  gcloud compute tpus tpu-vm ssh {tname} --zone={z} --worker=$i --command=\"cd "
-             f"{self.site.repo_dir} && KLONG_COORDINATOR=$COORDINATOR:{COORDINATOR_PORT} "
-             f"KLONG_NUM_PROCESSES={t.hosts} KLONG_PROCESS_ID=$i $TRAINER_CMD > /tmp/trainer.log "
+             f"{self.site.repo_dir} && {env_prefix(dist_env('$COORDINATOR', t.hosts, '$i'))}"
+             "$TRAINER_CMD > /tmp/trainer.log "
              "2>&1\" &", "done", ""]
     if not self.servers and not self.fleet:  # An SFT plan: the trainer is the whole run.
       return "\n".join([*lines, "wait", ""])
@@ -255,8 +265,9 @@ class PodPlan:
       lines += [f"SERVER_CMD={shlex.quote(cmd)}",
                 f"for h in $(seq 0 {hosts - 1}); do",
                 f"  gcloud compute tpus tpu-vm ssh {sname} --zone={z} --worker=$h --command=\"cd "
-                f"{self.site.repo_dir} && KLONG_COORDINATOR=$KLONG_SERVER_{i}:{COORDINATOR_PORT} "
-                f"KLONG_NUM_PROCESSES={hosts} KLONG_PROCESS_ID=$h $SERVER_CMD > /tmp/server.log "
+                f"{self.site.repo_dir} && "
+                f"{env_prefix(dist_env(f'$KLONG_SERVER_{i}', hosts, '$h'))}$SERVER_CMD "
+                "> /tmp/server.log "
                 "2>&1\" &", "done"]
     lines += ["", "# 4. CPU rollout fleet (server IPs substituted into the manifests).",
               'envsubst < "$(dirname "$0")/fleet.yaml" | kubectl apply -f -', "", "wait", ""]
